@@ -161,7 +161,7 @@ class User(Model):
     @field_validator("password_hash")
     @classmethod
     def _hash(cls, v: str) -> str:
-        if not (v.startswith("$argon2") or v.startswith("$scrypt$")):
+        if not v.startswith("$argon2"):
             raise ValueError("must be a hash made by `mailgw users hash` ($argon2id$...)")
         return v
 

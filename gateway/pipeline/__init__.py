@@ -1,0 +1,1 @@
+"""Outbound message stages; each only changes the message, DKIM is always last."""

@@ -1,0 +1,213 @@
+"""The submission listener's aiosmtpd handler: SMTP verbs in, relay calls out, replies back.
+
+It only translates. Who may relay (SMTP AUTH users, `trusted_networks`) and which
+addresses are acceptable are decided here because they are protocol questions;
+what happens to an accepted message is `gateway.relay`'s job. Every MailError
+carries its own reply code; anything unexpected becomes `451 4.3.0` (never a 250).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from base64 import b64decode
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from gateway.config import Config, SubmissionListener
+from gateway.errors import MailError
+from gateway.passwords import PasswordChecker
+from gateway.relay import Relay, Submission
+from gateway.smtp.addresses import relay_trick
+from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
+
+_MISSING = object()
+
+
+def _peer_ip(session: Any) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+def _has_bare_newline(data: bytes) -> bool:
+    """True if `data` holds a CR not followed by LF or an LF not preceded by CR."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
+
+
+class SubmissionHandler:
+    """aiosmtpd handler for the submission listener."""
+
+    def __init__(self, get_config: Callable[[], Config], relay: Relay,
+                 passwords: PasswordChecker, limiter: AuthLimiter,
+                 log: Any = None) -> None:
+        self._get_config = get_config
+        self.relay = relay
+        self.passwords = passwords
+        self.limiter = limiter
+        self.log = log or structlog.get_logger("mailgw.smtp")
+
+    @property
+    def cfg(self) -> Config:
+        return self._get_config()
+
+    @property
+    def listener(self) -> SubmissionListener:
+        sub = self.cfg.listeners.submission
+        assert sub is not None
+        return sub
+
+    def _trusted(self, session: Any) -> bool:
+        try:
+            ip = ipaddress.ip_address(_peer_ip(session))
+        except ValueError:
+            return False
+        return any(ip in net for net in self.listener.trusted_networks)
+
+    def _may_relay(self, session: Any) -> bool:
+        return bool(session.authenticated) or self._trusted(session)
+
+    # -- EHLO ------------------------------------------------------------------------
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        lines = [r[4:] for r in responses if r[4:] != "HELP"]
+        lines.append("ENHANCEDSTATUSCODES")
+        return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    # -- AUTH (async, verified off the loop, limited per IP) -------------------------
+    async def _authenticate(self, server: Any, login_b: bytes, password_b: bytes,
+                            mechanism: str) -> AuthResult:
+        ip = _peer_ip(server.session)
+        if self.limiter.blocked(ip):
+            self.log.warning("auth_blocked", peer=ip, mechanism=mechanism)
+            await server.push("421 4.7.0 Too many failed authentication attempts, try later")
+            if server.transport is not None:
+                server.transport.close()
+            return AuthResult(success=False, handled=True)
+        login = login_b.decode("utf-8", "replace")
+        password = password_b.decode("utf-8", "surrogateescape")
+        user = self.cfg.user(login)
+        ok = await self.passwords.check(login, password,
+                                        user.password_hash if user else None)
+        if ok and user is not None:
+            self.limiter.succeeded(ip)
+            self.log.info("auth_ok", peer=ip, user=user.login, mechanism=mechanism)
+            return AuthResult(success=True, auth_data=LoginPassword(user.login.encode(),
+                                                                    b""))
+        self.limiter.failed(ip)
+        self.log.warning("auth_failed", peer=ip, login=login[:100], mechanism=mechanism)
+        return AuthResult(success=False, handled=False)
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            await server.push("535 5.7.8 Authorization identity not permitted")
+            self.limiter.failed(_peer_ip(server.session))
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, login, password, "PLAIN")
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, login, password, "LOGIN")
+
+    # -- MAIL / RCPT -----------------------------------------------------------------
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        if not self._may_relay(session):
+            return "530 5.7.0 Authentication required"
+        if address:
+            why = relay_trick(address)
+            if why:
+                return f"553 5.1.7 Sender address rejected: {why}"
+        if session.authenticated:
+            user = self.cfg.user(session.login_data.decode() if session.login_data else "")
+            allowed = set()
+            if user is not None:
+                allowed.add(user.login.lower())
+                acct = self.cfg.account(user.account) if user.account else None
+                if acct is not None:
+                    allowed.add(acct.email.lower())
+            if address and address.lower() not in allowed:
+                return "553 5.7.1 Sender address rejected: not owned by the authenticated user"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if not self._may_relay(session):
+            return "554 5.7.1 Relay access denied"
+        why = relay_trick(address)
+        if why:
+            return f"554 5.7.1 Relay access denied: {why}"
+        if len(envelope.rcpt_tos) >= self.listener.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if rcpt_options:
+            return "555 5.5.4 RCPT parameters not supported"
+        if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
+            envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    # -- DATA ------------------------------------------------------------------------
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        data: bytes = envelope.original_content or b""
+        peer = _peer_ip(session)
+        if _has_bare_newline(data):
+            self.log.warning("bare_newline_rejected", peer=peer)
+            return "550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8); not accepted"
+        login = session.login_data.decode() if session.authenticated and session.login_data \
+            else None
+        user = self.cfg.user(login) if login else None
+        sub = Submission(
+            mail_from=envelope.mail_from or "",
+            rcpts=list(envelope.rcpt_tos),
+            data=data,
+            client_ip=peer,
+            client_helo=session.host_name,
+            user=user.login if user else None,
+            account=user.account if user else None,
+            tls=server._tls_protocol is not None or server.transport.get_extra_info("sslcontext")
+            is not None,
+            esmtp=bool(session.extended_smtp),
+        )
+        try:
+            qid = await self.relay.accept(sub)
+        except MailError as exc:
+            self.log.warning("message_refused", peer=peer, reply=exc.smtp_reply())
+            return exc.smtp_reply()
+        except Exception:
+            self.log.exception("accept_failed", peer=peer)
+            return "451 4.3.0 Local error in processing, try again later"
+        self.log.info("queued", queue_id=qid, peer=peer, user=sub.user,
+                      mail_from=sub.mail_from, rcpts=len(sub.rcpts), size=len(data))
+        return f"250 2.0.0 Ok: queued as {qid}"
