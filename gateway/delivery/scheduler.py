@@ -1,0 +1,373 @@
+"""The delivery scheduler (the relay's `qmgr`): spool entries in, upstream attempts out.
+
+States of one queue entry, as the scheduler moves it::
+
+    incoming/ ──attempt──> all recipients final ──────────────> removed (events recorded)
+        │                      │ some 5xx / expired  ──> DSN to the sender (never for a bounce)
+        └──> some 4xx ──> deferred/ (next_attempt from delivery.retry.schedule)
+                              └──attempt again when due, or at once after `mailgw queue retry`
+
+Work comes from three places: the relay's `notify()` right after a 250, a scan of
+`incoming/` once a second (which also finds what `mailgw queue retry|release` moved
+there and what a crash left), and a timer heap of deferred entries. A crash at any
+point redelivers at most the entries that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from gateway.config import Config, read_secret
+from gateway.crm.store import AcceptedMessage, EventRecord
+from gateway.delivery.dsn import build_dsn, is_bounce
+from gateway.delivery.mx import MXResolver
+from gateway.delivery.transport import Destination, RcptResult, Transport
+from gateway.errors import MailError, NotFound
+from gateway.pipeline.summary import summarize
+from gateway.smtp.addresses import domain_of
+from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, new_queue_id
+
+
+class EventSink:
+    """Where the scheduler reports; the StoreWriter in production."""
+
+    def add_accepted(self, a: AcceptedMessage) -> None: ...
+
+    def add_event(self, e: EventRecord) -> None: ...
+
+
+@dataclass
+class Stats:
+    attempts: int = 0
+    sent: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    dsns: int = 0
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Scheduler:
+    """Delivers what is in the spool, retries on schedule, bounces with a DSN."""
+
+    def __init__(self, get_config: Callable[[], Config], spool: Spool, transport: Transport,
+                 resolver: MXResolver, events: EventSink, *, log: Any = None,
+                 clock: Callable[[], float] = time.time, scan_interval: float = 1.0) -> None:
+        self._get_config = get_config
+        self.spool = spool
+        self.transport = transport
+        self.resolver = resolver
+        self.events = events
+        self.log = log or structlog.get_logger("mailgw.delivery")
+        self.clock = clock
+        self.scan_interval = scan_interval
+        self.stats = Stats()
+        self._ready: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._known: set[str] = set()        # queued in _ready or being processed
+        self._heap: list[tuple[float, str]] = []
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._secrets: dict[str, str] = {}
+        self._idle = asyncio.Event()
+
+    @property
+    def cfg(self) -> Config:
+        return self._get_config()
+
+    def config_changed(self) -> None:
+        self._secrets.clear()
+
+    # -- life cycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        for qid in self.spool.list_ids("deferred"):
+            try:
+                env = self.spool.read_envelope("deferred", qid)
+            except NotFound:
+                continue
+            except CorruptQueueFile:
+                self.spool.move(qid, "deferred", "corrupt")
+                self.log.error("corrupt_queue_file", queue_id=qid, moved_to="corrupt")
+                continue
+            heapq.heappush(self._heap, (env.next_attempt, qid))
+        self._scan_incoming()
+        workers = self.cfg.delivery.concurrency
+        self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}")
+                       for i in range(workers)]
+        self._tasks.append(asyncio.create_task(self._timer(), name="delivery-timer"))
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking work, let attempts in flight finish (up to timeout), then cancel."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        if self._inflight:
+            done, pending = await asyncio.wait(self._inflight, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+                self.log.warning("drain_timeout", cancelled=len(pending))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.close()
+
+    def notify(self, qid: str) -> None:
+        """Called right after a message is spooled into incoming/."""
+        self._enqueue("incoming", qid)
+
+    def _enqueue(self, state: str, qid: str) -> None:
+        if qid in self._known or self._stopping:
+            return
+        self._known.add(qid)
+        self._idle.clear()
+        self._ready.put_nowait((state, qid))
+
+    def _scan_incoming(self) -> None:
+        for qid in self.spool.list_ids("incoming"):
+            self._enqueue("incoming", qid)
+
+    def retry_now(self) -> None:
+        """Make every deferred entry due now (the daemon's side of `queue retry`)."""
+        self._heap = [(0.0, qid) for _, qid in self._heap]
+        heapq.heapify(self._heap)
+        self._wakeup.set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._known)
+
+    async def wait_idle(self) -> None:
+        while self._known:
+            self._idle.clear()
+            await self._idle.wait()
+
+    # -- loops ---------------------------------------------------------------------
+    async def _timer(self) -> None:
+        last_scan = 0.0
+        while True:
+            now = self.clock()
+            while self._heap and self._heap[0][0] <= now:
+                _, qid = heapq.heappop(self._heap)
+                if (self.spool.dir("deferred") / qid).exists():
+                    self._enqueue("deferred", qid)
+            if time.monotonic() - last_scan >= self.scan_interval:
+                last_scan = time.monotonic()
+                self._scan_incoming()
+            delay = self.scan_interval
+            if self._heap:
+                delay = max(0.0, min(delay, self._heap[0][0] - now))
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _worker(self) -> None:
+        while True:
+            state, qid = await self._ready.get()
+            task = asyncio.create_task(self._process_safely(state, qid))
+            self._inflight.add(task)
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._inflight.discard(task)
+
+    async def _process_safely(self, state: str, qid: str) -> None:
+        try:
+            await self.process(state, qid)
+        except Exception:
+            self.log.exception("delivery_error", queue_id=qid)
+            # leave the file where it is; the scan or the timer brings it back
+            if state == "incoming":
+                await asyncio.sleep(5)
+        finally:
+            self._known.discard(qid)
+            if not self._known:
+                self._idle.set()
+
+    # -- one attempt ---------------------------------------------------------------
+    async def process(self, state: str, qid: str) -> None:
+        try:
+            env, data = self.spool.read(state, qid)
+        except NotFound:
+            return
+        except CorruptQueueFile as exc:
+            self.spool.move(qid, state, "corrupt")
+            self.log.error("corrupt_queue_file", queue_id=qid, error=str(exc))
+            return
+        now = self.clock()
+        if env.attempts == 0 and state == "incoming":
+            self._record_accepted(env, data)
+        pending = env.pending
+        results = await self._deliver(env, [r.addr for r in pending], data)
+        self.stats.attempts += 1
+        env.attempts += 1
+        by_rcpt = {r.rcpt: r for r in results}
+        bounced: list[RcptResult] = []
+        cfg = self.cfg
+        expired = now - env.received_at >= cfg.delivery.retry.give_up_after
+        for rcpt in pending:
+            res = by_rcpt[rcpt.addr]
+            rcpt.attempts += 1
+            rcpt.last_reply = res.reply
+            rcpt.remote = res.remote
+            details: dict[str, Any] = {"reply": res.reply, "remote": res.remote,
+                                       "attempt": env.attempts}
+            if res.ok:
+                rcpt.status = "sent"
+                self.stats.sent += 1
+                self._event(qid, "sent", rcpt.addr, now, details)
+            elif res.permanent or expired:
+                rcpt.status = "bounced"
+                if not res.permanent:
+                    details["expired"] = True
+                    res = RcptResult(rcpt=res.rcpt, code=res.code, status="4.4.7",
+                                     text=f"delivery time expired; last reply: {res.reply}",
+                                     remote=res.remote)
+                bounced.append(res)
+                self.stats.bounced += 1
+                self._event(qid, "bounced", rcpt.addr, now, details)
+            else:
+                self.stats.deferred += 1
+                self._event(qid, "deferred", rcpt.addr, now, details)
+            self.log.info("delivery", queue_id=qid, rcpt=rcpt.addr, status=rcpt.status,
+                          reply=res.reply, remote=res.remote, attempt=env.attempts)
+        if bounced:
+            await self._send_dsn(env, data, bounced)
+        if env.pending:
+            sched = cfg.delivery.retry.schedule
+            env.next_attempt = now + sched[min(env.attempts - 1, len(sched) - 1)]
+            if await self.spool.rewrite(env, data, state, "deferred"):
+                heapq.heappush(self._heap, (env.next_attempt, qid))
+                self._wakeup.set()
+        else:
+            await self.spool.remove(state, qid)
+
+    async def _deliver(self, env: Envelope, rcpts: list[str], data: bytes) -> list[RcptResult]:
+        groups = self._route(env, rcpts, data)
+        outs = await asyncio.gather(*(job() for job in groups))
+        return [r for group in outs for r in group]
+
+    def _route(self, env: Envelope, rcpts: list[str],
+               data: bytes) -> list[Callable[[], Awaitable[list[RcptResult]]]]:
+        cfg = self.cfg
+        route = cfg.delivery.route
+        if route == "account":
+            dest = self._account_destination(env)
+            if dest is not None:
+                return [self._send_job(dest, env, rcpts, data)]
+            route = "smarthost" if cfg.delivery.smarthost is not None else "mx"
+        if route == "smarthost":
+            sh = cfg.delivery.smarthost
+            assert sh is not None
+            dest = Destination(
+                host=sh.host, port=sh.port, tls=sh.tls, tls_required=sh.tls != "none",
+                username=sh.username,
+                password=self._secret(sh.password_file) if sh.password_file else None,
+                ca_file=str(cfg.path(sh.ca_file)) if sh.ca_file else None)
+            return [self._send_job(dest, env, rcpts, data)]
+        by_domain: dict[str, list[str]] = defaultdict(list)
+        for r in rcpts:
+            by_domain[domain_of(r)].append(r)
+        return [self._mx_job(domain, env, group, data) for domain, group in by_domain.items()]
+
+    def _account_destination(self, env: Envelope) -> Destination | None:
+        cfg = self.cfg
+        user = cfg.user(env.user) if env.user else None
+        acct = cfg.account(user.account) if user and user.account else None
+        if acct is None:
+            return None
+        ep = acct.smtp_endpoint()
+        if ep is None:
+            return None
+        s = acct.smtp
+        username = (s.username if s else None) or acct.auth.username or acct.email
+        pw_ref = (s.password_file if s else None) or acct.auth.password_file
+        return Destination(host=ep.host, port=ep.port, tls=ep.tls, tls_required=ep.tls != "none",
+                           username=username if pw_ref else None,
+                           password=self._secret(pw_ref) if pw_ref else None,
+                           ca_file=str(cfg.path(s.ca_file)) if s and s.ca_file else None)
+
+    def _secret(self, ref: str) -> str:
+        if ref not in self._secrets:
+            self._secrets[ref] = read_secret(ref, self.cfg.base_dir)
+        return self._secrets[ref]
+
+    def _send_job(self, dest: Destination, env: Envelope, rcpts: list[str],
+                  data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
+        async def job() -> list[RcptResult]:
+            return await self.transport.send(dest, env.mail_from, rcpts, data)
+        return job
+
+    def _mx_job(self, domain: str, env: Envelope, rcpts: list[str],
+                data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
+        async def job() -> list[RcptResult]:
+            cfg = self.cfg
+            try:
+                return await self.transport.send_mx(
+                    self.resolver, domain, env.mail_from, rcpts, data,
+                    port=cfg.delivery.mx_port,
+                    tls="opportunistic" if cfg.delivery.mx_tls == "opportunistic" else "starttls",
+                    ca_file=str(cfg.path(cfg.delivery.mx_ca_file)) if cfg.delivery.mx_ca_file
+                    else None)
+            except MailError as exc:  # DNS answers: 5.1.2 / 5.1.10 / 4.4.3
+                return [RcptResult(rcpt=r, code=exc.code, status=exc.status, text=exc.text,
+                                   remote=None) for r in rcpts]
+        return job
+
+    # -- reporting -----------------------------------------------------------------
+    def _event(self, qid: str, type_: str, rcpt: str, at: float, details: dict[str, Any]) -> None:
+        self.events.add_event(EventRecord(queue_id=qid, type=type_, recipient=rcpt, at=_utc(at),
+                                          details=details))
+
+    def _record_accepted(self, env: Envelope, data: bytes) -> None:
+        if env.is_bounce:
+            return
+        try:
+            s = summarize(data)
+        except Exception:  # a malformed message is still delivered; it is stored bare
+            self.log.warning("summary_failed", queue_id=env.id, exc_info=True)
+            s = None
+        self.events.add_accepted(AcceptedMessage(
+            queue_id=env.id,
+            message_id=(s.message_id if s else None) or env.message_id or "",
+            from_addr=(s.from_addr if s else "") or env.mail_from,
+            to_addrs=s.to_addrs if s else [],
+            cc_addrs=s.cc_addrs if s else [],
+            subject=s.subject if s else "",
+            date=s.date if s else None,
+            snippet=s.snippet if s else "",
+            size=len(data),
+            recipients=[r.addr for r in env.recipients],
+            user=env.user,
+            account=env.account,
+            at=_utc(env.received_at),
+        ))
+
+    async def _send_dsn(self, env: Envelope, data: bytes, failed: list[RcptResult]) -> None:
+        if env.is_bounce or not env.mail_from or is_bounce(env.mail_from, data):
+            self.log.info("dsn_suppressed", queue_id=env.id, reason="message is a bounce")
+            return
+        cfg = self.cfg
+        dsn = build_dsn(reporting_mta=cfg.hostname, original=data, envelope_from=env.mail_from,
+                        failed=failed, arrival=_utc(env.received_at), queue_id=env.id)
+        now = self.clock()
+        bounce = Envelope(id=new_queue_id(now), mail_from="",
+                          recipients=[Recipient(addr=env.mail_from)], received_at=now,
+                          user=env.user, account=env.account, is_bounce=True)
+        await self.spool.put(bounce, dsn)
+        self.stats.dsns += 1
+        self.log.info("dsn_queued", queue_id=env.id, dsn_id=bounce.id, to=env.mail_from)
+        self.notify(bounce.id)

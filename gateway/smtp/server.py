@@ -1,0 +1,87 @@
+"""One SMTP listening socket: TLS set-up, the protocol factory, start and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+from gateway.config import Config, SubmissionListener
+from gateway.smtp.protocol import GatewaySMTP
+
+
+def server_tls_context(cfg: Config, lst: SubmissionListener) -> ssl.SSLContext | None:
+    if lst.tls == "none":
+        return None
+    assert lst.cert_file and lst.key_file
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.path(lst.cert_file)), str(cfg.path(lst.key_file)))
+    return ctx
+
+
+class SMTPListener:
+    """Binds host:port and serves `handler` with GatewaySMTP sessions."""
+
+    def __init__(self, name: str, cfg: Config, lst: SubmissionListener, handler: Any) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.lst = lst
+        self.handler = handler
+        self.active: set[GatewaySMTP] = set()
+        self.server: asyncio.Server | None = None
+        self.tls = server_tls_context(cfg, lst)
+
+    def _factory(self) -> GatewaySMTP:
+        lst = self.lst
+        return GatewaySMTP(
+            self.handler,
+            active=self.active,
+            max_connections=lst.max_connections,
+            session_deadline=max(lst.timeout * 6, 600.0),
+            hostname=self.cfg.hostname,
+            ident="mailgw ESMTP",
+            data_size_limit=lst.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=self.tls if lst.tls == "starttls" else None,
+            require_starttls=lst.tls == "starttls",
+            timeout=lst.timeout,
+            auth_required=False,
+            auth_require_tls=not lst.loopback_only,
+            command_call_limit=lst.max_commands,
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._factory, host=self.lst.host, port=self.lst.port,
+            ssl=self.tls if self.lst.tls == "implicit" else None,
+            reuse_address=True, start_serving=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; give sessions `grace` seconds to finish, then close them."""
+        if self.server is None:
+            return
+        self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.active:
+            # Idle sessions go at once; a transaction under way gets until the deadline.
+            late = loop.time() >= deadline
+            for proto in list(self.active):
+                env = getattr(proto, "envelope", None)
+                idle = env is None or env.mail_from is None
+                if (idle or late) and proto.transport is not None:
+                    proto.transport.write(b"421 4.3.2 Service shutting down\r\n")
+                    proto.transport.close()
+                    self.active.discard(proto)
+            if late:
+                break
+            await asyncio.sleep(0.05)
+        self.server = None
