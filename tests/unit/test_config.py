@@ -1,0 +1,119 @@
+"""Config loading: valid files load; every error names file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config, parse_duration, read_secret
+from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+HASH = "$argon2id$v=19$m=65536,t=3,p=4$kumKlkCTqYtNQ2fFQqJ3oA$T7n9YXOz6qMoKUjDgNgw15ZhvCBQzCxNsuxICupOA44"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "gateway.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(ROOT / "gateway.example.yaml")
+    assert cfg.listeners.submission is not None
+    assert cfg.listeners.submission.port == 2525
+    assert cfg.delivery.route == "smarthost"
+    assert cfg.store_url.startswith("sqlite+aiosqlite:////")
+    assert cfg.delivery.retry.schedule == [60, 300, 900, 3600, 14400]
+    assert cfg.delivery.retry.give_up_after == 5 * 86400
+
+
+def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
+    p = write(tmp_path, f"""hostname: gw.example.com
+listeners:
+  submission:
+    port: notaport
+    bogus: 1
+users:
+  - login: a@example.com
+    password_hash: plain-text
+delivery:
+  route: smarthost
+  smarthost: {{host: 127.0.0.1}}
+  retry: {{schedule: [1m, soon]}}
+""")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    lines = [str(x) for x in ei.value.problems]
+    assert f"{p}:4: listeners.submission.port: " in lines[0]
+    assert any(s.startswith(f"{p}:5: listeners.submission.bogus: unknown key") for s in lines)
+    assert any(s.startswith(f"{p}:8: users[0].password_hash: ") for s in lines)
+    assert any(s.startswith(f"{p}:12: delivery.retry.schedule[1]: ") and "soon" in s
+               for s in lines)
+    assert len(lines) == 4
+
+
+def test_semantic_errors(tmp_path: Path) -> None:
+    p = write(tmp_path, f"""users:
+  - login: a@example.com
+    password_hash: "{HASH}"
+    account: nope
+delivery:
+  route: smarthost
+  smarthost: {{host: 127.0.0.1, username: u, password_file: missing.txt}}
+""")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    text = str(ei.value)
+    assert f"{p}:4: users[0].account: no account with id 'nope'" in text
+    assert f"{p}:7: delivery.smarthost.password_file: cannot read missing.txt" in text
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "hostname: x\nlisteners: [\n  bad\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert ei.value.problems[0].line is not None
+    assert "YAML syntax error" in ei.value.problems[0].message
+
+
+def test_tls_needs_cert(tmp_path: Path) -> None:
+    p = write(tmp_path, "listeners:\n  submission:\n    tls: starttls\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert "needs cert_file and key_file" in str(ei.value)
+    assert ei.value.problems[0].line == 2  # the section holding tls:
+
+
+def test_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert read_secret("pw", tmp_path) == "s3cret"
+    monkeypatch.setenv("MAILGW_PW", "fromenv")
+    assert read_secret("env:MAILGW_PW", tmp_path) == "fromenv"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "smarthost.password").write_text("cred")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert read_secret("credential:smarthost.password", tmp_path) == "cred"
+    monkeypatch.delenv("MAILGW_PW")
+    with pytest.raises(FileNotFoundError):
+        read_secret("env:MAILGW_PW", tmp_path)
+
+
+def test_relative_paths_follow_config_dir(tmp_path: Path) -> None:
+    p = write(tmp_path, "state_dir: ./state\nstore: {url: 'sqlite+aiosqlite:///./state/x.db'}\n")
+    cfg = load_config(p)
+    assert cfg.spool_path == tmp_path / "state" / "spool"
+    assert cfg.store_url == f"sqlite+aiosqlite:///{tmp_path}/state/x.db"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400),
+                                                ("5d", 432000), (90, 90), ("1.5m", 90)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_bad_duration() -> None:
+    with pytest.raises(ValueError):
+        parse_duration("soon")

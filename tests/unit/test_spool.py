@@ -1,0 +1,104 @@
+"""The spool: atomic durable writes, states as directories, crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import NotFound, SpoolError
+from gateway.spool import Envelope, Recipient, Spool, new_queue_id, valid_queue_id
+
+
+def env(qid: str | None = None) -> Envelope:
+    return Envelope(id=qid or new_queue_id(), mail_from="a@example.com",
+                    recipients=[Recipient("b@example.net"), Recipient("c@example.org")])
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.setup()
+    return s
+
+
+def test_ids_unique_sortable() -> None:
+    ids = [new_queue_id(1_700_000_000 + i) for i in range(50)]
+    assert ids == sorted(ids)
+    assert len(set(new_queue_id() for _ in range(10000))) == 10000
+    assert all(valid_queue_id(i) for i in ids)
+
+
+async def test_put_read_roundtrip(spool: Spool) -> None:
+    e = env()
+    data = b"Subject: x\r\n\r\nbody\r\n" + bytes(range(256))
+    await spool.put(e, data)
+    assert spool.list_ids("incoming") == [e.id]
+    assert spool.list_ids("deferred") == []
+    e2, d2 = spool.read("incoming", e.id)
+    assert d2 == data
+    assert e2.recipients[1].addr == "c@example.org" and e2.size == len(data)
+    assert spool.read_envelope("incoming", e.id).mail_from == "a@example.com"
+    assert list(spool.tmp.iterdir()) == []
+
+
+async def test_concurrent_puts_share_directory_fsyncs(spool: Spool) -> None:
+    envs = [env() for _ in range(200)]
+    await asyncio.gather(*(spool.put(e, b"Subject: x\r\n\r\nx\r\n") for e in envs))
+    assert sorted(spool.list_ids("incoming")) == sorted(e.id for e in envs)
+    ds = spool._dirsync["incoming"]
+    assert ds._done == 200
+
+
+async def test_rewrite_moves_and_keeps_one_copy(spool: Spool) -> None:
+    e = env()
+    await spool.put(e, b"S: x\r\n\r\nb\r\n")
+    e.recipients[0].status = "sent"
+    e.attempts = 1
+    assert await spool.rewrite(e, b"S: x\r\n\r\nb\r\n", "incoming", "deferred")
+    assert spool.list_ids("incoming") == []
+    e2 = spool.read_envelope("deferred", e.id)
+    assert e2.attempts == 1 and [r.addr for r in e2.pending] == ["c@example.org"]
+    # an admin deleted it meanwhile: nothing is resurrected
+    spool.delete(e.id)
+    assert not await spool.rewrite(e2, b"x", "deferred", "deferred")
+    assert spool.list_ids("deferred") == []
+
+
+async def test_recover_cleans_tmp_and_quarantines_corrupt(spool: Spool) -> None:
+    good = env()
+    await spool.put(good, b"S: x\r\n\r\nb\r\n")
+    (spool.tmp / "half-written.1234").write_bytes(b"MAILGW-SPOOL 1\n{\"id\"")
+    (spool.dir("incoming") / "01BADBADBADBADBADBADBADBAD").write_bytes(b"garbage")
+    (spool.dir("deferred") / "01TRUNCATEDTRUNCATEDTRUNCA").write_bytes(b"MAILGW-SPOOL 1\n{\"id\":")
+    counts = Spool(spool.root).recover()
+    assert counts == {"incoming": 1, "deferred": 0, "hold": 0, "corrupt": 2}
+    assert list(spool.tmp.iterdir()) == []
+    assert sorted(spool.list_ids("corrupt")) == ["01BADBADBADBADBADBADBADBAD",
+                                                  "01TRUNCATEDTRUNCATEDTRUNCA"]
+
+
+async def test_disk_full_is_a_temporary_spool_error(spool: Spool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(SpoolError) as ei:
+        await spool.put(env(), b"S: x\r\n\r\nb\r\n")
+    assert ei.value.smtp_reply().startswith("451 4.3.0 Insufficient disk space")
+    monkeypatch.undo()
+    assert spool.list_ids("incoming") == [] and list(spool.tmp.iterdir()) == []
+
+
+async def test_move_find_delete(spool: Spool) -> None:
+    e = env()
+    await spool.put(e, b"S: x\r\n\r\nb\r\n")
+    spool.move(e.id, "incoming", "hold")
+    assert spool.find(e.id) == "hold"
+    assert spool.delete(e.id) == "hold"
+    with pytest.raises(NotFound):
+        spool.find(e.id)
