@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 
 from gateway.errors import PermanentFailure
 from gateway.pipeline.headers import get_header, make_message_id, split_message, strip_fields
@@ -43,8 +43,9 @@ def received_header(sub: Submission, hostname: str, qid: str, now: float) -> byt
     if sub.esmtp and sub.user:
         proto += "A"
     helo = (sub.client_helo or "unknown").replace("\r", "").replace("\n", "")[:200]
-    date = format_datetime(datetime.fromtimestamp(now, timezone.utc))
-    line = f"Received: from {helo} ([{sub.client_ip or 'unknown'}])\r\n\tby {hostname} (mailgw) with {proto} id {qid}"
+    date = format_datetime(datetime.fromtimestamp(now, UTC))
+    line = (f"Received: from {helo} ([{sub.client_ip or 'unknown'}])\r\n"
+            f"\tby {hostname} (mailgw) with {proto} id {qid}")
     if len(sub.rcpts) == 1:
         line += f"\r\n\tfor <{sub.rcpts[0]}>"
     line += f"; {date}\r\n"
@@ -63,7 +64,7 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float) -> tuple[bytes
         message_id = make_message_id(hostname)
         added += f"Message-ID: {message_id}\r\n".encode()
     if get_header(header, "Date") is None:
-        date = format_datetime(datetime.fromtimestamp(now, timezone.utc))
+        date = format_datetime(datetime.fromtimestamp(now, UTC))
         added += f"Date: {date}\r\n".encode()
     if b"bcc" in header.lower():
         header = strip_fields(header, {"Bcc", "Resent-Bcc"})

@@ -114,7 +114,7 @@ class Scheduler:
         for t in self._tasks:
             t.cancel()
         if self._inflight:
-            done, pending = await asyncio.wait(self._inflight, timeout=timeout)
+            _done, pending = await asyncio.wait(self._inflight, timeout=timeout)
             for t in pending:
                 t.cancel()
             if pending:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses, parsedate_to_datetime
-from datetime import datetime, timezone
 
 _FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
 
@@ -81,9 +81,9 @@ def parse_date(value: str | None) -> datetime | None:
     except (TypeError, ValueError, IndexError):
         return None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt
 
 
 def rfc2822_now() -> str:
-    return format_datetime(datetime.now(timezone.utc).astimezone())
+    return format_datetime(datetime.now(UTC).astimezone())

@@ -28,20 +28,20 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 
 MESSAGE = (
-    "From: Alice <alice@example.com>\r\n"
-    "To: Bob <bob@example.net>\r\n"
-    "Bcc: hidden@example.org\r\n"
-    "Subject: Quarterly numbers\r\n"
-    "Message-ID: <q1@example.com>\r\n"
-    "Date: Sun, 22 Nov 2026 10:00:00 +0000\r\n"
-    "MIME-Version: 1.0\r\n"
-    "Content-Type: text/plain; charset=utf-8\r\n"
-    "\r\n"
-    "Hi Bob,\r\n"
-    ".a line that starts with a dot\r\n"
-    "\r\n"
-    "the numbers are attached.  Trailing spaces stay.   \r\n"
-).encode()
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Bcc: hidden@example.org\r\n"
+    b"Subject: Quarterly numbers\r\n"
+    b"Message-ID: <q1@example.com>\r\n"
+    b"Date: Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Hi Bob,\r\n"
+    b".a line that starts with a dot\r\n"
+    b"\r\n"
+    b"the numbers are attached.  Trailing spaces stay.   \r\n"
+)
 
 
 @pytest.fixture

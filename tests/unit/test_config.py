@@ -30,7 +30,7 @@ def test_example_config_loads() -> None:
 
 
 def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
-    p = write(tmp_path, f"""hostname: gw.example.com
+    p = write(tmp_path, """hostname: gw.example.com
 listeners:
   submission:
     port: notaport
@@ -40,8 +40,8 @@ users:
     password_hash: plain-text
 delivery:
   route: smarthost
-  smarthost: {{host: 127.0.0.1}}
-  retry: {{schedule: [1m, soon]}}
+  smarthost: {host: 127.0.0.1}
+  retry: {schedule: [1m, soon]}
 """)
     with pytest.raises(ConfigError) as ei:
         load_config(p)

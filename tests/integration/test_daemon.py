@@ -1,0 +1,215 @@
+"""`mailgw run` as a real process: kill -9 safety, SIGTERM, SIGHUP, sd_notify, queue commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from tests.integration.harness import PASSWORD, USER, Daemon, Sink, password_hash, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def message(tag: str) -> bytes:
+    return (f"From: {USER}\r\nTo: bob@example.net\r\nSubject: {tag}\r\n"
+            f"Message-ID: <{tag}@example.com>\r\n\r\nbody of {tag}\r\n").encode()
+
+
+def send_one(port: int, tag: str, login: str = USER, password: str = PASSWORD) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+        c.login(login, password)
+        c.mail(login)
+        c.rcpt("bob@example.net")
+        code, reply = c.data(message(tag))
+        assert code == 250, reply
+        return reply.decode()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+def test_kill_9_loses_no_accepted_message(tmp_path: Path, sink: Sink) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port, logging={"level": "warning"})
+    daemon = Daemon(cfg).start()
+    accepted: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        i = 0
+        try:
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as c:
+                c.login(USER, PASSWORD)
+                while not stop.is_set():
+                    tag = f"crash-{n}-{i}"
+                    c.mail(USER)
+                    c.rcpt("bob@example.net")
+                    code, _ = c.data(message(tag))
+                    if code == 250:
+                        with lock:
+                            accepted.append(tag)
+                    i += 1
+        except (smtplib.SMTPException, OSError):
+            return  # the daemon died under us: expected
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(accepted) >= 150, 60, "150 accepted messages")
+    daemon.kill9()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    got_250 = set(accepted)
+    daemon.start()  # restart: recovery then delivery of what was queued
+    try:
+        def delivered_tags() -> list[str]:
+            return [d.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+                    for _, _, d in list(sink.received)]
+        wait_for(lambda: got_250 <= set(delivered_tags()), 60,
+                 "every message that got a 250 to be delivered")
+        tags = delivered_tags()
+        dups = len(tags) - len(set(tags))
+        assert dups <= 25, f"{dups} duplicates"
+        print(f"accepted before kill -9: {len(got_250)}, delivered: {len(set(tags))}, "
+              f"duplicates: {dups}")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sigterm_drains_and_exits_0(tmp_path: Path, sink: Sink) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port)
+    daemon = Daemon(cfg).start()
+    send_one(daemon.port, "before-term")
+    wait_for(lambda: len(sink.received) == 1, 15, "delivery")
+    # an idle client session must not hold up the drain
+    idle = smtplib.SMTP("127.0.0.1", daemon.port, timeout=20)
+    idle.ehlo("idle")
+    t = time.monotonic()
+    assert daemon.stop(timeout=15) == 0
+    assert time.monotonic() - t < 8
+    idle.close()
+    assert '"event": "stopped"' in daemon.log()
+
+
+def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port)
+    daemon = Daemon(cfg).start()
+    try:
+        good = cfg.read_text()
+        cfg.write_text(good + "\nlisteners: {submission: {port: not-a-port}}\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_refused" in daemon.log(), 15, "the reload to be refused")
+        assert "listeners.submission.port" in daemon.log()
+        send_one(daemon.port, "after-bad-reload")  # still serving on the old config
+        data = yaml.safe_load(good)
+        data["users"].append({"login": "bob@example.com", "password_hash": password_hash()})
+        cfg.write_text(yaml.safe_dump(data))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: '"event": "reloaded"' in daemon.log(), 15, "the reload")
+        send_one(daemon.port, "new-user", login="bob@example.com")
+        wait_for(lambda: len(sink.received) == 2, 15, "both deliveries")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_systemd_notify(tmp_path: Path, sink: Sink) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port)
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    got: list[str] = []
+
+    def drain() -> None:
+        try:
+            while True:
+                got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+
+    def seen(prefix: str) -> bool:
+        drain()
+        return any(m.startswith(prefix) for m in got)
+
+    daemon = Daemon(cfg, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}).start()
+    try:
+        wait_for(lambda: seen("READY=1"), 15, "READY=1")
+        def pings() -> int:
+            drain()
+            return sum(m == "WATCHDOG=1" for m in got)
+        wait_for(lambda: pings() >= 2, 10, "watchdog pings")
+        n_ready = sum(m.startswith("READY=1") for m in got)
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: seen("RELOADING=1"), 10, "RELOADING=1")
+        wait_for(lambda: sum(m.startswith("READY=1") for m in got) > n_ready, 10,
+                 "READY=1 after the reload")
+    finally:
+        assert daemon.stop() == 0
+    wait_for(lambda: seen("STOPPING=1"), 5, "STOPPING=1")
+    sock.close()
+
+
+def test_queue_commands(tmp_path: Path) -> None:
+    down = free_port()  # nothing listens here yet: deliveries are deferred
+    cfg = write_config(tmp_path, upstream_port=down,
+                       delivery={"retry": {"schedule": ["1h"]}})
+    daemon = Daemon(cfg).start()
+    sink = None
+    try:
+        qid = send_one(daemon.port, "queued-1").rsplit(" ", 1)[1]
+        qid2 = send_one(daemon.port, "queued-2").rsplit(" ", 1)[1]
+
+        def listing() -> list[dict[str, object]]:
+            out = daemon.cli("queue", "list", "--json")
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+        wait_for(lambda: {r["id"]: r["state"] for r in listing()} ==
+                 {qid: "deferred", qid2: "deferred"}, 20, "both messages deferred")
+        row = next(r for r in listing() if r["id"] == qid)
+        rc = row["recipients"][0]  # type: ignore[index]
+        assert rc["status"] == "pending" and rc["last_reply"].startswith("4")
+        show = daemon.cli("queue", "show", qid)
+        assert show.returncode == 0 and "Subject: queued-1" in show.stdout
+        assert daemon.cli("queue", "hold", qid2).returncode == 0
+        assert daemon.cli("queue", "delete", "01NOSUCHQUEUEIDNOSUCHQUEU").returncode == 1
+        # the upstream comes back; retry delivers now instead of in an hour
+        sink = Sink()
+        sink.port = down
+        sink.start()
+        out = daemon.cli("queue", "retry")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: len(sink.received) == 1, 20, "delivery after queue retry")
+        assert b"Subject: queued-1" in sink.received[0][2]
+        assert [r["state"] for r in listing()] == ["hold"]
+        assert daemon.cli("queue", "release", qid2).returncode == 0
+        wait_for(lambda: len(sink.received) == 2, 20, "delivery after release")
+        assert listing() == []
+        assert daemon.cli("queue", "show", qid).returncode == 1
+    finally:
+        assert daemon.stop() == 0
+        if sink is not None:
+            sink.stop()
