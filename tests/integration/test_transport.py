@@ -1,0 +1,427 @@
+"""Transport against real aiosmtpd upstreams on loopback: results, TLS, AUTH, pooling, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.delivery.transport import Destination, RcptResult, Transport, parse_reply
+from tests.support.tlscert import CertFiles, make_cert
+from tests.support.upstream import Upstream
+
+pytestmark = pytest.mark.integration
+
+FROM = "sender@gw.test"
+MESSAGE = (
+    b"From: Sender <sender@gw.test>\r\n"
+    b"To: rcpt@example.test\r\n"
+    b"Subject: transparency\r\n"
+    b"Message-ID: <m1@gw.test>\r\n"
+    b"\r\n"
+    b".a line that starts with a dot\r\n"
+    b"..two dots\r\n"
+    b".\r\n"
+    b"a lone dot above must not end DATA\r\n"
+)
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[Transport]:
+    t = Transport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=30)
+    yield t
+    await t.close()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> CertFiles:
+    return make_cert(tmp_path / "tls")
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound, never listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+def dest(up: Upstream, **kw: object) -> Destination:
+    return Destination(host="127.0.0.1", port=up.port, **kw)  # type: ignore[arg-type]
+
+
+def message(n: int) -> bytes:
+    return MESSAGE.replace(b"transparency", b"transparency %d" % n)
+
+
+# -- results --------------------------------------------------------------------------
+
+
+async def test_reuses_one_connection_and_delivers_bytes_unchanged(transport: Transport) -> None:
+    async with Upstream() as up:
+        for i in range(5):
+            [res] = await transport.send(dest(up), FROM, ["rcpt@example.test"], message(i))
+            assert res.ok, res
+            assert res.code == 250 and res.status == "2.0.0"
+            assert res.remote == f"127.0.0.1[127.0.0.1]:{up.port}"
+        got = await up.wait_for(5)
+    assert transport.connections_opened == 1
+    assert transport.connections_reused == 4
+    assert up.connections == 1
+    assert [m.data for m in got] == [message(i) for i in range(5)]
+    assert {m.session for m in got} == {1}
+    assert got[0].mail_from == FROM and got[0].rcpt_tos == ("rcpt@example.test",)
+
+
+async def test_bare_lf_is_sent_as_crlf(transport: Transport) -> None:
+    async with Upstream() as up:
+        [res] = await transport.send(dest(up), FROM, ["r@example.test"],
+                                     b"Subject: lf\n\n.dot\nend")
+        assert res.ok
+        [got] = await up.wait_for(1)
+    assert got.data == b"Subject: lf\r\n\r\n.dot\r\nend\r\n"
+
+
+async def test_mixed_rcpt_results_in_order(transport: Transport) -> None:
+    async with Upstream(rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
+        res = await transport.send(dest(up), FROM,
+                                   ["good@example.test", "bad@example.test"], MESSAGE)
+        [got] = await up.wait_for(1)
+    assert [r.rcpt for r in res] == ["good@example.test", "bad@example.test"]
+    assert res[0].ok
+    assert res[1].permanent and res[1].code == 550 and res[1].status == "5.1.1"
+    assert res[1].reply == "550 5.1.1 no such user"
+    assert got.rcpt_tos == ("good@example.test",)
+
+
+async def test_451_to_data_is_temporary_for_every_accepted_rcpt(transport: Transport) -> None:
+    async with Upstream(data_reply="451 4.3.0 queue full",
+                        rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
+        res = await transport.send(dest(up), FROM,
+                                   ["a@example.test", "b@example.test", "bad@example.test"],
+                                   MESSAGE)
+        assert up.messages == []
+    assert [r.reply for r in res] == ["451 4.3.0 queue full", "451 4.3.0 queue full",
+                                      "550 5.1.1 no such user"]
+    assert res[0].temporary and res[1].temporary and res[2].permanent
+
+
+async def test_552_to_data_is_permanent(transport: Transport) -> None:
+    async with Upstream(data_reply="552 5.3.4 message too big") as up:
+        res = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+    assert res[0].permanent and res[0].status == "5.3.4"
+
+
+async def test_5xx_to_mail_from_is_permanent_for_all(transport: Transport) -> None:
+    async with Upstream(mail_reply="553 5.7.1 sender not allowed") as up:
+        res = await transport.send(dest(up), FROM, ["a@example.test", "b@example.test"],
+                                   MESSAGE)
+        # the connection stays usable: the next message reuses it after RSET
+        up.mail_reply = None
+        again = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+    assert all(r.permanent and r.status == "5.7.1" for r in res)
+    assert again[0].ok
+    assert transport.connections_opened == 1 and transport.connections_reused == 1
+
+
+async def test_tempfail_first_then_accept(transport: Transport) -> None:
+    async with Upstream(tempfail_first=1) as up:
+        [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        [second] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        await up.wait_for(1)
+    assert first.temporary and first.code == 451
+    assert second.ok
+
+
+async def test_connection_refused_is_temporary_441(transport: Transport,
+                                                   closed_port: int) -> None:
+    res = await transport.send(Destination(host="127.0.0.1", port=closed_port), FROM,
+                               ["a@example.test", "b@example.test"], MESSAGE)
+    assert [r.rcpt for r in res] == ["a@example.test", "b@example.test"]
+    for r in res:
+        assert r.temporary and r.code == 451 and r.status == "4.4.1"
+        assert r.remote is None
+        assert "Connection refused" in r.text
+    assert transport.connections_opened == 0
+
+
+async def test_no_rcpts_is_no_session(transport: Transport, closed_port: int) -> None:
+    assert await transport.send(Destination(host="127.0.0.1", port=closed_port), FROM, [],
+                                MESSAGE) == []
+
+
+async def test_greeting_timeout_is_temporary() -> None:
+    # a listener that accepts but never greets
+    writers: list[asyncio.StreamWriter] = []
+
+    def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    t = Transport("gw.test", connect_timeout=0.3, command_timeout=1)
+    try:
+        [res] = await t.send(Destination(host="127.0.0.1", port=port), FROM,
+                             ["a@example.test"], MESSAGE)
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+        await t.close()
+    assert res.temporary and res.status == "4.4.1" and "timed out" in res.text
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+async def test_starttls_required_with_ca_file(transport: Transport, certs: CertFiles) -> None:
+    async with Upstream(starttls=certs.server_context(), require_starttls=True) as up:
+        d = dest(up, tls="starttls", tls_required=True, ca_file=str(certs.cert_file))
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+        assert res.ok, res
+        # reuse keeps the TLS session
+        [res2] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(2)
+    assert res2.ok
+    assert all(m.tls for m in got)
+    assert transport.connections_opened == 1
+
+
+async def test_starttls_verifies_the_name_not_the_address(transport: Transport,
+                                                          certs: CertFiles) -> None:
+    async with Upstream(starttls=certs.server_context(), require_starttls=True) as up:
+        good = Destination(host="localhost", address="127.0.0.1", port=up.port,
+                           tls="starttls", tls_required=True, ca_file=str(certs.cert_file))
+        [ok] = await transport.send(good, FROM, ["a@example.test"], MESSAGE)
+        wrong = Destination(host="mx.elsewhere.test", address="127.0.0.1", port=up.port,
+                            tls="starttls", tls_required=True, ca_file=str(certs.cert_file))
+        [bad] = await transport.send(wrong, FROM, ["a@example.test"], MESSAGE)
+    assert ok.ok, ok
+    assert ok.remote == f"localhost[127.0.0.1]:{up.port}"
+    assert bad.temporary and bad.status == "4.7.5", bad
+
+
+async def test_starttls_untrusted_certificate_is_temporary_475(transport: Transport,
+                                                               certs: CertFiles,
+                                                               tmp_path: Path) -> None:
+    other = make_cert(tmp_path / "other", stem="other")
+    async with Upstream(starttls=certs.server_context()) as up:
+        d = dest(up, tls="starttls", tls_required=True, ca_file=str(other.cert_file))
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+        assert up.messages == []
+    assert res.temporary and res.status == "4.7.5", res
+    assert "certificate" in res.text
+
+
+async def test_starttls_required_but_not_offered_is_temporary(transport: Transport) -> None:
+    async with Upstream() as up:
+        d = dest(up, tls="starttls", tls_required=True)
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+        assert up.messages == []
+    assert res.temporary and res.status == "4.7.4"
+    assert "not offered" in res.text
+
+
+async def test_opportunistic_uses_tls_without_verification(transport: Transport,
+                                                           certs: CertFiles) -> None:
+    async with Upstream(starttls=certs.server_context()) as up:
+        [res] = await transport.send(dest(up, tls="opportunistic"), FROM, ["a@example.test"],
+                                     MESSAGE)
+        [got] = await up.wait_for(1)
+    assert res.ok and got.tls
+
+
+async def test_opportunistic_without_starttls_sends_plaintext(transport: Transport) -> None:
+    async with Upstream() as up:
+        [res] = await transport.send(dest(up, tls="opportunistic"), FROM, ["a@example.test"],
+                                     MESSAGE)
+        [got] = await up.wait_for(1)
+    assert res.ok and not got.tls
+
+
+async def test_implicit_tls(transport: Transport, certs: CertFiles) -> None:
+    async with Upstream(implicit_tls=certs.server_context()) as up:
+        d = dest(up, tls="implicit", ca_file=str(certs.cert_file))
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+        by_name = Destination(host="localhost", address="127.0.0.1", port=up.port,
+                              tls="implicit", ca_file=str(certs.cert_file))
+        [res2] = await transport.send(by_name, FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(2)
+    assert res.ok, res
+    assert res2.ok, res2
+    assert all(m.tls for m in got)
+
+
+async def test_implicit_tls_untrusted_is_temporary(transport: Transport, certs: CertFiles,
+                                                   tmp_path: Path) -> None:
+    other = make_cert(tmp_path / "other", stem="other")
+    async with Upstream(implicit_tls=certs.server_context()) as up:
+        d = dest(up, tls="implicit", ca_file=str(other.cert_file))
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+    assert res.temporary and res.status == "4.7.5", res
+
+
+# -- AUTH -------------------------------------------------------------------------------
+
+
+async def test_auth_login_success(transport: Transport) -> None:
+    async with Upstream(auth=("alice", "s3cret")) as up:
+        d = dest(up, username="alice", password="s3cret")
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+        [got] = await up.wait_for(1)
+    assert res.ok, res
+    assert got.login == "alice"
+
+
+async def test_auth_535_is_temporary(transport: Transport) -> None:
+    async with Upstream(auth=("alice", "s3cret")) as up:
+        d = dest(up, username="alice", password="wrong")
+        res = await transport.send(d, FROM, ["a@example.test", "b@example.test"], MESSAGE)
+        assert up.messages == []
+        assert up.auth_failures >= 1
+    for r in res:
+        assert r.temporary and r.code == 454 and r.status == "4.7.8", r
+        assert "535" in r.text
+
+
+async def test_password_is_not_in_repr() -> None:
+    d = Destination(host="smtp.example.test", port=587, tls="starttls", username="u",
+                    password="hunter2")
+    assert "hunter2" not in repr(d)
+    with pytest.raises(ValueError):
+        Destination(host="x", port=25, tls="tls")  # type: ignore[arg-type]
+
+
+# -- pooling ----------------------------------------------------------------------------
+
+
+async def test_per_destination_limit() -> None:
+    t = Transport("gw.test", connect_timeout=5, command_timeout=5, per_destination=2)
+    try:
+        async with Upstream(data_delay=0.05) as up:
+            results = await asyncio.gather(*(
+                t.send(dest(up), FROM, [f"r{i}@example.test"], message(i)) for i in range(6)))
+            await up.wait_for(6)
+    finally:
+        await t.close()
+    assert all(r.ok for [r] in results)
+    assert up.max_active == 2
+    assert t.connections_opened == 2
+    assert t.connections_reused == 4
+
+
+async def test_dead_pooled_connection_is_replaced(transport: Transport) -> None:
+    async with Upstream() as up:
+        [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        up.drop_connections()
+        await up.wait_until(lambda: up.active == 0, what="the connection to close")
+        [second] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        await up.wait_for(2)
+    assert first.ok and second.ok
+    assert transport.connections_opened == 2
+
+
+async def test_421_to_rset_retries_on_a_fresh_connection(transport: Transport) -> None:
+    async with Upstream(rset_reply="421 4.4.2 idle too long, closing") as up:
+        [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        [second] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(2)
+    assert first.ok and second.ok
+    assert transport.connections_opened == 2 and transport.connections_reused == 0
+    assert [m.session for m in got] == [1, 2]
+
+
+async def test_idle_connections_close_after_idle_timeout() -> None:
+    t = Transport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=0.05)
+    try:
+        async with Upstream() as up:
+            [res] = await t.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+            assert res.ok
+            await up.wait_until(lambda: up.active == 0, what="the idle connection to close")
+            assert t.idle_connections == 0
+    finally:
+        await t.close()
+
+
+async def test_close_quits_pooled_connections() -> None:
+    t = Transport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=60)
+    async with Upstream() as up:
+        await t.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        assert t.idle_connections == 1
+        await t.close()
+        await up.wait_until(lambda: up.active == 0, what="QUIT after close()")
+        # still usable afterwards
+        [res] = await t.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        assert res.ok
+        await t.close()
+
+
+async def test_different_credentials_do_not_share_connections(transport: Transport) -> None:
+    async with Upstream() as up:
+        await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        await transport.send(dest(up, tls="opportunistic"), FROM, ["a@example.test"], MESSAGE)
+        await up.wait_for(2)
+    assert transport.connections_opened == 2
+
+
+# -- extensions -------------------------------------------------------------------------
+
+
+async def test_8bit_message_uses_8bitmime_when_offered(transport: Transport) -> None:
+    body = b"Subject: caf\xc3\xa9\r\n\r\ncaf\xc3\xa9\r\n"
+    async with Upstream() as up:
+        [res] = await transport.send(dest(up), FROM, ["a@example.test"], body)
+        [got] = await up.wait_for(1)
+    assert res.ok and got.data == body
+    assert "BODY=8BITMIME" in got.mail_options
+
+
+async def test_8bit_message_is_sent_anyway_without_8bitmime(transport: Transport) -> None:
+    body = b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
+    async with Upstream(hide={"8BITMIME"}) as up:
+        [res] = await transport.send(dest(up), FROM, ["a@example.test"], body)
+        [got] = await up.wait_for(1)
+    assert res.ok and got.data == body
+    assert not any(o.upper().startswith("BODY=") for o in got.mail_options)
+
+
+async def test_utf8_envelope_uses_smtputf8(transport: Transport) -> None:
+    async with Upstream() as up:
+        [res] = await transport.send(dest(up), FROM, ["jos\u00e9@example.test"], MESSAGE)
+        [got] = await up.wait_for(1)
+    assert res.ok, res
+    assert "SMTPUTF8" in got.mail_options
+    assert got.rcpt_tos == ("jos\u00e9@example.test",)
+
+
+async def test_utf8_envelope_without_smtputf8_bounces_567(transport: Transport) -> None:
+    async with Upstream(hide={"SMTPUTF8"}) as up:
+        [res] = await transport.send(dest(up), FROM, ["jos\u00e9@example.test"], MESSAGE)
+    assert res.permanent and res.status == "5.6.7"
+
+
+# -- reply parsing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "message", "expected"), [
+    (250, "2.0.0 OK queued", (250, "2.0.0", "OK queued")),
+    (250, "OK", (250, "2.0.0", "OK")),
+    (550, "5.1.1 <x@y>: Recipient address rejected:\n5.1.1 User unknown",
+     (550, "5.1.1", "<x@y>: Recipient address rejected: User unknown")),
+    (451, "4.7.1 Greylisted", (451, "4.7.1", "Greylisted")),
+    (550, "4.1.1 class mismatch", (550, "5.0.0", "4.1.1 class mismatch")),
+    (421, "", (421, "4.0.0", "")),
+    (354, "go ahead", (451, "4.5.0", "unexpected reply 354 go ahead")),
+])
+def test_parse_reply(code: int, message: str, expected: tuple[int, str, str]) -> None:
+    assert parse_reply(code, message) == expected
+
+
+def test_rcpt_result_properties() -> None:
+    r = RcptResult.from_reply("a@b", 552, "5.2.2 mailbox full", "mx[192.0.2.1]:25")
+    assert (r.ok, r.temporary, r.permanent) == (False, False, True)
+    assert r.reply == "552 5.2.2 mailbox full"
