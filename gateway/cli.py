@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-c", "--config", metavar="PATH",
                         help="configuration file (default ./gateway.yaml, then "
                              "/etc/mailgw/gateway.yaml)")
@@ -189,7 +189,7 @@ def _ts(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat() if t else None
 
 
-def _queue_entry(state: str, env: Any) -> dict[str, Any]:
+def _queue_entry(state: str, env: Any) -> dict[str, Any]:  # noqa: D401
     return {
         "id": env.id, "state": state, "size": env.size, "arrival": _ts(env.received_at),
         "sender": env.mail_from, "user": env.user, "message_id": env.message_id,
@@ -211,7 +211,7 @@ def _queue(cfg: Config, args: argparse.Namespace) -> int:
     spool.setup()
     qc = args.queue_cmd
     if qc == "list":
-        rows = []
+        rows: list[dict[str, Any]] = []
         for state, qid in spool.iter_all():
             if state == "corrupt":
                 rows.append({"id": qid, "state": "corrupt"})

@@ -551,8 +551,8 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None) -> Iterator[Problem]
                                   a.smtp.password_file, True)
     for i, w in enumerate(cfg.webhooks):
         yield from check_file(("webhooks", i, "secret_file"), w.secret_file, True)
-    for domain, key in cfg.dkim.items():
-        yield from check_file(("dkim", domain, "key_file"), key.key_file, False)
+    for domain, dkim_key in cfg.dkim.items():
+        yield from check_file(("dkim", domain, "key_file"), dkim_key.key_file, False)
 
     ports: dict[tuple[str, int], str] = {}
     for name in ("submission", "ingest", "tracking", "admin"):

@@ -31,7 +31,7 @@ from gateway.crm.store import AcceptedMessage, EventRecord
 from gateway.delivery.dsn import build_dsn, is_bounce
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.transport import Destination, RcptResult, Transport
-from gateway.errors import MailError, NotFound
+from gateway.errors import NotFound
 from gateway.pipeline.summary import summarize
 from gateway.smtp.addresses import domain_of
 from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, new_queue_id
@@ -232,10 +232,7 @@ class Scheduler:
             elif res.permanent or expired:
                 rcpt.status = "bounced"
                 if not res.permanent:
-                    details["expired"] = True
-                    res = RcptResult(rcpt=res.rcpt, code=res.code, status="4.4.7",
-                                     text=f"delivery time expired; last reply: {res.reply}",
-                                     remote=res.remote)
+                    details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
                 bounced.append(res)
                 self.stats.bounced += 1
                 self._event(qid, "bounced", rcpt.addr, now, details)
@@ -315,16 +312,13 @@ class Scheduler:
                 data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
         async def job() -> list[RcptResult]:
             cfg = self.cfg
-            try:
-                return await self.transport.send_mx(
-                    self.resolver, domain, env.mail_from, rcpts, data,
-                    port=cfg.delivery.mx_port,
-                    tls="opportunistic" if cfg.delivery.mx_tls == "opportunistic" else "starttls",
-                    ca_file=str(cfg.path(cfg.delivery.mx_ca_file)) if cfg.delivery.mx_ca_file
-                    else None)
-            except MailError as exc:  # DNS answers: 5.1.2 / 5.1.10 / 4.4.3
-                return [RcptResult(rcpt=r, code=exc.code, status=exc.status, text=exc.text,
-                                   remote=None) for r in rcpts]
+            # send_mx never raises: DNS answers come back as results (5.1.2, 5.1.10, 4.4.3)
+            return await self.transport.send_mx(
+                self.resolver, domain, env.mail_from, rcpts, data,
+                port=cfg.delivery.mx_port,
+                tls="opportunistic" if cfg.delivery.mx_tls == "opportunistic" else "starttls",
+                ca_file=str(cfg.path(cfg.delivery.mx_ca_file)) if cfg.delivery.mx_ca_file
+                else None)
         return job
 
     # -- reporting -----------------------------------------------------------------

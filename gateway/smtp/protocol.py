@@ -75,7 +75,7 @@ class AuthLimiter:
         self._fails.pop(ip, None)
 
 
-class GatewaySMTP(SMTP):  # type: ignore[misc]
+class GatewaySMTP(SMTP):
     """aiosmtpd SMTP with enhanced status codes, connection and session limits."""
 
     def __init__(self, handler: Any, *, active: set[GatewaySMTP], max_connections: int,
@@ -92,7 +92,8 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         if self not in self._active:  # a second call comes after STARTTLS
             if len(self._active) >= self._max_connections:
                 self.over_limit = True
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
                 transport.close()
                 return
             self._active.add(self)
@@ -100,7 +101,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         super().connection_made(transport)
 
     def _expire(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Session time limit exceeded\r\n")
             self.transport.close()
 

@@ -77,7 +77,7 @@ class SMTPListener:
             for proto in list(self.active):
                 env = getattr(proto, "envelope", None)
                 idle = env is None or env.mail_from is None
-                if (idle or late) and proto.transport is not None:
+                if (idle or late) and isinstance(proto.transport, asyncio.WriteTransport):
                     proto.transport.write(b"421 4.3.2 Service shutting down\r\n")
                     proto.transport.close()
                     self.active.discard(proto)

@@ -297,7 +297,8 @@ async def test_swaks_starttls_auth_login(tmp_path: Path, sink: Sink) -> None:
     swaks = require_tool("swaks")
     from tests.support.tlscert import make_cert  # self-signed for 127.0.0.1
 
-    cert, key = make_cert(tmp_path)
+    files = make_cert(tmp_path)
+    cert, key = files.cert_file, files.key_file
     cfg = write_config(tmp_path, upstream_port=sink.port,
                        listeners={"submission": {"host": "127.0.0.1", "tls": "starttls",
                                                  "cert_file": str(cert), "key_file": str(key)}})
