@@ -1,0 +1,1 @@
+"""The CRM store: messages, per-recipient events, and their schema migrations."""
