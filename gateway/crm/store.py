@@ -127,7 +127,7 @@ class Store:
                 if qids:
                     rows = await s.execute(select(Message.queue_id, Message.id)
                                            .where(Message.queue_id.in_(qids)))
-                    known = {q: i for q, i in rows.tuples() if q is not None}
+                    known = {q: i for q, i in rows.all() if q is not None}
                 new_msgs: list[tuple[AcceptedMessage, Message]] = []
                 for a in accepted:
                     if a.queue_id in known or any(a.queue_id == n[0].queue_id for n in new_msgs):

@@ -150,7 +150,7 @@ class SubmissionHandler:
             if why:
                 return f"553 5.1.7 Sender address rejected: {why}"
         if session.authenticated:
-            user = self.cfg.user(session.login_data.decode() if session.login_data else "")
+            user = self.cfg.user(session.auth_data.login.decode() if session.auth_data else "")
             allowed = set()
             if user is not None:
                 allowed.add(user.login.lower())
@@ -185,7 +185,7 @@ class SubmissionHandler:
         if _has_bare_newline(data):
             self.log.warning("bare_newline_rejected", peer=peer)
             return "550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8); not accepted"
-        login = session.login_data.decode() if session.authenticated and session.login_data \
+        login = session.auth_data.login.decode() if session.authenticated and session.auth_data \
             else None
         user = self.cfg.user(login) if login else None
         sub = Submission(

@@ -107,12 +107,15 @@ class Daemon:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config_path.parent / "daemon.log"
+        self._port: int | None = None
 
     @property
     def port(self) -> int:
-        cfg = load_config(self.config_path)
-        assert cfg.listeners.submission is not None
-        return cfg.listeners.submission.port
+        if self._port is None:  # read once: a test may break the file to test reloads
+            cfg = load_config(self.config_path)
+            assert cfg.listeners.submission is not None
+            self._port = cfg.listeners.submission.port
+        return self._port
 
     def start(self) -> Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's life

@@ -107,8 +107,9 @@ async def test_temporary_failure_is_retried(tmp_path: Path) -> None:
             await send(app.submission.port)
             await wait_until(lambda: len(sink.received) == 1, timeout=15,
                              what="delivery after the retry")
+            await wait_until(lambda: app.spool.list_ids("deferred") == []
+                             and app.spool.list_ids("incoming") == [], what="an empty spool")
             await wait_until(lambda: app.writer is not None and app.writer.pending == 0)
-            assert app.spool.list_ids("deferred") == [] and app.spool.list_ids("incoming") == []
     finally:
         sink.stop()
     rows = json.loads(cli(cfg, "messages", "list", "--json").stdout)
@@ -128,7 +129,7 @@ async def test_permanent_failure_sends_one_dsn(tmp_path: Path) -> None:
                              what="the DSN at the upstream")
             await wait_until(lambda: app.scheduler is not None and app.scheduler.busy == 0)
             mail_from, rcpts, data = sink.received[0]
-            assert mail_from == "" and rcpts == [USER]
+            assert mail_from in ("", "<>") and rcpts == [USER]  # the null sender
             dsn = email.message_from_bytes(data)
             assert dsn.get_content_type() == "multipart/report"
             assert dsn.get_param("report-type") == "delivery-status"
@@ -182,14 +183,16 @@ async def test_unauthenticated_and_relay_tricks(tmp_path: Path, sink: Sink) -> N
                              "@example.com:victim@evil.example", '"victim@evil"@example.com',
                              "victim@[192.0.2.1]"]:
                     out.append(c.rcpt(rcpt))
+                c.rset()
+                c.sendmail("app@example.com", ["bob@example.net"], MESSAGE)
             return out
 
         replies = await asyncio.to_thread(probe)
         assert replies[0][0] == 530 and replies[0][1].startswith(b"5.7.0")
         for code, text in replies[1:]:
-            assert (code, text[:5]) == (554, b"5.7.1"), (code, text)
-        # the trusted network can relay a plain message
-        await send(port, login=False, rcpts=["bob@example.net"])
+            # refused by our relay check (554 5.7.1), or already by the address parser
+            assert (code, text[:5]) in ((554, b"5.7.1"), (553, b"5.1.3")), (code, text)
+        # the trusted network relayed a plain message without AUTH
         await wait_until(lambda: len(sink.received) == 1)
 
 
@@ -230,11 +233,14 @@ async def test_limits(tmp_path: Path, sink: Sink) -> None:
                 c.mail(USER)
                 res["rcpts"] = [c.rcpt(f"r{i}@example.net")[0] for i in range(3)]
                 c.rset()
-                big = MESSAGE + b"x" * 30000 + b"\r\n"
-                try:
+                big = MESSAGE + (b"x" * 70 + b"\r\n") * 430
+                try:  # SIZE= refused at MAIL; without SIZE= the DATA is refused
                     c.sendmail(USER, ["bob@example.net"], big)
-                except smtplib.SMTPDataError as exc:
+                except smtplib.SMTPSenderRefused as exc:
                     res["big"] = (exc.smtp_code, exc.smtp_error[:5])
+                c.mail(USER)
+                c.rcpt("bob@example.net")
+                res["big_data"] = c.data(big)[0]
                 long_line = MESSAGE + b"y" * 1200 + b"\r\n"
                 try:
                     c.sendmail(USER, ["bob@example.net"], long_line)
@@ -244,7 +250,7 @@ async def test_limits(tmp_path: Path, sink: Sink) -> None:
 
         res = await asyncio.to_thread(go)
         assert res["rcpts"] == [250, 250, 452]
-        assert res["big"] == (552, b"5.3.4")
+        assert res["big"] == (552, b"5.3.4") and res["big_data"] == 552
         assert res["long"] == (500, b"5.5.6")
         assert sink.received == []
 
