@@ -11,7 +11,7 @@ from sqlalchemy import Text, event, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import configure_mappers, selectinload
 
 from gateway.crm.migrate import current_revision_of, head_revision, upgrade_engine
 from gateway.crm.models import Event, Message
@@ -90,6 +90,7 @@ class Store:
     """One AsyncEngine; every call is one short session."""
 
     def __init__(self, engine: AsyncEngine, url: str) -> None:
+        configure_mappers()
         self.engine = engine
         self.url = url
         self.session = async_sessionmaker(engine, expire_on_commit=False)

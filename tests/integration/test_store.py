@@ -15,6 +15,7 @@ from gateway.crm.store import AcceptedMessage, EventRecord, Store
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
 from tests.conftest import require
+from tests.integration.harness import wait_until
 
 pytestmark = pytest.mark.integration
 PG_ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -71,7 +72,8 @@ async def test_record_is_idempotent_and_events_attach(url: str) -> None:
     store = await open_store(url)
     try:
         now = datetime.now(UTC)
-        await store.record([accepted("Q1"), accepted("Q2", to="carol@example.org")],
+        await store.record([accepted("Q1", at=now),
+                            accepted("Q2", to="carol@example.org", at=now)],
                            [EventRecord("Q1", "sent", "bob@example.net", now,
                                         {"reply": "250 2.0.0 OK"})])
         await store.record([accepted("Q1")], [EventRecord("Q2", "bounced", "carol@example.org",
@@ -111,10 +113,7 @@ async def test_writer_batches_and_survives_store_failures(url: str) -> None:
     for i in range(120):
         writer.add_accepted(accepted(f"W{i:03}"))
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while writer.pending and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: writer.pending == 0, timeout=20, what="the writer to drain")
         assert writer.pending == 0 and writer.failures == 2
         assert len(await store.list_messages(limit=500)) == 120
         writer.add_event(EventRecord("W000", "sent", "bob@example.net", datetime.now(UTC)))
