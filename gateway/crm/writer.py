@@ -1,103 +1,161 @@
-"""Batch store writes off the delivery path: queue items, flush in batches, retry on failure."""
+"""Write to the CRM store off the delivery path: buffer items, flush them in batches, retry on failure.
+
+Callers (the scheduler, the relay) call :meth:`StoreWriter.add_accepted` and
+:meth:`StoreWriter.add_event`, which only append to a buffer and never wait. One
+background task flushes the buffer in order through :meth:`Store.record`, at most
+`batch` items at a time and at latest `max_delay` seconds after an item arrives.
+While the store is down the items stay buffered, in order, and the flush is retried
+with capped exponential backoff (0.5 s doubling to 30 s); nothing is dropped while the
+writer runs. :meth:`StoreWriter.stop` flushes what is left until its timeout and
+reports (and logs) whatever it could not write.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections import deque
 from typing import Any
 
 import structlog
 
 from gateway.crm.store import AcceptedMessage, EventRecord, Store
-from gateway.errors import StoreError
+
+Item = AcceptedMessage | EventRecord
+
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
 
 
 class StoreWriter:
-    """Never blocks its callers; keeps items and retries with backoff while the store is down."""
+    """Buffers store writes and flushes them in batches from one background task."""
 
     def __init__(self, store: Store, *, batch: int = 200, max_delay: float = 0.05,
                  log: Any = None) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
         self.store = store
         self.batch = batch
         self.max_delay = max_delay
-        self.log = log or structlog.get_logger("mailgw.store")
-        self._accepted: list[AcceptedMessage] = []
-        self._events: list[EventRecord] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self.log = log or structlog.get_logger("mailgw.crm")
         self.written = 0
+        """Items (messages and events) written so far."""
         self.failures = 0
+        """Flushes that failed (each is retried)."""
+        self._items: deque[Item] = deque()
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> int:
-        return len(self._accepted) + len(self._events) + self._inflight
+        """Items not yet written, including a batch being written right now."""
+        return len(self._items)
 
-    _inflight = 0
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
+    # -- producers (synchronous, never block) ----------------------------------------
     def add_accepted(self, a: AcceptedMessage) -> None:
-        self._accepted.append(a)
-        self._wake.set()
+        self._add(a)
 
     def add_event(self, e: EventRecord) -> None:
-        self._events.append(e)
+        self._add(e)
+
+    def _add(self, item: Item) -> None:
+        if self._stopping and self._task is None:
+            self.log.error("store_item_after_stop", **_describe(item))
+        self._items.append(item)
         self._wake.set()
+        if len(self._items) >= self.batch:
+            self._full.set()
 
+    # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="store-writer")
-
-    async def _flush_once(self) -> None:
-        acc, self._accepted = self._accepted[: self.batch], self._accepted[self.batch:]
-        room = max(self.batch - len(acc), 0) or self.batch
-        evs, self._events = self._events[:room], self._events[room:]
-        if not acc and not evs:
-            return
-        self._inflight = len(acc) + len(evs)
-        try:
-            await self.store.record(acc, evs)
-        except BaseException:
-            # keep them, in order, for the next try
-            self._accepted[:0] = acc
-            self._events[:0] = evs
-            raise
-        finally:
-            self._inflight = 0
-        self.written += len(acc) + len(evs)
-
-    async def _run(self) -> None:
-        backoff = 0.5
-        while True:
-            if not self._accepted and not self._events:
-                self._wake.clear()
-                await self._wake.wait()
-            await asyncio.sleep(self.max_delay)  # let a batch gather
-            while self._accepted or self._events:
-                try:
-                    await self._flush_once()
-                    backoff = 0.5
-                except (StoreError, OSError) as exc:
-                    self.failures += 1
-                    self.log.error("store_write_failed", error=str(exc), retry_in=backoff,
-                                   pending=self.pending)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
+        if self._task is None:
+            self._stopping = False
+            self._stop_event.clear()
+            self._task = asyncio.create_task(self._run(), name="crm-store-writer")
 
     async def stop(self, timeout: float) -> int:
-        """Flush what is left (trying until timeout); return how many items were not written."""
-        if self._task is not None:
-            self._task.cancel()
+        """Flush what is buffered, retrying until `timeout` seconds; return how many items were lost.
+
+        Items still unwritten at the deadline are logged one by one as errors.
+        """
+        self._stopping = True
+        self._stop_event.set()
+        if self._task is None:  # never started: flush anyway
+            self._task = asyncio.create_task(self._run(), name="crm-store-writer")
+        self._wake.set()
+        self._full.set()
+        task = self._task
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout))
+        if not done:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (self._accepted or self._events) and loop.time() < deadline:
-            try:
-                await asyncio.wait_for(self._flush_once(), max(deadline - loop.time(), 0.1))
-            except (StoreError, OSError, TimeoutError) as exc:
-                self.log.error("store_write_failed", error=str(exc), pending=self.pending)
-                await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
-        lost = len(self._accepted) + len(self._events)
+                await task
+        elif task.exception() is not None:  # pragma: no cover - _run catches everything
+            self.log.error("store_writer_crashed", error=repr(task.exception()))
+        self._task = None
+        lost = len(self._items)
         if lost:
-            self.log.error("store_items_unwritten", count=lost)
+            self.log.error("store_items_unwritten", count=lost, timeout=timeout)
+            for item in self._items:
+                self.log.error("store_item_unwritten", **_describe(item))
         return lost
+
+    # -- the flusher -------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = BACKOFF_MIN
+        while True:
+            if not self._items:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._items) < self.batch and not self._stopping:
+                # let a batch gather, but never hold an item longer than max_delay
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self.max_delay)
+            chunk = list(itertools.islice(self._items, self.batch))
+            accepted = [x for x in chunk if isinstance(x, AcceptedMessage)]
+            events = [x for x in chunk if isinstance(x, EventRecord)]
+            started = loop.time()
+            try:
+                await self.store.record(accepted, events)
+            except Exception as exc:
+                self.failures += 1
+                self.log.error("store_write_failed", error=str(exc), pending=len(self._items),
+                               retry_in=BACKOFF_MIN if self._stopping else backoff,
+                               failures=self.failures)
+                if self._stopping:  # draining: retry often until stop()'s deadline
+                    await asyncio.sleep(BACKOFF_MIN)
+                    continue
+                with contextlib.suppress(TimeoutError):  # a stop() cuts the wait short
+                    await asyncio.wait_for(self._stop_event.wait(), backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            for _ in chunk:
+                self._items.popleft()
+            self.written += len(chunk)
+            if backoff > BACKOFF_MIN:
+                self.log.info("store_write_recovered", written=len(chunk), pending=len(self._items))
+            backoff = BACKOFF_MIN
+            elapsed = loop.time() - started
+            if elapsed > 1.0:
+                self.log.warning("store_write_slow", seconds=round(elapsed, 3), items=len(chunk))
+
+
+def _describe(item: Item) -> dict[str, Any]:
+    if isinstance(item, AcceptedMessage):
+        return {"kind": "message", "queue_id": item.queue_id, "message_id": item.message_id,
+                "from_addr": item.from_addr, "recipients": item.recipients, "at": item.at.isoformat()}
+    return {"kind": "event", "queue_id": item.queue_id, "type": item.type,
+            "recipient": item.recipient, "at": item.at.isoformat(), "details": item.details}

@@ -64,7 +64,7 @@ async def open_store(url: str) -> Store:
         with pytest.raises(StoreError, match="mailgw db upgrade"):
             await Store.open(url)
         await upgrade(url)
-        assert await current_revision(url) == head_revision()
+        assert await current_revision(url) == await head_revision()
     return await Store.open(url)
 
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the CRM store (loaded by path through gateway.crm.migrate, never imported)."""

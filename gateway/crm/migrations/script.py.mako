@@ -5,10 +5,13 @@ Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 """
 
-from alembic import op
-import sqlalchemy as sa
-${imports if imports else ""}
+from __future__ import annotations
 
+import sqlalchemy as sa
+from alembic import op
+
+import gateway.crm.models
+${imports if imports else ""}
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
 branch_labels = ${repr(branch_labels)}
