@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,7 +37,7 @@ from gateway.smtp.addresses import domain_of
 from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, new_queue_id
 
 
-class EventSink:
+class EventSink(Protocol):
     """Where the scheduler reports; the StoreWriter in production."""
 
     def add_accepted(self, a: AcceptedMessage) -> None: ...
@@ -228,17 +228,17 @@ class Scheduler:
             if res.ok:
                 rcpt.status = "sent"
                 self.stats.sent += 1
-                self._event(qid, "sent", rcpt.addr, now, details)
+                self._event(env, "sent", rcpt.addr, now, details)
             elif res.permanent or expired:
                 rcpt.status = "bounced"
                 if not res.permanent:
                     details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
                 bounced.append(res)
                 self.stats.bounced += 1
-                self._event(qid, "bounced", rcpt.addr, now, details)
+                self._event(env, "bounced", rcpt.addr, now, details)
             else:
                 self.stats.deferred += 1
-                self._event(qid, "deferred", rcpt.addr, now, details)
+                self._event(env, "deferred", rcpt.addr, now, details)
             self.log.info("delivery", queue_id=qid, rcpt=rcpt.addr, status=rcpt.status,
                           reply=res.reply, remote=res.remote, attempt=env.attempts)
         if bounced:
@@ -322,8 +322,11 @@ class Scheduler:
         return job
 
     # -- reporting -----------------------------------------------------------------
-    def _event(self, qid: str, type_: str, rcpt: str, at: float, details: dict[str, Any]) -> None:
-        self.events.add_event(EventRecord(queue_id=qid, type=type_, recipient=rcpt, at=_utc(at),
+    def _event(self, env: Envelope, type_: str, rcpt: str, at: float,
+               details: dict[str, Any]) -> None:
+        if env.is_bounce:  # our own DSNs are not stored messages: nothing to attach to
+            return
+        self.events.add_event(EventRecord(queue_id=env.id, type=type_, recipient=rcpt, at=_utc(at),
                                           details=details))
 
     def _record_accepted(self, env: Envelope, data: bytes) -> None:
