@@ -102,17 +102,23 @@ class SubmissionHandler:
         self.log.warning("auth_failed", peer=ip, login=login[:100], mechanism=mechanism)
         return AuthResult(success=False, handled=False)
 
-    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+    @staticmethod
+    async def _initial_response(server: Any, args: list[str], challenge: str) -> bytes | None:
+        """The client's first SASL response: inline after the mechanism, or asked for with
+        `challenge`. None when the client aborted or sent bad base64 (already answered)."""
         if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await server.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
+            blob = await server.challenge_auth(challenge)
+            return blob if isinstance(blob, bytes) else None
+        try:
+            return b64decode(args[1].encode(), validate=True)
+        except ValueError:
+            await server.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        blob = await self._initial_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await server.push("501 5.5.2 Can't split auth value")
@@ -125,16 +131,9 @@ class SubmissionHandler:
         return await self._authenticate(server, login, password, "PLAIN")
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
-            if not isinstance(login, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await server.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
+        login = await self._initial_response(server, args, server.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
