@@ -1,0 +1,48 @@
+"""Helpers shared by the command-group modules: exit codes, the parser class, config, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.config import Config, load_config
+from gateway.errors import UsageError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+#: argparse's sub-parsers action (its class is private).
+Subparsers = Any
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 on usage errors: keep that
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"mailgw: error: {message}\n")
+
+
+def config(args: argparse.Namespace) -> Config:
+    """The validated configuration named by -c (ConfigError -> exit 2)."""
+    return load_config(args.config)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def ts(t: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC, None for 0/None."""
+    return datetime.fromtimestamp(t, UTC).isoformat() if t else None
+
+
+def parse_since(value: str | None, option: str = "--since") -> datetime | None:
+    """`YYYY-MM-DD` or ISO 8601 -> an aware datetime (UTC when no zone is given)."""
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r}: expected YYYY-MM-DD or ISO 8601") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)

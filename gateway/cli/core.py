@@ -1,0 +1,85 @@
+"""`mailgw run`, `mailgw check` and `mailgw users hash`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import ssl
+import sys
+
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, Subparsers, config
+from gateway.config import find_config, load_config
+from gateway.errors import ConfigError, GatewayError, Problem, UsageError
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=_run)
+    sub.add_parser("check", parents=[common],
+                   help="validate the configuration and its files").set_defaults(func=_check)
+    users = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
+    us = users.add_subparsers(dest="users_cmd", required=True, parser_class=type(common))
+    us.add_parser("hash", parents=[common],
+                  help="read a password (prompt, or one line on stdin), print its hash"
+                  ).set_defaults(func=_users_hash)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.app import run_daemon
+    from gateway.log import setup_logging
+
+    cfg = config(args)
+    setup_logging(cfg.logging)
+    path = find_config(args.config)
+    try:
+        return asyncio.run(run_daemon(cfg, path))
+    except GatewayError as exc:
+        import structlog
+
+        structlog.get_logger("mailgw").error("startup_failed", error=str(exc))
+        print(f"mailgw: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:  # e.g. the port is taken
+        print(f"mailgw: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _check(args: argparse.Namespace) -> int:
+    path = find_config(args.config)
+    cfg = load_config(path)  # raises ConfigError with every problem
+    problems: list[Problem] = []
+    sub = cfg.listeners.submission
+    if sub is not None and sub.tls != "none":
+        from gateway.smtp.server import server_tls_context
+
+        try:
+            server_tls_context(cfg, sub)
+        except (ssl.SSLError, OSError) as exc:
+            problems.append(Problem(str(path), None, "listeners.submission.cert_file",
+                                    f"certificate and key do not load together: {exc}"))
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(cfg.store_url)
+    except Exception as exc:
+        problems.append(Problem(str(path), None, "store.url", f"not a database URL: {exc}"))
+    if problems:
+        raise ConfigError(problems)
+    print(f"{path}: OK ({len(cfg.users)} users, {len(cfg.accounts)} accounts, "
+          f"route {cfg.delivery.route})")
+    return EXIT_OK
+
+
+def _users_hash(args: argparse.Namespace) -> int:
+    from gateway.passwords import hash_password
+
+    if sys.stdin.isatty():
+        pw = getpass.getpass("Password: ")
+        if pw != getpass.getpass("Again: "):
+            raise UsageError("the passwords differ")
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if not pw:
+        raise UsageError("empty password")
+    print(hash_password(pw))
+    return EXIT_OK

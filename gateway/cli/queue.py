@@ -1,0 +1,138 @@
+"""`mailgw queue list|show|retry|delete|hold|release`: inspect and steer the spool directly.
+
+Safe while the daemon runs: every change is an atomic rename between state directories,
+which the daemon's scan of `incoming/` picks up within about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from gateway.cli.common import EXIT_OK, Subparsers, config, print_json, ts
+from gateway.errors import NotFound, UsageError
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    q = sub.add_parser("queue", parents=[common], help="inspect and steer the delivery queue")
+    q.set_defaults(func=_queue)
+    qs = q.add_subparsers(dest="queue_cmd", required=True, parser_class=type(common))
+    ql = qs.add_parser("list", parents=[common], help="every queued message")
+    ql.add_argument("--json", action="store_true")
+    qsh = qs.add_parser("show", parents=[common], help="one queued message: envelope, headers")
+    qsh.add_argument("id")
+    qsh.add_argument("--json", action="store_true")
+    qr = qs.add_parser("retry", parents=[common],
+                       help="deliver a deferred message now (all of them without ID)")
+    qr.add_argument("id", nargs="?")
+    for name, what in (("delete", "remove a message from the queue for good"),
+                       ("hold", "set a message aside (not delivered until released)"),
+                       ("release", "put a held message back into delivery")):
+        x = qs.add_parser(name, parents=[common], help=what)
+        x.add_argument("id")
+
+
+def _queue_entry(state: str, env: Any) -> dict[str, Any]:
+    return {
+        "id": env.id, "state": state, "size": env.size, "arrival": ts(env.received_at),
+        "sender": env.mail_from, "user": env.user, "message_id": env.message_id,
+        "attempts": env.attempts,
+        "next_attempt": ts(env.next_attempt) if state == "deferred" else None,
+        "bounce": env.is_bounce,
+        "recipients": [{"address": r.addr, "status": r.status, "attempts": r.attempts,
+                        "last_reply": r.last_reply, "remote": r.remote}
+                       for r in env.recipients],
+    }
+
+
+def _queue(args: argparse.Namespace) -> int:
+    cfg = config(args)
+    from gateway.spool import CorruptQueueFile, Spool
+
+    spool = Spool(cfg.spool_path)
+    if not spool.root.exists():
+        raise NotFound(f"no spool at {spool.root} (has the daemon run with this config?)")
+    spool.setup()
+    qc = args.queue_cmd
+    if qc == "list":
+        rows: list[dict[str, Any]] = []
+        for state, qid in spool.iter_all():
+            if state == "corrupt":
+                rows.append({"id": qid, "state": "corrupt"})
+                continue
+            try:
+                rows.append(_queue_entry(state, spool.read_envelope(state, qid)))
+            except (CorruptQueueFile, NotFound):
+                continue
+        if args.json:
+            print_json(rows)
+            return EXIT_OK
+        if not rows:
+            print("Mail queue is empty")
+            return EXIT_OK
+        for r in rows:
+            if r["state"] == "corrupt":
+                print(f"{r['id']}  corrupt")
+                continue
+            print(f"{r['id']}  {r['state']:<8} {r['size']:>8}  {r['arrival'][:19]}  "
+                  f"<{r['sender']}>")
+            for rc in r["recipients"]:
+                if rc["status"] == "pending":
+                    reason = f"  ({rc['last_reply']})" if rc["last_reply"] else ""
+                    print(f"        {rc['address']}{reason}")
+        print(f"-- {len(rows)} message(s)")
+        return EXIT_OK
+    if qc == "show":
+        state = spool.find(args.id)
+        if state == "corrupt":
+            raw = (spool.dir("corrupt") / args.id).read_bytes()
+            print(raw[:4096].decode("utf-8", "replace"))
+            return EXIT_OK
+        env, data = spool.read(state, args.id)
+        from gateway.pipeline.headers import split_message
+
+        header, _ = split_message(data)
+        entry = _queue_entry(state, env)
+        if args.json:
+            entry["headers"] = header.decode("utf-8", "replace")
+            print_json(entry)
+        else:
+            for k, v in entry.items():
+                if k != "recipients":
+                    print(f"{k}: {v}")
+            for rc in entry["recipients"]:
+                print(f"recipient: {rc['address']} {rc['status']} attempts={rc['attempts']}"
+                      f" last_reply={rc['last_reply']!r}")
+            print()
+            sys.stdout.write(header.decode("utf-8", "replace"))
+        return EXIT_OK
+    if qc == "retry":
+        ids = [args.id] if args.id else spool.list_ids("deferred")
+        for qid in ids:
+            state = spool.find(qid)
+            if state not in ("deferred", "incoming"):
+                raise UsageError(f"{qid} is in {state}/, not deferred (use `queue release`)")
+            if state == "deferred":
+                spool.move(qid, "deferred", "incoming")
+        print(f"{len(ids)} message(s) scheduled for delivery now")
+        return EXIT_OK
+    if qc == "delete":
+        state = spool.delete(args.id)
+        print(f"{args.id} deleted from {state}/")
+        return EXIT_OK
+    if qc == "hold":
+        state = spool.find(args.id)
+        if state not in ("incoming", "deferred"):
+            raise UsageError(f"{args.id} is in {state}/ and cannot be held")
+        spool.move(args.id, state, "hold")
+        print(f"{args.id} held")
+        return EXIT_OK
+    if qc == "release":
+        state = spool.find(args.id)
+        if state != "hold":
+            raise UsageError(f"{args.id} is in {state}/, not on hold")
+        spool.move(args.id, "hold", "incoming")
+        print(f"{args.id} released")
+        return EXIT_OK
+    raise UsageError(f"unknown queue command {qc}")
