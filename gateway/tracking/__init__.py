@@ -1,0 +1,1 @@
+"""Open and click tracking: tokens, the public HTTP endpoint, machine-vs-human classification."""
