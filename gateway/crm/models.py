@@ -3,15 +3,33 @@
 Tables:
 
 ``messages``
-    one row per message, however many paths saw it; ``queue_id`` (the relay's spool id)
-    is unique so that recording the same accepted message twice stores it once.
+    one row per message, however many paths saw it: ``dedupe_key`` (the Message-ID, or a
+    normalised header + body hash for mail without one) is unique, so the relay, the
+    ingest address and IMAP sync all land on the same row.
+``message_sources``
+    every path a message was seen on: the relay (one row per spool copy, with the
+    recipient of a per-recipient copy), the ingest listener, or an IMAP mailbox
+    (account, folder, UIDVALIDITY, UID); unique per (source, ref). A relay copy's queue
+    id is how delivery and tracking events find their message.
 ``events``
     what happened to a message for one recipient: queued, sent, deferred, bounced,
-    opened, clicked, replied; deleted with their message.
+    opened, clicked, replied; ``key`` (unique when set) makes an event idempotent.
 ``message_addresses``
-    the lower-cased From/To/Cc addresses of each message, one row per (message, role,
-    address); an index for "all mail with this contact" that JSON columns cannot give
-    portably.
+    the lower-cased From/To/Cc addresses of each message: the index for "all mail with
+    this address" that JSON columns cannot give portably.
+``companies``, ``contacts``
+    the CRM's people, a company per e-mail domain; ``message_contacts`` and
+    ``message_companies`` link messages to them.
+``raw_messages``
+    raw message bytes by SHA-256 when ``store.raw: database`` (else they live on disk,
+    content-addressed, and only ``messages.raw_sha256`` is kept here).
+``accounts``, ``sync_state``, ``sync_runs``
+    connected mailboxes' runtime state (status, OAuth token at rest, node lease), the
+    IMAP checkpoint per folder, and the history of sync runs.
+``webhook_outbox``
+    webhook deliveries, written in the same transaction as what they announce.
+``send_counters``
+    messages per sender and UTC day, for the ``max_per_day`` policy.
 
 Every datetime is stored in UTC and read back timezone-aware on both backends
 (:class:`UTCDateTime`). Constraints and indexes carry explicit names (the naming
@@ -41,6 +59,11 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 EVENT_TYPES: tuple[str, ...] = ("queued", "sent", "deferred", "bounced", "opened", "clicked", "replied")
 ADDRESS_ROLES: tuple[str, ...] = ("from", "to", "cc")
+SOURCES: tuple[str, ...] = ("relay", "imap", "ingest")
+CONTACT_SOURCES: tuple[str, ...] = ("import", "api", "auto")
+ACCOUNT_STATUSES: tuple[str, ...] = ("active", "disabled", "needs_reconnect", "deleted")
+SYNC_STATUSES: tuple[str, ...] = ("running", "ok", "error")
+OUTBOX_STATUSES: tuple[str, ...] = ("pending", "delivered", "dead")
 SNIPPET_MAX = 200
 
 #: 64-bit ids on PostgreSQL; SQLite needs exactly INTEGER for a rowid primary key.
@@ -92,28 +115,64 @@ class Message(Base):
     )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    dedupe_key: Mapped[str] = mapped_column(sa.String, unique=True)
     message_id: Mapped[str] = mapped_column(sa.String, index=True, default="")
     thread_id: Mapped[str | None] = mapped_column(sa.String, index=True)
+    in_reply_to: Mapped[str | None] = mapped_column(sa.String)
+    reference_ids: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
     direction: Mapped[str] = mapped_column(sa.String(16))
     account: Mapped[str | None] = mapped_column(sa.String)
     user: Mapped[str | None] = mapped_column(sa.String)
     from_addr: Mapped[str] = mapped_column(sa.String, default="")
+    from_name: Mapped[str] = mapped_column(sa.String, default="")
     to_addrs: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
     cc_addrs: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
     subject: Mapped[str] = mapped_column(sa.String, default="")
+    #: the subject without reply/forward prefixes, lower-cased: the threading fallback
+    subject_key: Mapped[str] = mapped_column(sa.String, index=True, default="")
     date: Mapped[datetime | None] = mapped_column()
     snippet: Mapped[str] = mapped_column(sa.String(SNIPPET_MAX), default="")
+    text_body: Mapped[str] = mapped_column(sa.Text, default="")
+    html_body: Mapped[str] = mapped_column(sa.Text, default="")
+    attachments: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
     size: Mapped[int] = mapped_column(sa.Integer, default=0)
-    sources: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
-    queue_id: Mapped[str | None] = mapped_column(sa.String, unique=True)
+    raw_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    template: Mapped[str | None] = mapped_column(sa.String, index=True)
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class MessageSource(Base):
+    """One path a message was seen on (SPEC §6 "sources")."""
+
+    __tablename__ = "message_sources"
+    __table_args__ = (
+        sa.CheckConstraint(_in("source", SOURCES), name="source"),
+        sa.UniqueConstraint("source", "ref"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    message_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(sa.String(8))
+    #: relay: the copy's queue id; ingest: the ingest queue id; imap: account/folder/uidvalidity/uid
+    ref: Mapped[str] = mapped_column(sa.String)
+    account: Mapped[str | None] = mapped_column(sa.String, index=True)
+    folder: Mapped[str | None] = mapped_column(sa.String)
+    uidvalidity: Mapped[int | None] = mapped_column(sa.BigInteger)
+    uid: Mapped[int | None] = mapped_column(sa.BigInteger)
+    recipient: Mapped[str | None] = mapped_column(sa.String)
+    at: Mapped[datetime] = mapped_column()
 
 
 class Event(Base):
     """One thing that happened to a message for one recipient (SPEC §6 "events")."""
 
     __tablename__ = "events"
-    __table_args__ = (sa.CheckConstraint(_in("type", EVENT_TYPES), name="type"),)
+    __table_args__ = (
+        sa.CheckConstraint(_in("type", EVENT_TYPES), name="type"),
+        sa.Index("ix_events_type_at", "type", "at"),
+    )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     message_pk: Mapped[int] = mapped_column(
@@ -123,6 +182,8 @@ class Event(Base):
     recipient: Mapped[str] = mapped_column(sa.String, default="")
     machine: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
     details: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    #: set for events that must be recorded once only (e.g. ``replied:<message pk>``)
+    key: Mapped[str | None] = mapped_column(sa.String, unique=True)
 
 
 class MessageAddress(Base):
@@ -135,6 +196,175 @@ class MessageAddress(Base):
         BigID, sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
     role: Mapped[str] = mapped_column(sa.String(8), primary_key=True)
     address: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    #: the address's domain: companies link by it
+    domain: Mapped[str] = mapped_column(sa.String, default="", server_default="")
+
+
+class Company(Base):
+    """A customer company, known by its e-mail domain."""
+
+    __tablename__ = "companies"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    domain: Mapped[str] = mapped_column(sa.String, unique=True)
+    name: Mapped[str] = mapped_column(sa.String, default="")
+    created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class Contact(Base):
+    """A CRM contact, known by its (lower-cased) e-mail address."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (
+        sa.CheckConstraint(_in("source", CONTACT_SOURCES), name="source"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    email: Mapped[str] = mapped_column(sa.String, unique=True)
+    first_name: Mapped[str] = mapped_column(sa.String, default="")
+    last_name: Mapped[str] = mapped_column(sa.String, default="")
+    title: Mapped[str] = mapped_column(sa.String, default="")
+    phone: Mapped[str] = mapped_column(sa.String, default="")
+    company_pk: Mapped[int | None] = mapped_column(
+        BigID, sa.ForeignKey("companies.id", ondelete="SET NULL"), index=True)
+    fields: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    source: Mapped[str] = mapped_column(sa.String(8), default="import")
+    created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class MessageContact(Base):
+    """A message linked to a contact (as its sender or a recipient)."""
+
+    __tablename__ = "message_contacts"
+    __table_args__ = (
+        sa.CheckConstraint(_in("role", ADDRESS_ROLES), name="role"),
+        sa.Index("ix_message_contacts_contact_pk", "contact_pk", "message_pk"),
+    )
+
+    message_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    contact_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(sa.String(8), primary_key=True)
+
+
+class MessageCompany(Base):
+    """A message linked to a company by an address at the company's domain."""
+
+    __tablename__ = "message_companies"
+    __table_args__ = (sa.Index("ix_message_companies_company_pk", "company_pk", "message_pk"),)
+
+    message_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    company_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("companies.id", ondelete="CASCADE"), primary_key=True)
+
+
+class RawMessage(Base):
+    """Raw message bytes by content hash (``store.raw: database``)."""
+
+    __tablename__ = "raw_messages"
+
+    sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    size: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class AccountState(Base):
+    """The runtime state of a connected mailbox configured under ``accounts:``."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (sa.CheckConstraint(_in("status", ACCOUNT_STATUSES), name="status"),)
+
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    email: Mapped[str] = mapped_column(sa.String, default="")
+    status: Mapped[str] = mapped_column(sa.String(16), default="active")
+    status_reason: Mapped[str | None] = mapped_column(sa.String)
+    status_at: Mapped[datetime | None] = mapped_column()
+    token_ciphertext: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    token_expires_at: Mapped[datetime | None] = mapped_column()
+    lease_owner: Mapped[str | None] = mapped_column(sa.String)
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    last_sync_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class SyncState(Base):
+    """The IMAP checkpoint of one folder of one account."""
+
+    __tablename__ = "sync_state"
+
+    account: Mapped[str] = mapped_column(
+        sa.String, sa.ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    folder: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    uidvalidity: Mapped[int | None] = mapped_column(sa.BigInteger)
+    last_uid: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    highestmodseq: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: the lowest UID the newest-first initial sync has reached (None: not started)
+    backfill_uid: Mapped[int | None] = mapped_column(sa.BigInteger)
+    initial_done: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class SyncRun(Base):
+    """One sync run of one folder: when, what kind, counts, outcome."""
+
+    __tablename__ = "sync_runs"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", SYNC_STATUSES), name="status"),
+        sa.Index("ix_sync_runs_account_started_at", "account", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    account: Mapped[str] = mapped_column(sa.String)
+    folder: Mapped[str] = mapped_column(sa.String, default="")
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    started_at: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    status: Mapped[str] = mapped_column(sa.String(8), default="running")
+    fetched: Mapped[int] = mapped_column(sa.Integer, default=0)
+    stored: Mapped[int] = mapped_column(sa.Integer, default=0)
+    skipped: Mapped[int] = mapped_column(sa.Integer, default=0)
+    error: Mapped[str | None] = mapped_column(sa.String)
+
+
+class WebhookDelivery(Base):
+    """One webhook POST to make, kept until the receiver accepted it (the outbox)."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", OUTBOX_STATUSES), name="status"),
+        sa.Index("ix_webhook_outbox_status_next", "status", "next_attempt_at"),
+        sa.UniqueConstraint("event_id", "webhook"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    event_id: Mapped[str] = mapped_column(sa.String(40))
+    webhook: Mapped[str] = mapped_column(sa.String)
+    event_type: Mapped[str] = mapped_column(sa.String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    status: Mapped[str] = mapped_column(sa.String(12), default="pending")
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(sa.String)
+    created_at: Mapped[datetime] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+
+class SendCounter(Base):
+    """Messages accepted from one sender on one UTC day (``max_per_day``)."""
+
+    __tablename__ = "send_counters"
+
+    sender: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    day: Mapped[str] = mapped_column(sa.String(10), primary_key=True)
+    count: Mapped[int] = mapped_column(sa.Integer, default=0)
 
 
 #: The time a message sorts and filters by: its Date header, else when it was stored.
@@ -142,3 +372,4 @@ sort_at = sa.func.coalesce(Message.date, Message.created_at)
 
 sa.Index("ix_messages_sort_at", sort_at)
 sa.Index("ix_message_addresses_address", MessageAddress.address, MessageAddress.message_pk)
+sa.Index("ix_message_addresses_domain", MessageAddress.domain, MessageAddress.message_pk)

@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import secrets
 import warnings
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -32,82 +29,10 @@ from gateway.crm.models import metadata
 from gateway.crm.store import AcceptedMessage, EventRecord, Store
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
-from tests.conftest import free_port, require
+from tests.conftest import free_port
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
-
-
-# -- fixtures ------------------------------------------------------------------------------
-async def _pg_admin() -> asyncpg.Connection:
-    return await asyncio.wait_for(asyncpg.connect(PG_ADMIN), 5)
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str | None]:
-    """A PostgreSQL database for this session (None when PostgreSQL is unreachable)."""
-    name = f"mailgw_test_{secrets.token_hex(6)}"
-
-    async def create() -> str | None:
-        try:
-            admin = await _pg_admin()
-        except (OSError, asyncpg.PostgresError, TimeoutError):
-            return None
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        return name
-
-    async def drop() -> None:
-        admin = await _pg_admin()
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    created = asyncio.run(create())
-    yield created
-    if created:
-        asyncio.run(drop())
-
-
-def _pg_url(database: str) -> str:
-    admin = sa.make_url(PG_ADMIN)
-    return admin.set(drivername="postgresql+asyncpg", database=database).render_as_string(
-        hide_password=False)
-
-
-@pytest.fixture
-async def pg_url(pg_database: str | None) -> str:
-    """The session's PostgreSQL database, emptied."""
-    require(pg_database is not None, f"PostgreSQL at {sa.make_url(PG_ADMIN).host}")
-    assert pg_database is not None
-    conn = await asyncpg.connect(_pg_url(pg_database).replace("+asyncpg", ""))
-    try:
-        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    finally:
-        await conn.close()
-    return _pg_url(pg_database)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database: a new SQLite file, or the session's PostgreSQL database emptied."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/state/crm.db"
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-async def store(url: str) -> AsyncIterator[Store]:
-    if url.startswith("postgresql"):
-        await upgrade(url)
-    s = await Store.open(url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def msg(qid: str, *, frm: str = "alice@example.com", to: tuple[str, ...] = ("bob@example.net",),

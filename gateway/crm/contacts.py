@@ -1,0 +1,365 @@
+"""Contacts and companies: CSV import (line-numbered errors), upsert, listing, a contact's timeline.
+
+A contact is known by its lower-cased e-mail address, so importing the same file
+twice updates rows and never duplicates them; a non-empty value in the file replaces
+the stored one, an empty one keeps it. A company is known by its e-mail domain: the
+``domain`` column, else the contact's own domain (never a free-mail domain). A
+contact or company that is new gets the messages already stored for its address or
+domain linked at once, so importing contacts after mail arrived loses no history.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.crm.linking import FREEMAIL_DOMAINS
+from gateway.crm.models import (
+    Company,
+    Contact,
+    MessageAddress,
+    MessageCompany,
+    MessageContact,
+    sort_at,
+)
+from gateway.crm.store import Store, _chunks, _iso, _messages, _text, _utc
+from gateway.errors import ConfigError, Problem
+from gateway.smtp.addresses import domain_of
+
+_contacts = cast(sa.Table, Contact.__table__)
+_companies = cast(sa.Table, Company.__table__)
+_addresses = cast(sa.Table, MessageAddress.__table__)
+_msg_contacts = cast(sa.Table, MessageContact.__table__)
+_msg_companies = cast(sa.Table, MessageCompany.__table__)
+
+KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone")
+_ALIASES = {"e-mail": "email", "email address": "email", "mail": "email",
+            "first name": "first_name", "firstname": "first_name", "given name": "first_name",
+            "last name": "last_name", "lastname": "last_name", "surname": "last_name",
+            "family name": "last_name", "full name": "name", "company name": "company",
+            "organization": "company", "organisation": "company", "company_domain": "domain",
+            "company domain": "domain", "website": "domain", "job title": "title",
+            "phone number": "phone", "telephone": "phone"}
+MAX_FIELD = 1000
+
+
+@dataclass
+class ContactInput:
+    """One contact to create or update."""
+
+    email: str
+    first_name: str = ""
+    last_name: str = ""
+    company: str = ""
+    domain: str = ""
+    title: str = ""
+    phone: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+    line: int | None = None     # where it came from, for messages
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    created: int
+    updated: int
+    unchanged: int
+    companies_created: int
+    messages_linked: int
+
+
+def _valid_email(email: str) -> bool:
+    local, at, domain = email.rpartition("@")
+    return bool(at and local and domain and "." in domain and " " not in email
+                and len(email) <= 320 and not domain.startswith(".") and ".." not in domain)
+
+
+def _column(name: str) -> str:
+    key = name.strip().lstrip("\ufeff").strip().lower()
+    key = _ALIASES.get(key, key)
+    return key.replace(" ", "_").replace("-", "_")
+
+
+def parse_csv(text: str, source: str = "<csv>") -> list[ContactInput]:
+    """Read contacts from CSV text with a header row; ConfigError lists every bad row by line.
+
+    Columns (case-insensitive, common aliases accepted): ``email`` (required),
+    ``first_name``, ``last_name`` (or ``name``, split at the last space), ``company``,
+    ``domain``, ``title``, ``phone``; any other column is kept in the contact's ``fields``.
+    The delimiter (comma, semicolon or tab) is detected.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    sample = text[:4096]
+    try:
+        dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(io.StringIO(text), dialect)
+    problems: list[Problem] = []
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ConfigError([Problem(source, 1, "", "empty file: expected a header row with an "
+                                                  "email column")]) from None
+    except csv.Error as exc:
+        raise ConfigError([Problem(source, 1, "", f"not CSV: {exc}")]) from None
+    columns = [_column(h) for h in header]
+    if "email" not in columns:
+        raise ConfigError([Problem(source, 1, "email", "no email column in the header row "
+                                                       f"(columns: {', '.join(header)})")])
+    dupes = {c for c in columns if c and columns.count(c) > 1}
+    if dupes:
+        raise ConfigError([Problem(source, 1, sorted(dupes)[0], "column appears more than once")])
+    out: list[ContactInput] = []
+    seen: dict[str, int] = {}
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) > len(columns):
+                problems.append(Problem(source, line, "", f"{len(row)} cells but the header has "
+                                                          f"{len(columns)} columns"))
+                continue
+            values = {c: _text(v.strip())[:MAX_FIELD] for c, v in zip(columns, row, strict=False) if c}
+            email = values.get("email", "").strip().strip("<>").lower()
+            if not _valid_email(email):
+                problems.append(Problem(source, line, "email",
+                                        f"{values.get('email', '')!r} is not an e-mail address"))
+                continue
+            if email in seen:
+                problems.append(Problem(source, line, "email",
+                                        f"{email} already appears on line {seen[email]}"))
+                continue
+            seen[email] = line
+            first, last = values.get("first_name", ""), values.get("last_name", "")
+            if not first and not last and values.get("name"):
+                first, _, last = values["name"].rpartition(" ")
+                if not first:
+                    first, last = last, ""
+            domain = values.get("domain", "").lower().removeprefix("https://").removeprefix(
+                "http://").removeprefix("www.").split("/")[0]
+            if domain and ("." not in domain or " " in domain):
+                problems.append(Problem(source, line, "domain", f"{domain!r} is not a domain"))
+                continue
+            extra = {k: v for k, v in values.items() if k not in KNOWN_COLUMNS and v}
+            out.append(ContactInput(email=email, first_name=first, last_name=last,
+                                    company=values.get("company", ""), domain=domain,
+                                    title=values.get("title", ""), phone=values.get("phone", ""),
+                                    fields=extra, line=line))
+    except csv.Error as exc:
+        problems.append(Problem(source, reader.line_num, "", f"not CSV: {exc}"))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def read_csv_file(path: Path) -> list[ContactInput]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), None, "", f"cannot read: {exc.strerror or exc}")]) \
+            from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", "replace")  # Excel's "CSV" on Windows
+    return parse_csv(text, str(path))
+
+
+def company_domain_for(c: ContactInput) -> str | None:
+    if c.domain:
+        return c.domain
+    if not c.company:
+        return None
+    d = domain_of(c.email)
+    return None if d in FREEMAIL_DOMAINS else d
+
+
+async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
+                          source: str = "import") -> UpsertResult:
+    """Create or update contacts (and their companies) in one transaction; link their history."""
+    now = datetime.now(UTC)
+    try:
+        async with store.engine.begin() as conn:
+            companies_created, company_ids = await _upsert_companies(store, conn, contacts, now)
+            existing: dict[str, dict[str, Any]] = {}
+            emails = [c.email.lower() for c in contacts]
+            for chunk in _chunks(emails):
+                rows = await conn.execute(sa.select(_contacts).where(_contacts.c.email.in_(chunk)))
+                existing.update({r["email"]: dict(r) for r in rows.mappings()})
+            new_rows: list[dict[str, Any]] = []
+            updated = unchanged = 0
+            for c in contacts:
+                email = c.email.lower()
+                d = company_domain_for(c)
+                company_pk = company_ids.get(d) if d else None
+                values = {"first_name": c.first_name, "last_name": c.last_name, "title": c.title,
+                          "phone": c.phone}
+                old = existing.get(email)
+                if old is None:
+                    new_rows.append({"email": email, **values, "company_pk": company_pk,
+                                     "fields": dict(c.fields), "source": source,
+                                     "created_at": now, "updated_at": now})
+                    continue
+                change: dict[str, Any] = {k: v for k, v in values.items() if v and v != old[k]}
+                if company_pk is not None and company_pk != old["company_pk"]:
+                    change["company_pk"] = company_pk
+                fields = {**(old["fields"] or {}), **c.fields}
+                if fields != (old["fields"] or {}):
+                    change["fields"] = fields
+                if not change:
+                    unchanged += 1
+                    continue
+                updated += 1
+                await conn.execute(sa.update(_contacts).where(_contacts.c.id == old["id"])
+                                   .values(**change, updated_at=now))
+            linked = 0
+            if new_rows:
+                stmt = store._insert(_contacts).on_conflict_do_nothing(
+                    index_elements=[_contacts.c.email]).returning(_contacts.c.id, _contacts.c.email)
+                created_ids: dict[str, int] = {}
+                for chunk in _chunks(new_rows):
+                    result = await conn.execute(stmt, list(chunk))
+                    created_ids.update({e: pk for pk, e in result.all()})
+                linked += await _link_history_contacts(store, conn, created_ids)
+            new_domains = {d: pk for d, pk in company_ids.items() if d in companies_created}
+            linked += await _link_history_companies(store, conn, new_domains)
+    except SQLAlchemyError as exc:
+        raise store._fail("contact import failed", exc) from exc
+    return UpsertResult(created=len(new_rows), updated=updated, unchanged=unchanged,
+                        companies_created=len(companies_created), messages_linked=linked)
+
+
+async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Sequence[ContactInput],
+                            now: datetime) -> tuple[set[str], dict[str, int]]:
+    names: dict[str, str] = {}
+    for c in contacts:
+        d = company_domain_for(c)
+        if d:
+            names[d] = c.company or names.get(d, "")
+    if not names:
+        return set(), {}
+    ids: dict[str, int] = {}
+    existing: dict[str, str] = {}
+    for chunk in _chunks(sorted(names)):
+        rows = await conn.execute(sa.select(_companies.c.domain, _companies.c.id, _companies.c.name)
+                                  .where(_companies.c.domain.in_(chunk)))
+        for d, pk, name in rows.all():
+            ids[d] = pk
+            existing[d] = name
+    for d, name in names.items():
+        if d in ids and name and name != existing[d]:
+            await conn.execute(sa.update(_companies).where(_companies.c.id == ids[d])
+                               .values(name=name, updated_at=now))
+    missing = [{"domain": d, "name": names[d], "created_at": now, "updated_at": now}
+               for d in sorted(names) if d not in ids]
+    created: set[str] = set()
+    if missing:
+        stmt = store._insert(_companies).on_conflict_do_nothing(
+            index_elements=[_companies.c.domain]).returning(_companies.c.id, _companies.c.domain)
+        for chunk in _chunks(missing):
+            result = await conn.execute(stmt, list(chunk))
+            for pk, d in result.all():
+                ids[d] = pk
+                created.add(d)
+        for chunk in _chunks([m["domain"] for m in missing if m["domain"] not in ids]):
+            found = await conn.execute(sa.select(_companies.c.domain, _companies.c.id)
+                                       .where(_companies.c.domain.in_(chunk)))
+            ids.update({d: pk for d, pk in found.all()})
+    return created, ids
+
+
+async def _link_history_contacts(store: Store, conn: AsyncConnection, ids: dict[str, int]) -> int:
+    """Link already stored messages to newly created contacts (their own address, not excluded)."""
+    linked = 0
+    for email, pk in ids.items():
+        if not store.rules.linkable(email):
+            continue
+        sel = sa.select(_addresses.c.message_pk, sa.literal(pk), _addresses.c.role).where(
+            _addresses.c.address == email)
+        stmt = store._insert(_msg_contacts).from_select(["message_pk", "contact_pk", "role"], sel)
+        result = await conn.execute(stmt.on_conflict_do_nothing())
+        linked += max(result.rowcount or 0, 0)
+    return linked
+
+
+async def _link_history_companies(store: Store, conn: AsyncConnection, ids: dict[str, int]) -> int:
+    linked = 0
+    if not store.rules.link_by_domain:
+        return 0
+    for domain, pk in ids.items():
+        if domain in FREEMAIL_DOMAINS or domain in store.rules.own_domains:
+            continue
+        sel = (sa.select(_addresses.c.message_pk, sa.literal(pk))
+               .where(_addresses.c.domain == domain).distinct())
+        stmt = store._insert(_msg_companies).from_select(["message_pk", "company_pk"], sel)
+        result = await conn.execute(stmt.on_conflict_do_nothing())
+        linked += max(result.rowcount or 0, 0)
+    return linked
+
+
+def _contact_dict(r: Any) -> dict[str, Any]:
+    return {"email": r["email"], "first_name": r["first_name"], "last_name": r["last_name"],
+            "name": f"{r['first_name']} {r['last_name']}".strip(), "title": r["title"],
+            "phone": r["phone"], "company": r["company_name"] or "",
+            "company_domain": r["company_domain"], "fields": r["fields"] or {},
+            "source": r["source"], "created_at": _iso(r["created_at"]),
+            "updated_at": _iso(r["updated_at"])}
+
+
+def _contact_select() -> sa.Select[Any]:
+    return (sa.select(_contacts, _companies.c.name.label("company_name"),
+                      _companies.c.domain.label("company_domain"))
+            .outerjoin(_companies, _companies.c.id == _contacts.c.company_pk))
+
+
+async def list_contacts(store: Store, *, search: str | None = None, after: str | None = None,
+                        limit: int = 100) -> list[dict[str, Any]]:
+    """Contacts in e-mail order; `search` matches e-mail, name or company; `after` is a cursor."""
+    q = _contact_select().order_by(_contacts.c.email)
+    if search:
+        like = f"%{search.lower()}%"
+        q = q.where(sa.or_(_contacts.c.email.like(like),
+                           sa.func.lower(_contacts.c.first_name + " " + _contacts.c.last_name)
+                           .like(like), sa.func.lower(_companies.c.name).like(like)))
+    if after:
+        q = q.where(_contacts.c.email > after.lower())
+    try:
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(q.limit(max(0, limit)))).mappings().all()
+    except SQLAlchemyError as exc:
+        raise store._fail("store read failed", exc) from exc
+    return [_contact_dict(r) for r in rows]
+
+
+async def get_contact(store: Store, email: str) -> dict[str, Any] | None:
+    try:
+        async with store.engine.connect() as conn:
+            row = (await conn.execute(_contact_select().where(
+                _contacts.c.email == email.strip().lower()))).mappings().first()
+    except SQLAlchemyError as exc:
+        raise store._fail("store read failed", exc) from exc
+    return _contact_dict(row) if row is not None else None
+
+
+async def contact_timeline(store: Store, email: str, *, before: tuple[datetime, int] | None = None,
+                           limit: int = 50) -> list[dict[str, Any]]:
+    """The messages from, to or copying an address (a contact's or not), newest first."""
+    addr = email.strip().lower()
+    with_address = sa.select(_addresses.c.message_pk).where(_addresses.c.address == addr)
+    q = sa.select(_messages).where(_messages.c.id.in_(with_address)) \
+        .order_by(sort_at.desc(), _messages.c.id.desc())
+    if before is not None:
+        t, pk = before
+        q = q.where(sa.or_(sort_at < _utc(t), sa.and_(sort_at == _utc(t), _messages.c.id < pk)))
+    return await store._fetch(q.limit(max(0, limit)))

@@ -1,0 +1,306 @@
+"""The CRM: contacts and companies, message sources and links, bodies, accounts and sync, outbox.
+
+Messages become unique by ``dedupe_key`` (Message-ID, else a content hash) and their
+paths move from ``messages.queue_id`` / ``messages.sources`` into ``message_sources``.
+Existing rows keep their ids; a Message-ID seen on several old rows keeps its key on
+the oldest row, the others get ``id:<pk>``.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-22
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+from gateway.crm.models import UTCDateTime
+
+revision = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _pk(table: str) -> sa.PrimaryKeyConstraint:
+    return sa.PrimaryKeyConstraint("id", name=op.f(f"pk_{table}"))
+
+
+def _fk(table: str, column: str, target: str, ondelete: str = "CASCADE") -> sa.ForeignKeyConstraint:
+    ref_table = target.split(".")[0]
+    return sa.ForeignKeyConstraint([column], [target], ondelete=ondelete,
+                                   name=op.f(f"fk_{table}_{column}_{ref_table}"))
+
+
+def _now() -> Any:
+    return sa.func.now()
+
+
+def upgrade() -> None:
+    op.create_table(
+        "companies",
+        sa.Column("id", BigID, nullable=False),
+        sa.Column("domain", sa.String(), nullable=False),
+        sa.Column("name", sa.String(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), server_default=_now(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), server_default=_now(), nullable=False),
+        _pk("companies"),
+        sa.UniqueConstraint("domain", name=op.f("uq_companies_domain")),
+        sqlite_autoincrement=True,
+    )
+    op.create_table(
+        "contacts",
+        sa.Column("id", BigID, nullable=False),
+        sa.Column("email", sa.String(), nullable=False),
+        sa.Column("first_name", sa.String(), nullable=False),
+        sa.Column("last_name", sa.String(), nullable=False),
+        sa.Column("title", sa.String(), nullable=False),
+        sa.Column("phone", sa.String(), nullable=False),
+        sa.Column("company_pk", BigID, nullable=True),
+        sa.Column("fields", sa.JSON(), nullable=False),
+        sa.Column("source", sa.String(8), nullable=False),
+        sa.Column("created_at", UTCDateTime(), server_default=_now(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), server_default=_now(), nullable=False),
+        sa.CheckConstraint("source IN ('import', 'api', 'auto')", name=op.f("ck_contacts_source")),
+        _fk("contacts", "company_pk", "companies.id", "SET NULL"),
+        _pk("contacts"),
+        sa.UniqueConstraint("email", name=op.f("uq_contacts_email")),
+        sqlite_autoincrement=True,
+    )
+    op.create_index(op.f("ix_contacts_company_pk"), "contacts", ["company_pk"])
+
+    op.create_table(
+        "message_sources",
+        sa.Column("id", BigID, nullable=False),
+        sa.Column("message_pk", BigID, nullable=False),
+        sa.Column("source", sa.String(8), nullable=False),
+        sa.Column("ref", sa.String(), nullable=False),
+        sa.Column("account", sa.String(), nullable=True),
+        sa.Column("folder", sa.String(), nullable=True),
+        sa.Column("uidvalidity", sa.BigInteger(), nullable=True),
+        sa.Column("uid", sa.BigInteger(), nullable=True),
+        sa.Column("recipient", sa.String(), nullable=True),
+        sa.Column("at", UTCDateTime(), nullable=False),
+        sa.CheckConstraint("source IN ('relay', 'imap', 'ingest')",
+                           name=op.f("ck_message_sources_source")),
+        _fk("message_sources", "message_pk", "messages.id"),
+        _pk("message_sources"),
+        sa.UniqueConstraint("source", "ref", name=op.f("uq_message_sources_source_ref")),
+    )
+    op.create_index(op.f("ix_message_sources_message_pk"), "message_sources", ["message_pk"])
+    op.create_index(op.f("ix_message_sources_account"), "message_sources", ["account"])
+
+    op.create_table(
+        "message_contacts",
+        sa.Column("message_pk", BigID, nullable=False),
+        sa.Column("contact_pk", BigID, nullable=False),
+        sa.Column("role", sa.String(8), nullable=False),
+        sa.CheckConstraint("role IN ('from', 'to', 'cc')", name=op.f("ck_message_contacts_role")),
+        _fk("message_contacts", "message_pk", "messages.id"),
+        _fk("message_contacts", "contact_pk", "contacts.id"),
+        sa.PrimaryKeyConstraint("message_pk", "contact_pk", "role", name=op.f("pk_message_contacts")),
+    )
+    op.create_index("ix_message_contacts_contact_pk", "message_contacts", ["contact_pk", "message_pk"])
+    op.create_table(
+        "message_companies",
+        sa.Column("message_pk", BigID, nullable=False),
+        sa.Column("company_pk", BigID, nullable=False),
+        _fk("message_companies", "message_pk", "messages.id"),
+        _fk("message_companies", "company_pk", "companies.id"),
+        sa.PrimaryKeyConstraint("message_pk", "company_pk", name=op.f("pk_message_companies")),
+    )
+    op.create_index("ix_message_companies_company_pk", "message_companies",
+                    ["company_pk", "message_pk"])
+
+    op.create_table(
+        "raw_messages",
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), server_default=_now(), nullable=False),
+        sa.PrimaryKeyConstraint("sha256", name=op.f("pk_raw_messages")),
+    )
+    op.create_table(
+        "accounts",
+        sa.Column("id", sa.String(), nullable=False),
+        sa.Column("email", sa.String(), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("status_reason", sa.String(), nullable=True),
+        sa.Column("status_at", UTCDateTime(), nullable=True),
+        sa.Column("token_ciphertext", sa.LargeBinary(), nullable=True),
+        sa.Column("token_expires_at", UTCDateTime(), nullable=True),
+        sa.Column("lease_owner", sa.String(), nullable=True),
+        sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+        sa.Column("last_sync_at", UTCDateTime(), nullable=True),
+        sa.Column("created_at", UTCDateTime(), server_default=_now(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), server_default=_now(), nullable=False),
+        sa.CheckConstraint("status IN ('active', 'disabled', 'needs_reconnect', 'deleted')",
+                           name=op.f("ck_accounts_status")),
+        _pk("accounts"),
+    )
+    op.create_table(
+        "sync_state",
+        sa.Column("account", sa.String(), nullable=False),
+        sa.Column("folder", sa.String(), nullable=False),
+        sa.Column("uidvalidity", sa.BigInteger(), nullable=True),
+        sa.Column("last_uid", sa.BigInteger(), nullable=False),
+        sa.Column("highestmodseq", sa.BigInteger(), nullable=True),
+        sa.Column("backfill_uid", sa.BigInteger(), nullable=True),
+        sa.Column("initial_done", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), server_default=_now(), nullable=False),
+        _fk("sync_state", "account", "accounts.id"),
+        sa.PrimaryKeyConstraint("account", "folder", name=op.f("pk_sync_state")),
+    )
+    op.create_table(
+        "sync_runs",
+        sa.Column("id", BigID, nullable=False),
+        sa.Column("account", sa.String(), nullable=False),
+        sa.Column("folder", sa.String(), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=False),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("status", sa.String(8), nullable=False),
+        sa.Column("fetched", sa.Integer(), nullable=False),
+        sa.Column("stored", sa.Integer(), nullable=False),
+        sa.Column("skipped", sa.Integer(), nullable=False),
+        sa.Column("error", sa.String(), nullable=True),
+        sa.CheckConstraint("status IN ('running', 'ok', 'error')", name=op.f("ck_sync_runs_status")),
+        _pk("sync_runs"),
+    )
+    op.create_index("ix_sync_runs_account_started_at", "sync_runs", ["account", "started_at"])
+    op.create_table(
+        "webhook_outbox",
+        sa.Column("id", BigID, nullable=False),
+        sa.Column("event_id", sa.String(40), nullable=False),
+        sa.Column("webhook", sa.String(), nullable=False),
+        sa.Column("event_type", sa.String(32), nullable=False),
+        sa.Column("payload", sa.JSON(), nullable=False),
+        sa.Column("status", sa.String(12), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+        sa.Column("last_error", sa.String(), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("delivered_at", UTCDateTime(), nullable=True),
+        sa.CheckConstraint("status IN ('pending', 'delivered', 'dead')",
+                           name=op.f("ck_webhook_outbox_status")),
+        _pk("webhook_outbox"),
+        sa.UniqueConstraint("event_id", "webhook", name=op.f("uq_webhook_outbox_event_id_webhook")),
+    )
+    op.create_index("ix_webhook_outbox_status_next", "webhook_outbox", ["status", "next_attempt_at"])
+    op.create_table(
+        "send_counters",
+        sa.Column("sender", sa.String(), nullable=False),
+        sa.Column("day", sa.String(10), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("sender", "day", name=op.f("pk_send_counters")),
+    )
+
+    # -- messages: new columns, then move queue_id/sources into message_sources -----------
+    with op.batch_alter_table("messages") as b:
+        b.add_column(sa.Column("dedupe_key", sa.String(), nullable=True))
+        b.add_column(sa.Column("in_reply_to", sa.String(), nullable=True))
+        b.add_column(sa.Column("reference_ids", sa.JSON(), nullable=True))
+        b.add_column(sa.Column("from_name", sa.String(), nullable=True))
+        b.add_column(sa.Column("subject_key", sa.String(), nullable=True))
+        b.add_column(sa.Column("text_body", sa.Text(), nullable=True))
+        b.add_column(sa.Column("html_body", sa.Text(), nullable=True))
+        b.add_column(sa.Column("attachments", sa.JSON(), nullable=True))
+        b.add_column(sa.Column("raw_sha256", sa.String(64), nullable=True))
+        b.add_column(sa.Column("template", sa.String(), nullable=True))
+        b.add_column(sa.Column("updated_at", UTCDateTime(), nullable=True))
+
+    conn = op.get_bind()
+    rows = conn.execute(sa.text(
+        "SELECT id, message_id, queue_id, sources, direction, account, created_at "
+        "FROM messages ORDER BY id")).all()
+    seen: set[str] = set()
+    src_rows: list[dict[str, Any]] = []
+    for pk, mid, qid, sources, _direction, account, created in rows:
+        key_mid = (mid or "").strip().strip("<>").strip()
+        key = f"mid:{key_mid}" if key_mid and f"mid:{key_mid}" not in seen else f"id:{pk}"
+        seen.add(key)
+        conn.execute(sa.text(
+            "UPDATE messages SET dedupe_key = :k, reference_ids = :r, from_name = '', "
+            "subject_key = '', text_body = '', html_body = '', attachments = :a, "
+            "updated_at = created_at WHERE id = :id"),
+            {"k": key, "r": "[]", "a": "[]", "id": pk})
+        if isinstance(sources, str):
+            sources = json.loads(sources)
+        names = [s for s in (sources or ["relay"]) if s in ("relay", "imap", "ingest")] or ["relay"]
+        for name in names:
+            ref = qid if (name == "relay" and qid) else f"legacy:{pk}:{name}"
+            src_rows.append({"message_pk": pk, "source": name, "ref": ref, "account": account,
+                             "at": created})
+    if src_rows:
+        conn.execute(sa.text(
+            "INSERT INTO message_sources (message_pk, source, ref, account, at) "
+            "VALUES (:message_pk, :source, :ref, :account, :at)"), src_rows)
+
+    with op.batch_alter_table("messages") as b:
+        b.alter_column("dedupe_key", existing_type=sa.String(), nullable=False)
+        b.alter_column("reference_ids", existing_type=sa.JSON(), nullable=False)
+        b.alter_column("from_name", existing_type=sa.String(), nullable=False)
+        b.alter_column("subject_key", existing_type=sa.String(), nullable=False)
+        b.alter_column("text_body", existing_type=sa.Text(), nullable=False)
+        b.alter_column("html_body", existing_type=sa.Text(), nullable=False)
+        b.alter_column("attachments", existing_type=sa.JSON(), nullable=False)
+        b.alter_column("updated_at", existing_type=UTCDateTime(), nullable=False,
+                       server_default=_now())
+        b.drop_constraint("uq_messages_queue_id", type_="unique")
+        b.drop_column("queue_id")
+        b.drop_column("sources")
+        b.create_unique_constraint(op.f("uq_messages_dedupe_key"), ["dedupe_key"])
+        b.create_index(op.f("ix_messages_subject_key"), ["subject_key"])
+        b.create_index(op.f("ix_messages_template"), ["template"])
+
+    with op.batch_alter_table("message_addresses") as b:
+        b.add_column(sa.Column("domain", sa.String(), server_default="", nullable=False))
+    for pk, role, address in conn.execute(sa.text(
+            "SELECT message_pk, role, address FROM message_addresses")).all():
+        conn.execute(sa.text("UPDATE message_addresses SET domain = :d WHERE message_pk = :m "
+                             "AND role = :r AND address = :a"),
+                     {"d": address.rpartition("@")[2], "m": pk, "r": role, "a": address})
+    op.create_index("ix_message_addresses_domain", "message_addresses", ["domain", "message_pk"])
+
+    with op.batch_alter_table("events") as b:
+        b.add_column(sa.Column("key", sa.String(), nullable=True))
+        b.create_unique_constraint(op.f("uq_events_key"), ["key"])
+        b.create_index("ix_events_type_at", ["type", "at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_message_addresses_domain", "message_addresses")
+    with op.batch_alter_table("message_addresses") as b:
+        b.drop_column("domain")
+    with op.batch_alter_table("events") as b:
+        b.drop_index("ix_events_type_at")
+        b.drop_constraint("uq_events_key", type_="unique")
+        b.drop_column("key")
+    with op.batch_alter_table("messages") as b:
+        b.add_column(sa.Column("queue_id", sa.String(), nullable=True))
+        b.add_column(sa.Column("sources", sa.JSON(), nullable=True))
+    conn = op.get_bind()
+    for pk, qid in conn.execute(sa.text(
+            "SELECT message_pk, min(ref) FROM message_sources WHERE source = 'relay' "
+            "GROUP BY message_pk")).all():
+        conn.execute(sa.text("UPDATE messages SET queue_id = :q WHERE id = :id"), {"q": qid, "id": pk})
+    conn.execute(sa.text("UPDATE messages SET sources = '[\"relay\"]'"))
+    with op.batch_alter_table("messages") as b:
+        b.alter_column("sources", existing_type=sa.JSON(), nullable=False)
+        b.drop_index("ix_messages_template")
+        b.drop_index("ix_messages_subject_key")
+        b.drop_constraint("uq_messages_dedupe_key", type_="unique")
+        for col in ("updated_at", "template", "raw_sha256", "attachments", "html_body", "text_body",
+                    "subject_key", "from_name", "reference_ids", "in_reply_to", "dedupe_key"):
+            b.drop_column(col)
+        b.create_unique_constraint("uq_messages_queue_id", ["queue_id"])
+    for table in ("send_counters", "webhook_outbox", "sync_runs", "sync_state", "accounts",
+                  "raw_messages", "message_companies", "message_contacts", "message_sources",
+                  "contacts", "companies"):
+        op.drop_table(table)
