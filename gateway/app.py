@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from gateway.config import Config, load_config
+from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
@@ -57,7 +58,7 @@ class App:
         cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
         counts = self.spool.recover()
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
-        self.store = await Store.open(cfg.store_url, auto_upgrade=True)
+        self.store = await Store.from_config(cfg)
         self.writer = StoreWriter(self.store, log=self.log)
         await self.writer.start()
         d = cfg.delivery
@@ -112,6 +113,8 @@ class App:
                 self.submission.tls = server_tls_context(new, n_sub)
         if self.scheduler is not None:
             self.scheduler.config_changed()
+        if self.store is not None:
+            self.store.configure(LinkRules.from_config(new), self.store.webhooks)
         self.log.info("reloaded", config=new.source)
         self.notifier.ready(status="accepting mail (reloaded)")
         return True

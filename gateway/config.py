@@ -323,6 +323,10 @@ class Logging(Model):
 
 class Store(Model):
     url: str = ""
+    #: where raw message bytes are kept: `disk` (content-addressed under raw_dir), `database`
+    #: (table raw_messages), or `none` (only the parsed fields are stored)
+    raw: Literal["disk", "database", "none"] = "disk"
+    raw_dir: str | None = None
 
 
 class Config(Model):
@@ -369,6 +373,13 @@ class Config(Model):
     @property
     def spool_path(self) -> Path:
         return self.state_path / "spool"
+
+    @property
+    def raw_path(self) -> Path | None:
+        """Where raw messages are kept on disk (None unless `store.raw: disk`)."""
+        if self.store.raw != "disk":
+            return None
+        return self.path(self.store.raw_dir) if self.store.raw_dir else self.state_path / "raw"
 
     @property
     def store_url(self) -> str:

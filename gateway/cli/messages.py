@@ -17,6 +17,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     mlist = ms.add_parser("list", parents=[common])
     mlist.add_argument("--contact", metavar="EMAIL")
     mlist.add_argument("--since", metavar="DATE", help="YYYY-MM-DD or ISO 8601")
+    mlist.add_argument("--account", metavar="ID", help="stored for, or seen in, this account")
+    mlist.add_argument("--direction", choices=("inbound", "outbound"))
     mlist.add_argument("--limit", type=int, default=50)
     mlist.add_argument("--json", action="store_true")
     mshow = ms.add_parser("show", parents=[common])
@@ -31,11 +33,12 @@ def _messages(args: argparse.Namespace) -> int:
 async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
     from gateway.crm.store import Store
 
-    store = await Store.open(cfg.store_url, auto_upgrade=True)
+    store = await Store.from_config(cfg)
     try:
         if args.messages_cmd == "list":
-            rows = await store.list_messages(contact=args.contact,
-                                             since=parse_since(args.since), limit=args.limit)
+            rows = await store.list_messages(contact=args.contact, since=parse_since(args.since),
+                                             account=args.account, direction=args.direction,
+                                             limit=args.limit)
             if args.json:
                 print_json(rows)
                 return EXIT_OK
@@ -47,17 +50,22 @@ async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
             return EXIT_OK
         row = None
         if args.id.isdigit():
-            row = await store.get_message(int(args.id))
+            row = await store.get_message(int(args.id), bodies=True)
         if row is None:
-            row = await store.get_message_by_queue_id(args.id)
+            row = await store.get_message_by_queue_id(args.id, bodies=True)
         if row is None:
             raise NotFound(f"no message {args.id}")
         if args.json:
             print_json(row)
             return EXIT_OK
         for k, v in row.items():
-            if k != "events":
-                print(f"{k}: {v}")
+            if k in ("events", "text_body", "html_body", "contacts", "seen"):
+                continue
+            print(f"{k}: {v}")
+        for c in row["contacts"]:
+            print(f"contact: {c['email']} ({c['role']}) {c['name']}")
+        for s in row["seen"]:
+            print("seen: " + " ".join(f"{k}={v}" for k, v in s.items()))
         for e in row["events"]:
             print(f"  {e['at']}  {e['type']:<9} {e['recipient']}  "
                   f"{(e.get('details') or {}).get('reply', '')}")

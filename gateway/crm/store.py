@@ -43,6 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from gateway.config import Config
 from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
 from gateway.crm.migrate import current_revision_sync, head_revision, is_known_revision, upgrade
@@ -385,6 +386,14 @@ class Store:
             await engine.dispose()
             raise
         return cls(engine, url, log=log, raw_dir=raw_dir, raw_in_database=raw_in_database)
+
+    @classmethod
+    async def from_config(cls, cfg: Config, *, auto_upgrade: bool = True, log: Any = None) -> Store:
+        """The store `cfg` names, with its raw-message storage and linking rules set."""
+        store = await cls.open(cfg.store_url, auto_upgrade=auto_upgrade, log=log,
+                               raw_dir=cfg.raw_path, raw_in_database=cfg.store.raw == "database")
+        store.configure(LinkRules.from_config(cfg), store.webhooks)
+        return store
 
     @staticmethod
     async def _inspect(engine: AsyncEngine) -> tuple[str | None, list[str]]:

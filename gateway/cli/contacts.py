@@ -1,0 +1,64 @@
+"""`mailgw contacts import FILE.csv` and `mailgw contacts list`: the contacts mail is linked to."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
+from gateway.config import Config
+from gateway.crm.contacts import ContactInput, list_contacts, read_csv_file, upsert_contacts
+from gateway.crm.store import Store
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    c = sub.add_parser("contacts", parents=[common], help="the contacts mail is linked to")
+    c.set_defaults(func=_contacts)
+    cs = c.add_subparsers(dest="contacts_cmd", required=True, parser_class=type(common))
+    imp = cs.add_parser("import", parents=[common],
+                        help="create or update contacts from a CSV file (header row with email)")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--dry-run", action="store_true", help="validate the file, change nothing")
+    lst = cs.add_parser("list", parents=[common], help="contacts in e-mail order")
+    lst.add_argument("--search", metavar="TEXT", help="part of an e-mail, name or company")
+    lst.add_argument("--limit", type=int, default=100)
+    lst.add_argument("--after", metavar="EMAIL", help="start after this e-mail (paging)")
+    lst.add_argument("--json", action="store_true")
+
+
+def _contacts(args: argparse.Namespace) -> int:
+    cfg = config(args)
+    if args.contacts_cmd == "import":
+        rows = read_csv_file(args.file)   # ConfigError (exit 2) lists every bad line
+        if args.dry_run:
+            print(f"{args.file}: {len(rows)} contact(s), no errors")
+            return EXIT_OK
+        return asyncio.run(_import(cfg, args, rows))
+    return asyncio.run(_list(cfg, args))
+
+
+async def _import(cfg: Config, args: argparse.Namespace, rows: list[ContactInput]) -> int:
+    store = await Store.from_config(cfg)
+    try:
+        r = await upsert_contacts(store, rows)
+    finally:
+        await store.close()
+    print(f"{args.file}: {r.created} created, {r.updated} updated, {r.unchanged} unchanged; "
+          f"{r.companies_created} new companies; {r.messages_linked} message links added")
+    return EXIT_OK
+
+
+async def _list(cfg: Config, args: argparse.Namespace) -> int:
+    store = await Store.from_config(cfg)
+    try:
+        rows = await list_contacts(store, search=args.search, after=args.after, limit=args.limit)
+    finally:
+        await store.close()
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    for r in rows:
+        print(f"{r['email']:<36} {r['name'][:28]:<28} {r['company'][:24]:<24} {r['title'][:20]}")
+    print(f"-- {len(rows)} contact(s)")
+    return EXIT_OK
