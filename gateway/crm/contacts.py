@@ -282,11 +282,11 @@ async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Seque
 async def _link_history_contacts(store: Store, conn: AsyncConnection, ids: dict[str, int]) -> int:
     """Link already stored messages to newly created contacts (their own address, not excluded)."""
     linked = 0
-    for email, pk in ids.items():
-        if not store.rules.linkable(email):
-            continue
-        sel = sa.select(_addresses.c.message_pk, sa.literal(pk), _addresses.c.role).where(
-            _addresses.c.address == email)
+    pks = [pk for email, pk in ids.items() if store.rules.linkable(email)]
+    for chunk in _chunks(pks):
+        sel = (sa.select(_addresses.c.message_pk, _contacts.c.id, _addresses.c.role)
+               .join(_contacts, _contacts.c.email == _addresses.c.address)
+               .where(_contacts.c.id.in_(chunk)))
         stmt = store._insert(_msg_contacts).from_select(["message_pk", "contact_pk", "role"], sel)
         result = await conn.execute(stmt.on_conflict_do_nothing())
         linked += max(result.rowcount or 0, 0)
@@ -294,14 +294,16 @@ async def _link_history_contacts(store: Store, conn: AsyncConnection, ids: dict[
 
 
 async def _link_history_companies(store: Store, conn: AsyncConnection, ids: dict[str, int]) -> int:
-    linked = 0
+    """Link already stored messages to newly created companies by the domain of an address."""
     if not store.rules.link_by_domain:
         return 0
-    for domain, pk in ids.items():
-        if domain in FREEMAIL_DOMAINS or domain in store.rules.own_domains:
-            continue
-        sel = (sa.select(_addresses.c.message_pk, sa.literal(pk))
-               .where(_addresses.c.domain == domain).distinct())
+    linked = 0
+    pks = [pk for domain, pk in ids.items()
+           if domain not in FREEMAIL_DOMAINS and domain not in store.rules.own_domains]
+    for chunk in _chunks(pks):
+        sel = (sa.select(_addresses.c.message_pk, _companies.c.id)
+               .join(_companies, _companies.c.domain == _addresses.c.domain)
+               .where(_companies.c.id.in_(chunk)).distinct())
         stmt = store._insert(_msg_companies).from_select(["message_pk", "company_pk"], sel)
         result = await conn.execute(stmt.on_conflict_do_nothing())
         linked += max(result.rowcount or 0, 0)
