@@ -35,14 +35,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.crm.contacts import contact_timeline, parse_csv, upsert_contacts  # noqa: E402
-from gateway.crm.linking import LinkRules  # noqa: E402
-from gateway.crm.migrate import upgrade  # noqa: E402
-from gateway.crm.store import NewMessage, SourceRef, Store  # noqa: E402
+from gateway.crm.contacts import contact_timeline, parse_csv, upsert_contacts
+from gateway.crm.linking import LinkRules
+from gateway.crm.migrate import upgrade
+from gateway.crm.store import NewMessage, SourceRef, Store
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-WORDS = ("pricing proposal renewal contract meeting follow-up quote invoice demo roadmap "
-         "discount timeline security review onboarding integration budget approval").split()
+WORDS = ["pricing", "proposal", "renewal", "contract", "meeting", "follow-up", "quote", "invoice", "demo", "roadmap", "discount", "timeline", "security", "review", "onboarding", "integration", "budget", "approval"]
 T0 = datetime(2026, 10, 1, tzinfo=UTC)
 
 
