@@ -41,7 +41,11 @@ from gateway.crm.migrate import upgrade
 from gateway.crm.store import NewMessage, SourceRef, Store
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-WORDS = ["pricing", "proposal", "renewal", "contract", "meeting", "follow-up", "quote", "invoice", "demo", "roadmap", "discount", "timeline", "security", "review", "onboarding", "integration", "budget", "approval"]
+WORDS = (
+    "pricing", "proposal", "renewal", "contract", "meeting", "follow-up", "quote", "invoice",
+    "demo", "roadmap", "discount", "timeline", "security", "review", "onboarding", "integration",
+    "budget", "approval",
+)
 T0 = datetime(2026, 10, 1, tzinfo=UTC)
 
 
