@@ -33,11 +33,11 @@ sets it explicitly.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -61,6 +61,7 @@ from gateway.policy.rules import Context, GlobSet, Headers, Matcher, is_literal
 from gateway.policy.templates import Template, load_template
 
 Route = Literal["account", "smarthost", "mx"]
+_At = Callable[[Sequence[int | str], str], Problem]
 
 SETTING_KEYS = ("track_opens", "track_clicks", "skip_links", "signature", "disclaimer",
                 "dkim", "route", "max_per_day", "store")
@@ -121,6 +122,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+_M = TypeVar("_M", bound=_Model)
+
+
 class HeaderMatch(_Model):
     name: Annotated[str, AfterValidator(_header_name)]
     value: Glob = "*"
@@ -151,10 +155,6 @@ class Match(_Model):
         return Matcher(globs, headers, self.not_.compile() if self.not_ is not None else None)
 
 
-def _none_is_empty(v: Any) -> Any:
-    return {} if v is None else v
-
-
 class SetBlock(_Model):
     track_opens: bool | None = None
     track_clicks: bool | None = None
@@ -170,14 +170,8 @@ class SetBlock(_Model):
     @model_validator(mode="after")
     def _not_empty(self) -> SetBlock:
         if not self.model_fields_set:
-            raise ValueError("set: needs at least one key (" + ", ".join(SETTING_KEYS) + ")")
+            raise ValueError("needs at least one key (" + ", ".join(SETTING_KEYS) + ")")
         return self
-
-
-class RuleSpec(_Model):
-    name: Annotated[str, AfterValidator(_nonblank)]
-    match: Annotated[Match, BeforeValidator(_none_is_empty)] = Match()
-    set_: SetBlock = Field(alias="set")
 
 
 # ----------------------------------------------------------------------------------
@@ -386,25 +380,133 @@ def _account_exists(cfg: Config, pattern: str) -> bool:
     return not is_literal(pattern) or any(a.id.lower() == pattern.lower() for a in cfg.accounts)
 
 
-def _semantic(spec: RuleSpec, cfg: Config, at: Any) -> Iterable[Problem]:
+def _semantic(m: Match | None, s: SetBlock | None, cfg: Config, at: _At) -> Iterator[Problem]:
     """Checks against the config: references and settings that cannot work."""
-    s = spec.set_
-    m = spec.match
-    for i, u in enumerate(m.user or ()):
-        if not _user_exists(cfg, u):
-            yield at(("match", "user", i), f"no user with login {u!r} in the config's users:")
-    for i, a in enumerate(m.account or ()):
-        if not _account_exists(cfg, a):
-            yield at(("match", "account", i), f"no account with id {a!r} in the config's accounts:")
+    if m is not None:
+        for i, u in enumerate(m.user or ()):
+            if not _user_exists(cfg, u):
+                yield at(("match", "user", i), f"no user with login {u!r} in the config's users:")
+        for i, a in enumerate(m.account or ()):
+            if not _account_exists(cfg, a):
+                yield at(("match", "account", i),
+                         f"no account with id {a!r} in the config's accounts:")
+    if s is None:
+        return
     if s.route == "smarthost" and cfg.delivery.smarthost is None:
         yield at(("set", "route"), "route: smarthost but the config has no delivery.smarthost")
     if s.route == "account" and not any(a.smtp_endpoint() for a in cfg.accounts):
-        yield at(("set", "route"), "route: account but no account in the config has an SMTP upstream")
+        yield at(("set", "route"),
+                 "route: account but no account in the config has an SMTP upstream")
     if s.dkim is True and not cfg.dkim:
         yield at(("set", "dkim"), "dkim: true but the config has no dkim: keys")
-    if s.max_per_day is not None and m.compile().uses_headers:
+    if s.max_per_day is not None and m is not None and m.compile().uses_headers:
         yield at(("set", "max_per_day"), "max_per_day cannot depend on a header match: the cap "
                  "is checked at RCPT, before the headers are known")
+
+
+class _Loader:
+    """Validation state across all files: rule names seen, templates loaded, problems."""
+
+    def __init__(self, directory: Path, cfg: Config) -> None:
+        self.directory = directory
+        self.cfg = cfg
+        self.problems: list[Problem] = []
+        self.rules: list[Rule] = []
+        self.names: dict[str, Source] = {}
+        self.templates: dict[str, tuple[Template | None, str | None]] = {}
+
+    def _validate(self, model: type[_M], data: Any, file: str, node: yaml.Node | None,
+                  prefix: tuple[int | str, ...]) -> _M | None:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            for p in validation_problems(file, exc, node, prefix=prefix):
+                if p.message.startswith("unknown key"):
+                    p = Problem(p.file, p.line, p.key, _unknown_key_message(p.key))
+                self.problems.append(p)
+            return None
+
+    def _template(self, name: str) -> tuple[Template | None, str | None]:
+        if name not in self.templates:
+            tpl, err, inside = load_template(name, self.directory)
+            self.templates[name] = (tpl, err)
+            self.problems += inside  # problems inside a template file: reported once
+        return self.templates[name]
+
+    def file(self, path: Path) -> None:
+        file = str(path)
+        try:
+            data, node = load_yaml_with_nodes(path)
+        except ConfigError as exc:
+            self.problems += exc.problems
+            return
+        if data is None or (data == {} and node is None):
+            return  # an empty file (or comments only) holds no rules
+        if not isinstance(data, list):
+            self.problems.append(Problem(file, node.start_mark.line + 1 if node else 1, "",
+                                         "a policy file is a list of rules "
+                                         "(- name: ..., match: ..., set: ...)"))
+            return
+        for i, item in enumerate(data):
+            self.rule(file, node, i, item)
+
+    def rule(self, file: str, node: yaml.Node | None, i: int, item: Any) -> None:
+        def at(loc: Sequence[int | str], message: str) -> Problem:
+            line, key = node_location(node, (i, *loc))
+            return Problem(file, line, key, message)
+
+        if not isinstance(item, dict):
+            self.problems.append(at((), "a rule is a mapping with name, match and set"))
+            return
+        before = len(self.problems)
+        for k in item:
+            if k not in ("name", "match", "set"):
+                self.problems.append(at((str(k),), _unknown_key_message(f"[{i}].{k}")))
+        name = item.get("name")
+        source: Source | None = None
+        if not isinstance(name, str) or not name.strip():
+            self.problems.append(at(("name",) if "name" in item else (),
+                                    "every rule needs a name: (a non-empty string)"))
+        else:
+            name = name.strip()
+            source = Source(name, file, at(("name",), "").line)
+            if name in self.names:
+                first = self.names[name]
+                self.problems.append(at(("name",), f"duplicate rule name {name!r} "
+                                        f"(first at {first.file}:{first.line})"))
+            else:
+                self.names[name] = source
+        match = self._validate(Match, item.get("match") or {}, file, node, (i, "match"))
+        if "set" not in item:
+            self.problems.append(at((), "every rule needs a set: (the settings it decides)"))
+            settings = None
+        elif isinstance(item["set"], dict) and item["set"]:
+            # key by key, so that the valid keys are still checked (templates, route, ...)
+            valid = {k: v for k, v in item["set"].items()
+                     if self._validate(SetBlock, {k: v}, file, node, (i, "set")) is not None}
+            settings = SetBlock.model_validate(valid) if valid else None
+        else:
+            settings = self._validate(SetBlock, item["set"], file, node, (i, "set"))
+        self.problems += _semantic(match, settings, self.cfg, at)
+        values: list[tuple[str, Any]] = []
+        template_ok = True
+        if settings is not None:
+            for key in SETTING_KEYS:
+                if key not in settings.model_fields_set:
+                    continue
+                value = getattr(settings, key)
+                if key in ("signature", "disclaimer") and value is not None:
+                    tpl, err = self._template(value)
+                    if err is not None:
+                        self.problems.append(at(("set", key), err))
+                    template_ok = template_ok and tpl is not None
+                    value = tpl
+                values.append((key, value))
+        if (len(self.problems) > before or not template_ok or source is None or match is None
+                or settings is None):
+            return
+        self.rules.append(Rule(source.rule or "", source, match.compile(), tuple(values),
+                               settings.skip_links_add or ()))
 
 
 def load_policies(directory: Path, cfg: Config) -> PolicySet:
@@ -413,7 +515,6 @@ def load_policies(directory: Path, cfg: Config) -> PolicySet:
     A directory that does not exist is an error here; see `policies_for` for the
     config's rule about a missing default directory.
     """
-    problems: list[Problem] = []
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
         raise ConfigError([Problem(str(directory), None, "", f"policies directory {what}")])
@@ -422,77 +523,13 @@ def load_policies(directory: Path, cfg: Config) -> PolicySet:
     except OSError as exc:
         raise ConfigError([Problem(str(directory), None, "",
                                    f"cannot list: {exc.strerror or exc}")]) from None
-    rules: list[Rule] = []
-    names: dict[str, Source] = {}
-    loaded: dict[str, tuple[Template | None, str | None]] = {}
+    loader = _Loader(directory, cfg)
     for path in files:
-        file = str(path)
-        try:
-            data, node = load_yaml_with_nodes(path)
-        except ConfigError as exc:
-            problems += exc.problems
-            continue
-        if data is None or (data == {} and node is None):
-            continue  # an empty file (or comments only) holds no rules
-        if not isinstance(data, list):
-            problems.append(Problem(file, node.start_mark.line + 1 if node else 1, "",
-                                    "a policy file is a list of rules (- name: ..., match: ..., "
-                                    "set: ...)"))
-            continue
-        for i, item in enumerate(data):
-            def at(loc: Sequence[int | str], message: str, i: int = i, file: str = file,
-                   node: yaml.Node | None = node) -> Problem:
-                line, key = node_location(node, (i, *loc))
-                return Problem(file, line, key, message)
-
-            if not isinstance(item, dict):
-                problems.append(at((), "a rule is a mapping with name, match and set"))
-                continue
-            try:
-                spec = RuleSpec.model_validate(item)
-            except ValidationError as exc:
-                for p in validation_problems(file, exc, node, prefix=(i,)):
-                    if p.message.startswith("unknown key"):
-                        p = Problem(p.file, p.line, p.key, _unknown_key_message(p.key))
-                    problems.append(p)
-                continue
-            line, _ = node_location(node, (i, "name"))
-            source = Source(spec.name, file, line)
-            if spec.name in names:
-                first = names[spec.name]
-                problems.append(at(("name",), f"duplicate rule name {spec.name!r} "
-                                   f"(first at {first.file}:{first.line})"))
-                continue
-            names[spec.name] = source
-            rule_problems = list(_semantic(spec, cfg, at))
-            rule_ok = True
-            values: list[tuple[str, Any]] = []
-            for key in SETTING_KEYS:
-                if key not in spec.set_.model_fields_set:
-                    continue
-                value = getattr(spec.set_, key)
-                if key in ("signature", "disclaimer") and value is not None:
-                    if value not in loaded:
-                        tpl, err, inside = load_template(value, directory)
-                        loaded[value] = (tpl, err)
-                        problems += inside  # problems inside template files: reported once
-                    tpl, err = loaded[value]
-                    if err is not None:
-                        rule_problems.append(at(("set", key), err))
-                    if tpl is None:
-                        rule_ok = False
-                        continue
-                    value = tpl
-                values.append((key, value))
-            if rule_problems or not rule_ok:
-                problems += rule_problems
-                continue
-            rules.append(Rule(spec.name, source, spec.match.compile(), tuple(values),
-                              spec.set_.skip_links_add or ()))
-    if problems:
-        raise ConfigError(problems)
-    templates = {name: tpl for name, (tpl, _) in loaded.items() if tpl is not None}
-    return PolicySet(cfg, rules, files, directory, templates)
+        loader.file(path)
+    if loader.problems:
+        raise ConfigError(sorted(loader.problems, key=lambda p: (p.file, p.line or 0)))
+    templates = {name: tpl for name, (tpl, _) in loader.templates.items() if tpl is not None}
+    return PolicySet(cfg, loader.rules, files, directory, templates)
 
 
 def policies_for(cfg: Config) -> PolicySet:
