@@ -464,7 +464,9 @@ class _Loader:
                 self.problems.append(at((str(k),), _unknown_key_message(f"[{i}].{k}")))
         name = item.get("name")
         source: Source | None = None
-        if not isinstance(name, str) or not name.strip():
+        if isinstance(name, bool | int | float):
+            self.problems.append(at(("name",), f"YAML reads this name as {name}; quote it"))
+        elif not isinstance(name, str) or not name.strip():
             self.problems.append(at(("name",) if "name" in item else (),
                                     "every rule needs a name: (a non-empty string)"))
         else:
