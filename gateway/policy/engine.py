@@ -312,20 +312,22 @@ class PolicySet:
         if d is None:
             if len(self._memo) >= 4096:
                 self._memo.clear()
-            d = self._memo[key] = self._build(matched, key[1], ctx.sender_domain)
+            d = self._memo[key] = self._build(matched, key[1])
         return d
 
-    def _defaults(self, dkim_default: bool, sender_domain: str) -> dict[str, Any]:
+    def _defaults(self, dkim_default: bool) -> dict[str, Any]:
         c = self.cfg
         return {"track_opens": c.tracking.opens, "track_clicks": c.tracking.clicks,
                 "skip_links": (), "signature": None, "disclaimer": None, "dkim": dkim_default,
                 "route": c.delivery.route, "max_per_day": None, "store": True}
 
-    def _build(self, matched: tuple[int, ...], dkim_default: bool, sender_domain: str) -> Decision:
-        defaults = self._defaults(dkim_default, sender_domain)
+    def _build(self, matched: tuple[int, ...], dkim_default: bool) -> Decision:
+        # A Decision is shared by every sender with the same matched rules and dkim default,
+        # so nothing in it may name the sender.
+        defaults = self._defaults(dkim_default)
         values = dict(defaults)
-        dkim_text = (f"config dkim: has a key for {sender_domain}" if dkim_default
-                     else f"config dkim: no key for {sender_domain or 'the null sender'}")
+        dkim_text = ("config dkim: has a key for the sender's domain" if dkim_default
+                     else "config dkim: no key for the sender's domain")
         sources: dict[str, tuple[Source, ...]] = {
             k: (Source(default=_DEFAULT_TEXT.get(k, dkim_text)),) for k in SETTING_KEYS}
         for i in matched:

@@ -70,10 +70,12 @@ def test_defaults_come_from_the_config(tmp_path: Path) -> None:
             s.max_per_day, s.store) == (True, False, (), None, None, "smarthost", None, True)
     assert s.dkim is True                        # dkim: has a key for example.test
     assert str(d.source("track_opens")) == "default (config tracking.opens)"
-    assert str(d.source("dkim")) == "default (config dkim: has a key for example.test)"
+    assert str(d.source("dkim")) == "default (config dkim: has a key for the sender's domain)"
     assert d.matched == ()
     other = ps.decide("x@other.example.org", "bob@customer.example.org").settings
     assert other.dkim is False                   # no key for that domain
+    assert str(ps.decide("y@example.test", "b@x.org").source("dkim")) == (
+        "default (config dkim: has a key for the sender's domain)")   # cached, still right
 
 
 def test_later_rules_override_key_by_key_across_files(tmp_path: Path) -> None:
@@ -432,3 +434,14 @@ def test_shipped_examples_load_and_behave() -> None:
     user = cfg.user("alice@example.test")
     assert "Alice Smith" in sales.signature.render_html(user, cfg.company)
     assert "Example Corp" in sales.disclaimer.render_text(user, cfg.company)
+
+
+def test_company_config_key(tmp_path: Path) -> None:
+    p = tmp_path / "gateway.yaml"
+    p.write_text("hostname: gw.example.test\ncompany:\n  name: Acme\n  nmae: typo\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert [str(x) for x in ei.value.problems] == [
+        f"{p}:4: company.nmae: unknown key (check the spelling; see gateway.example.yaml)"]
+    p.write_text("hostname: gw.example.test\n")
+    assert load_config(p).company.name == ""
