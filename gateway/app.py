@@ -1,9 +1,10 @@
 """Build every component from one Config, start and stop them; signals and systemd readiness.
 
 SIGTERM/SIGINT drain (listeners stop accepting, attempts in flight finish, the store
-writer flushes) and `mailgw run` exits 0. SIGHUP reloads the configuration: a new
-config that does not validate is refused with its problems logged and the old one
-stays in force. Changing listener addresses, `state_dir` or `store` needs a restart.
+writer flushes) and `mailgw run` exits 0. SIGHUP reloads the configuration and the
+policies together: if either does not validate, both are refused with every problem
+logged and the old ones stay in force. Changing listener addresses, `state_dir` or
+`store` needs a restart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.transport import Transport
 from gateway.errors import ConfigError
 from gateway.passwords import PasswordChecker
+from gateway.policy import PolicySet, policies_for
 from gateway.relay import Relay
 from gateway.sdnotify import Notifier
 from gateway.smtp.protocol import AuthLimiter
@@ -48,13 +50,24 @@ class App:
         self.scheduler: Scheduler | None = None
         self.relay: Relay | None = None
         self.submission: SMTPListener | None = None
+        self.policies = PolicySet.empty(cfg)
         self._stopped = asyncio.Event()
 
     def get_config(self) -> Config:
         return self.cfg
 
+    def get_policies(self) -> PolicySet:
+        """The policies in force (replaced together with the config on SIGHUP)."""
+        return self.policies
+
+    def _policies_loaded(self, policies: PolicySet) -> None:
+        self.log.info("policies_loaded", directory=str(policies.directory or "-"),
+                      files=len(policies.files), rules=[r.name for r in policies.rules])
+
     async def start(self) -> None:
         cfg = self.cfg
+        self.policies = policies_for(cfg)  # ConfigError before anything starts
+        self._policies_loaded(self.policies)
         cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
         counts = self.spool.recover()
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
@@ -90,10 +103,11 @@ class App:
         self.notifier.reloading()
         try:
             new = await asyncio.to_thread(load_config, path)
+            policies = await asyncio.to_thread(policies_for, new)
         except ConfigError as exc:
             for p in exc.problems:
                 self.log.error("reload_refused", problem=str(p))
-            self.notifier.ready(status="reload refused: invalid config; old config kept")
+            self.notifier.ready(status="reload refused: invalid config or policies; old ones kept")
             return False
         old = self.cfg
         restart_needed = [k for k in ("state_dir", "store", "hostname")
@@ -105,6 +119,8 @@ class App:
         if restart_needed:
             self.log.warning("reload_partial", needs_restart=restart_needed)
         self.cfg = new
+        self.policies = policies
+        self._policies_loaded(policies)
         n_sub, o_sub = new.listeners.submission, old.listeners.submission
         if self.submission is not None and n_sub is not None and o_sub is not None:
             self.submission.cfg = new

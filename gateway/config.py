@@ -329,6 +329,12 @@ class Store(Model):
     raw_dir: str | None = None
 
 
+class Company(Model):
+    """Who the gateway sends for; `{company.name}` in signature and disclaimer templates."""
+
+    name: str = ""
+
+
 class Config(Model):
     hostname: str = "localhost"
     state_dir: str = "./var"
@@ -341,6 +347,8 @@ class Config(Model):
     dkim: dict[str, DKIMKey] = {}
     ingest: Ingest = Ingest()
     crm: CRM = CRM()
+    company: Company = Company()
+    # Missing directory: no rules when left at the default, an error when set explicitly.
     policies_dir: str = "./policies"
     webhooks: list[Webhook] = []
     logging: Logging = Logging()
@@ -462,6 +470,11 @@ def _node_line(node: yaml.Node | None, loc: Sequence[int | str]) -> tuple[int | 
     for k in keys:
         path += k if k.startswith("[") or not path else "." + k
     return line, path
+
+
+def node_location(node: yaml.Node | None, loc: Sequence[int | str]) -> tuple[int | None, str]:
+    """The line and dotted key path of `loc` (keys and list indexes) in a composed YAML tree."""
+    return _node_line(node, loc)
 
 
 def _yaml_problem(file: str, exc: yaml.YAMLError) -> Problem:

@@ -16,7 +16,8 @@ from gateway.errors import ConfigError, GatewayError, Problem, UsageError
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=_run)
     sub.add_parser("check", parents=[common],
-                   help="validate the configuration and its files").set_defaults(func=_check)
+                   help="validate the configuration, policies, templates and key files"
+                   ).set_defaults(func=_check)
     users = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
     us = users.add_subparsers(dest="users_cmd", required=True, parser_class=type(common))
     us.add_parser("hash", parents=[common],
@@ -33,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     try:
         return asyncio.run(run_daemon(cfg, path))
+    except ConfigError:
+        raise  # invalid policies at start: every problem listed, exit 2
     except GatewayError as exc:
         import structlog
 
@@ -45,9 +48,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gateway.policy import policies_for
+
     path = find_config(args.config)
     cfg = load_config(path)  # raises ConfigError with every problem
     problems: list[Problem] = []
+    policies = None
+    try:
+        policies = policies_for(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
     sub = cfg.listeners.submission
     if sub is not None and sub.tls != "none":
         from gateway.smtp.server import server_tls_context
@@ -65,8 +75,10 @@ def _check(args: argparse.Namespace) -> int:
         problems.append(Problem(str(path), None, "store.url", f"not a database URL: {exc}"))
     if problems:
         raise ConfigError(problems)
+    assert policies is not None
     print(f"{path}: OK ({len(cfg.users)} users, {len(cfg.accounts)} accounts, "
-          f"route {cfg.delivery.route})")
+          f"route {cfg.delivery.route}, {len(policies)} policy rules in "
+          f"{len(policies.files)} files, {len(policies.templates)} templates)")
     return EXIT_OK
 
 

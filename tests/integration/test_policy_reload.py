@@ -1,0 +1,111 @@
+"""SIGHUP reloads config and policies together: a broken policy keeps both old ones; a fixed one applies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.harness import PASSWORD, Daemon, Sink, password_hash, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in daemon.log().splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            if rec.get("event") == name:
+                out.append(rec)
+    return out
+
+
+def can_login(port: int, login: str) -> bool:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+        try:
+            c.login(login, PASSWORD)
+            return True
+        except smtplib.SMTPAuthenticationError:
+            return False
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+def test_sighup_with_broken_policy_keeps_old_config_and_policies(tmp_path: Path,
+                                                                 sink: Sink) -> None:
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    (pol / "10-base.yaml").write_text("- name: first rule\n  set: {track_opens: false}\n")
+    cfg = write_config(tmp_path, upstream_port=sink.port, policies_dir=str(pol))
+    daemon = Daemon(cfg).start()
+    try:
+        wait_for(lambda: events(daemon, "policies_loaded"), 10, "policies loaded at start")
+        assert events(daemon, "policies_loaded")[0]["rules"] == ["first rule"]
+
+        # a new config (adds a user) together with a broken policy: both refused
+        data = yaml.safe_load(cfg.read_text())
+        data["users"].append({"login": "bob@example.com", "password_hash": password_hash()})
+        cfg.write_text(yaml.safe_dump(data))
+        bad = pol / "20-new.yaml"
+        bad.write_text("- name: second rule\n  set: {max_per_day: lots}\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: events(daemon, "reload_refused"), 15, "the reload to be refused")
+        problem = events(daemon, "reload_refused")[0]["problem"]
+        assert problem.startswith(f"{bad}:2: [0].set.max_per_day: ")
+        assert len(events(daemon, "policies_loaded")) == 1
+        assert not can_login(daemon.port, "bob@example.com")     # old config still in force
+        assert can_login(daemon.port, "alice@example.com")
+
+        # the policy is fixed: config and policies apply together
+        bad.write_text("- name: second rule\n  set: {max_per_day: 100}\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: len(events(daemon, "policies_loaded")) == 2, 15, "the reload")
+        assert events(daemon, "policies_loaded")[1]["rules"] == ["first rule", "second rule"]
+        assert events(daemon, "reloaded")
+        assert can_login(daemon.port, "bob@example.com")
+    finally:
+        assert daemon.stop() == 0
+
+
+async def test_app_reload_swaps_policy_set(tmp_path: Path, sink: Sink) -> None:
+    from tests.integration.harness import running_app
+
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    rule = pol / "10-cap.yaml"
+    rule.write_text("- name: cap\n  set: {max_per_day: 10}\n")
+    cfg = write_config(tmp_path, upstream_port=sink.port, policies_dir=str(pol))
+    async with running_app(cfg) as app:
+        def cap() -> int | None:
+            return app.get_policies().decide("alice@example.com", "b@example.org").settings.max_per_day
+
+        assert cap() == 10
+        before = app.get_policies()
+        rule.write_text("- name: cap\n  set: {max_per_day: many}\n")
+        assert await app.reload(cfg) is False
+        assert app.get_policies() is before and cap() == 10
+        rule.write_text("- name: cap\n  set: {max_per_day: 20}\n")
+        assert await app.reload(cfg) is True
+        assert cap() == 20
+        assert app.get_policies().cfg is app.get_config()
