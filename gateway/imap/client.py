@@ -245,6 +245,7 @@ class IMAPClient:
         self._failed: AccountError | None = None
         self._bye: str | None = None
         self._caps_fresh = False
+        self.idling = False  # True while an IDLE is active (after the server's "+")
 
     # -- lifecycle ----------------------------------------------------------------------
     def _context(self) -> ssl.SSLContext:
@@ -829,6 +830,7 @@ class IMAPClient:
             self._untagged(r, None)
         events: list[IdleEvent] = []
         reading: asyncio.Task[Response] | None = None
+        self.idling = True
         try:
             while not events:
                 remaining = deadline - loop.time()
@@ -859,6 +861,7 @@ class IMAPClient:
                     if r.tag == "*" and r.kind in _EVENT_KINDS:
                         events.append(IdleEvent(r.kind, r.number, tuple(r.data)))
         finally:
+            self.idling = False
             if reading is not None and not reading.done():
                 reading.cancel()
                 with contextlib.suppress(BaseException):

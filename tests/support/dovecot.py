@@ -8,7 +8,7 @@
         dc.set_uid_validity("alice@example.test", "INBOX", 4242)
 
 Everything lives in one directory: `dovecot.conf` written here, `run/` (base_dir),
-`mail/<user>/` (Maildir), `passwd` and `passwd.master` (passwd-file), the log.
+`mail/<user>/` (Maildir), `users/<user>` and `passwd.master` (passwd-file), the log.
 The server (`dovecot -F`, a child process) listens on 127.0.0.1 on a free port for
 plain IMAP (plaintext auth allowed on loopback, STARTTLS offered when `tls=True`)
 and, with `tls=True`, on a second port with implicit TLS (a self-signed certificate
@@ -135,10 +135,10 @@ class Dovecot:
         self.config_path = self.dir / "dovecot.conf"
         self.log_path = self.dir / "dovecot.log"
         self.mail_dir = self.dir / "mail"
-        for sub in ("run", "state", "mail"):
+        for sub in ("run", "state", "mail", "users"):
             (self.dir / sub).mkdir(exist_ok=True)
-        os.chown(self.mail_dir, self.ids.mail_uid, self.ids.mail_gid) if os.geteuid() == 0 else None
-        (self.dir / "passwd").touch()
+        if os.geteuid() == 0:
+            os.chown(self.mail_dir, self.ids.mail_uid, self.ids.mail_gid)
         (self.dir / "passwd.master").write_text(
             f"{self.master_user}:{{PLAIN}}{self.master_password}\n")
         self._write_config()
@@ -220,11 +220,11 @@ passdb {{
 passdb {{
   driver = passwd-file
   mechanisms = plain login
-  args = scheme=PLAIN username_format=%u {d}/passwd
+  args = scheme=PLAIN username_format=%u {d}/users/%u
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%u {d}/passwd
+  args = username_format=%u {d}/users/%u
   default_fields = uid={ids.mail_uid} gid={ids.mail_gid} home={self.mail_dir}/%u
 }}
 
@@ -252,12 +252,17 @@ service stats {{
         self.config_path.write_text(conf)
 
     def add_user(self, name: str, password: str) -> None:
-        """Add (or replace) a passwd-file user; Dovecot rereads the file on its next lookup."""
+        """Add (or replace) a user: one passwd-file per user, so a new user is seen at once.
+
+        (Dovecot checks a passwd-file for changes at most once a second; a file per user
+        name is opened fresh on the first lookup of that name.)
+        """
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"unusable user name {name!r}")
         self.users[name] = password
-        lines = [f"{u}:{{PLAIN}}{p}::::::" for u, p in self.users.items()]
-        tmp = self.dir / "passwd.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(self.dir / "passwd")
+        tmp = self.dir / "users" / f".{name}.tmp"
+        tmp.write_text(f"{name}:{{PLAIN}}{password}::::::\n")
+        tmp.replace(self.dir / "users" / name)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> Dovecot:
@@ -291,26 +296,37 @@ service stats {{
             return False
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the master and wait until it has exited and the ports are free."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
+        """Stop as systemd does: SIGTERM to the master and every process it started (imap
+        sessions say BYE and close), then wait until all are gone and the ports are free."""
+        self._signal_all(signal.SIGTERM, timeout)
 
     def kill(self) -> None:
-        """SIGKILL the master and all its children (a crash, connections cut at once)."""
+        """SIGKILL the master and all its children (a crash: connections cut at once)."""
+        self._signal_all(signal.SIGKILL, 10.0)
+
+    def _signal_all(self, sig: int, timeout: float) -> None:
         if self.proc is None:
             return
+        pgid = self.proc.pid  # start_new_session: the master leads its own process group
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+            os.killpg(pgid, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(5)
+        deadline = time.monotonic() + timeout
+        while True:  # the group's other members (imap, imap-login, auth) must be gone too
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
         self.proc = None
 
     def restart(self) -> None:
@@ -386,7 +402,7 @@ service stats {{
         conn = self.imap(user)
         try:
             conn.select(_quote(mailbox), readonly=True)
-            typ, data = conn.uid("FETCH", "1:*", "(UID FLAGS)")
+            _, data = conn.uid("FETCH", "1:*", "(UID FLAGS)")
             out: dict[int, set[str]] = {}
             for item in data:
                 if isinstance(item, bytes):
@@ -397,6 +413,18 @@ service stats {{
                     elif m:
                         out[int(m.group(2))] = {f.decode() for f in m.group(1).split()}
             return out
+        finally:
+            with contextlib.suppress(Exception):
+                conn.logout()
+
+    def store_flags(self, user: str, mailbox: str, uid: int, flags: Sequence[str]) -> None:
+        """Add flags to a message, as another mail client would (UID STORE +FLAGS)."""
+        conn = self.imap(user)
+        try:
+            conn.select(_quote(mailbox))
+            typ, data = conn.uid("STORE", str(uid), "+FLAGS", f"({' '.join(flags)})")
+            if typ != "OK":
+                raise DovecotError(f"STORE failed: {data!r}")
         finally:
             with contextlib.suppress(Exception):
                 conn.logout()
@@ -462,6 +490,30 @@ service stats {{
     def set_uid_validity(self, user: str, mailbox: str, value: int) -> None:
         """Change a mailbox's UIDVALIDITY (what a server does after rebuilding its indexes)."""
         self.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(value), mailbox)
+
+    def session_pids(self, user: str) -> list[int]:
+        """Process ids of the user's imap sessions that are still running (from the log)."""
+        pids = [int(m) for m in re.findall(rf"Login: user=<{re.escape(user)}>.*?mpid=(\d+)",
+                                           self.log_path.read_text(errors="replace"))]
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 0)
+                alive.append(pid)
+        return alive
+
+    def freeze(self, user: str) -> list[int]:
+        """SIGSTOP the user's imap sessions: connections stay open, nothing answers
+        (a half-dead server or a NAT that dropped the flow). `thaw()` resumes them."""
+        pids = self.session_pids(user)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def thaw(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def kick(self, user: str) -> None:
         """Disconnect every IMAP session of the user (doveadm kick)."""
