@@ -103,6 +103,7 @@ _ALIASES: dict[str, str] = {
 # RFC 5530 response codes after which trying again later may work
 _TEMPORARY_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "CONTACTADMIN"})
 _EVENT_KINDS = frozenset({"EXISTS", "EXPUNGE", "FETCH", "VANISHED"})
+_MAX_EVENTS = 1000
 
 
 # -- values ------------------------------------------------------------------------------
@@ -423,6 +424,8 @@ class IMAPClient:
             return
         if resp.tag == "*" and resp.kind in _EVENT_KINDS and self.selected is not None:
             self._events.append(IdleEvent(resp.kind, resp.number, tuple(resp.data)))
+            if len(self._events) > _MAX_EVENTS:  # hints only: a tailer rescans by UID anyway
+                del self._events[: len(self._events) - _MAX_EVENTS]
 
     async def _run(self, words: Sequence[str | protocol.Literal], handler: Handler | None = None,
                    *, scrub: bool = False, what: str | None = None) -> Response:
