@@ -171,11 +171,12 @@ class User(Model):
 
 
 class Endpoint(Model):
-    """An IMAP or SMTP server: host, port and how TLS is used."""
+    """An IMAP or SMTP server: host, port, how TLS is used and (optionally) the CA to trust."""
 
     host: str
     port: Port
     tls: TLSMode = "implicit"
+    ca_file: str | None = None
 
 
 class SMTPUpstream(Model):
@@ -188,10 +189,78 @@ class SMTPUpstream(Model):
     saves_sent: bool | None = None
 
 
+# OAuth2 token endpoints and default scopes of the providers with presets
+OAUTH_PROVIDERS: dict[str, tuple[str, str]] = {
+    "google": ("https://oauth2.googleapis.com/token", "https://mail.google.com/"),
+    "microsoft": ("https://login.microsoftonline.com/common/oauth2/v2.0/token",
+                  "https://outlook.office.com/IMAP.AccessAsUser.All "
+                  "https://outlook.office.com/SMTP.Send offline_access"),
+}
+# which OAuth2 preset a mailbox provider implies
+_PROVIDER_OAUTH = {"gmail": "google", "microsoft365": "microsoft", "outlook": "microsoft"}
+_OAUTH_KEYS = ("oauth_provider", "token_endpoint", "client_id", "client_secret_file",
+               "refresh_token_file", "scope")
+
+
 class AccountAuth(Model):
+    """How the gateway logs in to an account's mailbox.
+
+    `password`: `username` (default: the account's email) and `password_file` (a password
+    or app password). `oauth2`: XOAUTH2 or OAUTHBEARER (`mechanism`) with access tokens
+    from the refresh-token grant at `token_endpoint` (or the `oauth_provider` preset, or
+    the account provider's: gmail -> google, microsoft365/outlook -> microsoft).
+    `delegate`: a service account (`username`, `password_file`) opens the mailbox of
+    `delegate_user` (default: the account's email) through SASL PLAIN's authorization
+    identity, as Dovecot master users and Exchange delegate access work.
+    """
+
     method: Literal["password", "oauth2", "delegate"] = "password"
     username: str | None = None
     password_file: SecretRef | None = None
+    oauth_provider: Literal["google", "microsoft"] | None = None
+    token_endpoint: str | None = None
+    client_id: str | None = None
+    client_secret_file: SecretRef | None = None
+    refresh_token_file: SecretRef | None = None
+    scope: str | None = None
+    mechanism: Literal["xoauth2", "oauthbearer"] = "xoauth2"
+    delegate_user: str | None = None
+
+    @field_validator("token_endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> AccountAuth:
+        if self.method == "oauth2":
+            if not self.client_id:
+                raise ValueError("method: oauth2 needs client_id")
+            if not self.refresh_token_file:
+                raise ValueError("method: oauth2 needs refresh_token_file (the refresh token)")
+            if self.password_file:
+                raise ValueError("method: oauth2 takes no password_file")
+        else:
+            extra = [k for k in _OAUTH_KEYS if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to method: oauth2")
+        if self.method == "delegate":
+            if not self.username:
+                raise ValueError("method: delegate needs username (the service account)")
+            if not self.password_file:
+                raise ValueError("method: delegate needs password_file (the service account's)")
+        elif self.delegate_user is not None:
+            raise ValueError("delegate_user only applies to method: delegate")
+        return self
+
+
+# Folder names that mean folders which are never synced
+NEVER_SYNCED = frozenset({"junk", "spam", "junk e-mail", "junk email", "bulk mail", "drafts",
+                          "draft", "trash", "deleted items", "deleted messages", "bin",
+                          "all mail", "all", "starred", "flagged", "important", "\\junk",
+                          "\\drafts", "\\trash", "\\all", "\\flagged", "\\important"})
 
 
 class AccountSync(Model):
@@ -199,6 +268,17 @@ class AccountSync(Model):
     folders: list[str] = ["INBOX", "Sent"]
     history_days: int = Field(default=30, ge=0)
     enabled: bool = True
+
+    @field_validator("folders")
+    @classmethod
+    def _folders(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f.strip().lower() in NEVER_SYNCED or f.strip().split("/")[-1].lower()
+               in NEVER_SYNCED]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: junk, drafts, trash and all-mail folders are never synced")
+        if not v:
+            raise ValueError("needs at least one folder (INBOX, Sent, ...)")
+        return v
 
 
 # Provider presets: (imap host, imap port, imap tls), (smtp host, smtp port, smtp tls)
@@ -226,6 +306,33 @@ class Account(Model):
     auth: AccountAuth = AccountAuth()
     smtp: SMTPUpstream | None = None
     sync: AccountSync = AccountSync()
+
+    @model_validator(mode="after")
+    def _auth_fits(self) -> Account:
+        a = self.auth
+        if (a.method == "oauth2" and not a.token_endpoint and not a.oauth_provider
+                and self.provider not in _PROVIDER_OAUTH):
+            raise ValueError("auth.method oauth2 needs auth.token_endpoint or auth.oauth_provider "
+                             "(google, microsoft)")
+        if a.method == "password" and self.sync.enabled and not a.password_file:
+            raise ValueError("auth.password_file is needed to sync this mailbox (or sync.enabled: false)")
+        return self
+
+    def imap_endpoint(self) -> Endpoint | None:
+        """The IMAP server: the explicit `imap:` section, else the provider preset."""
+        if self.imap is not None:
+            return self.imap
+        preset = PROVIDERS.get(self.provider)
+        return preset[0] if preset else None
+
+    def oauth_endpoint(self) -> tuple[str, str | None]:
+        """(token endpoint URL, scope) for method oauth2: explicit keys, then presets."""
+        preset_name = self.auth.oauth_provider or _PROVIDER_OAUTH.get(self.provider)
+        preset = OAUTH_PROVIDERS.get(preset_name) if preset_name else None
+        url = self.auth.token_endpoint or (preset[0] if preset else None)
+        if url is None:
+            raise ValueError(f"account {self.id}: no OAuth2 token endpoint")
+        return url, self.auth.scope or (preset[1] if preset and not self.auth.token_endpoint else None)
 
     def smtp_endpoint(self) -> Endpoint | None:
         """The upstream SMTP server for mail sent as this account (preset, then explicit keys)."""
@@ -353,6 +460,9 @@ class Config(Model):
     webhooks: list[Webhook] = []
     logging: Logging = Logging()
     drain_timeout: Duration = 10.0
+    # key that encrypts OAuth2 tokens at rest (base64 of 32 bytes); default: a file
+    # `state_dir/token.key` created with mode 0600 on first use
+    token_key_file: SecretRef | None = None
 
     # Set by the loader, not by the file.
     source: str = Field(default="<memory>", exclude=True)
@@ -570,11 +680,18 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None) -> Iterator[Problem]
         yield from check_file(("delivery", "smarthost", "ca_file"), sh.ca_file, False)
     for i, a in enumerate(cfg.accounts):
         yield from check_file(("accounts", i, "auth", "password_file"), a.auth.password_file, True)
+        yield from check_file(("accounts", i, "auth", "client_secret_file"),
+                              a.auth.client_secret_file, True)
+        yield from check_file(("accounts", i, "auth", "refresh_token_file"),
+                              a.auth.refresh_token_file, True)
+        if a.imap is not None:
+            yield from check_file(("accounts", i, "imap", "ca_file"), a.imap.ca_file, False)
         if a.smtp is not None:
             yield from check_file(("accounts", i, "smtp", "password_file"),
                                   a.smtp.password_file, True)
     for i, w in enumerate(cfg.webhooks):
         yield from check_file(("webhooks", i, "secret_file"), w.secret_file, True)
+    yield from check_file(("token_key_file",), cfg.token_key_file, True)
     for domain, dkim_key in cfg.dkim.items():
         yield from check_file(("dkim", domain, "key_file"), dkim_key.key_file, False)
 

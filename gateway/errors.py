@@ -10,10 +10,22 @@
     │   │   └── SpoolError            the spool could not take or update a message
     │   └── PermanentFailure          5xx: will never work (upstream 550, policy, syntax)
     ├── StoreError                    the CRM store failed (temporary by nature)
-    └── NotFound                      a queue id, message or account that does not exist
+    ├── NotFound                      a queue id, message or account that does not exist
+    └── AccountError                  a connected mailbox (IMAP server, OAuth2 token endpoint) failed
+        ├── AccountAuthError          credentials refused (IMAP NO to LOGIN/AUTHENTICATE, OAuth2
+        │                             invalid_grant): the account needs_reconnect; `server_text`
+        │                             holds the server's words; never retried on its own
+        ├── AccountUnavailable        network, TLS, BYE, garbage, token endpoint 5xx: reconnect
+        │   │                         later with capped exponential backoff
+        │   └── AccountTimeout        a wait (connect, command, IDLE liveness) ran out
+        ├── IMAPCommandError          the server answered NO/BAD to one command (no such mailbox,
+        │                             APPEND refused); the connection is still usable
+        └── FolderError               a configured folder cannot be synced: missing, or special-use
+                                      Junk/Drafts/Trash/All/Flagged that is never synced
 
 Whoever raises a MailError decides whether it is temporary or permanent and which
-reply code and enhanced status it carries; nothing downstream guesses.
+reply code and enhanced status it carries; nothing downstream guesses. The same holds for
+AccountError: `temporary` says whether reconnecting later can help.
 """
 
 from __future__ import annotations
@@ -98,3 +110,44 @@ class StoreError(GatewayError):
 
 class NotFound(GatewayError):
     """The named queue id, message or account does not exist."""
+
+
+class AccountError(GatewayError):
+    """A connected mailbox failed; `server_text` carries the server's own words, if any."""
+
+    temporary: bool = False
+
+    def __init__(self, text: str, *, server_text: str = "") -> None:
+        super().__init__(text)
+        self.text = text
+        self.server_text = server_text
+
+
+class AccountAuthError(AccountError):
+    """The server or token endpoint refused the credentials: the account needs reconnecting."""
+
+
+class AccountUnavailable(AccountError):
+    """Network, TLS, protocol or server trouble: the same thing may work after a reconnect."""
+
+    temporary = True
+
+
+class AccountTimeout(AccountUnavailable):
+    """A wait (connect, greeting, command, IDLE liveness) exceeded its timeout."""
+
+
+class IMAPCommandError(AccountError):
+    """The server answered NO or BAD to one command; the connection remains usable."""
+
+    def __init__(self, text: str, *, server_text: str = "", command: str = "") -> None:
+        super().__init__(text, server_text=server_text)
+        self.command = command
+
+
+class FolderError(AccountError):
+    """Configured folders that cannot be synced; `problems` maps each to the reason."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{name!r}: {why}" for name, why in problems.items()))

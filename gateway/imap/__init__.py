@@ -1,0 +1,1 @@
+"""IMAP two-way sync: the connection layer (`client`, `protocol`) and OAuth2 tokens (`oauth`)."""
