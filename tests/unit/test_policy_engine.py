@@ -23,7 +23,7 @@ users:
      phone: "+1 555", account: rep}}
   - {{login: alice@example.test, password_hash: "{HASH}", name: Alice}}
 accounts:
-  - {{id: rep, email: rep@sales.example.test, provider: gmail}}
+  - {{id: rep, email: rep@sales.example.test, provider: gmail, sync: {{enabled: false}}}}
 delivery:
   route: smarthost
   smarthost: {{host: 127.0.0.1, port: 2500, tls: none}}
