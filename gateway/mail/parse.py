@@ -375,7 +375,7 @@ _OTHER_WORDS = ("vs", "odp")  # VS: Finnish reply but Danish forward; Odp: Polis
 _PREFIX_RE = re.compile(
     r"^\s*("
     + "|".join(sorted(_REPLY_WORDS + _FORWARD_WORDS + _OTHER_WORDS, key=len, reverse=True))
-    + r")\s*(?:\[\d+\]|\(\d+\))?\s*[:：]\s*",
+    + r")\s*(?:\[\d+\]|\(\d+\))?\s*[:\uff1a]\s*",
     re.I,
 )
 _LIST_TAG_RE = re.compile(r"^\s*\[[^\[\]]{0,100}\]\s*")
@@ -384,8 +384,8 @@ _LIST_TAG_RE = re.compile(r"^\s*\[[^\[\]]{0,100}\]\s*")
 def normalize_subject(subject: str | None) -> str:
     """The subject without any leading run of reply/forward prefixes (Re, Fwd, FW, AW,
     WG, SV, VS, Antw, R, RIF, Réf, TR, 回复, 转发..., with `[n]`/`(n)` counters and `:`
-    or `：`) and leading list tags like `[sales]`, whitespace collapsed. Case is kept:
-    compare with `.casefold()`."""
+    or the fullwidth colon U+FF1A) and leading list tags like `[sales]`, whitespace
+    collapsed. Case is kept: compare with `.casefold()`."""
     if not subject:
         return ""
     s = subject
@@ -462,7 +462,7 @@ class _RawHeaders(Compat32):
     """compat32 that hands header values back as raw strings (never `Header` objects);
     we decode 8-bit and RFC 2047 ourselves."""
 
-    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
+    def header_fetch_parse(self, name: str, value: str) -> str:
         return value
 
 
