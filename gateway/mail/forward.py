@@ -30,6 +30,7 @@ outermost block is unwrapped; the inner ones stay in the original's body.
 from __future__ import annotations
 
 import email.policy
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -43,12 +44,15 @@ from gateway.mail.parse import (
     ParsedMessage,
     attached_messages,
     header_value,
+    normalize_subject,
     parse_message,
     subject_kind,
 )
 from gateway.mail.text import collapse_ws, html_to_text
 
 Style = Literal["attachment", "gmail", "outlook", "apple", "thunderbird"]
+
+_MESSAGE_TYPES = ("message/rfc822", "message/global")
 
 NOTE_LIMIT = 2000
 """A message with an attached message and no forward prefix is a forward only if the
@@ -472,6 +476,9 @@ def _reconstruct(
     content.set_content(text or "", subtype="plain", charset="utf-8", cte="quoted-printable")
     if html:
         content.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        # Same input, same bytes: the boundary comes from the content, not from random().
+        digest = hashlib.sha256((text + "\x00" + html).encode("utf-8", "replace")).hexdigest()
+        content.set_boundary("mailgw-" + digest[:32])
     head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
     return head + content.as_bytes(policy=email.policy.SMTP)
 
@@ -529,12 +536,10 @@ def _unwrap(raw: bytes, parsed: ParsedMessage) -> Forwarded | None:
 
 
 def _from_attachment(raw: bytes, parsed: ParsedMessage, kind: str | None) -> Forwarded | None:
-    if not any(a.content_type in ("message/rfc822", "message/global") for a in parsed.attachments):
+    if not any(a.content_type in _MESSAGE_TYPES for a in parsed.attachments):
         return None
     note_source = parsed.text_body if parsed.text_body.strip() else html_to_text(parsed.html_body)
     note = note_source.strip()
-    if kind != "forward" and len(collapse_ws(note)) > NOTE_LIMIT:
-        return None
     messages = attached_messages(raw)
     if not messages:
         return None
@@ -542,6 +547,16 @@ def _from_attachment(raw: bytes, parsed: ParsedMessage, kind: str | None) -> For
     original = parse_message(inner)
     if not (original.from_addr or original.message_id):
         return None
+    if kind != "forward":
+        # No forward prefix: the subject is the original's, or the message is a short
+        # note carrying that one message and nothing else but inline images.
+        same_subject = bool(original.subject) and (
+            normalize_subject(original.subject).casefold() == normalize_subject(parsed.subject).casefold()
+        )
+        others = [a for a in parsed.attachments if not a.inline and a.content_type not in _MESSAGE_TYPES]
+        only_message = not others and len(parsed.attachments) - sum(a.inline for a in parsed.attachments) == 1
+        if not same_subject and not (only_message and len(collapse_ws(note)) <= NOTE_LIMIT):
+            return None
     return Forwarded(
         original=original, raw=inner, forwarded_by=parsed.from_addr, note=note, style="attachment"
     )

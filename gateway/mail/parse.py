@@ -222,6 +222,44 @@ def _fields(block: bytes, defects: list[str]) -> dict[str, list[bytes]]:
     return out
 
 
+def clean_head(head: bytes) -> bytes:
+    """The header block as the stdlib parser should see it: lines that are not fields
+    (no colon, 8-bit or spaces in the name) dropped with their continuation lines, and
+    "Name : value" rewritten "Name: value". `_fields` reads the same way, so the MIME
+    walk and the header info agree; where the stdlib would take a bad line for the start
+    of the body, we skip the line instead. Returns `head` itself when nothing changes."""
+    lines = head.split(b"\n")
+    out: list[bytes] = []
+    changed = False
+    keep = False
+    for index, line in enumerate(lines):
+        bare = line[:-1] if line.endswith(b"\r") else line
+        if not bare:
+            out.append(line)
+            continue
+        if index == 0 and bare.startswith(b"From ") and b":" not in bare[:5]:
+            out.append(line)  # mbox separator: the stdlib knows it
+            continue
+        if bare[0] in (32, 9):
+            if keep:
+                out.append(line)
+            else:
+                changed = True
+            continue
+        colon = bare.find(b":")
+        name = bare[:colon] if colon > 0 else b""
+        stripped = name.rstrip(b" \t")
+        keep = bool(stripped) and _NAME_RE.fullmatch(stripped) is not None
+        if not keep:
+            changed = True
+            continue
+        if stripped != name:
+            line = stripped + line[colon:]
+            changed = True
+        out.append(line)
+    return b"\n".join(out) if changed else head
+
+
 def _first(fields: dict[str, list[bytes]], name: str) -> str | None:
     values = fields.get(name)
     if not values:
@@ -290,7 +328,8 @@ def _addresses(
     dropped = 0
     for name, addr in pairs:
         addr = addr.strip().strip("<>")
-        if "@" not in addr or any(c.isspace() for c in addr) or len(addr) > 320:
+        local, _, domain = addr.rpartition("@")
+        if not local or not domain or any(c.isspace() for c in addr) or len(addr) > 320:
             if addr or name:
                 dropped += 1
             continue
@@ -568,7 +607,7 @@ def entity_at(raw: bytes, path: tuple[int, ...]) -> bytes | None:
     from the top-level multipart down), or None when the bytes cannot be followed."""
     entity = raw
     for index in path:
-        head = entity[: header_block_end(entity)]
+        head = clean_head(entity[: header_block_end(entity)])
         try:
             boundary = email.message_from_bytes(head, policy=_POLICY).get_boundary()
         except Exception:
@@ -722,6 +761,13 @@ def _dedupe_defects(defects: list[str]) -> list[str]:
     return out
 
 
+def _cleaned(raw: bytes) -> bytes:
+    end = header_block_end(raw)
+    head = raw[:end]
+    clean = clean_head(head)
+    return raw if clean is head else clean + raw[end:]
+
+
 def parse_message(raw: bytes, *, text_limit: int = TEXT_LIMIT) -> ParsedMessage:
     """Parse a whole message. Never raises; every problem is listed in `defects`."""
     data = bytes(raw)
@@ -736,7 +782,7 @@ def parse_message(raw: bytes, *, text_limit: int = TEXT_LIMIT) -> ParsedMessage:
         defects.append(f"message of {len(data)} bytes: body not parsed (limit {PARSE_LIMIT})")
     else:
         try:
-            tree = email.message_from_bytes(data, policy=_POLICY)
+            tree = email.message_from_bytes(_cleaned(data), policy=_POLICY)
             _walk_part(walk, tree, (), 0)
         except Exception as exc:  # RecursionError on absurd nesting, anything else in the stdlib
             defects.append(f"MIME parse failed: {type(exc).__name__}")
@@ -782,7 +828,7 @@ def attached_messages(raw: bytes) -> list[bytes]:
     if len(raw) > PARSE_LIMIT:
         return []
     try:
-        tree = email.message_from_bytes(raw, policy=_POLICY)
+        tree = email.message_from_bytes(_cleaned(raw), policy=_POLICY)
     except Exception:
         return []
     out: list[bytes] = []
