@@ -72,9 +72,11 @@ class Attachment:
     content_type: str
     """Lower-case type/subtype."""
     size: int
-    """Decoded bytes (for message/rfc822: the attached message's bytes)."""
+    """Decoded bytes (for message/rfc822: the attached message's bytes). Parts not sent
+    in base64 (or `binary`) are measured in canonical form, CRLF line endings, so that
+    a copy stored with LF endings measures the same."""
     sha256: str
-    """Hex digest of the decoded bytes."""
+    """Hex digest of the bytes measured for `size`."""
     content_id: str | None
     """Content-ID without angle brackets (what `cid:` URLs name), or None."""
     inline: bool
@@ -680,7 +682,18 @@ class _Walk:
     rfc822: list[tuple[tuple[int, ...], Message]] = field(default_factory=list)
 
 
+_LINE_END_RE = re.compile(rb"\r?\n")
+
+
+def _canonical(part: Message, data: bytes) -> bytes:
+    cte = (_part_header(part, "Content-Transfer-Encoding") or "").lower()
+    if cte in ("base64", "binary"):
+        return data
+    return _LINE_END_RE.sub(b"\r\n", data)
+
+
 def _attachment(walk: _Walk, part: Message, ctype: str, data: bytes, filename: str) -> None:
+    data = _canonical(part, data)
     disp = _disposition(part)
     cid = _part_header(part, "Content-ID")
     cid = cid.strip().strip("<>").strip() if cid else None

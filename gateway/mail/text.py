@@ -73,7 +73,7 @@ def normalize_charset(label: str | None) -> str | None:
         info = codecs.lookup(name)
     except (LookupError, ValueError, TypeError):
         return None
-    if info.name in _REFUSED or not getattr(info, "_is_text_encoding", True):
+    if info.name.replace("-", "_") in _REFUSED or not getattr(info, "_is_text_encoding", True):
         return None
     return info.name
 
