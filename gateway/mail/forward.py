@@ -54,6 +54,9 @@ Style = Literal["attachment", "gmail", "outlook", "apple", "thunderbird"]
 
 _MESSAGE_TYPES = ("message/rfc822", "message/global")
 
+FIELD_LIMIT = 4000
+"""Characters kept of one field line in a forward block (bounds the address scan)."""
+
 NOTE_LIMIT = 2000
 """A message with an attached message and no forward prefix is a forward only if the
 forwarder wrote at most this many characters (whitespace collapsed) around it."""
@@ -195,10 +198,10 @@ def _header_block(lines: list[str], start: int, depth: int) -> tuple[dict[str, s
         m = _LABEL_RE.match(text)
         key = _LABELS.get(m.group(1).lower()) if m else None
         if m is not None and key is not None and key not in fields:
-            fields[key] = m.group(2).strip()
+            fields[key] = m.group(2).strip()[:FIELD_LIMIT]
             last = key
-        elif last in ("to", "cc") and "@" in text and not _LABEL_RE.match(text):
-            fields[last] += " " + text  # a wrapped address list
+        elif last in ("to", "cc") and "@" in text and len(fields[last]) < FIELD_LIMIT:
+            fields[last] = (fields[last] + " " + text)[:FIELD_LIMIT]  # a wrapped address list
         else:
             break
         j += 1
