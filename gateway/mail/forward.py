@@ -145,7 +145,6 @@ class _Block:
     note: str
     fields: dict[str, str]
     body: str
-    marker_line: int
 
 
 _REPLY = "reply"
@@ -210,11 +209,9 @@ def _header_block(lines: list[str], start: int, depth: int) -> tuple[dict[str, s
 
 def _body_after(lines: list[str], end: int, depth: int) -> str:
     body = [_dequote(line, depth)[0] for line in lines[end:]]
-    while body and not body[0].strip():
-        body.pop(0)
-    while body and not body[-1].strip():
-        body.pop()
-    return "\n".join(body)
+    first = next((k for k, line in enumerate(body) if line.strip()), len(body))
+    last = next((k for k in range(len(body) - 1, first - 1, -1) if body[k].strip()), first - 1)
+    return "\n".join(body[first : last + 1])
 
 
 def _scan(text: str, allow_outlook: bool) -> _Block | str | None:
@@ -246,16 +243,16 @@ def _scan(text: str, allow_outlook: bool) -> _Block | str | None:
                 return _REPLY
             continue
         fields, end = _header_block(lines, start, depth)
-        if not _valid_block(style, fields, start == i):
+        if not _valid_block(fields, bare=start == i):
             continue  # a line that merely starts with "From:", a rule in a signature...
         if style == "outlook" and not allow_outlook:
             return _REPLY  # Outlook writes the same block above quoted replies
         note = "\n".join(lines[:i]).strip()
-        return _Block(style, note, fields, _body_after(lines, end, depth), i)
+        return _Block(style, note, fields, _body_after(lines, end, depth))
     return None
 
 
-def _valid_block(style: Style, fields: dict[str, str], bare: bool) -> bool:
+def _valid_block(fields: dict[str, str], *, bare: bool) -> bool:
     if "from" not in fields or not fields["from"]:
         return False
     if bare:
@@ -499,7 +496,7 @@ def _strip_one_forward_prefix(subject: str) -> str:
     return subject[m.end() :].strip() if m else subject
 
 
-def _from_block(raw: bytes, parsed: ParsedMessage, block: _Block, from_html: bool) -> Forwarded:
+def _from_block(raw: bytes, parsed: ParsedMessage, block: _Block) -> Forwarded:
     fields = block.fields
     _, hint = parse_rfc_date(header_value(raw, "Date"))
     date = parse_human_date(fields["date"], hint) if fields.get("date") else None
@@ -524,17 +521,18 @@ def _unwrap(raw: bytes, parsed: ParsedMessage) -> Forwarded | None:
     if kind == "reply":
         return None
     allow_outlook = kind == "forward" or (kind is None and parsed.in_reply_to is None)
-    sources: list[tuple[str, bool]] = []
+    # The text part first; the HTML's text when there is none or it shows no block.
+    sources: list[str] = []
     if parsed.text_body.strip():
-        sources.append((parsed.text_body, False))
+        sources.append(parsed.text_body)
     if parsed.html_body.strip():
-        sources.append((html_to_text(parsed.html_body), True))
-    for text, from_html in sources:
+        sources.append(html_to_text(parsed.html_body))
+    for text in sources:
         found = _scan(text, allow_outlook)
         if found == _REPLY:
             return None
         if isinstance(found, _Block):
-            return _from_block(raw, parsed, found, from_html)
+            return _from_block(raw, parsed, found)
     return _from_attachment(raw, parsed, kind)
 
 
