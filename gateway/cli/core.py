@@ -46,7 +46,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
-    cfg = load_config(path)  # raises ConfigError with every problem
+    warnings: list[Problem] = []
+    cfg = load_config(path, warnings)  # raises ConfigError with every problem
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     problems: list[Problem] = []
     sub = cfg.listeners.submission
     if sub is not None and sub.tls != "none":
