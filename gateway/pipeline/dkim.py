@@ -2,9 +2,12 @@
 
 How a signature is made (RFC 6376 §3.7, RFC 8463 §3):
 
-1. dkimpy parses the message (``dkim.rfc822_parse``) and canonicalises it with its
-   relaxed/relaxed policy (``dkim.canonicalization``); the body hash ``bh=`` is computed
-   once per message and shared by every signature (both algorithms hash with SHA-256).
+1. dkimpy parses the header block (``dkim.rfc822_parse``) and canonicalises the header
+   fields with its relaxed policy (``dkim.canonicalization``). The body is canonicalised
+   by :func:`relaxed_body`, dkimpy's algorithm minus its needless full-body regex passes
+   (a property test checks it equals dkimpy's on arbitrary bodies); the body hash
+   ``bh=`` is computed once per message and shared by every signature (both algorithms
+   hash with SHA-256).
 2. We write the ``DKIM-Signature`` tag list ourselves (``v a c d s t [x] h bh b``, no
    ``l=``, folded at tag boundaries) with an empty ``b=``.
 3. dkimpy's ``hash_headers`` feeds the selected, canonicalised header fields and the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +52,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, strip_trailing_lines
 
 from gateway.config import Config, read_secret_bytes
 from gateway.errors import ConfigError, PermanentFailure, Problem
@@ -65,6 +69,8 @@ OVERSIGNED_FIELDS: frozenset[str] = frozenset({
     "list-unsubscribe", "list-unsubscribe-post"})
 
 _POLICY = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_WSP_RUNS = re.compile(rb"[\t ]{2,}|\t")
 _FOLD_AT = 76          # soft line length for the tag list
 _B64_LINE = 72         # b= and bh= are wrapped onto lines of this many characters
 
@@ -100,6 +106,36 @@ def _from_domain(headers: Sequence[Sequence[bytes]]) -> str | None:
         if "@" in addr:
             return addr.rpartition("@")[2].strip().rstrip(".").lower() or None
     return None
+
+
+def parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's ``rfc822_parse`` result, without splitting and re-joining every body line.
+
+    For a message whose every LF is part of a CRLF (the relay refuses bare LF) the body
+    dkimpy would return is the bytes after the first empty line, so only the header
+    block goes through dkimpy; anything else takes dkimpy's own path.
+    """
+    idx = message.find(b"\r\n\r\n")
+    if idx < 0 or message.count(b"\n") != message.count(b"\r\n"):
+        headers, body = dkim.rfc822_parse(message)
+        return headers, body
+    headers, _ = dkim.rfc822_parse(message[:idx + 2])
+    return headers, message[idx + 4:]
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 §3.4.4 relaxed body canonicalisation; equal to dkimpy's ``Relaxed``.
+
+    dkimpy runs its two regular expressions over the whole body even when they change
+    nothing (about 0.4 ms for 10 KB of text); here each runs only when the body holds
+    what it would replace, and dkimpy's own helpers finish the job.
+    """
+    if b" \r\n" in body or b"\t\r\n" in body:
+        body = _TRAILING_WSP.sub(b"\r\n", body)
+    if b"\t" in body or b"  " in body:
+        body = _WSP_RUNS.sub(b" ", body)
+    result: bytes = correct_empty_body(strip_trailing_lines(body))
+    return result
 
 
 def header_list(names: Iterable[bytes]) -> list[bytes]:
@@ -205,7 +241,7 @@ class Signer:
         an empty list. SigningError when the header block cannot be parsed.
         """
         try:
-            headers, body = dkim.rfc822_parse(message)
+            headers, body = parse(message)
         except dkim.MessageFormatError as exc:
             raise SigningError(f"cannot DKIM-sign: {exc}") from None
         domain = domain or _from_domain(headers)
@@ -216,7 +252,7 @@ class Signer:
             return []
         names = header_list(n for n, _ in headers)
         canon_headers = _POLICY.canonicalize_headers(headers)
-        bh = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
+        bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         now = int(self._clock())
         return [self._one(k, canon_headers, names, bh, now) for k in keys]
 
