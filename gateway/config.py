@@ -353,6 +353,17 @@ class Tracking(Model):
     opens: bool = True
     clicks: bool = True
     secret_file: SecretRef | None = None
+    #: The company's own egress networks: hits from there are the sender's (not counted).
+    internal_networks: Networks = []
+    #: Networks whose hits are always machines (e.g. Apple's relay egress, a scanner's range).
+    machine_networks: Networks = []
+    #: A click (open) sooner than this after delivery is a machine (see tracking/classify.py).
+    click_after_delivery: Duration = 10.0
+    open_after_delivery: Duration = 2.0
+    #: Most links of a copy clicked within this window is a machine.
+    burst_window: Duration = 3.0
+    #: Hits on a copy within this time after its honeypot link was followed are machines.
+    honeypot_window: Duration = 600.0
 
 
 class DKIMKey(Model):
