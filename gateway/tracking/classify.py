@@ -66,7 +66,8 @@ class Signature:
     """One row of the table: a known proxy, scanner or bot and how to recognise it.
 
     A request matches the row when the row applies to its kind and ANY of the given tests
-    matches: `ua` (a case-insensitive regular expression searched in User-Agent),
+    matches: `ua` (a regular expression, written in lower case, searched in the lower-cased
+    User-Agent: much faster than re.IGNORECASE),
     `ua_exact` (the whole User-Agent), `referer` (a regular expression matched against the
     Referer's host name) or `networks` (the client address is in one of the CIDRs).
     """
@@ -89,7 +90,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "gmail-image-proxy", "proxy", OPENS,
         "Gmail's image proxy fetched the pixel (Google hides who opened, and when)",
-        ua=r"GoogleImageProxy|via ggpht\.com",
+        ua=r"googleimageproxy|via ggpht\.com",
         source="UA 'Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com "
                "GoogleImageProxy)': scientiamobile.com/what-is-google-image-proxy; proxy since "
                "Dec 2013: wordtothewise.com/2013/12/gmail-deploys-image-proxy-servers"),
@@ -106,13 +107,13 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "yahoo-mail-proxy", "proxy", OPENS | CLICKS,
         "Yahoo Mail's content fetch proxy",
-        ua=r"YahooMailProxy",
+        ua=r"yahoomailproxy",
         source="UA 'YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html'"),
     # -- link scanners (clicks) ----------------------------------------------------------
     Signature(
         "microsoft-safe-links", "scanner", CLICKS,
         "Microsoft Defender Safe Links checked the link",
-        ua=r"SafeLinks|Microsoft-URLAnalyzer|BingPreview",
+        ua=r"safelinks|microsoft-urlanalyzer|bingpreview",
         referer=r"(^|\.)safelinks\.protection\.outlook\.com$",
         source="Safe Links rewrites to *.safelinks.protection.outlook.com and checks the URL at "
                "delivery and at time of click; the check carries that Referer "
@@ -120,7 +121,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "microsoft-office-precheck", "scanner", CLICKS,
         "Microsoft Office fetched the link before opening the browser",
-        ua=r"ms-office|Microsoft Office|MSOffice|Microsoft Outlook|Existence Discovery",
+        ua=r"ms-office|microsoft office|msoffice|microsoft outlook|existence discovery",
         source="Office apps request a link themselves ('Microsoft Office Existence Discovery', "
                "'ms-office') before handing it to the browser; for opens the same user agent is "
                "Outlook desktop showing images, a person, so this row is for clicks only"),
@@ -143,7 +144,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "cisco-secure-email", "scanner", CLICKS,
         "Cisco Secure Email (IronPort) checked the link",
-        ua=r"ironport|CiscoSecureEmail", referer=r"(^|\.)secure-web\.cisco\.com$",
+        ua=r"ironport|ciscosecureemail", referer=r"(^|\.)secure-web\.cisco\.com$",
         source="rewrites to secure-web.cisco.com (same source)"),
     Signature(
         "symantec-click-time", "scanner", CLICKS,
@@ -153,7 +154,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "trend-micro", "scanner", CLICKS,
         "Trend Micro email security checked the link",
-        ua=r"trend ?micro|\bTMES\b",
+        ua=r"trend ?micro|\btmes\b",
         source="'TMES' user agent (check.live-direct-marketing.online, as above)"),
     Signature(
         "sophos-time-of-click", "scanner", CLICKS,
@@ -170,26 +171,26 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "headless-browser", "bot", ANY,
         "a headless or automated browser (sandbox detonation)",
-        ua=r"HeadlessChrome|PhantomJS|Puppeteer|Playwright|Selenium|webdriver|Electron/",
+        ua=r"headlesschrome|phantomjs|puppeteer|playwright|selenium|webdriver",
         source="sandboxes render mail in headless Chrome and click every link"),
     Signature(
         "http-tool", "bot", ANY,
         "an HTTP library or command-line tool, not a browser or mail client",
-        ua=r"^(curl|wget|python-requests|python-urllib|python-httpx|aiohttp|Go-http-client|"
-           r"libwww-perl|PostmanRuntime|HTTPie|Scrapy|masscan|zgrab)\b",
+        ua=r"^(curl|wget|python-requests|python-urllib|python-httpx|aiohttp|go-http-client|"
+           r"libwww-perl|postmanruntime|httpie|scrapy|masscan|zgrab)\b",
         source="default user agents of scripting HTTP clients"),
     Signature(
         "app-http-client", "bot", CLICKS,
         "a click without a browser (an application's HTTP client)",
-        ua=r"^(okhttp|Java|Apache-HttpClient|Dalvik|WinHttp|node-fetch|axios|undici|Ruby)\b",
+        ua=r"^(okhttp|java|apache-httpclient|dalvik|winhttp|node-fetch|axios|undici|ruby)\b",
         source="a click opens a browser; these libraries are how scanners fetch. For opens they "
                "can be a mail app loading images (Android apps use okhttp/Dalvik), so opens are "
                "not judged by them"),
     Signature(
         "crawler-or-preview", "bot", ANY,
         "a crawler or link-preview bot",
-        ua=r"\b[\w-]*(bot|crawler|spider|scanner|preview|fetcher)\b|facebookexternalhit|"
-           r"WhatsApp|Slack-ImgProxy|SkypeUriPreview|Google-Safety|Google-Read-Aloud",
+        ua=r"(?<!cu)bot\b|crawler\b|spider\b|scanner\b|preview\b|fetcher\b|facebookexternalhit|"
+           r"whatsapp|slack-imgproxy|skypeuripreview|google-safety|google-read-aloud",
         source="bots name themselves '...bot', '...crawler', '...spider'"),
 )
 
@@ -269,8 +270,8 @@ class _Compiled:
 
 def compile_table(table: Iterable[Signature]) -> tuple[_Compiled, ...]:
     return tuple(_Compiled(
-        s, re.compile(s.ua, re.IGNORECASE) if s.ua else None,
-        re.compile(s.referer, re.IGNORECASE) if s.referer else None,
+        s, re.compile(s.ua) if s.ua else None,
+        re.compile(s.referer) if s.referer else None,
         tuple(ipaddress.ip_network(n, strict=False) for n in s.networks)) for s in table)
 
 
@@ -304,6 +305,7 @@ def _referer_host(referer: str) -> str:
 def match_signature(obs: Observation, table: Sequence[_Compiled] = _DEFAULT_TABLE) -> Signature | None:
     """The first row of `table` matching `obs`, or None."""
     ua = obs.user_agent.strip()
+    low = ua.lower()
     host = _referer_host(obs.referer) if obs.referer else ""
     addr = _ip(obs.ip)
     for row in table:
@@ -311,7 +313,7 @@ def match_signature(obs: Observation, table: Sequence[_Compiled] = _DEFAULT_TABL
         if obs.kind not in s.applies_to:
             continue
         if (s.ua_exact is not None and ua == s.ua_exact) \
-                or (row.ua is not None and ua and row.ua.search(ua)) \
+                or (row.ua is not None and low and row.ua.search(low)) \
                 or (row.referer is not None and host and row.referer.search(host)) \
                 or (row.networks and _in(addr, row.networks)):
             return s

@@ -153,17 +153,26 @@ class MemoryCopyLookup:
 
 
 class RecentHits:
-    """Hits seen by this process per copy, for the burst and honeypot rules (bounded LRU)."""
+    """Hits seen by this process per copy, for the burst and honeypot rules.
 
-    def __init__(self, window: float, max_copies: int = 100_000) -> None:
+    Bounded twice: at most `max_copies` copies (least recently hit dropped first) and
+    `per_copy` hits per copy (the newest honeypot hit is always kept), so replaying one
+    valid token in a loop costs neither memory nor time.
+    """
+
+    def __init__(self, window: float, max_copies: int = 100_000, per_copy: int = 64) -> None:
         self.window = window
         self.max_copies = max_copies
+        self.per_copy = per_copy
         self._by_copy: OrderedDict[str, list[PriorHit]] = OrderedDict()
 
     def add(self, copy_id: str, hit: PriorHit) -> None:
-        hits = self._by_copy.pop(copy_id, [])
-        hits = [h for h in hits if hit.at - h.at <= self.window]
+        hits = [h for h in self._by_copy.pop(copy_id, []) if hit.at - h.at <= self.window]
         hits.append(hit)
+        if len(hits) > self.per_copy:
+            honeypots = [h for h in hits if h.kind == "honeypot"][-1:]
+            others = [h for h in hits if h.kind != "honeypot"]
+            hits = sorted(honeypots + others[-(self.per_copy - len(honeypots)):], key=lambda h: h.at)
         self._by_copy[copy_id] = hits
         while len(self._by_copy) > self.max_copies:
             self._by_copy.popitem(last=False)
@@ -193,6 +202,11 @@ class _Pending:
 class HitRecorder:
     """Bounded queue + workers: look up, classify, record. See the module docstring."""
 
+    BATCH = 256            # hits a worker takes from the queue at once
+    COPY_TTL = 30.0        # seconds a copy lookup is reused
+    MISSING_TTL = 5.0      # ... and an unknown copy (the store may not have it yet)
+    COPY_CACHE = 10_000    # copies cached
+
     def __init__(self, sink: HitSink, lookup: CopyLookup | None = None, *,
                  settings: Settings | None = None, queue_size: int = 10_000, workers: int = 4,
                  lookup_timeout: float = 5.0) -> None:
@@ -205,6 +219,7 @@ class HitRecorder:
         self._n_workers = workers
         self._workers: list[asyncio.Task[None]] = []
         self._lookup_timeout = lookup_timeout
+        self._copies: OrderedDict[str, tuple[float, CopyInfo | None]] = OrderedDict()
 
     @property
     def pending(self) -> int:
@@ -252,24 +267,43 @@ class HitRecorder:
 
     async def _work(self) -> None:
         while True:
-            item = await self._queue.get()
-            try:
-                await self._process(item)
-            except Exception:  # never let one hit kill the worker
-                self.stats.failed += 1
-                log.exception("tracking_record_failed", copy_id=item.obs.copy_id)
-            finally:
-                self._queue.task_done()
+            batch = [await self._queue.get()]
+            # take what is already waiting too: under load the handlers would otherwise get
+            # ~50 turns of the event loop for each of the workers' one
+            while len(batch) < self.BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            for item in batch:
+                try:
+                    await self._process(item)
+                except Exception:  # never let one hit kill the worker
+                    self.stats.failed += 1
+                    log.exception("tracking_record_failed", copy_id=item.obs.copy_id)
+                finally:
+                    self._queue.task_done()
+
+    async def _copy_info(self, copy_id: str, now: float) -> CopyInfo | None:
+        """The lookup, cached briefly: every hit of a busy copy need not ask the store."""
+        if self.lookup is None:
+            return None
+        cached = self._copies.get(copy_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            copy = await asyncio.wait_for(self.lookup.copy_info(copy_id), self._lookup_timeout)
+        except Exception as exc:
+            self.stats.lookup_failed += 1
+            log.warning("tracking_lookup_failed", copy_id=copy_id, error=str(exc) or repr(exc))
+            return None
+        ttl = self.COPY_TTL if copy is not None else self.MISSING_TTL
+        self._copies[copy_id] = (now + ttl, copy)
+        self._copies.move_to_end(copy_id)
+        while len(self._copies) > self.COPY_CACHE:
+            self._copies.popitem(last=False)
+        return copy
 
     async def _process(self, item: _Pending) -> None:
         obs = item.obs
-        copy: CopyInfo | None = None
-        if self.lookup is not None:
-            try:
-                copy = await asyncio.wait_for(self.lookup.copy_info(obs.copy_id), self._lookup_timeout)
-            except Exception as exc:
-                self.stats.lookup_failed += 1
-                log.warning("tracking_lookup_failed", copy_id=obs.copy_id, error=str(exc) or repr(exc))
+        copy = await self._copy_info(obs.copy_id, time.monotonic())
         prior = [p for p in self.recent.get(obs.copy_id) if p.id != item.id]
         verdict = classify(obs, copy, prior, self.settings)
         hit = Hit(id=item.id, kind=obs.kind, copy_id=obs.copy_id, link=obs.link, url=item.token.url,

@@ -191,3 +191,25 @@ def test_real_browsers_are_people(ua: str) -> None:
     for kind, link in (("open", 0), ("click", 1)):
         v = classify(obs(kind, ua=ua, link=link), COPY)
         assert v.machine is False, (kind, v.reason)
+
+
+def test_recent_hits_memory_is_bounded() -> None:
+    from gateway.tracking.http import RecentHits
+
+    mem = RecentHits(window=100, max_copies=3, per_copy=5)
+    mem.add("c", PriorHit("h", "honeypot", 9, 0.0))
+    for i in range(50):
+        mem.add("c", PriorHit(str(i), "click", 1, 1.0 + i))
+    hits = mem.get("c")
+    assert len(hits) == 5 and hits[0].kind == "honeypot" and hits[-1].id == "49"
+    mem.add("c", PriorHit("late", "click", 1, 500.0))      # everything older left the window
+    assert [h.id for h in mem.get("c")] == ["late"]
+    for name in ("d", "e", "f"):
+        mem.add(name, PriorHit(name, "open", 0, 500.0))
+    assert mem.get("c") == () and len(mem.get("f")) == 1   # least recently hit copy dropped
+
+
+def test_user_agent_patterns_are_lower_case() -> None:
+    # they are searched in the lower-cased User-Agent (see Signature)
+    for s in SIGNATURES:
+        assert s.ua is None or s.ua == s.ua.lower(), s.name
