@@ -220,6 +220,7 @@ class HitRecorder:
         self._workers: list[asyncio.Task[None]] = []
         self._lookup_timeout = lookup_timeout
         self._copies: OrderedDict[str, tuple[float, CopyInfo | None]] = OrderedDict()
+        self._in_flight = 0   # taken from the queue by a worker, not finished yet
 
     @property
     def pending(self) -> int:
@@ -256,11 +257,11 @@ class HitRecorder:
     async def stop(self, timeout: float = 5.0) -> int:
         """Drain for up to `timeout`, then stop the workers; return how many hits were lost."""
         drained = await self.drain(timeout) if self._workers else self._queue.empty()
+        lost = 0 if drained else self._queue.qsize() + self._in_flight
         for t in self._workers:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        lost = 0 if drained else self._queue.qsize()
         if lost:
             log.error("tracking_hits_lost_at_stop", lost=lost)
         return lost
@@ -272,6 +273,7 @@ class HitRecorder:
             # ~50 turns of the event loop for each of the workers' one
             while len(batch) < self.BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_flight += len(batch)
             for item in batch:
                 try:
                     await self._process(item)
@@ -279,6 +281,7 @@ class HitRecorder:
                     self.stats.failed += 1
                     log.exception("tracking_record_failed", copy_id=item.obs.copy_id)
                 finally:
+                    self._in_flight -= 1
                     self._queue.task_done()
 
     async def _copy_info(self, copy_id: str, now: float) -> CopyInfo | None:

@@ -289,3 +289,18 @@ async def test_real_listener_with_plain_http_clients() -> None:
     assert [(h.kind, h.machine) for h in sink.hits] == [("click", False), ("open", False),
                                                         ("open", False)]
     assert all(h.ip == "127.0.0.1" for h in sink.hits)   # no trusted proxies: the peer
+
+
+async def test_stop_reports_hits_it_could_not_record() -> None:
+    class StuckSink:
+        async def record_hit(self, hit: object) -> None:
+            await asyncio.Event().wait()
+
+    recorder = HitRecorder(StuckSink(), None)
+    await recorder.start()
+    app = make_app(SIGNER, recorder)
+    async with TestClient(TestServer(app)) as client:
+        for _ in range(3):
+            r = await client.get(f"/o/{SIGNER.open_token(new_queue_id())}", headers=headers())
+            assert r.status == 200
+    assert await recorder.stop(timeout=0.2) == 3
