@@ -131,10 +131,40 @@ class IngestListener(Model):
     port: Port = 2526
 
 
+def _networks_list(v: Any) -> Any:
+    """A YAML list of networks (`10.0.0.0/8`, `::1`) -> ip_network objects; clear errors."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ValueError("expected a list of networks such as 10.0.0.0/8")
+    out = []
+    for item in v:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not an IP network: {exc}") from None
+    return out
+
+
+Networks = Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                     BeforeValidator(_networks_list)]
+
+
 class TrackingListener(Model):
     host: str = "127.0.0.1"
     port: Port = 8080
     base_url: str = "http://127.0.0.1:8080"
+    #: Reverse proxies / load balancers whose X-Forwarded-For is believed (else the peer address).
+    trusted_proxies: Networks = []
+    #: Hits waiting to be written to the store; beyond this they are dropped (logged, counted).
+    queue_size: int = Field(default=10000, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v):
+            raise ValueError(f"{v!r} is not an http(s) URL such as https://t.example.com")
+        return v.rstrip("/")
 
 
 class AdminListener(Model):
@@ -346,6 +376,26 @@ class Account(Model):
         return Endpoint(host=host, port=port, tls=tls)
 
 
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """`addr`, `addr:port` or `[v6addr]:port` -> (address, port); ValueError if not an IP."""
+    host, port = text.strip(), 53
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", host)
+    if m:
+        host, port = m.group(1), int(m.group(2) or 53)
+    elif host.count(":") == 1:
+        host, _, p = host.partition(":")
+        if not p.isdigit():
+            raise ValueError(f"{text!r}: the port must be a number")
+        port = int(p)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address (optionally with :port)") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port out of range")
+    return host, port
+
+
 class Smarthost(Model):
     host: str
     port: Port = 587
@@ -382,10 +432,22 @@ class Delivery(Model):
     mx_port: Port = 25
     mx_tls: Literal["opportunistic", "required"] = "opportunistic"
     mx_ca_file: str | None = None
+    #: DNS servers for MX and DKIM lookups: `192.0.2.53`, `192.0.2.53:5353`, `[2001:db8::53]:53`.
     nameservers: list[str] = []
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
     connection_idle: Duration = 10.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_nameserver(item)
+        return v
+
+    def nameserver_addresses(self) -> list[tuple[str, int]]:
+        """`nameservers` as (address, port) pairs (port 53 unless given)."""
+        return [parse_nameserver(x) for x in self.nameservers]
 
     @model_validator(mode="after")
     def _route(self) -> Delivery:
@@ -398,12 +460,45 @@ class Tracking(Model):
     opens: bool = True
     clicks: bool = True
     secret_file: SecretRef | None = None
+    #: The company's own egress networks: hits from there are the sender's (not counted).
+    internal_networks: Networks = []
+    #: Networks whose hits are always machines (e.g. Apple's relay egress, a scanner's range).
+    machine_networks: Networks = []
+    #: A click (open) sooner than this after delivery is a machine (see tracking/classify.py).
+    click_after_delivery: Duration = 10.0
+    open_after_delivery: Duration = 2.0
+    #: Most links of a copy clicked within this window is a machine.
+    burst_window: Duration = 3.0
+    #: Hits on a copy within this time after its honeypot link was followed are machines.
+    honeypot_window: Duration = 600.0
 
 
 class DKIMKey(Model):
-    selector: str
-    key_file: str
+    selector: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?"
+                                  r"(\.[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?)*$")
+    key_file: SecretRef
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    #: Signature lifetime (`x=` tag); none by default.
+    expire_after: Duration | None = None
+
+
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                        r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _dkim_section(v: Any) -> Any:
+    """`dkim: {domain: {selector,...}}` or `{domain: [{...}, {...}]}` -> {domain: [keys]}."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError("expected a mapping of domain: {selector, key_file, algorithm}")
+    out: dict[Any, Any] = {}
+    for domain, entry in v.items():
+        name = str(domain).lower().rstrip(".")
+        if not DOMAIN_RE.match(name):
+            raise ValueError(f"{domain!r} is not a domain name")
+        out[name] = entry if isinstance(entry, list) else [entry]
+    return out
 
 
 class Ingest(Model):
@@ -451,7 +546,7 @@ class Config(Model):
     accounts: list[Account] = []
     delivery: Delivery = Delivery(route="mx")
     tracking: Tracking = Tracking()
-    dkim: dict[str, DKIMKey] = {}
+    dkim: Annotated[dict[str, list[DKIMKey]], BeforeValidator(_dkim_section)] = {}
     ingest: Ingest = Ingest()
     crm: CRM = CRM()
     company: Company = Company()
@@ -547,6 +642,20 @@ def read_secret(ref: str, base_dir: Path) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def read_secret_bytes(ref: str, base_dir: Path) -> bytes:
+    """Like :func:`read_secret`, but the raw bytes of the file (or variable), unstripped."""
+    if ref.startswith("env:"):
+        return read_secret(ref, base_dir).encode("utf-8")
+    if ref.startswith("credential:"):
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred_dir:
+            raise FileNotFoundError(
+                f"{ref}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
+        return (Path(cred_dir) / ref[len("credential:"):]).read_bytes()
+    path = Path(ref).expanduser()
+    return (path if path.is_absolute() else base_dir / path).read_bytes()
+
+
 # ----------------------------------------------------------------------------------
 # loading with line numbers
 
@@ -627,8 +736,12 @@ def validation_problems(file: str, exc: ValidationError, node: yaml.Node | None,
     return problems
 
 
-def _semantic_problems(cfg: Config, node: yaml.Node | None) -> Iterator[Problem]:
-    """Cross-key checks pydantic cannot do alone: references, files, duplicates."""
+def _semantic_problems(cfg: Config, node: yaml.Node | None,
+                       warnings: list[Problem] | None = None) -> Iterator[Problem]:
+    """Cross-key checks pydantic cannot do alone: references, files, duplicates.
+
+    Problems are yielded; things that work but should be fixed go to `warnings`.
+    """
     file = cfg.source
 
     def at(loc: Sequence[int | str], message: str) -> Problem:
@@ -692,8 +805,7 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None) -> Iterator[Problem]
     for i, w in enumerate(cfg.webhooks):
         yield from check_file(("webhooks", i, "secret_file"), w.secret_file, True)
     yield from check_file(("token_key_file",), cfg.token_key_file, True)
-    for domain, dkim_key in cfg.dkim.items():
-        yield from check_file(("dkim", domain, "key_file"), dkim_key.key_file, False)
+    yield from _dkim_problems(cfg, node, at, warnings)
 
     ports: dict[tuple[str, int], str] = {}
     for name in ("submission", "ingest", "tracking", "admin"):
@@ -707,8 +819,40 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None) -> Iterator[Problem]
         ports[key] = name
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read, validate and return the configuration; raise ConfigError with every problem."""
+def _dkim_problems(cfg: Config, node: yaml.Node | None, at: Any,
+                   warnings: list[Problem] | None) -> Iterator[Problem]:
+    """Every DKIM key file: readable, a private key, of the configured algorithm, long enough."""
+    from gateway.pipeline.dkimkeys import KeyFileError, check_key, load_private_key
+
+    selectors: set[tuple[str, str]] = set()
+    for domain, entries in cfg.dkim.items():
+        for i, entry in enumerate(entries):
+            # the single-mapping form has no list index in the YAML; _node_line skips it
+            loc: tuple[int | str, ...] = ("dkim", domain, i)
+            if (domain, entry.selector) in selectors:
+                yield at((*loc, "selector"), f"selector {entry.selector!r} is used twice for {domain}")
+            selectors.add((domain, entry.selector))
+            try:
+                key = load_private_key(read_secret_bytes(entry.key_file, cfg.base_dir))
+            except OSError as exc:
+                yield at((*loc, "key_file"), f"cannot read {entry.key_file}: {exc.strerror or exc}")
+                continue
+            except KeyFileError as exc:
+                yield at((*loc, "key_file"), f"{entry.key_file}: {exc}")
+                continue
+            errors, warns = check_key(key, entry.algorithm)
+            for message in errors:
+                yield at((*loc, "key_file"), f"{entry.key_file}: {message}")
+            if warnings is not None:
+                warnings.extend(at((*loc, "key_file"), f"{entry.key_file}: {w}") for w in warns)
+
+
+def load_config(path: str | Path | None = None, warnings: list[Problem] | None = None) -> Config:
+    """Read, validate and return the configuration; raise ConfigError with every problem.
+
+    Pass a list as `warnings` to collect what works but should be fixed (`mailgw check`
+    prints them; the daemon logs them).
+    """
     p = find_config(path)
     data, node = load_yaml_with_nodes(p)
     file = str(p)
@@ -718,7 +862,10 @@ def load_config(path: str | Path | None = None) -> Config:
         cfg = Config.model_validate({**data, "source": str(p.resolve())})
     except ValidationError as exc:
         raise ConfigError(validation_problems(file, exc, node)) from None
-    problems = list(_semantic_problems(cfg, node))
+    found: list[Problem] = []
+    problems = list(_semantic_problems(cfg, node, found))
+    if warnings is not None:
+        warnings.extend(Problem(file, q.line, q.key, q.message) for q in found)
     if problems:
         raise ConfigError([Problem(file, q.line, q.key, q.message) for q in problems])
     return cfg

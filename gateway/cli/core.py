@@ -51,7 +51,10 @@ def _check(args: argparse.Namespace) -> int:
     from gateway.policy import policies_for
 
     path = find_config(args.config)
-    cfg = load_config(path)  # raises ConfigError with every problem
+    warnings: list[Problem] = []
+    cfg = load_config(path, warnings)  # raises ConfigError with every problem
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     problems: list[Problem] = []
     policies = None
     try:

@@ -10,11 +10,14 @@ import pytest
 
 from gateway.config import Company, User, load_config
 from gateway.errors import ConfigError
+from gateway.pipeline.dkimkeys import generate, private_pem
 from gateway.policy import Headers, PolicySet, load_policies, policies_for, render_template
 from gateway.policy.templates import html_to_text
 
 ROOT = Path(__file__).resolve().parents[2]
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$kumKlkCTqYtNQ2fFQqJ3oA$T7n9YXOz6qMoKUjDgNgw15ZhvCBQzCxNsuxICupOA44"
+
+DKIM_PEM = private_pem(generate("rsa-sha256", 1024))
 
 CONFIG = f"""hostname: gw.example.test
 company: {{name: "Example & Co"}}
@@ -36,7 +39,7 @@ dkim:
 def setup(tmp_path: Path, files: dict[str, str], config: str = CONFIG,
           explicit_dir: bool = True) -> Path:
     """Write gateway.yaml and policies/<files>; return the config path."""
-    (tmp_path / "dkim.pem").write_text("not checked here\n")
+    (tmp_path / "dkim.pem").write_bytes(DKIM_PEM)
     pol = tmp_path / "policies"
     pol.mkdir(exist_ok=True)
     for name, text in files.items():
