@@ -765,6 +765,33 @@ class Store:
              "created_at": now, "delivered_at": None} for w in targets])
         return event_id
 
+    # -- filtering (IMAP header-first, ingest) ------------------------------------------
+    async def concerning(self, messages: Sequence[Sequence[str]]) -> list[bool]:
+        """For each message (its From, To and Cc addresses): does it concern the CRM?
+
+        Yes when one of its linkable addresses (not ours, not excluded) is a contact, or
+        has a known company's domain (`link_by: domain`), or, with
+        `crm.auto_create_contacts`, exists at all. A message whose sender (the first
+        address) is excluded never does. One query per batch, whatever its size.
+        """
+        rules = self.rules
+        linkable = [[a.strip().lower() for a in addrs if a and rules.linkable(a)]
+                    for addrs in messages]
+        out = [bool(addrs) and not (addrs[0] and rules.excluded(addrs[0])) for addrs in messages]
+        if rules.auto_create_contacts:
+            return [ok and bool(la) for ok, la in zip(out, linkable, strict=True)]
+        emails = sorted({a for la in linkable for a in la})
+        domains = sorted({d for la in linkable for a in la if (d := rules.company_domain(a))})
+        try:
+            async with self.engine.connect() as conn:
+                known = set((await self._contact_ids(conn, emails)).keys()) if emails else set()
+                companies = set((await self._company_ids(conn, domains)).keys()) if domains \
+                    else set()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._fail("store read failed", exc) from exc
+        return [ok and any(a in known or rules.company_domain(a) in companies for a in la)
+                for ok, la in zip(out, linkable, strict=True)]
+
     # -- reading ------------------------------------------------------------------------
     async def list_messages(self, *, contact: str | None = None, since: datetime | None = None,
                             account: str | None = None, direction: str | None = None,

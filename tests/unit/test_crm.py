@@ -247,3 +247,22 @@ async def test_raw_bytes_are_kept_once_content_addressed(url: str, tmp_path: Pat
             await s.close()
     files = [p for p in (tmp_path / "raw").rglob("*") if p.is_file()]
     assert len(files) == 1 and files[0].read_bytes() == raw
+
+
+async def test_concerning_filters_by_contacts_companies_and_exclusions(store: Store) -> None:
+    store.configure(RULES)
+    await upsert_contacts(store, [ContactInput("carol@acme.test", company="Acme"),
+                                  ContactInput("noreply@acme.test")])
+    verdicts = await store.concerning([
+        ["carol@acme.test", "alice@example.com"],          # a contact
+        ["dan@acme.test", "alice@example.com"],            # the contact's company domain
+        ["alice@example.com", "zed@nowhere.test"],         # nobody we know
+        ["noreply@acme.test", "alice@example.com"],        # excluded sender, even if a contact
+        ["alice@example.com"],                             # only ourselves
+        [],
+    ])
+    assert verdicts == [True, True, False, False, False, False]
+    store.configure(LinkRules(auto_create_contacts=True, own_addresses=RULES.own_addresses,
+                              exclude=RULES.exclude))
+    assert await store.concerning([["alice@example.com", "zed@nowhere.test"],
+                                   ["alice@example.com"]]) == [True, False]
