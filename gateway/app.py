@@ -25,10 +25,13 @@ from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.transport import Transport
 from gateway.errors import ConfigError
+from gateway.ingest import Ingest
+from gateway.mail.auth import make_resolver
 from gateway.passwords import PasswordChecker
 from gateway.policy import PolicySet, policies_for
 from gateway.relay import Relay
 from gateway.sdnotify import Notifier
+from gateway.smtp.ingest import IngestHandler
 from gateway.smtp.protocol import AuthLimiter
 from gateway.smtp.server import SMTPListener, server_tls_context
 from gateway.smtp.submission import SubmissionHandler
@@ -50,6 +53,8 @@ class App:
         self.scheduler: Scheduler | None = None
         self.relay: Relay | None = None
         self.submission: SMTPListener | None = None
+        self.ingest: Ingest | None = None
+        self.ingest_listener: SMTPListener | None = None
         self.policies = PolicySet.empty(cfg)
         self._stopped = asyncio.Event()
 
@@ -78,7 +83,10 @@ class App:
         transport = Transport(cfg.hostname, connect_timeout=d.connect_timeout,
                               command_timeout=d.command_timeout,
                               idle_timeout=d.connection_idle, per_destination=d.per_destination)
-        resolver = self._resolver or MXResolver(nameservers=d.nameservers or None)
+        nameservers = d.nameserver_addresses()
+        resolver = self._resolver or MXResolver(
+            nameservers=[ip for ip, _ in nameservers] or None,
+            port=nameservers[0][1] if nameservers else 53)
         self.scheduler = Scheduler(self.get_config, self.spool, transport, resolver, self.writer,
                                    log=self.log)
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify)
@@ -92,8 +100,24 @@ class App:
             await self.submission.start()
             self.log.info("listening", listener="submission", host=sub.host,
                           port=self.submission.port, tls=sub.tls)
+        await self._start_ingest()
         self.notifier.ready(status="accepting mail")
         self.notifier.start_watchdog(healthy=self._healthy)
+
+    async def _start_ingest(self) -> None:
+        """The BCC / forward address's listener (`listeners.ingest`), when configured."""
+        lst = self.cfg.listeners.ingest
+        if lst is None:
+            return
+        assert self.store is not None
+        self.ingest = Ingest(self.get_config, self.store,
+                             make_resolver(self.cfg.delivery.nameserver_addresses()), log=self.log)
+        handler = IngestHandler(self.ingest, max_recipients=lst.max_recipients, log=self.log)
+        self.ingest_listener = SMTPListener("ingest", self.cfg, lst, handler)
+        await self.ingest_listener.start()
+        self.log.info("listening", listener="ingest", host=lst.host,
+                      port=self.ingest_listener.port, tls=lst.tls,
+                      addresses=list(self.cfg.ingest.addresses))
 
     def _healthy(self) -> bool:
         return self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
@@ -139,8 +163,9 @@ class App:
         self.notifier.stopping()
         await self.notifier.stop_watchdog()
         grace = self.cfg.drain_timeout
-        if self.submission is not None:
-            await self.submission.stop(grace=min(grace, 5.0))
+        for listener in (self.submission, self.ingest_listener):
+            if listener is not None:
+                await listener.stop(grace=min(grace, 5.0))
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
         if self.writer is not None:

@@ -81,38 +81,22 @@ def _check_secret_ref(value: Any) -> Any:
 SecretRef = Annotated[str, BeforeValidator(_check_secret_ref)]
 
 
-class SubmissionListener(Model):
+class SMTPListenerBase(Model):
+    """What every SMTP listener has: address, TLS, size and session limits."""
+
     host: str = "127.0.0.1"
     port: Port = 2525
     tls: TLSMode = "none"
     cert_file: str | None = None
     key_file: str | None = None
-    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(default=100, ge=1, le=10000)
     max_commands: int = Field(default=1000, ge=10)
     max_connections: int = Field(default=200, ge=1)
     timeout: Duration = 300.0
-    auth_failures: int = Field(default=5, ge=1)
-    auth_failure_window: Duration = 600.0
-
-    @field_validator("trusted_networks", mode="before")
-    @classmethod
-    def _networks(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        if not isinstance(v, list):
-            raise ValueError("expected a list of networks such as 10.0.0.0/8")
-        out = []
-        for item in v:
-            try:
-                out.append(ipaddress.ip_network(str(item), strict=False))
-            except ValueError as exc:
-                raise ValueError(f"{item!r} is not an IP network: {exc}") from None
-        return out
 
     @model_validator(mode="after")
-    def _tls_files(self) -> SubmissionListener:
+    def _tls_files(self) -> SMTPListenerBase:
         if self.tls != "none" and not (self.cert_file and self.key_file):
             raise ValueError(f"tls: {self.tls} needs cert_file and key_file")
         return self
@@ -125,10 +109,33 @@ class SubmissionListener(Model):
         except ValueError:
             return self.host == "localhost"
 
+    @property
+    def starttls_required(self) -> bool:
+        """Must a client use STARTTLS before MAIL?"""
+        return self.tls == "starttls"
 
-class IngestListener(Model):
-    host: str = "127.0.0.1"
+
+class SubmissionListener(SMTPListenerBase):
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    auth_failures: int = Field(default=5, ge=1)
+    auth_failure_window: Duration = 600.0
+
+    @field_validator("trusted_networks", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> Any:
+        return _networks_list(v)
+
+
+class IngestListener(SMTPListenerBase):
+    """The BCC / forward address's listener: MX-facing, no AUTH, STARTTLS offered."""
+
     port: Port = 2526
+    #: with `tls: starttls`: refuse mail from clients that did not use STARTTLS
+    require_tls: bool = False
+
+    @property
+    def starttls_required(self) -> bool:
+        return self.tls == "starttls" and self.require_tls
 
 
 def _networks_list(v: Any) -> Any:

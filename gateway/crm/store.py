@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import math
 import os
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +64,8 @@ from gateway.crm.models import (
     sort_at,
 )
 from gateway.errors import StoreError
+from gateway.mail.parse import Attachment, ParsedMessage, normalize_subject, subject_kind
+from gateway.mail.parse import message_id_key as parse_mid_key
 
 _messages = cast(sa.Table, Message.__table__)
 _sources = cast(sa.Table, MessageSource.__table__)
@@ -81,10 +82,6 @@ _outbox = cast(sa.Table, WebhookDelivery.__table__)
 _CHUNK = 500
 #: A reply without References / In-Reply-To joins a thread by subject only this recent.
 SUBJECT_THREAD_WINDOW = timedelta(days=30)
-_REPLY_PREFIX_RE = re.compile(
-    r"^\s*(?:(?:re|fw|fwd|aw|wg|sv|vs|antw|rif|r|tr|réf|回复|转发)\s*(?:\[\d+\]|\(\d+\))?\s*[:\uff1a]\s*)+",
-    re.I)
-_WS_RE = re.compile(r"\s+")
 
 
 # -- what callers hand in -------------------------------------------------------------------
@@ -193,6 +190,20 @@ class NewMessage:
         if not self.sources:
             raise ValueError("a message needs at least one source")
 
+    @classmethod
+    def from_parsed(cls, p: ParsedMessage, raw: bytes | None, *, direction: str,
+                    sources: list[SourceRef], account: str | None = None,
+                    user: str | None = None) -> NewMessage:
+        """A message parsed by :func:`gateway.mail.parse.parse_message`, as the store takes it."""
+        return cls(
+            message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
+            to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
+            date=p.date, direction=direction, in_reply_to=p.in_reply_to,
+            references=list(p.references), snippet=p.snippet, text_body=p.text_body,
+            html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
+            size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
+            account=account, user=user, template=p.headers.x_mailgw_template, sources=sources)
+
     @property
     def dedupe_key(self) -> str:
         mid = message_id_key(self.message_id)
@@ -276,15 +287,20 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
 
 
 def message_id_key(mid: str | None) -> str:
-    """A Message-ID for lookups: without angle brackets and surrounding whitespace."""
-    return _text((mid or "").strip().strip("<>").strip())
+    """A Message-ID for lookups (see :func:`gateway.mail.parse.message_id_key`), storable."""
+    return _text(parse_mid_key(mid))
 
 
 def subject_key(subject: str) -> tuple[str, bool]:
-    """(the subject without reply/forward prefixes, lower-cased; whether it had such a prefix)."""
-    s = _WS_RE.sub(" ", _text(subject)).strip()
-    stripped = _REPLY_PREFIX_RE.sub("", s).strip()
-    return stripped.lower()[:500], stripped != s
+    """(the subject without reply/forward prefixes, case-folded; whether it had such a prefix)."""
+    s = _text(subject)
+    return normalize_subject(s).casefold()[:500], subject_kind(s) is not None
+
+
+def attachment_dict(a: Attachment) -> dict[str, Any]:
+    """Attachment metadata as stored and shown (never the content)."""
+    return {"filename": a.filename, "content_type": a.content_type, "size": a.size,
+            "sha256": a.sha256, "content_id": a.content_id, "inline": a.inline}
 
 
 def accepted_to_new(a: AcceptedMessage) -> NewMessage:

@@ -6,11 +6,11 @@ import asyncio
 import ssl
 from typing import Any
 
-from gateway.config import Config, SubmissionListener
+from gateway.config import Config, SMTPListenerBase, SubmissionListener
 from gateway.smtp.protocol import GatewaySMTP
 
 
-def server_tls_context(cfg: Config, lst: SubmissionListener) -> ssl.SSLContext | None:
+def server_tls_context(cfg: Config, lst: SMTPListenerBase) -> ssl.SSLContext | None:
     if lst.tls == "none":
         return None
     assert lst.cert_file and lst.key_file
@@ -23,7 +23,7 @@ def server_tls_context(cfg: Config, lst: SubmissionListener) -> ssl.SSLContext |
 class SMTPListener:
     """Binds host:port and serves `handler` with GatewaySMTP sessions."""
 
-    def __init__(self, name: str, cfg: Config, lst: SubmissionListener, handler: Any) -> None:
+    def __init__(self, name: str, cfg: Config, lst: SMTPListenerBase, handler: Any) -> None:
         self.name = name
         self.cfg = cfg
         self.lst = lst
@@ -45,10 +45,12 @@ class SMTPListener:
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=self.tls if lst.tls == "starttls" else None,
-            require_starttls=lst.tls == "starttls",
+            require_starttls=lst.starttls_required,
             timeout=lst.timeout,
             auth_required=False,
             auth_require_tls=not lst.loopback_only,
+            # AUTH is the submission listener's alone: elsewhere no mechanism is offered
+            auth_exclude_mechanism=None if isinstance(lst, SubmissionListener) else ["LOGIN", "PLAIN"],
             command_call_limit=lst.max_commands,
         )
 

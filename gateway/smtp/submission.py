@@ -21,21 +21,7 @@ from gateway.passwords import PasswordChecker
 from gateway.relay import Relay, Submission
 from gateway.smtp.addresses import relay_trick
 from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
-
-_MISSING = object()
-
-
-def _peer_ip(session: Any) -> str:
-    peer = session.peer
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "unknown")
-
-
-def _has_bare_newline(data: bytes) -> bool:
-    """True if `data` holds a CR not followed by LF or an LF not preceded by CR."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
+from gateway.smtp.session import BARE_NEWLINE_REPLY, ehlo_reply, has_bare_newline, peer_ip
 
 
 class SubmissionHandler:
@@ -62,7 +48,7 @@ class SubmissionHandler:
 
     def _trusted(self, session: Any) -> bool:
         try:
-            ip = ipaddress.ip_address(_peer_ip(session))
+            ip = ipaddress.ip_address(peer_ip(session))
         except ValueError:
             return False
         return any(ip in net for net in self.listener.trusted_networks)
@@ -73,15 +59,12 @@ class SubmissionHandler:
     # -- EHLO ------------------------------------------------------------------------
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        lines = [r[4:] for r in responses if r[4:] != "HELP"]
-        lines.append("ENHANCEDSTATUSCODES")
-        return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+        return ehlo_reply(session, hostname, responses)
 
     # -- AUTH (async, verified off the loop, limited per IP) -------------------------
     async def _authenticate(self, server: Any, login_b: bytes, password_b: bytes,
                             mechanism: str) -> AuthResult:
-        ip = _peer_ip(server.session)
+        ip = peer_ip(server.session)
         if self.limiter.blocked(ip):
             self.log.warning("auth_blocked", peer=ip, mechanism=mechanism)
             await server.push("421 4.7.0 Too many failed authentication attempts, try later")
@@ -126,7 +109,7 @@ class SubmissionHandler:
         authzid, login, password = parts
         if authzid and authzid != login:
             await server.push("535 5.7.8 Authorization identity not permitted")
-            self.limiter.failed(_peer_ip(server.session))
+            self.limiter.failed(peer_ip(server.session))
             return AuthResult(success=False, handled=True)
         return await self._authenticate(server, login, password, "PLAIN")
 
@@ -180,10 +163,10 @@ class SubmissionHandler:
     # -- DATA ------------------------------------------------------------------------
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         data: bytes = envelope.original_content or b""
-        peer = _peer_ip(session)
-        if _has_bare_newline(data):
+        peer = peer_ip(session)
+        if has_bare_newline(data):
             self.log.warning("bare_newline_rejected", peer=peer)
-            return "550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8); not accepted"
+            return BARE_NEWLINE_REPLY
         login = session.auth_data.login.decode() if session.authenticated and session.auth_data \
             else None
         user = self.cfg.user(login) if login else None
