@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, read_secret
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
@@ -36,6 +36,9 @@ from gateway.smtp.protocol import AuthLimiter
 from gateway.smtp.server import SMTPListener, server_tls_context
 from gateway.smtp.submission import SubmissionHandler
 from gateway.spool import Spool
+from gateway.tracking.http import TrackingServer, settings_from_config
+from gateway.tracking.sink import StoreTracking
+from gateway.tracking.tokens import TokenSigner, load_or_create_secret
 
 
 class App:
@@ -55,6 +58,8 @@ class App:
         self.submission: SMTPListener | None = None
         self.ingest: Ingest | None = None
         self.ingest_listener: SMTPListener | None = None
+        self.tracking: TrackingServer | None = None
+        self._signer: TokenSigner | None = None
         self.policies = PolicySet.empty(cfg)
         self._stopped = asyncio.Event()
 
@@ -101,6 +106,7 @@ class App:
             self.log.info("listening", listener="submission", host=sub.host,
                           port=self.submission.port, tls=sub.tls)
         await self._start_ingest()
+        await self._start_tracking()
         self.notifier.ready(status="accepting mail")
         self.notifier.start_watchdog(healthy=self._healthy)
 
@@ -118,6 +124,28 @@ class App:
         self.log.info("listening", listener="ingest", host=lst.host,
                       port=self.ingest_listener.port, tls=lst.tls,
                       addresses=list(self.cfg.ingest.addresses))
+
+    def token_signer(self) -> TokenSigner:
+        """The tracking token signer: `tracking.secret_file`, else `state_dir/tracking.key`."""
+        if self._signer is None:
+            t = self.cfg.tracking
+            text = read_secret(t.secret_file, self.cfg.base_dir) if t.secret_file else \
+                load_or_create_secret(self.cfg.state_path / "tracking.key")
+            self._signer = TokenSigner.from_text(text)
+        return self._signer
+
+    async def _start_tracking(self) -> None:
+        """The public tracking endpoint (`listeners.tracking`), when configured."""
+        lst = self.cfg.listeners.tracking
+        if lst is None:
+            return
+        assert self.store is not None and self.writer is not None
+        sink = StoreTracking(self.store, self.writer)
+        self.tracking = TrackingServer(lst, self.token_signer(), sink, sink,
+                                       settings=settings_from_config(self.cfg))
+        await self.tracking.start()
+        self.log.info("listening", listener="tracking", host=lst.host, port=self.tracking.port,
+                      base_url=lst.base_url)
 
     def _healthy(self) -> bool:
         return self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
@@ -166,6 +194,10 @@ class App:
         for listener in (self.submission, self.ingest_listener):
             if listener is not None:
                 await listener.stop(grace=min(grace, 5.0))
+        if self.tracking is not None:
+            lost_hits = await self.tracking.stop(grace=min(grace, 5.0))
+            if lost_hits:
+                self.log.error("tracking_hits_unrecorded", count=lost_hits)
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
         if self.writer is not None:

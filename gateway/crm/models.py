@@ -162,6 +162,9 @@ class MessageSource(Base):
     uidvalidity: Mapped[int | None] = mapped_column(sa.BigInteger)
     uid: Mapped[int | None] = mapped_column(sa.BigInteger)
     recipient: Mapped[str | None] = mapped_column(sa.String)
+    #: relay copies: the submitting client's address and the number of tracked links
+    client_ip: Mapped[str | None] = mapped_column(sa.String)
+    links: Mapped[int | None] = mapped_column(sa.Integer)
     at: Mapped[datetime] = mapped_column()
 
 

@@ -104,9 +104,10 @@ class AcceptedMessage:
     at: datetime
     direction: str = "outbound"
     source: str = "relay"
-    #: the spool copies of this message: (queue id, recipient of a per-recipient copy or None);
+    #: the spool copies of this message (a per-recipient copy names its recipient);
     #: empty means the one entry ``queue_id``
-    copies: list[tuple[str, str | None]] = field(default_factory=list)
+    copies: list[Copy] = field(default_factory=list)
+    client_ip: str | None = None
     template: str | None = None
     text_body: str = ""
     html_body: str = ""
@@ -119,6 +120,15 @@ class AcceptedMessage:
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One spool entry of a relayed message."""
+
+    queue_id: str
+    recipient: str | None = None    # set for a per-recipient (tracked) copy
+    links: int = 0                  # tracked links in it (the honeypot excluded)
 
 
 @dataclass
@@ -150,6 +160,8 @@ class SourceRef:
     uidvalidity: int | None = None
     uid: int | None = None
     recipient: str | None = None
+    client_ip: str | None = None
+    links: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -305,7 +317,7 @@ def attachment_dict(a: Attachment) -> dict[str, Any]:
 
 def accepted_to_new(a: AcceptedMessage) -> NewMessage:
     """The relay's AcceptedMessage as the store's NewMessage (one relay source per copy)."""
-    copies = a.copies or [(a.queue_id, None)]
+    copies = a.copies or [Copy(a.queue_id)]
     return NewMessage(
         message_id=a.message_id, from_addr=a.from_addr, from_name=a.from_name,
         to_addrs=a.to_addrs, cc_addrs=a.cc_addrs, subject=a.subject, date=a.date,
@@ -313,8 +325,9 @@ def accepted_to_new(a: AcceptedMessage) -> NewMessage:
         attachments=a.attachments, size=a.size, account=a.account, user=a.user,
         template=a.template, raw=a.raw, in_reply_to=a.in_reply_to, references=a.references,
         queued_recipients=a.recipients,
-        sources=[SourceRef(source=a.source, ref=qid, at=a.at, account=a.account, recipient=rcpt)
-                 for qid, rcpt in copies])
+        sources=[SourceRef(source=a.source, ref=c.queue_id, at=a.at, account=a.account,
+                           recipient=c.recipient, client_ip=a.client_ip,
+                           links=c.links if c.recipient else None) for c in copies])
 
 
 class RawStore:
@@ -526,7 +539,8 @@ class Store:
         source_rows = [{"message_pk": pks[k], "source": s.source, "ref": _text(s.ref),
                         "account": _opt_text(s.account), "folder": _opt_text(s.folder),
                         "uidvalidity": s.uidvalidity, "uid": s.uid,
-                        "recipient": _opt_text(s.recipient), "at": s.at}
+                        "recipient": _opt_text(s.recipient), "client_ip": _opt_text(s.client_ip),
+                        "links": s.links, "at": s.at}
                        for k, m in zip(keys, items, strict=True) for s in m.sources]
         new_sources: set[int] = set()
         sstmt = (self._insert(_sources)

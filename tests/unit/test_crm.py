@@ -21,6 +21,7 @@ from gateway.crm.contacts import (
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import (
     AcceptedMessage,
+    Copy,
     EventRecord,
     NewMessage,
     SourceRef,
@@ -92,7 +93,7 @@ async def test_message_without_message_id_dedupes_by_hash(store: Store) -> None:
 
 async def test_per_recipient_copies_are_one_message_with_events_per_copy(store: Store) -> None:
     a = relay_msg("QA", "<m2@example.com>", to=("x@acme.test", "y@acme.test"),
-                  copies=[("QA", "x@acme.test"), ("QB", "y@acme.test")])
+                  copies=[Copy("QA", "x@acme.test", 3), Copy("QB", "y@acme.test", 3)])
     await store.record([a], [EventRecord("QA", "sent", "x@acme.test", T0),
                              EventRecord("QB", "sent", "y@acme.test", T0)])
     row = await store.get_message_by_queue_id("QB", bodies=True)

@@ -86,6 +86,8 @@ def upgrade() -> None:
         sa.Column("uidvalidity", sa.BigInteger(), nullable=True),
         sa.Column("uid", sa.BigInteger(), nullable=True),
         sa.Column("recipient", sa.String(), nullable=True),
+        sa.Column("client_ip", sa.String(), nullable=True),
+        sa.Column("links", sa.Integer(), nullable=True),
         sa.Column("at", UTCDateTime(), nullable=False),
         sa.CheckConstraint("source IN ('relay', 'imap', 'ingest')",
                            name=op.f("ck_message_sources_source")),

@@ -1,0 +1,84 @@
+"""The tracking endpoint's view of the CRM store: copy lookups, and hits recorded as events.
+
+:class:`StoreTracking` is both the endpoint's :class:`~gateway.tracking.http.CopyLookup`
+(what the store knows about a recipient's copy: recipient, sender, submitting client,
+delivery time, links, earlier hits) and its :class:`~gateway.tracking.http.HitSink`.
+A hit becomes an ``opened`` or ``clicked`` event (a honeypot hit a ``clicked`` event with
+``details.honeypot``), keyed ``hit:<id>`` so a replay records it once, written through
+the batching :class:`~gateway.crm.writer.StoreWriter` like delivery events (which also
+queues the ``message.opened`` / ``message.clicked`` webhooks in the same transaction).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import cast
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.crm.models import Event, Message, MessageSource
+from gateway.crm.store import EventRecord, Store
+from gateway.crm.writer import StoreWriter
+from gateway.tracking.classify import CopyInfo, Kind, PriorHit
+from gateway.tracking.http import Hit
+
+_sources = cast(sa.Table, MessageSource.__table__)
+_messages = cast(sa.Table, Message.__table__)
+_events = cast(sa.Table, Event.__table__)
+RECENT_HITS = 50
+
+
+class StoreTracking:
+    """Copy lookups from, and hit events into, the CRM store."""
+
+    def __init__(self, store: Store, writer: StoreWriter) -> None:
+        self.store = store
+        self.writer = writer
+
+    async def copy_info(self, copy_id: str) -> CopyInfo | None:
+        q = (sa.select(_sources.c.message_pk, _sources.c.recipient, _sources.c.client_ip,
+                       _sources.c.links, _sources.c.at, _messages.c.from_addr,
+                       _messages.c.message_id)
+             .join(_messages, _messages.c.id == _sources.c.message_pk)
+             .where(_sources.c.source == "relay", _sources.c.ref == copy_id))
+        try:
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(q)).first()
+                if row is None or not row.recipient:
+                    return None
+                delivered = (await conn.execute(
+                    sa.select(sa.func.min(_events.c.at)).where(
+                        _events.c.message_pk == row.message_pk, _events.c.type == "sent",
+                        _events.c.recipient == row.recipient))).scalar()
+                hits = (await conn.execute(
+                    sa.select(_events.c.type, _events.c.at, _events.c.details).where(
+                        _events.c.message_pk == row.message_pk,
+                        _events.c.recipient == row.recipient,
+                        _events.c.type.in_(("opened", "clicked")))
+                    .order_by(_events.c.at.desc()).limit(RECENT_HITS))).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("tracking lookup failed", exc) from exc
+        prior = []
+        for type_, at, details in hits:
+            d = details or {}
+            kind: Kind = "open" if type_ == "opened" else (
+                "honeypot" if d.get("honeypot") else "click")
+            prior.append(PriorHit(id=str(d.get("hit_id", "")), kind=kind,
+                                  link=int(d.get("link") or 0), at=at.timestamp()))
+        return CopyInfo(copy_id=copy_id, recipient=row.recipient, sender=row.from_addr,
+                        message_id=row.message_id or None, submitted_at=row.at.timestamp(),
+                        delivered_at=delivered.timestamp() if delivered is not None else None,
+                        client_ip=row.client_ip, links=int(row.links or 0),
+                        recent_hits=tuple(prior))
+
+    async def record_hit(self, hit: Hit) -> None:
+        details = {"hit_id": hit.id, "link": hit.link, "url": hit.url, "ip": hit.ip,
+                   "user_agent": hit.user_agent, "referer": hit.referer or None,
+                   "category": hit.category, "reason": hit.reason,
+                   "honeypot": hit.kind == "honeypot"}
+        self.writer.add_event(EventRecord(
+            queue_id=hit.copy_id, type="opened" if hit.kind == "open" else "clicked",
+            recipient=hit.recipient or "", at=datetime.fromtimestamp(hit.at, UTC),
+            details={k: v for k, v in details.items() if v is not None},
+            machine=hit.machine, key=f"hit:{hit.id}"))
