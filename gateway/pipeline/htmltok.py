@@ -26,23 +26,64 @@ HTML engine calls a tag:
 
 ``<noscript>`` is tokenized as normal markup: mail clients do not run scripts.
 Positions are ``str`` indices into the decoded document.
+
+For speed one regular expression finds every construct that starts with ``<`` (the
+engine skips the text in between) and scans a whole tag; its possessive and atomic
+groups never backtrack, so it takes the tokenizer's states in order: a quote opens a
+quoted value only right after ``=``, an open quote runs to the end of the document,
+and the first ``>`` outside a quoted value ends the tag. Attributes are parsed only
+for the tags whose attributes are asked for. ``tests/support/htmltok_reference.py``
+is the same tokenizer written as a plain state-machine loop; the tests check both
+agree.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
 _WS = "\t\n\f\r "
-_TAG_NAME_RE = re.compile(r"[A-Za-z][^\t\n\f\r />]*")
-_BEFORE_ATTR_RE = re.compile(r"[\t\n\f\r /]*")
-_ATTR_NAME_RE = re.compile(r"=?[^\t\n\f\r />=]*")
-_EQ_RE = re.compile(r"[\t\n\f\r ]*=[\t\n\f\r ]*")
-_UNQUOTED_RE = re.compile(r"[^\t\n\f\r >]*")
+_TAG_BODY = r"""
+    (?: [\t\n\f\r /]++
+      | (?> =[^\t\n\f\r />=]*+ | [^\t\n\f\r />=]++ )
+        (?: [\t\n\f\r ]*+ = [\t\n\f\r ]*+
+            (?: "[^"]*+" | '[^']*+' | [^\t\n\f\r >"'][^\t\n\f\r >]*+ | (?=>) | ["'].*+ ) )?+
+    )*+ >"""
+# Everything that starts with "<" and means something, in the tokenizer's order of
+# precedence (one leading literal "<" lets the engine skip text quickly). A match of an
+# "open_*" group or of "cut" means the document ends inside that construct: nothing
+# after it is markup.
+_SCAN_RE = re.compile(r"""<(?:
+      (?P<cond> !--\[[Ii][Ff]\b[^\]>]*\]> )             # Outlook conditional: keep going
+    | !--(?: > | -> | .*?--!?> )                        # comment (also <!--> and <!--->)
+    | (?P<open_comment> !-- )
+    | !\[CDATA\[ .*? \]\]>
+    | (?P<open_cdata> !\[CDATA\[ )
+    | (?: [!?] | /(?![A-Za-z>]) ) [^>]* >               # <!DOCTYPE>, <![endif]-->, <?..>, </ x>
+    | (?P<open_bogus> [!?] | /(?![A-Za-z>]) )
+    | />
+    | (?P<slash>/?)(?P<name>[A-Za-z][^\t\n\f\r />]*+)""" + _TAG_BODY + r"""
+    | (?P<cut> /?[A-Za-z] ) )
+    """, re.S | re.X)
+_STOP = frozenset({"open_comment", "open_cdata", "open_bogus", "cut"})
+_ATTR_RE = re.compile(r"""
+    [\t\n\f\r /]*+
+    ( =[^\t\n\f\r />=]*+ | [^\t\n\f\r />=]*+ )
+    (?: [\t\n\f\r ]*+ = [\t\n\f\r ]*+
+        (?: "([^"]*+)" | '([^']*+)' | ([^\t\n\f\r >"'][^\t\n\f\r >]*+) | (?=>) ) )?+
+    """, re.X)
 _RAWTEXT = frozenset({"script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea"})
-_RAW_END_RE = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.I) for name in _RAWTEXT}
-_COMMENT_END_RE = re.compile(r"--!?>")
-_COND_OPEN_RE = re.compile(r"<!--\[if\b[^\]>]*\]>", re.I)
+_TERM = r"[\t\n\f\r />]"         # what ends a tag name
+
+
+def _ci(name: str) -> str:
+    """A pattern matching `name` with ASCII case folded only (``re.I`` would also let
+    U+017F match "s" and U+212A match "k"; HTML lower-cases ASCII only)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in name)
+
+
+_RAW_END_RE = {name: re.compile(f"</{_ci(name)}{_TERM}") for name in _RAWTEXT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +98,23 @@ class Attr:
 
 @dataclass(slots=True)
 class Tag:
-    """A start or end tag spanning ``[start, end)`` of the document (``end`` is after ``>``)."""
+    """A start or end tag spanning ``[start, end)`` of the document (``end`` is after ``>``).
+
+    Attributes are parsed on first use (most tags' attributes are never looked at)."""
 
     name: str
     start: int
     end: int
     is_end: bool
-    attrs: list[Attr] = field(default_factory=list)
+    doc: str = field(repr=False)
+    attrs_start: int = field(repr=False)
+    _attrs: list[Attr] | None = field(default=None, repr=False)
+
+    @property
+    def attrs(self) -> list[Attr]:
+        if self._attrs is None:
+            self._attrs = _parse_attrs(self.doc, self.attrs_start, self.end)
+        return self._attrs
 
     def get(self, name: str) -> Attr | None:
         """The first attribute called `name` (already lower-case), or None."""
@@ -77,138 +128,107 @@ def _ascii_lower(s: str) -> str:
     return s.lower() if s.isascii() else "".join(c.lower() if "A" <= c <= "Z" else c for c in s)
 
 
-def _parse_tag(s: str, j: int, is_end: bool) -> Tag | None:
-    """The tag starting at ``s[j]`` (``<`` or ``</``), or None if the document ends inside it."""
-    name_at = j + 2 if is_end else j + 1
-    m = _TAG_NAME_RE.match(s, name_at)
-    assert m is not None  # the caller checked for a letter
-    tag = Tag(_ascii_lower(m.group()), j, -1, is_end)
+def _parse_attrs(s: str, pos: int, end: int) -> list[Attr]:
+    """The attributes between `pos` and the tag's closing ``>`` at ``end - 1``."""
+    out: list[Attr] = []
     seen: set[str] = set()
-    i = m.end()
-    n = len(s)
-    while True:
-        i = _BEFORE_ATTR_RE.match(s, i).end()  # type: ignore[union-attr]
-        if i >= n:
-            return None
-        if s[i] == ">":
-            tag.end = i + 1
-            return tag
-        nm = _ATTR_NAME_RE.match(s, i)
-        assert nm is not None
-        name = _ascii_lower(nm.group())
-        i = nm.end()
-        eq = _EQ_RE.match(s, i)
-        if eq is None:
-            attr = Attr(name, i, i, "")
+    last = end - 1
+    while pos < last:
+        m = _ATTR_RE.match(s, pos, end)
+        assert m is not None        # every part is optional
+        raw_name = m.group(1)
+        if not raw_name:
+            break
+        name = _ascii_lower(raw_name)
+        if m.start(2) >= 0:
+            attr = Attr(name, m.start(2), m.end(2), '"')
+        elif m.start(3) >= 0:
+            attr = Attr(name, m.start(3), m.end(3), "'")
+        elif m.start(4) >= 0:
+            attr = Attr(name, m.start(4), m.end(4), "")
         else:
-            i = eq.end()
-            if i >= n:
-                return None
-            q = s[i]
-            if q in "\"'":
-                close = s.find(q, i + 1)
-                if close < 0:
-                    return None
-                attr = Attr(name, i + 1, close, q)
-                i = close + 1
-            else:
-                um = _UNQUOTED_RE.match(s, i)
-                assert um is not None
-                attr = Attr(name, i, um.end(), "")
-                i = um.end()
+            attr = Attr(name, m.end(), m.end(), "")
         if name not in seen:
             seen.add(name)
-            tag.attrs.append(attr)
+            out.append(attr)
+        pos = m.end()
+    return out
 
 
-def tokenize(s: str) -> list[Tag]:
-    """Every start and end tag of `s`, in document order."""
+@functools.lru_cache(maxsize=16)
+def _filtered_re(names: frozenset[str]) -> re.Pattern[str]:
+    """One match per tag called one of `names`: everything before it (text, comments,
+    other tags, raw text elements with their content) is skipped inside the match, so
+    the regex engine, not Python, walks the document. A construct the document ends
+    inside swallows the rest, and then nothing matches any more."""
+    wanted = "|".join(_ci(n) for n in sorted(names, key=len, reverse=True))
+    raw = "".join(
+        rf"| <{_ci(n)}(?={_TERM}) (?: {_TAG_BODY} (?: .*?(?=</{_ci(n)}{_TERM}) | .*+ ) | .*+ )"
+        for n in sorted(_RAWTEXT))
+    return re.compile(rf"""
+        (?: [^<]++
+          | <!--\[[Ii][Ff]\b[^\]>]*\]>
+          | <!--(?: > | -> | .*?--!?> ) | <!--.*+
+          | <!\[CDATA\[ .*? \]\]> | <!\[CDATA\[.*+
+          | <(?: [!?] | /(?![A-Za-z>]) ) (?: [^>]*+> | .*+ )
+          | </>
+          {raw}
+          | <{_ci("plaintext")}(?={_TERM}).*+
+          | </?(?!(?:{wanted}){_TERM})[A-Za-z][^\t\n\f\r />]*+ (?: {_TAG_BODY} | .*+ )
+          | <(?![A-Za-z!?/])
+        )*+
+        (?: <(?P<slash>/?)(?P<name>{wanted})(?={_TERM}) {_TAG_BODY} | <.*+ )
+        """, re.S | re.X)
+
+
+def tokenize(s: str, names: frozenset[str] | None = None) -> list[Tag]:
+    """Every start and end tag of `s` in document order (only those called one of `names`)."""
     tags: list[Tag] = []
-    n = len(s)
-    i = 0
-    find = s.find
-    startswith = s.startswith
-    while i < n:
-        j = find("<", i)
-        if j < 0 or j + 1 >= n:
-            break
-        c = s[j + 1]
-        if c == "!":
-            if startswith("<!--", j):
-                cm = _COND_OPEN_RE.match(s, j)
-                if cm is not None:          # Outlook renders what follows: keep tokenizing
-                    i = cm.end()
-                    continue
-                if startswith(">", j + 4):
-                    i = j + 5
-                    continue
-                if startswith("->", j + 4):
-                    i = j + 6
-                    continue
-                end = _COMMENT_END_RE.search(s, j + 4)
-                if end is None:
-                    break
-                i = end.end()
+    if names is not None and not names & _RAWTEXT and "plaintext" not in names:
+        rx = _filtered_re(names)
+        pos, n = 0, len(s)
+        while pos < n:
+            m = rx.match(s, pos)
+            if m is None or m.start("name") < 0:
+                break
+            tags.append(Tag(m.group("name").lower(), m.start("slash") - 1, m.end(),
+                            m.start("slash") != m.end("slash"), s, m.end("name")))
+            pos = m.end()
+        return tags
+    pos = 0
+    while True:
+        raw_name = ""
+        end = pos
+        for m in _SCAN_RE.finditer(s, pos):
+            kind = m.lastgroup
+            if kind != "name":
+                if kind in _STOP:
+                    return tags
                 continue
-            if startswith("<![CDATA[", j):
-                k = find("]]>", j + 9)
-                if k < 0:
-                    break
-                i = k + 3
-                continue
-            k = find(">", j + 2)            # <!DOCTYPE ...>, <![endif]-->, other bogus comments
-            if k < 0:
+            raw = m.group("name")
+            name = raw.lower() if raw.isascii() else _ascii_lower(raw)
+            is_end = m.start("slash") != m.end("slash")
+            if names is None or name in names:
+                tags.append(Tag(name, m.start(), m.end(), is_end, s, m.end("name")))
+            if not is_end and (name in _RAWTEXT or name == "plaintext"):
+                raw_name, end = name, m.end()
                 break
-            i = k + 1
-            continue
-        if c == "?":
-            k = find(">", j + 2)
-            if k < 0:
-                break
-            i = k + 1
-            continue
-        if c == "/":
-            if j + 2 >= n:
-                break
-            c2 = s[j + 2]
-            if c2 == ">":
-                i = j + 3
-                continue
-            if not ("a" <= c2 <= "z" or "A" <= c2 <= "Z"):
-                k = find(">", j + 2)        # bogus comment
-                if k < 0:
-                    break
-                i = k + 1
-                continue
-            tag = _parse_tag(s, j, True)
-            if tag is None:
-                break
-            tags.append(tag)
-            i = tag.end
-            continue
-        if "a" <= c <= "z" or "A" <= c <= "Z":
-            tag = _parse_tag(s, j, False)
-            if tag is None:
-                break
-            tags.append(tag)
-            i = tag.end
-            if tag.name in _RAWTEXT:
-                em = _RAW_END_RE[tag.name].search(s, i)
-                if em is None:
-                    break
-                i = em.start()
-            elif tag.name == "plaintext":
-                break
-            continue
-        i = j + 1
-    return tags
+        if not raw_name or raw_name == "plaintext":
+            return tags
+        em = _RAW_END_RE[raw_name].search(s, end)
+        if em is None:
+            return tags
+        pos = em.start()
+
+
+_END_NAMES = frozenset({"body", "html"})
 
 
 def insertion_point(s: str, tags: list[Tag] | None = None) -> int:
     """Where content appended to the document's body goes: before the last ``</body>``,
     else before the last ``</html>``, else at the end (before trailing whitespace)."""
     if tags is None:
-        tags = tokenize(s)
+        tags = tokenize(s, _END_NAMES)
     for name in ("body", "html"):
         for t in reversed(tags):
             if t.is_end and t.name == name:

@@ -50,6 +50,7 @@ _CHARREF_RE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};
 _URL_WS_RE = re.compile(r"[\t\n\r]")
 _URL_STRIP = "".join(chr(c) for c in range(0x21))   # C0 controls and space (WHATWG URL)
 _LIST_UNSUB_RE = re.compile(r"<([^>]*)>")
+_LINK_TAGS = frozenset({"a", "area", "body"})
 
 
 def _replace_charref(m: re.Match[str]) -> str:
@@ -150,7 +151,7 @@ def honeypot_markup(url: str) -> str:
 def rewrite_links(doc: str, policy: LinkPolicy) -> Rewritten:
     """Replace every trackable ``href`` value in `doc` by ``<base_url>/c/<click token>``."""
     root = policy.root
-    tags = tokenize(doc)
+    tags = tokenize(doc, _LINK_TAGS)
     edits: list[tuple[int, int, str]] = []
     out = Rewritten(doc)
     number = policy.first_link

@@ -58,6 +58,26 @@ class MimeError(ValueError):
     """A part's content cannot be decoded (unknown transfer encoding or charset, invalid bytes)."""
 
 
+_DELIM_TAIL_RE = re.compile(rb"(--)?[ \t]*(?:\r?\n|\r?\Z)")
+
+
+def _delimiters(body: bytes, dash_boundary: bytes) -> list[tuple[int, int, bool]]:
+    """(line start, end of the line incl. its line ending, is close delimiter) for every
+    delimiter line ``--boundary`` [``--``] [transport padding] of a multipart body."""
+    out: list[tuple[int, int, bool]] = []
+    pos = 0
+    n = len(dash_boundary)
+    while True:
+        k = body.find(dash_boundary, pos)
+        if k < 0:
+            return out
+        if k == 0 or body[k - 1] == 0x0A:
+            m = _DELIM_TAIL_RE.match(body, k + n)
+            if m is not None:
+                out.append((k, m.end(), m.group(1) is not None))
+        pos = k + n
+
+
 def _split_entity(data: bytes) -> tuple[bytes, bytes, bytes]:
     """(header block with its last line ending, the blank line, body)."""
     if data.startswith(b"\r\n"):
@@ -65,7 +85,7 @@ def _split_entity(data: bytes) -> tuple[bytes, bytes, bytes]:
     if data.startswith(b"\n"):
         return b"", b"\n", data[1:]
     i = data.find(b"\n\r\n")
-    k = data.find(b"\n\n")
+    k = data.find(b"\n\n", 0, len(data) if i < 0 else i)     # only before the CRLF blank line
     if i < 0 and k < 0:
         return data, b"", b""
     if k < 0 or (0 <= i < k):
@@ -226,26 +246,21 @@ class Entity:
         boundary = self._msg.get_boundary()
         if not boundary:
             return
-        delim = re.compile(rb"^--" + re.escape(boundary.encode("utf-8", "surrogateescape"))
-                           + rb"(--)?[ \t]*\r?$", re.M)
         body = self.body
-        matches = list(delim.finditer(body))
+        matches = _delimiters(body, b"--" + boundary.encode("utf-8", "surrogateescape"))
         if not matches:
             return
         child_default = "message/rfc822" if self.content_type == "multipart/digest" else "text/plain"
         segments: list[bytes | Entity] = []
         pos = 0
-        for idx, m in enumerate(matches):
-            line_end = m.end()
-            if body[line_end:line_end + 1] == b"\n":
-                line_end += 1
-            if m.group(1):          # close delimiter: the rest is the epilogue
+        for idx, (_, line_end, close) in enumerate(matches):
+            if close:               # close delimiter: the rest is the epilogue
                 segments.append(body[pos:])
                 pos = len(body)
                 break
             start = line_end
             if idx + 1 < len(matches):
-                end = matches[idx + 1].start()
+                end = matches[idx + 1][0]
                 if end > start:     # the line ending before the next delimiter belongs to it
                     end -= 2 if body[end - 2:end] == b"\r\n" else 1
             else:

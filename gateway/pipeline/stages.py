@@ -83,6 +83,7 @@ class CopyContext:
         if self.settings.tracking:
             if self.signer is None:
                 raise ValueError("tracking is on but no token signer was given")
+            self.signer.open_token(self.copy_id)      # ValueError now if it is not a queue id
             try:
                 parts = urlsplit(self.base_url)
             except ValueError:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gateway.pipeline.htmltok import body_start, insertion_point, tokenize
+from tests.support import htmltok_reference as reference
 
 
 def hrefs(doc: str) -> list[str]:
@@ -65,3 +72,25 @@ def test_insertion_point_and_body_start() -> None:
     assert insertion_point("<p>x</p>\r\n\r\n") == len("<p>x</p>")
     assert "<p>x</p></html>"[insertion_point("<p>x</p></html>"):] == "</html>"
     assert body_start(tokenize("<p>no body</p>")) is None
+
+
+FRAGMENTS = ["<", ">", "</", "/", "=", '"', "'", " ", "\t", "\n", "a", "A", "href", "HREF", "x", "1", "-",
+             "!", "?", "<!--", "-->", "--!>", "<!-->", "<![CDATA[", "]]>", "<!--[if mso]>", "<![endif]-->",
+             "<a ", "<area ", "</a>", "<body>", "</body>", "<script>", "</script>", "<style>", "</style >",
+             "<title>", "</title>", "<plaintext>", "<textarea>", "</textarea>", "<p", "&amp;", "é",
+             "data-notrack",
+             "<html>", "</html>", "</BODY>", "<\u017fcript>", "</\u017fcript>", "<SCRIPT ", "<![", "\u212a",
+             "<!DOCTYPE html>"]
+
+
+@settings(max_examples=int(os.environ.get("MAILGW_HYPOTHESIS_EXAMPLES", "300")) * 2, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join))
+def test_same_tags_as_the_reference_state_machine(doc: str) -> None:
+    def shape(tags: list[Any]) -> list[tuple[object, ...]]:
+        return [(t.name, t.start, t.end, t.is_end,
+                 tuple((a.name, a.value_start, a.value_end, a.quote) for a in t.attrs)) for t in tags]
+
+    assert shape(tokenize(doc)) == shape(reference.tokenize(doc))
+    sets = (frozenset({"a", "area", "body"}), frozenset({"body", "html"}), frozenset({"script", "a"}))
+    for wanted in sets:
+        assert shape(tokenize(doc, wanted)) == [t for t in shape(reference.tokenize(doc)) if t[0] in wanted]

@@ -80,6 +80,11 @@ def test_tracking_needs_a_sane_base_url(base: str) -> None:
         CopyContext("b@x.test", new_queue_id(), TRACK, base, SIGNER)
 
 
+def test_tracking_needs_a_queue_id() -> None:
+    with pytest.raises(ValueError, match="queue id"):
+        CopyContext("b@x.test", "not-a-ulid", TRACK, BASE, SIGNER)
+
+
 def test_tracking_needs_a_signer() -> None:
     with pytest.raises(ValueError, match="signer"):
         CopyContext("b@x.test", new_queue_id(), TRACK, BASE, None)
