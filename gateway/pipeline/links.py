@@ -130,7 +130,7 @@ def _skipped(url: str, tag_has_notrack: bool, policy: LinkPolicy) -> bool:
     if url in policy.unsubscribe:
         return True
     if policy.skip_links:
-        bare = low.split("://", 1)[1]
+        bare = low.split("://", 1)[-1]
         for glob in policy.skip_links:
             g = glob.lower()
             if fnmatchcase(low, g) or fnmatchcase(bare, g):

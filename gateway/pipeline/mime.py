@@ -328,8 +328,11 @@ class Entity:
         return self._text is not None or any(c.changed for c in self.children)
 
     def _encode_text(self, text: str) -> tuple[bytes, bytes]:
-        """(new header, new body) for replaced text."""
+        """(new header, new body) for replaced text; sets `notes` afresh."""
+        self.notes = []
         header = self.header
+        if header and not header.endswith(b"\n"):     # a header block cut off without its line end
+            header += self.nl
         charset = self.charset or ("utf-8" if self._implicit_utf8 else "us-ascii")
         codec = _codec(charset)
         try:

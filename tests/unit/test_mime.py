@@ -253,3 +253,14 @@ def test_deep_nesting_is_left_whole() -> None:
     tree = MimeTree(raw)
     assert tree.serialize() is raw
     assert tree.body_parts() == []
+
+
+def test_serialize_twice_is_stable_and_headers_without_line_end() -> None:
+    raw = crlf("Content-Type: text/plain; charset=us-ascii\n\nx")
+    tree = MimeTree(raw)
+    tree.body_parts()[0].replace_text("ü")
+    first = tree.serialize()
+    assert tree.serialize() == first and len(tree.notes) == 2
+    cut = MimeTree(b"Subject: no line end")
+    cut.body_parts()[0].replace_text("sig")
+    assert cut.serialize() == b"Subject: no line end\r\n\r\nsig"
