@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from gateway.app import App
-from gateway.config import load_config
 from gateway.crm.engine import make_engine
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
