@@ -250,3 +250,19 @@ def test_signature_scheme() -> None:
     # the documented recipe, written out as a receiver would
     expected = hmac.new(SECRET, b"1700000000." + body, hashlib.sha256).hexdigest()
     assert sig == f"sha256={expected}"
+
+
+async def test_sent_and_deferred_events_reach_their_subscribers(store: Store) -> None:
+    store.configure(store.rules, [
+        *targets({"http://127.0.0.1:9/a": endpoint("http://127.0.0.1:9/a")}),   # all events
+        *targets({"http://127.0.0.1:9/b": Endpoint(url="http://127.0.0.1:9/b", secret=SECRET,
+                                                    events=frozenset({"message.deferred"}))})])
+    await store.record([relay("Q1")], [
+        EventRecord("Q1", "deferred", "bob@acme.test", T0, {"reply": "451 4.3.0 later"}),
+        EventRecord("Q1", "sent", "bob@acme.test", T0, {"reply": "250 ok"})])
+    async with store.engine.connect() as conn:
+        got = (await conn.execute(sa.text(
+            "SELECT webhook, event_type FROM webhook_outbox ORDER BY webhook, id"))).all()
+    assert [tuple(r) for r in got] == [
+        ("http://127.0.0.1:9/a", "message.stored"), ("http://127.0.0.1:9/a", "message.deferred"),
+        ("http://127.0.0.1:9/a", "message.sent"), ("http://127.0.0.1:9/b", "message.deferred")]
