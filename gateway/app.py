@@ -127,14 +127,20 @@ class App:
 
     def _reload_api(self, new: Config) -> None:
         """New token and webhooks take effect at once; a moved admin listener needs a restart."""
+        try:  # the files were read by validation just now; this only loses a race
+            endpoints = endpoints_from_config(new)
+            admin = new.listeners.admin
+            token = read_secret(admin.token_file, new.base_dir) if admin and admin.token_file else None
+        except (OSError, UnicodeDecodeError) as exc:
+            self.log.error("reload_secrets_unreadable", error=str(exc),
+                           kept="the previous webhooks and admin token")
+            return
         if self.store is not None:
-            self._configure_store(new)
+            self.store.configure(LinkRules.from_config(new), targets(endpoints))
         if self.webhooks is not None:
-            self.webhooks.configure(endpoints_from_config(new))
-        admin = new.listeners.admin
+            self.webhooks.configure(endpoints)
         if self.admin is not None and admin is not None:
-            self.admin.set_token(read_secret(admin.token_file, new.base_dir)
-                                 if admin.token_file else None)
+            self.admin.set_token(token)
 
     async def _stop_api(self, grace: float) -> None:
         if self.admin is not None:
