@@ -17,7 +17,11 @@ from typing import Any
 
 import structlog
 
+from gateway.api.http import AdminAPI
+from gateway.api.metrics import Metrics
+from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
 from gateway.config import Config, load_config, read_secret
+from gateway.crm import outbox
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
@@ -36,6 +40,7 @@ from gateway.smtp.protocol import AuthLimiter
 from gateway.smtp.server import SMTPListener, server_tls_context
 from gateway.smtp.submission import SubmissionHandler
 from gateway.spool import Spool
+from gateway.spool.spool import STATES
 from gateway.tracking.http import TrackingServer, settings_from_config
 from gateway.tracking.sink import StoreTracking
 from gateway.tracking.tokens import TokenSigner, load_or_create_secret
@@ -61,6 +66,9 @@ class App:
         self.tracking: TrackingServer | None = None
         self._signer: TokenSigner | None = None
         self.policies = PolicySet.empty(cfg)
+        self.metrics = Metrics()
+        self.admin: AdminAPI | None = None
+        self.webhooks: WebhookDispatcher | None = None
         self._stopped = asyncio.Event()
 
     def get_config(self) -> Config:
@@ -82,6 +90,7 @@ class App:
         counts = self.spool.recover()
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
         self.store = await Store.from_config(cfg)
+        self._configure_store(cfg)
         self.writer = StoreWriter(self.store, log=self.log)
         await self.writer.start()
         d = cfg.delivery
@@ -107,6 +116,7 @@ class App:
                           port=self.submission.port, tls=sub.tls)
         await self._start_ingest()
         await self._start_tracking()
+        await self._start_api(cfg)
         self.notifier.ready(status="accepting mail")
         self.notifier.start_watchdog(healthy=self._healthy)
 
@@ -150,6 +160,61 @@ class App:
     def _healthy(self) -> bool:
         return self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
 
+    # -- admin listener (read API, /metrics, /healthz) and webhook delivery ------------------
+    def _configure_store(self, cfg: Config) -> None:
+        """Linking rules and webhook subscriptions of the store (at start and on reload)."""
+        assert self.store is not None
+        self.store.configure(LinkRules.from_config(cfg), targets(endpoints_from_config(cfg)))
+
+    def spool_counts(self) -> dict[str, int]:
+        return {state: len(self.spool.list_ids(state)) for state in STATES}
+
+    async def _start_api(self, cfg: Config) -> None:
+        assert self.store is not None
+        store = self.store
+        self.metrics.on_collect(lambda: self.metrics.set_queue(self.spool_counts()))
+
+        async def backlog() -> None:
+            self.metrics.webhook_backlog.set(await outbox.backlog(store))
+
+        self.metrics.on_collect(backlog)
+        self.webhooks = WebhookDispatcher(store, endpoints_from_config(cfg), metrics=self.metrics,
+                                          log=self.log)
+        await self.webhooks.start()
+        admin = cfg.listeners.admin
+        if admin is not None:
+            token = read_secret(admin.token_file, cfg.base_dir) if admin.token_file else None
+            self.admin = AdminAPI(store, get_config=self.get_config, metrics=self.metrics,
+                                  token=token, spool_counts=self.spool_counts, log=self.log)
+            await self.admin.start(admin.host, admin.port, loopback_only=admin.loopback_only)
+            self.log.info("listening", listener="admin", host=admin.host, port=self.admin.port,
+                          auth="bearer" if token else "none (loopback only)")
+
+    def _reload_api(self, new: Config) -> None:
+        """New token and webhooks take effect at once; a moved admin listener needs a restart."""
+        try:  # the files were read by validation just now; this only loses a race
+            endpoints = endpoints_from_config(new)
+            admin = new.listeners.admin
+            token = read_secret(admin.token_file, new.base_dir) if admin and admin.token_file else None
+        except (OSError, UnicodeDecodeError) as exc:
+            self.log.error("reload_secrets_unreadable", error=str(exc),
+                           kept="the previous webhooks and admin token")
+            return
+        if self.store is not None:
+            self.store.configure(LinkRules.from_config(new), targets(endpoints))
+        if self.webhooks is not None:
+            self.webhooks.configure(endpoints)
+        if self.admin is not None and admin is not None:
+            self.admin.set_token(token)
+
+    async def _stop_api(self, grace: float) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.webhooks is not None:
+            await self.webhooks.stop(timeout=grace)
+            self.webhooks = None
+
     async def reload(self, path: str | Path) -> bool:
         """Load and validate the config again; keep the old one if the new one is invalid."""
         self.notifier.reloading()
@@ -168,6 +233,9 @@ class App:
             o, n = old.listeners.submission, new.listeners.submission
             if (o and n and (o.host, o.port, o.tls) != (n.host, n.port, n.tls)) or bool(o) != bool(n):
                 restart_needed.append("listeners.submission")
+            oa, na = old.listeners.admin, new.listeners.admin
+            if (oa and na and (oa.host, oa.port) != (na.host, na.port)) or bool(oa) != bool(na):
+                restart_needed.append("listeners.admin")
         if restart_needed:
             self.log.warning("reload_partial", needs_restart=restart_needed)
         self.cfg = new
@@ -181,8 +249,7 @@ class App:
                 self.submission.tls = server_tls_context(new, n_sub)
         if self.scheduler is not None:
             self.scheduler.config_changed()
-        if self.store is not None:
-            self.store.configure(LinkRules.from_config(new), self.store.webhooks)
+        self._reload_api(new)
         self.log.info("reloaded", config=new.source)
         self.notifier.ready(status="accepting mail (reloaded)")
         return True
@@ -198,6 +265,7 @@ class App:
             lost_hits = await self.tracking.stop(grace=min(grace, 5.0))
             if lost_hits:
                 self.log.error("tracking_hits_unrecorded", count=lost_hits)
+        await self._stop_api(grace)
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
         if self.writer is not None:

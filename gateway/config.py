@@ -175,9 +175,19 @@ class TrackingListener(Model):
 
 
 class AdminListener(Model):
+    """The read API, /metrics and /healthz. Without `token_file` the API is served only on
+    loopback (a non-loopback host then fails validation)."""
+
     host: str = "127.0.0.1"
     port: Port = 8081
     token_file: SecretRef | None = None
+
+    @property
+    def loopback_only(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
 
 
 class Listeners(Model):
@@ -519,10 +529,38 @@ class CRM(Model):
     exclude: list[str] = []
 
 
+#: Event types a webhook may subscribe to (``events: []`` subscribes to all of them).
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "message.stored", "message.sent", "message.deferred", "message.bounced", "message.opened",
+    "message.clicked", "message.replied", "account.needs_reconnect")
+WebhookEvent = Literal["message.stored", "message.sent", "message.deferred", "message.bounced",
+                       "message.opened", "message.clicked", "message.replied",
+                       "account.needs_reconnect"]
+
+
 class Webhook(Model):
+    """A receiver of signed event POSTs from the outbox (see gateway.api.webhooks)."""
+
     url: str
-    secret_file: SecretRef | None = None
-    events: list[str] = []
+    secret_file: SecretRef
+    events: list[WebhookEvent] = []
+    timeout: Duration = Field(default=10.0, gt=0, le=300)
+    max_age: Duration = Field(default=3 * 86400.0, gt=0)
+    retry_initial: Duration = Field(default=10.0, gt=0)
+    retry_max: Duration = Field(default=3600.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s?#@]+(?:[/?#]\S*)?", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _retry(self) -> Webhook:
+        if self.retry_initial > self.retry_max:
+            raise ValueError("retry_initial is longer than retry_max")
+        return self
 
 
 class Logging(Model):
@@ -791,9 +829,16 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
     if sub is not None:
         yield from check_file(("listeners", "submission", "cert_file"), sub.cert_file, False)
         yield from check_file(("listeners", "submission", "key_file"), sub.key_file, False)
-    if cfg.listeners.admin is not None:
-        yield from check_file(("listeners", "admin", "token_file"),
-                              cfg.listeners.admin.token_file, True)
+    admin = cfg.listeners.admin
+    if admin is not None:
+        loc = ("listeners", "admin", "token_file")
+        if admin.token_file is None and not admin.loopback_only:
+            yield at(loc, f"required when the admin listener binds {admin.host} (not loopback only): "
+                          "the read API needs a bearer token there")
+        bad = list(check_file(loc, admin.token_file, True))
+        yield from bad
+        if admin.token_file and not bad and not read_secret(admin.token_file, cfg.base_dir).strip():
+            yield at(loc, f"{admin.token_file} is empty")
     sh = cfg.delivery.smarthost
     if sh is not None:
         yield from check_file(("delivery", "smarthost", "password_file"), sh.password_file, True)
@@ -809,8 +854,15 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
         if a.smtp is not None:
             yield from check_file(("accounts", i, "smtp", "password_file"),
                                   a.smtp.password_file, True)
+    urls: set[str] = set()
     for i, w in enumerate(cfg.webhooks):
-        yield from check_file(("webhooks", i, "secret_file"), w.secret_file, True)
+        bad = list(check_file(("webhooks", i, "secret_file"), w.secret_file, True))
+        yield from bad
+        if not bad and not read_secret(w.secret_file, cfg.base_dir).strip():
+            yield at(("webhooks", i, "secret_file"), f"{w.secret_file} is empty")
+        if w.url in urls:
+            yield at(("webhooks", i, "url"), f"duplicate webhook url {w.url!r}")
+        urls.add(w.url)
     yield from check_file(("token_key_file",), cfg.token_key_file, True)
     yield from _dkim_problems(cfg, node, at, warnings)
 

@@ -769,7 +769,7 @@ class Store:
                     continue
             else:
                 rows_plain.append(row)
-            if e.type in ("bounced", "opened", "clicked"):
+            if e.type in ("sent", "deferred", "bounced", "opened", "clicked"):
                 await self.enqueue_webhook(conn, f"message.{e.type}", {
                     "message_id": target, "event": _event_payload(row)}, now)
         for chunk in _chunks(rows_plain):

@@ -1,0 +1,334 @@
+"""The admin listener (aiohttp): the read API under /api/v1, /healthz and /metrics.
+
+Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json``)::
+
+    GET /api/v1/messages?contact=&account=&direction=&since=&limit=&cursor=
+    GET /api/v1/messages/{id}                  bodies, sources, events; 404 if unknown
+    GET /api/v1/contacts/{email}/timeline?limit=&cursor=
+    GET /api/v1/accounts                       configured mailboxes + runtime state
+    GET /api/v1/stats/engagement?days=&by=     see gateway.crm.reports
+    GET /api/v1/webhooks                       webhooks and their outbox counts
+    GET /api/v1/openapi.json                   no token needed
+    GET /healthz                               no token; 503 when the store is unreachable
+    GET /metrics                               no token; Prometheus text format
+
+Authentication. Every /api/v1 route but the OpenAPI document needs
+``Authorization: Bearer <token>`` with the token from ``listeners.admin.token_file``
+(compared in constant time; re-read on SIGHUP); otherwise 401 with
+``WWW-Authenticate: Bearer``. Without a token file the API is open, which the
+configuration allows only when the listener binds loopback (and :meth:`AdminAPI.start`
+refuses otherwise). ``/healthz`` and ``/metrics`` never need the token: they reveal
+no mail and are meant for a local Prometheus and systemd/load-balancer checks; keep
+the admin listener on loopback or a management network.
+
+Pagination. Lists are newest first; ``next_cursor`` (also as ``Link: <...>; rel="next"``)
+is an opaque base64url token of the last row's (sort time, id), so pages never
+overlap or skip rows even when many share one time. ``limit`` defaults to 50 and is
+capped at 200. A bad parameter is 400 with ``{"error": ..., "parameter": NAME}``; any
+error is JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from aiohttp import web
+
+from gateway.api import openapi
+from gateway.api.accounts import list_accounts
+from gateway.api.metrics import Metrics
+from gateway.config import Config
+from gateway.crm import outbox
+from gateway.crm.contacts import contact_timeline, get_contact
+from gateway.crm.models import DIRECTIONS, Message, sort_at
+from gateway.crm.reports import GROUPINGS, MAX_DAYS, engagement
+from gateway.crm.store import Store
+from gateway.errors import GatewayError, StoreError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SpoolCounts = Callable[[], Mapping[str, int]]
+HEALTH_TIMEOUT = 3.0
+_messages_id = Message.__table__.c.id
+
+
+class BadParameter(Exception):
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.message = message
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+# -- parameters -----------------------------------------------------------------------------
+def encode_cursor(at: datetime, pk: int) -> str:
+    raw = json.dumps([at.astimezone(UTC).isoformat(), pk], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(value: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        at, pk = json.loads(raw)
+        t = datetime.fromisoformat(at)
+        if not isinstance(pk, int) or isinstance(pk, bool) or t.tzinfo is None:
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadParameter("cursor", "not a cursor returned by this API") from None
+    return t, pk
+
+
+def _limit(q: Mapping[str, str]) -> int:
+    value = q.get("limit")
+    if value is None or value == "":
+        return openapi.DEFAULT_LIMIT
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadParameter("limit", f"{value!r} is not an integer") from None
+    if n < 1:
+        raise BadParameter("limit", "must be at least 1")
+    return min(n, openapi.MAX_LIMIT)
+
+
+def _since(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadParameter("since", f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _int_param(q: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = q.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadParameter(name, f"{value!r} is not an integer") from None
+    if not low <= n <= high:
+        raise BadParameter(name, f"must be between {low} and {high}")
+    return n
+
+
+class AdminAPI:
+    """The admin listener's aiohttp application and its server."""
+
+    def __init__(self, store: Store, *, get_config: Callable[[], Config], metrics: Metrics,
+                 token: str | None, spool_counts: SpoolCounts | None = None,
+                 log: Any = None) -> None:
+        self.store = store
+        self.get_config = get_config
+        self.metrics = metrics
+        self.spool_counts = spool_counts
+        self.log = log or structlog.get_logger("mailgw.api")
+        self._token: bytes | None = None
+        self.set_token(token)
+        self.app = self._build()
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def set_token(self, token: str | None) -> None:
+        """Replace the bearer token (on reload); None or empty: no authentication."""
+        token = (token or "").strip()
+        self._token = token.encode() if token else None
+
+    # -- server -------------------------------------------------------------------------
+    async def start(self, host: str, port: int, *, loopback_only: bool,
+                    shutdown_timeout: float = 5.0) -> None:
+        """Listen on host:port (port 0: any free port, then in :attr:`port`).
+
+        Requests in flight get `shutdown_timeout` seconds to finish when stopping."""
+        if self._token is None and not loopback_only:
+            raise GatewayError(f"the admin listener on {host} needs listeners.admin.token_file "
+                               "(without a token it may bind loopback only)")
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               shutdown_timeout=shutdown_timeout)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = runner.addresses
+        self.port = int(addresses[0][1]) if addresses else port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- app ----------------------------------------------------------------------------
+    def _build(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        r = app.router
+        r.add_get("/api/v1/messages", self.messages)
+        r.add_get("/api/v1/messages/{id}", self.message)
+        r.add_get("/api/v1/contacts/{email}/timeline", self.timeline)
+        r.add_get("/api/v1/accounts", self.accounts)
+        r.add_get("/api/v1/stats/engagement", self.engagement)
+        r.add_get("/api/v1/webhooks", self.webhooks)
+        r.add_get("/api/v1/openapi.json", self.openapi_doc)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics_text)
+        return app
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "other"
+        resp: web.StreamResponse
+        try:
+            if (request.path.startswith("/api/") and request.path != "/api/v1/openapi.json"
+                    and not self._authorized(request)):
+                resp = _error(401, "a valid bearer token is required")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="mailgw"'
+            else:
+                resp = await handler(request)
+        except BadParameter as exc:
+            resp = _error(400, f"{exc.parameter}: {exc.message}", parameter=exc.parameter)
+        except web.HTTPException as exc:
+            resp = _error(exc.status, exc.reason)
+            if exc.status == 405:
+                resp.headers["Allow"] = exc.headers.get("Allow", "GET")
+        except StoreError as exc:
+            self.log.error("api_store_error", path=request.path, error=str(exc))
+            resp = _error(503, "the store is unavailable")
+        self.metrics.api_requests.labels(route, str(resp.status)).inc()
+        self.metrics.api_latency.labels(route).observe(time.perf_counter() - started)
+        return resp
+
+    # -- pages ----------------------------------------------------------------------------
+    async def _sort_key(self, row: dict[str, Any]) -> tuple[datetime, int]:
+        if row["date"]:
+            return datetime.fromisoformat(row["date"]), row["id"]
+        try:  # no Date header: the message sorts by when it was stored
+            async with self.store.engine.connect() as conn:
+                t = (await conn.execute(sa.select(sort_at).where(_messages_id == row["id"]))).scalar()
+        except sa.exc.SQLAlchemyError as exc:
+            raise self.store._fail("store read failed", exc) from exc
+        if t is None:  # deleted meanwhile: no next page can follow it
+            raise StoreError(f"message {row['id']} disappeared while paging")
+        return (t.replace(tzinfo=UTC) if t.tzinfo is None else t), int(row["id"])
+
+    async def _page(self, request: web.Request, rows: list[dict[str, Any]], limit: int,
+                    body: dict[str, Any], key: str = "messages") -> web.Response:
+        cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            cursor = encode_cursor(*await self._sort_key(rows[-1]))
+        resp = web.json_response({**body, key: rows, "next_cursor": cursor})
+        if cursor is not None:
+            nxt = request.rel_url.update_query(cursor=cursor)
+            resp.headers["Link"] = f'<{nxt}>; rel="next"'
+        return resp
+
+    async def messages(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = _limit(q)
+        direction = q.get("direction") or None
+        if direction is not None and direction not in DIRECTIONS:
+            raise BadParameter("direction", f"{direction!r}: expected one of {', '.join(DIRECTIONS)}")
+        since = _since(q.get("since"))
+        before = decode_cursor(q["cursor"]) if q.get("cursor") else None
+        contact = (q.get("contact") or "").strip() or None
+        if contact is not None and "@" not in contact:
+            raise BadParameter("contact", f"{contact!r} is not an e-mail address")
+        rows = await self.store.list_messages(contact=contact, since=since,
+                                              account=q.get("account") or None,
+                                              direction=direction, before=before, limit=limit + 1)
+        return await self._page(request, rows, limit, {})
+
+    async def message(self, request: web.Request) -> web.Response:
+        ident = request.match_info["id"]
+        row = None
+        if ident.isdigit() and len(ident) < 19:
+            row = await self.store.get_message(int(ident), bodies=True)
+        if row is None:
+            row = await self.store.get_message_by_queue_id(ident, bodies=True)
+        if row is None:
+            return _error(404, f"no message {ident}")
+        return web.json_response(row)
+
+    async def timeline(self, request: web.Request) -> web.Response:
+        email = request.match_info["email"].strip().lower()
+        if "@" not in email:
+            raise BadParameter("email", f"{email!r} is not an e-mail address")
+        limit = _limit(request.query)
+        before = decode_cursor(request.query["cursor"]) if request.query.get("cursor") else None
+        rows = await contact_timeline(self.store, email, before=before, limit=limit + 1)
+        contact = await get_contact(self.store, email)
+        return await self._page(request, rows, limit, {"email": email, "contact": contact})
+
+    async def accounts(self, request: web.Request) -> web.Response:
+        return web.json_response({"accounts": await list_accounts(self.store, self.get_config())})
+
+    async def engagement(self, request: web.Request) -> web.Response:
+        q = request.query
+        days = _int_param(q, "days", 30, 1, MAX_DAYS)
+        by = q.get("by") or None
+        if by is not None and by not in GROUPINGS:
+            raise BadParameter("by", f"{by!r}: expected one of {', '.join(GROUPINGS)}")
+        return web.json_response(await engagement(self.store, days=days, by=by))
+
+    async def webhooks(self, request: web.Request) -> web.Response:
+        counts = await outbox.summary(self.store)
+        empty = {"pending": 0, "delivered": 0, "dead": 0, "oldest_pending_at": None,
+                 "last_error": None}
+        out = [{"url": w.url, "events": list(w.events), "configured": True,
+                **counts.pop(w.url, empty)} for w in self.get_config().webhooks]
+        out += [{"url": url, "events": [], "configured": False, **c}
+                for url, c in sorted(counts.items())]
+        return web.json_response({"webhooks": out})
+
+    async def openapi_doc(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi.document())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        store: dict[str, Any] = {"ok": True}
+        try:
+            async def ping() -> None:
+                async with self.store.engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+            await asyncio.wait_for(ping(), HEALTH_TIMEOUT)
+        except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+            store = {"ok": False, "error": type(exc).__name__ if isinstance(exc, TimeoutError)
+                     else self.store._fail("unreachable", exc).args[0]}
+        spool = None
+        if self.spool_counts is not None:
+            try:
+                spool = dict(await asyncio.to_thread(self.spool_counts))
+            except OSError:
+                spool = None
+        body = {"status": "ok" if store["ok"] else "unavailable", "store": store, "spool": spool}
+        return web.json_response(body, status=200 if store["ok"] else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        body = await self.metrics.collect()
+        return web.Response(body=body, headers={"Content-Type": self.metrics.content_type})

@@ -1,0 +1,213 @@
+"""The read API's OpenAPI 3.1 document, as data (served at ``/api/v1/openapi.json``).
+
+Schemas are JSON Schema 2020-12 (OpenAPI 3.1), so tests validate every route's real
+response against them with ``jsonschema``. Keep this in step with gateway.api.http.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+from gateway.crm.models import ACCOUNT_STATUSES, DIRECTIONS, EVENT_TYPES, SOURCES
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(t: str, **kw: Any) -> dict[str, Any]:
+    return {"type": [t, "null"], **kw}
+
+
+_STR: dict[str, Any] = {"type": "string"}
+_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
+_TIME_OR_NULL: dict[str, Any] = _nullable("string", format="date-time")
+_STRS: dict[str, Any] = {"type": "array", "items": _STR}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None,
+         extra: bool = False) -> dict[str, Any]:
+    return {"type": "object", "properties": props,
+            "required": list(props) if required is None else required,
+            "additionalProperties": extra}
+
+
+_SUMMARY_PROPS: dict[str, Any] = {
+    "id": {"type": "integer"},
+    "message_id": _STR,
+    "thread_id": _nullable("string"),
+    "direction": {"enum": list(DIRECTIONS)},
+    "account": _nullable("string"),
+    "user": _nullable("string"),
+    "from": _STR,
+    "to": _STRS,
+    "cc": _STRS,
+    "subject": _STR,
+    "date": _TIME_OR_NULL,
+    "snippet": _STR,
+    "size": {"type": "integer"},
+    "sources": {"type": "array", "items": {"enum": list(SOURCES)}},
+    "queue_id": _nullable("string", description="the first relay copy's queue id"),
+    "contacts": {"type": "array", "items": _ref("ContactLink")},
+    "events": {"type": "array", "items": _ref("Event")},
+}
+_DETAIL_PROPS: dict[str, Any] = {
+    **_SUMMARY_PROPS,
+    "from_name": _STR,
+    "in_reply_to": _nullable("string"),
+    "references": _STRS,
+    "text_body": _STR,
+    "html_body": _STR,
+    "attachments": {"type": "array", "items": {"type": "object"}},
+    "template": _nullable("string"),
+    "seen": {"type": "array", "items": {"type": "object", "properties": {
+        "source": {"enum": list(SOURCES)}, "ref": _STR, "at": _TIME}, "required": ["source", "ref"]},
+        "description": "every path the message was seen on"},
+}
+_COUNT = {"type": "integer", "minimum": 0}
+_RATE = _nullable("number", minimum=0, description="null when the denominator is 0")
+_ENGAGEMENT_ROW = _obj({
+    "group": _STR, "sent": _COUNT, "delivered": _COUNT, "bounced": _COUNT, "opened": _COUNT,
+    "clicked": _COUNT, "replied": _COUNT, "machine_opens": _COUNT, "machine_clicks": _COUNT,
+    "delivery_rate": _RATE, "bounce_rate": _RATE, "open_rate": _RATE, "click_rate": _RATE,
+    "reply_rate": _RATE})
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj({"error": _STR, "parameter": _STR}, required=["error"]),
+    "Event": _obj({"type": {"enum": list(EVENT_TYPES)}, "at": _TIME, "recipient": _STR,
+                   "machine": {"type": "boolean"},
+                   "details": {"type": "object", "description": "URL, user agent, SMTP reply, ..."}}),
+    "ContactLink": _obj({"email": _STR, "name": _STR, "role": {"enum": ["from", "to", "cc"]}}),
+    "MessageSummary": _obj(_SUMMARY_PROPS),
+    "MessageDetail": _obj(_DETAIL_PROPS),
+    "MessagePage": _obj({"messages": {"type": "array", "items": _ref("MessageSummary")},
+                         "next_cursor": _nullable("string", description="pass as ?cursor= for "
+                                                  "the next page; null on the last page")}),
+    "Contact": _obj({"email": _STR, "first_name": _STR, "last_name": _STR, "name": _STR,
+                     "title": _STR, "phone": _STR, "company": _STR,
+                     "company_domain": _nullable("string"), "fields": {"type": "object"},
+                     "source": _STR, "created_at": _TIME_OR_NULL, "updated_at": _TIME_OR_NULL}),
+    "Timeline": _obj({"email": _STR, "contact": {"oneOf": [_ref("Contact"), {"type": "null"}]},
+                      "messages": {"type": "array", "items": _ref("MessageSummary")},
+                      "next_cursor": _nullable("string")}),
+    "Account": _obj({
+        "id": _STR, "email": _STR, "provider": _nullable("string"),
+        "configured": {"type": "boolean"},
+        "sync": {"oneOf": [{"type": "null"}, _obj({"enabled": {"type": "boolean"},
+                                                    "direction": {"enum": ["two-way", "one-way"]},
+                                                    "folders": _STRS})]},
+        "status": {"enum": list(ACCOUNT_STATUSES)}, "status_reason": _nullable("string"),
+        "status_at": _TIME_OR_NULL, "last_sync_at": _TIME_OR_NULL}),
+    "AccountList": _obj({"accounts": {"type": "array", "items": _ref("Account")}}),
+    "EngagementRow": _ENGAGEMENT_ROW,
+    "Engagement": _obj({"days": {"type": "integer"}, "since": _TIME, "until": _TIME,
+                        "by": {"enum": ["template", "user", "domain", None]},
+                        "groups": {"type": "array", "items": _ref("EngagementRow")},
+                        "total": _ref("EngagementRow")}),
+    "Webhook": _obj({"url": _STR, "events": _STRS, "configured": {"type": "boolean"},
+                     "pending": _COUNT, "delivered": _COUNT, "dead": _COUNT,
+                     "oldest_pending_at": _TIME_OR_NULL, "last_error": _nullable("string")}),
+    "WebhookList": _obj({"webhooks": {"type": "array", "items": _ref("Webhook")}}),
+    "Health": _obj({"status": {"enum": ["ok", "unavailable"]},
+                    "store": _obj({"ok": {"type": "boolean"}, "error": _STR}, required=["ok"]),
+                    "spool": {"oneOf": [{"type": "null"},
+                                        {"type": "object",
+                                         "additionalProperties": {"type": "integer"}}]}}),
+}
+
+
+def _json(schema: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+_ERRORS: dict[str, Any] = {
+    "401": {**_json("Error", "no or wrong bearer token"),
+            "headers": {"WWW-Authenticate": {"schema": _STR}}},
+    "503": _json("Error", "the store is unreachable"),
+}
+_BAD = {"400": _json("Error", "a bad parameter (named in `parameter`)")}
+
+
+def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+_PAGE_PARAMS = [
+    _q("limit", {"type": "integer", "minimum": 1, "default": DEFAULT_LIMIT},
+       f"page size (values above {MAX_LIMIT} are capped to {MAX_LIMIT})"),
+    _q("cursor", _STR, "`next_cursor` of the previous page (opaque)"),
+]
+_NEXT_LINK = {"Link": {"schema": _STR, "description": '`<URL of the next page>; rel="next"`, '
+                                                      "absent on the last page"}}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the admin listener."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mailgw read API", "version": __version__,
+                 "description": "Read-only access to the CRM store of a mailgw gateway. Every "
+                                "/api/v1 route except this document needs "
+                                "`Authorization: Bearer <token>` (listeners.admin.token_file)."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/messages": {"get": {
+                "summary": "Stored messages, newest first (by Date, else when stored)",
+                "parameters": [
+                    _q("contact", {"type": "string", "format": "email"},
+                       "an address among From, To and Cc"),
+                    _q("account", _STR, "stored for, or seen in the mailbox of, this account"),
+                    _q("direction", {"enum": list(DIRECTIONS)}, "inbound or outbound"),
+                    _q("since", _STR, "YYYY-MM-DD or ISO 8601 (UTC without a zone)"),
+                    *_PAGE_PARAMS],
+                "responses": {"200": {**_json("MessagePage"), "headers": _NEXT_LINK},
+                              **_BAD, **_ERRORS}}},
+            "/api/v1/messages/{id}": {"get": {
+                "summary": "One message with bodies, sources and events",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR,
+                                "description": "message id, or a relay/ingest queue id"}],
+                "responses": {"200": _json("MessageDetail"), "404": _json("Error", "no such message"),
+                              **_ERRORS}}},
+            "/api/v1/contacts/{email}/timeline": {"get": {
+                "summary": "The messages from, to or copying an address, newest first",
+                "parameters": [{"name": "email", "in": "path", "required": True, "schema": _STR},
+                               *_PAGE_PARAMS],
+                "responses": {"200": {**_json("Timeline"), "headers": _NEXT_LINK}, **_BAD,
+                              **_ERRORS}}},
+            "/api/v1/accounts": {"get": {
+                "summary": "Connected mailboxes with their sync state",
+                "responses": {"200": _json("AccountList"), **_ERRORS}}},
+            "/api/v1/stats/engagement": {"get": {
+                "summary": "Engagement counts and rates (see `mailgw report engagement`)",
+                "parameters": [
+                    _q("days", {"type": "integer", "minimum": 1, "maximum": 3650, "default": 30},
+                       "window: messages first relayed in the last N days"),
+                    _q("by", {"enum": ["template", "user", "domain"]}, "grouping")],
+                "responses": {"200": _json("Engagement"), **_BAD, **_ERRORS}}},
+            "/api/v1/webhooks": {"get": {
+                "summary": "Configured webhooks and their outbox: pending, delivered, dead",
+                "responses": {"200": _json("WebhookList"), **_ERRORS}}},
+            "/api/v1/openapi.json": {"get": {
+                "summary": "This document", "security": [],
+                "responses": {"200": {"description": "OpenAPI 3.1",
+                                      "content": {"application/json": {"schema": {
+                                          "type": "object"}}}}}}},
+            "/healthz": {"get": {
+                "summary": "Liveness and store reachability (no token needed)", "security": [],
+                "responses": {"200": _json("Health"),
+                              "503": _json("Health", "the store is unreachable")}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics, text format (no token needed)", "security": [],
+                "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                      "content": {"text/plain": {"schema": _STR}}}}}},
+        },
+    }
