@@ -44,9 +44,10 @@ def check(body: Any, schema: str) -> None:
 
 def cfg(**extra: Any) -> Config:
     data: dict[str, Any] = {
-        "accounts": [{"id": "alice", "email": "alice@example.com", "provider": "gmail"},
+        "accounts": [{"id": "alice", "email": "alice@example.com", "provider": "gmail",
+                      "auth": {"password_file": "env:NOPE"}},
                      {"id": "bob", "email": "bob@example.com", "provider": "gmail",
-                      "sync": {"folders": ["INBOX"]}}],
+                      "auth": {"password_file": "env:NOPE"}, "sync": {"folders": ["INBOX"]}}],
         "webhooks": [{"url": "http://127.0.0.1:9/hook", "secret_file": "env:NOPE",
                       "events": ["message.bounced"]}]}
     data.update(extra)
