@@ -1,0 +1,132 @@
+"""Decide, then transform: one accepted submission -> the copies to spool (policies, stages, DKIM last).
+
+For every recipient the policies decide (:meth:`PolicySet.decide` with the message's
+headers); recipients are then grouped:
+
+- a recipient whose opens or clicks are tracked gets a copy of their own, with tokens
+  bound to that copy's queue id (SPEC §5 "Per recipient");
+- the others are grouped by what is done to them (signature, disclaimer, DKIM, route,
+  store), and every group shares one copy; recipients no stage changes share the
+  untouched message itself, byte for byte.
+
+Each copy then goes through the stages (:func:`gateway.pipeline.stages.transform`:
+signature, disclaimer, links, pixel) and, last, DKIM (:class:`gateway.pipeline.dkim.Signer`).
+The trace header is not added here: the relay puts it on top of each copy with that
+copy's queue id, above the DKIM signature (trace fields are never signed).
+
+Tracking needs the public `listeners.tracking` (its `base_url` makes the links); without
+it opens and clicks are not tracked whatever the policies say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.config import Config
+from gateway.pipeline.dkim import Signer
+from gateway.pipeline.headers import split_message
+from gateway.pipeline.stages import CopyContext, StageReport, StageSettings, transform
+from gateway.policy import Decision, Headers, PolicySet
+from gateway.spool import new_queue_id
+from gateway.tracking.tokens import TokenSigner
+
+
+@dataclass
+class CopyPlan:
+    """One file to spool: its queue id, recipients and final bytes (without the trace header)."""
+
+    queue_id: str
+    recipients: list[str]
+    data: bytes
+    tracked: bool                    # a per-recipient copy carrying tokens
+    links: int                       # links rewritten in it (the honeypot excluded)
+    route: str
+    store: bool
+    dkim: bool                       # the policies want it signed
+    signed: bool = False             # it was (a key exists for its From domain)
+    report: StageReport = field(default_factory=StageReport)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What is done to a recipient, as the key recipients are grouped by."""
+
+    stages: StageSettings
+    dkim: bool
+    route: str
+    store: bool
+
+
+class Outbound:
+    """Turns a submission into spool copies under one config, policy set, DKIM and token signer."""
+
+    def __init__(self, cfg: Config, policies: PolicySet, dkim: Signer | None,
+                 tokens: Callable[[], TokenSigner] | None) -> None:
+        self.cfg = cfg
+        self.policies = policies
+        self.dkim = dkim
+        self._tokens = tokens
+        tracking = cfg.listeners.tracking
+        self.base_url = tracking.base_url if tracking is not None and tokens is not None else None
+
+    def _stage_settings(self, decision: Decision, user: str | None) -> StageSettings:
+        s = decision.settings
+        tracking = self.base_url is not None
+        u = self.cfg.user(user) if user else None
+        company = self.cfg.company
+        return StageSettings(
+            track_opens=s.track_opens and tracking, track_clicks=s.track_clicks and tracking,
+            skip_links=tuple(s.skip_links),
+            signature_html=s.signature.render_html(u, company) if s.signature else None,
+            signature_text=s.signature.render_text(u, company) if s.signature else None,
+            disclaimer_html=s.disclaimer.render_html(u, company) if s.disclaimer else None,
+            disclaimer_text=s.disclaimer.render_text(u, company) if s.disclaimer else None)
+
+    def plan(self, data: bytes, *, sender: str, recipients: list[str], user: str | None,
+             account: str | None, first_id: str | None = None) -> list[CopyPlan]:
+        """The copies to spool for `data` (Message-ID and Date added, Bcc removed already).
+
+        CPU-bound when something applies (stages about 1 ms, RSA about 0.5 ms per copy):
+        call it off the event loop. `first_id` is the queue id of the first copy (the one
+        the client is told); the others get new ids.
+        """
+        headers = Headers.from_bytes(split_message(data)[0])
+        ids = iter([first_id] if first_id else [])
+        signer: TokenSigner | None = None
+        done: dict[_Group, tuple[bytes, StageReport]] = {}
+        shared: dict[tuple[bytes, bool, str, bool], CopyPlan] = {}
+        plans: list[CopyPlan] = []
+        for r in recipients:
+            d = self.policies.decide(sender, r, user, account, headers)
+            key = _Group(self._stage_settings(d, user), d.settings.dkim, d.settings.route,
+                         d.settings.store)
+            qid = next(ids, None) or new_queue_id()
+            if key.stages.tracking:
+                if signer is None and self._tokens is not None:
+                    signer = self._tokens()
+                assert self.base_url is not None
+                t = transform(data, CopyContext(r, qid, key.stages, self.base_url, signer))
+                body, report = t.data, t.report
+            elif key in done:            # the same settings without tokens: the same bytes
+                body, report = done[key]
+            else:
+                t = transform(data, CopyContext(r, qid, key.stages))
+                body, report = done[key] = (t.data, t.report)
+            tokens = key.stages.tracking and body is not data
+            if not tokens:
+                group = (body, key.dkim, key.route, key.store)
+                if group in shared:
+                    shared[group].recipients.append(r)
+                    continue
+            plan = CopyPlan(qid, [r], body, tokens, sum(1 for n in report.links if n > 0),
+                            key.route, key.store, key.dkim, report=report)
+            if not tokens:
+                shared[group] = plan
+            plans.append(plan)
+        if self.dkim is not None:
+            for p in plans:
+                if p.dkim:
+                    signed = self.dkim.sign(p.data)
+                    p.signed, p.data = signed is not p.data, signed
+        return plans

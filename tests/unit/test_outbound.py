@@ -1,0 +1,113 @@
+"""The outbound planner: per-recipient copies only where tracking applies, shared copies otherwise,
+stages then DKIM last, the untouched message passed through as the same bytes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dkim
+import yaml
+
+from gateway.config import load_config
+from gateway.pipeline import dkimkeys
+from gateway.pipeline.dkim import Signer
+from gateway.pipeline.outbound import Outbound
+from gateway.policy import policies_for
+from gateway.tracking.tokens import TokenSigner
+
+HTML = (b"From: Alice <alice@example.com>\r\nTo: a@acme.test, b@acme.test, c@example.com\r\n"
+        b"Subject: Offer\r\nMessage-ID: <m1@example.com>\r\nDate: Mon, 2 Nov 2026 10:00:00 +0000\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        b"<html><body><p>See <a href=\"https://acme.test/offer?a=1&amp;b=2\">the offer</a>."
+        b"</p></body></html>\r\n")
+TEXT = HTML.replace(b"text/html", b"text/plain").replace(b"<html>", b"").replace(b"</html>", b"")
+TOKENS = TokenSigner([b"k" * 32])
+
+
+def setup(tmp_path: Path, policies: dict[str, str], tracking: bool = True,
+          dkim_key: dkimkeys.PrivateKey | None = None) -> Outbound:
+    data: dict[str, object] = {"hostname": "gw.example.test", "delivery": {"route": "mx"},
+                               "company": {"name": "Example Co"},
+                               "users": [{"login": "alice@example.com", "name": "Alice A",
+                                          "password_hash": "$argon2id$v=19$m=65536,t=3,p=4$x$y"}]}
+    if tracking:
+        data["listeners"] = {"tracking": {"host": "127.0.0.1", "port": 8090,
+                                          "base_url": "https://t.example.com"}}
+    if dkim_key is not None:
+        (tmp_path / "dkim.pem").write_bytes(dkimkeys.private_pem(dkim_key))
+        data["dkim"] = {"example.com": {"selector": "s1", "key_file": "dkim.pem"}}
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    for name, text in policies.items():
+        (tmp_path / "policies" / name).write_text(text)
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "gateway.yaml")
+    signer = Signer.from_config(cfg) if dkim_key is not None else None
+    return Outbound(cfg, policies_for(cfg), signer, lambda: TOKENS)
+
+
+NO_TRACK_INTERNAL = """- name: internal
+  match: {recipient_domain: [example.com]}
+  set: {track_opens: false, track_clicks: false}
+"""
+
+
+def test_untouched_message_is_one_copy_of_the_same_bytes(tmp_path: Path) -> None:
+    out = setup(tmp_path, {"10.yaml": "- name: quiet\n  set: {track_opens: false, track_clicks: false}\n"})
+    plans = out.plan(HTML, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
+                     user="alice@example.com", account=None, first_id="01J0000000000000000000000A")
+    assert len(plans) == 1
+    assert plans[0].data is HTML and plans[0].recipients == ["a@acme.test", "b@acme.test"]
+    assert plans[0].queue_id == "01J0000000000000000000000A" and not plans[0].tracked
+
+
+def test_tracked_recipients_get_their_own_copies_and_others_share(tmp_path: Path) -> None:
+    out = setup(tmp_path, {"10.yaml": NO_TRACK_INTERNAL})
+    plans = out.plan(HTML, sender="alice@example.com",
+                     recipients=["a@acme.test", "c@example.com", "b@acme.test", "d@example.com"],
+                     user="alice@example.com", account=None)
+    tracked = [p for p in plans if p.tracked]
+    shared = [p for p in plans if not p.tracked]
+    assert [p.recipients for p in tracked] == [["a@acme.test"], ["b@acme.test"]]
+    assert shared[0].recipients == ["c@example.com", "d@example.com"] and shared[0].data is HTML
+    for p in tracked:
+        tokens = re.findall(rb"https://t\.example\.com/([oc])/([A-Za-z0-9_.-]+)", p.data)
+        kinds = {k for k, _ in tokens}
+        assert kinds == {b"o", b"c"}
+        for _, tok in tokens:
+            d = TOKENS.verify(tok.decode())
+            assert d is not None and d.copy_id == p.queue_id
+        assert p.links == 1
+        clicks = [TOKENS.verify(t.decode()) for k, t in tokens if k == b"c"]
+        assert "https://acme.test/offer?a=1&b=2" in {c.url for c in clicks if c}
+    assert len({p.queue_id for p in plans}) == len(plans)
+
+
+def test_plain_text_with_tracking_is_shared_untouched(tmp_path: Path) -> None:
+    out = setup(tmp_path, {})
+    plans = out.plan(TEXT, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].data is TEXT and not plans[0].tracked
+
+
+def test_no_tracking_listener_means_no_tracking(tmp_path: Path) -> None:
+    out = setup(tmp_path, {}, tracking=False)
+    plans = out.plan(HTML, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].data is HTML
+
+
+def test_signature_shared_and_dkim_signed_last(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "sig.txt").write_text("{user.name}\n{company.name}\n")
+    key = dkimkeys.generate("rsa-sha256", 1024)
+    out = setup(tmp_path, {"10.yaml": "- name: sig\n  set: {signature: sig.txt, track_opens: false,"
+                                      " track_clicks: false}\n"}, dkim_key=key)
+    plans = out.plan(TEXT, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].signed
+    data = plans[0].data
+    assert data.startswith(b"DKIM-Signature:")
+    assert b"Alice A" in data and b"Example Co" in data
+    record = dkimkeys.dns_record(key).encode()
+    assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record)
