@@ -52,13 +52,15 @@ def received_header(sub: Submission, hostname: str, qid: str, now: float) -> byt
     return line.encode("utf-8", "replace")
 
 
-def prepare(sub: Submission, hostname: str, qid: str, now: float) -> tuple[bytes, str]:
-    """Trace header on top, Message-ID/Date added if missing, Bcc removed; body untouched."""
+def prepare(sub: Submission, hostname: str, qid: str, now: float,
+            trace: bool = True) -> tuple[bytes, str]:
+    """Trace header on top (unless `trace` is false), Message-ID/Date added if missing, Bcc
+    removed; body untouched. Returns the bytes and the Message-ID."""
     header, body = split_message(sub.data)
     has_separator = len(header) + 2 + len(body) == len(sub.data)
     if not header:
         raise PermanentFailure("Message has no header", code=550, status="5.6.0")
-    added = received_header(sub, hostname, qid, now)
+    added = received_header(sub, hostname, qid, now) if trace else b""
     message_id = get_header(header, "Message-ID")
     if not message_id:
         message_id = make_message_id(hostname)

@@ -21,7 +21,8 @@ from gateway.cli.common import EXIT_FAIL, EXIT_USAGE, Parser
 from gateway.errors import ConfigError, GatewayError, NotFound, UsageError
 
 #: Command-group modules under gateway.cli, in the order `mailgw --help` lists them.
-GROUPS: tuple[str, ...] = ("core", "policy", "dkim", "queue", "messages", "contacts", "report", "db")
+GROUPS: tuple[str, ...] = ("core", "policy", "preview", "dkim", "queue", "messages", "contacts",
+                           "report", "db")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.config import Config, load_config
+from gateway.config import Config, User, load_config
 from gateway.errors import UsageError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -46,3 +46,17 @@ def parse_since(value: str | None, option: str = "--since") -> datetime | None:
     except ValueError:
         raise UsageError(f"{option} {value!r}: expected YYYY-MM-DD or ISO 8601") from None
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def user_for_sender(cfg: Config, sender: str) -> User | None:
+    """The user whose login, or whose account's address, is `sender` (None: no such user)."""
+    user = cfg.user(sender)
+    if user is not None:
+        return user
+    low = sender.lower()
+    for a in cfg.accounts:
+        if a.email.lower() == low:
+            for u in cfg.users:
+                if u.account == a.id:
+                    return u
+    return None

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
-from gateway.config import Config, User
+from gateway.cli.common import EXIT_OK, Subparsers, config, print_json, user_for_sender
+from gateway.config import User
 from gateway.errors import UsageError
 
 
@@ -32,19 +32,6 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     ex.add_argument("--account", metavar="ID", help="account id (default: the user's account)")
     ex.add_argument("--json", action="store_true", help="print JSON only")
     ex.set_defaults(func=_explain)
-
-
-def _find_user(cfg: Config, sender: str) -> User | None:
-    user = cfg.user(sender)
-    if user is not None:
-        return user
-    low = sender.lower()
-    for a in cfg.accounts:
-        if a.email.lower() == low:
-            for u in cfg.users:
-                if u.account == a.id:
-                    return u
-    return None
 
 
 def _headers(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -79,7 +66,7 @@ def _explain(args: argparse.Namespace) -> int:
         if user is None:
             raise UsageError(f"--user {args.user}: no such user in {cfg.source}")
     elif not args.no_user:
-        user = _find_user(cfg, args.sender)
+        user = user_for_sender(cfg, args.sender)
     account = args.account or (user.account if user else None)
     if args.account and cfg.account(args.account) is None:
         raise UsageError(f"--account {args.account}: no such account in {cfg.source}")
