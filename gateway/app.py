@@ -22,6 +22,7 @@ from gateway.api.metrics import Metrics
 from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
 from gateway.config import Config, load_config, read_secret
 from gateway.crm import outbox
+from gateway.crm.counters import SendCounts
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
@@ -32,6 +33,8 @@ from gateway.errors import ConfigError
 from gateway.ingest import Ingest
 from gateway.mail.auth import make_resolver
 from gateway.passwords import PasswordChecker
+from gateway.pipeline.dkim import Signer
+from gateway.pipeline.outbound import Outbound
 from gateway.policy import PolicySet, policies_for
 from gateway.relay import Relay
 from gateway.sdnotify import Notifier
@@ -62,6 +65,8 @@ class App:
         self.relay: Relay | None = None
         self.submission: SMTPListener | None = None
         self.ingest: Ingest | None = None
+        self.outbound: Outbound | None = None
+        self.counts: SendCounts | None = None
         self.ingest_listener: SMTPListener | None = None
         self.tracking: TrackingServer | None = None
         self._signer: TokenSigner | None = None
@@ -101,15 +106,23 @@ class App:
         resolver = self._resolver or MXResolver(
             nameservers=[ip for ip, _ in nameservers] or None,
             port=nameservers[0][1] if nameservers else 53)
+        self.ingest = Ingest(self.get_config, self.store,
+                             make_resolver(cfg.delivery.nameserver_addresses()), log=self.log)
         self.scheduler = Scheduler(self.get_config, self.spool, transport, resolver, self.writer,
-                                   log=self.log)
-        self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify)
+                                   log=self.log, ingest=self.ingest, metrics=self.metrics)
+        self.counts = SendCounts(self.store, log=self.log)
+        self.outbound = self._outbound(cfg, self.policies)
+        self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,
+                           outbound=self.get_outbound, events=self.writer,
+                           is_ingest=self.ingest.is_ingest_address, counts=self.counts,
+                           on_accepted=lambda *_: self.metrics.accepted())
         await self.scheduler.start()
         sub = cfg.listeners.submission
         if sub is not None:
             handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(),
                                         AuthLimiter(sub.auth_failures, sub.auth_failure_window),
-                                        log=self.log)
+                                        log=self.log, policies=self.get_policies,
+                                        counts=self.counts)
             self.submission = SMTPListener("submission", cfg, sub, handler)
             await self.submission.start()
             self.log.info("listening", listener="submission", host=sub.host,
@@ -125,15 +138,21 @@ class App:
         lst = self.cfg.listeners.ingest
         if lst is None:
             return
-        assert self.store is not None
-        self.ingest = Ingest(self.get_config, self.store,
-                             make_resolver(self.cfg.delivery.nameserver_addresses()), log=self.log)
+        assert self.ingest is not None
         handler = IngestHandler(self.ingest, max_recipients=lst.max_recipients, log=self.log)
         self.ingest_listener = SMTPListener("ingest", self.cfg, lst, handler)
         await self.ingest_listener.start()
         self.log.info("listening", listener="ingest", host=lst.host,
                       port=self.ingest_listener.port, tls=lst.tls,
                       addresses=list(self.cfg.ingest.addresses))
+
+    def _outbound(self, cfg: Config, policies: PolicySet) -> Outbound:
+        """The outbound planner for this config and policy set (rebuilt on reload)."""
+        signer = Signer.from_config(cfg) if cfg.dkim else None
+        return Outbound(cfg, policies, signer, self.token_signer)
+
+    def get_outbound(self) -> Outbound | None:
+        return self.outbound
 
     def token_signer(self) -> TokenSigner:
         """The tracking token signer: `tracking.secret_file`, else `state_dir/tracking.key`."""
@@ -238,8 +257,17 @@ class App:
                 restart_needed.append("listeners.admin")
         if restart_needed:
             self.log.warning("reload_partial", needs_restart=restart_needed)
+        try:
+            outbound = self._outbound(new, policies)
+        except ConfigError as exc:  # a DKIM key that changed between validation and now
+            for p in exc.problems:
+                self.log.error("reload_refused", problem=str(p))
+            self.notifier.ready(status="reload refused: DKIM keys unreadable; old config kept")
+            return False
         self.cfg = new
         self.policies = policies
+        self.outbound = outbound
+        self._signer = None   # tracking.secret_file may have changed
         self._policies_loaded(policies)
         n_sub, o_sub = new.listeners.submission, old.listeners.submission
         if self.submission is not None and n_sub is not None and o_sub is not None:
@@ -268,6 +296,8 @@ class App:
         await self._stop_api(grace)
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
+        if self.counts is not None:
+            await self.counts.close()
         if self.writer is not None:
             lost = await self.writer.stop(timeout=grace)
             if lost:

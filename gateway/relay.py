@@ -1,23 +1,43 @@
-"""Turn one accepted SMTP transaction into a durable queue entry (the relay's `cleanup`).
+"""Turn one accepted SMTP transaction into durable queue entries (the relay's `cleanup`).
 
 The SMTP handler calls `Relay.accept()` after DATA; it returns the queue id only
-once the message is fsynced into the spool, and raises a MailError (with its
-reply code) otherwise. Here the message gets its trace header (`Received:`), a
-`Message-ID:` and `Date:` when the client left them out (RFC 6409 §8), and loses its
-`Bcc:` field. The body is never touched.
+once every copy of the message is fsynced into the spool, and raises a MailError
+(with its reply code) otherwise. Here the message gets a `Message-ID:` and `Date:`
+when the client left them out (RFC 6409 §8) and loses its `Bcc:` field; then the
+outbound planner (:mod:`gateway.pipeline.outbound`: policies, stages, DKIM last) says
+which copies to spool, and each copy gets its trace header (`Received:`, with the
+copy's own queue id) on top. A message no policy changes is spooled byte for byte as
+received, plus the trace header. Recipients that are the gateway's own ingest
+addresses get a copy routed `ingest`: stored in the CRM by the scheduler, never
+delivered. The store learns of the message (with its original bytes, before any
+stage) right here, through the batching StoreWriter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from gateway.crm.counters import SendCounts
+from gateway.crm.store import AcceptedMessage, Copy
+from gateway.delivery.scheduler import EventSink
 from gateway.errors import PermanentFailure
-from gateway.pipeline.headers import get_header, make_message_id, split_message, strip_fields
+from gateway.pipeline.headers import (
+    addresses,
+    get_header,
+    make_message_id,
+    split_message,
+    strip_fields,
+)
+from gateway.pipeline.outbound import CopyPlan, Outbound
 from gateway.spool import Envelope, Recipient, Spool, new_queue_id
+
+#: Plan in a worker thread above this size (or for several recipients).
+THREAD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -36,7 +56,8 @@ class Submission:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def received_header(sub: Submission, hostname: str, qid: str, now: float) -> bytes:
+def received_header(sub: Submission, hostname: str, qid: str, now: float,
+                    rcpts: list[str] | None = None) -> bytes:
     proto = "ESMTP" if sub.esmtp else "SMTP"
     if sub.esmtp and sub.tls:
         proto += "S"
@@ -46,8 +67,9 @@ def received_header(sub: Submission, hostname: str, qid: str, now: float) -> byt
     date = format_datetime(datetime.fromtimestamp(now, UTC))
     line = (f"Received: from {helo} ([{sub.client_ip or 'unknown'}])\r\n"
             f"\tby {hostname} (mailgw) with {proto} id {qid}")
-    if len(sub.rcpts) == 1:
-        line += f"\r\n\tfor <{sub.rcpts[0]}>"
+    rcpts = sub.rcpts if rcpts is None else rcpts
+    if len(rcpts) == 1:
+        line += f"\r\n\tfor <{rcpts[0]}>"
     line += f"; {date}\r\n"
     return line.encode("utf-8", "replace")
 
@@ -76,32 +98,84 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float,
 
 
 class Relay:
-    """Accepts submissions into the spool and tells the scheduler about them."""
+    """Accepts submissions into the spool and tells the scheduler and the store about them."""
 
     def __init__(self, spool: Spool, hostname: str,
-                 on_queued: Callable[[str], None] | None = None) -> None:
+                 on_queued: Callable[[str], None] | None = None, *,
+                 outbound: Callable[[], Outbound | None] | None = None,
+                 events: EventSink | None = None,
+                 is_ingest: Callable[[str], bool] | None = None,
+                 counts: SendCounts | None = None,
+                 on_accepted: Callable[[Submission, bytes, list[CopyPlan]], None] | None = None,
+                 ) -> None:
         self.spool = spool
         self.hostname = hostname
         self.on_queued = on_queued
+        self.outbound = outbound
+        self.events = events
+        self.is_ingest = is_ingest
+        self.counts = counts
+        self.on_accepted = on_accepted
         self.accepted = 0
+
+    def _plan(self, data: bytes, sub: Submission, rcpts: list[str], qid: str) -> list[CopyPlan]:
+        ob = self.outbound() if self.outbound is not None else None
+        if ob is None or not rcpts:
+            return [CopyPlan(qid, list(rcpts), data, False, 0, "", True, False)] if rcpts else []
+        return ob.plan(data, sender=sub.mail_from, recipients=rcpts, user=sub.user,
+                       account=sub.account, first_id=qid)
 
     async def accept(self, sub: Submission) -> str:
         now = time.time()
         qid = new_queue_id(now)
-        data, message_id = prepare(sub, self.hostname, qid, now)
-        env = Envelope(
-            id=qid,
-            mail_from=sub.mail_from,
-            recipients=[Recipient(addr=r) for r in sub.rcpts],
-            received_at=now,
-            user=sub.user,
-            account=sub.account,
-            client_ip=sub.client_ip,
-            client_helo=sub.client_helo,
-            message_id=message_id,
-        )
-        await self.spool.put(env, data)  # raises SpoolError -> 451 4.3.0
+        data, message_id = prepare(sub, self.hostname, qid, now, trace=False)
+        local = [r for r in sub.rcpts if self.is_ingest is not None and self.is_ingest(r)]
+        remote = [r for r in sub.rcpts if r not in local]
+        ob = self.outbound() if self.outbound is not None else None
+        if ob is not None and ob.active and remote:
+            plans = await asyncio.to_thread(self._plan, data, sub, remote, qid)
+        else:
+            plans = self._plan(data, sub, remote, qid)
+        if local:
+            plans.append(CopyPlan(qid if not plans else new_queue_id(now), local, data, False, 0,
+                                  "ingest", True, False))
+        files = []
+        for p in plans:
+            env = Envelope(
+                id=p.queue_id, mail_from=sub.mail_from,
+                recipients=[Recipient(addr=r) for r in p.recipients], received_at=now,
+                user=sub.user, account=sub.account, client_ip=sub.client_ip,
+                client_helo=sub.client_helo, message_id=message_id,
+                route=p.route or None, group=qid)
+            trace = received_header(sub, self.hostname, p.queue_id, now, p.recipients)
+            files.append((env, trace + p.data))
+        await self.spool.put_all(files)  # all or nothing; SpoolError -> 451 4.3.0
         self.accepted += 1
+        self._record(sub, data, message_id, plans, now)
+        if self.counts is not None and remote:
+            self.counts.add(sub.mail_from, len(remote))
+        if self.on_accepted is not None:
+            self.on_accepted(sub, data, plans)
         if self.on_queued is not None:
-            self.on_queued(qid)
+            for p in plans:
+                self.on_queued(p.queue_id)
         return qid
+
+    def _record(self, sub: Submission, data: bytes, message_id: str, plans: list[CopyPlan],
+                now: float) -> None:
+        """Tell the store about the message (original bytes; parsed by the writer off the loop)."""
+        stored = [p for p in plans if p.store and p.route != "ingest"]
+        if self.events is None or not stored:  # to the ingest address alone: ingest stores it
+            return
+        header, _ = split_message(data)
+        from_list = addresses(header, "From")
+        self.events.add_accepted(AcceptedMessage(
+            queue_id=stored[0].queue_id, message_id=message_id,
+            from_addr=from_list[0] if from_list else sub.mail_from,
+            to_addrs=addresses(header, "To"), cc_addrs=addresses(header, "Cc"),
+            subject=get_header(header, "Subject") or "", date=None, snippet="",
+            size=len(data), recipients=[r for p in stored for r in p.recipients],
+            user=sub.user, account=sub.account, at=datetime.fromtimestamp(now, UTC),
+            copies=[Copy(p.queue_id, p.recipients[0] if p.tracked else None, p.links)
+                    for p in stored],
+            client_ip=sub.client_ip, raw=data))

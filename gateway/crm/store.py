@@ -116,10 +116,25 @@ class AcceptedMessage:
     references: list[str] = field(default_factory=list)
     from_name: str = ""
     raw: bytes | None = None
+    parsed: bool = False             # the fields below `raw` were filled from it
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
+
+
+def fill_from_parsed(a: AcceptedMessage, p: ParsedMessage) -> None:
+    """Fill what the relay did not parse (bodies, decoded subject, addresses) from `p`."""
+    a.from_addr = p.from_addr or a.from_addr
+    a.from_name = p.from_name
+    a.to_addrs, a.cc_addrs = list(p.to_addrs), list(p.cc_addrs)
+    a.subject, a.date, a.snippet = p.subject, p.date, p.snippet
+    a.text_body, a.html_body = p.text_body, p.html_body
+    a.attachments = [attachment_dict(x) for x in p.attachments]
+    a.in_reply_to, a.references = p.in_reply_to, list(p.references)
+    a.template = a.template or p.headers.x_mailgw_template
+    a.message_id = a.message_id or p.message_id
+    a.parsed = True
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import Any
 
 import structlog
 
-from gateway.crm.store import AcceptedMessage, EventRecord, Store
+from gateway.crm.store import AcceptedMessage, EventRecord, Store, fill_from_parsed
+from gateway.mail.parse import parse_message
 
 Item = AcceptedMessage | EventRecord
 
@@ -126,6 +127,9 @@ class StoreWriter:
                     await asyncio.wait_for(self._full.wait(), self.max_delay)
             chunk = list(itertools.islice(self._items, self.batch))
             accepted = [x for x in chunk if isinstance(x, AcceptedMessage)]
+            unparsed = [a for a in accepted if a.raw is not None and not a.parsed]
+            if unparsed:  # parse once, off the event loop (the relay hands over raw bytes)
+                await asyncio.to_thread(_parse_all, unparsed)
             events = [x for x in chunk if isinstance(x, EventRecord)]
             started = loop.time()
             try:
@@ -151,6 +155,12 @@ class StoreWriter:
             elapsed = loop.time() - started
             if elapsed > 1.0:
                 self.log.warning("store_write_slow", seconds=round(elapsed, 3), items=len(chunk))
+
+
+def _parse_all(items: list[AcceptedMessage]) -> None:
+    for a in items:
+        if a.raw is not None:
+            fill_from_parsed(a, parse_message(a.raw))
 
 
 def _describe(item: Item) -> dict[str, Any]:

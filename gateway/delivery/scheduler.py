@@ -26,13 +26,14 @@ from typing import Any, Protocol
 
 import structlog
 
+from gateway.api.metrics import Metrics
 from gateway.config import Config, read_secret
 from gateway.crm.store import AcceptedMessage, EventRecord
 from gateway.delivery.dsn import build_dsn, is_bounce
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.transport import Destination, RcptResult, Transport
-from gateway.errors import NotFound
-from gateway.pipeline.summary import summarize
+from gateway.errors import MailError, NotFound
+from gateway.ingest import Ingest, IngestSubmission
 from gateway.smtp.addresses import domain_of
 from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, new_queue_id
 
@@ -63,7 +64,8 @@ class Scheduler:
 
     def __init__(self, get_config: Callable[[], Config], spool: Spool, transport: Transport,
                  resolver: MXResolver, events: EventSink, *, log: Any = None,
-                 clock: Callable[[], float] = time.time, scan_interval: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, scan_interval: float = 1.0,
+                 ingest: Ingest | None = None, metrics: Metrics | None = None) -> None:
         self._get_config = get_config
         self.spool = spool
         self.transport = transport
@@ -72,6 +74,8 @@ class Scheduler:
         self.log = log or structlog.get_logger("mailgw.delivery")
         self.clock = clock
         self.scan_interval = scan_interval
+        self.ingest = ingest
+        self.metrics = metrics or Metrics()
         self.stats = Stats()
         self._ready: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._known: set[str] = set()        # queued in _ready or being processed
@@ -208,8 +212,6 @@ class Scheduler:
             self.log.error("corrupt_queue_file", queue_id=qid, error=str(exc))
             return
         now = self.clock()
-        if env.attempts == 0 and state == "incoming":
-            self._record_accepted(env, data)
         pending = env.pending
         results = await self._deliver(env, [r.addr for r in pending], data)
         self.stats.attempts += 1
@@ -228,6 +230,7 @@ class Scheduler:
             if res.ok:
                 rcpt.status = "sent"
                 self.stats.sent += 1
+                self.metrics.delivered()
                 self._event(env, "sent", rcpt.addr, now, details)
             elif res.permanent or expired:
                 rcpt.status = "bounced"
@@ -235,9 +238,11 @@ class Scheduler:
                     details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
                 bounced.append(res)
                 self.stats.bounced += 1
+                self.metrics.bounced()
                 self._event(env, "bounced", rcpt.addr, now, details)
             else:
                 self.stats.deferred += 1
+                self.metrics.deferred()
                 self._event(env, "deferred", rcpt.addr, now, details)
             self.log.info("delivery", queue_id=qid, rcpt=rcpt.addr, status=rcpt.status,
                           reply=res.reply, remote=res.remote, attempt=env.attempts)
@@ -260,7 +265,9 @@ class Scheduler:
     def _route(self, env: Envelope, rcpts: list[str],
                data: bytes) -> list[Callable[[], Awaitable[list[RcptResult]]]]:
         cfg = self.cfg
-        route = cfg.delivery.route
+        route = env.route or cfg.delivery.route
+        if route == "ingest":
+            return [self._ingest_job(env, rcpts, data)]
         if route == "account":
             dest = self._account_destination(env)
             if dest is not None:
@@ -302,6 +309,24 @@ class Scheduler:
             self._secrets[ref] = read_secret(ref, self.cfg.base_dir)
         return self._secrets[ref]
 
+    def _ingest_job(self, env: Envelope, rcpts: list[str],
+                    data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
+        """The gateway's own ingest addresses: stored in the CRM, never sent anywhere."""
+        async def job() -> list[RcptResult]:
+            if self.ingest is None:
+                return [RcptResult(r, 451, "4.3.0", "the ingest address is not configured here",
+                                   "local") for r in rcpts]
+            sub = IngestSubmission(mail_from=env.mail_from, data=data,
+                                   client_ip=env.client_ip or "unknown",
+                                   client_helo=env.client_helo or "", trusted=True, user=env.user)
+            try:
+                result = await self.ingest.accept(sub)
+            except MailError as exc:
+                return [RcptResult(r, exc.code, exc.status, exc.text, "local") for r in rcpts]
+            return [RcptResult(r, 250, "2.0.0", f"Ok: logged as {result.id}", "local")
+                    for r in rcpts]
+        return job
+
     def _send_job(self, dest: Destination, env: Envelope, rcpts: list[str],
                   data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
         async def job() -> list[RcptResult]:
@@ -328,30 +353,6 @@ class Scheduler:
             return
         self.events.add_event(EventRecord(queue_id=env.id, type=type_, recipient=rcpt, at=_utc(at),
                                           details=details))
-
-    def _record_accepted(self, env: Envelope, data: bytes) -> None:
-        if env.is_bounce:
-            return
-        try:
-            s = summarize(data)
-        except Exception:  # a malformed message is still delivered; it is stored bare
-            self.log.warning("summary_failed", queue_id=env.id, exc_info=True)
-            s = None
-        self.events.add_accepted(AcceptedMessage(
-            queue_id=env.id,
-            message_id=(s.message_id if s else None) or env.message_id or "",
-            from_addr=(s.from_addr if s else "") or env.mail_from,
-            to_addrs=s.to_addrs if s else [],
-            cc_addrs=s.cc_addrs if s else [],
-            subject=s.subject if s else "",
-            date=s.date if s else None,
-            snippet=s.snippet if s else "",
-            size=len(data),
-            recipients=[r.addr for r in env.recipients],
-            user=env.user,
-            account=env.account,
-            at=_utc(env.received_at),
-        ))
 
     async def _send_dsn(self, env: Envelope, data: bytes, failed: list[RcptResult]) -> None:
         if env.is_bounce or not env.mail_from or is_bounce(env.mail_from, data):

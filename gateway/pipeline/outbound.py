@@ -70,6 +70,11 @@ class Outbound:
         tracking = cfg.listeners.tracking
         self.base_url = tracking.base_url if tracking is not None and tokens is not None else None
 
+    @property
+    def active(self) -> bool:
+        """Whether any copy could differ from the submission (rules, DKIM keys or tracking)."""
+        return self.dkim is not None or bool(self.policies.rules) or self.base_url is not None
+
     def _stage_settings(self, decision: Decision, user: str | None) -> StageSettings:
         s = decision.settings
         tracking = self.base_url is not None

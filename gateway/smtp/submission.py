@@ -16,8 +16,10 @@ from typing import Any
 import structlog
 
 from gateway.config import Config, SubmissionListener
-from gateway.errors import MailError
+from gateway.crm.counters import SendCounts
+from gateway.errors import MailError, StoreError
 from gateway.passwords import PasswordChecker
+from gateway.policy import PolicySet
 from gateway.relay import Relay, Submission
 from gateway.smtp.addresses import relay_trick
 from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
@@ -29,11 +31,14 @@ class SubmissionHandler:
 
     def __init__(self, get_config: Callable[[], Config], relay: Relay,
                  passwords: PasswordChecker, limiter: AuthLimiter,
-                 log: Any = None) -> None:
+                 log: Any = None, *, policies: Callable[[], PolicySet] | None = None,
+                 counts: SendCounts | None = None) -> None:
         self._get_config = get_config
         self.relay = relay
         self.passwords = passwords
         self.limiter = limiter
+        self.policies = policies
+        self.counts = counts
         self.log = log or structlog.get_logger("mailgw.smtp")
 
     @property
@@ -156,9 +161,34 @@ class SubmissionHandler:
             return "452 4.5.3 Too many recipients"
         if rcpt_options:
             return "555 5.5.4 RCPT parameters not supported"
+        refused = await self._over_daily_cap(session, envelope, address)
+        if refused:
+            return refused
         if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
             envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
+
+    async def _over_daily_cap(self, session: Any, envelope: Any, address: str) -> str | None:
+        """`max_per_day` (a policy): 452 4.5.3 once the sender's recipients today reach it."""
+        if self.policies is None or self.counts is None:
+            return None
+        sender = envelope.mail_from or ""
+        login = session.auth_data.login.decode() if session.authenticated and session.auth_data \
+            else None
+        user = self.cfg.user(login) if login else None
+        cap = self.policies().decide(sender, address, user.login if user else None,
+                                     user.account if user else None).settings.max_per_day
+        if cap is None:
+            return None
+        try:
+            sent = await self.counts.today(sender)
+        except StoreError as exc:
+            self.log.error("daily_cap_unknown", sender=sender, error=str(exc))
+            return "451 4.3.0 Cannot check the daily sending limit now, try again later"
+        if sent + len(envelope.rcpt_tos) >= cap:
+            self.log.warning("daily_cap_reached", sender=sender, cap=cap, sent=sent)
+            return f"452 4.5.3 Daily sending limit of {cap} recipients reached for {sender}"
+        return None
 
     # -- DATA ------------------------------------------------------------------------
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

@@ -79,6 +79,11 @@ class Envelope:
     message_id: str | None = None
     is_bounce: bool = False
     size: int = 0
+    #: the delivery route for this copy when a policy chose one, or "ingest" for the
+    #: gateway's own ingest addresses (stored, never delivered); None: delivery.route
+    route: str | None = None
+    #: the queue id of the message's first copy (copies of one message share it)
+    group: str | None = None
 
     @property
     def pending(self) -> list[Recipient]:
@@ -252,6 +257,33 @@ class Spool:
         env.size = len(data)
         try:
             await asyncio.to_thread(self._write_and_rename, env, data, state)
+            await self._dirsync[state].sync()
+        except OSError as exc:
+            raise SpoolError(_os_reason(exc), status="4.3.0") from exc
+
+    def _write_all(self, items: list[tuple[Envelope, bytes]], state: str) -> None:
+        tmps: list[Path] = []
+        try:
+            for env, data in items:
+                tmps.append(self._write_tmp(env, data))
+        except BaseException:
+            for t in tmps:
+                t.unlink(missing_ok=True)
+            raise
+        for (env, _), t in zip(items, tmps, strict=True):
+            os.rename(t, self.dir(state) / env.id)
+
+    async def put_all(self, items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:
+        """Store the copies of one message durably, all or none: every file is written and
+        fsynced in tmp/ before the first is renamed into `state`; SpoolError (451 4.3.0) if
+        that is impossible, and then nothing is queued."""
+        if len(items) == 1:
+            await self.put(*items[0], state=state)
+            return
+        for env, data in items:
+            env.size = len(data)
+        try:
+            await asyncio.to_thread(self._write_all, items, state)
             await self._dirsync[state].sync()
         except OSError as exc:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
