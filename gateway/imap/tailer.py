@@ -410,7 +410,7 @@ class AccountTailer:
             kind = "resync"
         self._cps[folder.name] = cp
         if not cp.initial_done:
-            await self._initial(imap, folder, state, cp, kind)
+            await self._initial(imap, folder, state, cp, "initial" if kind == "tail" else kind)
         else:
             await self._catch_up(imap, folder, state, uidnext=state.uidnext)
 
@@ -440,15 +440,15 @@ class AccountTailer:
                                            counts=counts, run_id=run_id)
             cp = dataclasses.replace(self._cps[folder.name], initial_done=True)
             await self._commit(folder, [], cp, run_id, counts)
-        except _Stopped:
+        except (_Stopped, asyncio.CancelledError):
             error = "interrupted: the gateway stopped; resumes from the checkpoint"
             raise
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             raise
         finally:
-            with contextlib.suppress(StoreError):
-                await self.accounts.finish_run(run_id, counts, error)
+            with contextlib.suppress(StoreError, asyncio.CancelledError):
+                await asyncio.shield(self.accounts.finish_run(run_id, counts, error))
             self.log.info("imap_initial_sync_done", folder=folder.name, fetched=counts.fetched,
                           stored=counts.stored, skipped=counts.skipped, error=error)
 
@@ -630,6 +630,7 @@ class Tailers:
         self._stopping = False
         self._last_prune = 0.0
         self._warned_cap = False
+        self.ticks = 0
         self._not_before: dict[str, float] = {}   # no lease attempt before (held elsewhere, crash)
         self._crashes: dict[str, int] = {}
         self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
@@ -724,6 +725,7 @@ class Tailers:
                 self.log.warning("tailers_check_failed", error=str(exc))
             except Exception:
                 self.log.exception("tailers_check_crashed")
+            self.ticks += 1
             interval = self.get_config().sync.check_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
