@@ -25,6 +25,8 @@ from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.transport import Transport
 from gateway.errors import ConfigError
+from gateway.imap.sent import SentCopies
+from gateway.imap.tailer import Tailers
 from gateway.passwords import PasswordChecker
 from gateway.policy import PolicySet, policies_for
 from gateway.relay import Relay
@@ -50,6 +52,7 @@ class App:
         self.scheduler: Scheduler | None = None
         self.relay: Relay | None = None
         self.submission: SMTPListener | None = None
+        self.tailers: Tailers | None = None
         self.policies = PolicySet.empty(cfg)
         self._stopped = asyncio.Event()
 
@@ -83,6 +86,8 @@ class App:
                                    log=self.log)
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify)
         await self.scheduler.start()
+        self.tailers = Tailers(self.get_config, self.store, log=self.log)
+        await self.tailers.start()
         sub = cfg.listeners.submission
         if sub is not None:
             handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(),
@@ -96,7 +101,13 @@ class App:
         self.notifier.start_watchdog(healthy=self._healthy)
 
     def _healthy(self) -> bool:
-        return self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
+        return (self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
+                and (self.tailers is None or self.tailers.healthy()))
+
+    @property
+    def sent_copies(self) -> SentCopies | None:
+        """The Sent-folder appender: `await app.sent_copies.enqueue(account_id, raw)`."""
+        return self.tailers.sent if self.tailers is not None else None
 
     async def reload(self, path: str | Path) -> bool:
         """Load and validate the config again; keep the old one if the new one is invalid."""
@@ -131,6 +142,8 @@ class App:
             self.scheduler.config_changed()
         if self.store is not None:
             self.store.configure(LinkRules.from_config(new), self.store.webhooks)
+        if self.tailers is not None:
+            self.tailers.reload()
         self.log.info("reloaded", config=new.source)
         self.notifier.ready(status="accepting mail (reloaded)")
         return True
@@ -141,6 +154,8 @@ class App:
         grace = self.cfg.drain_timeout
         if self.submission is not None:
             await self.submission.stop(grace=min(grace, 5.0))
+        if self.tailers is not None:
+            await self.tailers.stop(timeout=grace)
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
         if self.writer is not None:

@@ -21,7 +21,8 @@ from gateway.cli.common import EXIT_FAIL, EXIT_USAGE, Parser
 from gateway.errors import ConfigError, GatewayError, NotFound, UsageError
 
 #: Command-group modules under gateway.cli, in the order `mailgw --help` lists them.
-GROUPS: tuple[str, ...] = ("core", "policy", "dkim", "queue", "messages", "contacts", "db")
+GROUPS: tuple[str, ...] = ("core", "policy", "dkim", "queue", "messages", "contacts", "accounts",
+                           "sync", "db")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -425,6 +425,7 @@ class Accounts:
         mailbox holds: the rows of `mailgw accounts list` and `/api/v1/accounts`."""
         rows = await self.rows()
         counts = await self._message_counts()
+        last = await self._last_runs()
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
         for a in configured:
@@ -432,7 +433,19 @@ class Accounts:
             out.append(_account_dict(a, rows.get(a.id), counts.get(a.id, 0)))
         for aid in sorted(set(rows) - seen):
             out.append(_account_dict(None, rows[aid], counts.get(aid, 0)))
+        for d in out:
+            d["last_run"] = last.get(d["id"])
         return out
+
+    async def _last_runs(self) -> dict[str, dict[str, Any]]:
+        """The latest sync run of every account (its error, if it failed, is the last error)."""
+        latest = sa.select(sa.func.max(_runs.c.id)).group_by(_runs.c.account).scalar_subquery()
+        try:
+            async with self.store.engine.connect() as conn:
+                rows = (await conn.execute(sa.select(_runs).where(_runs.c.id.in_(latest)))).mappings()
+                return {r["account"]: _run_dict(r) for r in rows}
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read sync runs", exc) from exc
 
     async def sync_info(self, account_id: str, *, configured: Account | None = None,
                         runs: int = 20) -> dict[str, Any]:
@@ -478,6 +491,7 @@ class Accounts:
         except (SQLAlchemyError, OSError) as exc:
             raise self.store._fail("cannot read sync status", exc) from exc
         info = _account_dict(configured, dict(row) if row is not None else None, int(total_msgs or 0))
+        info["last_run"] = _run_dict(recent[0]) if recent else None
         info["folders_synced"] = [{
             "folder": s["folder"], "uidvalidity": s["uidvalidity"], "last_uid": s["last_uid"],
             "highestmodseq": s["highestmodseq"], "initial_done": bool(s["initial_done"]),

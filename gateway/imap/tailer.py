@@ -114,6 +114,8 @@ FLUSH_BYTES = 16 * 1024 * 1024
 MAX_BODY = 32 * 1024 * 1024
 #: one store call (a batch with its checkpoint) must finish within this
 STORE_TIMEOUT = 120.0
+#: one look of the manager (statuses, leases) must finish within this
+TICK_TIMEOUT = 60.0
 #: sync runs are kept this long
 RUN_HISTORY = timedelta(days=30)
 
@@ -720,7 +722,9 @@ class Tailers:
     async def _control(self) -> None:
         while not self._stopping:
             try:
-                await self.tick()
+                await asyncio.wait_for(self.tick(), TICK_TIMEOUT)
+            except TimeoutError:
+                self.log.warning("tailers_check_slow", timeout=TICK_TIMEOUT)
             except StoreError as exc:
                 self.log.warning("tailers_check_failed", error=str(exc))
             except Exception:
@@ -745,6 +749,8 @@ class Tailers:
         """One look: statuses, leases, tailers to start and stop (every check_interval)."""
         cfg = self.get_config()
         loop = asyncio.get_running_loop()
+        if not cfg.accounts and not self.running:
+            return
         # finished tailers (the account needs reconnecting, or something broke): forget them
         for aid, done in list(self.running.items()):
             if not done.task.done():

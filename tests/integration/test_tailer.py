@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from gateway.crm.accounts import Accounts
 from gateway.crm.store import AcceptedMessage, Store, WebhookTarget
-from gateway.imap.tailer import TailState, Tailers
+from gateway.imap.tailer import Tailers, TailState
 from tests.conftest import require_tool
 from tests.integration.harness import wait_until
 from tests.integration.tailer_support import (
