@@ -63,6 +63,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import os
 import socket
 import uuid
@@ -200,6 +201,7 @@ class AccountTailer:
         self.stats = TailerStats()
         self._stop = asyncio.Event()
         self._cps: dict[str, Checkpoint] = {}
+        self._inflight: asyncio.Task[Checkpoint] | None = None
         self._folder = ""
         self._reported_folders: str | None = None
         cfg = get_config()
@@ -337,7 +339,17 @@ class AccountTailer:
             backoff.reset()
             await self._tail(imap, folders)
             return None
+        except asyncio.CancelledError:
+            if self._inflight is not None:     # killed: the commit in flight is abandoned too
+                self._inflight.cancel()
+            raise
         finally:
+            task, self._inflight = self._inflight, None
+            if task is not None:               # stopped or failed: what was fetched still commits
+                try:
+                    await task
+                except (Exception, asyncio.CancelledError) as exc:
+                    self.log.warning("imap_commit_lost", error=str(exc) or type(exc).__name__)
             self._folder = ""
             if imap.connected and not imap.idling:
                 with contextlib.suppress(Exception):
@@ -438,11 +450,17 @@ class AccountTailer:
                 uids = sorted((u for u in await imap.search_since(since) if u < low), reverse=True)
                 for i in range(0, len(uids), BATCH):
                     self._check_stop()
-                    cp = await self._batch(imap, folder, uids[i:i + BATCH], descending=True,
-                                           counts=counts, run_id=run_id)
+                    await self._batch(imap, folder, uids[i:i + BATCH], descending=True,
+                                      counts=counts, run_id=run_id)
+                await self._settle()
             cp = dataclasses.replace(self._cps[folder.name], initial_done=True)
             await self._commit(folder, [], cp, run_id, counts)
-        except (_Stopped, asyncio.CancelledError):
+        except _Stopped:
+            error = "interrupted: the gateway stopped; resumes from the checkpoint"
+            with contextlib.suppress(StoreError, TimeoutError):
+                await self._settle()           # the batch in flight commits first
+            raise
+        except asyncio.CancelledError:
             error = "interrupted: the gateway stopped; resumes from the checkpoint"
             raise
         except Exception as exc:
@@ -478,8 +496,10 @@ class AccountTailer:
         try:
             for i in range(0, len(uids), BATCH):
                 self._check_stop()
-                cp = await self._batch(imap, folder, uids[i:i + BATCH], descending=False,
-                                       counts=counts, run_id=run_id)
+                await self._batch(imap, folder, uids[i:i + BATCH], descending=False,
+                                  counts=counts, run_id=run_id)
+            await self._settle()
+            cp = self._cps[folder.name]
             if state is not None and state.highestmodseq is not None:
                 cp = dataclasses.replace(cp, highestmodseq=state.highestmodseq)
                 await self._commit(folder, [], cp, run_id, counts)
@@ -493,9 +513,10 @@ class AccountTailer:
         return cp
 
     async def _batch(self, imap: IMAPClient, folder: Folder, uids: list[int], *, descending: bool,
-                     counts: RunCounts, run_id: int | None) -> Checkpoint:
+                     counts: RunCounts, run_id: int | None) -> None:
         """Header-first for up to 200 UIDs (in the order given), bodies of the wanted ones,
-        stored with the checkpoint that covers them."""
+        stored with the checkpoint that covers them. The store transaction runs while the
+        next batch is fetched (`_commit_later`); `_settle()` waits for it."""
         heads: list[MessageHeaders] = [h async for h in imap.fetch_headers(uids, fields=HEADER_FIELDS)]
         infos = [parse_headers(h.header) for h in heads]
         verdicts = await asyncio.wait_for(self.store.concerning(
@@ -525,12 +546,25 @@ class AccountTailer:
             size += len(body.raw)
             if size >= FLUSH_BYTES:
                 pending += await asyncio.to_thread(self._parse, folder, uidvalidity, bodies)
-                await self._commit(folder, pending, covered(body.uid), run_id, counts)
+                await self._commit_later(folder, pending, covered(body.uid), run_id, counts)
                 pending, bodies, size = [], [], 0
                 self._check_stop()
         if bodies:
             pending += await asyncio.to_thread(self._parse, folder, uidvalidity, bodies)
-        return await self._commit(folder, pending, covered(uids[-1]), run_id, counts)
+        await self._commit_later(folder, pending, covered(uids[-1]), run_id, counts)
+
+    async def _commit_later(self, folder: Folder, items: list[NewMessage], cp: Checkpoint,
+                            run_id: int | None, counts: RunCounts | None) -> None:
+        """Start this commit once the previous one is done (commits stay in order; a failed
+        one raises here), and return without waiting for it."""
+        await self._settle()
+        self._inflight = asyncio.create_task(self._commit(folder, items, cp, run_id, counts))
+
+    async def _settle(self) -> None:
+        """Wait for the commit in flight, if any (its failure raises here)."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
 
     async def _commit(self, folder: Folder, items: list[NewMessage], cp: Checkpoint,
                       run_id: int | None, counts: RunCounts | None) -> Checkpoint:
@@ -613,7 +647,8 @@ class Tailers:
 
     def __init__(self, get_config: Callable[[], Config], store: Store, *, log: Any = None,
                  opener: Opener | None = None, node_id: str | None = None,
-                 tokens: TokenManager | None = None) -> None:
+                 tokens: TokenManager | None = None,
+                 on_stored: Callable[[str, list[NewMessage]], None] | None = None) -> None:
         cfg = get_config()
         self.get_config = get_config
         self.store = store
@@ -625,6 +660,7 @@ class Tailers:
         self._tokens = tokens
         self._own_tokens = tokens is None
         self.opener: Opener = opener or self._open
+        self.on_stored = on_stored   # (account id, messages) after each commit: benchmarks, tests
         self.running: dict[str, _Running] = {}
         self._retry: set[str] = set()
         self._wake = asyncio.Event()
@@ -817,8 +853,10 @@ class Tailers:
 
     def _start(self, cfg: Config, a: Account, now: float, ttl: float, *, retrying: bool) -> None:
         self._retry.discard(a.id)
+        hook = self.on_stored
         t = AccountTailer(a, get_config=self.get_config, store=self.store, accounts=self.accounts,
-                          slots=self.slots, opener=self.opener, log=self.log, retrying=retrying)
+                          slots=self.slots, opener=self.opener, log=self.log, retrying=retrying,
+                          on_stored=None if hook is None else functools.partial(hook, a.id))
         task = asyncio.create_task(t.run(), name=f"imap-tailer-{a.id}")
         self.running[a.id] = _Running(t, task, now + ttl, now + ttl / 3)
         self.log.info("tailer_started", account=a.id, node=self.node_id, retrying=retrying)
