@@ -78,9 +78,9 @@ from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
 from gateway.crm.store import NewMessage, SourceRef, Store
 from gateway.errors import (
     AccountAuthError,
+    AccountError,
     AccountUnavailable,
     FolderError,
-    IMAPCommandError,
     StoreError,
 )
 from gateway.imap.account import open_account
@@ -270,7 +270,7 @@ class AccountTailer:
                     delay = await self._session(backoff)
                 except AccountAuthError as exc:
                     refused = exc
-                except (AccountUnavailable, StoreError, IMAPCommandError) as exc:
+                except (AccountError, StoreError) as exc:
                     failure = exc
                     delay = backoff.next_delay()
                 except _Stopped:
@@ -322,7 +322,10 @@ class AccountTailer:
         self.state = TailState.CONNECT
         self._folder = ""
         self.stats.sessions += 1
-        imap = await self.opener(self.account)
+        try:
+            imap = await self.opener(self.account)
+        except OSError as exc:   # a secret file went missing under a running daemon
+            raise AccountUnavailable(f"cannot read the account's secrets: {exc}") from exc
         try:
             imap.idle_liveness = s.idle_liveness
             if self.retrying:

@@ -482,3 +482,34 @@ async def test_two_nodes_one_tails_and_the_other_takes_over(
         await b.stop()
         await store_a.close()
         await store_b.close()
+
+
+async def test_more_accounts_than_connections_take_turns(
+        sqlite_store: Store, dovecot: Dovecot, tmp_path: Path) -> None:
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    users = [new_user(dovecot) for _ in range(3)]
+    for i, u in enumerate(users):
+        dovecot.append(u, "INBOX", message(f"to {i}", sender=LEAD, to=u, message_id=f"<turn{i}@test>"))
+    cfg = make_config(tmp_path, [account_dict(dovecot, u, tmp_path, aid=f"r{i}",
+                                              sync={"folders": ["INBOX"]})
+                                 for i, u in enumerate(users)],
+                      sync={"max_connections": 1, "poll_interval": "1s"})
+    tailers, spy = tailers_for(cfg, store)
+    most = 0
+
+    async def all_stored(want: set[str]) -> bool:
+        nonlocal most
+        most = max(most, tailers.slots.in_use)
+        return want <= await stored_ids(store)
+
+    await tailers.start()
+    try:
+        await wait_until(lambda: all_stored({f"<turn{i}@test>" for i in range(3)}), 30,
+                         "every account synced in turn")
+        await asyncio.to_thread(dovecot.append, users[0], "INBOX", message(
+            "later", sender=LEAD, to=users[0], message_id="<turn-later@test>"))
+        await wait_until(lambda: all_stored({"<turn-later@test>"}), 30, "new mail on a shared slot")
+        assert most == 1 and spy.logins > 3                     # one connection at a time, in turns
+    finally:
+        await tailers.stop()
