@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IMAP fetch benchmark: mailgw's IMAPClient against mbsync, same mailbox, same Dovecot.
+"""IMAP benchmark: the IMAPClient against mbsync, and the tailer from Dovecot into the store.
 
 Its one job: fill a private Dovecot (tests/support/dovecot.py) with N realistic messages
 (multipart/alternative, 5-20 KB, default 10,000), then time how fast one connection of
@@ -19,11 +19,28 @@ peak RSS (VmHWM, sampled and self-reported) is the client's alone. Before the ru
 `UID FETCH 1:* (FLAGS)` and a header fetch let Dovecot build its index and cache, so
 every run sees the same warm server.
 
-It is a benchmark, not a test: it exits 1 only when a run read fewer messages than
-there are. Run it from the repository root:
+Then the IMAP tailer (`gateway.imap.tailer`), end to end into the CRM store:
 
-    python3 bench/imap.py                     # 10,000 messages
+* **tailer initial sync**: a second mailbox of N messages, half of them from CRM
+  contacts, synced by a real `Tailers` manager (history_days 30, header-first, bodies of
+  the contacts' half only, parse, store with the checkpoint) into SQLite and into
+  PostgreSQL (a fresh database on `--pg-admin`, dropped afterwards): messages stored per
+  second, messages looked at per second, the child process's peak RSS;
+* **new-mail latency**: `--accounts` (50) mailboxes tailed at once by one manager, all in
+  IDLE; then `--latency-messages` (200) messages APPENDed one at a time, round robin,
+  timed from the start of the APPEND to the commit of the message in the store: p50,
+  p90, p99, max; beside it the server's own floor (APPEND to the EXISTS ending a plain
+  IDLE, no tailer: Dovecot batches change notifications for about half a second).
+
+`store.raw` is the default (`disk`: each raw message fsynced to its own file); set
+`MAILGW_BENCH_RAW=database` or `none` to see the other storage modes.
+
+It is a benchmark, not a test: it exits 1 only when a run read or stored fewer messages
+than expected. Run it from the repository root:
+
+    python3 bench/imap.py                     # 10,000 messages, every row
     python3 bench/imap.py --messages 2000 --json
+    python3 bench/imap.py --skip-fetch --skip-latency --stores sqlite
     python3 bench/imap.py --skip-mbsync --keep-temp
 """
 
