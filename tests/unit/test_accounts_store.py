@@ -4,6 +4,7 @@ messages, sync runs, leases, purge, the OAuth2 token store, and the read side (l
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gateway.config import Account
 from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
 from gateway.crm.store import AcceptedMessage, NewMessage, SourceRef, Store, WebhookTarget
 from gateway.errors import NotFound, StoreError
-from gateway.imap.oauth import AccessToken, TokenCipher, TokenManager
+from gateway.imap.oauth import AccessToken, TokenCipher
 from gateway.imap.slots import ConnectionSlots
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -57,7 +58,7 @@ async def test_ensure_and_status_changes_with_one_webhook(store: Store) -> None:
     async with store.engine.connect() as conn:
         hooks = (await conn.execute(sa.text("SELECT event_type, payload FROM webhook_outbox"))).all()
     assert [h[0] for h in hooks] == ["account.needs_reconnect"]     # once, on the transition
-    payload = hooks[0][1] if isinstance(hooks[0][1], dict) else __import__("json").loads(hooks[0][1])
+    payload = hooks[0][1] if isinstance(hooks[0][1], dict) else json.loads(hooks[0][1])
     assert payload["data"]["account"]["reason"] == "NO [AUTHENTICATIONFAILED] nope"
 
     # only_from: `enable` of a deleted account is explicit, a reconnect only clears needs_reconnect
@@ -196,11 +197,8 @@ async def test_db_token_store_keeps_ciphertext_only(store: Store) -> None:
     async with store.engine.connect() as conn:
         raw = (await conn.execute(sa.text("SELECT token_ciphertext FROM accounts"))).scalar()
     assert b"secret-access-token" not in bytes(raw)
-    manager = TokenManager(tokens, cipher)
-    try:
-        assert cipher.decrypt("carol", got.ciphertext) is not None
-    finally:
-        await manager.close()
+    decrypted = cipher.decrypt("carol", got.ciphertext)
+    assert decrypted is not None and decrypted[0].token == "secret-access-token"
 
 
 async def test_overview_lists_configured_and_leftover_accounts(store: Store) -> None:
