@@ -30,6 +30,8 @@ from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.transport import Transport
 from gateway.errors import ConfigError
+from gateway.imap.sent import SentCopies
+from gateway.imap.tailer import Tailers
 from gateway.ingest import Ingest
 from gateway.mail.auth import make_resolver
 from gateway.passwords import PasswordChecker
@@ -70,6 +72,7 @@ class App:
         self.ingest_listener: SMTPListener | None = None
         self.tracking: TrackingServer | None = None
         self._signer: TokenSigner | None = None
+        self.tailers: Tailers | None = None
         self.policies = PolicySet.empty(cfg)
         self.metrics = Metrics()
         self.admin: AdminAPI | None = None
@@ -117,6 +120,8 @@ class App:
                            is_ingest=self.ingest.is_ingest_address, counts=self.counts,
                            on_accepted=lambda *_: self.metrics.accepted())
         await self.scheduler.start()
+        self.tailers = Tailers(self.get_config, self.store, log=self.log)
+        await self.tailers.start()
         sub = cfg.listeners.submission
         if sub is not None:
             handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(),
@@ -177,7 +182,13 @@ class App:
                       base_url=lst.base_url)
 
     def _healthy(self) -> bool:
-        return self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
+        return (self.scheduler is not None and all(not t.done() for t in self.scheduler._tasks)
+                and (self.tailers is None or self.tailers.healthy()))
+
+    @property
+    def sent_copies(self) -> SentCopies | None:
+        """The Sent-folder appender: `await app.sent_copies.enqueue(account_id, raw)`."""
+        return self.tailers.sent if self.tailers is not None else None
 
     # -- admin listener (read API, /metrics, /healthz) and webhook delivery ------------------
     def _configure_store(self, cfg: Config) -> None:
@@ -278,6 +289,8 @@ class App:
         if self.scheduler is not None:
             self.scheduler.config_changed()
         self._reload_api(new)
+        if self.tailers is not None:
+            self.tailers.reload()
         self.log.info("reloaded", config=new.source)
         self.notifier.ready(status="accepting mail (reloaded)")
         return True
@@ -294,6 +307,8 @@ class App:
             if lost_hits:
                 self.log.error("tracking_hits_unrecorded", count=lost_hits)
         await self._stop_api(grace)
+        if self.tailers is not None:
+            await self.tailers.stop(timeout=grace)
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
         if self.counts is not None:

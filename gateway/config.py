@@ -345,6 +345,10 @@ PROVIDERS: dict[str, tuple[Endpoint, Endpoint]] = {
 }
 
 
+#: Providers whose SMTP servers file submitted mail in the Sent folder themselves.
+PROVIDERS_SAVING_SENT = frozenset({"gmail", "microsoft365", "outlook", "yahoo"})
+
+
 class Account(Model):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     email: str
@@ -380,6 +384,20 @@ class Account(Model):
         if url is None:
             raise ValueError(f"account {self.id}: no OAuth2 token endpoint")
         return url, self.auth.scope or (preset[1] if preset and not self.auth.token_endpoint else None)
+
+    def saves_sent(self) -> bool:
+        """Does mail submitted through this account's own SMTP upstream land in its Sent
+        folder by itself? `smtp.saves_sent` when set; else the provider's habit: Gmail,
+        Microsoft 365, Outlook.com and Yahoo file what their SMTP servers accept in Sent;
+        iCloud, Zoho and plain IMAP servers generally do not (the mail client APPENDs it)."""
+        if self.smtp is not None and self.smtp.saves_sent is not None:
+            return self.smtp.saves_sent
+        return self.provider in PROVIDERS_SAVING_SENT
+
+    @property
+    def tailed(self) -> bool:
+        """Whether the tailer imports from this mailbox (two-way sync, enabled)."""
+        return self.sync.enabled and self.sync.direction == "two-way"
 
     def smtp_endpoint(self) -> Endpoint | None:
         """The upstream SMTP server for mail sent as this account (preset, then explicit keys)."""
@@ -563,6 +581,37 @@ class Webhook(Model):
         return self
 
 
+class Sync(Model):
+    """How connected mailboxes are tailed (all accounts of this node)."""
+
+    #: IMAP connections open at once, tailers and Sent-copy appends together. Each tailed
+    #: account holds one while it IDLEs; with more accounts than this they take turns.
+    max_connections: int = Field(default=20, ge=1, le=10000)
+    #: how often folders other than INBOX (and INBOX on servers without IDLE) are checked
+    poll_interval: Duration = Field(default=120.0, ge=1.0)
+    #: IDLE is re-issued after this long (servers drop it after 29-30 minutes)
+    idle_interval: Duration = Field(default=25 * 60.0, ge=1.0, le=29 * 60.0)
+    #: silence in IDLE after which the connection is probed (DONE must be answered)
+    idle_liveness: Duration = Field(default=5 * 60.0, ge=0.1)
+    #: IMAP command and connect timeout
+    timeout: Duration = Field(default=60.0, ge=0.1)
+    #: reconnect delays: capped exponential backoff with full jitter
+    backoff_min: Duration = Field(default=1.0, gt=0)
+    backoff_max: Duration = Field(default=300.0, gt=0)
+    #: a node's lease on a mailbox lasts this long unless renewed (renewed every third of it)
+    lease_ttl: Duration = Field(default=60.0, ge=1.0)
+    #: how often account status changes (`mailgw accounts disable`, ...) are looked for
+    check_interval: Duration = Field(default=2.0, ge=0.05)
+    #: this node's name in leases (default: host name and process id)
+    node_id: str | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Sync:
+        if self.backoff_max < self.backoff_min:
+            raise ValueError("backoff_max must not be below backoff_min")
+        return self
+
+
 class Logging(Model):
     format: Literal["json", "console", "auto"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -598,6 +647,7 @@ class Config(Model):
     # Missing directory: no rules when left at the default, an error when set explicitly.
     policies_dir: str = "./policies"
     webhooks: list[Webhook] = []
+    sync: Sync = Sync()
     logging: Logging = Logging()
     drain_timeout: Duration = 10.0
     # key that encrypts OAuth2 tokens at rest (base64 of 32 bytes); default: a file

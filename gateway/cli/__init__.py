@@ -22,7 +22,7 @@ from gateway.errors import ConfigError, GatewayError, NotFound, UsageError
 
 #: Command-group modules under gateway.cli, in the order `mailgw --help` lists them.
 GROUPS: tuple[str, ...] = ("core", "policy", "preview", "dkim", "queue", "messages", "contacts",
-                           "report", "db")
+                           "accounts", "sync", "report", "db")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,582 @@
+"""Connected mailboxes' runtime state in the CRM store: status, tokens, IMAP checkpoints, sync runs, leases.
+
+    accounts = Accounts(store)
+    await accounts.ensure(cfg.accounts)                    # a row per configured account
+    if await accounts.acquire_lease("alice", node, ttl=60):  # this node tails alice now
+        cp = await accounts.checkpoint("alice", "INBOX")
+        await store.store_messages(items, then=accounts.save_checkpoint("alice", new_cp))
+    await accounts.set_status("alice", "needs_reconnect", "[AUTHENTICATIONFAILED] ...")
+
+Tables (see `gateway.crm.models`): ``accounts`` (status ``active | disabled |
+needs_reconnect | deleted`` with the reason and when it changed, the OAuth2 token at rest,
+the node lease, ``last_sync_at``), ``sync_state`` (the checkpoint of one folder: UIDVALIDITY,
+the highest UID seen, HIGHESTMODSEQ, how far down the newest-first initial sync has come,
+whether it is done) and ``sync_runs`` (one row per sync run: kind, folder, counts, status,
+error).
+
+Each method is one short transaction. A checkpoint is written by the callback
+`save_checkpoint()` returns, which `Store.store_messages(..., then=...)` runs in the
+transaction that stores the messages it covers: both commit or neither does.
+
+Leases (SPEC §7): a mailbox is tailed by one node at a time. `acquire_lease` is one atomic
+``UPDATE accounts SET lease_owner = me, lease_expires_at = now + ttl WHERE id = :id AND
+(lease_owner = me OR lease_owner IS NULL OR lease_expires_at < now)``; a node renews its
+leases every third of the TTL, and a node that stops renewing (it died, or lost the
+database) loses them when they expire. On PostgreSQL "now" is the database's clock, so
+nodes' clocks need not agree; on SQLite (one node) it is this process's.
+
+`overview()` and `sync_info()` are the read side shared by `mailgw accounts list`,
+`mailgw sync status` and the read API (`/api/v1/accounts`, `/api/v1/accounts/{id}/sync`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.config import Account
+from gateway.crm.models import (
+    ACCOUNT_STATUSES,
+    AccountState,
+    Message,
+    MessageSource,
+    RawMessage,
+    SyncRun,
+    SyncState,
+)
+from gateway.crm.store import Store
+from gateway.errors import NotFound
+from gateway.imap.oauth import EncryptedToken
+
+__all__ = [
+    "Accounts",
+    "Checkpoint",
+    "DBTokenStore",
+    "PurgeResult",
+    "RunCounts",
+]
+
+_accounts = cast(sa.Table, AccountState.__table__)
+_state = cast(sa.Table, SyncState.__table__)
+_runs = cast(sa.Table, SyncRun.__table__)
+_sources = cast(sa.Table, MessageSource.__table__)
+_messages = cast(sa.Table, Message.__table__)
+_raw = cast(sa.Table, RawMessage.__table__)
+
+_CHUNK = 500
+#: the reason text kept with a status (the server's words can be long)
+REASON_MAX = 1000
+
+ConnCallback = Callable[[AsyncConnection], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the sync of one folder stands (a ``sync_state`` row).
+
+    `last_uid`: every UID up to it has been looked at (the tail goes on above it).
+    `backfill_uid`: the initial sync, newest first, has looked at every UID in the
+    history window from it up to `last_uid` at the time it started (None: not started).
+    """
+
+    folder: str
+    uidvalidity: int | None = None
+    last_uid: int = 0
+    highestmodseq: int | None = None
+    backfill_uid: int | None = None
+    initial_done: bool = False
+
+
+@dataclass
+class RunCounts:
+    """Counters of a sync run, updated as it goes."""
+
+    fetched: int = 0       # header-first looks at messages
+    stored: int = 0        # bodies stored (new or seen again)
+    skipped: int = 0       # not the CRM's business (no contact, excluded)
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """What `purge` removed."""
+
+    sources: int
+    messages: int
+    checkpoints: int
+    raw_blobs: list[str]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _reason(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = text.replace("\x00", "").strip()
+    return text[:REASON_MAX]
+
+
+class Accounts:
+    """Account runtime state on a :class:`Store` (see the module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @property
+    def _pg(self) -> bool:
+        return self.store.dialect == "postgresql"
+
+    def _begin(self) -> Any:
+        return self.store.engine.begin()
+
+    async def _tx(self, fn: Callable[[AsyncConnection], Awaitable[Any]], what: str) -> Any:
+        try:
+            async with self._begin() as conn:
+                return await fn(conn)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail(what, exc) from exc
+
+    # -- rows -----------------------------------------------------------------------------
+    async def ensure(self, accounts: Sequence[Account]) -> None:
+        """A row (status active) for every configured account that has none; emails kept current."""
+        if not accounts:
+            return
+        now = _now()
+
+        async def run(conn: AsyncConnection) -> None:
+            rows = [{"id": a.id, "email": a.email, "status": "active", "status_at": now,
+                     "created_at": now, "updated_at": now} for a in accounts]
+            await conn.execute(self.store._insert(_accounts).on_conflict_do_nothing(
+                index_elements=[_accounts.c.id]), rows)
+            for a in accounts:
+                await conn.execute(sa.update(_accounts).where(
+                    _accounts.c.id == a.id, _accounts.c.email != a.email).values(
+                    email=a.email, updated_at=now))
+
+        await self._tx(run, "cannot record the configured accounts")
+
+    async def get(self, account_id: str) -> dict[str, Any] | None:
+        """The account's row (without the token ciphertext), or None."""
+        rows = await self.rows([account_id])
+        return rows.get(account_id)
+
+    async def rows(self, ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Rows by id (all of them without `ids`), without the token ciphertext."""
+        cols = [c for c in _accounts.c if c.name != "token_ciphertext"]
+        q = sa.select(*cols)
+        if ids is not None:
+            q = q.where(_accounts.c.id.in_(list(ids)))
+
+        try:
+            async with self.store.engine.connect() as conn:
+                return {r["id"]: dict(r) for r in (await conn.execute(q)).mappings()}
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read accounts", exc) from exc
+
+    async def statuses(self) -> dict[str, str]:
+        """id -> status for every account row (the daemon's cheap periodic check)."""
+        try:
+            async with self.store.engine.connect() as conn:
+                rows = await conn.execute(sa.select(_accounts.c.id, _accounts.c.status))
+                return {i: s for i, s in rows.all()}
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read account statuses", exc) from exc
+
+    async def set_status(self, account_id: str, status: str, reason: str | None = None, *,
+                         email: str = "", only_from: Sequence[str] | None = None) -> str | None:
+        """Set the status (with the reason and the time); returns the previous status
+        (None: the row was created). Becoming `needs_reconnect` enqueues the webhook
+        `account.needs_reconnect` in the same transaction. With `only_from`, the change
+        happens only when the current status is one of those (returned either way)."""
+        if status not in ACCOUNT_STATUSES:
+            raise ValueError(f"status must be one of {ACCOUNT_STATUSES}, not {status!r}")
+        now = _now()
+
+        async def run(conn: AsyncConnection) -> str | None:
+            row = (await conn.execute(sa.select(_accounts.c.status, _accounts.c.email)
+                                      .where(_accounts.c.id == account_id))).first()
+            if row is None:
+                await conn.execute(sa.insert(_accounts), [{
+                    "id": account_id, "email": email, "status": status,
+                    "status_reason": _reason(reason), "status_at": now, "created_at": now,
+                    "updated_at": now}])
+                previous, address = None, email
+            else:
+                previous, address = row[0], row[1]
+                if only_from is not None and previous not in only_from:
+                    return cast(str, previous)
+                await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id).values(
+                    status=status, status_reason=_reason(reason), status_at=now, updated_at=now))
+            if status == "needs_reconnect" and previous != "needs_reconnect":
+                await self.store.enqueue_webhook(conn, "account.needs_reconnect", {
+                    "account": {"id": account_id, "email": address, "status": status,
+                                "reason": _reason(reason), "status_at": _iso(now)}}, now)
+            return cast("str | None", previous)
+
+        return cast("str | None", await self._tx(run, f"cannot set the status of {account_id}"))
+
+    async def note_reason(self, account_id: str, reason: str | None) -> None:
+        """Update the reason text only (a later failure of an account that needs reconnecting)."""
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id).values(
+                status_reason=_reason(reason), updated_at=_now()))
+
+        await self._tx(run, f"cannot update account {account_id}")
+
+    def mark_synced(self, account_id: str, at: datetime | None = None) -> ConnCallback:
+        """A `then` callback setting ``last_sync_at``."""
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id)
+                               .values(last_sync_at=at or _now()))
+        return run
+
+    async def synced(self, account_id: str) -> None:
+        await self._tx(self.mark_synced(account_id), f"cannot update account {account_id}")
+
+    # -- checkpoints ----------------------------------------------------------------------
+    async def checkpoint(self, account_id: str, folder: str) -> Checkpoint | None:
+        try:
+            async with self.store.engine.connect() as conn:
+                r = (await conn.execute(sa.select(_state).where(
+                    _state.c.account == account_id, _state.c.folder == folder))).mappings().first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read a sync checkpoint", exc) from exc
+        if r is None:
+            return None
+        return Checkpoint(folder=folder, uidvalidity=r["uidvalidity"], last_uid=int(r["last_uid"]),
+                          highestmodseq=r["highestmodseq"], backfill_uid=r["backfill_uid"],
+                          initial_done=bool(r["initial_done"]))
+
+    def save_checkpoint(self, account_id: str, cp: Checkpoint, *, run_id: int | None = None,
+                        counts: RunCounts | None = None) -> ConnCallback:
+        """A `then` callback for `Store.store_messages`: writes the checkpoint (and the
+        progress of the sync run, and ``last_sync_at``) in the messages' transaction."""
+        async def run(conn: AsyncConnection) -> None:
+            now = _now()
+            values = {"uidvalidity": cp.uidvalidity, "last_uid": cp.last_uid,
+                      "highestmodseq": cp.highestmodseq, "backfill_uid": cp.backfill_uid,
+                      "initial_done": cp.initial_done, "updated_at": now}
+            stmt = self.store._insert(_state).values(account=account_id, folder=cp.folder, **values)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=[_state.c.account, _state.c.folder], set_=values))
+            if run_id is not None and counts is not None:
+                await conn.execute(sa.update(_runs).where(_runs.c.id == run_id).values(
+                    fetched=counts.fetched, stored=counts.stored, skipped=counts.skipped))
+            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id)
+                               .values(last_sync_at=now))
+        return run
+
+    async def write_checkpoint(self, account_id: str, cp: Checkpoint) -> None:
+        await self._tx(self.save_checkpoint(account_id, cp), "cannot write a sync checkpoint")
+
+    async def forget_folders(self, account_id: str, keep: Sequence[str]) -> int:
+        """Drop checkpoints of folders no longer synced (so a folder added again starts over)."""
+        async def run(conn: AsyncConnection) -> int:
+            res = await conn.execute(sa.delete(_state).where(
+                _state.c.account == account_id, _state.c.folder.not_in(list(keep))))
+            return int(res.rowcount or 0)
+
+        return cast(int, await self._tx(run, "cannot update sync checkpoints"))
+
+    # -- sync runs ------------------------------------------------------------------------
+    async def start_run(self, account_id: str, folder: str, kind: str) -> int:
+        """Insert a run in state `running`; returns its id."""
+        async def run(conn: AsyncConnection) -> int:
+            res = await conn.execute(sa.insert(_runs).values(
+                account=account_id, folder=folder, kind=kind, started_at=_now(), status="running",
+                fetched=0, stored=0, skipped=0).returning(_runs.c.id))
+            return int(res.scalar_one())
+
+        return cast(int, await self._tx(run, "cannot record a sync run"))
+
+    async def finish_run(self, run_id: int, counts: RunCounts, error: str | None = None) -> None:
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sa.update(_runs).where(_runs.c.id == run_id).values(
+                finished_at=_now(), status="error" if error else "ok", fetched=counts.fetched,
+                stored=counts.stored, skipped=counts.skipped, error=_reason(error)))
+
+        await self._tx(run, "cannot record a sync run")
+
+    async def record_run(self, account_id: str, folder: str, kind: str, started_at: datetime,
+                         counts: RunCounts, error: str | None = None) -> None:
+        """Insert a finished run at once (a tail pass, a failed connection)."""
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sa.insert(_runs).values(
+                account=account_id, folder=folder, kind=kind, started_at=started_at,
+                finished_at=_now(), status="error" if error else "ok", fetched=counts.fetched,
+                stored=counts.stored, skipped=counts.skipped, error=_reason(error)))
+
+        await self._tx(run, "cannot record a sync run")
+
+    async def interrupt_runs(self, account_id: str, why: str) -> int:
+        """Runs of this account still `running` (their node stopped or lost the lease) -> error."""
+        async def run(conn: AsyncConnection) -> int:
+            res = await conn.execute(sa.update(_runs).where(
+                _runs.c.account == account_id, _runs.c.status == "running").values(
+                status="error", finished_at=_now(), error=_reason(why)))
+            return int(res.rowcount or 0)
+
+        return cast(int, await self._tx(run, "cannot update sync runs"))
+
+    async def prune_runs(self, older_than: timedelta) -> int:
+        """Delete finished runs older than that (the history is for support, not forever)."""
+        cutoff = _now() - older_than
+
+        async def run(conn: AsyncConnection) -> int:
+            res = await conn.execute(sa.delete(_runs).where(_runs.c.started_at < cutoff,
+                                                            _runs.c.status != "running"))
+            return int(res.rowcount or 0)
+
+        return cast(int, await self._tx(run, "cannot prune sync runs"))
+
+    # -- leases ---------------------------------------------------------------------------
+    async def acquire_lease(self, account_id: str, owner: str, ttl: float) -> bool:
+        """Take or renew this node's lease on the mailbox; False when another node holds it."""
+        if self._pg:
+            now: Any = sa.func.now()
+            until: Any = sa.func.now() + sa.literal(timedelta(seconds=ttl), sa.Interval())
+        else:
+            t = _now()
+            now = sa.literal(t, _accounts.c.lease_expires_at.type)
+            until = t + timedelta(seconds=ttl)
+        stmt = sa.update(_accounts).where(
+            _accounts.c.id == account_id,
+            sa.or_(_accounts.c.lease_owner == owner, _accounts.c.lease_owner.is_(None),
+                   _accounts.c.lease_expires_at.is_(None), _accounts.c.lease_expires_at < now),
+        ).values(lease_owner=owner, lease_expires_at=until)
+
+        async def run(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(stmt)).rowcount == 1)
+
+        return cast(bool, await self._tx(run, f"cannot take the lease on {account_id}"))
+
+    async def release_lease(self, account_id: str, owner: str) -> None:
+        """Give the lease up at once (a clean stop), so another node may take over."""
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sa.update(_accounts).where(
+                _accounts.c.id == account_id, _accounts.c.lease_owner == owner).values(
+                lease_owner=None, lease_expires_at=None))
+
+        await self._tx(run, f"cannot release the lease on {account_id}")
+
+    # -- purge ----------------------------------------------------------------------------
+    async def purge(self, account_id: str) -> PurgeResult:
+        """Remove the account's stored mail: its IMAP sources, the messages left with no
+        source at all (with their events and links), its checkpoints, and raw bytes no
+        other message shares. Mail the gateway relayed or ingested keeps its other sources."""
+        async def run(conn: AsyncConnection) -> PurgeResult:
+            where = sa.and_(_sources.c.source == "imap", _sources.c.account == account_id)
+            pks = sorted({pk for (pk,) in (await conn.execute(
+                sa.select(_sources.c.message_pk).where(where))).all()})
+            n_sources = int((await conn.execute(sa.delete(_sources).where(where))).rowcount or 0)
+            orphans: dict[int, str | None] = {}
+            has_source = sa.exists().where(_sources.c.message_pk == _messages.c.id)
+            for i in range(0, len(pks), _CHUNK):
+                rows = await conn.execute(sa.select(_messages.c.id, _messages.c.raw_sha256).where(
+                    _messages.c.id.in_(pks[i:i + _CHUNK]), ~has_source))
+                orphans.update({pk: digest for pk, digest in rows.all()})
+            ids = sorted(orphans)
+            n_messages = 0
+            for i in range(0, len(ids), _CHUNK):
+                res = await conn.execute(sa.delete(_messages).where(_messages.c.id.in_(ids[i:i + _CHUNK])))
+                n_messages += int(res.rowcount or 0)
+            digests = sorted({d for d in orphans.values() if d})
+            still: set[str] = set()
+            for i in range(0, len(digests), _CHUNK):
+                found = await conn.execute(sa.select(_messages.c.raw_sha256).where(
+                    _messages.c.raw_sha256.in_(digests[i:i + _CHUNK])))
+                still.update(d for (d,) in found.all() if d)
+            unused = [d for d in digests if d not in still]
+            for i in range(0, len(unused), _CHUNK):
+                await conn.execute(sa.delete(_raw).where(_raw.c.sha256.in_(unused[i:i + _CHUNK])))
+            n_state = int((await conn.execute(sa.delete(_state).where(
+                _state.c.account == account_id))).rowcount or 0)
+            return PurgeResult(sources=n_sources, messages=n_messages, checkpoints=n_state,
+                               raw_blobs=unused)
+
+        result = cast(PurgeResult, await self._tx(run, f"cannot purge account {account_id}"))
+        raw = self.store.raw
+        if result.raw_blobs and raw.directory is not None and not raw.in_database:
+            def unlink() -> None:
+                for d in result.raw_blobs:
+                    try:
+                        raw.path(d).unlink()
+                    except FileNotFoundError:
+                        pass
+            await asyncio.to_thread(unlink)
+        return result
+
+    # -- reading: CLI and API ---------------------------------------------------------------
+    async def overview(self, configured: Sequence[Account]) -> list[dict[str, Any]]:
+        """Every configured account (and any deleted from the config but still in the store)
+        with its status, reason, last sync, folders and how many stored messages its
+        mailbox holds: the rows of `mailgw accounts list` and `/api/v1/accounts`."""
+        rows = await self.rows()
+        counts = await self._message_counts()
+        last = await self._last_runs()
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for a in configured:
+            seen.add(a.id)
+            out.append(_account_dict(a, rows.get(a.id), counts.get(a.id, 0)))
+        for aid in sorted(set(rows) - seen):
+            out.append(_account_dict(None, rows[aid], counts.get(aid, 0)))
+        for d in out:
+            d["last_run"] = last.get(d["id"])
+        return out
+
+    async def _last_runs(self) -> dict[str, dict[str, Any]]:
+        """The latest sync run of every account (its error, if it failed, is the last error)."""
+        latest = sa.select(sa.func.max(_runs.c.id)).group_by(_runs.c.account).scalar_subquery()
+        try:
+            async with self.store.engine.connect() as conn:
+                rows = (await conn.execute(sa.select(_runs).where(_runs.c.id.in_(latest)))).mappings()
+                return {r["account"]: _run_dict(r) for r in rows}
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read sync runs", exc) from exc
+
+    async def sync_info(self, account_id: str, *, configured: Account | None = None,
+                        runs: int = 20) -> dict[str, Any]:
+        """Per folder: checkpoint, last sync, stored messages, last run; totals; the recent
+        runs and recent errors (`mailgw sync status ID`, `/api/v1/accounts/{id}/sync`).
+        Raises NotFound for an account neither configured nor in the store."""
+        try:
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(sa.select(*[c for c in _accounts.c
+                                                      if c.name != "token_ciphertext"])
+                                          .where(_accounts.c.id == account_id))).mappings().first()
+                if row is None and configured is None:
+                    raise NotFound(f"no account {account_id!r} (not configured, never synced)")
+                states = (await conn.execute(sa.select(_state).where(
+                    _state.c.account == account_id).order_by(_state.c.folder))).mappings().all()
+                per_folder: dict[str | None, int] = dict((await conn.execute(
+                    sa.select(_sources.c.folder, sa.func.count(sa.distinct(_sources.c.message_pk)))
+                    .where(_sources.c.source == "imap", _sources.c.account == account_id)
+                    .group_by(_sources.c.folder))).all())
+                total_msgs = (await conn.execute(
+                    sa.select(sa.func.count(sa.distinct(_sources.c.message_pk)))
+                    .where(_sources.c.source == "imap", _sources.c.account == account_id))).scalar()
+                totals = (await conn.execute(sa.select(
+                    sa.func.count(), sa.func.coalesce(sa.func.sum(_runs.c.fetched), 0),
+                    sa.func.coalesce(sa.func.sum(_runs.c.stored), 0),
+                    sa.func.coalesce(sa.func.sum(_runs.c.skipped), 0),
+                    sa.func.count(sa.case((_runs.c.status == "error", 1))),
+                ).where(_runs.c.account == account_id))).one()
+                recent = (await conn.execute(sa.select(_runs).where(_runs.c.account == account_id)
+                                             .order_by(_runs.c.started_at.desc(), _runs.c.id.desc())
+                                             .limit(runs))).mappings().all()
+                errors = (await conn.execute(sa.select(_runs).where(
+                    _runs.c.account == account_id, _runs.c.status == "error")
+                    .order_by(_runs.c.started_at.desc(), _runs.c.id.desc()).limit(5))).mappings().all()
+                last_runs: dict[str, dict[str, Any]] = {}
+                for s in states:
+                    r = (await conn.execute(sa.select(_runs).where(
+                        _runs.c.account == account_id, _runs.c.folder == s["folder"])
+                        .order_by(_runs.c.started_at.desc(), _runs.c.id.desc()).limit(1))
+                    ).mappings().first()
+                    if r is not None:
+                        last_runs[s["folder"]] = _run_dict(r)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read sync status", exc) from exc
+        info = _account_dict(configured, dict(row) if row is not None else None, int(total_msgs or 0))
+        info["last_run"] = _run_dict(recent[0]) if recent else None
+        info["folders_synced"] = [{
+            "folder": s["folder"], "uidvalidity": s["uidvalidity"], "last_uid": s["last_uid"],
+            "highestmodseq": s["highestmodseq"], "initial_done": bool(s["initial_done"]),
+            "backfill_uid": s["backfill_uid"], "last_sync_at": _iso(s["updated_at"]),
+            "messages": int(per_folder.get(s["folder"], 0)),
+            "last_run": last_runs.get(s["folder"]),
+        } for s in states]
+        info["totals"] = {"runs": int(totals[0]), "fetched": int(totals[1]),
+                          "stored": int(totals[2]), "skipped": int(totals[3]),
+                          "errors": int(totals[4]), "messages": int(total_msgs or 0)}
+        info["recent_runs"] = [_run_dict(r) for r in recent]
+        info["recent_errors"] = [_run_dict(r) for r in errors]
+        return info
+
+    async def _message_counts(self) -> dict[str, int]:
+        try:
+            async with self.store.engine.connect() as conn:
+                rows = await conn.execute(
+                    sa.select(_sources.c.account, sa.func.count(sa.distinct(_sources.c.message_pk)))
+                    .where(_sources.c.source == "imap").group_by(_sources.c.account))
+                return {a: int(n) for a, n in rows.all() if a is not None}
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot count messages", exc) from exc
+
+
+def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) -> dict[str, Any]:
+    """One account as `accounts list --json` and the API show it."""
+    out: dict[str, Any] = {
+        "id": a.id if a is not None else (row or {}).get("id"),
+        "email": a.email if a is not None else (row or {}).get("email", ""),
+        "configured": a is not None,
+        "provider": a.provider if a is not None else None,
+        "direction": a.sync.direction if a is not None else None,
+        "enabled": a.sync.enabled if a is not None else None,
+        "folders": list(a.sync.folders) if a is not None else [],
+        "history_days": a.sync.history_days if a is not None else None,
+        # runtime state; an account the daemon has not seen yet is "active" (as it will be)
+        "status": (row or {}).get("status") or "active",
+        "reason": (row or {}).get("status_reason"),
+        "status_at": _iso((row or {}).get("status_at")),
+        "last_sync_at": _iso((row or {}).get("last_sync_at")),
+        "lease_owner": (row or {}).get("lease_owner"),
+        "lease_expires_at": _iso((row or {}).get("lease_expires_at")),
+        "messages": messages,
+    }
+    return out
+
+
+def _run_dict(r: Any) -> dict[str, Any]:
+    started, finished = r["started_at"], r["finished_at"]
+    return {"id": r["id"], "folder": r["folder"], "kind": r["kind"], "status": r["status"],
+            "started_at": _iso(started), "finished_at": _iso(finished),
+            "seconds": round((finished - started).total_seconds(), 3) if finished and started else None,
+            "fetched": r["fetched"], "stored": r["stored"], "skipped": r["skipped"],
+            "error": r["error"]}
+
+
+class DBTokenStore:
+    """The OAuth2 `TokenStore` on the ``accounts`` table (ciphertext and expiry only)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def load(self, account_id: str) -> EncryptedToken | None:
+        try:
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(sa.select(_accounts.c.token_ciphertext,
+                                                    _accounts.c.token_expires_at)
+                                          .where(_accounts.c.id == account_id))).first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot read an OAuth2 token", exc) from exc
+        if row is None or row[0] is None:
+            return None
+        expires = row[1].timestamp() if row[1] is not None else 0.0
+        return EncryptedToken(bytes(row[0]), expires)
+
+    async def save(self, account_id: str, ciphertext: bytes, expires_at: float) -> None:
+        now = _now()
+        when = datetime.fromtimestamp(expires_at, UTC)
+        values = {"token_ciphertext": ciphertext, "token_expires_at": when, "updated_at": now}
+        stmt = self.store._insert(_accounts).values(id=account_id, email="", status="active",
+                                                    status_at=now, created_at=now, **values)
+        try:
+            async with self.store.engine.begin() as conn:
+                await conn.execute(stmt.on_conflict_do_update(index_elements=[_accounts.c.id],
+                                                              set_=values))
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store._fail("cannot save an OAuth2 token", exc) from exc

@@ -1,0 +1,872 @@
+"""The IMAP tailer: one state machine per connected mailbox, importing CRM mail into the store.
+
+One `AccountTailer` per tailed account (two-way sync, enabled, status active, this node
+holding its lease) runs this machine on one IMAP connection::
+
+           start / slot freed
+                 |
+                 v
+          +-------------+  stop                         +-----------------+
+          | WAIT_SLOT   |------------------------------>|     STOPPED     |
+          +-------------+                               +-----------------+
+                 | a connection slot (global cap sync.max_connections)  ^
+                 v                                                      | stop (any state)
+          +-------------+  AccountAuthError (server's words)   +-----------------+
+          |  CONNECT +  |------------------------------------->| NEEDS_RECONNECT |  webhook; no retry
+          |  AUTHENTICATE  |                                   +-----------------+  until SIGHUP or
+          +-------------+                                        `accounts enable`
+                 |  AccountUnavailable / timeout / StoreError (any state below)
+                 |        -> BACKOFF: slot released, capped exponential delay with
+                 |           full jitter, then WAIT_SLOT again (nothing is lost: the
+                 v           checkpoint only moves with committed messages)
+          +-------------+
+          |  RESOLVE    |  configured folders -> mailboxes through SPECIAL-USE ("Sent" finds
+          +-------------+  "Sent Items"); Junk, Drafts, Trash, All Mail never (FolderError run)
+                 |
+                 v    for each folder: EXAMINE (read-only), compare with the checkpoint
+          +-------------+
+          |  SYNC       |  UIDVALIDITY changed -> checkpoint reset, a "resync" run
+          |  folder     |  not initial_done    -> INITIAL: catch up above last_uid, then the
+          +-------------+     history window (history_days), newest first, 200 UIDs a batch,
+                 |            checkpoint `backfill_uid` moving down
+                 |          initial_done        -> CATCH_UP: UIDs above last_uid, ascending
+                 v
+          +-------------+  INBOX: IDLE (re-issued after sync.idle_interval < 29 min; liveness
+          |  TAIL       |  probe after sync.idle_liveness of silence); EXISTS -> CATCH_UP INBOX.
+          +-------------+  Every sync.poll_interval: SYNC every folder (no IDLE: poll all).
+                 |          Others waiting for a slot and this one held it a poll interval:
+                 +--------> give it up (logout) and queue again (WAIT_SLOT).
+
+Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for at most 200
+UIDs, the addresses go to `Store.concerning` (contacts, company domains, `crm.exclude`,
+`auto_create_contacts`), and only the messages that will be stored get `BODY.PEEK[]`
+(nothing is ever marked \\Seen: EXAMINE and PEEK only). Bodies are parsed off the event
+loop, become `NewMessage`s (outbound when From is the account's or its user's address,
+or the folder is the \\Sent one; else inbound) and go to `Store.store_messages` with the
+folder's new checkpoint as the `then` callback: the messages and the checkpoint that
+covers them commit together, so a crash or kill at any point resumes from the last
+commit without storing anything twice (the store's dedupe by Message-ID and the source
+ref `account/folder/uidvalidity/uid` make replays harmless anyway).
+
+`Tailers` is the manager the App starts: every `sync.check_interval` it reads account
+statuses (so `mailgw accounts disable` takes effect within seconds), takes or renews
+leases (SPEC §7; renewed every third of `sync.lease_ttl`, and a tailer whose lease could
+not be renewed in time stops before another node can take it over), starts and stops
+tailers, and owns the `SentCopies` appender. SIGHUP (`reload`) restarts tailers whose
+account configuration changed and retries, once, accounts that need reconnecting.
+SIGTERM (`stop`) lets batches in flight commit, interrupts IDLE, releases the leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import functools
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway.config import Account, Config, read_secret
+from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
+from gateway.crm.store import NewMessage, SourceRef, Store
+from gateway.errors import (
+    AccountAuthError,
+    AccountError,
+    AccountUnavailable,
+    FolderError,
+    StoreError,
+)
+from gateway.imap.account import open_account
+from gateway.imap.backoff import Backoff
+from gateway.imap.client import HEADER_FIELDS as CLIENT_HEADER_FIELDS
+from gateway.imap.client import Folder, IMAPClient, MailboxState, MessageBody, MessageHeaders
+from gateway.imap.oauth import TokenCipher, TokenManager
+from gateway.imap.sent import SentCopies
+from gateway.imap.slots import ConnectionSlots
+from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
+from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
+
+__all__ = [
+    "AccountTailer",
+    "ConnectionSlots",
+    "Opener",
+    "TailState",
+    "Tailers",
+    "own_addresses",
+    "token_manager_for",
+]
+
+T = TypeVar("T")
+
+#: header fields of the header-first pass: what the client and the parser each look at
+HEADER_FIELDS: tuple[str, ...] = tuple(dict.fromkeys([*CLIENT_HEADER_FIELDS, *PARSE_HEADER_FIELDS]))
+#: UIDs per header FETCH (and per store transaction)
+BATCH = 200
+#: raw bytes gathered before a store transaction, whatever the count
+FLUSH_BYTES = 16 * 1024 * 1024
+#: messages larger than this are stored from their headers only (never held in memory)
+MAX_BODY = 32 * 1024 * 1024
+#: one store call (a batch with its checkpoint) must finish within this
+STORE_TIMEOUT = 120.0
+#: one look of the manager (statuses, leases) must finish within this
+TICK_TIMEOUT = 60.0
+#: sync runs are kept this long
+RUN_HISTORY = timedelta(days=30)
+
+Opener = Callable[[Account], Awaitable[IMAPClient]]
+
+
+class TailState(enum.Enum):
+    """Where an AccountTailer is (see the module docstring)."""
+
+    WAIT_SLOT = "wait_slot"
+    CONNECT = "connect"
+    RESOLVE = "resolve"
+    SYNC = "sync"
+    TAIL = "tail"
+    BACKOFF = "backoff"
+    NEEDS_RECONNECT = "needs_reconnect"
+    STOPPED = "stopped"
+
+
+class _Stopped(Exception):
+    """Raised between batches when the tailer was asked to stop."""
+
+
+def own_addresses(cfg: Config, account: Account) -> frozenset[str]:
+    """The addresses mail from which counts as sent by this account (outbound)."""
+    own = {account.email.lower()}
+    if account.auth.method == "password" and account.auth.username and "@" in account.auth.username:
+        own.add(account.auth.username.lower())
+    if account.auth.delegate_user:
+        own.add(account.auth.delegate_user.lower())
+    own |= {u.login.lower() for u in cfg.users if u.account == account.id}
+    return frozenset(own)
+
+
+def _user_of(cfg: Config, account: Account) -> str | None:
+    return next((u.login for u in cfg.users if u.account == account.id), None)
+
+
+def token_manager_for(cfg: Config, store: Store) -> TokenManager:
+    """OAuth2 tokens kept encrypted in the store; the key from `token_key_file`, else
+    `state_dir/token.key` (created 0600 on first use)."""
+    if cfg.token_key_file:
+        cipher = TokenCipher.from_secret(read_secret(cfg.token_key_file, cfg.base_dir))
+    else:
+        cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        cipher = TokenCipher.from_key_file(cfg.state_path / "token.key")
+    return TokenManager(DBTokenStore(store), cipher)
+
+
+# -- one mailbox ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TailerStats:
+    """What one tailer did since it started (tests, benchmarks, logs)."""
+
+    sessions: int = 0
+    logins_failed: int = 0
+    stored: int = 0
+    skipped: int = 0
+    bodies_fetched: int = 0
+    idles: int = 0
+    last_error: str | None = None
+
+
+class AccountTailer:
+    """The state machine of one mailbox (see the module docstring)."""
+
+    def __init__(self, account: Account, *, get_config: Callable[[], Config], store: Store,
+                 accounts: Accounts, slots: ConnectionSlots, opener: Opener, log: Any = None,
+                 retrying: bool = False, on_stored: Callable[[list[NewMessage]], None] | None = None
+                 ) -> None:
+        self.account = account
+        self.get_config = get_config
+        self.store = store
+        self.accounts = accounts
+        self.slots = slots
+        self.opener = opener
+        self.log = (log or structlog.get_logger("mailgw.imap")).bind(account=account.id)
+        self.retrying = retrying        # status is needs_reconnect: this is the one retry
+        self.on_stored = on_stored
+        self.state = TailState.WAIT_SLOT
+        self.stats = TailerStats()
+        self._stop = asyncio.Event()
+        self._cps: dict[str, Checkpoint] = {}
+        self._inflight: asyncio.Task[Checkpoint] | None = None
+        self._folder = ""
+        self._reported_folders: str | None = None
+        cfg = get_config()
+        self._own = own_addresses(cfg, account)
+        self._user = _user_of(cfg, account)
+
+    @property
+    def id(self) -> str:
+        return self.account.id
+
+    def stop(self) -> None:
+        """Ask to stop: batches in flight commit, waits (slot, backoff, IDLE) end at once."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped()
+
+    async def _until_stopped(self, aw: Awaitable[T]) -> tuple[bool, T | None]:
+        """Await `aw` unless stop() comes first (then `aw` is cancelled): (finished, result)."""
+        task = asyncio.ensure_future(aw)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            stopper.cancel()
+            raise
+        stopper.cancel()
+        if task.done():
+            return True, task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return False, None
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; False when stopped."""
+        done, _ = await self._until_stopped(asyncio.sleep(max(0.0, seconds)))
+        return done
+
+    # -- the outer loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Tail until stopped, or until the server refuses the credentials."""
+        s = self.get_config().sync
+        backoff = Backoff(base=s.backoff_min, cap=s.backoff_max)
+        with contextlib.suppress(StoreError):
+            await self.accounts.interrupt_runs(
+                self.id, "interrupted: the node syncing it stopped or lost its lease; "
+                         "resumed from the checkpoint")
+        try:
+            while not self._stop.is_set():
+                self.state = TailState.WAIT_SLOT
+                got, _ = await self._until_stopped(self.slots.acquire())
+                if not got:
+                    break
+                delay: float | None = None
+                refused: AccountAuthError | None = None
+                failure: Exception | None = None
+                started = datetime.now(UTC)
+                try:
+                    delay = await self._session(backoff)
+                except AccountAuthError as exc:
+                    refused = exc
+                except (AccountError, StoreError) as exc:
+                    failure = exc
+                    delay = backoff.next_delay()
+                except _Stopped:
+                    pass
+                finally:
+                    self.slots.release()
+                if refused is not None:
+                    await self._needs_reconnect(refused, started)
+                    return
+                if failure is not None and delay is not None:
+                    await self._failed(failure, started, delay)
+                if delay is not None and not self._stop.is_set():
+                    self.state = TailState.BACKOFF
+                    if not await self._sleep(delay):
+                        break
+        finally:
+            self.state = TailState.STOPPED
+
+    async def _failed(self, exc: Exception, started: datetime, delay: float) -> None:
+        text = str(exc)
+        self.stats.last_error = text
+        self.log.warning("imap_sync_failed", folder=self._folder or None, error=text,
+                         retry_in=round(delay, 1), state=self.state.value)
+        kind = "connect" if self.state in (TailState.CONNECT, TailState.WAIT_SLOT) else "tail"
+        with contextlib.suppress(StoreError):
+            await self.accounts.record_run(self.id, self._folder, kind, started, RunCounts(), text)
+
+    async def _needs_reconnect(self, exc: AccountAuthError, started: datetime) -> None:
+        self.state = TailState.NEEDS_RECONNECT
+        self.stats.logins_failed += 1
+        words = exc.server_text or str(exc)
+        self.stats.last_error = str(exc)
+        self.log.error("account_needs_reconnect", reason=words)
+        for attempt in range(3):  # the status must land, or the manager would retry at once
+            try:
+                await self.accounts.set_status(self.id, "needs_reconnect", words,
+                                               email=self.account.email)
+                await self.accounts.record_run(self.id, "", "connect", started, RunCounts(), str(exc))
+                return
+            except StoreError as err:
+                self.log.error("account_status_unsaved", error=str(err))
+                if attempt < 2 and not await self._sleep(1.0 + attempt):
+                    return
+
+    # -- one connection ---------------------------------------------------------------------
+    async def _session(self, backoff: Backoff) -> float | None:
+        """Connect, sync, tail; returns the delay before the next session (None: at once)."""
+        s = self.get_config().sync
+        self.state = TailState.CONNECT
+        self._folder = ""
+        self.stats.sessions += 1
+        try:
+            imap = await self.opener(self.account)
+        except OSError as exc:   # a secret file went missing under a running daemon
+            raise AccountUnavailable(f"cannot read the account's secrets: {exc}") from exc
+        try:
+            imap.idle_liveness = s.idle_liveness
+            if self.retrying:
+                await self.accounts.set_status(self.id, "active", None, only_from=("needs_reconnect",))
+                self.retrying = False
+                self.log.info("account_reconnected")
+            self.state = TailState.RESOLVE
+            folders = await self._resolve(imap)
+            if not folders:
+                return s.poll_interval
+            self.state = TailState.SYNC
+            for f in folders:
+                await self._sync_folder(imap, f)
+            backoff.reset()
+            await self._tail(imap, folders)
+            return None
+        except asyncio.CancelledError:
+            if self._inflight is not None:     # killed: the commit in flight is abandoned too
+                self._inflight.cancel()
+            raise
+        finally:
+            task, self._inflight = self._inflight, None
+            if task is not None:               # stopped or failed: what was fetched still commits
+                try:
+                    await task
+                except (Exception, asyncio.CancelledError) as exc:
+                    self.log.warning("imap_commit_lost", error=str(exc) or type(exc).__name__)
+            self._folder = ""
+            if imap.connected and not imap.idling:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(imap.logout(), 5.0)
+            imap.close()
+
+    async def _resolve(self, imap: IMAPClient) -> list[Folder]:
+        wanted = list(self.account.sync.folders)
+        try:
+            folders = await imap.resolve_folders(wanted)
+            self._reported_folders = None
+            return folders
+        except FolderError as exc:
+            text = str(exc)
+            if text != self._reported_folders:   # report a problem once, not every session
+                self._reported_folders = text
+                self.log.error("imap_folders_unusable", problems=exc.problems)
+                await self.accounts.record_run(self.id, ", ".join(exc.problems), "resolve",
+                                               datetime.now(UTC), RunCounts(), text)
+            good = [w for w in wanted if w not in exc.problems]
+            return await imap.resolve_folders(good) if good else []
+
+    async def _tail(self, imap: IMAPClient, folders: list[Folder]) -> None:
+        s = self.get_config().sync
+        loop = asyncio.get_running_loop()
+        held_since = loop.time()
+        next_poll = loop.time() + s.poll_interval
+        inbox = next((f for f in folders if f.name.upper() == "INBOX"), None) if imap.can_idle \
+            else None
+        while not self._stop.is_set():
+            self.state = TailState.TAIL
+            if self.slots.waiting and loop.time() - held_since >= s.poll_interval:
+                self.log.info("imap_slot_yielded", waiting=self.slots.waiting)
+                return
+            if loop.time() >= next_poll:
+                self.state = TailState.SYNC
+                # INBOX last, so that it stays selected for IDLE
+                for f in sorted(folders, key=lambda f: f is inbox):
+                    await self._sync_folder(imap, f)
+                next_poll = loop.time() + s.poll_interval
+                continue
+            if inbox is None:
+                if not await self._sleep(next_poll - loop.time()):
+                    return
+                continue
+            if imap.selected is None or imap.selected.name != inbox.name:
+                await self._sync_folder(imap, inbox)
+            interval = min(s.idle_interval, max(0.5, next_poll - loop.time()))
+            self._folder = inbox.name
+            self.stats.idles += 1
+            done, result = await self._until_stopped(imap.idle(interval=interval))
+            if not done or result is None:
+                return
+            if result.reason == "pending" or any(e.kind in ("EXISTS", "VANISHED") for e in result.events):
+                self.state = TailState.SYNC
+                await self._catch_up(imap, inbox, None, uidnext=None)
+
+    # -- one folder -------------------------------------------------------------------------
+    async def _sync_folder(self, imap: IMAPClient, folder: Folder) -> None:
+        self._check_stop()
+        self._folder = folder.name
+        state = await imap.examine(folder)
+        cp = self._cps.get(folder.name) or await self.accounts.checkpoint(self.id, folder.name)
+        kind = "tail"
+        if cp is None or cp.uidvalidity is None:
+            cp = Checkpoint(folder=folder.name, uidvalidity=state.uidvalidity)
+            kind = "initial"
+        elif cp.uidvalidity != state.uidvalidity:
+            self.log.warning("imap_uidvalidity_changed", folder=folder.name, old=cp.uidvalidity,
+                             new=state.uidvalidity)
+            cp = Checkpoint(folder=folder.name, uidvalidity=state.uidvalidity)
+            kind = "resync"
+        self._cps[folder.name] = cp
+        if not cp.initial_done:
+            await self._initial(imap, folder, state, cp, "initial" if kind == "tail" else kind)
+        else:
+            await self._catch_up(imap, folder, state, uidnext=state.uidnext)
+
+    async def _initial(self, imap: IMAPClient, folder: Folder, state: MailboxState, cp: Checkpoint,
+                       kind: str) -> None:
+        """Catch up above last_uid, then the history window newest first; one sync run."""
+        counts = RunCounts()
+        run_id = await self.accounts.start_run(self.id, folder.name, kind)
+        self.log.info("imap_initial_sync", folder=folder.name, kind=kind, exists=state.exists)
+        error: str | None = None
+        try:
+            if cp.backfill_uid is None:
+                top = (state.uidnext - 1) if state.uidnext else max(await imap.search_uids(1), default=0)
+                cp = dataclasses.replace(cp, last_uid=top, backfill_uid=top + 1,
+                                         highestmodseq=state.highestmodseq)
+                await self._commit(folder, [], cp, run_id, counts)
+            cp = await self._catch_up(imap, folder, None, uidnext=state.uidnext, counts=counts,
+                                      run_id=run_id)
+            days = self.account.sync.history_days
+            if days > 0 and cp.backfill_uid is not None and cp.backfill_uid > 1:
+                since = (datetime.now(UTC) - timedelta(days=days)).date()
+                low = cp.backfill_uid
+                uids = sorted((u for u in await imap.search_since(since) if u < low), reverse=True)
+                for i in range(0, len(uids), BATCH):
+                    self._check_stop()
+                    await self._batch(imap, folder, uids[i:i + BATCH], descending=True,
+                                      counts=counts, run_id=run_id)
+                await self._settle()
+            cp = dataclasses.replace(self._cps[folder.name], initial_done=True)
+            await self._commit(folder, [], cp, run_id, counts)
+        except _Stopped:
+            error = "interrupted: the gateway stopped; resumes from the checkpoint"
+            with contextlib.suppress(StoreError, TimeoutError):
+                await self._settle()           # the batch in flight commits first
+            raise
+        except asyncio.CancelledError:
+            error = "interrupted: the gateway stopped; resumes from the checkpoint"
+            raise
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            raise
+        finally:
+            with contextlib.suppress(StoreError, asyncio.CancelledError):
+                await asyncio.shield(self.accounts.finish_run(run_id, counts, error))
+            self.log.info("imap_initial_sync_done", folder=folder.name, fetched=counts.fetched,
+                          stored=counts.stored, skipped=counts.skipped, error=error)
+
+    async def _catch_up(self, imap: IMAPClient, folder: Folder, state: MailboxState | None, *,
+                        uidnext: int | None, counts: RunCounts | None = None,
+                        run_id: int | None = None) -> Checkpoint:
+        """New mail: UIDs above last_uid, ascending. A tail pass that saw anything is a run."""
+        cp = self._cps[folder.name]
+        if state is not None and state.highestmodseq is not None and cp.highestmodseq is not None \
+                and state.highestmodseq == cp.highestmodseq and uidnext is not None \
+                and uidnext <= cp.last_uid + 1:
+            return cp                   # CONDSTORE: nothing at all changed
+        if uidnext is not None and uidnext <= cp.last_uid + 1:
+            if state is not None and state.highestmodseq != cp.highestmodseq:
+                cp = dataclasses.replace(cp, highestmodseq=state.highestmodseq)
+                await self._commit(folder, [], cp, None, None)
+            return cp                   # UIDNEXT: no new message
+        uids = await imap.search_uids(cp.last_uid + 1)
+        if not uids:
+            return cp
+        own_run = counts is None
+        counts = counts if counts is not None else RunCounts()
+        started = datetime.now(UTC)
+        error: str | None = None
+        try:
+            for i in range(0, len(uids), BATCH):
+                self._check_stop()
+                await self._batch(imap, folder, uids[i:i + BATCH], descending=False,
+                                  counts=counts, run_id=run_id)
+            await self._settle()
+            cp = self._cps[folder.name]
+            if state is not None and state.highestmodseq is not None:
+                cp = dataclasses.replace(cp, highestmodseq=state.highestmodseq)
+                await self._commit(folder, [], cp, run_id, counts)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            raise
+        finally:
+            if own_run and counts.fetched:
+                with contextlib.suppress(StoreError):
+                    await self.accounts.record_run(self.id, folder.name, "tail", started, counts, error)
+        return cp
+
+    async def _batch(self, imap: IMAPClient, folder: Folder, uids: list[int], *, descending: bool,
+                     counts: RunCounts, run_id: int | None) -> None:
+        """Header-first for up to 200 UIDs (in the order given), bodies of the wanted ones,
+        stored with the checkpoint that covers them. The store transaction runs while the
+        next batch is fetched (`_commit_later`); `_settle()` waits for it."""
+        heads: list[MessageHeaders] = [h async for h in imap.fetch_headers(uids, fields=HEADER_FIELDS)]
+        infos = [parse_headers(h.header) for h in heads]
+        verdicts = await asyncio.wait_for(self.store.concerning(
+            [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos]), STORE_TIMEOUT)
+        counts.fetched += len(heads)
+        wanted = [(h, i) for h, i, ok in zip(heads, infos, verdicts, strict=True) if ok]
+        counts.skipped += len(heads) - len(wanted)
+        self.stats.skipped += len(heads) - len(wanted)
+        uidvalidity = imap.selected.uidvalidity if imap.selected else None
+        assert uidvalidity is not None
+
+        def covered(uid: int) -> Checkpoint:
+            cp = self._cps[folder.name]
+            if descending:
+                low = uid if cp.backfill_uid is None else min(cp.backfill_uid, uid)
+                return dataclasses.replace(cp, backfill_uid=low)
+            return dataclasses.replace(cp, last_uid=max(cp.last_uid, uid))
+
+        large = [(h, i) for h, i in wanted if h.size > MAX_BODY]
+        small = [h.uid for h, _ in wanted if h.size <= MAX_BODY]
+        pending: list[NewMessage] = [self._from_headers(folder, uidvalidity, h, i) for h, i in large]
+        bodies: list[MessageBody] = []
+        size = 0
+        async for body in imap.fetch_bodies(small):
+            self.stats.bodies_fetched += 1
+            bodies.append(body)
+            size += len(body.raw)
+            if size >= FLUSH_BYTES:
+                pending += await asyncio.to_thread(self._parse, folder, uidvalidity, bodies)
+                await self._commit_later(folder, pending, covered(body.uid), run_id, counts)
+                pending, bodies, size = [], [], 0
+                self._check_stop()
+        if bodies:
+            pending += await asyncio.to_thread(self._parse, folder, uidvalidity, bodies)
+        await self._commit_later(folder, pending, covered(uids[-1]), run_id, counts)
+
+    async def _commit_later(self, folder: Folder, items: list[NewMessage], cp: Checkpoint,
+                            run_id: int | None, counts: RunCounts | None) -> None:
+        """Start this commit once the previous one is done (commits stay in order; a failed
+        one raises here), and return without waiting for it."""
+        await self._settle()
+        self._inflight = asyncio.create_task(self._commit(folder, items, cp, run_id, counts))
+
+    async def _settle(self) -> None:
+        """Wait for the commit in flight, if any (its failure raises here)."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def _commit(self, folder: Folder, items: list[NewMessage], cp: Checkpoint,
+                      run_id: int | None, counts: RunCounts | None) -> Checkpoint:
+        if counts is not None:
+            counts.stored += len(items)
+        try:
+            await asyncio.wait_for(self.store.store_messages(
+                items, then=self.accounts.save_checkpoint(self.id, cp, run_id=run_id, counts=counts)),
+                STORE_TIMEOUT)
+        except TimeoutError:
+            if counts is not None:
+                counts.stored -= len(items)
+            raise StoreError(f"storing {len(items)} messages took longer than {STORE_TIMEOUT:g}s") \
+                from None
+        except BaseException:
+            if counts is not None:
+                counts.stored -= len(items)
+            raise
+        self._cps[folder.name] = cp
+        self.stats.stored += len(items)
+        if items:
+            self.log.info("imap_stored", folder=folder.name, count=len(items), last_uid=cp.last_uid,
+                          backfill_uid=cp.backfill_uid)
+            if self.on_stored is not None:
+                self.on_stored(items)
+        return cp
+
+    # -- messages ---------------------------------------------------------------------------
+    def _direction(self, folder: Folder, from_addr: str) -> str:
+        if from_addr.strip().lower() in self._own or folder.special_use == "\\Sent":
+            return "outbound"
+        return "inbound"
+
+    def _source(self, folder: Folder, uidvalidity: int, uid: int) -> SourceRef:
+        return SourceRef(source="imap", ref=f"{self.id}/{folder.name}/{uidvalidity}/{uid}",
+                         at=datetime.now(UTC), account=self.id, folder=folder.name,
+                         uidvalidity=uidvalidity, uid=uid)
+
+    def _parse(self, folder: Folder, uidvalidity: int, bodies: Sequence[MessageBody]) -> list[NewMessage]:
+        """Bodies -> NewMessages (runs in a worker thread: parsing is CPU work)."""
+        out = []
+        for b in bodies:
+            p = parse_message(b.raw)
+            out.append(NewMessage(
+                message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
+                to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
+                date=p.date or b.internaldate, direction=self._direction(folder, p.from_addr),
+                sources=[self._source(folder, uidvalidity, b.uid)], dedupe_hash=p.dedupe_hash,
+                in_reply_to=p.in_reply_to, references=list(p.references), snippet=p.snippet,
+                text_body=p.text_body, html_body=p.html_body,
+                attachments=[dataclasses.asdict(a) for a in p.attachments], size=p.size,
+                account=self.id, user=self._user, template=p.headers.x_mailgw_template,
+                raw=b.raw))
+        return out
+
+    def _from_headers(self, folder: Folder, uidvalidity: int, h: MessageHeaders,
+                      i: HeaderInfo) -> NewMessage:
+        """A message too large to hold: stored from its header fields alone."""
+        return NewMessage(
+            message_id=i.message_id, from_addr=i.from_addr, from_name=i.from_name,
+            to_addrs=list(i.to_addrs), cc_addrs=list(i.cc_addrs), subject=i.subject,
+            date=i.date or h.internaldate, direction=self._direction(folder, i.from_addr),
+            sources=[self._source(folder, uidvalidity, h.uid)], in_reply_to=i.in_reply_to,
+            references=list(i.references), size=h.size, account=self.id, user=self._user,
+            snippet=f"(message of {h.size} bytes: body not imported)")
+
+
+# -- the manager ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Running:
+    tailer: AccountTailer
+    task: asyncio.Task[None]
+    lease_until: float          # loop time: past this the lease may be someone else's
+    renew_at: float
+
+
+class Tailers:
+    """Starts, stops and reloads the tailers of this node (see the module docstring)."""
+
+    def __init__(self, get_config: Callable[[], Config], store: Store, *, log: Any = None,
+                 opener: Opener | None = None, node_id: str | None = None,
+                 tokens: TokenManager | None = None,
+                 on_stored: Callable[[str, list[NewMessage]], None] | None = None) -> None:
+        cfg = get_config()
+        self.get_config = get_config
+        self.store = store
+        self.log = log or structlog.get_logger("mailgw.imap")
+        self.accounts = Accounts(store)
+        self.slots = ConnectionSlots(cfg.sync.max_connections)
+        self.node_id = node_id or cfg.sync.node_id or \
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._tokens = tokens
+        self._own_tokens = tokens is None
+        self.opener: Opener = opener or self._open
+        self.on_stored = on_stored   # (account id, messages) after each commit: benchmarks, tests
+        self.running: dict[str, _Running] = {}
+        self._retry: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_prune = 0.0
+        self._warned_cap = False
+        self.ticks = 0
+        self._not_before: dict[str, float] = {}   # no lease attempt before (held elsewhere, crash)
+        self._crashes: dict[str, int] = {}
+        self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
+                               self.accounts, log=self.log)
+
+    # -- connections ------------------------------------------------------------------------
+    def tokens(self) -> TokenManager:
+        if self._tokens is None:
+            self._tokens = token_manager_for(self.get_config(), self.store)
+        return self._tokens
+
+    async def _open(self, account: Account) -> IMAPClient:
+        cfg = self.get_config()
+        s = cfg.sync
+        tokens = self.tokens() if account.auth.method == "oauth2" else None
+        return await open_account(account, cfg.base_dir, tokens=tokens, timeout=s.timeout,
+                                  connect_timeout=s.timeout, idle_interval=s.idle_interval)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.get_config()
+        try:
+            await self.accounts.ensure(cfg.accounts)
+        except StoreError as exc:
+            self.log.error("accounts_not_recorded", error=str(exc))
+        await self.sent.start()
+        self._task = asyncio.create_task(self._control(), name="imap-tailers")
+
+    def reload(self) -> None:
+        """The config changed (SIGHUP): restart changed tailers, retry accounts that need
+        reconnecting once, resize the connection cap."""
+        cfg = self.get_config()
+        self.slots.resize(cfg.sync.max_connections)
+        self._retry = {a.id for a in cfg.accounts}
+        self._warned_cap = False
+        self._wake.set()
+        self.sent.wake()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Drain: batches in flight commit, IDLE ends, leases are released."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        ids = list(self.running)
+        await self._stop_tailers(ids, timeout)
+        for aid in ids:
+            with contextlib.suppress(StoreError):
+                await self.accounts.release_lease(aid, self.node_id)
+        await self.sent.stop(timeout)
+        if self._tokens is not None and self._own_tokens:
+            await self._tokens.close()
+
+    async def abort(self) -> None:
+        """Stop at once without releasing leases (what a crashed node leaves behind; tests)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for r in list(self.running.values()):
+            r.task.cancel()
+        for r in list(self.running.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await r.task
+        self.running.clear()
+        await self.sent.stop(0.1)
+        if self._tokens is not None and self._own_tokens:
+            await self._tokens.close()
+
+    async def _stop_tailers(self, ids: Sequence[str], timeout: float) -> None:
+        runs = [self.running.pop(i) for i in ids if i in self.running]
+        for r in runs:
+            r.tailer.stop()
+        if not runs:
+            return
+        _, late = await asyncio.wait([r.task for r in runs], timeout=timeout)
+        for t in late:
+            t.cancel()
+        for r in runs:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await r.task
+
+    # -- the control loop -------------------------------------------------------------------
+    async def _control(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self.tick(), TICK_TIMEOUT)
+            except TimeoutError:
+                self.log.warning("tailers_check_slow", timeout=TICK_TIMEOUT)
+            except StoreError as exc:
+                self.log.warning("tailers_check_failed", error=str(exc))
+            except Exception:
+                self.log.exception("tailers_check_crashed")
+            self.ticks += 1
+            interval = self.get_config().sync.check_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+
+    def _wanted(self, cfg: Config, statuses: dict[str, str]) -> dict[str, Account]:
+        out = {}
+        for a in cfg.accounts:
+            if not a.tailed:
+                continue
+            status = statuses.get(a.id, "active")
+            if status == "active" or (status == "needs_reconnect" and a.id in self._retry):
+                out[a.id] = a
+        return out
+
+    async def tick(self) -> None:
+        """One look: statuses, leases, tailers to start and stop (every check_interval)."""
+        cfg = self.get_config()
+        loop = asyncio.get_running_loop()
+        if not cfg.accounts and not self.running:
+            return
+        # finished tailers (the account needs reconnecting, or something broke): forget them
+        for aid, done in list(self.running.items()):
+            if not done.task.done():
+                continue
+            self.running.pop(aid)
+            exc = done.task.exception() if not done.task.cancelled() else None
+            if exc is not None:
+                n = self._crashes[aid] = self._crashes.get(aid, 0) + 1
+                self._not_before[aid] = loop.time() + min(300.0, 5.0 * 2 ** min(n, 6))
+                self.log.error("tailer_crashed", account=aid, error=repr(exc), crashes=n)
+            with contextlib.suppress(StoreError):
+                await self.accounts.release_lease(aid, self.node_id)
+        # statuses read after that, so a tailer that just marked its account is not restarted
+        known = await self.accounts.statuses()
+        if any(a.id not in known for a in cfg.accounts):
+            await self.accounts.ensure(cfg.accounts)
+            known = await self.accounts.statuses()
+        self._retry &= {aid for aid, status in known.items() if status == "needs_reconnect"}
+        wanted = self._wanted(cfg, known)
+        gone = [aid for aid, r in self.running.items()
+                if aid not in wanted or r.tailer.account != wanted[aid]
+                or loop.time() >= r.lease_until]
+        if gone:
+            for aid in gone:
+                r = self.running[aid]
+                why = "lease expired" if loop.time() >= r.lease_until else "not wanted"
+                self.log.info("tailer_stopping", account=aid, why=why)
+            await self._stop_tailers(gone, cfg.drain_timeout)
+            for aid in gone:
+                with contextlib.suppress(StoreError):
+                    await self.accounts.release_lease(aid, self.node_id)
+        ttl = cfg.sync.lease_ttl
+        for aid, a in wanted.items():
+            cur = self.running.get(aid)
+            now = loop.time()
+            if cur is not None and now < cur.renew_at:
+                continue
+            if cur is None and now < self._not_before.get(aid, 0.0):
+                continue
+            try:
+                got = await self.accounts.acquire_lease(aid, self.node_id, ttl)
+            except StoreError as exc:
+                self.log.warning("lease_failed", account=aid, error=str(exc))
+                continue
+            if cur is not None:
+                if got:
+                    cur.lease_until, cur.renew_at = now + ttl, now + ttl / 3
+                else:
+                    self.log.warning("lease_lost", account=aid)
+                    await self._stop_tailers([aid], cfg.drain_timeout)
+                continue
+            if not got:
+                self._not_before[aid] = now + ttl / 3     # another node tails it: look again later
+            elif not self._stopping:
+                self._start(cfg, a, now, ttl, retrying=known.get(aid) == "needs_reconnect")
+        if len(self.running) > self.slots.limit and not self._warned_cap:
+            self._warned_cap = True
+            self.log.warning("imap_connections_shared", accounts=len(self.running),
+                             max_connections=self.slots.limit,
+                             hint="raise sync.max_connections so that every account can IDLE")
+        if loop.time() - self._last_prune > 3600:
+            self._last_prune = loop.time()
+            await self.accounts.prune_runs(RUN_HISTORY)
+
+    def _start(self, cfg: Config, a: Account, now: float, ttl: float, *, retrying: bool) -> None:
+        self._retry.discard(a.id)
+        hook = self.on_stored
+        t = AccountTailer(a, get_config=self.get_config, store=self.store, accounts=self.accounts,
+                          slots=self.slots, opener=self.opener, log=self.log, retrying=retrying,
+                          on_stored=None if hook is None else functools.partial(hook, a.id))
+        task = asyncio.create_task(t.run(), name=f"imap-tailer-{a.id}")
+        self.running[a.id] = _Running(t, task, now + ttl, now + ttl / 3)
+        self.log.info("tailer_started", account=a.id, node=self.node_id, retrying=retrying)
+
+    def tailer(self, account_id: str) -> AccountTailer | None:
+        r = self.running.get(account_id)
+        return r.tailer if r is not None else None
+
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()

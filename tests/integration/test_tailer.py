@@ -1,0 +1,515 @@
+"""The IMAP tailer against a real Dovecot, into the store (SQLite and PostgreSQL where it matters).
+
+History window, contact filter (header-first: skipped bodies are never fetched), excluded
+senders, special-use folders, unread stays unread, IDLE, a restart mid-IDLE, UIDVALIDITY
+changes, one message across relay and IMAP, wrong password, master user, OAuth2, the
+checkpoint committed with the messages, one-way accounts, leases between two nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from gateway.crm.accounts import Accounts
+from gateway.crm.store import AcceptedMessage, Store, WebhookTarget
+from gateway.imap.tailer import Tailers, TailState
+from tests.conftest import require_tool
+from tests.integration.harness import wait_until
+from tests.integration.tailer_support import (
+    LEAD,
+    STRANGER,
+    account_dict,
+    add_contacts,
+    make_config,
+    new_user,
+    stored_ids,
+    tailers_for,
+    wait_synced,
+)
+from tests.support.dovecot import Dovecot, message
+from tests.support.oauth_server import TokenServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[TokenServer]:
+    with TokenServer() as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def dovecot(token_server: TokenServer) -> Iterator[Dovecot]:
+    require_tool("dovecot")
+    with Dovecot(tokeninfo_url=token_server.tokeninfo_url) as dc:
+        yield dc
+
+
+@pytest.fixture
+def user(dovecot: Dovecot) -> str:
+    return new_user(dovecot)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/crm.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def now_minus(**kw: float) -> datetime:
+    return datetime.now(UTC) - timedelta(**kw)
+
+
+async def running(t: Tailers, aid: str, state: TailState = TailState.TAIL) -> None:
+    await wait_until(lambda: (x := t.tailer(aid)) is not None and x.state == state, 20,
+                     f"tailer {aid} in state {state.value}")
+
+
+# -- the initial sync and IDLE -----------------------------------------------------------------
+
+async def test_initial_sync_filters_header_first_and_idle_brings_new_mail(
+        store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    await add_contacts(store, LEAD)
+    mids = {}
+
+    def put(name: str, folder: str, sender: str, to: str, age_days: float, cc: str = "") -> int:
+        raw = message(f"{name}", sender=sender, to=to + (f"\r\nCc: {cc}" if cc else ""),
+                      message_id=f"<{name}@test>", date=now_minus(days=age_days))
+        mids[name] = f"<{name}@test>"
+        return dovecot.append(user, folder, raw, date=now_minus(days=age_days))
+
+    recent = put("recent-from-lead", "INBOX", LEAD, user, 2)
+    put("old-from-lead", "INBOX", LEAD, user, 45)                 # outside history_days: 30
+    stranger = put("from-stranger", "INBOX", STRANGER, user, 1)
+    noreply = put("noreply-cc-lead", "INBOX", "noreply@customer.example", user, 1, cc=LEAD)
+    put("sent-to-lead", "Sent Items", user, LEAD, 3)
+    put("junk-from-lead", "Junk", LEAD, user, 1)                  # Junk is never synced
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path)],
+                      sync={"poll_interval": "60s"})
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        cps = await wait_synced(tailers.accounts, "rep", ["INBOX", "Sent Items"])
+        assert await stored_ids(store) == {mids["recent-from-lead"], mids["sent-to-lead"]}
+        by_mid = {m["message_id"]: m for m in await store.list_messages()}
+        inbound, sent = by_mid[mids["recent-from-lead"]], by_mid[mids["sent-to-lead"]]
+        assert inbound["direction"] == "inbound" and inbound["account"] == "rep"
+        assert sent["direction"] == "outbound"
+        full = await store.get_message(sent["id"], bodies=True)
+        assert full is not None and [s["folder"] for s in full["seen"]] == ["Sent Items"]
+        assert full["text_body"].strip() == "hello"
+        # header-first: the bodies of skipped messages were never fetched
+        assert {u for f, u in spy.body_uids if f == "INBOX"} == {recent}
+        assert stranger not in {u for _, u in spy.body_uids}
+        assert noreply not in {u for _, u in spy.body_uids}
+        assert not [f for f, _ in spy.body_uids if f == "Junk"]
+        # nothing was marked read
+        assert "\\Seen" not in await asyncio.to_thread(dovecot.flags, user, "INBOX", recent)
+        assert cps["INBOX"].uidvalidity and cps["INBOX"].last_uid >= noreply
+
+        # the tail: a new message arrives through IDLE within seconds (poll is 60s)
+        await running(tailers, "rep")
+        await wait_until(lambda: tailers.tailer("rep").stats.idles > 0, 10, "IDLE")  # type: ignore[union-attr]
+        skipped_uid = await asyncio.to_thread(
+            dovecot.append, user, "INBOX", message("new stranger", sender=STRANGER, to=user))
+        started = time.monotonic()
+        await asyncio.to_thread(dovecot.append, user, "INBOX", message(
+            "new from lead", sender=LEAD, to=user, message_id="<new-from-lead@test>"))
+
+        async def arrived() -> bool:
+            return "<new-from-lead@test>" in await stored_ids(store)
+
+        await wait_until(arrived, 10, "the new message stored through IDLE")
+        latency = time.monotonic() - started
+        assert latency < 5, latency
+        assert skipped_uid not in {u for _, u in spy.body_uids}
+        assert spy.logins == 1                                         # one connection all along
+        info = await tailers.accounts.sync_info("rep")
+        kinds = {(r["folder"], r["kind"], r["status"]) for r in info["recent_runs"]}
+        assert ("INBOX", "initial", "ok") in kinds and ("Sent Items", "initial", "ok") in kinds
+        assert ("INBOX", "tail", "ok") in kinds
+    finally:
+        await tailers.stop()
+    row = await tailers.accounts.get("rep")
+    assert row is not None and row["lease_owner"] is None and row["last_sync_at"] is not None
+
+
+async def test_server_restarted_mid_idle_reconnects_and_loses_nothing(
+        sqlite_store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path)],
+                      sync={"poll_interval": "60s"})
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        await wait_synced(tailers.accounts, "rep", ["INBOX", "Sent Items"])
+        await running(tailers, "rep")
+        t = tailers.tailer("rep")
+        assert t is not None
+        await wait_until(lambda: t.stats.idles > 0, 10, "IDLE")
+        await asyncio.to_thread(dovecot.stop)
+        try:
+            # mail that lands while the server is down (delivered into the Maildir)
+            await asyncio.to_thread(dovecot.fill, user, [(message(
+                "while down", sender=LEAD, to=user, message_id="<while-down@test>"), [], now_minus())])
+            await wait_until(lambda: t.stats.last_error is not None, 15, "the lost connection noticed")
+        finally:
+            await asyncio.to_thread(dovecot.start)
+        await asyncio.to_thread(dovecot.append, user, "INBOX", message(
+            "after restart", sender=LEAD, to=user, message_id="<after-restart@test>"))
+
+        async def both() -> bool:
+            return {"<while-down@test>", "<after-restart@test>"} <= await stored_ids(store)
+
+        await wait_until(both, 20, "both messages stored after the restart")
+        assert spy.logins >= 2 and t.stats.sessions >= 2
+        errors = (await tailers.accounts.sync_info("rep"))["recent_errors"]
+        assert errors and errors[0]["status"] == "error"
+    finally:
+        await tailers.stop()
+
+
+async def test_uidvalidity_change_resyncs_without_duplicates(
+        store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    await add_contacts(store, LEAD)
+    for i in range(3):
+        dovecot.append(user, "INBOX", message(f"m{i}", sender=LEAD, to=user, message_id=f"<uv{i}@test>"))
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path, sync={"folders": ["INBOX"]})])
+    tailers, _ = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        before = await wait_synced(tailers.accounts, "rep", ["INBOX"])
+    finally:
+        await tailers.stop()
+    new = before["INBOX"].uidvalidity + 1000  # type: ignore[operator]
+    await asyncio.to_thread(dovecot.set_uid_validity, user, "INBOX", new)
+    dovecot.append(user, "INBOX", message("m3", sender=LEAD, to=user, message_id="<uv3@test>"))
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        await wait_synced(tailers.accounts, "rep", ["INBOX"], uidvalidity={"INBOX": new})
+        rows = await store.list_messages()
+        assert sorted(m["message_id"] for m in rows) == [f"<uv{i}@test>" for i in range(4)]
+        assert len(spy.body_uids) == 4                      # all looked at again, none stored twice
+        for m in rows:
+            full = await store.get_message(m["id"], bodies=True)
+            assert full is not None
+            vals = sorted(s["uidvalidity"] for s in full["seen"])
+            assert vals == ([new] if m["message_id"] == "<uv3@test>"
+                            else [before["INBOX"].uidvalidity, new])
+        kinds = [r["kind"] for r in (await tailers.accounts.sync_info("rep"))["recent_runs"]]
+        assert "resync" in kinds
+    finally:
+        await tailers.stop()
+
+
+async def test_message_relayed_and_seen_in_sent_is_stored_once(
+        store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    await add_contacts(store, LEAD)
+    mid = "<relayed-and-sent@gw.example.test>"
+    at = now_minus(hours=1)
+    await store.record([AcceptedMessage(
+        queue_id="01HQRELAYED0000000000000000"[:26], message_id=mid, from_addr=user, to_addrs=[LEAD],
+        cc_addrs=[], subject="proposal", date=at, snippet="hello", size=100, recipients=[LEAD],
+        user=user, account="rep", at=at)], [])
+    dovecot.append(user, "Sent Items", message("proposal", sender=user, to=LEAD, message_id=mid,
+                                               date=at))
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path)])
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        await wait_synced(tailers.accounts, "rep", ["INBOX", "Sent Items"])
+        rows = await store.list_messages()
+        assert len(rows) == 1 and rows[0]["sources"] == ["relay", "imap"]
+        assert rows[0]["direction"] == "outbound" and [e["type"] for e in rows[0]["events"]] == ["queued"]
+        assert len(spy.body_uids) == 1
+    finally:
+        await tailers.stop()
+
+
+# -- authentication --------------------------------------------------------------------------
+
+async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
+        sqlite_store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    store = sqlite_store
+    store.configure(store.rules, [WebhookTarget("http://hook.test/", frozenset())])
+    await add_contacts(store, LEAD)
+    dovecot.append(user, "INBOX", message("hi", sender=LEAD, to=user, message_id="<pw@test>"))
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path, password="wrong")])
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        async def needs_reconnect() -> bool:
+            row = await tailers.accounts.get("rep")
+            return row is not None and row["status"] == "needs_reconnect"
+
+        await wait_until(needs_reconnect, 15, "status needs_reconnect")
+        row = await tailers.accounts.get("rep")
+        assert row is not None and "AUTHENTICATIONFAILED" in row["status_reason"]
+        # no retry storm: many checks later, still the one login
+        ticks = tailers.ticks
+        await wait_until(lambda: tailers.ticks >= ticks + 30, 10, "30 more checks")
+        assert spy.logins == 1 and tailers.tailer("rep") is None
+        async with store.engine.connect() as conn:
+            hooks = (await conn.execute(sa.text(
+                "SELECT event_type FROM webhook_outbox WHERE event_type LIKE 'account.%'"))).all()
+        assert [h[0] for h in hooks] == ["account.needs_reconnect"]
+
+        # the admin fixes the password and reloads (SIGHUP): one retry, which now works
+        (tmp_path / "rep.password").write_text(dovecot.users[user] + "\n")
+        tailers.reload()
+
+        async def active() -> bool:
+            r = await tailers.accounts.get("rep")
+            return r is not None and r["status"] == "active" and "<pw@test>" in await stored_ids(store)
+
+        await wait_until(active, 15, "reconnected and synced")
+        assert spy.logins == 2
+    finally:
+        await tailers.stop()
+
+
+async def test_master_user_as_delegate(sqlite_store: Store, dovecot: Dovecot, user: str,
+                                       tmp_path: Path) -> None:
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    dovecot.append(user, "INBOX", message("delegated", sender=LEAD, to=user, message_id="<dl@test>"))
+    secret = tmp_path / "master.pw"
+    secret.write_text(dovecot.master_password + "\n")
+    acct = account_dict(dovecot, user, tmp_path, auth={"method": "delegate",
+                                                       "username": dovecot.master_user,
+                                                       "password_file": str(secret)})
+    cfg = make_config(tmp_path, [acct])
+    tailers, _ = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        await wait_synced(tailers.accounts, "rep", ["INBOX", "Sent Items"])
+        assert await stored_ids(store) == {"<dl@test>"}
+    finally:
+        await tailers.stop()
+
+
+async def test_oauth2_through_dovecots_oauth2_passdb(sqlite_store: Store, dovecot: Dovecot,
+                                                     token_server: TokenServer, user: str,
+                                                     tmp_path: Path) -> None:
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    dovecot.append(user, "INBOX", message("oauth", sender=LEAD, to=user, message_id="<oa@test>"))
+    (tmp_path / "refresh").write_text(token_server.issue_refresh_token(user))
+    (tmp_path / "client_secret").write_text(token_server.client_secret)
+    acct = account_dict(dovecot, user, tmp_path)
+    acct["auth"] = {"method": "oauth2", "token_endpoint": token_server.token_url,
+                    "client_id": token_server.client_id, "client_secret_file": "client_secret",
+                    "refresh_token_file": "refresh", "mechanism": "oauthbearer"}
+    cfg = make_config(tmp_path, [acct])
+    grants = len(token_server.grants)
+    tailers, _ = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        await wait_synced(tailers.accounts, "rep", ["INBOX", "Sent Items"])
+        assert await stored_ids(store) == {"<oa@test>"}
+        assert len(token_server.grants) == grants + 1
+        async with store.engine.connect() as conn:
+            blob, expires = (await conn.execute(sa.text(
+                "SELECT token_ciphertext, token_expires_at FROM accounts WHERE id = 'rep'"))).one()
+        assert blob and expires is not None                   # kept at rest, encrypted
+        assert (tmp_path / "state" / "token.key").stat().st_mode & 0o777 == 0o600
+    finally:
+        await tailers.stop()
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+async def test_killed_mid_sync_resumes_from_the_committed_checkpoint(
+        store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    await add_contacts(store, LEAD)
+    n = 450
+    # in arrival order (UIDs ascending): bulk0 is the newest, delivered last
+    await asyncio.to_thread(dovecot.fill, user, (
+        (message(f"bulk {i}", sender=LEAD, to=user, message_id=f"<bulk{i}@test>",
+                 date=now_minus(hours=i)), [], now_minus(hours=i)) for i in reversed(range(n))))
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path, sync={"folders": ["INBOX"]})])
+    tailers, spy1 = tailers_for(cfg, store)
+    killed = asyncio.Event()
+    kill: list[asyncio.Task[None]] = []
+
+    def on_batch(items: object) -> None:           # the first batch is committed: kill -9 now
+        if not kill:
+            kill.append(asyncio.get_running_loop().create_task(tailers.abort()))
+            kill[0].add_done_callback(lambda _: killed.set())
+
+    await tailers.start()
+    await wait_until(lambda: tailers.tailer("rep") is not None, 10, "the tailer started")
+    tailers.tailer("rep").on_stored = on_batch  # type: ignore[union-attr]
+    await asyncio.wait_for(killed.wait(), 30)
+    committed = await stored_ids(store)
+    cp = await tailers.accounts.checkpoint("rep", "INBOX")
+    assert cp is not None and not cp.initial_done
+    assert 0 < len(committed) < n
+    # newest first: what was committed are the newest messages
+    assert committed == {f"<bulk{i}@test>" for i in range(len(committed))}
+
+    again, spy2 = tailers_for(cfg, store)
+    await again.start()
+    try:
+        await wait_synced(again.accounts, "rep", ["INBOX"], timeout=60)
+        assert len(await stored_ids(store)) == n
+        async with store.engine.connect() as conn:
+            sources = (await conn.execute(sa.text(
+                "SELECT count(*) FROM message_sources WHERE source = 'imap'"))).scalar()
+        assert sources == n                           # nothing stored twice
+        fetched_again = {u for _, u in spy2.body_uids}
+        assert len(fetched_again) == n - len(committed)      # committed ones not fetched again
+        assert len(spy1.body_uids) >= len(committed)
+        run_states = [r["status"] for r in (await again.accounts.sync_info("rep"))["recent_runs"]
+                      if r["kind"] == "initial"]
+        assert run_states == ["ok", "error"]          # the killed run is marked interrupted
+    finally:
+        await again.stop()
+
+
+# -- one-way accounts and Sent copies ----------------------------------------------------------
+
+async def test_one_way_imports_nothing_but_sent_copies_are_appended(
+        sqlite_store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    dovecot.append(user, "INBOX", message("from lead", sender=LEAD, to=user))
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path,
+                                              sync={"direction": "one-way"})])
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        raw = message("sent through the gateway", sender=user, to=LEAD,
+                      message_id="<via-gateway@gw.example.test>")
+        await tailers.sent.enqueue("rep", raw)
+        await wait_until(lambda: tailers.sent.appended == 1, 15, "the Sent copy appended")
+        flags = await asyncio.to_thread(dovecot.all_flags, user, "Sent Items")
+        [(uid, fl)] = flags.items()
+        assert "\\Seen" in fl
+        conn = await asyncio.to_thread(dovecot.imap, user)
+        try:
+            conn.select('"Sent Items"', readonly=True)
+            _, data = conn.uid("FETCH", str(uid), "(BODY.PEEK[])")
+            assert data[0][1] == raw
+        finally:
+            conn.logout()
+        # the same copy again (a crash after APPEND, before the file was removed): not twice
+        await tailers.sent.enqueue("rep", raw)
+        await wait_until(lambda: tailers.sent.appended == 2, 15, "the second copy handled")
+        assert len(await asyncio.to_thread(dovecot.all_flags, user, "Sent Items")) == 1
+        assert spy.appends == ["Sent Items"]
+        # one-way: no tailer, nothing imported, no checkpoint
+        ticks = tailers.ticks
+        await wait_until(lambda: tailers.ticks >= ticks + 10, 10, "10 more checks")
+        assert tailers.tailer("rep") is None
+        assert await store.list_messages() == [] and spy.body_uids == []
+        assert await tailers.accounts.checkpoint("rep", "INBOX") is None
+    finally:
+        await tailers.stop()
+
+
+async def test_sent_copies_survive_a_restart_and_permanent_failures_are_kept(
+        sqlite_store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path)])
+    first, _ = tailers_for(cfg, sqlite_store)
+    # queued while nothing runs (the relay enqueued, then the daemon died)
+    await first.sent.enqueue("rep", message("one", sender=user, to=LEAD, message_id="<c1@gw>"))
+    await first.sent.enqueue("ghost", message("two", sender=user, to=LEAD, message_id="<c2@gw>"))
+    assert sorted(first.sent.pending()) == ["ghost", "rep"]
+    tailers, _ = tailers_for(cfg, sqlite_store)
+    await tailers.start()
+    try:
+        await wait_until(lambda: tailers.sent.appended == 1 and tailers.sent.failed == 1, 15,
+                         "the copy appended and the orphan given up")
+        assert tailers.sent.pending() == {}
+        [failed] = tailers.sent.failed_ids()
+        reason = (tmp_path / "state" / "sent-copies" / "failed" / f"{failed}.reason").read_text()
+        assert "ghost" in reason and "not configured" in reason
+        assert len(await asyncio.to_thread(dovecot.all_flags, user, "Sent Items")) == 1
+    finally:
+        await tailers.stop()
+
+
+# -- leases between nodes ----------------------------------------------------------------------
+
+async def test_two_nodes_one_tails_and_the_other_takes_over(
+        pg_url: str, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+    from gateway.crm.migrate import upgrade
+
+    await upgrade(pg_url)
+    store_a, store_b = await Store.open(pg_url), await Store.open(pg_url)
+    await add_contacts(store_a, LEAD)
+    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path)],
+                      sync={"lease_ttl": 1.5, "poll_interval": "60s"})
+    a, _ = tailers_for(cfg, store_a, node_id="node-a")
+    b, _ = tailers_for(cfg, store_b, node_id="node-b")
+    try:
+        await a.start()
+        await running(a, "rep")
+        await b.start()
+        ticks = b.ticks
+        await wait_until(lambda: b.ticks >= ticks + 40, 15, "node b looked 40 times")
+        assert b.tailer("rep") is None and a.tailer("rep") is not None
+        row = await Accounts(store_b).get("rep")
+        assert row is not None and row["lease_owner"] == "node-a"
+
+        await a.abort()                                     # node a dies: its lease is not released
+        await running(b, "rep")
+        row = await Accounts(store_b).get("rep")
+        assert row is not None and row["lease_owner"] == "node-b"
+        await asyncio.to_thread(dovecot.append, user, "INBOX", message(
+            "after takeover", sender=LEAD, to=user, message_id="<takeover@test>"))
+
+        async def stored() -> bool:
+            return "<takeover@test>" in await stored_ids(store_b)
+
+        await wait_until(stored, 15, "node b stores new mail")
+        assert b.tailer("rep").stats.stored >= 1  # type: ignore[union-attr]
+    finally:
+        await a.abort()
+        await b.stop()
+        await store_a.close()
+        await store_b.close()
+
+
+async def test_more_accounts_than_connections_take_turns(
+        sqlite_store: Store, dovecot: Dovecot, tmp_path: Path) -> None:
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    users = [new_user(dovecot) for _ in range(3)]
+    for i, u in enumerate(users):
+        dovecot.append(u, "INBOX", message(f"to {i}", sender=LEAD, to=u, message_id=f"<turn{i}@test>"))
+    cfg = make_config(tmp_path, [account_dict(dovecot, u, tmp_path, aid=f"r{i}",
+                                              sync={"folders": ["INBOX"]})
+                                 for i, u in enumerate(users)],
+                      sync={"max_connections": 1, "poll_interval": "1s"})
+    tailers, spy = tailers_for(cfg, store)
+    most = 0
+
+    async def all_stored(want: set[str]) -> bool:
+        nonlocal most
+        most = max(most, tailers.slots.in_use)
+        return want <= await stored_ids(store)
+
+    await tailers.start()
+    try:
+        await wait_until(lambda: all_stored({f"<turn{i}@test>" for i in range(3)}), 30,
+                         "every account synced in turn")
+        await asyncio.to_thread(dovecot.append, users[0], "INBOX", message(
+            "later", sender=LEAD, to=users[0], message_id="<turn-later@test>"))
+        await wait_until(lambda: all_stored({"<turn-later@test>"}), 30, "new mail on a shared slot")
+        assert most == 1 and spy.logins > 3                     # one connection at a time, in turns
+    finally:
+        await tailers.stop()
