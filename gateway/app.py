@@ -36,9 +36,9 @@ from gateway.ingest import Ingest
 from gateway.mail.auth import make_resolver
 from gateway.passwords import PasswordChecker
 from gateway.pipeline.dkim import Signer
-from gateway.pipeline.outbound import Outbound
+from gateway.pipeline.outbound import CopyPlan, Outbound
 from gateway.policy import PolicySet, policies_for
-from gateway.relay import Relay
+from gateway.relay import Relay, Submission
 from gateway.sdnotify import Notifier
 from gateway.smtp.ingest import IngestHandler
 from gateway.smtp.protocol import AuthLimiter
@@ -118,7 +118,7 @@ class App:
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,
                            outbound=self.get_outbound, events=self.writer,
                            is_ingest=self.ingest.is_ingest_address, counts=self.counts,
-                           on_accepted=lambda *_: self.metrics.accepted())
+                           on_accepted=self._accepted)
         await self.scheduler.start()
         self.tailers = Tailers(self.get_config, self.store, log=self.log)
         await self.tailers.start()
@@ -150,6 +150,28 @@ class App:
         self.log.info("listening", listener="ingest", host=lst.host,
                       port=self.ingest_listener.port, tls=lst.tls,
                       addresses=list(self.cfg.ingest.addresses))
+
+    async def _accepted(self, sub: Submission, data: bytes, plans: list[CopyPlan]) -> None:
+        """After a message is spooled (before the 250): metrics, and the rep's Sent copy.
+
+        The Sent copy is the untracked message (a shared copy's bytes, else the message as
+        submitted) for an account whose provider does not file mail sent through it by
+        itself. It never fails the message: the mail is already safe in the spool.
+        """
+        self.metrics.accepted()
+        sent = self.sent_copies
+        acct = self.cfg.account(sub.account) if sub.account else None
+        remote = [p for p in plans if p.route != "ingest"]
+        if sent is None or acct is None or not remote:
+            return
+        via_account = any((p.route or self.cfg.delivery.route) == "account" for p in remote)
+        if not SentCopies.wanted(acct, via_account_smtp=via_account):
+            return
+        untracked = next((p.data for p in remote if not p.tracked), data)
+        try:
+            await sent.enqueue(acct.id, untracked)
+        except (OSError, ValueError) as exc:
+            self.log.error("sent_copy_not_queued", account=acct.id, error=str(exc))
 
     def _outbound(self, cfg: Config, policies: PolicySet) -> Outbound:
         """The outbound planner for this config and policy set (rebuilt on reload)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -106,7 +106,8 @@ class Relay:
                  events: EventSink | None = None,
                  is_ingest: Callable[[str], bool] | None = None,
                  counts: SendCounts | None = None,
-                 on_accepted: Callable[[Submission, bytes, list[CopyPlan]], None] | None = None,
+                 on_accepted: Callable[[Submission, bytes, list[CopyPlan]],
+                                       Awaitable[None]] | None = None,
                  ) -> None:
         self.spool = spool
         self.hostname = hostname
@@ -155,7 +156,7 @@ class Relay:
         if self.counts is not None and remote:
             self.counts.add(sub.mail_from, len(remote))
         if self.on_accepted is not None:
-            self.on_accepted(sub, data, plans)
+            await self.on_accepted(sub, data, plans)
         if self.on_queued is not None:
             for p in plans:
                 self.on_queued(p.queue_id)

@@ -761,10 +761,15 @@ class Store:
         if not events:
             return []
         pks: dict[str, int] = {}
+        copy_rcpt: dict[str, str] = {}   # a per-recipient copy's recipient
         for chunk in _chunks(sorted({e.queue_id for e in events})):
-            rows = await conn.execute(sa.select(_sources.c.ref, _sources.c.message_pk)
+            rows = await conn.execute(sa.select(_sources.c.ref, _sources.c.message_pk,
+                                                _sources.c.recipient)
                                       .where(_sources.c.source == "relay", _sources.c.ref.in_(chunk)))
-            pks.update({q: pk for q, pk in rows.all()})
+            for q, pk, rcpt in rows.all():
+                pks[q] = pk
+                if rcpt:
+                    copy_rcpt[q] = rcpt
         unknown: list[EventRecord] = []
         rows_plain: list[dict[str, Any]] = []
         now = datetime.now(UTC)
@@ -773,8 +778,9 @@ class Store:
             if target is None:
                 unknown.append(e)
                 continue
+            recipient = e.recipient or copy_rcpt.get(e.queue_id, "")
             row = {"message_pk": target, "type": e.type, "at": e.at,
-                   "recipient": _text(e.recipient), "machine": bool(e.machine),
+                   "recipient": _text(recipient), "machine": bool(e.machine),
                    "details": _json(e.details or {}), "key": _opt_text(e.key)}
             if e.key is not None:
                 result = await conn.execute(
