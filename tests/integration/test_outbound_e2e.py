@@ -68,7 +68,8 @@ class Env:
         def go() -> str:
             with smtplib.SMTP("127.0.0.1", self.submission, timeout=30) as s:
                 s.login(login, PASSWORD)
-                _, reply = s.docmd("MAIL", f"FROM:<{login}>")
+                code, reply = s.docmd("MAIL", f"FROM:<{login}>")
+                assert code == 250, reply
                 for r in rcpts:
                     code, msg = s.rcpt(r)
                     if code != 250:
