@@ -260,6 +260,10 @@ def upgrade() -> None:
         b.create_unique_constraint(op.f("uq_messages_dedupe_key"), ["dedupe_key"])
         b.create_index(op.f("ix_messages_subject_key"), ["subject_key"])
         b.create_index(op.f("ix_messages_template"), ["template"])
+    if conn.dialect.name == "sqlite":
+        # batch mode rebuilt the table and cannot carry an expression index over: make it again
+        op.create_index(op.f("ix_messages_sort_at"), "messages",
+                        [sa.text("coalesce(date, created_at)")])
 
     with op.batch_alter_table("message_addresses") as b:
         b.add_column(sa.Column("domain", sa.String(), server_default="", nullable=False))
@@ -302,6 +306,9 @@ def downgrade() -> None:
                     "subject_key", "from_name", "reference_ids", "in_reply_to", "dedupe_key"):
             b.drop_column(col)
         b.create_unique_constraint("uq_messages_queue_id", ["queue_id"])
+    if conn.dialect.name == "sqlite":
+        op.create_index(op.f("ix_messages_sort_at"), "messages",
+                        [sa.text("coalesce(date, created_at)")])
     for table in ("send_counters", "webhook_outbox", "sync_runs", "sync_state", "accounts",
                   "raw_messages", "message_companies", "message_contacts", "message_sources",
                   "contacts", "companies"):
