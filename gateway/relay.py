@@ -153,7 +153,7 @@ class Relay:
         await self.spool.put_all(files)  # all or nothing; SpoolError -> 451 4.3.0
         self.accepted += 1
         self._record(sub, data, message_id, plans, now)
-        if self.counts is not None and remote:
+        if self.counts is not None and remote and ob is not None and ob.policies.has_daily_caps:
             self.counts.add(sub.mail_from, len(remote))
         if self.on_accepted is not None:
             await self.on_accepted(sub, data, plans)

@@ -6,8 +6,10 @@ background task flushes the buffer in order through :meth:`Store.record`, at mos
 `batch` items at a time and at latest `max_delay` seconds after an item arrives.
 While the store is down the items stay buffered, in order, and the flush is retried
 with capped exponential backoff (0.5 s doubling to 30 s); nothing is dropped while the
-writer runs. :meth:`StoreWriter.stop` flushes what is left until its timeout and
-reports (and logs) whatever it could not write.
+writer runs, except raw message bytes beyond `max_raw_bytes` (the record stays, without
+its bodies and raw copy; logged). Accepted messages handed over with their raw bytes
+are parsed in a worker thread right before they are written. :meth:`StoreWriter.stop`
+flushes what is left until its timeout and reports (and logs) whatever it could not write.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class StoreWriter:
     """Buffers store writes and flushes them in batches from one background task."""
 
     def __init__(self, store: Store, *, batch: int = 200, max_delay: float = 0.05,
-                 log: Any = None) -> None:
+                 log: Any = None, max_raw_bytes: int = 256 * 1024 * 1024) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         self.store = store
@@ -45,6 +47,9 @@ class StoreWriter:
         self.failures = 0
         """Flushes that failed (each is retried)."""
         self._items: deque[Item] = deque()
+        self.max_raw_bytes = max_raw_bytes
+        """Raw message bytes held while the store is behind; beyond it they are dropped."""
+        self._raw_bytes = 0
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._stop_event = asyncio.Event()
@@ -62,6 +67,14 @@ class StoreWriter:
 
     # -- producers (synchronous, never block) ----------------------------------------
     def add_accepted(self, a: AcceptedMessage) -> None:
+        if a.raw is not None:
+            if self._raw_bytes + len(a.raw) > self.max_raw_bytes:
+                # the store is far behind: keep the record, let the bytes (and bodies) go
+                self.log.warning("store_backlog_raw_dropped", queue_id=a.queue_id,
+                                 size=len(a.raw), buffered=self._raw_bytes)
+                a.raw = None
+            else:
+                self._raw_bytes += len(a.raw)
         self._add(a)
 
     def add_event(self, e: EventRecord) -> None:
@@ -147,7 +160,9 @@ class StoreWriter:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             for _ in chunk:
-                self._items.popleft()
+                item = self._items.popleft()
+                if isinstance(item, AcceptedMessage) and item.raw is not None:
+                    self._raw_bytes -= len(item.raw)
             self.written += len(chunk)
             if backoff > BACKOFF_MIN:
                 self.log.info("store_write_recovered", written=len(chunk), pending=len(self._items))

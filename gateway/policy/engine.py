@@ -285,6 +285,9 @@ class PolicySet:
         self.directory = directory
         self.templates: Mapping[str, Template] = MappingProxyType(dict(templates or {}))
         self.uses_headers = any(r.matcher.uses_headers for r in self.rules)
+        #: whether any rule sets a daily cap (only then are sends counted)
+        self.has_daily_caps = any(k == "max_per_day" and v is not None
+                                  for r in self.rules for k, v in r.values)
         self._dkim_domains = frozenset(d.lower().rstrip(".") for d in cfg.dkim)
         self._memo: dict[tuple[tuple[int, ...], bool], Decision] = {}
         self._skip_cache: dict[tuple[str, ...], GlobSet] = {}

@@ -267,3 +267,21 @@ async def test_concerning_filters_by_contacts_companies_and_exclusions(store: St
                               exclude=RULES.exclude))
     assert await store.concerning([["alice@example.com", "zed@nowhere.test"],
                                    ["alice@example.com"]]) == [True, False]
+
+
+async def test_writer_parses_raw_off_the_loop_and_caps_the_raw_backlog(store: Store) -> None:
+    from gateway.crm.writer import StoreWriter
+
+    raw = (b"From: Alice <alice@example.com>\r\nTo: carol@acme.test\r\nSubject: =?utf-8?q?Caf=C3=A9?="
+           b"\r\nMessage-ID: <w1@example.com>\r\n\r\nHello Carol\r\n")
+    w = StoreWriter(store, max_raw_bytes=len(raw) + 10)
+    a = relay_msg("W1", "<w1@example.com>", subject="raw header", raw=raw)
+    b = relay_msg("W2", "<w2@example.com>", raw=raw)     # over the cap while W1 is buffered
+    w.add_accepted(a)
+    w.add_accepted(b)
+    assert a.raw is raw and b.raw is None
+    await w.start()
+    assert await w.stop(timeout=10) == 0
+    row = await store.get_message_by_queue_id("W1", bodies=True)
+    assert row is not None and row["subject"] == "Café" and row["text_body"].strip() == "Hello Carol"
+    assert row["from"] == "alice@example.com" and row["contacts"] == []
