@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import structlog
 from aiohttp import web
@@ -381,6 +381,30 @@ def safe_redirect_url(url: str | None) -> bool:
     return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 
 
+_ASCII_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def location_value(url: str) -> str:
+    """The URL as an ASCII `Location` value: the author's ASCII bytes exactly as written;
+    a non-ASCII host in IDNA, other non-ASCII characters percent-encoded as UTF-8 (an IRI
+    made a URI, RFC 3987 §3.1)."""
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":") if hostport.count(":") == 1 \
+            else (hostport, "", "")
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = quote(host, safe=_ASCII_SAFE)
+        netloc = quote(userinfo, safe=_ASCII_SAFE) + at + host + colon + port
+    rest = url[len(parts.scheme) + 3 + len(parts.netloc):]
+    return f"{parts.scheme}://{netloc}{quote(rest, safe=_ASCII_SAFE)}"
+
+
 def open_url(base_url: str, token: str) -> str:
     """The pixel's URL for `token` under `listeners.tracking.base_url`."""
     return f"{base_url.rstrip('/')}/o/{token}"
@@ -431,7 +455,7 @@ def make_app(signer: TokenSigner, recorder: HitRecorder, *,
         # not web.HTTPFound: it would re-encode the URL through yarl; the author's bytes go out
         assert token.url is not None
         return web.Response(status=302, headers={
-            "Location": token.url, "Referrer-Policy": "no-referrer",
+            "Location": location_value(token.url), "Referrer-Policy": "no-referrer",
             "Cache-Control": "no-store, private, max-age=0", "Content-Type": "text/plain"})
 
     async def healthz(request: web.Request) -> web.StreamResponse:
