@@ -45,15 +45,22 @@ import structlog
 from aiohttp import web
 
 from gateway.api import openapi
-from gateway.api.accounts import list_accounts
 from gateway.api.metrics import Metrics
 from gateway.config import Config
 from gateway.crm import outbox
-from gateway.crm.contacts import contact_timeline, get_contact
+from gateway.crm.accounts import Accounts
+from gateway.crm.contacts import (
+    ContactInput,
+    contact_timeline,
+    get_contact,
+    list_contacts,
+    upsert_contacts,
+    valid_email,
+)
 from gateway.crm.models import DIRECTIONS, Message, sort_at
 from gateway.crm.reports import GROUPINGS, MAX_DAYS, engagement
 from gateway.crm.store import Store
-from gateway.errors import GatewayError, StoreError
+from gateway.errors import GatewayError, NotFound, StoreError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SpoolCounts = Callable[[], Mapping[str, int]]
@@ -126,6 +133,38 @@ def _int_param(q: Mapping[str, str], name: str, default: int, low: int, high: in
     return n
 
 
+MAX_UPSERT = 1000
+_CONTACT_FIELDS = ("first_name", "last_name", "company", "domain", "title", "phone")
+
+
+def contact_input(obj: Any, where: str) -> ContactInput:
+    """A contact from API JSON; BadParameter names the field (`contacts[3].email`)."""
+    if not isinstance(obj, dict):
+        raise BadParameter(where, "expected a JSON object")
+    email = str(obj.get("email") or "").strip().strip("<>").lower()
+    if not valid_email(email):
+        raise BadParameter(f"{where}.email", f"{obj.get('email')!r} is not an e-mail address")
+    values: dict[str, str] = {}
+    for k in _CONTACT_FIELDS:
+        v = obj.get(k, "")
+        if v is None:
+            v = ""
+        if not isinstance(v, str) or len(v) > 1000:
+            raise BadParameter(f"{where}.{k}", "expected a string of at most 1000 characters")
+        values[k] = v.strip()
+    fields = obj.get("fields") or {}
+    if not isinstance(fields, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in fields.items()):
+        raise BadParameter(f"{where}.fields", "expected an object of strings")
+    unknown = set(obj) - {"email", "fields", *_CONTACT_FIELDS}
+    if unknown:
+        raise BadParameter(f"{where}.{sorted(unknown)[0]}", "unknown field")
+    return ContactInput(email=email, first_name=values["first_name"],
+                        last_name=values["last_name"], company=values["company"],
+                        domain=values["domain"].lower(), title=values["title"],
+                        phone=values["phone"], fields=dict(fields))
+
+
 class AdminAPI:
     """The admin listener's aiohttp application and its server."""
 
@@ -180,8 +219,13 @@ class AdminAPI:
         r = app.router
         r.add_get("/api/v1/messages", self.messages)
         r.add_get("/api/v1/messages/{id}", self.message)
+        r.add_get("/api/v1/contacts", self.contacts)
+        r.add_post("/api/v1/contacts", self.contacts_upsert)
+        r.add_get("/api/v1/contacts/{email}", self.contact)
+        r.add_put("/api/v1/contacts/{email}", self.contact_put)
         r.add_get("/api/v1/contacts/{email}/timeline", self.timeline)
         r.add_get("/api/v1/accounts", self.accounts)
+        r.add_get("/api/v1/accounts/{id}/sync", self.account_sync)
         r.add_get("/api/v1/stats/engagement", self.engagement)
         r.add_get("/api/v1/webhooks", self.webhooks)
         r.add_get("/api/v1/openapi.json", self.openapi_doc)
@@ -287,7 +331,66 @@ class AdminAPI:
         return await self._page(request, rows, limit, {"email": email, "contact": contact})
 
     async def accounts(self, request: web.Request) -> web.Response:
-        return web.json_response({"accounts": await list_accounts(self.store, self.get_config())})
+        rows = await Accounts(self.store).overview(self.get_config().accounts)
+        return web.json_response({"accounts": rows})
+
+    async def account_sync(self, request: web.Request) -> web.Response:
+        ident = request.match_info["id"]
+        try:
+            info = await Accounts(self.store).sync_info(ident,
+                                                        configured=self.get_config().account(ident))
+        except NotFound as exc:
+            return _error(404, str(exc))
+        return web.json_response(info)
+
+    # -- contacts (the one write route family: upserts) ---------------------------------------
+    async def contacts(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = _limit(q)
+        rows = await list_contacts(self.store, search=q.get("search") or None,
+                                   after=q.get("cursor") or None, limit=limit + 1)
+        cursor = rows[limit - 1]["email"] if len(rows) > limit else None
+        resp = web.json_response({"contacts": rows[:limit], "next_cursor": cursor})
+        if cursor is not None:
+            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
+        return resp
+
+    async def contact(self, request: web.Request) -> web.Response:
+        email = request.match_info["email"].strip().lower()
+        row = await get_contact(self.store, email)
+        return web.json_response(row) if row is not None else _error(404, f"no contact {email}")
+
+    async def _body(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:
+            raise BadParameter("body", "not JSON") from None
+
+    async def contact_put(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise BadParameter("body", "expected a JSON object")
+        body = {**body, "email": request.match_info["email"]}
+        result = await upsert_contacts(self.store, [contact_input(body, "body")], source="api")
+        row = await get_contact(self.store, body["email"])
+        return web.json_response(row, status=201 if result.created else 200)
+
+    async def contacts_upsert(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        items = body.get("contacts") if isinstance(body, dict) else body
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_UPSERT:
+            raise BadParameter("contacts", f"expected a list of 1 to {MAX_UPSERT} contacts")
+        inputs = [contact_input(x, f"contacts[{i}]") for i, x in enumerate(items)]
+        seen: set[str] = set()
+        for i, c in enumerate(inputs):
+            if c.email in seen:
+                raise BadParameter(f"contacts[{i}].email", f"{c.email} appears twice")
+            seen.add(c.email)
+        r = await upsert_contacts(self.store, inputs, source="api")
+        return web.json_response({"created": r.created, "updated": r.updated,
+                                  "unchanged": r.unchanged,
+                                  "companies_created": r.companies_created,
+                                  "messages_linked": r.messages_linked})
 
     async def engagement(self, request: web.Request) -> web.Response:
         q = request.query

@@ -94,14 +94,37 @@ SCHEMAS: dict[str, Any] = {
     "Timeline": _obj({"email": _STR, "contact": {"oneOf": [_ref("Contact"), {"type": "null"}]},
                       "messages": {"type": "array", "items": _ref("MessageSummary")},
                       "next_cursor": _nullable("string")}),
+    "SyncRun": _obj({"id": {"type": "integer"}, "folder": _STR, "kind": _STR,
+                     "status": {"enum": ["running", "ok", "error"]}, "started_at": _TIME_OR_NULL,
+                     "finished_at": _TIME_OR_NULL, "seconds": _nullable("number"),
+                     "fetched": _COUNT, "stored": _COUNT, "skipped": _COUNT,
+                     "error": _nullable("string")}),
     "Account": _obj({
-        "id": _STR, "email": _STR, "provider": _nullable("string"),
-        "configured": {"type": "boolean"},
-        "sync": {"oneOf": [{"type": "null"}, _obj({"enabled": {"type": "boolean"},
-                                                    "direction": {"enum": ["two-way", "one-way"]},
-                                                    "folders": _STRS})]},
-        "status": {"enum": list(ACCOUNT_STATUSES)}, "status_reason": _nullable("string"),
-        "status_at": _TIME_OR_NULL, "last_sync_at": _TIME_OR_NULL}),
+        "id": _STR, "email": _STR, "configured": {"type": "boolean"},
+        "provider": _nullable("string"),
+        "direction": {"enum": ["two-way", "one-way", None]}, "enabled": _nullable("boolean"),
+        "folders": _STRS, "history_days": _nullable("integer"),
+        "status": {"enum": list(ACCOUNT_STATUSES)}, "reason": _nullable("string"),
+        "status_at": _TIME_OR_NULL, "last_sync_at": _TIME_OR_NULL,
+        "lease_owner": _nullable("string"), "lease_expires_at": _TIME_OR_NULL,
+        "messages": _COUNT,
+        "last_run": {"oneOf": [{"type": "null"}, _ref("SyncRun")]}}),
+    "SyncStatus": {"type": "object", "description": "`mailgw sync status ID --json`: the Account "
+                   "fields, plus `folders_synced` (per folder its checkpoint: uidvalidity, last_uid, "
+                   "highestmodseq, initial_done; last sync, stored messages, last run), `totals`, "
+                   "`recent_runs` and `recent_errors` (SyncRun objects)",
+                   "required": ["id", "status", "folders_synced", "totals", "recent_runs"]},
+    "ContactList": _obj({"contacts": {"type": "array", "items": _ref("Contact")},
+                         "next_cursor": _nullable("string")}),
+    "ContactInput": {"type": "object", "required": ["email"], "additionalProperties": False,
+                     "properties": {"email": {"type": "string", "format": "email"},
+                                    **{k: {"type": "string", "maxLength": 1000} for k in (
+                                        "first_name", "last_name", "company", "domain", "title",
+                                        "phone")},
+                                    "fields": {"type": "object",
+                                               "additionalProperties": {"type": "string"}}}},
+    "UpsertResult": _obj({"created": _COUNT, "updated": _COUNT, "unchanged": _COUNT,
+                          "companies_created": _COUNT, "messages_linked": _COUNT}),
     "AccountList": _obj({"accounts": {"type": "array", "items": _ref("Account")}}),
     "EngagementRow": _ENGAGEMENT_ROW,
     "Engagement": _obj({"days": {"type": "integer"}, "since": _TIME, "until": _TIME,
@@ -151,7 +174,8 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "mailgw read API", "version": __version__,
-                 "description": "Read-only access to the CRM store of a mailgw gateway. Every "
+                 "description": "Access to the CRM store of a mailgw gateway (read-only but for "
+                                "contact upserts). Every "
                                 "/api/v1 route except this document needs "
                                 "`Authorization: Bearer <token>` (listeners.admin.token_file)."},
         "components": {
@@ -177,6 +201,36 @@ def document() -> dict[str, Any]:
                                 "description": "message id, or a relay/ingest queue id"}],
                 "responses": {"200": _json("MessageDetail"), "404": _json("Error", "no such message"),
                               **_ERRORS}}},
+            "/api/v1/contacts": {
+                "get": {
+                    "summary": "Contacts in e-mail order",
+                    "parameters": [_q("search", _STR, "part of an e-mail, name or company"),
+                                   *_PAGE_PARAMS],
+                    "responses": {"200": {**_json("ContactList"), "headers": _NEXT_LINK},
+                                  **_BAD, **_ERRORS}},
+                "post": {
+                    "summary": "Create or update contacts (at most 1000); new ones get their "
+                               "stored mail linked",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "oneOf": [{"type": "array", "items": _ref("ContactInput")},
+                                  _obj({"contacts": {"type": "array",
+                                                     "items": _ref("ContactInput")}})]}}}},
+                    "responses": {"200": _json("UpsertResult"), **_BAD, **_ERRORS}}},
+            "/api/v1/contacts/{email}": {
+                "get": {
+                    "summary": "One contact",
+                    "parameters": [{"name": "email", "in": "path", "required": True,
+                                    "schema": _STR}],
+                    "responses": {"200": _json("Contact"), "404": _json("Error", "no such contact"),
+                                  **_ERRORS}},
+                "put": {
+                    "summary": "Create or update one contact (empty values keep the stored ones)",
+                    "parameters": [{"name": "email", "in": "path", "required": True,
+                                    "schema": _STR}],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": _ref("ContactInput")}}},
+                    "responses": {"200": _json("Contact", "updated"),
+                                  "201": _json("Contact", "created"), **_BAD, **_ERRORS}}},
             "/api/v1/contacts/{email}/timeline": {"get": {
                 "summary": "The messages from, to or copying an address, newest first",
                 "parameters": [{"name": "email", "in": "path", "required": True, "schema": _STR},
@@ -186,6 +240,11 @@ def document() -> dict[str, Any]:
             "/api/v1/accounts": {"get": {
                 "summary": "Connected mailboxes with their sync state",
                 "responses": {"200": _json("AccountList"), **_ERRORS}}},
+            "/api/v1/accounts/{id}/sync": {"get": {
+                "summary": "One account's sync state per folder and its recent sync runs",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                "responses": {"200": _json("SyncStatus"),
+                              "404": _json("Error", "no such account"), **_ERRORS}}},
             "/api/v1/stats/engagement": {"get": {
                 "summary": "Engagement counts and rates (see `mailgw report engagement`)",
                 "parameters": [

@@ -76,7 +76,7 @@ class UpsertResult:
     messages_linked: int
 
 
-def _valid_email(email: str) -> bool:
+def valid_email(email: str) -> bool:
     local, at, domain = email.rpartition("@")
     return bool(at and local and domain and "." in domain and " " not in email
                 and len(email) <= 320 and not domain.startswith(".") and ".." not in domain)
@@ -132,7 +132,7 @@ def parse_csv(text: str, source: str = "<csv>") -> list[ContactInput]:
                 continue
             values = {c: _text(v.strip())[:MAX_FIELD] for c, v in zip(columns, row, strict=False) if c}
             email = values.get("email", "").strip().strip("<>").lower()
-            if not _valid_email(email):
+            if not valid_email(email):
                 problems.append(Problem(source, line, "email",
                                         f"{values.get('email', '')!r} is not an e-mail address"))
                 continue

@@ -76,6 +76,13 @@ class Client:
         self.session = session
         self.base = base
 
+    async def send(self, method: str, path: str, body: Any,
+                   token: str | None = TOKEN) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        async with self.session.request(method, self.base + path, json=body,
+                                        headers=headers) as resp:
+            return resp.status, await resp.json()
+
     async def get(self, path: str, token: str | None = TOKEN,
                   **params: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
@@ -252,9 +259,13 @@ async def test_accounts_join_config_and_runtime_state(store: Store,
     status, body, _ = await c.get("/api/v1/accounts")
     check(body, "AccountList")
     bob = body["accounts"][1]
-    assert (bob["status"], bob["status_reason"], bob["last_sync_at"], bob["sync"]["folders"]) == (
+    assert (bob["status"], bob["reason"], bob["last_sync_at"], bob["folders"]) == (
         "needs_reconnect", "OAuth token revoked", T0.isoformat(), ["INBOX"])
     assert (body["accounts"][2]["id"], body["accounts"][2]["configured"]) == ("gone", False)
+    status, body, _ = await c.get("/api/v1/accounts/bob/sync")
+    assert status == 200 and body["id"] == "bob" and body["totals"]["runs"] == 0
+    status, body, _ = await c.get("/api/v1/accounts/nobody/sync")
+    assert status == 404 and "nobody" in body["error"]
 
 
 async def test_engagement_and_webhooks_routes(store: Store, api: tuple[AdminAPI, Client]) -> None:
@@ -320,6 +331,45 @@ async def test_healthz_503_and_api_503_when_the_store_is_unreachable() -> None:
     finally:
         await a.stop()
         await down.close()
+
+
+async def test_contacts_upsert_list_get_and_history_links(store: Store,
+                                                          api: tuple[AdminAPI, Client]) -> None:
+    _, c = api
+    await store.record([relay("Q1", to="carol@acme.test")], [])
+    status, body = await c.send("PUT", "/api/v1/contacts/Carol@Acme.test",
+                                {"first_name": "Carol", "company": "Acme", "fields": {"tier": "A"}})
+    assert status == 201 and body["email"] == "carol@acme.test" and body["company"] == "Acme"
+    check(body, "Contact")
+    status, body = await c.send("PUT", "/api/v1/contacts/carol@acme.test", {"last_name": "Ng"})
+    assert status == 200 and (body["name"], body["fields"]) == ("Carol Ng", {"tier": "A"})
+    status, body = await c.send("POST", "/api/v1/contacts", [
+        {"email": "dan@acme.test"}, {"email": "erin@beta.test", "title": "CTO"}])
+    assert status == 200 and (body["created"], body["updated"], body["unchanged"]) == (2, 0, 0)
+    check(body, "UpsertResult")
+    status, body, resp = await c.get("/api/v1/contacts", limit=2)
+    assert status == 200 and [x["email"] for x in body["contacts"]] == [
+        "carol@acme.test", "dan@acme.test"]
+    check(body, "ContactList")
+    status, body, _ = await c.get(resp.headers["Link"].split(">")[0][1:])
+    assert [x["email"] for x in body["contacts"]] == ["erin@beta.test"] and not body["next_cursor"]
+    status, body, _ = await c.get("/api/v1/contacts/dan@acme.test")
+    assert status == 200 and body["email"] == "dan@acme.test"
+    status, body, _ = await c.get("/api/v1/contacts/zed@acme.test")
+    assert status == 404
+    row = await store.get_message_by_queue_id("Q1")
+    assert row is not None and [x["email"] for x in row["contacts"]] == ["carol@acme.test"]
+    # bad input names the field; nothing is written
+    for bad, parameter in [([{"email": "nope"}], "contacts[0].email"),
+                           ([{"email": "a@b.test", "titel": "x"}], "contacts[0].titel"),
+                           ([{"email": "a@b.test"}, {"email": "A@b.test"}], "contacts[1].email"),
+                           ({"contacts": []}, "contacts"), ("text", "contacts")]:
+        status, body = await c.send("POST", "/api/v1/contacts", bad)
+        assert (status, body["parameter"]) == (400, parameter), bad
+    status, body = await c.send("POST", "/api/v1/contacts", [{"email": "x@y.test"}], token="wrong")
+    assert status == 401
+    status, body, _ = await c.get("/api/v1/contacts", search="beta")
+    assert [x["email"] for x in body["contacts"]] == ["erin@beta.test"]
 
 
 async def test_openapi_document_covers_every_route(api: tuple[AdminAPI, Client]) -> None:
