@@ -189,7 +189,7 @@ def _ts(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat() if t else None
 
 
-def _queue_entry(state: str, env: Any) -> dict[str, Any]:  # noqa: D401
+def _queue_entry(state: str, env: Any) -> dict[str, Any]:
     return {
         "id": env.id, "state": state, "size": env.size, "arrival": _ts(env.received_at),
         "sender": env.mail_from, "user": env.user, "message_id": env.message_id,
