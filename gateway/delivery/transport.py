@@ -22,11 +22,15 @@ How failures are labelled::
 
 Connections are pooled per destination: after a transaction the connection goes
 idle; the next message to the same destination (every `Destination` field equal
-but `address`: host, port, TLS settings, credentials) reuses it after an RSET, and
-an idle connection is closed (QUIT) after `idle_timeout`. At most `per_destination`
-connections to one destination are open at any time; further senders wait. A
-reused connection that turns out dead (RSET fails, 421, disconnect before any
-recipient was answered) is replaced once by a fresh one. A connection lost during
+but `address`: host, port, TLS settings, credentials) reuses it, and an idle
+connection is closed (QUIT) after `idle_timeout`. A transaction that ended with the
+reply to the message (or to a refused MAIL FROM) leaves the server in its initial
+state (RFC 5321 4.1.4), so the next one starts with MAIL FROM at once; any other
+ending (every recipient refused, DATA refused) is cleared with RSET first. At most
+`per_destination` connections to one destination are open at any time; further
+senders wait. A reused connection that turns out dead (RSET or MAIL FROM fails with
+421 or a disconnect, before any recipient was answered) is replaced once by a
+fresh one. A connection lost during
 or after DATA is never retried here: the server may have taken the message, and
 the scheduler's next attempt is the retry (4.4.2).
 
@@ -232,6 +236,7 @@ class _Conn:
     remote: str
     generation: int
     expiry: asyncio.TimerHandle | None = None
+    clean: bool = True  # no transaction left open: the next one needs no RSET
 
 
 @dataclass(eq=False)
@@ -422,8 +427,10 @@ class Transport:
         answered = False  # some recipient got a definite reply
         keep = False
         next_mx = False
+        was_clean, conn.clean = conn.clean, False
+        unproven = reused and was_clean  # counted as reused once MAIL FROM gets an answer
         try:
-            if reused:
+            if reused and not was_clean:
                 try:
                     await smtp.rset()
                 except SMTPResponseException:
@@ -432,7 +439,8 @@ class Transport:
             try:
                 options, encoding = self._mail_options(smtp, remote, mail_from, rcpts, data)
             except _Failure as exc:
-                keep = True
+                keep = conn.clean = True
+                self.connections_reused += unproven
                 return exc.outcome(rcpts)
             stage = "MAIL FROM"
             try:
@@ -440,14 +448,18 @@ class Transport:
             except SMTPResponseException as exc:
                 if reused and exc.code == 421:
                     raise _Stale() from None
+                self.connections_reused += unproven
                 keep = exc.code != 421
+                conn.clean = True  # a refused MAIL FROM opens no transaction
                 code, status, text = parse_reply(exc.code, exc.message)
                 return _Outcome([RcptResult(r, code, status, text, remote) for r in rcpts],
                                 next_mx=code // 100 == 4)
             except ValueError as exc:  # unusable sender address (aiosmtplib refuses to send it)
                 keep = True
+                self.connections_reused += unproven
                 return _Failure(553, "5.1.7", f"bad sender address {mail_from!r}: {exc}",
                                 remote=remote).outcome(rcpts)
+            self.connections_reused += unproven
             stage = "RCPT TO"
             for i, rcpt in enumerate(rcpts):
                 try:
@@ -478,7 +490,7 @@ class Transport:
             try:
                 resp = await smtp.data(data, timeout=self.command_timeout)
                 code, message = resp.code, resp.message
-                keep = True
+                keep = conn.clean = True
             except SMTPResponseException as exc:
                 code, message = exc.code, exc.message
                 keep = exc.code != 421

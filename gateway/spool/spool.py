@@ -18,6 +18,11 @@ Writing is tmp -> write -> fsync -> rename -> fsync(directory). Directory fsyncs
 concurrent writers are coalesced (group commit), so many sessions share one.
 Rewrites (a deferral updating recipient states) follow the same steps, so a crash
 at any point leaves either the old or the new file, never half of one.
+
+Each write, rewrite or removal, its directory fsync included, is one call into the
+spool's own small thread pool: the event loop never blocks on the disk, pays one
+thread hop per operation, and the spool never waits behind other blocking work
+(password hashing uses the default executor).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import errno
 import json
 import os
 import secrets
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +92,11 @@ class Envelope:
         return [r for r in self.recipients if r.status == "pending"]
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=True).encode()
+        # = json.dumps(dataclasses.asdict(self)), without asdict's recursive deep copy
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        names = Recipient.__dataclass_fields__
+        d["recipients"] = [{n: getattr(r, n) for n in names} for r in self.recipients]
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
@@ -114,11 +125,13 @@ def parse_queue_file(raw: bytes) -> tuple[Envelope, bytes]:
 
 class _DirSync:
     """Coalesces fsync() of one directory: every caller returns after an fsync that began
-    after its call, but concurrent callers share one fsync (group commit)."""
+    after its call, but concurrent callers share one fsync (group commit). Called from the
+    spool's worker threads, after the rename it must make durable."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()      # held by the thread running an fsync
+        self._counters = threading.Lock()
         self._requested = 0
         self._done = 0
 
@@ -129,24 +142,42 @@ class _DirSync:
         finally:
             os.close(fd)
 
-    async def sync(self) -> None:
-        self._requested += 1
-        mine = self._requested
-        async with self._lock:
+    def sync(self) -> None:
+        with self._counters:
+            self._requested += 1
+            mine = self._requested
+        with self._lock:
             if self._done >= mine:
                 return
-            upto = self._requested
-            await asyncio.to_thread(self._fsync)
+            with self._counters:
+                upto = self._requested
+            self._fsync()  # every request up to `upto` was made before this began
             self._done = upto
 
 
 class Spool:
     """The queue directory; all writes are atomic and durable before they return."""
 
+    #: Threads doing the spool's disk work (each write, rewrite or removal is one call).
+    io_threads = 8
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self._dirsync: dict[str, _DirSync] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _io(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the spool's threads."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.io_threads, thread_name_prefix="spool")
+        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        """Let the spool's threads go (after the last write; a later write starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def dir(self, state: str) -> Path:
         if state not in STATES:
@@ -250,9 +281,14 @@ class Spool:
     async def put(self, env: Envelope, data: bytes, state: str = "incoming") -> None:
         """Store a new message durably; SpoolError (451 4.3.0) if that is impossible."""
         env.size = len(data)
+        sync = self._dirsync[state]
+
+        def put() -> None:
+            self._write_and_rename(env, data, state)
+            sync.sync()
+
         try:
-            await asyncio.to_thread(self._write_and_rename, env, data, state)
-            await self._dirsync[state].sync()
+            await self._io(put)
         except OSError as exc:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
 
@@ -262,21 +298,34 @@ class Spool:
         Returns False (and writes nothing) when the old file is gone, e.g. an admin
         deleted it while it was being delivered."""
         old = self.dir(old_state) / env.id
-        if not old.exists():
-            return False
-        try:
-            await asyncio.to_thread(self._write_and_rename, env, data, new_state)
-            await self._dirsync[new_state].sync()
+        done = False
+
+        def rewrite() -> None:
+            nonlocal done
+            if not old.exists():
+                return
+            self._write_and_rename(env, data, new_state)
+            self._dirsync[new_state].sync()
             if old_state != new_state:
                 old.unlink(missing_ok=True)
-                await self._dirsync[old_state].sync()
+                self._dirsync[old_state].sync()
+            done = True
+
+        try:
+            await self._io(rewrite)
         except OSError as exc:
             raise SpoolError(_os_reason(exc)) from exc
-        return True
+        return done
 
     async def remove(self, state: str, qid: str) -> None:
-        (self.dir(state) / qid).unlink(missing_ok=True)
-        await self._dirsync[state].sync()
+        path = self.dir(state) / qid
+        sync = self._dirsync[state]
+
+        def remove() -> None:
+            path.unlink(missing_ok=True)
+            sync.sync()
+
+        await self._io(remove)
 
     def move(self, qid: str, src: str, dst: str) -> None:
         """Atomic rename between states (used by `mailgw queue` and recovery)."""

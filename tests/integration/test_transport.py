@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,10 +326,65 @@ async def test_dead_pooled_connection_is_replaced(transport: Transport) -> None:
     assert transport.connections_opened == 2
 
 
+class CountingUpstream(Upstream):
+    """Counts RSETs; with `mail_421_on_reuse`, answers 421 to a MAIL FROM on a session that
+    has already delivered a message (an upstream closing an idle connection)."""
+
+    def __init__(self, *, mail_421_on_reuse: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rsets = 0
+        self.mail_421_on_reuse = mail_421_on_reuse
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        self.rsets += 1
+        return await super().handle_RSET(server, session, envelope)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        number = getattr(server, "number", 0)
+        if self.mail_421_on_reuse and any(m.session == number for m in self.messages):
+            return "421 4.4.2 idle too long, closing"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+async def test_clean_connection_is_reused_without_rset(transport: Transport) -> None:
+    async with CountingUpstream() as up:
+        for n in range(3):
+            [res] = await transport.send(dest(up), FROM, ["a@example.test"], message(n))
+            assert res.ok
+        got = await up.wait_for(3)
+    assert [m.session for m in got] == [1, 1, 1]
+    assert transport.connections_opened == 1 and transport.connections_reused == 2
+    assert up.rsets == 0
+
+
+async def test_open_transaction_is_reset_before_reuse(transport: Transport) -> None:
+    async with CountingUpstream(rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
+        [refused] = await transport.send(dest(up), FROM, ["bad@example.test"], MESSAGE)
+        [ok] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(1)
+    assert refused.permanent and ok.ok
+    assert up.rsets == 1 and got[0].session == 1
+    assert transport.connections_opened == 1 and transport.connections_reused == 1
+
+
 async def test_421_to_rset_retries_on_a_fresh_connection(transport: Transport) -> None:
-    async with Upstream(rset_reply="421 4.4.2 idle too long, closing") as up:
-        [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+    async with Upstream(rset_reply="421 4.4.2 idle too long, closing",
+                        rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
+        # every recipient refused: the transaction stays open, so the next one starts with RSET
+        [first] = await transport.send(dest(up), FROM, ["bad@example.test"], MESSAGE)
         [second] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(1)
+    assert first.permanent and second.ok
+    assert transport.connections_opened == 2 and transport.connections_reused == 0
+    assert [m.session for m in got] == [2]
+
+
+async def test_421_to_mail_on_a_reused_connection_retries_on_a_fresh_one(
+        transport: Transport) -> None:
+    async with CountingUpstream(mail_421_on_reuse=True) as up:
+        [first] = await transport.send(dest(up), FROM, ["a@example.test"], message(1))
+        [second] = await transport.send(dest(up), FROM, ["a@example.test"], message(2))
         got = await up.wait_for(2)
     assert first.ok and second.ok
     assert transport.connections_opened == 2 and transport.connections_reused == 0
