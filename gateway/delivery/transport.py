@@ -66,8 +66,10 @@ from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
+    SMTPDataError,
     SMTPException,
     SMTPHeloError,
+    SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
@@ -76,7 +78,7 @@ from aiosmtplib import (
 from gateway.delivery.mx import MXResolver
 from gateway.errors import MailError
 
-__all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "parse_reply"]
+__all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "dot_stuff", "parse_reply"]
 
 _log = logging.getLogger(__name__)
 
@@ -488,7 +490,7 @@ class Transport:
                 return self._outcome(rcpts, results)
             stage = "DATA"
             try:
-                resp = await smtp.data(data, timeout=self.command_timeout)
+                resp = await self._data(smtp, data)
                 code, message = resp.code, resp.message
                 keep = conn.clean = True
             except SMTPResponseException as exc:
@@ -514,6 +516,32 @@ class Transport:
                 self._release(key, pool, conn)
             else:
                 self._discard(conn)
+
+    async def _data(self, smtp: SMTP, data: bytes) -> SMTPResponse:
+        """DATA, then the message: the reply to it, or SMTPDataError as `SMTP.data()` raises.
+
+        aiosmtplib's `data()` runs two regular expressions over every message (line ends,
+        dot-stuffing) that cost more than the rest of the transaction together. A message
+        with CRLF line ends only (everything the relay spools) needs neither: it is
+        dot-stuffed with one replace() and written as it is. Anything else goes through
+        `data()`, which turns bare CR and LF into CRLF."""
+        crlf = data.count(b"\r\n")
+        protocol = smtp.protocol
+        if protocol is None or data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            return await smtp.data(data, timeout=self.command_timeout)
+        payload = dot_stuff(data)
+        start = await smtp.execute_command(b"DATA", timeout=self.command_timeout)
+        if start.code != 354:
+            raise SMTPDataError(start.code, start.message)
+        try:
+            protocol.write(payload)
+            response = await protocol.read_response(timeout=self.command_timeout)
+        except (SMTPServerDisconnected, SMTPTimeoutError):
+            smtp.close()
+            raise
+        if response.code != 250:
+            raise SMTPDataError(response.code, response.message)
+        return response
 
     @staticmethod
     def _outcome(rcpts: list[str], results: dict[int, RcptResult], *,
@@ -760,6 +788,17 @@ class Transport:
             pass
         finally:
             smtp.close()
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """A CRLF-only message as DATA sends it (RFC 5321 4.5.2): a dot doubled at every line
+    start, CRLF at the end, then the terminating `.<CRLF>`."""
+    out = data.replace(b"\r\n.", b"\r\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + b".\r\n"
 
 
 def _make_client_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
