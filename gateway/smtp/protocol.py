@@ -18,11 +18,18 @@ import asyncio
 import re
 import time
 from collections import defaultdict, deque
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 from aiosmtpd.smtp import log as aiosmtpd_log
 
+# `<local@domain>` with a dot-atom local part and a plain domain, then parameters: the
+# address get_angle_addr() would return unchanged (checked by tests/unit/test_protocol.py)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH_RE = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+|$)")
 _ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 _REPLY_RE = re.compile(r"^(\d{3})([ -])(.*)$", re.S)
 
@@ -225,6 +232,30 @@ class GatewaySMTP(SMTP):
         if isinstance(status, str) and not self._in_ehlo:
             status = add_enhanced_code(status)
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's `_getaddr` (the address in MAIL FROM / RCPT TO and what follows it),
+        without the `typing.Protocol` class it builds on every call (two thirds of its
+        cost), and with a shortcut for the common `<local@domain>` form."""
+        if not arg:
+            return "", ""
+        m = _SIMPLE_PATH_RE.match(arg)
+        if m is not None and not arg.startswith("(", m.end()):
+            addr, rest = m.group(1), arg[m.end():]
+        else:
+            try:
+                if arg.lstrip().startswith("<"):
+                    angle, rest = get_angle_addr(arg)
+                    addr = angle.addr_spec
+                else:
+                    spec, rest = get_addr_spec(arg)
+                    addr = spec.addr_spec
+            except HeaderParseError:
+                return None, None
+        localpart, _, _ = addr.rpartition("@")
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's smtp_DATA with the payload read in bulk by `read_data`."""
