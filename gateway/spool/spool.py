@@ -34,11 +34,11 @@ import asyncio
 import errno
 import json
 import os
+import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,76 @@ class _DirSync:
                 self._fd = None
 
 
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+_Job = tuple[Callable[[], None], asyncio.Future[None], asyncio.AbstractEventLoop]
+
+
+class _Workers:
+    """Up to `count` threads running the spool's blocking calls for the event loop: a
+    SimpleQueue in, `call_soon_threadsafe` out. Leaner than ThreadPoolExecutor +
+    run_in_executor, whose locks, semaphore and chained futures cost more than the fsync
+    calls they wrap. Threads start when work finds none idle."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._count = count
+        self._name = name
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job
+        self._idle_lock = threading.Lock()
+
+    def _work(self) -> None:
+        while True:
+            with self._idle_lock:
+                self._idle += 1
+            job = self._queue.get()
+            with self._idle_lock:
+                self._idle -= 1
+            if job is None:
+                return
+            fn, fut, loop = job
+            error: BaseException | None = None
+            try:
+                fn()
+            except BaseException as exc:
+                error = exc
+            try:
+                loop.call_soon_threadsafe(_settle, fut, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+            del job, fn, fut, loop, error
+
+    async def run(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on a worker; like run_in_executor, cancelling the wait does not stop it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.put((fn, fut, loop))
+        with self._idle_lock:
+            start = self._idle <= 0 and len(self._threads) < self._count
+        if start:
+            t = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+        await fut
+
+    def close(self) -> None:
+        """Finish the queued calls, then stop the threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+
+
 class Spool:
     """The queue directory; all writes are atomic and durable before they return."""
 
@@ -176,20 +246,20 @@ class Spool:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self._dirsync: dict[str, _DirSync] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._workers: _Workers | None = None
 
     async def _io(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the spool's threads."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.io_threads, thread_name_prefix="spool")
-        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        if self._workers is None:
+            self._workers = _Workers(self.io_threads, "spool")
+        await self._workers.run(fn)
 
     def close(self) -> None:
         """Let the spool's threads and directory descriptors go (after the last write; a
         later write starts them again)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         for ds in self._dirsync.values():
             ds.close()
 
