@@ -583,11 +583,14 @@ class Transport:
                         if reused and code == 421:
                             raise _Stale()
                         self.connections_reused += unproven
-                        keep = code != 421 and await replies.finish(
-                            len(rcpts) + 1, self.command_timeout)
-                        code, status, text = parse_reply(code, message)
-                        return _Outcome([RcptResult(r, code, status, text, remote)
-                                         for r in rcpts], next_mx=code // 100 == 4)
+                        refused = parse_reply(code, message)
+                        try:  # the refusal is the answer; the rest only decides reuse
+                            keep = code != 421 and await replies.finish(
+                                len(rcpts) + 1, self.command_timeout)
+                        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+                            keep = False
+                        return _Outcome([RcptResult(r, *refused, remote) for r in rcpts],
+                                        next_mx=refused[0] // 100 == 4)
                     self.connections_reused += unproven
                     stage = "RCPT TO"
                     for i, rcpt in enumerate(rcpts):

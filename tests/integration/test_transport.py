@@ -512,9 +512,12 @@ class BatchServer:
     `data_despite_no_rcpt` says 354 to DATA even when no recipient was accepted (a server
     RFC 2920 tells clients to cope with)."""
 
-    def __init__(self, rcpt_codes: list[str], data_despite_no_rcpt: bool = False) -> None:
+    def __init__(self, rcpt_codes: list[str], data_despite_no_rcpt: bool = False,
+                 mail_reply: str = "250 2.1.0 ok", hang_up_after_mail: bool = False) -> None:
         self.rcpt_codes = rcpt_codes
         self.data_despite_no_rcpt = data_despite_no_rcpt
+        self.mail_reply = mail_reply
+        self.hang_up_after_mail = hang_up_after_mail
         self.commands: list[bytes] = []
         self.messages: list[bytes] = []
         self.port = 0
@@ -546,7 +549,10 @@ class BatchServer:
                         out.append(b"250-batch.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
                     elif verb == b"MAIL":
                         accepted, rcpt = 0, 0
-                        out.append(b"250 2.1.0 ok\r\n")
+                        out.append(self.mail_reply.encode() + b"\r\n")
+                        if self.hang_up_after_mail:
+                            writer.write(b"".join(out))
+                            return
                     elif verb == b"RCPT":
                         code = self.rcpt_codes[rcpt % len(self.rcpt_codes)]
                         rcpt += 1
@@ -605,3 +611,13 @@ async def test_pipelined_354_without_recipients_is_ended_and_reset(transport: Tr
     assert srv.messages[0] == b".\r\n"  # the empty message that ended the refused DATA
     assert srv.commands.count(b"RSET") == 1  # the open transaction was reset before reuse
     assert transport.connections_opened == 1
+
+
+async def test_pipelined_mail_refusal_stands_when_the_server_hangs_up(
+        transport: Transport) -> None:
+    async with BatchServer(["250 2.1.5 ok"], mail_reply="550 5.7.1 sender not allowed",
+                           hang_up_after_mail=True) as srv:
+        d = Destination(host="127.0.0.1", port=srv.port)
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+    assert res.permanent and res.reply == "550 5.7.1 sender not allowed"
+    assert transport.transactions_pipelined == 1 and transport.idle_connections == 0
