@@ -142,19 +142,23 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(root: int | None) -> float:
-    """User + system CPU of `root` and its descendants, including their reaped children."""
+def tree_cpu_seconds(root: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of `root` and its descendants, including their reaped
+    children."""
     if root is None:
-        return 0.0
-    total = 0
+        return 0.0, 0.0
+    user = system = 0
     for pid in process_tree(root):
         try:
             with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+            ut, st, cut, cst = (int(x) for x in fields[11:15])  # utime stime cutime cstime
         except (OSError, ValueError, IndexError):
             continue
-    return total / os.sysconf("SC_CLK_TCK")
+        user += ut + cut
+        system += st + cst
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 class MemorySampler:
@@ -639,19 +643,21 @@ async def wait_delivered(sink: Sink, run: str, want: int, deadline: float) -> di
 
 
 async def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, *,
-                  auth: bool = False, cpu: Callable[[], float] | None = None) -> RunResult:
+                  auth: bool = False,
+                  cpu: Callable[[], tuple[float, float]] | None = None) -> RunResult:
     """Send the load to `port` and wait for the sink; fill in everything but memory.
 
-    `cpu()` (the relay's CPU seconds so far) is read before and after, for CPU per message.
+    `cpu()` (the relay's user and system CPU seconds so far) is read before and after,
+    for CPU per message.
     """
     run = f"{name[:2]}{uuid.uuid4().hex[:8]}"
     res = RunResult(name=name, messages=args.messages)
     messages = await asyncio.to_thread(make_messages, run, args.messages, args.size)
-    cpu0 = 0.0
+    cpu0 = (0.0, 0.0)
 
     def on_go() -> None:
         nonlocal cpu0
-        cpu0 = cpu() if cpu else 0.0
+        cpu0 = cpu() if cpu else (0.0, 0.0)
 
     load = await run_load(port, messages, args.sessions, auth, args.timeout, on_go)
     res.accepted = load.accepted
@@ -666,7 +672,10 @@ async def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, *,
     st = await wait_delivered(sink, run, load.accepted, time.monotonic() + args.deadline)
     res.delivered, res.duplicates = st["count"], st["dups"]
     if cpu is not None and res.delivered:
-        res.extra["cpu_ms_per_message"] = round((cpu() - cpu0) * 1000 / res.delivered, 2)
+        user, system = (b - a for a, b in zip(cpu0, cpu(), strict=True))
+        res.extra["cpu_ms_per_message"] = round((user + system) * 1000 / res.delivered, 2)
+        res.extra["cpu_user_ms_per_message"] = round(user * 1000 / res.delivered, 2)
+        res.extra["cpu_system_ms_per_message"] = round(system * 1000 / res.delivered, 2)
     times = sorted(st.get("times", []))
     if times and load.t0:
         res.deliver_seconds = times[-1] - load.t0
@@ -1083,8 +1092,9 @@ def render_table(results: list[RunResult], ratio: dict[str, float | None],
         if r.rss_note and not r.skipped:
             notes.append(f"memory: {r.rss_note}")
         if "cpu_ms_per_message" in r.extra:
-            notes.append(f"CPU: {r.extra['cpu_ms_per_message']} ms per message (user+system, "
-                         "accept to delivery)")
+            notes.append(f"CPU: {r.extra['cpu_ms_per_message']} ms per message (user "
+                         f"{r.extra.get('cpu_user_ms_per_message', '?')} + system "
+                         f"{r.extra.get('cpu_system_ms_per_message', '?')}, accept to delivery)")
         if r.accept_seconds is not None:
             notes.append(f"all 250s after {r.accept_seconds:.2f} s, last message at the sink after "
                          f"{_fmt(r.deliver_seconds, '.2f')} s")

@@ -341,6 +341,7 @@ class App:
                 self.log.error("store_events_unwritten", count=lost)
         if self.store is not None:
             await self.store.close()
+        await asyncio.to_thread(self.spool.close)
         self.log.info("stopped")
 
 

@@ -36,7 +36,9 @@ def setup_logging(cfg: Logging, stream: TextIO | None = None) -> None:
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        # set up once per process (SIGHUP does not change logging): each logger resolves
+        # its processors on first use, not on every call
+        cache_logger_on_first_use=True,
     )
     # Libraries (aiosmtpd, aiosmtplib, alembic) log through the stdlib; keep them quiet
     # below warning unless debugging.

@@ -259,6 +259,8 @@ class Scheduler:
 
     async def _deliver(self, env: Envelope, rcpts: list[str], data: bytes) -> list[RcptResult]:
         groups = self._route(env, rcpts, data)
+        if len(groups) == 1:  # the usual case: no task for gather() to wrap it in
+            return await groups[0]()
         outs = await asyncio.gather(*(job() for job in groups))
         return [r for group in outs for r in group]
 

@@ -22,11 +22,15 @@ How failures are labelled::
 
 Connections are pooled per destination: after a transaction the connection goes
 idle; the next message to the same destination (every `Destination` field equal
-but `address`: host, port, TLS settings, credentials) reuses it after an RSET, and
-an idle connection is closed (QUIT) after `idle_timeout`. At most `per_destination`
-connections to one destination are open at any time; further senders wait. A
-reused connection that turns out dead (RSET fails, 421, disconnect before any
-recipient was answered) is replaced once by a fresh one. A connection lost during
+but `address`: host, port, TLS settings, credentials) reuses it, and an idle
+connection is closed (QUIT) after `idle_timeout`. A transaction that ended with the
+reply to the message (or to a refused MAIL FROM) leaves the server in its initial
+state (RFC 5321 4.1.4), so the next one starts with MAIL FROM at once; any other
+ending (every recipient refused, DATA refused) is cleared with RSET first. At most
+`per_destination` connections to one destination are open at any time; further
+senders wait. A reused connection that turns out dead (RSET or MAIL FROM fails with
+421 or a disconnect, before any recipient was answered) is replaced once by a
+fresh one. A connection lost during
 or after DATA is never retried here: the server may have taken the message, and
 the scheduler's next attempt is the retry (4.4.2).
 
@@ -53,26 +57,31 @@ import os
 import re
 import socket
 import ssl
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from aiosmtplib import (
     SMTP,
     SMTPAuthenticationError,
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
+    SMTPDataError,
     SMTPException,
     SMTPHeloError,
+    SMTPReadTimeoutError,
+    SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.email import quote_address
 
 from gateway.delivery.mx import MXResolver
 from gateway.errors import MailError
 
-__all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "parse_reply"]
+__all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "dot_stuff", "parse_reply"]
 
 _log = logging.getLogger(__name__)
 
@@ -232,6 +241,7 @@ class _Conn:
     remote: str
     generation: int
     expiry: asyncio.TimerHandle | None = None
+    clean: bool = True  # no transaction left open: the next one needs no RSET
 
 
 @dataclass(eq=False)
@@ -275,6 +285,129 @@ def _header_block(data: bytes) -> bytes:
     return data
 
 
+_COMMAND_INJECTION = re.compile(rb"[\x00-\x1f\x7f]")  # as aiosmtplib refuses in commands
+_MAX_REPLY = 8192 * 4  # aiosmtplib's bound on one reply
+
+
+class _Replies(asyncio.Protocol):
+    """Reads the replies to pipelined commands (RFC 2920) on a pooled connection.
+
+    aiosmtplib's protocol reads one reply per command sent and would lose the rest of a
+    batch that arrives in one segment, so while a pipelined transaction runs this
+    protocol takes the connection's transport over (`set_protocol`) and `restore()`
+    hands it back. A lost connection is passed on to aiosmtplib's protocol too, so the
+    SMTP object knows it is closed. Replies are parsed as aiosmtplib parses them: the
+    code of the last line, the texts after the codes joined with newlines."""
+
+    def __init__(self, inner: Any, transport: asyncio.WriteTransport) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._buf = bytearray()
+        self._ready: deque[tuple[int, str]] = deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        transport.set_protocol(self)
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while self._error is None:
+            reply = self._parse()
+            if reply is None:
+                break
+            self._ready.append(reply)
+        if len(self._buf) > _MAX_REPLY and self._error is None:
+            self._error = SMTPServerDisconnected("reply too long")
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._error = self._error or SMTPServerDisconnected("Unexpected EOF received")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._error = self._error or SMTPServerDisconnected("Connection lost")
+        self._wake()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    # -- for the transaction ----------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _parse(self) -> tuple[int, str] | None:
+        texts: list[bytes] = []
+        offset = 0
+        while True:
+            end = self._buf.find(b"\n", offset)
+            if end < 0:
+                return None
+            line = bytes(self._buf[offset:end + 1])
+            offset = end + 1
+            try:
+                code = int(line[:3])
+            except ValueError:
+                self._error = SMTPServerDisconnected(
+                    f"malformed reply line {line[:80].decode('utf-8', 'replace')!r}")
+                return None
+            texts.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                del self._buf[:offset]
+                return code, b"\n".join(texts).decode("utf-8", "surrogateescape")
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._transport.is_closing():
+            raise SMTPServerDisconnected("Connection lost")
+        self._transport.write(data)
+
+    async def next(self, timeout: float) -> tuple[int, str]:
+        """The next reply, in the order the commands went out."""
+        while not self._ready:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise SMTPReadTimeoutError("Timed out waiting for server response") from None
+            finally:
+                self._waiter = None
+        return self._ready.popleft()
+
+    async def finish(self, pending: int, timeout: float, data_started: int | None = None) -> bool:
+        """Read the replies still owed (`pending`, the last one to DATA); if DATA got 354
+        although no recipient was accepted, end the empty message. True when the
+        connection is in a known state and may be reused (after RSET)."""
+        for n in range(pending):
+            code, _ = await self.next(timeout)
+            if n == pending - 1:
+                data_started = code
+            elif code == 421:
+                return False
+        if data_started == 354:
+            self.write(b".\r\n")
+            code, _ = await self.next(timeout)
+            data_started = code
+        return data_started != 421
+
+    def restore(self) -> bool:
+        """Hand the transport back to aiosmtplib; False if the connection must not be reused
+        (lost, or bytes nobody asked for)."""
+        clean = self._error is None and not self._buf and not self._ready
+        if not self._transport.is_closing():
+            self._transport.set_protocol(self._inner)
+        return clean
+
+
 class Transport:
     """SMTP client with a per-destination connection pool; one message per `send()`."""
 
@@ -292,6 +425,7 @@ class Transport:
         self.per_destination = per_destination
         self.connections_opened = 0
         self.connections_reused = 0
+        self.transactions_pipelined = 0
         self._pools: dict[Destination, _Pool] = {}
         self._tls_contexts: dict[tuple[str | None, bool], ssl.SSLContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -422,8 +556,10 @@ class Transport:
         answered = False  # some recipient got a definite reply
         keep = False
         next_mx = False
+        was_clean, conn.clean = conn.clean, False
+        unproven = reused and was_clean  # counted as reused once MAIL FROM gets an answer
         try:
-            if reused:
+            if reused and not was_clean:
                 try:
                     await smtp.rset()
                 except SMTPResponseException:
@@ -432,22 +568,81 @@ class Transport:
             try:
                 options, encoding = self._mail_options(smtp, remote, mail_from, rcpts, data)
             except _Failure as exc:
-                keep = True
+                keep = conn.clean = True
+                self.connections_reused += unproven
                 return exc.outcome(rcpts)
+            replies = self._pipeline(smtp, mail_from, rcpts, data, options, encoding)
+            if replies is not None:
+                self.transactions_pipelined += 1
+                # MAIL, every RCPT and DATA went out in one write (RFC 2920); their replies
+                # are read in order below, exactly as the sequential branch would see them
+                try:
+                    stage = "MAIL FROM"
+                    code, message = await replies.next(self.command_timeout)
+                    if code != 250:
+                        if reused and code == 421:
+                            raise _Stale()
+                        self.connections_reused += unproven
+                        refused = parse_reply(code, message)
+                        try:  # the refusal is the answer; the rest only decides reuse
+                            keep = code != 421 and await replies.finish(
+                                len(rcpts) + 1, self.command_timeout)
+                        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+                            keep = False
+                        return _Outcome([RcptResult(r, *refused, remote) for r in rcpts],
+                                        next_mx=refused[0] // 100 == 4)
+                    self.connections_reused += unproven
+                    stage = "RCPT TO"
+                    for i, rcpt in enumerate(rcpts):
+                        code, message = await replies.next(self.command_timeout)
+                        if code == 421:  # the server is closing the session
+                            if reused and not answered:
+                                raise _Stale()
+                            for j in range(len(rcpts)):
+                                if j not in results or j in accepted:
+                                    results[j] = RcptResult.from_reply(rcpts[j], code, message,
+                                                                       remote)
+                            accepted.clear()
+                            return self._outcome(rcpts, results)
+                        if code in (250, 251):
+                            accepted.append(i)
+                        else:
+                            results[i] = RcptResult.from_reply(rcpt, code, message, remote)
+                        answered = True
+                    stage = "DATA"
+                    code, message = await replies.next(self.command_timeout)
+                    if not accepted:
+                        keep = await replies.finish(0, self.command_timeout, data_started=code)
+                        return self._outcome(rcpts, results)
+                    if code == 354:
+                        replies.write(dot_stuff(data))
+                        code, message = await replies.next(self.command_timeout)
+                    keep = code != 421
+                    conn.clean = code == 250
+                    for i in accepted:
+                        results[i] = RcptResult.from_reply(rcpts[i], code, message, remote)
+                    return self._outcome(rcpts, results)
+                finally:
+                    if not replies.restore():
+                        keep = False
             stage = "MAIL FROM"
             try:
                 await smtp.mail(mail_from, options=options, encoding=encoding)
             except SMTPResponseException as exc:
                 if reused and exc.code == 421:
                     raise _Stale() from None
+                self.connections_reused += unproven
                 keep = exc.code != 421
+                conn.clean = True  # a refused MAIL FROM opens no transaction
                 code, status, text = parse_reply(exc.code, exc.message)
                 return _Outcome([RcptResult(r, code, status, text, remote) for r in rcpts],
                                 next_mx=code // 100 == 4)
             except ValueError as exc:  # unusable sender address (aiosmtplib refuses to send it)
                 keep = True
+                self.connections_reused += unproven
                 return _Failure(553, "5.1.7", f"bad sender address {mail_from!r}: {exc}",
                                 remote=remote).outcome(rcpts)
+            self.connections_reused += unproven
             stage = "RCPT TO"
             for i, rcpt in enumerate(rcpts):
                 try:
@@ -476,9 +671,9 @@ class Transport:
                 return self._outcome(rcpts, results)
             stage = "DATA"
             try:
-                resp = await smtp.data(data, timeout=self.command_timeout)
+                resp = await self._data(smtp, data)
                 code, message = resp.code, resp.message
-                keep = True
+                keep = conn.clean = True
             except SMTPResponseException as exc:
                 code, message = exc.code, exc.message
                 keep = exc.code != 421
@@ -502,6 +697,58 @@ class Transport:
                 self._release(key, pool, conn)
             else:
                 self._discard(conn)
+
+    @staticmethod
+    def _pipeline(smtp: SMTP, mail_from: str, rcpts: list[str], data: bytes,
+                  options: list[str], encoding: str) -> _Replies | None:
+        """Send MAIL, RCPT... and DATA in one write when the server offers PIPELINING and the
+        message needs nothing the sequential branch handles (bare CR or LF, an address
+        aiosmtplib would refuse); the reader of their replies, or None."""
+        protocol = smtp.protocol
+        transport = protocol.transport if protocol is not None else None
+        if (protocol is None or not isinstance(transport, asyncio.WriteTransport)
+                or transport.is_closing() or not smtp.supports_extension("pipelining")):
+            return None
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            return None
+        try:
+            lines = [b" ".join([b"MAIL", b"FROM:" + quote_address(mail_from).encode(encoding),
+                                *(o.encode("ascii") for o in options)])]
+            lines += [b"RCPT TO:" + quote_address(r).encode(encoding) for r in rcpts]
+        except (ValueError, UnicodeError):
+            return None
+        if any(_COMMAND_INJECTION.search(line) for line in lines):
+            return None
+        replies = _Replies(protocol, transport)
+        replies.write(b"".join(line + b"\r\n" for line in lines) + b"DATA\r\n")
+        return replies
+
+    async def _data(self, smtp: SMTP, data: bytes) -> SMTPResponse:
+        """DATA, then the message: the reply to it, or SMTPDataError as `SMTP.data()` raises.
+
+        aiosmtplib's `data()` runs two regular expressions over every message (line ends,
+        dot-stuffing) that cost more than the rest of the transaction together. A message
+        with CRLF line ends only (everything the relay spools) needs neither: it is
+        dot-stuffed with one replace() and written as it is. Anything else goes through
+        `data()`, which turns bare CR and LF into CRLF."""
+        crlf = data.count(b"\r\n")
+        protocol = smtp.protocol
+        if protocol is None or data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            return await smtp.data(data, timeout=self.command_timeout)
+        payload = dot_stuff(data)
+        start = await smtp.execute_command(b"DATA", timeout=self.command_timeout)
+        if start.code != 354:
+            raise SMTPDataError(start.code, start.message)
+        try:
+            protocol.write(payload)
+            response = await protocol.read_response(timeout=self.command_timeout)
+        except (SMTPServerDisconnected, SMTPTimeoutError):
+            smtp.close()
+            raise
+        if response.code != 250:
+            raise SMTPDataError(response.code, response.message)
+        return response
 
     @staticmethod
     def _outcome(rcpts: list[str], results: dict[int, RcptResult], *,
@@ -748,6 +995,17 @@ class Transport:
             pass
         finally:
             smtp.close()
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """A CRLF-only message as DATA sends it (RFC 5321 4.5.2): a dot doubled at every line
+    start, CRLF at the end, then the terminating `.<CRLF>`."""
+    out = data.replace(b"\r\n.", b"\r\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + b".\r\n"
 
 
 def _make_client_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:

@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,15 @@ MESSAGE = (
     b".\r\n"
     b"a lone dot above must not end DATA\r\n"
 )
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sequential", "pipelining"])
+def upstream_pipelining(request: pytest.FixtureRequest,
+                        monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every case runs against upstreams without and with PIPELINING (MAIL, RCPT and DATA in
+    one write): the results must be the same."""
+    monkeypatch.setattr(Upstream, "PIPELINING", request.param)
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -325,10 +335,65 @@ async def test_dead_pooled_connection_is_replaced(transport: Transport) -> None:
     assert transport.connections_opened == 2
 
 
+class CountingUpstream(Upstream):
+    """Counts RSETs; with `mail_421_on_reuse`, answers 421 to a MAIL FROM on a session that
+    has already delivered a message (an upstream closing an idle connection)."""
+
+    def __init__(self, *, mail_421_on_reuse: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rsets = 0
+        self.mail_421_on_reuse = mail_421_on_reuse
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        self.rsets += 1
+        return await super().handle_RSET(server, session, envelope)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        number = getattr(server, "number", 0)
+        if self.mail_421_on_reuse and any(m.session == number for m in self.messages):
+            return "421 4.4.2 idle too long, closing"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+async def test_clean_connection_is_reused_without_rset(transport: Transport) -> None:
+    async with CountingUpstream() as up:
+        for n in range(3):
+            [res] = await transport.send(dest(up), FROM, ["a@example.test"], message(n))
+            assert res.ok
+        got = await up.wait_for(3)
+    assert [m.session for m in got] == [1, 1, 1]
+    assert transport.connections_opened == 1 and transport.connections_reused == 2
+    assert up.rsets == 0
+
+
+async def test_open_transaction_is_reset_before_reuse(transport: Transport) -> None:
+    async with CountingUpstream(rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
+        [refused] = await transport.send(dest(up), FROM, ["bad@example.test"], MESSAGE)
+        [ok] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(1)
+    assert refused.permanent and ok.ok
+    assert up.rsets == 1 and got[0].session == 1
+    assert transport.connections_opened == 1 and transport.connections_reused == 1
+
+
 async def test_421_to_rset_retries_on_a_fresh_connection(transport: Transport) -> None:
-    async with Upstream(rset_reply="421 4.4.2 idle too long, closing") as up:
-        [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+    async with Upstream(rset_reply="421 4.4.2 idle too long, closing",
+                        rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
+        # every recipient refused: the transaction stays open, so the next one starts with RSET
+        [first] = await transport.send(dest(up), FROM, ["bad@example.test"], MESSAGE)
         [second] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+        got = await up.wait_for(1)
+    assert first.permanent and second.ok
+    assert transport.connections_opened == 2 and transport.connections_reused == 0
+    assert [m.session for m in got] == [2]
+
+
+async def test_421_to_mail_on_a_reused_connection_retries_on_a_fresh_one(
+        transport: Transport) -> None:
+    async with CountingUpstream(mail_421_on_reuse=True) as up:
+        [first] = await transport.send(dest(up), FROM, ["a@example.test"], message(1))
+        [second] = await transport.send(dest(up), FROM, ["a@example.test"], message(2))
         got = await up.wait_for(2)
     assert first.ok and second.ok
     assert transport.connections_opened == 2 and transport.connections_reused == 0
@@ -425,3 +490,134 @@ def test_rcpt_result_properties() -> None:
     r = RcptResult.from_reply("a@b", 552, "5.2.2 mailbox full", "mx[192.0.2.1]:25")
     assert (r.ok, r.temporary, r.permanent) == (False, False, True)
     assert r.reply == "552 5.2.2 mailbox full"
+
+
+# -- PIPELINING (RFC 2920) ------------------------------------------------------------------
+
+
+async def test_pipelining_is_used_when_offered(transport: Transport,
+                                               upstream_pipelining: bool) -> None:
+    async with Upstream() as up:
+        for n in range(3):
+            [res] = await transport.send(dest(up), FROM, ["a@example.test"], message(n))
+            assert res.ok
+        await up.wait_for(3)
+    assert transport.transactions_pipelined == (3 if upstream_pipelining else 0)
+    assert transport.connections_opened == 1
+
+
+class BatchServer:
+    """A raw SMTP server that offers PIPELINING and answers every command that arrived in one
+    segment with one write, as real servers do. `rcpt_codes` answers the RCPTs in turn;
+    `data_despite_no_rcpt` says 354 to DATA even when no recipient was accepted (a server
+    RFC 2920 tells clients to cope with)."""
+
+    def __init__(self, rcpt_codes: list[str], data_despite_no_rcpt: bool = False,
+                 mail_reply: str = "250 2.1.0 ok", hang_up_after_mail: bool = False) -> None:
+        self.rcpt_codes = rcpt_codes
+        self.data_despite_no_rcpt = data_despite_no_rcpt
+        self.mail_reply = mail_reply
+        self.hang_up_after_mail = hang_up_after_mail
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> BatchServer:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 batch.test ESMTP\r\n")
+        accepted = 0
+        rcpt = 0
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                out = []
+                for line in chunk.split(b"\r\n")[:-1]:
+                    self.commands.append(line)
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        out.append(b"250-batch.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                    elif verb == b"MAIL":
+                        accepted, rcpt = 0, 0
+                        out.append(self.mail_reply.encode() + b"\r\n")
+                        if self.hang_up_after_mail:
+                            writer.write(b"".join(out))
+                            return
+                    elif verb == b"RCPT":
+                        code = self.rcpt_codes[rcpt % len(self.rcpt_codes)]
+                        rcpt += 1
+                        accepted += code.startswith("250")
+                        out.append(code.encode() + b"\r\n")
+                    elif verb == b"DATA":
+                        if accepted or self.data_despite_no_rcpt:
+                            out.append(b"354 go ahead\r\n")
+                            writer.write(b"".join(out))
+                            out = []
+                            body = b""
+                            while b"\r\n.\r\n" not in b"\r\n" + body:
+                                more = await reader.read(65536)
+                                if not more:
+                                    return
+                                body += more
+                            self.messages.append(body)
+                            out.append(b"250 2.0.0 queued\r\n" if accepted
+                                       else b"554 5.5.1 no valid recipients\r\n")
+                        else:
+                            out.append(b"554 5.5.1 no valid recipients\r\n")
+                    elif verb == b"RSET":
+                        out.append(b"250 2.0.0 ok\r\n")
+                    elif verb == b"QUIT":
+                        writer.write(b"".join(out) + b"221 2.0.0 bye\r\n")
+                        return
+                    else:
+                        out.append(b"502 5.5.2 what\r\n")
+                writer.write(b"".join(out))
+        finally:
+            writer.close()
+
+
+async def test_pipelined_replies_in_one_segment(transport: Transport) -> None:
+    async with BatchServer(["250 2.1.5 ok", "550 5.1.1 no such user"]) as srv:
+        d = Destination(host="127.0.0.1", port=srv.port)
+        res = await transport.send(d, FROM, ["a@example.test", "b@example.test"], MESSAGE)
+        again = await transport.send(d, FROM, ["c@example.test", "d@example.test"], MESSAGE)
+    assert [r.reply for r in res] == ["250 2.0.0 queued", "550 5.1.1 no such user"]
+    assert again[0].ok and again[1].permanent
+    assert transport.transactions_pipelined == 2
+    assert transport.connections_opened == 1 and transport.connections_reused == 1
+    assert b"RSET" not in srv.commands
+    # dot-stuffed on the wire, terminated once
+    assert srv.messages[0].endswith(b"\r\n..a line that starts with a dot\r\n...two dots\r\n"
+                                    b"..\r\na lone dot above must not end DATA\r\n.\r\n")
+
+
+async def test_pipelined_354_without_recipients_is_ended_and_reset(transport: Transport) -> None:
+    async with BatchServer(["550 5.1.1 no such user"], data_despite_no_rcpt=True) as srv:
+        d = Destination(host="127.0.0.1", port=srv.port)
+        [res] = await transport.send(d, FROM, ["x@example.test"], MESSAGE)
+        srv.rcpt_codes = ["250 2.1.5 ok"]
+        [again] = await transport.send(d, FROM, ["y@example.test"], MESSAGE)
+    assert res.reply == "550 5.1.1 no such user" and again.ok
+    assert srv.messages[0] == b".\r\n"  # the empty message that ended the refused DATA
+    assert srv.commands.count(b"RSET") == 1  # the open transaction was reset before reuse
+    assert transport.connections_opened == 1
+
+
+async def test_pipelined_mail_refusal_stands_when_the_server_hangs_up(
+        transport: Transport) -> None:
+    async with BatchServer(["250 2.1.5 ok"], mail_reply="550 5.7.1 sender not allowed",
+                           hang_up_after_mail=True) as srv:
+        d = Destination(host="127.0.0.1", port=srv.port)
+        [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+    assert res.permanent and res.reply == "550 5.7.1 sender not allowed"
+    assert transport.transactions_pipelined == 1 and transport.idle_connections == 0

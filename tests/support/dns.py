@@ -16,6 +16,10 @@ Record values: MX `(preference, exchange)` or `"10 mx.example.test"`; `"."` as t
 exchange makes a null MX (RFC 7505). A, AAAA, CNAME, TXT, and any other type: the
 text form of the record data (`"127.0.0.1"`, `"v=spf1 -all"`).
 
+It binds a free port on 127.0.0.1 unless given `host` and `port` (a resolver that
+cannot be told a port, like the daemon's `delivery.nameservers`, needs port 53 on a
+loopback address of its own; binding it takes root).
+
 Failures on demand: names in `servfail` get SERVFAIL, names in `silent` get no
 answer at all (the client times out); `"*"` in either set means every name.
 `queries` records every (name, type) asked, in order.
@@ -73,8 +77,11 @@ class DNSServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, records: Zone | None = None, *, ttl: int = 60) -> None:
+    def __init__(self, records: Zone | None = None, *, ttl: int = 60, host: str | None = None,
+                 port: int = 0) -> None:
         self.ttl = ttl
+        if host is not None:
+            self.host = host
         self.records: dict[str, dict[str, list[Any]]] = {}
         for name, types in (records or {}).items():
             for rdtype, values in types.items():
@@ -82,7 +89,7 @@ class DNSServer:
         self.servfail: set[str] = set()
         self.silent: set[str] = set()
         self.queries: list[tuple[str, str]] = []
-        self.port = 0
+        self.port = port
         self._transport: asyncio.DatagramTransport | None = None
 
     def add(self, name: str, rdtype: str, *values: Any) -> None:
@@ -96,7 +103,7 @@ class DNSServer:
     async def start(self) -> DNSServer:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(self.host, 0))
+            lambda: _Protocol(self), local_addr=(self.host, self.port))
         self._transport = transport
         self.port = int(transport.get_extra_info("sockname")[1])
         return self

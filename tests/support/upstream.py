@@ -25,6 +25,8 @@ Behaviours, all optional and combinable:
 - `hide={"8BITMIME", "SMTPUTF8", "SIZE", ...}`: leave EHLO keywords out.
 - `rset_reply`: answer RSET so (e.g. "421 4.4.2 idle too long"; a client closes on 421).
 - `data_delay`: seconds to hold every DATA before answering (to make sessions overlap).
+- `pipelining`: advertise PIPELINING (RFC 2920; aiosmtpd reads commands in order anyway),
+  default `Upstream.PIPELINING` (False), so a test module can run all its cases both ways.
 
 Counters: `connections` (accepted so far), `active` (open now), `max_active` (the
 most open at once), `auth_failures`. `drop_connections()` closes every open
@@ -80,6 +82,8 @@ class _Server(SMTP):
 class Upstream:
     """A recording SMTP server on loopback; see the module docstring for the options."""
 
+    PIPELINING = False
+
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  hostname: str = "upstream.test",
                  mail_reply: str | None = None, rcpt_reply: str | None = None,
@@ -90,7 +94,7 @@ class Upstream:
                  implicit_tls: ssl.SSLContext | None = None,
                  auth: tuple[str, str] | None = None, hide: Iterable[str] = (),
                  rset_reply: str | None = None, data_delay: float = 0.0,
-                 data_size_limit: int = 33554432) -> None:
+                 data_size_limit: int = 33554432, pipelining: bool | None = None) -> None:
         self.host = host
         self.port = port
         self.hostname = hostname
@@ -108,6 +112,7 @@ class Upstream:
         self.rset_reply = rset_reply
         self.data_delay = data_delay
         self.data_size_limit = data_size_limit
+        self.pipelining = self.PIPELINING if pipelining is None else pipelining
 
         self.messages: list[Received] = []
         self.connections = 0
@@ -226,6 +231,8 @@ class Upstream:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         kept = [r for r in responses if r[4:].split(" ")[0].upper() not in self.hide]
+        if self.pipelining and "PIPELINING" not in self.hide:
+            kept.insert(1, "250-PIPELINING")
         # the last line of a multi-line reply must read "250 ", the others "250-"
         return [("250-" if i < len(kept) - 1 else "250 ") + r[4:] for i, r in enumerate(kept)]
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import NotFound, SpoolError
 from gateway.spool import Envelope, Recipient, Spool, new_queue_id, valid_queue_id
+from gateway.spool.spool import _DirSync
 
 
 def env(qid: str | None = None) -> Envelope:
@@ -45,12 +49,31 @@ async def test_put_read_roundtrip(spool: Spool) -> None:
     assert list(spool.tmp.iterdir()) == []
 
 
-async def test_concurrent_puts_share_directory_fsyncs(spool: Spool) -> None:
+async def test_concurrent_puts_share_directory_fsyncs(spool: Spool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    dir_fsyncs = 0
+    real = _DirSync._fsync
+
+    def counting(self: _DirSync) -> None:
+        nonlocal dir_fsyncs
+        dir_fsyncs += 1
+        time.sleep(0.002)  # a slow disk: later writers queue up behind this fsync
+        real(self)
+
+    monkeypatch.setattr(_DirSync, "_fsync", counting)
     envs = [env() for _ in range(200)]
     await asyncio.gather(*(spool.put(e, b"Subject: x\r\n\r\nx\r\n") for e in envs))
     assert sorted(spool.list_ids("incoming")) == sorted(e.id for e in envs)
     ds = spool._dirsync["incoming"]
     assert ds._done == 200
+    assert dir_fsyncs < 200
+
+
+def test_envelope_json_is_asdict() -> None:
+    e = env()
+    e.recipients[0].last_reply, e.user = "250 2.0.0 ok", "a@example.com"
+    assert e.to_json() == json.dumps(asdict(e), separators=(",", ":")).encode()
+    assert Envelope.from_json(e.to_json()) == e
 
 
 async def test_rewrite_moves_and_keeps_one_copy(spool: Spool) -> None:
