@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require
 from tests.integration.harness import (
     PASSWORD,
     USER,
@@ -28,10 +27,6 @@ from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
-# A loopback address of its own for the DNS server: the daemon's resolver (like any
-# resolver configured by address alone) asks port 53.
-DNS_HOST = "127.0.53.53"
-
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.net>\r\n"
            b"Subject: route test\r\nMessage-ID: <route@example.com>\r\n"
            b"Date: Sun, 22 Nov 2026 10:00:00 +0000\r\n\r\nHello Bob.\r\n")
@@ -45,13 +40,14 @@ def smarthost() -> Iterator[Sink]:
     s.stop()
 
 
-async def submit(port: int, rcpts: list[str], login: bool = True) -> None:
+async def submit(port: int, rcpts: list[str], login: bool = True,
+                 message: bytes = MESSAGE) -> None:
     def go() -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
             c.ehlo("client.example.com")
             if login:
                 c.login(USER, PASSWORD)
-            c.sendmail(USER, rcpts, MESSAGE)
+            c.sendmail(USER, rcpts, message)
     await asyncio.to_thread(go)
 
 
@@ -83,7 +79,8 @@ async def test_route_account_uses_the_users_upstream_with_its_credentials(
             await submit(app.submission.port, ["bob@example.net"])
             [got] = await up.wait_for(1, timeout=15)
             # a client on a trusted network without AUTH has no user: the smarthost
-            await submit(app.submission.port, ["carol@example.org"], login=False)
+            await submit(app.submission.port, ["carol@example.org"], login=False,
+                         message=MESSAGE.replace(b"<route@", b"<route2@"))
             await wait_until(lambda: len(smarthost.received) == 1, what="the smarthost")
             await wait_until(lambda: app.writer is not None and app.writer.pending == 0
                              and app.scheduler is not None and app.scheduler.busy == 0,
@@ -103,15 +100,13 @@ async def test_route_mx_resolves_through_the_configured_nameserver(
         tmp_path: Path, smarthost: Sink) -> None:
     zone = {"example.net": {"MX": [(10, "mx.example.net")]},
             "mx.example.net": {"A": ["127.0.0.1"]}}
-    dns_server = DNSServer(zone, host=DNS_HOST, port=53)
-    try:
-        await dns_server.start()
-    except PermissionError:
-        require(False, f"binding UDP {DNS_HOST}:53 (root)")
+    dns_server = DNSServer(zone)
+    await dns_server.start()
     try:
         async with Upstream(hostname="mx.example.net") as up:
             cfg = write_config(tmp_path, upstream_port=smarthost.port,
-                               delivery={"route": "mx", "nameservers": [DNS_HOST],
+                               delivery={"route": "mx",
+                                         "nameservers": [f"127.0.0.1:{dns_server.port}"],
                                          "mx_port": up.port})
             async with running_app(cfg) as app:
                 assert app.submission is not None
