@@ -700,8 +700,21 @@ def _yaml_str(s: str) -> str:
 
 
 def gateway_config(tmp: Path, port: int, sink_port: int, password_hash: str, auth: bool,
-                   concurrency: int) -> Path:
+                   concurrency: int, tracking: bool = False, dkim: bool = False) -> Path:
     trusted = "[]" if auth else "[127.0.0.0/8]"
+    extra = ""
+    if tracking:  # opens and clicks tracked: every recipient gets a copy with its own tokens
+        tport = free_port()
+        extra += (f"  tracking: {{host: 127.0.0.1, port: {tport}, "
+                  f"base_url: \"http://127.0.0.1:{tport}\"}}\n")
+    dkim_section = ""
+    if dkim:      # rsa-sha256, 2048 bits, the last stage of every copy
+        from gateway.pipeline import dkimkeys
+
+        key = tmp / "dkim.pem"
+        dkimkeys.write_private_key(key, dkimkeys.generate("rsa-sha256", 2048))
+        dkim_section = (f"dkim:\n  {SENDER.split('@')[1]}: "
+                        f"{{selector: bench, key_file: {_yaml_str(str(key))}}}\n")
     text = f"""\
 # written by bench/relay.py
 hostname: gw.bench.test
@@ -715,7 +728,7 @@ listeners:
     tls: none
     trusted_networks: {trusted}
     max_connections: 200
-users:
+{extra}users:
   - login: {SENDER}
     password_hash: {_yaml_str(password_hash)}
     name: Bench Sender
@@ -725,7 +738,7 @@ delivery:
   concurrency: {concurrency}
   per_destination: {concurrency}
 logging: {{format: json, level: warning}}
-"""
+{dkim_section}"""
     path = tmp / "gateway.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -772,7 +785,8 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
         res.skipped = f"cannot import gateway.passwords from {REPO}: {exc}"
         return res
     port = free_port()
-    cfg = gateway_config(tmp, port, sink.port, hash_password(PASSWORD), args.auth, args.sessions)
+    cfg = gateway_config(tmp, port, sink.port, hash_password(PASSWORD), args.auth, args.sessions,
+                         tracking=args.tracking, dkim=args.dkim)
     log_path = tmp / "gateway.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -1056,7 +1070,9 @@ def render_table(results: list[RunResult], ratio: dict[str, float | None],
     out = [f"relay benchmark: {context['messages']} messages of ~{context['size']} bytes "
            f"(multipart/alternative HTML), {context['sessions']} sessions, 1 recipient each; "
            f"{context['cpus']} CPUs, temp dir on {context['tmp_fs']}, {context['sink']} sink"
-           + (", AUTH PLAIN to the gateway" if context["auth"] else ""),
+           + (", AUTH PLAIN to the gateway" if context["auth"] else "")
+           + (", gateway tracking opens and clicks" if context.get("tracking") else "")
+           + (", gateway DKIM-signing (rsa-sha256 2048)" if context.get("dkim") else ""),
            ""]
     if context["concurrent_benchmarks"]:
         out[1:1] = [f"WARNING: other benchmark processes ran at the same time "
@@ -1195,6 +1211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", action="store_true",
                    help="AUTH PLAIN once per session to the gateway (default: relay by trusted "
                         "network, like Postfix mynetworks)")
+    p.add_argument("--tracking", action="store_true",
+                   help="the gateway tracks opens and clicks (a tokenised copy per recipient)")
+    p.add_argument("--dkim", action="store_true",
+                   help="the gateway DKIM-signs every copy (rsa-sha256, 2048 bits)")
     p.add_argument("--sink", choices=("raw", "aiosmtpd"), default="raw",
                    help="sink implementation: a minimal asyncio SMTP receiver (default, ~0.15 ms "
                         "CPU per message) or aiosmtpd (~1.3 ms, competes with the relay for CPU)")
@@ -1255,6 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = ratios(results)
     others = sorted(set(others) | set(other_benchmarks()))
     context = {"messages": args.messages, "sessions": args.sessions, "size": args.size,
+               "tracking": args.tracking, "dkim": args.dkim,
                "auth": args.auth, "sink": args.sink, "cpus": os.cpu_count(), "tmp_fs": fs_type(tmp.parent),
                "python": sys.version.split()[0], "concurrent_benchmarks": others}
     if args.json:
