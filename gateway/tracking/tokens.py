@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gateway.spool.spool import queue_id_text, queue_id_value
+
 VERSION = 1
 MAC_LEN = 16
 KINDS: dict[bytes, Literal["open", "click", "honeypot"]] = {
     b"o": "open", b"c": "click", b"h": "honeypot"}
 _KIND_BYTES = {v: k for k, v in KINDS.items()}
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
 #: Tokens longer than this are refused before any work (a URL is at most a few KB).
 MAX_TOKEN_LEN = 8192
 
@@ -52,25 +52,11 @@ class TokenData:
 
 
 def _ulid_to_bytes(qid: str) -> bytes:
-    if len(qid) != 26:
-        raise ValueError(f"not a queue id: {qid!r}")
-    value = 0
-    for c in qid:
-        if c not in _DECODE:
-            raise ValueError(f"not a queue id: {qid!r}")
-        value = (value << 5) | _DECODE[c]
-    if value >> 128:
-        raise ValueError(f"not a queue id: {qid!r}")
-    return value.to_bytes(16, "big")
+    return queue_id_value(qid).to_bytes(16, "big")
 
 
 def _bytes_to_ulid(raw: bytes) -> str:
-    value = int.from_bytes(raw, "big")
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    return queue_id_text(int.from_bytes(raw, "big"))
 
 
 def _b64(data: bytes) -> str:
