@@ -281,13 +281,12 @@ class App:
         old = self.cfg
         restart_needed = [k for k in ("state_dir", "store", "hostname")
                           if getattr(old, k) != getattr(new, k)]
-        if old.listeners != new.listeners:
-            o, n = old.listeners.submission, new.listeners.submission
-            if (o and n and (o.host, o.port, o.tls) != (n.host, n.port, n.tls)) or bool(o) != bool(n):
-                restart_needed.append("listeners.submission")
-            oa, na = old.listeners.admin, new.listeners.admin
-            if (oa and na and (oa.host, oa.port) != (na.host, na.port)) or bool(oa) != bool(na):
-                restart_needed.append("listeners.admin")
+        for name in ("submission", "ingest", "tracking", "admin"):
+            o, n = getattr(old.listeners, name), getattr(new.listeners, name)
+            bound = ("host", "port", "tls") if name in ("submission", "ingest") else ("host", "port")
+            if bool(o) != bool(n) or (o and n and any(getattr(o, k) != getattr(n, k)
+                                                      for k in bound)):
+                restart_needed.append(f"listeners.{name}")
         if restart_needed:
             self.log.warning("reload_partial", needs_restart=restart_needed)
         try:
@@ -308,6 +307,10 @@ class App:
             self.submission.lst = n_sub
             if n_sub.tls == o_sub.tls:  # new certificate files take effect for new sessions
                 self.submission.tls = server_tls_context(new, n_sub)
+        n_ing = new.listeners.ingest
+        if self.ingest_listener is not None and n_ing is not None:
+            self.ingest_listener.cfg = new
+            self.ingest_listener.lst = n_ing
         if self.scheduler is not None:
             self.scheduler.config_changed()
         self._reload_api(new)
