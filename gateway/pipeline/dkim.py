@@ -221,10 +221,6 @@ class Signer:
             raise ConfigError(problems)
         return cls(keys, clock=clock)
 
-    @property
-    def domains(self) -> tuple[str, ...]:
-        return tuple(self._keys)
-
     def keys_for(self, domain: str) -> tuple[SigningKey, ...]:
         """The keys for `domain` or its nearest configured parent domain (empty if none)."""
         labels = domain.lower().rstrip(".").split(".")

@@ -405,15 +405,6 @@ def location_value(url: str) -> str:
     return f"{parts.scheme}://{netloc}{quote(rest, safe=_ASCII_SAFE)}"
 
 
-def open_url(base_url: str, token: str) -> str:
-    """The pixel's URL for `token` under `listeners.tracking.base_url`."""
-    return f"{base_url.rstrip('/')}/o/{token}"
-
-
-def click_url(base_url: str, token: str) -> str:
-    return f"{base_url.rstrip('/')}/c/{token}"
-
-
 def _not_found() -> web.Response:
     return web.Response(status=404, body=b"not found\n", content_type="text/plain",
                         headers={"Cache-Control": "no-store"})
