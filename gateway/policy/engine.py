@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
@@ -57,7 +57,7 @@ from gateway.config import (
     validation_problems,
 )
 from gateway.errors import ConfigError, Problem
-from gateway.policy.rules import Context, GlobSet, Headers, Matcher, is_literal
+from gateway.policy.rules import Context, Headers, Matcher, is_literal, url_skipped
 from gateway.policy.templates import Template, load_template
 
 Route = Literal["account", "smarthost", "mx"]
@@ -211,11 +211,10 @@ class Settings:
     route: Route
     max_per_day: int | None
     store: bool
-    _skip: GlobSet = field(default_factory=lambda: GlobSet(()), repr=False, compare=False)
 
     def skip_link(self, url: str) -> bool:
-        """True when `url` matches a `skip_links` glob (case-insensitive): leave it alone."""
-        return self._skip(url)
+        """True when `url` matches a `skip_links` glob: the link stage leaves it alone."""
+        return url_skipped(url, self.skip_links)
 
     @property
     def tracking(self) -> bool:
@@ -290,7 +289,6 @@ class PolicySet:
                                   for r in self.rules for k, v in r.values)
         self._dkim_domains = frozenset(d.lower().rstrip(".") for d in cfg.dkim)
         self._memo: dict[tuple[tuple[int, ...], bool], Decision] = {}
-        self._skip_cache: dict[tuple[str, ...], GlobSet] = {}
 
     @classmethod
     def empty(cls, cfg: Config) -> PolicySet:
@@ -341,11 +339,7 @@ class PolicySet:
             if rule.skip_links_add:
                 values["skip_links"] = tuple(values["skip_links"]) + rule.skip_links_add
                 sources["skip_links"] = (*sources["skip_links"], rule.source)
-        skip = tuple(values["skip_links"])
-        gs = self._skip_cache.get(skip)
-        if gs is None:
-            gs = self._skip_cache[skip] = GlobSet(skip)
-        settings = Settings(**values, _skip=gs)
+        settings = Settings(**values)
         return Decision(settings, MappingProxyType(sources),
                         tuple(self.rules[i].source for i in matched))
 

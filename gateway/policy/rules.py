@@ -73,6 +73,21 @@ class GlobSet:
         return f"GlobSet({list(self.patterns)!r})"
 
 
+def url_skipped(url: str, globs: Sequence[str]) -> bool:
+    """Whether `url` matches a `skip_links` glob: case-insensitively, against the whole URL
+    or against it without its ``scheme://`` (so ``*.example.com/*`` and
+    ``https://example.com/unsubscribe*`` both work)."""
+    if not globs:
+        return False
+    low = url.lower()
+    bare = low.split("://", 1)[-1]
+    for glob in globs:
+        g = glob.lower()
+        if fnmatch.fnmatchcase(low, g) or fnmatch.fnmatchcase(bare, g):
+            return True
+    return False
+
+
 # ----------------------------------------------------------------------------------
 # headers
 
