@@ -96,7 +96,8 @@ class Outbound:
         call it off the event loop. `first_id` is the queue id of the first copy (the one
         the client is told); the others get new ids.
         """
-        headers = Headers.from_bytes(split_message(data)[0])
+        # unfolding and RFC 2047-decoding every field is wasted unless a rule matches on headers
+        headers = Headers.from_bytes(split_message(data)[0]) if self.policies.uses_headers else None
         ids = iter([first_id] if first_id else [])
         signer: TokenSigner | None = None
         done: dict[_Group, tuple[bytes, StageReport]] = {}

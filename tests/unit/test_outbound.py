@@ -90,6 +90,18 @@ def test_plain_text_with_tracking_is_shared_untouched(tmp_path: Path) -> None:
     assert len(plans) == 1 and plans[0].data is TEXT and not plans[0].tracked
 
 
+def test_header_rules_see_the_message_headers(tmp_path: Path) -> None:
+    out = setup(tmp_path, {"10.yaml": "- name: opt out\n  match: {header: {name: Subject, value: "
+                                      "\"Off*\"}}\n  set: {track_opens: false, track_clicks: false}\n"})
+    plans = out.plan(HTML, sender="alice@example.com", recipients=["a@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].data is HTML and not plans[0].tracked
+    other = HTML.replace(b"Subject: Offer", b"Subject: News")
+    plans = out.plan(other, sender="alice@example.com", recipients=["a@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].tracked
+
+
 def test_no_tracking_listener_means_no_tracking(tmp_path: Path) -> None:
     out = setup(tmp_path, {}, tracking=False)
     plans = out.plan(HTML, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
