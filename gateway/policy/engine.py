@@ -19,7 +19,7 @@ Settable keys and their defaults (from the config):
 | `skip_links` | list of URL globs | none; a later rule's list replaces the earlier one |
 | `skip_links_add` | list of URL globs | adds to `skip_links` instead of replacing it |
 | `signature`, `disclaimer` | template path or null | none (see gateway.policy.templates) |
-| `dkim` | bool | on when `dkim:` has a key for the sender's domain |
+| `dkim` | bool | on when `dkim:` has a key for the sender's domain or a parent of it |
 | `route` | account, smarthost, mx | `delivery.route` |
 | `max_per_day` | int >= 1 or null | no cap (counted per sender address, checked at RCPT) |
 | `store` | bool | on (record the message in the CRM store) |
@@ -57,7 +57,14 @@ from gateway.config import (
     validation_problems,
 )
 from gateway.errors import ConfigError, Problem
-from gateway.policy.rules import Context, Headers, Matcher, is_literal, url_skipped
+from gateway.policy.rules import (
+    Context,
+    Headers,
+    Matcher,
+    is_literal,
+    nearest_domain,
+    url_skipped,
+)
 from gateway.policy.templates import Template, load_template
 
 Route = Literal["account", "smarthost", "mx"]
@@ -308,7 +315,7 @@ class PolicySet:
             headers = Headers.from_pairs(headers) if self.uses_headers else None
         ctx = Context.make(sender, recipient, user, account, headers)
         matched = tuple(i for i, r in enumerate(self.rules) if r.matcher(ctx))
-        key = (matched, ctx.sender_domain in self._dkim_domains)
+        key = (matched, nearest_domain(ctx.sender_domain, self._dkim_domains) is not None)
         d = self._memo.get(key)
         if d is None:
             if len(self._memo) >= 4096:

@@ -32,7 +32,7 @@ import email.errors
 import email.header
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -157,6 +157,18 @@ class Headers:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].rstrip(".")
+
+
+def nearest_domain(domain: str, domains: Container[str]) -> str | None:
+    """`domain` or its nearest parent that is in `domains` (lower case, without a trailing
+    dot), else None: ``sales.example.com`` is covered by ``example.com``. The DKIM signer
+    picks its keys this way, and the `dkim` default follows it."""
+    labels = domain.lower().rstrip(".").split(".")
+    for i in range(len(labels)):
+        candidate = ".".join(labels[i:])
+        if candidate in domains:
+            return candidate
+    return None
 
 
 @dataclass(frozen=True, slots=True)

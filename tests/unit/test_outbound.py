@@ -123,3 +123,15 @@ def test_signature_shared_and_dkim_signed_last(tmp_path: Path) -> None:
     assert b"Alice A" in data and b"Example Co" in data
     record = dkimkeys.dns_record(key).encode()
     assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_subdomain_sender_is_signed_by_default_with_the_parent_key(tmp_path: Path) -> None:
+    key = dkimkeys.generate("rsa-sha256", 1024)
+    out = setup(tmp_path, {}, tracking=False, dkim_key=key)
+    raw = TEXT.replace(b"alice@example.com", b"rep@sales.example.com")
+    plans = out.plan(raw, sender="rep@sales.example.com", recipients=["a@acme.test"],
+                     user=None, account=None)
+    assert len(plans) == 1 and plans[0].dkim and plans[0].signed
+    assert b"d=example.com" in plans[0].data.split(b"\r\n\r\n", 1)[0]
+    record = dkimkeys.dns_record(key).encode()
+    assert dkim.verify(plans[0].data, dnsfunc=lambda name, timeout=5: record)

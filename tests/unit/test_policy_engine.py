@@ -81,6 +81,15 @@ def test_defaults_come_from_the_config(tmp_path: Path) -> None:
         "default (config dkim: has a key for the sender's domain)")   # cached, still right
 
 
+def test_dkim_default_covers_subdomains_as_the_signer_does(tmp_path: Path) -> None:
+    """The signer signs mail from sales.example.test with example.test's key, so `dkim` is on
+    by default for it too; a domain that merely ends in the same letters is not covered."""
+    ps = load(tmp_path, {})
+    assert ps.decide("rep@sales.example.test", "b@x.org").settings.dkim is True
+    assert ps.decide("rep@a.b.example.test.", "b@x.org").settings.dkim is True
+    assert ps.decide("x@notexample.test", "b@x.org").settings.dkim is False
+
+
 def test_later_rules_override_key_by_key_across_files(tmp_path: Path) -> None:
     ps = load(tmp_path, {
         "20-b.yaml": """
