@@ -410,11 +410,15 @@ def _not_found() -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def make_app(signer: TokenSigner, recorder: HitRecorder, *,
+def make_app(signer: TokenSigner | Callable[[], TokenSigner], recorder: HitRecorder, *,
              trusted_proxies: Sequence[Network] = (),
              clock: Callable[[], float] = time.time) -> web.Application:
-    """The aiohttp application of the public tracking listener (see the module docstring)."""
+    """The aiohttp application of the public tracking listener (see the module docstring).
+
+    `signer` is the token signer, or a function returning the one in force (keys rotate
+    on reload)."""
     trusted = tuple(trusted_proxies)
+    current = signer if callable(signer) else (lambda: signer)
 
     def observe(request: web.Request, token: TokenData) -> None:
         if request.method != "GET":
@@ -430,7 +434,7 @@ def make_app(signer: TokenSigner, recorder: HitRecorder, *,
         recorder.submit(token, obs, headers)
 
     async def pixel(request: web.Request) -> web.StreamResponse:
-        token = signer.verify(request.match_info["token"])
+        token = current().verify(request.match_info["token"])
         if token is None or token.kind != "open":
             recorder.stats.not_found += 1
             return _not_found()
@@ -438,7 +442,7 @@ def make_app(signer: TokenSigner, recorder: HitRecorder, *,
         return web.Response(body=PIXEL, content_type="image/gif", headers=NO_CACHE)
 
     async def click(request: web.Request) -> web.StreamResponse:
-        token = signer.verify(request.match_info["token"])
+        token = current().verify(request.match_info["token"])
         if token is None or token.kind not in ("click", "honeypot") or not safe_redirect_url(token.url):
             recorder.stats.not_found += 1
             return _not_found()
@@ -477,9 +481,10 @@ class TrackingServer:
                  lookup: CopyLookup | None = None, *, settings: Settings | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.listener = listener
+        self.signer = signer      # replaced on reload (key rotation)
         self.recorder = HitRecorder(sink, lookup, settings=settings, queue_size=listener.queue_size)
-        self.app = make_app(signer, self.recorder, trusted_proxies=listener.trusted_proxies,
-                            clock=clock)
+        self.app = make_app(lambda: self.signer, self.recorder,
+                            trusted_proxies=listener.trusted_proxies, clock=clock)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
