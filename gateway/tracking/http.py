@@ -58,6 +58,8 @@ from gateway.tracking.classify import (
     PriorHit,
     Settings,
     classify,
+    in_networks,
+    parse_ip,
 )
 from gateway.tracking.tokens import TokenData, TokenSigner
 
@@ -330,18 +332,13 @@ class HitRecorder:
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as a peer or an X-Forwarded-For hop writes it (``[v6]:port``, ``v4:port``)."""
     text = text.strip()
     if text.startswith("[") and "]" in text:
         text = text[1:text.index("]")]
     elif text.count(":") == 1:  # IPv4 with a port
         text = text.split(":", 1)[0]
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return parse_ip(text)
 
 
 def client_ip(peer: str | None, forwarded_for: Sequence[str],
@@ -351,10 +348,7 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str],
     if addr is None or not trusted or not forwarded_for:
         return str(addr) if addr is not None else peer
 
-    def is_trusted(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(a.version == n.version and a in n for n in trusted)
-
-    if not is_trusted(addr):
+    if not in_networks(addr, trusted):
         return str(addr)
     hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
     current = addr
@@ -363,7 +357,7 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str],
         if parsed is None:     # garbage: believe nothing further left
             break
         current = parsed
-        if not is_trusted(parsed):
+        if not in_networks(parsed, trusted):
             break
     return str(current)
 
