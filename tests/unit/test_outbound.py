@@ -90,6 +90,18 @@ def test_plain_text_with_tracking_is_shared_untouched(tmp_path: Path) -> None:
     assert len(plans) == 1 and plans[0].data is TEXT and not plans[0].tracked
 
 
+def test_tracked_recipients_share_a_copy_that_got_no_tokens(tmp_path: Path) -> None:
+    """Tracking on, but nothing to put a token in (plain text): the signature makes the copy
+    differ from the submission, yet it is the same for everyone, so it is shared."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "sig.txt").write_text("{user.name}\n")
+    out = setup(tmp_path, {"10.yaml": "- name: sig\n  set: {signature: sig.txt}\n"})
+    plans = out.plan(TEXT, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
+                     user="alice@example.com", account=None)
+    assert [(p.recipients, p.tracked) for p in plans] == [(["a@acme.test", "b@acme.test"], False)]
+    assert b"-- \r\nAlice A" in plans[0].data and b"/o/" not in plans[0].data
+
+
 def test_header_rules_see_the_message_headers(tmp_path: Path) -> None:
     out = setup(tmp_path, {"10.yaml": "- name: opt out\n  match: {header: {name: Subject, value: "
                                       "\"Off*\"}}\n  set: {track_opens: false, track_clicks: false}\n"})
