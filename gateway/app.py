@@ -311,6 +311,7 @@ class App:
                                            "old config kept")
                 return False
             self.tracking.signer = signer
+            self.tracking.recorder.configure(settings_from_config(new))
         self.cfg = new
         self.policies = policies
         self.outbound = outbound

@@ -216,13 +216,23 @@ class HitRecorder:
         self.lookup = lookup
         self.settings = settings = settings or Settings()
         self.stats = RecorderStats()
-        self.recent = RecentHits(window=max(settings.honeypot_window, settings.burst_window) + 60)
+        self.recent = RecentHits(window=self._window(settings))
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._n_workers = workers
         self._workers: list[asyncio.Task[None]] = []
         self._lookup_timeout = lookup_timeout
         self._copies: OrderedDict[str, tuple[float, CopyInfo | None]] = OrderedDict()
         self._in_flight = 0   # taken from the queue by a worker, not finished yet
+
+    @staticmethod
+    def _window(settings: Settings) -> float:
+        """How long hits are remembered for the honeypot and burst rules."""
+        return max(settings.honeypot_window, settings.burst_window) + 60
+
+    def configure(self, settings: Settings) -> None:
+        """New thresholds and networks (a reload); they apply to every hit not yet classified."""
+        self.settings = settings
+        self.recent.window = self._window(settings)
 
     @property
     def pending(self) -> int:

@@ -339,3 +339,25 @@ async def test_sighup_key_rotation_reaches_the_endpoint(tmp_path: Path) -> None:
                 async with session.get(f"http://127.0.0.1:{tport}/c/{token}",
                                        allow_redirects=False) as r:
                     assert (r.status, r.headers.get("Location")) == (302, url)
+
+
+async def test_sighup_reaches_the_endpoints_classification_settings(tmp_path: Path) -> None:
+    """`tracking.machine_networks` (and the other `tracking:` thresholds) take effect on
+    reload, like the rest of the config: a hit from a network added there is a machine."""
+    tport = free_port()
+    listeners = {"tracking": {"host": "127.0.0.1", "port": tport,
+                              "base_url": f"http://127.0.0.1:{tport}"}}
+    cfg = write_config(tmp_path, upstream_port=free_port(), listeners=listeners)
+    async with running_app(cfg) as app:
+        assert app.tracking is not None
+        sink = MemoryHitSink()
+        app.tracking.recorder.sink = sink
+        write_config(tmp_path, upstream_port=free_port(), listeners=listeners,
+                     tracking={"machine_networks": ["127.0.0.0/8"]})
+        assert await app.reload(cfg)
+        token = app.token_signer().open_token(new_queue_id())
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{tport}/o/{token}", headers={"User-Agent": CHROME}) as r:
+            assert r.status == 200
+        assert await app.tracking.recorder.drain(5)
+        assert [(h.machine, h.category) for h in sink.hits] == [(True, "network")]
