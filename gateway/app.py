@@ -184,11 +184,15 @@ class App:
     def token_signer(self) -> TokenSigner:
         """The tracking token signer: `tracking.secret_file`, else `state_dir/tracking.key`."""
         if self._signer is None:
-            t = self.cfg.tracking
-            text = read_secret(t.secret_file, self.cfg.base_dir) if t.secret_file else \
-                load_or_create_secret(self.cfg.state_path / "tracking.key")
-            self._signer = TokenSigner.from_text(text)
+            self._signer = self._load_token_signer(self.cfg)
         return self._signer
+
+    @staticmethod
+    def _load_token_signer(cfg: Config) -> TokenSigner:
+        t = cfg.tracking
+        text = read_secret(t.secret_file, cfg.base_dir) if t.secret_file else \
+            load_or_create_secret(cfg.state_path / "tracking.key")
+        return TokenSigner.from_text(text)
 
     async def _start_tracking(self) -> None:
         """The public tracking endpoint (`listeners.tracking`), when configured."""
@@ -296,10 +300,21 @@ class App:
                 self.log.error("reload_refused", problem=str(p))
             self.notifier.ready(status="reload refused: DKIM keys unreadable; old config kept")
             return False
+        signer: TokenSigner | None = None  # tracking.secret_file may have changed (key rotation)
+        if self.tracking is not None:      # the endpoint must verify what is signed from now on
+            try:
+                signer = self._load_token_signer(new)
+            except (OSError, UnicodeError, ValueError) as exc:
+                self.log.error("reload_refused", problem=f"tracking secret: {exc}")
+                self.notifier.ready(status="reload refused: tracking secret unreadable; "
+                                           "old config kept")
+                return False
+            self.tracking.signer = signer
+            self.tracking.recorder.configure(settings_from_config(new))
         self.cfg = new
         self.policies = policies
         self.outbound = outbound
-        self._signer = None   # tracking.secret_file may have changed
+        self._signer = signer
         self._policies_loaded(policies)
         n_sub, o_sub = new.listeners.submission, old.listeners.submission
         if self.submission is not None and n_sub is not None and o_sub is not None:

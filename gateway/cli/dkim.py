@@ -89,12 +89,11 @@ def lookup_txt(name: str, nameservers: list[tuple[str, int]], timeout: float) ->
     Raises RuntimeError for DNS failures (timeout, SERVFAIL) with a readable message.
     """
     import dns.exception
-    import dns.nameserver
     import dns.resolver
 
-    resolver = dns.resolver.Resolver(configure=not nameservers)
-    if nameservers:
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in nameservers]
+    from gateway.mail.auth import make_resolver
+
+    resolver = make_resolver(nameservers)   # as the ingest checks resolve: delivery.nameservers
     resolver.lifetime = timeout
     resolver.timeout = timeout
     try:

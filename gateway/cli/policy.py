@@ -57,6 +57,7 @@ def _short(path: str | None) -> str:
 
 def _explain(args: argparse.Namespace) -> int:
     from gateway.policy import Template, policies_for
+    from gateway.policy.rules import nearest_domain
 
     cfg = config(args)
     policies = policies_for(cfg)  # ConfigError (exit 2) lists every problem
@@ -76,7 +77,7 @@ def _explain(args: argparse.Namespace) -> int:
     s = decision.settings
     domain = args.sender.rpartition("@")[2].lower()
     notes: list[str] = []
-    if s.dkim and domain not in {d.lower() for d in cfg.dkim}:
+    if s.dkim and nearest_domain(domain, {d.lower().rstrip(".") for d in cfg.dkim}) is None:
         notes.append(f"dkim is on but the config has no dkim: key for {domain}: nothing is signed")
     if policies.uses_headers and not headers:
         notes.append("no --subject/--header given: `header` matches are false")

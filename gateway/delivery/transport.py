@@ -80,6 +80,7 @@ from aiosmtplib.email import quote_address
 
 from gateway.delivery.mx import MXResolver
 from gateway.errors import MailError
+from gateway.smtp.session import has_bare_newline
 
 __all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "dot_stuff", "parse_reply"]
 
@@ -709,8 +710,7 @@ class Transport:
         if (protocol is None or not isinstance(transport, asyncio.WriteTransport)
                 or transport.is_closing() or not smtp.supports_extension("pipelining")):
             return None
-        crlf = data.count(b"\r\n")
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        if has_bare_newline(data):
             return None
         try:
             lines = [b" ".join([b"MAIL", b"FROM:" + quote_address(mail_from).encode(encoding),
@@ -732,9 +732,8 @@ class Transport:
         with CRLF line ends only (everything the relay spools) needs neither: it is
         dot-stuffed with one replace() and written as it is. Anything else goes through
         `data()`, which turns bare CR and LF into CRLF."""
-        crlf = data.count(b"\r\n")
         protocol = smtp.protocol
-        if protocol is None or data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        if protocol is None or has_bare_newline(data):
             return await smtp.data(data, timeout=self.command_timeout)
         payload = dot_stuff(data)
         start = await smtp.execute_command(b"DATA", timeout=self.command_timeout)

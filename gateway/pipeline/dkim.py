@@ -57,6 +57,7 @@ from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, st
 from gateway.config import Config, read_secret_bytes
 from gateway.errors import ConfigError, PermanentFailure, Problem
 from gateway.pipeline.dkimkeys import Algorithm, KeyFileError, PrivateKey, algorithm_for, load_private_key
+from gateway.policy.rules import nearest_domain
 
 #: Signed when present, every instance (RFC 6376 §5.4.1 recommendations, plus RFC 8058).
 SIGNED_FIELDS: tuple[str, ...] = (
@@ -221,18 +222,10 @@ class Signer:
             raise ConfigError(problems)
         return cls(keys, clock=clock)
 
-    @property
-    def domains(self) -> tuple[str, ...]:
-        return tuple(self._keys)
-
     def keys_for(self, domain: str) -> tuple[SigningKey, ...]:
         """The keys for `domain` or its nearest configured parent domain (empty if none)."""
-        labels = domain.lower().rstrip(".").split(".")
-        for i in range(len(labels)):
-            found = self._keys.get(".".join(labels[i:]))
-            if found:
-                return found
-        return ()
+        found = nearest_domain(domain, self._keys)
+        return self._keys[found] if found is not None else ()
 
     def signature_headers(self, message: bytes, domain: str | None = None) -> list[bytes]:
         """The DKIM-Signature header fields (each ending in CRLF) for `message`.

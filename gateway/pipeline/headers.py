@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from datetime import UTC, datetime
-from email.utils import format_datetime, getaddresses, parsedate_to_datetime
+from email.utils import getaddresses
 
 _FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
 
@@ -71,19 +70,3 @@ def addresses(header: bytes, name: str) -> list[str]:
 
 def make_message_id(hostname: str) -> str:
     return f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime())}.{secrets.token_hex(8)}@{hostname}>"
-
-
-def parse_date(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        dt = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt
-
-
-def rfc2822_now() -> str:
-    return format_datetime(datetime.now(UTC).astimezone())

@@ -38,11 +38,11 @@ import html
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from html.entities import html5
 from urllib.parse import urlsplit
 
 from gateway.pipeline.htmltok import body_start, tokenize
+from gateway.policy.rules import url_skipped
 from gateway.tracking.tokens import TokenSigner
 
 MAX_LINKS = 65535
@@ -129,13 +129,7 @@ def _skipped(url: str, tag_has_notrack: bool, policy: LinkPolicy) -> bool:
         return True
     if url in policy.unsubscribe:
         return True
-    if policy.skip_links:
-        bare = low.split("://", 1)[-1]
-        for glob in policy.skip_links:
-            g = glob.lower()
-            if fnmatchcase(low, g) or fnmatchcase(bare, g):
-                return True
-    return False
+    return url_skipped(url, policy.skip_links)
 
 
 def _attr_escape(text: str) -> str:

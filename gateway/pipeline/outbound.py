@@ -4,7 +4,8 @@ For every recipient the policies decide (:meth:`PolicySet.decide` with the messa
 headers); recipients are then grouped:
 
 - a recipient whose opens or clicks are tracked gets a copy of their own, with tokens
-  bound to that copy's queue id (SPEC §5 "Per recipient");
+  bound to that copy's queue id (SPEC §5 "Per recipient"), when the message has
+  somewhere to put a token (an HTML body); otherwise the copy is shared as below;
 - the others are grouped by what is done to them (signature, disclaimer, DKIM, route,
   store), and every group shares one copy; recipients no stage changes share the
   untouched message itself, byte for byte.
@@ -96,7 +97,8 @@ class Outbound:
         call it off the event loop. `first_id` is the queue id of the first copy (the one
         the client is told); the others get new ids.
         """
-        headers = Headers.from_bytes(split_message(data)[0])
+        # unfolding and RFC 2047-decoding every field is wasted unless a rule matches on headers
+        headers = Headers.from_bytes(split_message(data)[0]) if self.policies.uses_headers else None
         ids = iter([first_id] if first_id else [])
         signer: TokenSigner | None = None
         done: dict[_Group, tuple[bytes, StageReport]] = {}
@@ -107,18 +109,21 @@ class Outbound:
             key = _Group(self._stage_settings(d, user), d.settings.dkim, d.settings.route,
                          d.settings.store)
             qid = next(ids, None) or new_queue_id()
-            if key.stages.tracking:
-                if signer is None and self._tokens is not None:
-                    signer = self._tokens()
-                assert self.base_url is not None
-                t = transform(data, CopyContext(r, qid, key.stages, self.base_url, signer))
-                body, report = t.data, t.report
-            elif key in done:            # the same settings without tokens: the same bytes
+            if key in done:              # the same settings gave a copy without tokens before
                 body, report = done[key]
             else:
-                t = transform(data, CopyContext(r, qid, key.stages))
-                body, report = done[key] = (t.data, t.report)
-            tokens = key.stages.tracking and body is not data
+                if key.stages.tracking:
+                    if signer is None and self._tokens is not None:
+                        signer = self._tokens()
+                    assert self.base_url is not None
+                    ctx = CopyContext(r, qid, key.stages, self.base_url, signer)
+                else:
+                    ctx = CopyContext(r, qid, key.stages)
+                t = transform(data, ctx)
+                body, report = t.data, t.report
+                if not (report.links or report.pixels):  # no token in it: the same for everyone
+                    done[key] = (body, report)
+            tokens = bool(report.links or report.pixels)
             if not tokens:
                 group = (body, key.dkim, key.route, key.store)
                 if group in shared:

@@ -27,7 +27,7 @@ The work is CPU-bound (tens to hundreds of microseconds per copy, see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -232,32 +232,3 @@ def transform(raw: bytes, ctx: CopyContext) -> Transformed:
     report.notes.extend(tree.notes)        # encoding happens in serialize()
     return Transformed(data, report)
 
-
-@dataclass
-class Copy:
-    """One file to spool: the bytes, and the recipients who get exactly these bytes."""
-
-    queue_id: str                 # the copy_id of the group's first recipient
-    data: bytes
-    recipients: list[str]
-    reports: list[StageReport]
-
-
-def plan_copies(raw: bytes, contexts: Sequence[CopyContext]) -> list[Copy]:
-    """Transform `raw` for every recipient and group the recipients whose copies are
-    byte-identical (untouched ones share the input itself), in first-seen order.
-
-    Copies that carry tokens differ per recipient (the token binds the copy id), so a
-    group of several recipients never contains a token, and any member's copy id may
-    name it: the first one's is used.
-    """
-    groups: dict[bytes, Copy] = {}
-    for ctx in contexts:
-        t = transform(raw, ctx)
-        group = groups.get(t.data)
-        if group is None:
-            groups[t.data] = Copy(ctx.copy_id, t.data, [ctx.recipient], [t.report])
-        else:
-            group.recipients.append(ctx.recipient)
-            group.reports.append(t.report)
-    return list(groups.values())

@@ -19,7 +19,7 @@ Settable keys and their defaults (from the config):
 | `skip_links` | list of URL globs | none; a later rule's list replaces the earlier one |
 | `skip_links_add` | list of URL globs | adds to `skip_links` instead of replacing it |
 | `signature`, `disclaimer` | template path or null | none (see gateway.policy.templates) |
-| `dkim` | bool | on when `dkim:` has a key for the sender's domain |
+| `dkim` | bool | on when `dkim:` has a key for the sender's domain or a parent of it |
 | `route` | account, smarthost, mx | `delivery.route` |
 | `max_per_day` | int >= 1 or null | no cap (counted per sender address, checked at RCPT) |
 | `store` | bool | on (record the message in the CRM store) |
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
@@ -57,7 +57,14 @@ from gateway.config import (
     validation_problems,
 )
 from gateway.errors import ConfigError, Problem
-from gateway.policy.rules import Context, GlobSet, Headers, Matcher, is_literal
+from gateway.policy.rules import (
+    Context,
+    Headers,
+    Matcher,
+    is_literal,
+    nearest_domain,
+    url_skipped,
+)
 from gateway.policy.templates import Template, load_template
 
 Route = Literal["account", "smarthost", "mx"]
@@ -211,11 +218,10 @@ class Settings:
     route: Route
     max_per_day: int | None
     store: bool
-    _skip: GlobSet = field(default_factory=lambda: GlobSet(()), repr=False, compare=False)
 
     def skip_link(self, url: str) -> bool:
-        """True when `url` matches a `skip_links` glob (case-insensitive): leave it alone."""
-        return self._skip(url)
+        """True when `url` matches a `skip_links` glob: the link stage leaves it alone."""
+        return url_skipped(url, self.skip_links)
 
     @property
     def tracking(self) -> bool:
@@ -290,7 +296,6 @@ class PolicySet:
                                   for r in self.rules for k, v in r.values)
         self._dkim_domains = frozenset(d.lower().rstrip(".") for d in cfg.dkim)
         self._memo: dict[tuple[tuple[int, ...], bool], Decision] = {}
-        self._skip_cache: dict[tuple[str, ...], GlobSet] = {}
 
     @classmethod
     def empty(cls, cfg: Config) -> PolicySet:
@@ -310,7 +315,7 @@ class PolicySet:
             headers = Headers.from_pairs(headers) if self.uses_headers else None
         ctx = Context.make(sender, recipient, user, account, headers)
         matched = tuple(i for i, r in enumerate(self.rules) if r.matcher(ctx))
-        key = (matched, ctx.sender_domain in self._dkim_domains)
+        key = (matched, nearest_domain(ctx.sender_domain, self._dkim_domains) is not None)
         d = self._memo.get(key)
         if d is None:
             if len(self._memo) >= 4096:
@@ -341,11 +346,7 @@ class PolicySet:
             if rule.skip_links_add:
                 values["skip_links"] = tuple(values["skip_links"]) + rule.skip_links_add
                 sources["skip_links"] = (*sources["skip_links"], rule.source)
-        skip = tuple(values["skip_links"])
-        gs = self._skip_cache.get(skip)
-        if gs is None:
-            gs = self._skip_cache[skip] = GlobSet(skip)
-        settings = Settings(**values, _skip=gs)
+        settings = Settings(**values)
         return Decision(settings, MappingProxyType(sources),
                         tuple(self.rules[i].source for i in matched))
 

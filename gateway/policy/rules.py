@@ -32,7 +32,7 @@ import email.errors
 import email.header
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -71,6 +71,21 @@ class GlobSet:
 
     def __repr__(self) -> str:
         return f"GlobSet({list(self.patterns)!r})"
+
+
+def url_skipped(url: str, globs: Sequence[str]) -> bool:
+    """Whether `url` matches a `skip_links` glob: case-insensitively, against the whole URL
+    or against it without its ``scheme://`` (so ``*.example.com/*`` and
+    ``https://example.com/unsubscribe*`` both work)."""
+    if not globs:
+        return False
+    low = url.lower()
+    bare = low.split("://", 1)[-1]
+    for glob in globs:
+        g = glob.lower()
+        if fnmatch.fnmatchcase(low, g) or fnmatch.fnmatchcase(bare, g):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------------
@@ -142,6 +157,18 @@ class Headers:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].rstrip(".")
+
+
+def nearest_domain(domain: str, domains: Container[str]) -> str | None:
+    """`domain` or its nearest parent that is in `domains` (lower case, without a trailing
+    dot), else None: ``sales.example.com`` is covered by ``example.com``. The DKIM signer
+    picks its keys this way, and the `dkim` default follows it."""
+    labels = domain.lower().rstrip(".").split(".")
+    for i in range(len(labels)):
+        candidate = ".".join(labels[i:])
+        if candidate in domains:
+            return candidate
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -410,7 +410,8 @@ class Spool:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
 
     def _write_all(self, items: list[tuple[Envelope, bytes]], state: str) -> None:
-        """Every file written and fsynced in tmp/, then all renamed, then one directory fsync."""
+        """Every file written and fsynced in tmp/, then all renamed, then one directory fsync.
+        A failure leaves none of them in `state` (nor in tmp/)."""
         written: list[tuple[Path, Path]] = []
         try:
             for env, data in items:
@@ -424,8 +425,17 @@ class Spool:
             for tmp, _ in written:
                 tmp.unlink(missing_ok=True)
             raise
-        for tmp, final in written:
-            os.rename(tmp, final)
+        renamed: list[Path] = []
+        try:
+            for tmp, final in written:
+                os.rename(tmp, final)
+                renamed.append(final)
+        except BaseException:  # e.g. ENOSPC for the directory entry: take the copies back
+            for final in renamed:
+                final.unlink(missing_ok=True)
+            for tmp, _ in written[len(renamed):]:
+                tmp.unlink(missing_ok=True)
+            raise
         self._dirsync[state].sync()
 
     async def put_all(self, items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:

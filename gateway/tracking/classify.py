@@ -278,7 +278,8 @@ def compile_table(table: Iterable[Signature]) -> tuple[_Compiled, ...]:
 _DEFAULT_TABLE = compile_table(SIGNATURES)
 
 
-def _ip(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address (an IPv4-mapped IPv6 address as its IPv4 address), or None if it is not one."""
     if not value:
         return None
     try:
@@ -290,8 +291,8 @@ def _ip(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return addr
 
 
-def _in(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-        networks: Iterable[Network]) -> bool:
+def in_networks(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+                networks: Iterable[Network]) -> bool:
     return addr is not None and any(addr.version == n.version and addr in n for n in networks)
 
 
@@ -307,7 +308,7 @@ def match_signature(obs: Observation, table: Sequence[_Compiled] = _DEFAULT_TABL
     ua = obs.user_agent.strip()
     low = ua.lower()
     host = _referer_host(obs.referer) if obs.referer else ""
-    addr = _ip(obs.ip)
+    addr = parse_ip(obs.ip)
     for row in table:
         s = row.sig
         if obs.kind not in s.applies_to:
@@ -315,7 +316,7 @@ def match_signature(obs: Observation, table: Sequence[_Compiled] = _DEFAULT_TABL
         if (s.ua_exact is not None and ua == s.ua_exact) \
                 or (row.ua is not None and low and row.ua.search(low)) \
                 or (row.referer is not None and host and row.referer.search(host)) \
-                or (row.networks and _in(addr, row.networks)):
+                or (row.networks and in_networks(addr, row.networks)):
             return s
     return None
 
@@ -343,15 +344,15 @@ def classify(obs: Observation, copy: CopyInfo | None, prior: Iterable[PriorHit] 
     sig = match_signature(obs, table)
     if sig is not None:
         return Verdict(True, sig.category, f"{sig.name}: {sig.what}")
-    addr = _ip(obs.ip)
-    if _in(addr, settings.machine_networks):
+    addr = parse_ip(obs.ip)
+    if in_networks(addr, settings.machine_networks):
         return Verdict(True, "network", f"{obs.ip} is in tracking.machine_networks")
     if not obs.user_agent.strip():
         return Verdict(True, "no-user-agent", "no User-Agent header (browsers always send one)")
-    if copy is not None and copy.client_ip and addr is not None and addr == _ip(copy.client_ip):
+    if copy is not None and copy.client_ip and addr is not None and addr == parse_ip(copy.client_ip):
         return Verdict(True, "sender", f"the sender's own {obs.kind}: same IP address as the "
                                        "client that submitted the message")
-    if _in(addr, settings.internal_networks):
+    if in_networks(addr, settings.internal_networks):
         return Verdict(True, "sender", f"from an internal network ({obs.ip} is in "
                                        "tracking.internal_networks): the sender or a colleague")
     before = [p for p in _merge(prior, copy) if p.at <= obs.at]

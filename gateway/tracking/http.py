@@ -58,6 +58,8 @@ from gateway.tracking.classify import (
     PriorHit,
     Settings,
     classify,
+    in_networks,
+    parse_ip,
 )
 from gateway.tracking.tokens import TokenData, TokenSigner
 
@@ -214,13 +216,23 @@ class HitRecorder:
         self.lookup = lookup
         self.settings = settings = settings or Settings()
         self.stats = RecorderStats()
-        self.recent = RecentHits(window=max(settings.honeypot_window, settings.burst_window) + 60)
+        self.recent = RecentHits(window=self._window(settings))
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._n_workers = workers
         self._workers: list[asyncio.Task[None]] = []
         self._lookup_timeout = lookup_timeout
         self._copies: OrderedDict[str, tuple[float, CopyInfo | None]] = OrderedDict()
         self._in_flight = 0   # taken from the queue by a worker, not finished yet
+
+    @staticmethod
+    def _window(settings: Settings) -> float:
+        """How long hits are remembered for the honeypot and burst rules."""
+        return max(settings.honeypot_window, settings.burst_window) + 60
+
+    def configure(self, settings: Settings) -> None:
+        """New thresholds and networks (a reload); they apply to every hit not yet classified."""
+        self.settings = settings
+        self.recent.window = self._window(settings)
 
     @property
     def pending(self) -> int:
@@ -330,18 +342,13 @@ class HitRecorder:
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as a peer or an X-Forwarded-For hop writes it (``[v6]:port``, ``v4:port``)."""
     text = text.strip()
     if text.startswith("[") and "]" in text:
         text = text[1:text.index("]")]
     elif text.count(":") == 1:  # IPv4 with a port
         text = text.split(":", 1)[0]
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return parse_ip(text)
 
 
 def client_ip(peer: str | None, forwarded_for: Sequence[str],
@@ -351,10 +358,7 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str],
     if addr is None or not trusted or not forwarded_for:
         return str(addr) if addr is not None else peer
 
-    def is_trusted(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(a.version == n.version and a in n for n in trusted)
-
-    if not is_trusted(addr):
+    if not in_networks(addr, trusted):
         return str(addr)
     hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
     current = addr
@@ -363,7 +367,7 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str],
         if parsed is None:     # garbage: believe nothing further left
             break
         current = parsed
-        if not is_trusted(parsed):
+        if not in_networks(parsed, trusted):
             break
     return str(current)
 
@@ -405,25 +409,20 @@ def location_value(url: str) -> str:
     return f"{parts.scheme}://{netloc}{quote(rest, safe=_ASCII_SAFE)}"
 
 
-def open_url(base_url: str, token: str) -> str:
-    """The pixel's URL for `token` under `listeners.tracking.base_url`."""
-    return f"{base_url.rstrip('/')}/o/{token}"
-
-
-def click_url(base_url: str, token: str) -> str:
-    return f"{base_url.rstrip('/')}/c/{token}"
-
-
 def _not_found() -> web.Response:
     return web.Response(status=404, body=b"not found\n", content_type="text/plain",
                         headers={"Cache-Control": "no-store"})
 
 
-def make_app(signer: TokenSigner, recorder: HitRecorder, *,
+def make_app(signer: TokenSigner | Callable[[], TokenSigner], recorder: HitRecorder, *,
              trusted_proxies: Sequence[Network] = (),
              clock: Callable[[], float] = time.time) -> web.Application:
-    """The aiohttp application of the public tracking listener (see the module docstring)."""
+    """The aiohttp application of the public tracking listener (see the module docstring).
+
+    `signer` is the token signer, or a function returning the one in force (keys rotate
+    on reload)."""
     trusted = tuple(trusted_proxies)
+    current = signer if callable(signer) else (lambda: signer)
 
     def observe(request: web.Request, token: TokenData) -> None:
         if request.method != "GET":
@@ -439,7 +438,7 @@ def make_app(signer: TokenSigner, recorder: HitRecorder, *,
         recorder.submit(token, obs, headers)
 
     async def pixel(request: web.Request) -> web.StreamResponse:
-        token = signer.verify(request.match_info["token"])
+        token = current().verify(request.match_info["token"])
         if token is None or token.kind != "open":
             recorder.stats.not_found += 1
             return _not_found()
@@ -447,7 +446,7 @@ def make_app(signer: TokenSigner, recorder: HitRecorder, *,
         return web.Response(body=PIXEL, content_type="image/gif", headers=NO_CACHE)
 
     async def click(request: web.Request) -> web.StreamResponse:
-        token = signer.verify(request.match_info["token"])
+        token = current().verify(request.match_info["token"])
         if token is None or token.kind not in ("click", "honeypot") or not safe_redirect_url(token.url):
             recorder.stats.not_found += 1
             return _not_found()
@@ -486,9 +485,10 @@ class TrackingServer:
                  lookup: CopyLookup | None = None, *, settings: Settings | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.listener = listener
+        self.signer = signer      # replaced on reload (key rotation)
         self.recorder = HitRecorder(sink, lookup, settings=settings, queue_size=listener.queue_size)
-        self.app = make_app(signer, self.recorder, trusted_proxies=listener.trusted_proxies,
-                            clock=clock)
+        self.app = make_app(lambda: self.signer, self.recorder,
+                            trusted_proxies=listener.trusted_proxies, clock=clock)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 

@@ -8,6 +8,7 @@ import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -28,6 +29,7 @@ from gateway.tracking.http import (
 )
 from gateway.tracking.tokens import TokenSigner
 from tests.conftest import free_port
+from tests.integration.harness import running_app, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -311,3 +313,51 @@ async def test_stop_reports_hits_it_could_not_record() -> None:
             r = await client.get(f"/o/{SIGNER.open_token(new_queue_id())}", headers=headers())
             assert r.status == 200
     assert await recorder.stop(timeout=0.2) == 3
+
+
+async def test_sighup_key_rotation_reaches_the_endpoint(tmp_path: Path) -> None:
+    """Rotating `tracking.secret_file` (the new key first, the old one kept to verify) and
+    reloading: links in mail planned after the reload are signed with the new key, so the
+    running endpoint must verify them, and still the old ones."""
+    secret = tmp_path / "tracking.key"
+    secret.write_text("old-key-old-key-old-key-old-key\n")
+    tport = free_port()
+    cfg = write_config(tmp_path, upstream_port=free_port(),
+                       listeners={"tracking": {"host": "127.0.0.1", "port": tport,
+                                               "base_url": f"http://127.0.0.1:{tport}"}},
+                       tracking={"secret_file": str(secret)})
+    async with running_app(cfg) as app:
+        copy_id = new_queue_id()
+        url = "https://example.com/offer"
+        before = app.token_signer().click_token(copy_id, 1, url)
+        secret.write_text("new-key-new-key-new-key-new-key\nold-key-old-key-old-key-old-key\n")
+        assert await app.reload(cfg)
+        after = app.token_signer().click_token(copy_id, 1, url)   # what the planner signs now
+        assert after != before
+        async with aiohttp.ClientSession() as session:
+            for token in (before, after):
+                async with session.get(f"http://127.0.0.1:{tport}/c/{token}",
+                                       allow_redirects=False) as r:
+                    assert (r.status, r.headers.get("Location")) == (302, url)
+
+
+async def test_sighup_reaches_the_endpoints_classification_settings(tmp_path: Path) -> None:
+    """`tracking.machine_networks` (and the other `tracking:` thresholds) take effect on
+    reload, like the rest of the config: a hit from a network added there is a machine."""
+    tport = free_port()
+    listeners = {"tracking": {"host": "127.0.0.1", "port": tport,
+                              "base_url": f"http://127.0.0.1:{tport}"}}
+    cfg = write_config(tmp_path, upstream_port=free_port(), listeners=listeners)
+    async with running_app(cfg) as app:
+        assert app.tracking is not None
+        sink = MemoryHitSink()
+        app.tracking.recorder.sink = sink
+        write_config(tmp_path, upstream_port=free_port(), listeners=listeners,
+                     tracking={"machine_networks": ["127.0.0.0/8"]})
+        assert await app.reload(cfg)
+        token = app.token_signer().open_token(new_queue_id())
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{tport}/o/{token}", headers={"User-Agent": CHROME}) as r:
+            assert r.status == 200
+        assert await app.tracking.recorder.drain(5)
+        assert [(h.machine, h.category) for h in sink.hits] == [(True, "network")]

@@ -101,3 +101,13 @@ def test_check_example_config() -> None:
     out = mailgw("check", "-c", str(EXAMPLE))
     assert out.returncode == 0, out.stderr
     assert "8 policy rules in 4 files, 2 templates" in out.stdout
+
+
+def test_explain_dkim_note_knows_parent_domain_keys(tmp_path: Path) -> None:
+    cfg = setup(tmp_path, {"p.yaml": "- name: sign\n  set: {dkim: true}\n"})
+    base = ["policy", "explain", "-c", str(cfg), "--json", "--no-user", "--to", "b@x.example.org"]
+    sub = json.loads(mailgw(*base, "--from", "rep@sales.example.test").stdout)
+    assert sub["settings"]["dkim"] is True and sub["notes"] == []   # example.test's key signs it
+    other = json.loads(mailgw(*base, "--from", "x@other.example.org").stdout)
+    assert other["notes"] == ["dkim is on but the config has no dkim: key for other.example.org: "
+                              "nothing is signed"]

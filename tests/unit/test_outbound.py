@@ -90,6 +90,30 @@ def test_plain_text_with_tracking_is_shared_untouched(tmp_path: Path) -> None:
     assert len(plans) == 1 and plans[0].data is TEXT and not plans[0].tracked
 
 
+def test_tracked_recipients_share_a_copy_that_got_no_tokens(tmp_path: Path) -> None:
+    """Tracking on, but nothing to put a token in (plain text): the signature makes the copy
+    differ from the submission, yet it is the same for everyone, so it is shared."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "sig.txt").write_text("{user.name}\n")
+    out = setup(tmp_path, {"10.yaml": "- name: sig\n  set: {signature: sig.txt}\n"})
+    plans = out.plan(TEXT, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
+                     user="alice@example.com", account=None)
+    assert [(p.recipients, p.tracked) for p in plans] == [(["a@acme.test", "b@acme.test"], False)]
+    assert b"-- \r\nAlice A" in plans[0].data and b"/o/" not in plans[0].data
+
+
+def test_header_rules_see_the_message_headers(tmp_path: Path) -> None:
+    out = setup(tmp_path, {"10.yaml": "- name: opt out\n  match: {header: {name: Subject, value: "
+                                      "\"Off*\"}}\n  set: {track_opens: false, track_clicks: false}\n"})
+    plans = out.plan(HTML, sender="alice@example.com", recipients=["a@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].data is HTML and not plans[0].tracked
+    other = HTML.replace(b"Subject: Offer", b"Subject: News")
+    plans = out.plan(other, sender="alice@example.com", recipients=["a@acme.test"],
+                     user="alice@example.com", account=None)
+    assert len(plans) == 1 and plans[0].tracked
+
+
 def test_no_tracking_listener_means_no_tracking(tmp_path: Path) -> None:
     out = setup(tmp_path, {}, tracking=False)
     plans = out.plan(HTML, sender="alice@example.com", recipients=["a@acme.test", "b@acme.test"],
@@ -111,3 +135,15 @@ def test_signature_shared_and_dkim_signed_last(tmp_path: Path) -> None:
     assert b"Alice A" in data and b"Example Co" in data
     record = dkimkeys.dns_record(key).encode()
     assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_subdomain_sender_is_signed_by_default_with_the_parent_key(tmp_path: Path) -> None:
+    key = dkimkeys.generate("rsa-sha256", 1024)
+    out = setup(tmp_path, {}, tracking=False, dkim_key=key)
+    raw = TEXT.replace(b"alice@example.com", b"rep@sales.example.com")
+    plans = out.plan(raw, sender="rep@sales.example.com", recipients=["a@acme.test"],
+                     user=None, account=None)
+    assert len(plans) == 1 and plans[0].dkim and plans[0].signed
+    assert b"d=example.com" in plans[0].data.split(b"\r\n\r\n", 1)[0]
+    record = dkimkeys.dns_record(key).encode()
+    assert dkim.verify(plans[0].data, dnsfunc=lambda name, timeout=5: record)

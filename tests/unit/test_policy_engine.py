@@ -81,6 +81,15 @@ def test_defaults_come_from_the_config(tmp_path: Path) -> None:
         "default (config dkim: has a key for the sender's domain)")   # cached, still right
 
 
+def test_dkim_default_covers_subdomains_as_the_signer_does(tmp_path: Path) -> None:
+    """The signer signs mail from sales.example.test with example.test's key, so `dkim` is on
+    by default for it too; a domain that merely ends in the same letters is not covered."""
+    ps = load(tmp_path, {})
+    assert ps.decide("rep@sales.example.test", "b@x.org").settings.dkim is True
+    assert ps.decide("rep@a.b.example.test.", "b@x.org").settings.dkim is True
+    assert ps.decide("x@notexample.test", "b@x.org").settings.dkim is False
+
+
 def test_later_rules_override_key_by_key_across_files(tmp_path: Path) -> None:
     ps = load(tmp_path, {
         "20-b.yaml": """
@@ -153,6 +162,27 @@ def test_skip_links_replace_and_add(tmp_path: Path) -> None:
     assert r.settings.skip_links == ("https://b.example.test/*", "https://c.example.test/*")
     assert r.settings.skip_link("https://b.example.test/x")
     assert not r.settings.skip_link("https://a.example.test/x")
+
+
+def test_skip_link_is_the_link_stage_rule(tmp_path: Path) -> None:
+    """`Settings.skip_link` answers as the link stage skips: a glob without a scheme also
+    matches the URL without its `scheme://`."""
+    from gateway.pipeline.links import LinkPolicy, rewrite_links
+    from gateway.tracking.tokens import TokenSigner
+
+    ps = load(tmp_path, {"p.yaml": """
+- name: skip
+  set: {skip_links: ["example.org/unsub*", "*.cdn.example.test/*"]}
+"""})
+    s = ps.decide("a@example.test", "u@x.example.org").settings
+    urls = ["https://example.org/unsubscribe?u=1", "http://img.cdn.example.test/a.png",
+            "https://example.org/offer", "https://example.org.evil.test/unsub"]
+    policy = LinkPolicy(base_url="https://t.example.test", copy_id="01JNKZ6W3Q9R8S7T6V5X4Y3Z2A",
+                        signer=TokenSigner([b"k" * 32]), skip_links=s.skip_links, honeypot=False)
+    for url in urls:
+        rewritten = bool(rewrite_links(f'<a href="{url}">x</a>', policy).links)
+        assert s.skip_link(url) is not rewritten, url
+    assert [s.skip_link(u) for u in urls] == [True, True, False, False]
 
 
 def test_header_rules_and_json(tmp_path: Path) -> None:

@@ -117,6 +117,31 @@ async def test_disk_full_is_a_temporary_spool_error(spool: Spool,
     assert spool.list_ids("incoming") == [] and list(spool.tmp.iterdir()) == []
 
 
+async def test_put_all_is_all_or_nothing_when_a_rename_fails(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk can refuse the directory entry itself (rename), after every copy was
+    written and fsynced: then no copy may stay queued, since the client is told 451."""
+    items = [(env(), b"S: x\r\n\r\ncopy %d\r\n" % i) for i in range(3)]
+    real = os.rename
+    calls = 0
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(SpoolError) as ei:
+        await spool.put_all(items)
+    assert ei.value.smtp_reply().startswith("451 4.3.0 Insufficient disk space")
+    monkeypatch.undo()
+    assert spool.list_ids("incoming") == [] and list(spool.tmp.iterdir()) == []
+    await spool.put_all(items)
+    assert spool.list_ids("incoming") == sorted(e.id for e, _ in items)
+
+
 async def test_move_find_delete(spool: Spool) -> None:
     e = env()
     await spool.put(e, b"S: x\r\n\r\nb\r\n")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gateway.pipeline.stages import STAGES, CopyContext, StageSettings, plan_copies, transform
+from gateway.pipeline.stages import STAGES, CopyContext, StageSettings, transform
 from gateway.spool import new_queue_id
 from gateway.tracking.tokens import TokenSigner
 
@@ -52,19 +52,6 @@ def test_each_recipient_gets_its_own_tokens() -> None:
         toks = re.findall(re.escape(BASE) + r"/[co]/([\w.-]+)", out.data.decode())
         assert len(toks) == 3          # honeypot, link, pixel
         assert {SIGNER.verify(t).copy_id for t in toks} == {c.copy_id}  # type: ignore[union-attr]
-
-
-def test_plan_copies_groups_identical_copies() -> None:
-    off = StageSettings()
-    contexts = [ctx(off, "x@example.test"), ctx(TRACK, "y@example.test"), ctx(off, "z@example.test"),
-                ctx(StageSettings(signature_text="S"), "w@example.test"),
-                ctx(StageSettings(signature_text="S"), "v@example.test")]
-    copies = plan_copies(HTML, contexts)
-    assert [c.recipients for c in copies] == [["x@example.test", "z@example.test"], ["y@example.test"],
-                                              ["w@example.test", "v@example.test"]]
-    assert copies[0].data is HTML and copies[0].queue_id == contexts[0].copy_id
-    assert copies[1].queue_id == contexts[1].copy_id and copies[1].data != HTML
-    assert copies[2].queue_id == contexts[3].copy_id and b"data-mailgw-signature" in copies[2].data
 
 
 def test_undecodable_body_part_is_skipped_and_reported() -> None:
