@@ -21,6 +21,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
+
+import structlog
 
 from gateway.crm.counters import SendCounts
 from gateway.crm.store import AcceptedMessage, Copy
@@ -111,7 +114,7 @@ class Relay:
                  counts: SendCounts | None = None,
                  on_accepted: Callable[[Submission, bytes, list[CopyPlan]],
                                        Awaitable[None]] | None = None,
-                 ) -> None:
+                 log: Any = None) -> None:
         self.spool = spool
         self.hostname = hostname
         self.on_queued = on_queued
@@ -120,6 +123,7 @@ class Relay:
         self.is_ingest = is_ingest
         self.counts = counts
         self.on_accepted = on_accepted
+        self.log = log or structlog.get_logger("mailgw.relay")
         self.accepted = 0
 
     @staticmethod
@@ -156,11 +160,17 @@ class Relay:
             files.append((env, trace + p.data))
         await self.spool.put_all(files)  # all or nothing; SpoolError -> 451 4.3.0
         self.accepted += 1
-        self._record(sub, data, message_id, plans, now)
-        if self.counts is not None and remote and ob is not None and ob.policies.has_daily_caps:
-            self.counts.add(sub.mail_from, len(remote))
-        if self.on_accepted is not None:
-            await self.on_accepted(sub, data, plans)
+        # From here on the message is queued: nothing may turn the 250 into an error (the
+        # client would send it again), so what follows only logs its failures.
+        try:
+            self._record(sub, data, message_id, plans, now)
+            if self.counts is not None and remote and ob is not None \
+                    and ob.policies.has_daily_caps:
+                self.counts.add(sub.mail_from, len(remote))
+            if self.on_accepted is not None:
+                await self.on_accepted(sub, data, plans)
+        except Exception:
+            self.log.exception("after_queueing_failed", queue_id=qid)
         if self.on_queued is not None:
             for p in plans:
                 self.on_queued(p.queue_id)

@@ -170,8 +170,9 @@ class SubmissionHandler:
 
     async def _over_daily_cap(self, session: Any, envelope: Any, address: str) -> str | None:
         """`max_per_day` (a policy): 452 4.5.3 once the sender's recipients today reach it."""
-        if self.policies is None or self.counts is None:
-            return None
+        is_ingest = self.relay.is_ingest
+        if self.policies is None or self.counts is None or (is_ingest and is_ingest(address)):
+            return None   # the gateway's own ingest address is no send (relay counts alike)
         sender = envelope.mail_from or ""
         login = session.auth_data.login.decode() if session.authenticated and session.auth_data \
             else None
@@ -185,7 +186,8 @@ class SubmissionHandler:
         except StoreError as exc:
             self.log.error("daily_cap_unknown", sender=sender, error=str(exc))
             return "451 4.3.0 Cannot check the daily sending limit now, try again later"
-        if sent + len(envelope.rcpt_tos) >= cap:
+        remote = [r for r in envelope.rcpt_tos if not (is_ingest and is_ingest(r))]
+        if sent + len(remote) >= cap:
             self.log.warning("daily_cap_reached", sender=sender, cap=cap, sent=sent)
             return f"452 4.5.3 Daily sending limit of {cap} recipients reached for {sender}"
         return None
