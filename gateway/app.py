@@ -118,7 +118,7 @@ class App:
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,
                            outbound=self.get_outbound, events=self.writer,
                            is_ingest=self.ingest.is_ingest_address, counts=self.counts,
-                           on_accepted=self._accepted)
+                           on_accepted=self._accepted, log=self.log)
         await self.scheduler.start()
         self.tailers = Tailers(self.get_config, self.store, log=self.log)
         await self.tailers.start()
