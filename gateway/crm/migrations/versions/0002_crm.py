@@ -2,8 +2,10 @@
 
 Messages become unique by ``dedupe_key`` (Message-ID, else a content hash) and their
 paths move from ``messages.queue_id`` / ``messages.sources`` into ``message_sources``.
-Existing rows keep their ids; a Message-ID seen on several old rows keeps its key on
-the oldest row, the others get ``id:<pk>``.
+Existing rows keep their ids and get the key the store computes for the same Message-ID
+(imported, not copied: a message seen again after the upgrade must find its row); a
+Message-ID seen on several old rows keeps its key on the oldest row, the others get
+``id:<pk>``.
 
 Revision ID: 0002
 Revises: 0001
@@ -19,6 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from gateway.crm.models import UTCDateTime
+from gateway.crm.store import message_id_key
 
 revision = "0002"
 down_revision: str | None = "0001"
@@ -224,7 +227,7 @@ def upgrade() -> None:
     seen: set[str] = set()
     src_rows: list[dict[str, Any]] = []
     for pk, mid, qid, sources, _direction, account, created in rows:
-        key_mid = (mid or "").strip().strip("<>").strip()
+        key_mid = message_id_key(mid)
         key = f"mid:{key_mid}" if key_mid and f"mid:{key_mid}" not in seen else f"id:{pk}"
         seen.add(key)
         conn.execute(sa.text(
