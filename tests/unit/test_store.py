@@ -190,6 +190,22 @@ async def test_upgraded_messages_are_keyed_as_the_store_keys_them(url: str) -> N
         await s.close()
 
 
+
+async def test_downgrade_to_0001_keeps_each_messages_sources(url: str) -> None:
+    await _at_0001_with_mail(url)
+    await upgrade(url)
+    await _downgrade(url, "0001")
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(
+                sa.column("id"), sa.column("queue_id"), sa.column("sources", sa.JSON))
+                .select_from(sa.table("messages")).order_by(sa.column("id")))).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, "Q0001", ["relay"]), (2, None, ["imap", "ingest"])]
+
+
 async def test_unreachable_postgresql_is_a_store_error_without_the_password() -> None:
     url = f"postgresql+asyncpg://mailgw:s3cr3t-pw@127.0.0.1:{free_port()}/crm"
     with pytest.raises(StoreError) as info:

@@ -299,7 +299,16 @@ def downgrade() -> None:
             "SELECT message_pk, min(ref) FROM message_sources WHERE source = 'relay' "
             "GROUP BY message_pk")).all():
         conn.execute(sa.text("UPDATE messages SET queue_id = :q WHERE id = :id"), {"q": qid, "id": pk})
-    conn.execute(sa.text("UPDATE messages SET sources = '[\"relay\"]'"))
+    # each message's paths, in the order they were seen (0001 kept them as a JSON list)
+    paths: dict[int, list[str]] = {}
+    for pk, name in conn.execute(sa.text(
+            "SELECT message_pk, source FROM message_sources ORDER BY id")).all():
+        if name not in paths.setdefault(pk, []):
+            paths[pk].append(name)
+    conn.execute(sa.text("UPDATE messages SET sources = '[]'"))
+    if paths:
+        conn.execute(sa.text("UPDATE messages SET sources = :s WHERE id = :id"),
+                     [{"s": json.dumps(names), "id": pk} for pk, names in paths.items()])
     with op.batch_alter_table("messages") as b:
         b.alter_column("sources", existing_type=sa.JSON(), nullable=False)
         b.drop_index("ix_messages_template")
