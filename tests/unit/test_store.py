@@ -151,6 +151,10 @@ async def _at_0001_with_mail(url: str) -> None:
                   "src": '["relay"]', "qid": "Q0001", "at": at},
                  {"mid": "<in.2@example.org>", "d": "inbound", "subj": "Hello",
                   "src": '["imap", "ingest"]', "qid": None, "at": at}])
+            await conn.execute(sa.text(
+                "INSERT INTO message_addresses (message_pk, role, address) VALUES (:m, :r, :a)"),
+                [{"m": 1, "r": "from", "a": "alice@example.com"},
+                 {"m": 1, "r": "to", "a": "bob@example.net"}])
     finally:
         await engine.dispose()
 
@@ -189,6 +193,29 @@ async def test_upgraded_messages_are_keyed_as_the_store_keys_them(url: str) -> N
     finally:
         await s.close()
 
+
+
+
+async def test_upgraded_messages_thread_with_their_replies(url: str) -> None:
+    await _at_0001_with_mail(url)
+    await upgrade(url)
+    s = await Store.open(url)
+    try:
+        def reply(mid: str, irt: str | None, at: datetime) -> NewMessage:
+            return NewMessage(message_id=mid, in_reply_to=irt, from_addr="bob@example.net",
+                              to_addrs=["alice@example.com"], cc_addrs=[], subject="RE: pricing",
+                              date=at, direction="inbound",
+                              sources=[SourceRef("ingest", mid, at)])
+
+        await s.store_messages([reply("<r1@example.net>", "<Relayed.1@MAIL.Example.COM>",
+                                      T0 + timedelta(hours=1)),
+                                reply("<r2@example.net>", None, T0 + timedelta(days=1))])
+        threads = {m["message_id"]: m["thread_id"] for m in await s.list_messages()}
+        # by In-Reply-To, and (no references at all) by subject and participants
+        assert threads["<r1@example.net>"] == threads["<Relayed.1@MAIL.Example.COM>"] is not None
+        assert threads["<r2@example.net>"] == threads["<Relayed.1@MAIL.Example.COM>"]
+    finally:
+        await s.close()
 
 
 async def test_downgrade_to_0001_keeps_each_messages_sources(url: str) -> None:

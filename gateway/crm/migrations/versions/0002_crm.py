@@ -5,7 +5,8 @@ paths move from ``messages.queue_id`` / ``messages.sources`` into ``message_sour
 Existing rows keep their ids and get the key the store computes for the same Message-ID
 (imported, not copied: a message seen again after the upgrade must find its row); a
 Message-ID seen on several old rows keeps its key on the oldest row, the others get
-``id:<pk>``.
+``id:<pk>``. Their thread id and subject key are derived as the store derives them for a
+message that starts a thread.
 
 Revision ID: 0002
 Revises: 0001
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from gateway.crm.models import UTCDateTime
-from gateway.crm.store import message_id_key
+from gateway.crm.store import message_id_key, subject_key
 
 revision = "0002"
 down_revision: str | None = "0001"
@@ -222,19 +223,22 @@ def upgrade() -> None:
 
     conn = op.get_bind()
     rows = conn.execute(sa.text(
-        "SELECT id, message_id, queue_id, sources, direction, account, created_at "
-        "FROM messages ORDER BY id")).all()
+        "SELECT id, message_id, queue_id, sources, direction, account, created_at, thread_id, "
+        "subject FROM messages ORDER BY id")).all()
     seen: set[str] = set()
     src_rows: list[dict[str, Any]] = []
-    for pk, mid, qid, sources, _direction, account, created in rows:
+    for pk, mid, qid, sources, _direction, account, created, thread, subject in rows:
         key_mid = message_id_key(mid)
         key = f"mid:{key_mid}" if key_mid and f"mid:{key_mid}" not in seen else f"id:{pk}"
         seen.add(key)
+        # the thread and subject key the store gives a message that starts a thread, so
+        # that replies stored after the upgrade join it (0001 left thread_id empty)
         conn.execute(sa.text(
             "UPDATE messages SET dedupe_key = :k, reference_ids = :r, from_name = '', "
-            "subject_key = '', text_body = '', html_body = '', attachments = :a, "
-            "updated_at = created_at WHERE id = :id"),
-            {"k": key, "r": "[]", "a": "[]", "id": pk})
+            "subject_key = :sk, thread_id = :t, text_body = '', html_body = '', "
+            "attachments = :a, updated_at = created_at WHERE id = :id"),
+            {"k": key, "r": "[]", "a": "[]", "sk": subject_key(subject or "")[0],
+             "t": thread or key_mid or key, "id": pk})
         if isinstance(sources, str):
             sources = json.loads(sources)
         names = [s for s in (sources or ["relay"]) if s in ("relay", "imap", "ingest")] or ["relay"]
