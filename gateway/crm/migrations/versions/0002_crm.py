@@ -227,18 +227,15 @@ def upgrade() -> None:
         "subject FROM messages ORDER BY id")).all()
     seen: set[str] = set()
     src_rows: list[dict[str, Any]] = []
+    msg_rows: list[dict[str, Any]] = []
     for pk, mid, qid, sources, _direction, account, created, thread, subject in rows:
         key_mid = message_id_key(mid)
         key = f"mid:{key_mid}" if key_mid and f"mid:{key_mid}" not in seen else f"id:{pk}"
         seen.add(key)
         # the thread and subject key the store gives a message that starts a thread, so
         # that replies stored after the upgrade join it (0001 left thread_id empty)
-        conn.execute(sa.text(
-            "UPDATE messages SET dedupe_key = :k, reference_ids = :r, from_name = '', "
-            "subject_key = :sk, thread_id = :t, text_body = '', html_body = '', "
-            "attachments = :a, updated_at = created_at WHERE id = :id"),
-            {"k": key, "r": "[]", "a": "[]", "sk": subject_key(subject or "")[0],
-             "t": thread or key_mid or key, "id": pk})
+        msg_rows.append({"k": key, "r": "[]", "a": "[]", "sk": subject_key(subject or "")[0],
+                         "t": thread or key_mid or key, "id": pk})
         if isinstance(sources, str):
             sources = json.loads(sources)
         names = [s for s in (sources or ["relay"]) if s in ("relay", "imap", "ingest")] or ["relay"]
@@ -246,6 +243,11 @@ def upgrade() -> None:
             ref = qid if (name == "relay" and qid) else f"legacy:{pk}:{name}"
             src_rows.append({"message_pk": pk, "source": name, "ref": ref, "account": account,
                              "at": created})
+    if msg_rows:  # one executemany, not a round trip per message
+        conn.execute(sa.text(
+            "UPDATE messages SET dedupe_key = :k, reference_ids = :r, from_name = '', "
+            "subject_key = :sk, thread_id = :t, text_body = '', html_body = '', "
+            "attachments = :a, updated_at = created_at WHERE id = :id"), msg_rows)
     if src_rows:
         conn.execute(sa.text(
             "INSERT INTO message_sources (message_pk, source, ref, account, at) "
@@ -274,11 +276,12 @@ def upgrade() -> None:
 
     with op.batch_alter_table("message_addresses") as b:
         b.add_column(sa.Column("domain", sa.String(), server_default="", nullable=False))
-    for pk, role, address in conn.execute(sa.text(
-            "SELECT message_pk, role, address FROM message_addresses")).all():
+    domains = [{"d": address.rpartition("@")[2], "m": pk, "r": role, "a": address}
+               for pk, role, address in conn.execute(sa.text(
+                   "SELECT message_pk, role, address FROM message_addresses")).all()]
+    if domains:
         conn.execute(sa.text("UPDATE message_addresses SET domain = :d WHERE message_pk = :m "
-                             "AND role = :r AND address = :a"),
-                     {"d": address.rpartition("@")[2], "m": pk, "r": role, "a": address})
+                             "AND role = :r AND address = :a"), domains)
     op.create_index("ix_message_addresses_domain", "message_addresses", ["domain", "message_pk"])
 
     with op.batch_alter_table("events") as b:
@@ -299,10 +302,11 @@ def downgrade() -> None:
         b.add_column(sa.Column("queue_id", sa.String(), nullable=True))
         b.add_column(sa.Column("sources", sa.JSON(), nullable=True))
     conn = op.get_bind()
-    for pk, qid in conn.execute(sa.text(
-            "SELECT message_pk, min(ref) FROM message_sources WHERE source = 'relay' "
-            "GROUP BY message_pk")).all():
-        conn.execute(sa.text("UPDATE messages SET queue_id = :q WHERE id = :id"), {"q": qid, "id": pk})
+    queue_ids = [{"q": qid, "id": pk} for pk, qid in conn.execute(sa.text(
+        "SELECT message_pk, min(ref) FROM message_sources WHERE source = 'relay' "
+        "GROUP BY message_pk")).all()]
+    if queue_ids:
+        conn.execute(sa.text("UPDATE messages SET queue_id = :q WHERE id = :id"), queue_ids)
     # each message's paths, in the order they were seen (0001 kept them as a JSON list)
     paths: dict[int, list[str]] = {}
     for pk, name in conn.execute(sa.text(
