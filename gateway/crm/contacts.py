@@ -281,6 +281,8 @@ async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Seque
 
 async def _link_history_contacts(store: Store, conn: AsyncConnection, ids: dict[str, int]) -> int:
     """Link already stored messages to newly created contacts (their own address, not excluded)."""
+    if not store.rules.links_contacts:
+        return 0
     linked = 0
     pks = [pk for email, pk in ids.items() if store.rules.linkable(email)]
     for chunk in _chunks(pks):

@@ -669,7 +669,7 @@ class Store:
         linkable = sorted({a for pairs in by_pk_addrs.values() for _, a in pairs
                            if rules.linkable(a)})
         contacts: dict[str, int] = {}
-        if rules.link_by_address or rules.auto_create_contacts:
+        if rules.links_contacts:
             contacts = await self._contact_ids(conn, linkable)
             if rules.auto_create_contacts:
                 missing = [a for a in linkable if a not in contacts]

@@ -203,6 +203,18 @@ async def test_import_updates_never_duplicates_and_links_history(store: Store) -
     assert timeline[0]["contacts"][0]["email"] == "carol@acme.test"
 
 
+
+async def test_link_by_domain_only_links_no_contact_before_or_after_an_import(store: Store) -> None:
+    store.configure(LinkRules(link_by_address=False, own_addresses=RULES.own_addresses,
+                              own_domains=RULES.own_domains))
+    await store.store_messages([imap_msg("<before@acme.test>", uid=1)])
+    result = await upsert_contacts(store, [ContactInput("carol@acme.test", "Carol", company="Acme")])
+    await store.store_messages([imap_msg("<after@acme.test>", uid=2)])
+    assert result.messages_linked == 1          # the company's, by domain
+    assert [m["contacts"] for m in await store.list_messages()] == [[], []]
+    assert await count(store, "message_companies") == 2
+
+
 def test_csv_errors_name_the_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_csv("email,first_name\nok@acme.test,A\nnot-an-address,B\n\nok@acme.test,C\n",
