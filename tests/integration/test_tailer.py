@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from gateway.api.metrics import Metrics
 from gateway.crm.accounts import Accounts
 from gateway.crm.store import AcceptedMessage, Store, WebhookTarget
 from gateway.imap.tailer import Tailers, TailState
@@ -247,7 +248,12 @@ async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
     await add_contacts(store, LEAD)
     dovecot.append(user, "INBOX", message("hi", sender=LEAD, to=user, message_id="<pw@test>"))
     cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path, password="wrong")])
-    tailers, spy = tailers_for(cfg, store)
+    metrics = Metrics()
+    tailers, spy = tailers_for(cfg, store, metrics=metrics)
+
+    def metric(name: str) -> float | None:
+        return metrics.registry.get_sample_value(f"mailgw_imap_{name}_total", {"account": "rep"})
+
     await tailers.start()
     try:
         async def needs_reconnect() -> bool:
@@ -261,6 +267,7 @@ async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
         ticks = tailers.ticks
         await wait_until(lambda: tailers.ticks >= ticks + 30, 10, "30 more checks")
         assert spy.logins == 1 and tailers.tailer("rep") is None
+        assert metric("errors") == 1 and metric("messages_stored") is None
         async with store.engine.connect() as conn:
             hooks = (await conn.execute(sa.text(
                 "SELECT event_type FROM webhook_outbox WHERE event_type LIKE 'account.%'"))).all()
@@ -276,6 +283,7 @@ async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
 
         await wait_until(active, 15, "reconnected and synced")
         assert spy.logins == 2
+        assert metric("errors") == 1 and metric("messages_stored") == 1
     finally:
         await tailers.stop()
 
