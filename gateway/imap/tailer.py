@@ -621,16 +621,12 @@ class AccountTailer:
         out = []
         for b in bodies:
             p = parse_message(b.raw)
-            out.append(NewMessage(
-                message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
-                to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
-                date=p.date or b.internaldate, direction=self._direction(folder, p.from_addr),
-                sources=[self._source(folder, uidvalidity, b.uid)], dedupe_hash=p.dedupe_hash,
-                in_reply_to=p.in_reply_to, references=list(p.references), snippet=p.snippet,
-                text_body=p.text_body, html_body=p.html_body,
-                attachments=[dataclasses.asdict(a) for a in p.attachments], size=p.size,
-                account=self.id, user=self._user, template=p.headers.x_mailgw_template,
-                raw=b.raw))
+            m = NewMessage.from_parsed(p, b.raw, direction=self._direction(folder, p.from_addr),
+                                       sources=[self._source(folder, uidvalidity, b.uid)],
+                                       account=self.id, user=self._user)
+            if m.date is None:   # no readable Date header: when the server received it
+                m.date = b.internaldate
+            out.append(m)
         return out
 
     def _from_headers(self, folder: Folder, uidvalidity: int, h: MessageHeaders,
