@@ -16,30 +16,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.crm.linking import FREEMAIL_DOMAINS
-from gateway.crm.models import (
-    Company,
-    Contact,
-    MessageAddress,
-    MessageCompany,
-    MessageContact,
-    sort_at,
+from gateway.crm.models import sort_at
+from gateway.crm.store import (
+    Store,
+    _addresses,
+    _chunks,
+    _companies,
+    _contacts,
+    _iso,
+    _messages,
+    _msg_companies,
+    _msg_contacts,
+    _text,
+    _utc,
 )
-from gateway.crm.store import Store, _chunks, _iso, _messages, _text, _utc
 from gateway.errors import ConfigError, Problem
 from gateway.smtp.addresses import domain_of
-
-_contacts = cast(sa.Table, Contact.__table__)
-_companies = cast(sa.Table, Company.__table__)
-_addresses = cast(sa.Table, MessageAddress.__table__)
-_msg_contacts = cast(sa.Table, MessageContact.__table__)
-_msg_companies = cast(sa.Table, MessageCompany.__table__)
 
 KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone")
 _ALIASES = {"e-mail": "email", "email address": "email", "mail": "email",
