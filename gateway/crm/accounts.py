@@ -211,24 +211,6 @@ class Accounts:
 
         return cast("str | None", await self._tx(run, f"cannot set the status of {account_id}"))
 
-    async def note_reason(self, account_id: str, reason: str | None) -> None:
-        """Update the reason text only (a later failure of an account that needs reconnecting)."""
-        async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id).values(
-                status_reason=_reason(reason), updated_at=_now()))
-
-        await self._tx(run, f"cannot update account {account_id}")
-
-    def mark_synced(self, account_id: str, at: datetime | None = None) -> ConnCallback:
-        """A `then` callback setting ``last_sync_at``."""
-        async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id)
-                               .values(last_sync_at=at or _now()))
-        return run
-
-    async def synced(self, account_id: str) -> None:
-        await self._tx(self.mark_synced(account_id), f"cannot update account {account_id}")
-
     # -- checkpoints ----------------------------------------------------------------------
     async def checkpoint(self, account_id: str, folder: str) -> Checkpoint | None:
         try:
