@@ -244,6 +244,34 @@ async def test_outbox_rows_are_written_with_the_message(store: Store) -> None:
                     ("http://b.test/", "message.bounced", "pending")]
 
 
+
+async def test_keyed_events_are_recorded_and_announced_once_in_order(store: Store) -> None:
+    store.configure(RULES, [WebhookTarget("http://a.test/",
+                                          frozenset({"message.opened", "message.sent"}))])
+    await store.record([relay_msg("Q1", "<k1@example.com>")], [])
+
+    def hit(key: str, seconds: int) -> EventRecord:
+        return EventRecord("Q1", "opened", "carol@acme.test", T0 + timedelta(seconds=seconds),
+                           {"n": key}, key=key)
+
+    await store.record([], [hit("hit:1", 1),
+                            EventRecord("Q1", "sent", "carol@acme.test", T0 + timedelta(seconds=2)),
+                            hit("hit:1", 3), hit("hit:2", 4)])
+    await store.record([], [hit("hit:2", 5), hit("hit:3", 6)])
+    [row] = await store.list_messages()
+    assert [(e["type"], e["details"].get("n")) for e in row["events"]] == [
+        ("queued", None), ("opened", "hit:1"), ("sent", None), ("opened", "hit:2"),
+        ("opened", "hit:3")]
+    async with store.engine.connect() as conn:
+        outbox = (await conn.execute(
+            sa.select(sa.column("event_type"), sa.column("payload", sa.JSON))
+            .select_from(sa.table("webhook_outbox")).order_by(sa.column("id")))).all()
+    assert [(t, p["data"]["event"]["details"].get("n")) for t, p in outbox] == [
+        ("message.opened", "hit:1"), ("message.sent", None), ("message.opened", "hit:2"),
+        ("message.opened", "hit:3")]
+    assert len({p["id"] for _, p in outbox}) == 4
+
+
 async def test_raw_bytes_are_kept_once_content_addressed(url: str, tmp_path: Path) -> None:
     from gateway.crm.migrate import upgrade
 
