@@ -197,7 +197,8 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 rows = await conn.execute(sa.select(_contacts).where(_contacts.c.email.in_(chunk)))
                 existing.update({r["email"]: dict(r) for r in rows.mappings()})
             new_rows: list[dict[str, Any]] = []
-            updated = unchanged = 0
+            changed_rows: list[dict[str, Any]] = []
+            unchanged = 0
             for c in contacts:
                 email = c.email.lower()
                 d = company_domain_for(c)
@@ -219,9 +220,11 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 if not change:
                     unchanged += 1
                     continue
-                updated += 1
-                await conn.execute(sa.update(_contacts).where(_contacts.c.id == old["id"])
-                                   .values(**change, updated_at=now))
+                keep = {k: old[k] for k in (*values, "company_pk", "fields")}
+                changed_rows.append({**keep, **change, "updated_at": now, "_id": old["id"]})
+            if changed_rows:   # one executemany, not a statement per contact
+                await conn.execute(sa.update(_contacts).where(_contacts.c.id == sa.bindparam("_id")),
+                                   changed_rows)
             linked = 0
             if new_rows:
                 stmt = store._insert(_contacts).on_conflict_do_nothing(
@@ -235,7 +238,7 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
             linked += await _link_history_companies(store, conn, new_domains)
     except SQLAlchemyError as exc:
         raise store._fail("contact import failed", exc) from exc
-    return UpsertResult(created=len(new_rows), updated=updated, unchanged=unchanged,
+    return UpsertResult(created=len(new_rows), updated=len(changed_rows), unchanged=unchanged,
                         companies_created=len(companies_created), messages_linked=linked)
 
 

@@ -204,6 +204,24 @@ async def test_import_updates_never_duplicates_and_links_history(store: Store) -
 
 
 
+
+async def test_upsert_updates_several_contacts_each_with_its_own_values(store: Store) -> None:
+    store.configure(RULES)
+    await upsert_contacts(store, [ContactInput("a@acme.test", "Ann", "A", title="CEO"),
+                                  ContactInput("b@beta.test", "Bo", "B", phone="1")])
+    r = await upsert_contacts(store, [ContactInput("a@acme.test", last_name="Aa", company="Acme"),
+                                      ContactInput("b@beta.test", title="CTO", fields={"x": "1"}),
+                                      ContactInput("c@gamma.test", "Cy")])
+    assert (r.created, r.updated, r.unchanged, r.companies_created) == (1, 2, 0, 1)
+    rows = {c["email"]: c for c in await list_contacts(store)}
+    a, b = rows["a@acme.test"], rows["b@beta.test"]
+    assert (a["name"], a["title"], a["phone"], a["company"], a["fields"]) == (
+        "Ann Aa", "CEO", "", "Acme", {})
+    assert (b["name"], b["title"], b["phone"], b["company"], b["fields"]) == (
+        "Bo B", "CTO", "1", "", {"x": "1"})
+    assert a["updated_at"] == b["updated_at"] != a["created_at"]
+
+
 async def test_link_by_domain_only_links_no_contact_before_or_after_an_import(store: Store) -> None:
     store.configure(LinkRules(link_by_address=False, own_addresses=RULES.own_addresses,
                               own_domains=RULES.own_domains))
