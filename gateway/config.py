@@ -871,10 +871,10 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
         except (OSError, UnicodeDecodeError) as exc:
             yield at(loc, f"cannot read {ref}: {getattr(exc, 'strerror', None) or exc}")
 
-    sub = cfg.listeners.submission
-    if sub is not None:
-        yield from check_file(("listeners", "submission", "cert_file"), sub.cert_file, False)
-        yield from check_file(("listeners", "submission", "key_file"), sub.key_file, False)
+    for name, smtp in (("submission", cfg.listeners.submission), ("ingest", cfg.listeners.ingest)):
+        if smtp is not None:
+            yield from check_file(("listeners", name, "cert_file"), smtp.cert_file, False)
+            yield from check_file(("listeners", name, "key_file"), smtp.key_file, False)
     admin = cfg.listeners.admin
     if admin is not None:
         loc = ("listeners", "admin", "token_file")

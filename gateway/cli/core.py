@@ -61,15 +61,15 @@ def _check(args: argparse.Namespace) -> int:
         policies = policies_for(cfg)
     except ConfigError as exc:
         problems += exc.problems
-    sub = cfg.listeners.submission
-    if sub is not None and sub.tls != "none":
-        from gateway.smtp.server import server_tls_context
+    for name, smtp in (("submission", cfg.listeners.submission), ("ingest", cfg.listeners.ingest)):
+        if smtp is not None and smtp.tls != "none":
+            from gateway.smtp.server import server_tls_context
 
-        try:
-            server_tls_context(cfg, sub)
-        except (ssl.SSLError, OSError) as exc:
-            problems.append(Problem(str(path), None, "listeners.submission.cert_file",
-                                    f"certificate and key do not load together: {exc}"))
+            try:
+                server_tls_context(cfg, smtp)
+            except (ssl.SSLError, OSError) as exc:
+                problems.append(Problem(str(path), None, f"listeners.{name}.cert_file",
+                                        f"certificate and key do not load together: {exc}"))
     try:
         from sqlalchemy.engine import make_url
 
