@@ -26,6 +26,7 @@ the same transaction as the messages it covers). In one transaction a batch:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import os
@@ -231,6 +232,11 @@ class NewMessage:
             html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
             size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
             account=account, user=user, template=p.headers.x_mailgw_template, sources=sources)
+
+    @functools.cached_property
+    def raw_sha256(self) -> str | None:
+        """The content address of `raw` (hashed once, however many steps need it)."""
+        return None if self.raw is None else hashlib.sha256(self.raw).hexdigest()
 
     @property
     def dedupe_key(self) -> str:
@@ -519,7 +525,7 @@ class Store:
     async def _write_blobs(self, items: Sequence[NewMessage]) -> None:
         if self.raw.directory is None or self.raw.in_database:
             return
-        blobs = {hashlib.sha256(m.raw).hexdigest(): m.raw for m in items if m.raw is not None}
+        blobs = {m.raw_sha256: m.raw for m in items if m.raw_sha256 is not None and m.raw is not None}
         if blobs:
             try:
                 await asyncio.to_thread(self.raw.write_files, blobs)
@@ -538,8 +544,7 @@ class Store:
         threads = await self._threads(conn, list(first.values()))
         rows = []
         for k, m in first.items():
-            digest = hashlib.sha256(m.raw).hexdigest() if m.raw is not None and self.raw.enabled \
-                else None
+            digest = m.raw_sha256 if self.raw.enabled else None
             skey, _ = subject_key(m.subject)
             at = m.sources[0].at
             rows.append({
