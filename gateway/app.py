@@ -120,7 +120,7 @@ class App:
                            is_ingest=self.ingest.is_ingest_address, counts=self.counts,
                            on_accepted=self._accepted, log=self.log)
         await self.scheduler.start()
-        self.tailers = Tailers(self.get_config, self.store, log=self.log)
+        self.tailers = Tailers(self.get_config, self.store, log=self.log, metrics=self.metrics)
         await self.tailers.start()
         sub = cfg.listeners.submission
         if sub is not None:

@@ -716,6 +716,19 @@ class Config(Model):
 # secrets
 
 
+def _secret_path(ref: str, base_dir: Path) -> Path:
+    """The file a `*_file` value names: `credential:NAME` in $CREDENTIALS_DIRECTORY, else a
+    path (relative to the config's directory)."""
+    if ref.startswith("credential:"):
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred_dir:
+            raise FileNotFoundError(
+                f"{ref}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
+        return Path(cred_dir) / ref[len("credential:"):]
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
 def read_secret(ref: str, base_dir: Path) -> str:
     """Resolve a `*_file` value: a path, `env:NAME` or `credential:NAME`; strip one newline."""
     if ref.startswith("env:"):
@@ -723,17 +736,7 @@ def read_secret(ref: str, base_dir: Path) -> str:
         if name not in os.environ:
             raise FileNotFoundError(f"environment variable {name} is not set")
         return os.environ[name]
-    if ref.startswith("credential:"):
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not cred_dir:
-            raise FileNotFoundError(
-                f"{ref}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
-        path = Path(cred_dir) / ref[len("credential:"):]
-    else:
-        path = Path(ref).expanduser()
-        if not path.is_absolute():
-            path = base_dir / path
-    text = path.read_text(encoding="utf-8")
+    text = _secret_path(ref, base_dir).read_text(encoding="utf-8")
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -741,14 +744,7 @@ def read_secret_bytes(ref: str, base_dir: Path) -> bytes:
     """Like :func:`read_secret`, but the raw bytes of the file (or variable), unstripped."""
     if ref.startswith("env:"):
         return read_secret(ref, base_dir).encode("utf-8")
-    if ref.startswith("credential:"):
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not cred_dir:
-            raise FileNotFoundError(
-                f"{ref}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
-        return (Path(cred_dir) / ref[len("credential:"):]).read_bytes()
-    path = Path(ref).expanduser()
-    return (path if path.is_absolute() else base_dir / path).read_bytes()
+    return _secret_path(ref, base_dir).read_bytes()
 
 
 # ----------------------------------------------------------------------------------

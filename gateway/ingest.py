@@ -44,7 +44,8 @@ from gateway.mail.parse import ParsedMessage, parse_message
 from gateway.smtp.addresses import domain_of
 from gateway.spool import new_queue_id
 
-#: Parse in a worker thread above this size (small messages parse in well under 1 ms).
+#: Parse (and unwrap forwards) in a worker thread above this size (small messages parse in
+#: well under 1 ms; an 8.6 MB forward takes about 0.4 s to parse and 0.4 s to unwrap).
 THREAD_PARSE_BYTES = 256 * 1024
 
 
@@ -107,14 +108,18 @@ class Ingest:
 
     async def accept(self, sub: IngestSubmission) -> IngestResult:
         cfg = self.cfg
-        if len(sub.data) > THREAD_PARSE_BYTES:
+        large = len(sub.data) > THREAD_PARSE_BYTES
+        if large:
             parsed = await asyncio.to_thread(parse_message, sub.data)
         else:
             parsed = parse_message(sub.data)
         own = own_addresses(cfg)
         if not sub.trusted:
             await self._check_sender(sub, parsed, own)
-        fwd = unwrap_forward(sub.data, parsed)
+        if large:  # unwrapping parses the MIME tree and the original again: CPU work too
+            fwd = await asyncio.to_thread(unwrap_forward, sub.data, parsed)
+        else:
+            fwd = unwrap_forward(sub.data, parsed)
         msg, raw = (fwd.original, fwd.raw) if fwd is not None else (parsed, sub.data)
         ingest_id = new_queue_id()
         sender = msg.from_addr.lower()

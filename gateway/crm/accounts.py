@@ -42,16 +42,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Account
-from gateway.crm.models import (
-    ACCOUNT_STATUSES,
-    AccountState,
-    Message,
-    MessageSource,
-    RawMessage,
-    SyncRun,
-    SyncState,
-)
-from gateway.crm.store import Store
+from gateway.crm.models import ACCOUNT_STATUSES, AccountState, SyncRun, SyncState
+from gateway.crm.store import Store, _chunks, _iso, _messages, _raw, _sources
 from gateway.errors import NotFound
 from gateway.imap.oauth import EncryptedToken
 
@@ -66,11 +58,7 @@ __all__ = [
 _accounts = cast(sa.Table, AccountState.__table__)
 _state = cast(sa.Table, SyncState.__table__)
 _runs = cast(sa.Table, SyncRun.__table__)
-_sources = cast(sa.Table, MessageSource.__table__)
-_messages = cast(sa.Table, Message.__table__)
-_raw = cast(sa.Table, RawMessage.__table__)
 
-_CHUNK = 500
 #: the reason text kept with a status (the server's words can be long)
 REASON_MAX = 1000
 
@@ -115,10 +103,6 @@ class PurgeResult:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def _reason(text: str | None) -> str | None:
@@ -226,24 +210,6 @@ class Accounts:
             return cast("str | None", previous)
 
         return cast("str | None", await self._tx(run, f"cannot set the status of {account_id}"))
-
-    async def note_reason(self, account_id: str, reason: str | None) -> None:
-        """Update the reason text only (a later failure of an account that needs reconnecting)."""
-        async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id).values(
-                status_reason=_reason(reason), updated_at=_now()))
-
-        await self._tx(run, f"cannot update account {account_id}")
-
-    def mark_synced(self, account_id: str, at: datetime | None = None) -> ConnCallback:
-        """A `then` callback setting ``last_sync_at``."""
-        async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id)
-                               .values(last_sync_at=at or _now()))
-        return run
-
-    async def synced(self, account_id: str) -> None:
-        await self._tx(self.mark_synced(account_id), f"cannot update account {account_id}")
 
     # -- checkpoints ----------------------------------------------------------------------
     async def checkpoint(self, account_id: str, folder: str) -> Checkpoint | None:
@@ -383,24 +349,24 @@ class Accounts:
             n_sources = int((await conn.execute(sa.delete(_sources).where(where))).rowcount or 0)
             orphans: dict[int, str | None] = {}
             has_source = sa.exists().where(_sources.c.message_pk == _messages.c.id)
-            for i in range(0, len(pks), _CHUNK):
+            for chunk in _chunks(pks):
                 rows = await conn.execute(sa.select(_messages.c.id, _messages.c.raw_sha256).where(
-                    _messages.c.id.in_(pks[i:i + _CHUNK]), ~has_source))
+                    _messages.c.id.in_(chunk), ~has_source))
                 orphans.update({pk: digest for pk, digest in rows.all()})
             ids = sorted(orphans)
             n_messages = 0
-            for i in range(0, len(ids), _CHUNK):
-                res = await conn.execute(sa.delete(_messages).where(_messages.c.id.in_(ids[i:i + _CHUNK])))
+            for chunk in _chunks(ids):
+                res = await conn.execute(sa.delete(_messages).where(_messages.c.id.in_(chunk)))
                 n_messages += int(res.rowcount or 0)
             digests = sorted({d for d in orphans.values() if d})
             still: set[str] = set()
-            for i in range(0, len(digests), _CHUNK):
+            for chunk in _chunks(digests):
                 found = await conn.execute(sa.select(_messages.c.raw_sha256).where(
-                    _messages.c.raw_sha256.in_(digests[i:i + _CHUNK])))
+                    _messages.c.raw_sha256.in_(chunk)))
                 still.update(d for (d,) in found.all() if d)
             unused = [d for d in digests if d not in still]
-            for i in range(0, len(unused), _CHUNK):
-                await conn.execute(sa.delete(_raw).where(_raw.c.sha256.in_(unused[i:i + _CHUNK])))
+            for chunk in _chunks(unused):
+                await conn.execute(sa.delete(_raw).where(_raw.c.sha256.in_(chunk)))
             n_state = int((await conn.execute(sa.delete(_state).where(
                 _state.c.account == account_id))).rowcount or 0)
             return PurgeResult(sources=n_sources, messages=n_messages, checkpoints=n_state,

@@ -16,30 +16,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.crm.linking import FREEMAIL_DOMAINS
-from gateway.crm.models import (
-    Company,
-    Contact,
-    MessageAddress,
-    MessageCompany,
-    MessageContact,
-    sort_at,
+from gateway.crm.models import sort_at
+from gateway.crm.store import (
+    Store,
+    _addresses,
+    _chunks,
+    _companies,
+    _contacts,
+    _iso,
+    _messages,
+    _msg_companies,
+    _msg_contacts,
+    _text,
+    _utc,
 )
-from gateway.crm.store import Store, _chunks, _iso, _messages, _text, _utc
 from gateway.errors import ConfigError, Problem
 from gateway.smtp.addresses import domain_of
-
-_contacts = cast(sa.Table, Contact.__table__)
-_companies = cast(sa.Table, Company.__table__)
-_addresses = cast(sa.Table, MessageAddress.__table__)
-_msg_contacts = cast(sa.Table, MessageContact.__table__)
-_msg_companies = cast(sa.Table, MessageCompany.__table__)
 
 KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone")
 _ALIASES = {"e-mail": "email", "email address": "email", "mail": "email",
@@ -198,7 +197,8 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 rows = await conn.execute(sa.select(_contacts).where(_contacts.c.email.in_(chunk)))
                 existing.update({r["email"]: dict(r) for r in rows.mappings()})
             new_rows: list[dict[str, Any]] = []
-            updated = unchanged = 0
+            changed_rows: list[dict[str, Any]] = []
+            unchanged = 0
             for c in contacts:
                 email = c.email.lower()
                 d = company_domain_for(c)
@@ -220,9 +220,11 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 if not change:
                     unchanged += 1
                     continue
-                updated += 1
-                await conn.execute(sa.update(_contacts).where(_contacts.c.id == old["id"])
-                                   .values(**change, updated_at=now))
+                keep = {k: old[k] for k in (*values, "company_pk", "fields")}
+                changed_rows.append({**keep, **change, "updated_at": now, "_id": old["id"]})
+            if changed_rows:   # one executemany, not a statement per contact
+                await conn.execute(sa.update(_contacts).where(_contacts.c.id == sa.bindparam("_id")),
+                                   changed_rows)
             linked = 0
             if new_rows:
                 stmt = store._insert(_contacts).on_conflict_do_nothing(
@@ -236,7 +238,7 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
             linked += await _link_history_companies(store, conn, new_domains)
     except SQLAlchemyError as exc:
         raise store._fail("contact import failed", exc) from exc
-    return UpsertResult(created=len(new_rows), updated=updated, unchanged=unchanged,
+    return UpsertResult(created=len(new_rows), updated=len(changed_rows), unchanged=unchanged,
                         companies_created=len(companies_created), messages_linked=linked)
 
 
@@ -281,6 +283,8 @@ async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Seque
 
 async def _link_history_contacts(store: Store, conn: AsyncConnection, ids: dict[str, int]) -> int:
     """Link already stored messages to newly created contacts (their own address, not excluded)."""
+    if not store.rules.links_contacts:
+        return 0
     linked = 0
     pks = [pk for email, pk in ids.items() if store.rules.linkable(email)]
     for chunk in _chunks(pks):

@@ -56,6 +56,12 @@ class LinkRules:
             own_domains=frozenset(domain_of(a) for a in own if "@" in a),
         )
 
+    @property
+    def links_contacts(self) -> bool:
+        """Are messages linked to contacts by address (`link_by: address`, or contacts are
+        made automatically)? The same answer for new mail and for history at import."""
+        return self.link_by_address or self.auto_create_contacts
+
     def excluded(self, address: str) -> bool:
         """True for an address matching a `crm.exclude` glob (never linked, never stored)."""
         return self._exclude_re is not None and self._exclude_re.fullmatch(address.lower()) is not None

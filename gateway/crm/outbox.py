@@ -17,15 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.crm.models import WebhookDelivery
-from gateway.crm.store import Store
-
-_outbox = cast(sa.Table, WebhookDelivery.__table__)
+from gateway.crm.store import Store, _outbox
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,12 @@ SQLite and PostgreSQL alike; nothing iterates over events in Python.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.crm.models import Event, Message, MessageSource
-from gateway.crm.store import Store
-
-_messages = cast(sa.Table, Message.__table__)
-_sources = cast(sa.Table, MessageSource.__table__)
-_events = cast(sa.Table, Event.__table__)
+from gateway.crm.store import Store, _events, _messages, _sources
 
 GROUPINGS: tuple[str, ...] = ("template", "user", "domain")
 COUNTS: tuple[str, ...] = ("sent", "delivered", "bounced", "opened", "clicked", "replied",

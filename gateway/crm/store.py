@@ -26,6 +26,7 @@ the same transaction as the messages it covers). In one transaction a batch:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import os
@@ -231,6 +232,11 @@ class NewMessage:
             html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
             size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
             account=account, user=user, template=p.headers.x_mailgw_template, sources=sources)
+
+    @functools.cached_property
+    def raw_sha256(self) -> str | None:
+        """The content address of `raw` (hashed once, however many steps need it)."""
+        return None if self.raw is None else hashlib.sha256(self.raw).hexdigest()
 
     @property
     def dedupe_key(self) -> str:
@@ -519,7 +525,7 @@ class Store:
     async def _write_blobs(self, items: Sequence[NewMessage]) -> None:
         if self.raw.directory is None or self.raw.in_database:
             return
-        blobs = {hashlib.sha256(m.raw).hexdigest(): m.raw for m in items if m.raw is not None}
+        blobs = {m.raw_sha256: m.raw for m in items if m.raw_sha256 is not None and m.raw is not None}
         if blobs:
             try:
                 await asyncio.to_thread(self.raw.write_files, blobs)
@@ -538,8 +544,7 @@ class Store:
         threads = await self._threads(conn, list(first.values()))
         rows = []
         for k, m in first.items():
-            digest = hashlib.sha256(m.raw).hexdigest() if m.raw is not None and self.raw.enabled \
-                else None
+            digest = m.raw_sha256 if self.raw.enabled else None
             skey, _ = subject_key(m.subject)
             at = m.sources[0].at
             rows.append({
@@ -669,7 +674,7 @@ class Store:
         linkable = sorted({a for pairs in by_pk_addrs.values() for _, a in pairs
                            if rules.linkable(a)})
         contacts: dict[str, int] = {}
-        if rules.link_by_address or rules.auto_create_contacts:
+        if rules.links_contacts:
             contacts = await self._contact_ids(conn, linkable)
             if rules.auto_create_contacts:
                 missing = [a for a in linkable if a not in contacts]
@@ -698,9 +703,8 @@ class Store:
         for chunk in _chunks(event_rows):
             await conn.execute(sa.insert(_events), list(chunk))
         await self._replies(conn, new, now)
-        for pk, m in new.items():
-            await self.enqueue_webhook(conn, "message.stored",
-                                       {"message": _summary_payload(pk, m)}, now)
+        await self.enqueue_webhooks(conn, [("message.stored", {"message": _summary_payload(pk, m)})
+                                           for pk, m in new.items()], now)
 
     async def _replies(self, conn: AsyncConnection, new: dict[int, NewMessage],
                        now: datetime) -> None:
@@ -723,6 +727,7 @@ class Store:
                                       .where(_messages.c.dedupe_key.in_(chunk),
                                              _messages.c.direction == "outbound"))
             outbound.update({k[4:]: pk for k, pk in rows.all()})
+        hooks: list[tuple[str, dict[str, Any]]] = []
         for pk, parents in asked.items():
             target = next((outbound[p] for p in parents if p in outbound), None)
             if target is None:
@@ -737,10 +742,11 @@ class Store:
                   "recipient": _text(m.from_addr.lower()), "machine": False,
                   "details": _json(details), "key": f"replied:{pk}"}])
             if result.first() is not None:
-                await self.enqueue_webhook(conn, "message.replied", {
+                hooks.append(("message.replied", {
                     "message_id": target, "event": {"type": "replied", "at": _iso(at),
                                                     "recipient": m.from_addr.lower(),
-                                                    "machine": False, "details": details}}, now)
+                                                    "machine": False, "details": details}}))
+        await self.enqueue_webhooks(conn, hooks, now)
 
     async def _contact_ids(self, conn: AsyncConnection, emails: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -780,38 +786,44 @@ class Store:
         pks: dict[str, int] = {}
         copy_rcpt: dict[str, str] = {}   # a per-recipient copy's recipient
         for chunk in _chunks(sorted({e.queue_id for e in events})):
-            rows = await conn.execute(sa.select(_sources.c.ref, _sources.c.message_pk,
-                                                _sources.c.recipient)
-                                      .where(_sources.c.source == "relay", _sources.c.ref.in_(chunk)))
-            for q, pk, rcpt in rows.all():
+            found = await conn.execute(sa.select(_sources.c.ref, _sources.c.message_pk,
+                                                 _sources.c.recipient)
+                                       .where(_sources.c.source == "relay", _sources.c.ref.in_(chunk)))
+            for q, pk, rcpt in found.all():
                 pks[q] = pk
                 if rcpt:
                     copy_rcpt[q] = rcpt
         unknown: list[EventRecord] = []
-        rows_plain: list[dict[str, Any]] = []
-        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = []
         for e in events:
             target = pks.get(e.queue_id)
             if target is None:
                 unknown.append(e)
                 continue
             recipient = e.recipient or copy_rcpt.get(e.queue_id, "")
-            row = {"message_pk": target, "type": e.type, "at": e.at,
-                   "recipient": _text(recipient), "machine": bool(e.machine),
-                   "details": _json(e.details or {}), "key": _opt_text(e.key)}
-            if e.key is not None:
-                result = await conn.execute(
-                    self._insert(_events).on_conflict_do_nothing(index_elements=[_events.c.key])
-                    .returning(_events.c.id), [row])
-                if result.first() is None:
-                    continue
-            else:
-                rows_plain.append(row)
-            if e.type in ("sent", "deferred", "bounced", "opened", "clicked"):
-                await self.enqueue_webhook(conn, f"message.{e.type}", {
-                    "message_id": target, "event": _event_payload(row)}, now)
-        for chunk in _chunks(rows_plain):
+            rows.append({"message_pk": target, "type": e.type, "at": e.at,
+                         "recipient": _text(recipient), "machine": bool(e.machine),
+                         "details": _json(e.details or {}), "key": _opt_text(e.key)})
+        # keyed events (tracking hits, replies) are recorded once: the first of a key wins
+        keyed = [r for r in rows if r["key"] is not None]
+        inserted: set[str] = set()
+        kstmt = (self._insert(_events).on_conflict_do_nothing(index_elements=[_events.c.key])
+                 .returning(_events.c.key))
+        for chunk in _chunks(keyed):
+            inserted.update(k for (k,) in (await conn.execute(kstmt, list(chunk))).all())
+        plain = [r for r in rows if r["key"] is None]
+        for chunk in _chunks(plain):
             await conn.execute(sa.insert(_events), list(chunk))
+        hooks: list[tuple[str, dict[str, Any]]] = []
+        for row in rows:
+            if row["key"] is not None:
+                if row["key"] not in inserted:
+                    continue
+                inserted.discard(row["key"])   # a key repeated in this batch: announced once
+            if row["type"] in ("sent", "deferred", "bounced", "opened", "clicked"):
+                hooks.append((f"message.{row['type']}",
+                              {"message_id": row["message_pk"], "event": _event_payload(row)}))
+        await self.enqueue_webhooks(conn, hooks, datetime.now(UTC))
         return unknown
 
     # -- webhook outbox --------------------------------------------------------------------
@@ -821,17 +833,31 @@ class Store:
 
         Returns the event id (the idempotency id receivers see), None when nobody subscribes.
         """
-        targets = [w for w in self.webhooks if w.wants(event_type)]
-        if not targets:
-            return None
+        return (await self.enqueue_webhooks(conn, [(event_type, data)], now))[0]
+
+    async def enqueue_webhooks(self, conn: AsyncConnection,
+                               events: Sequence[tuple[str, dict[str, Any]]],
+                               now: datetime | None = None) -> list[str | None]:
+        """:meth:`enqueue_webhook` for several events, in order, with one INSERT for them all."""
         now = now or datetime.now(UTC)
-        event_id = str(uuid.uuid4())
-        payload = {"id": event_id, "type": event_type, "created_at": _iso(now), "data": _json(data)}
-        await conn.execute(sa.insert(_outbox), [
-            {"event_id": event_id, "webhook": w.id, "event_type": event_type, "payload": payload,
-             "status": "pending", "attempts": 0, "next_attempt_at": now, "last_error": None,
-             "created_at": now, "delivered_at": None} for w in targets])
-        return event_id
+        ids: list[str | None] = []
+        rows: list[dict[str, Any]] = []
+        for event_type, data in events:
+            targets = [w for w in self.webhooks if w.wants(event_type)]
+            if not targets:
+                ids.append(None)
+                continue
+            event_id = str(uuid.uuid4())
+            payload = {"id": event_id, "type": event_type, "created_at": _iso(now),
+                       "data": _json(data)}
+            rows += [{"event_id": event_id, "webhook": w.id, "event_type": event_type,
+                      "payload": payload, "status": "pending", "attempts": 0,
+                      "next_attempt_at": now, "last_error": None, "created_at": now,
+                      "delivered_at": None} for w in targets]
+            ids.append(event_id)
+        for chunk in _chunks(rows):
+            await conn.execute(sa.insert(_outbox), list(chunk))
+        return ids
 
     # -- filtering (IMAP header-first, ingest) ------------------------------------------
     async def concerning(self, messages: Sequence[Sequence[str]]) -> list[bool]:

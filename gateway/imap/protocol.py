@@ -73,10 +73,6 @@ class Response:
     text: str = ""
     data: list[Any] = field(default_factory=list)
 
-    @property
-    def is_status(self) -> bool:
-        return self.kind in _STATUS
-
     def describe(self) -> str:
         """The server's words: `[CODE args] text`, for error messages."""
         code = f"[{self.code}{' ' + self.code_args if self.code_args else ''}] " if self.code else ""

@@ -69,7 +69,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -92,6 +92,9 @@ from gateway.imap.sent import SentCopies
 from gateway.imap.slots import ConnectionSlots
 from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
+
+if TYPE_CHECKING:
+    from gateway.api.metrics import Metrics
 
 __all__ = [
     "AccountTailer",
@@ -186,8 +189,8 @@ class AccountTailer:
 
     def __init__(self, account: Account, *, get_config: Callable[[], Config], store: Store,
                  accounts: Accounts, slots: ConnectionSlots, opener: Opener, log: Any = None,
-                 retrying: bool = False, on_stored: Callable[[list[NewMessage]], None] | None = None
-                 ) -> None:
+                 retrying: bool = False, on_stored: Callable[[list[NewMessage]], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.account = account
         self.get_config = get_config
         self.store = store
@@ -197,6 +200,7 @@ class AccountTailer:
         self.log = (log or structlog.get_logger("mailgw.imap")).bind(account=account.id)
         self.retrying = retrying        # status is needs_reconnect: this is the one retry
         self.on_stored = on_stored
+        self.metrics = metrics
         self.state = TailState.WAIT_SLOT
         self.stats = TailerStats()
         self._stop = asyncio.Event()
@@ -292,6 +296,8 @@ class AccountTailer:
     async def _failed(self, exc: Exception, started: datetime, delay: float) -> None:
         text = str(exc)
         self.stats.last_error = text
+        if self.metrics is not None:
+            self.metrics.imap_error(self.id)
         self.log.warning("imap_sync_failed", folder=self._folder or None, error=text,
                          retry_in=round(delay, 1), state=self.state.value)
         kind = "connect" if self.state in (TailState.CONNECT, TailState.WAIT_SLOT) else "tail"
@@ -301,6 +307,8 @@ class AccountTailer:
     async def _needs_reconnect(self, exc: AccountAuthError, started: datetime) -> None:
         self.state = TailState.NEEDS_RECONNECT
         self.stats.logins_failed += 1
+        if self.metrics is not None:
+            self.metrics.imap_error(self.id)
         words = exc.server_text or str(exc)
         self.stats.last_error = str(exc)
         self.log.error("account_needs_reconnect", reason=words)
@@ -591,6 +599,8 @@ class AccountTailer:
         if items:
             self.log.info("imap_stored", folder=folder.name, count=len(items), last_uid=cp.last_uid,
                           backfill_uid=cp.backfill_uid)
+            if self.metrics is not None:
+                self.metrics.imap_stored_messages(self.id, len(items))
             if self.on_stored is not None:
                 self.on_stored(items)
         return cp
@@ -611,16 +621,12 @@ class AccountTailer:
         out = []
         for b in bodies:
             p = parse_message(b.raw)
-            out.append(NewMessage(
-                message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
-                to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
-                date=p.date or b.internaldate, direction=self._direction(folder, p.from_addr),
-                sources=[self._source(folder, uidvalidity, b.uid)], dedupe_hash=p.dedupe_hash,
-                in_reply_to=p.in_reply_to, references=list(p.references), snippet=p.snippet,
-                text_body=p.text_body, html_body=p.html_body,
-                attachments=[dataclasses.asdict(a) for a in p.attachments], size=p.size,
-                account=self.id, user=self._user, template=p.headers.x_mailgw_template,
-                raw=b.raw))
+            m = NewMessage.from_parsed(p, b.raw, direction=self._direction(folder, p.from_addr),
+                                       sources=[self._source(folder, uidvalidity, b.uid)],
+                                       account=self.id, user=self._user)
+            if m.date is None:   # no readable Date header: when the server received it
+                m.date = b.internaldate
+            out.append(m)
         return out
 
     def _from_headers(self, folder: Folder, uidvalidity: int, h: MessageHeaders,
@@ -651,7 +657,8 @@ class Tailers:
     def __init__(self, get_config: Callable[[], Config], store: Store, *, log: Any = None,
                  opener: Opener | None = None, node_id: str | None = None,
                  tokens: TokenManager | None = None,
-                 on_stored: Callable[[str, list[NewMessage]], None] | None = None) -> None:
+                 on_stored: Callable[[str, list[NewMessage]], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         cfg = get_config()
         self.get_config = get_config
         self.store = store
@@ -664,6 +671,7 @@ class Tailers:
         self._own_tokens = tokens is None
         self.opener: Opener = opener or self._open
         self.on_stored = on_stored   # (account id, messages) after each commit: benchmarks, tests
+        self.metrics = metrics       # imap_messages_stored_total and imap_errors_total per account
         self.running: dict[str, _Running] = {}
         self._retry: set[str] = set()
         self._wake = asyncio.Event()
@@ -859,7 +867,8 @@ class Tailers:
         hook = self.on_stored
         t = AccountTailer(a, get_config=self.get_config, store=self.store, accounts=self.accounts,
                           slots=self.slots, opener=self.opener, log=self.log, retrying=retrying,
-                          on_stored=None if hook is None else functools.partial(hook, a.id))
+                          on_stored=None if hook is None else functools.partial(hook, a.id),
+                          metrics=self.metrics)
         task = asyncio.create_task(t.run(), name=f"imap-tailer-{a.id}")
         self.running[a.id] = _Running(t, task, now + ttl, now + ttl / 3)
         self.log.info("tailer_started", account=a.id, node=self.node_id, retrying=retrying)

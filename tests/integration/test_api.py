@@ -445,6 +445,8 @@ async def test_app_serves_api_delivers_webhooks_and_reloads_token(
             assert 'mailgw_webhook_deliveries_total{result="ok"} 1.0' in text
             assert 'mailgw_queue_messages{state="incoming"} 0.0' in text
             assert "mailgw_webhook_outbox_backlog 0.0" in text
+            # IMAP sync counts into the same registry (imap_*_total per account)
+            assert app.tailers is not None and app.tailers.metrics is app.metrics
 
             (secrets_dir / "token").write_text("new-token\n")
             assert await app.reload(path)

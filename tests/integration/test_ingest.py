@@ -189,3 +189,43 @@ async def test_excluded_sender_is_accepted_and_dropped(env: Env) -> None:
     code, _ = await env.send(raw)
     assert code == 250
     assert await env.store.list_messages() == []
+
+
+async def test_large_messages_are_parsed_and_unwrapped_off_the_event_loop(
+        store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import threading
+
+    import dns.resolver
+
+    from gateway import ingest as ingest_mod
+    from gateway.config import Config
+
+    where: list[tuple[str, bool]] = []   # (step, ran on the event loop's thread)
+    loop_thread = threading.get_ident()
+
+    def spy(name: str, real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            where.append((name, threading.get_ident() == loop_thread))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(ingest_mod, "parse_message", spy("parse", ingest_mod.parse_message))
+    monkeypatch.setattr(ingest_mod, "unwrap_forward", spy("unwrap", ingest_mod.unwrap_forward))
+    cfg = Config.model_validate({"ingest": {"addresses": [CRM]}, "delivery": {"route": "mx"},
+                                 "users": [{"login": REP, "password_hash": _hash()}],
+                                 "source": str(tmp_path / "gateway.yaml")})
+    ingest = ingest_mod.Ingest(lambda: cfg, store, dns.resolver.Resolver(configure=False))
+    inner = (b"From: carol@acme.test\r\nTo: rep@example.com\r\nSubject: Specs\r\n"
+             b"Message-ID: <specs@acme.test>\r\n\r\n" + b"spec line\r\n" * 40_000)
+    outer = (b"From: rep@example.com\r\nTo: crm@gw.example.com\r\nSubject: Fwd: Specs\r\n"
+             b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+             b"--b\r\nContent-Type: text/plain\r\n\r\nFYI\r\n"
+             b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--b--\r\n")
+    assert len(outer) > ingest_mod.THREAD_PARSE_BYTES
+    result = await ingest.accept(ingest_mod.IngestSubmission(REP, outer, trusted=True))
+    assert result.forwarded == "attachment" and result.message_pk is not None
+    assert where == [("parse", False), ("unwrap", False)]
+    small = outer.replace(b"spec line\r\n" * 40_000, b"spec line\r\n")
+    where.clear()
+    await ingest.accept(ingest_mod.IngestSubmission(REP, small, trusted=True))
+    assert where == [("parse", True), ("unwrap", True)]   # small: cheaper than a thread hop

@@ -17,9 +17,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from gateway.api.metrics import Metrics
 from gateway.crm.accounts import Accounts
-from gateway.crm.store import AcceptedMessage, Store, WebhookTarget
-from gateway.imap.tailer import Tailers, TailState
+from gateway.crm.store import AcceptedMessage, NewMessage, Store, WebhookTarget
+from gateway.imap.client import Folder, MessageBody
+from gateway.imap.slots import ConnectionSlots
+from gateway.imap.tailer import AccountTailer, Tailers, TailState
+from gateway.mail.parse import parse_message
 from tests.conftest import require_tool
 from tests.integration.harness import wait_until
 from tests.integration.tailer_support import (
@@ -214,6 +218,33 @@ async def test_uidvalidity_change_resyncs_without_duplicates(
         await tailers.stop()
 
 
+async def test_fetched_bodies_become_messages_as_on_every_other_path(
+        sqlite_store: Store, tmp_path: Path) -> None:
+    # no server needed: the parse step of a batch, on bodies as fetch_bodies yields them
+    cfg = make_config(tmp_path, [{"id": "rep", "email": "rep@example.test",
+                                  "imap": {"host": "127.0.0.1", "port": 1, "tls": "none"},
+                                  "sync": {"enabled": False}}])
+    tailer = AccountTailer(cfg.accounts[0], get_config=lambda: cfg, store=sqlite_store,
+                           accounts=Accounts(sqlite_store), slots=ConnectionSlots(1),
+                           opener=None)  # type: ignore[arg-type]
+    received = datetime(2026, 5, 4, 3, 2, 1, tzinfo=UTC)
+    dated = message("dated", sender=LEAD, to="rep@example.test", message_id="<d@test>",
+                    date=received - timedelta(days=1))
+    undated = dated.replace(b"Date: ", b"X-Old-Date: ").replace(b"<d@test>", b"<u@test>")
+    bodies = [MessageBody(uid=uid, raw=raw, flags=frozenset(), internaldate=received)
+              for uid, raw in ((1, dated), (2, undated))]
+    got = tailer._parse(Folder("INBOX"), 7, bodies)
+    for m, raw in zip(got, (dated, undated), strict=True):
+        want = NewMessage.from_parsed(parse_message(raw), raw, direction="inbound",
+                                      sources=m.sources, account="rep")
+        assert m.date is not None and want.date in (m.date, None)
+        assert (m.message_id, m.dedupe_hash, m.attachments, m.size, m.raw) == \
+            (want.message_id, want.dedupe_hash, want.attachments, want.size, raw)
+    assert [m.date for m in got] == [received - timedelta(days=1), received]
+    assert [(s.ref, s.uidvalidity, s.uid) for m in got for s in m.sources] == [
+        ("rep/INBOX/7/1", 7, 1), ("rep/INBOX/7/2", 7, 2)]
+
+
 async def test_message_relayed_and_seen_in_sent_is_stored_once(
         store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
     await add_contacts(store, LEAD)
@@ -247,7 +278,12 @@ async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
     await add_contacts(store, LEAD)
     dovecot.append(user, "INBOX", message("hi", sender=LEAD, to=user, message_id="<pw@test>"))
     cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path, password="wrong")])
-    tailers, spy = tailers_for(cfg, store)
+    metrics = Metrics()
+    tailers, spy = tailers_for(cfg, store, metrics=metrics)
+
+    def metric(name: str) -> float | None:
+        return metrics.registry.get_sample_value(f"mailgw_imap_{name}_total", {"account": "rep"})
+
     await tailers.start()
     try:
         async def needs_reconnect() -> bool:
@@ -261,6 +297,7 @@ async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
         ticks = tailers.ticks
         await wait_until(lambda: tailers.ticks >= ticks + 30, 10, "30 more checks")
         assert spy.logins == 1 and tailers.tailer("rep") is None
+        assert metric("errors") == 1 and metric("messages_stored") is None
         async with store.engine.connect() as conn:
             hooks = (await conn.execute(sa.text(
                 "SELECT event_type FROM webhook_outbox WHERE event_type LIKE 'account.%'"))).all()
@@ -276,6 +313,7 @@ async def test_wrong_password_needs_reconnect_once_with_the_servers_words(
 
         await wait_until(active, 15, "reconnected and synced")
         assert spy.logins == 2
+        assert metric("errors") == 1 and metric("messages_stored") == 1
     finally:
         await tailers.stop()
 

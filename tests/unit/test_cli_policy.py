@@ -1,4 +1,4 @@
-"""`mailgw policy explain` and `mailgw check` on policies, through `python -m gateway`."""
+"""`mailgw policy explain` and `mailgw check` (policies, TLS files), through `python -m gateway`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.tlscert import make_cert
 from tests.unit.test_policy_engine import setup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,3 +112,16 @@ def test_explain_dkim_note_knows_parent_domain_keys(tmp_path: Path) -> None:
     other = json.loads(mailgw(*base, "--from", "x@other.example.org").stdout)
     assert other["notes"] == ["dkim is on but the config has no dkim: key for other.example.org: "
                               "nothing is signed"]
+
+
+def test_check_loads_the_tls_certificate_of_every_smtp_listener(tmp_path: Path) -> None:
+    a, b = make_cert(tmp_path, stem="a"), make_cert(tmp_path, stem="b")
+    for listener in ("submission", "ingest"):
+        cfg = tmp_path / f"{listener}.yaml"
+        cfg.write_text(f"listeners:\n  {listener}:\n    tls: starttls\n"
+                       f"    cert_file: {a.cert_file}\n    key_file: {b.key_file}\n"
+                       "delivery: {route: mx}\n")
+        out = mailgw("check", "-c", str(cfg), cwd=tmp_path)
+        assert out.returncode == 2, out.stdout
+        assert f"listeners.{listener}.cert_file: certificate and key do not load together" \
+            in out.stderr

@@ -86,6 +86,22 @@ def test_tls_needs_cert(tmp_path: Path) -> None:
     assert ei.value.problems[0].line == 2  # the section holding tls:
 
 
+
+@pytest.mark.parametrize("listener", ["submission", "ingest"])
+def test_unreadable_tls_files_of_an_smtp_listener(tmp_path: Path, listener: str) -> None:
+    p = write(tmp_path, f"""listeners:
+  {listener}:
+    tls: starttls
+    cert_file: missing.crt
+    key_file: missing.key
+""")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    text = str(ei.value)
+    assert f"{p}:4: listeners.{listener}.cert_file: cannot read missing.crt" in text
+    assert f"{p}:5: listeners.{listener}.key_file: cannot read missing.key" in text
+
+
 def test_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
     assert read_secret("pw", tmp_path) == "s3cret"

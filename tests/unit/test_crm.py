@@ -203,6 +203,36 @@ async def test_import_updates_never_duplicates_and_links_history(store: Store) -
     assert timeline[0]["contacts"][0]["email"] == "carol@acme.test"
 
 
+
+
+async def test_upsert_updates_several_contacts_each_with_its_own_values(store: Store) -> None:
+    store.configure(RULES)
+    await upsert_contacts(store, [ContactInput("a@acme.test", "Ann", "A", title="CEO"),
+                                  ContactInput("b@beta.test", "Bo", "B", phone="1")])
+    r = await upsert_contacts(store, [ContactInput("a@acme.test", last_name="Aa", company="Acme"),
+                                      ContactInput("b@beta.test", title="CTO", fields={"x": "1"}),
+                                      ContactInput("c@gamma.test", "Cy")])
+    assert (r.created, r.updated, r.unchanged, r.companies_created) == (1, 2, 0, 1)
+    rows = {c["email"]: c for c in await list_contacts(store)}
+    a, b = rows["a@acme.test"], rows["b@beta.test"]
+    assert (a["name"], a["title"], a["phone"], a["company"], a["fields"]) == (
+        "Ann Aa", "CEO", "", "Acme", {})
+    assert (b["name"], b["title"], b["phone"], b["company"], b["fields"]) == (
+        "Bo B", "CTO", "1", "", {"x": "1"})
+    assert a["updated_at"] == b["updated_at"] != a["created_at"]
+
+
+async def test_link_by_domain_only_links_no_contact_before_or_after_an_import(store: Store) -> None:
+    store.configure(LinkRules(link_by_address=False, own_addresses=RULES.own_addresses,
+                              own_domains=RULES.own_domains))
+    await store.store_messages([imap_msg("<before@acme.test>", uid=1)])
+    result = await upsert_contacts(store, [ContactInput("carol@acme.test", "Carol", company="Acme")])
+    await store.store_messages([imap_msg("<after@acme.test>", uid=2)])
+    assert result.messages_linked == 1          # the company's, by domain
+    assert [m["contacts"] for m in await store.list_messages()] == [[], []]
+    assert await count(store, "message_companies") == 2
+
+
 def test_csv_errors_name_the_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_csv("email,first_name\nok@acme.test,A\nnot-an-address,B\n\nok@acme.test,C\n",
@@ -230,6 +260,34 @@ async def test_outbox_rows_are_written_with_the_message(store: Store) -> None:
     assert rows == [("http://a.test/", "message.stored", "pending"),
                     ("http://a.test/", "message.bounced", "pending"),
                     ("http://b.test/", "message.bounced", "pending")]
+
+
+
+async def test_keyed_events_are_recorded_and_announced_once_in_order(store: Store) -> None:
+    store.configure(RULES, [WebhookTarget("http://a.test/",
+                                          frozenset({"message.opened", "message.sent"}))])
+    await store.record([relay_msg("Q1", "<k1@example.com>")], [])
+
+    def hit(key: str, seconds: int) -> EventRecord:
+        return EventRecord("Q1", "opened", "carol@acme.test", T0 + timedelta(seconds=seconds),
+                           {"n": key}, key=key)
+
+    await store.record([], [hit("hit:1", 1),
+                            EventRecord("Q1", "sent", "carol@acme.test", T0 + timedelta(seconds=2)),
+                            hit("hit:1", 3), hit("hit:2", 4)])
+    await store.record([], [hit("hit:2", 5), hit("hit:3", 6)])
+    [row] = await store.list_messages()
+    assert [(e["type"], e["details"].get("n")) for e in row["events"]] == [
+        ("queued", None), ("opened", "hit:1"), ("sent", None), ("opened", "hit:2"),
+        ("opened", "hit:3")]
+    async with store.engine.connect() as conn:
+        outbox = (await conn.execute(
+            sa.select(sa.column("event_type"), sa.column("payload", sa.JSON))
+            .select_from(sa.table("webhook_outbox")).order_by(sa.column("id")))).all()
+    assert [(t, p["data"]["event"]["details"].get("n")) for t, p in outbox] == [
+        ("message.opened", "hit:1"), ("message.sent", None), ("message.opened", "hit:2"),
+        ("message.opened", "hit:3")]
+    assert len({p["id"] for _, p in outbox}) == 4
 
 
 async def test_raw_bytes_are_kept_once_content_addressed(url: str, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from gateway.crm import writer as writer_mod
 from gateway.crm.engine import make_engine
 from gateway.crm.migrate import current_revision, head_revision, upgrade
 from gateway.crm.models import metadata
-from gateway.crm.store import AcceptedMessage, EventRecord, Store
+from gateway.crm.store import AcceptedMessage, EventRecord, NewMessage, SourceRef, Store
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
 from tests.conftest import free_port
@@ -131,6 +131,106 @@ async def test_migrations_match_the_models(url: str) -> None:
             assert await conn.run_sync(compare) == []
     finally:
         await engine.dispose()
+
+
+
+async def _at_0001_with_mail(url: str) -> None:
+    """A store at revision 0001 holding what the 0001 relay wrote: a relayed message whose
+    Message-ID has an upper-case domain, and a message seen through IMAP and ingest."""
+    await upgrade(url, "0001")
+    # what the 0001 store bound for a UTCDateTime: naive UTC text on SQLite
+    at: Any = T0 if url.startswith("postgresql") else "2026-03-01 12:00:00.000000"
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(
+                "INSERT INTO messages (message_id, direction, from_addr, to_addrs, cc_addrs, "
+                "subject, date, snippet, size, sources, queue_id, created_at) VALUES "
+                "(:mid, :d, 'alice@example.com', '[]', '[]', :subj, NULL, '', 1, :src, :qid, :at)"),
+                [{"mid": "<Relayed.1@MAIL.Example.COM>", "d": "outbound", "subj": "Re: Pricing",
+                  "src": '["relay"]', "qid": "Q0001", "at": at},
+                 {"mid": "<in.2@example.org>", "d": "inbound", "subj": "Hello",
+                  "src": '["imap", "ingest"]', "qid": None, "at": at}])
+            await conn.execute(sa.text(
+                "INSERT INTO message_addresses (message_pk, role, address) VALUES (:m, :r, :a)"),
+                [{"m": 1, "r": "from", "a": "alice@example.com"},
+                 {"m": 1, "r": "to", "a": "bob@example.net"}])
+    finally:
+        await engine.dispose()
+
+
+async def _downgrade(url: str, target: str) -> None:
+    from alembic import command
+
+    from gateway.crm.migrate import alembic_config
+
+    def run(conn: sa.Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, target)
+
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+async def test_upgraded_messages_are_keyed_as_the_store_keys_them(url: str) -> None:
+    await _at_0001_with_mail(url)
+    await upgrade(url)
+    s = await Store.open(url)
+    try:
+        # the same message seen again (e.g. in the Sent folder): the row the relay stored
+        seen = NewMessage(message_id="<Relayed.1@mail.example.com>", from_addr="alice@example.com",
+                          to_addrs=[], cc_addrs=[], subject="Re: Pricing", date=None,
+                          direction="outbound",
+                          sources=[SourceRef("imap", "rep/Sent/1/1", T0, account="rep")])
+        [stored] = await s.store_messages([seen])
+        assert (stored.id, stored.created) == (1, False)
+        assert [m["id"] for m in await s.list_messages()] == [2, 1]
+    finally:
+        await s.close()
+
+
+
+
+async def test_upgraded_messages_thread_with_their_replies(url: str) -> None:
+    await _at_0001_with_mail(url)
+    await upgrade(url)
+    s = await Store.open(url)
+    try:
+        def reply(mid: str, irt: str | None, at: datetime) -> NewMessage:
+            return NewMessage(message_id=mid, in_reply_to=irt, from_addr="bob@example.net",
+                              to_addrs=["alice@example.com"], cc_addrs=[], subject="RE: pricing",
+                              date=at, direction="inbound",
+                              sources=[SourceRef("ingest", mid, at)])
+
+        await s.store_messages([reply("<r1@example.net>", "<Relayed.1@MAIL.Example.COM>",
+                                      T0 + timedelta(hours=1)),
+                                reply("<r2@example.net>", None, T0 + timedelta(days=1))])
+        threads = {m["message_id"]: m["thread_id"] for m in await s.list_messages()}
+        # by In-Reply-To, and (no references at all) by subject and participants
+        assert threads["<r1@example.net>"] == threads["<Relayed.1@MAIL.Example.COM>"] is not None
+        assert threads["<r2@example.net>"] == threads["<Relayed.1@MAIL.Example.COM>"]
+    finally:
+        await s.close()
+
+
+async def test_downgrade_to_0001_keeps_each_messages_sources(url: str) -> None:
+    await _at_0001_with_mail(url)
+    await upgrade(url)
+    await _downgrade(url, "0001")
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(
+                sa.column("id"), sa.column("queue_id"), sa.column("sources", sa.JSON))
+                .select_from(sa.table("messages")).order_by(sa.column("id")))).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, "Q0001", ["relay"]), (2, None, ["imap", "ingest"])]
 
 
 async def test_unreachable_postgresql_is_a_store_error_without_the_password() -> None:

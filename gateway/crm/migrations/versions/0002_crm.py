@@ -2,8 +2,11 @@
 
 Messages become unique by ``dedupe_key`` (Message-ID, else a content hash) and their
 paths move from ``messages.queue_id`` / ``messages.sources`` into ``message_sources``.
-Existing rows keep their ids; a Message-ID seen on several old rows keeps its key on
-the oldest row, the others get ``id:<pk>``.
+Existing rows keep their ids and get the key the store computes for the same Message-ID
+(imported, not copied: a message seen again after the upgrade must find its row); a
+Message-ID seen on several old rows keeps its key on the oldest row, the others get
+``id:<pk>``. Their thread id and subject key are derived as the store derives them for a
+message that starts a thread.
 
 Revision ID: 0002
 Revises: 0001
@@ -19,6 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from gateway.crm.models import UTCDateTime
+from gateway.crm.store import message_id_key, subject_key
 
 revision = "0002"
 down_revision: str | None = "0001"
@@ -219,19 +223,19 @@ def upgrade() -> None:
 
     conn = op.get_bind()
     rows = conn.execute(sa.text(
-        "SELECT id, message_id, queue_id, sources, direction, account, created_at "
-        "FROM messages ORDER BY id")).all()
+        "SELECT id, message_id, queue_id, sources, direction, account, created_at, thread_id, "
+        "subject FROM messages ORDER BY id")).all()
     seen: set[str] = set()
     src_rows: list[dict[str, Any]] = []
-    for pk, mid, qid, sources, _direction, account, created in rows:
-        key_mid = (mid or "").strip().strip("<>").strip()
+    msg_rows: list[dict[str, Any]] = []
+    for pk, mid, qid, sources, _direction, account, created, thread, subject in rows:
+        key_mid = message_id_key(mid)
         key = f"mid:{key_mid}" if key_mid and f"mid:{key_mid}" not in seen else f"id:{pk}"
         seen.add(key)
-        conn.execute(sa.text(
-            "UPDATE messages SET dedupe_key = :k, reference_ids = :r, from_name = '', "
-            "subject_key = '', text_body = '', html_body = '', attachments = :a, "
-            "updated_at = created_at WHERE id = :id"),
-            {"k": key, "r": "[]", "a": "[]", "id": pk})
+        # the thread and subject key the store gives a message that starts a thread, so
+        # that replies stored after the upgrade join it (0001 left thread_id empty)
+        msg_rows.append({"k": key, "r": "[]", "a": "[]", "sk": subject_key(subject or "")[0],
+                         "t": thread or key_mid or key, "id": pk})
         if isinstance(sources, str):
             sources = json.loads(sources)
         names = [s for s in (sources or ["relay"]) if s in ("relay", "imap", "ingest")] or ["relay"]
@@ -239,6 +243,11 @@ def upgrade() -> None:
             ref = qid if (name == "relay" and qid) else f"legacy:{pk}:{name}"
             src_rows.append({"message_pk": pk, "source": name, "ref": ref, "account": account,
                              "at": created})
+    if msg_rows:  # one executemany, not a round trip per message
+        conn.execute(sa.text(
+            "UPDATE messages SET dedupe_key = :k, reference_ids = :r, from_name = '', "
+            "subject_key = :sk, thread_id = :t, text_body = '', html_body = '', "
+            "attachments = :a, updated_at = created_at WHERE id = :id"), msg_rows)
     if src_rows:
         conn.execute(sa.text(
             "INSERT INTO message_sources (message_pk, source, ref, account, at) "
@@ -267,11 +276,12 @@ def upgrade() -> None:
 
     with op.batch_alter_table("message_addresses") as b:
         b.add_column(sa.Column("domain", sa.String(), server_default="", nullable=False))
-    for pk, role, address in conn.execute(sa.text(
-            "SELECT message_pk, role, address FROM message_addresses")).all():
+    domains = [{"d": address.rpartition("@")[2], "m": pk, "r": role, "a": address}
+               for pk, role, address in conn.execute(sa.text(
+                   "SELECT message_pk, role, address FROM message_addresses")).all()]
+    if domains:
         conn.execute(sa.text("UPDATE message_addresses SET domain = :d WHERE message_pk = :m "
-                             "AND role = :r AND address = :a"),
-                     {"d": address.rpartition("@")[2], "m": pk, "r": role, "a": address})
+                             "AND role = :r AND address = :a"), domains)
     op.create_index("ix_message_addresses_domain", "message_addresses", ["domain", "message_pk"])
 
     with op.batch_alter_table("events") as b:
@@ -292,11 +302,21 @@ def downgrade() -> None:
         b.add_column(sa.Column("queue_id", sa.String(), nullable=True))
         b.add_column(sa.Column("sources", sa.JSON(), nullable=True))
     conn = op.get_bind()
-    for pk, qid in conn.execute(sa.text(
-            "SELECT message_pk, min(ref) FROM message_sources WHERE source = 'relay' "
-            "GROUP BY message_pk")).all():
-        conn.execute(sa.text("UPDATE messages SET queue_id = :q WHERE id = :id"), {"q": qid, "id": pk})
-    conn.execute(sa.text("UPDATE messages SET sources = '[\"relay\"]'"))
+    queue_ids = [{"q": qid, "id": pk} for pk, qid in conn.execute(sa.text(
+        "SELECT message_pk, min(ref) FROM message_sources WHERE source = 'relay' "
+        "GROUP BY message_pk")).all()]
+    if queue_ids:
+        conn.execute(sa.text("UPDATE messages SET queue_id = :q WHERE id = :id"), queue_ids)
+    # each message's paths, in the order they were seen (0001 kept them as a JSON list)
+    paths: dict[int, list[str]] = {}
+    for pk, name in conn.execute(sa.text(
+            "SELECT message_pk, source FROM message_sources ORDER BY id")).all():
+        if name not in paths.setdefault(pk, []):
+            paths[pk].append(name)
+    conn.execute(sa.text("UPDATE messages SET sources = '[]'"))
+    if paths:
+        conn.execute(sa.text("UPDATE messages SET sources = :s WHERE id = :id"),
+                     [{"s": json.dumps(names), "id": pk} for pk, names in paths.items()])
     with op.batch_alter_table("messages") as b:
         b.alter_column("sources", existing_type=sa.JSON(), nullable=False)
         b.drop_index("ix_messages_template")
