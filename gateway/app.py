@@ -99,7 +99,8 @@ class App:
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
         self.store = await Store.from_config(cfg)
         self._configure_store(cfg)
-        self.writer = StoreWriter(self.store, log=self.log)
+        self.writer = StoreWriter(self.store, log=self.log,
+                                  on_failure=self.metrics.store_write_failed)
         await self.writer.start()
         d = cfg.delivery
         transport = Transport(cfg.hostname, connect_timeout=d.connect_timeout,
@@ -200,7 +201,7 @@ class App:
         if lst is None:
             return
         assert self.store is not None and self.writer is not None
-        sink = StoreTracking(self.store, self.writer)
+        sink = StoreTracking(self.store, self.writer, self.metrics)
         self.tracking = TrackingServer(lst, self.token_signer(), sink, sink,
                                        settings=settings_from_config(self.cfg))
         await self.tracking.start()

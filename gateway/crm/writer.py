@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -35,7 +36,8 @@ class StoreWriter:
     """Buffers store writes and flushes them in batches from one background task."""
 
     def __init__(self, store: Store, *, batch: int = 200, max_delay: float = 0.05,
-                 log: Any = None, max_raw_bytes: int = 256 * 1024 * 1024) -> None:
+                 log: Any = None, max_raw_bytes: int = 256 * 1024 * 1024,
+                 on_failure: Callable[[], None] | None = None) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         self.store = store
@@ -48,6 +50,7 @@ class StoreWriter:
         """Flushes that failed (each is retried)."""
         self._items: deque[Item] = deque()
         self.max_raw_bytes = max_raw_bytes
+        self.on_failure = on_failure
         """Raw message bytes held while the store is behind; beyond it they are dropped."""
         self._raw_bytes = 0
         self._wake = asyncio.Event()
@@ -149,6 +152,8 @@ class StoreWriter:
                 await self.store.record(accepted, events)
             except Exception as exc:
                 self.failures += 1
+                if self.on_failure is not None:
+                    self.on_failure()
                 self.log.error("store_write_failed", error=str(exc), pending=len(self._items),
                                retry_in=BACKOFF_MIN if self._stopping else backoff,
                                failures=self.failures)

@@ -17,6 +17,7 @@ from typing import cast
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.api.metrics import Metrics
 from gateway.crm.models import Event, Message, MessageSource
 from gateway.crm.store import EventRecord, Store
 from gateway.crm.writer import StoreWriter
@@ -32,9 +33,10 @@ RECENT_HITS = 50
 class StoreTracking:
     """Copy lookups from, and hit events into, the CRM store."""
 
-    def __init__(self, store: Store, writer: StoreWriter) -> None:
+    def __init__(self, store: Store, writer: StoreWriter, metrics: Metrics | None = None) -> None:
         self.store = store
         self.writer = writer
+        self.metrics = metrics
 
     async def copy_info(self, copy_id: str) -> CopyInfo | None:
         q = (sa.select(_sources.c.message_pk, _sources.c.recipient, _sources.c.client_ip,
@@ -73,6 +75,8 @@ class StoreTracking:
                         recent_hits=tuple(prior))
 
     async def record_hit(self, hit: Hit) -> None:
+        if self.metrics is not None:
+            self.metrics.tracking_hit("open" if hit.kind == "open" else "click", hit.machine)
         details = {"hit_id": hit.id, "link": hit.link, "url": hit.url, "ip": hit.ip,
                    "user_agent": hit.user_agent, "referer": hit.referer or None,
                    "category": hit.category, "reason": hit.reason,

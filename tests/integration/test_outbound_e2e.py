@@ -151,6 +151,11 @@ async def test_tracked_copies_dkim_click_pixel_and_events(env: Env) -> None:
         return {("opened", "bob@acme.test"), ("clicked", "bob@acme.test")} <= kinds
 
     await wait_until(seen, timeout=20, what="opened and clicked events for bob")
+    registry = env.app.metrics.registry
+    for kind in ("open", "click"):
+        assert registry.get_sample_value("mailgw_tracking_hits_total",
+                                         {"kind": kind, "machine": "false"}) == 1.0, kind
+    assert registry.get_sample_value("mailgw_messages_accepted_total") == 1.0
     hits = [e for e in events() if e["type"] in ("opened", "clicked")]
     assert all(e["machine"] is False for e in hits), hits
     clicked = next(e for e in hits if e["type"] == "clicked")

@@ -457,14 +457,16 @@ async def test_writer_retries_after_failures_without_losing_items(store: Store,
                                                                   fast_backoff: None) -> None:
     log = Log()
     rec = Recording(store, fail=2)
-    w = StoreWriter(rec.install(), batch=50, max_delay=0.01, log=log)
+    failed: list[int] = []
+    w = StoreWriter(rec.install(), batch=50, max_delay=0.01, log=log,
+                    on_failure=lambda: failed.append(1))
     await w.start()
     for i in range(120):
         w.add_accepted(msg(f"R{i:03}"))
         if i % 10 == 0:
             w.add_event(ev(f"R{i:03}", "sent"))
     await _until(lambda: w.pending == 0)
-    assert w.failures == 2 and rec.errors == 2
+    assert w.failures == 2 and rec.errors == 2 and len(failed) == 2   # the metric's hook
     assert w.written == 132
     assert log.events("error").count("store_write_failed") == 2
     assert "store_write_recovered" in log.events()
