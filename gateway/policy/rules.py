@@ -28,14 +28,15 @@ Semantics (the contract `policies/*.yaml` documents):
 
 from __future__ import annotations
 
-import email.errors
-import email.header
 import fnmatch
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
+
+from gateway.mail.text import decode_words
+from gateway.smtp.addresses import domain_of
 
 _WILDCARDS = frozenset("*?[")
 
@@ -92,20 +93,11 @@ def url_skipped(url: str, globs: Sequence[str]) -> bool:
 # headers
 
 
-def _decode_words(value: str) -> str:
-    if "=?" not in value:
-        return value
-    try:
-        return str(email.header.make_header(email.header.decode_header(value)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
-        return value
-
-
 def unfold(value: str) -> str:
     """An unfolded, decoded, stripped header value (RFC 5322 §2.2.3, RFC 2047)."""
     if "\n" in value:
         value = value.replace("\r\n", "").replace("\n", "")
-    return _decode_words(value.strip())
+    return decode_words(value.strip())
 
 
 class Headers:
@@ -155,10 +147,6 @@ class Headers:
 # the thing a rule is matched against
 
 
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].rstrip(".")
-
-
 def nearest_domain(domain: str, domains: Container[str]) -> str | None:
     """`domain` or its nearest parent that is in `domains` (lower case, without a trailing
     dot), else None: ``sales.example.com`` is covered by ``example.com``. The DKIM signer
@@ -188,7 +176,7 @@ class Context:
              account: str | None = None, headers: Headers | None = None) -> Context:
         s = sender.strip().strip("<>").lower()
         r = recipient.strip().strip("<>").lower()
-        return cls(s, domain_of(s), r, domain_of(r), user.lower() if user else None,
+        return cls(s, domain_of(s).rstrip("."), r, domain_of(r).rstrip("."), user.lower() if user else None,
                    account.lower() if account else None, headers)
 
 
