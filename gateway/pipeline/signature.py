@@ -36,12 +36,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.mail.text import html_to_text
 from gateway.pipeline.htmltok import insertion_point
 
 Kind = Literal["signature", "disclaimer"]
-_HIDDEN_RE = re.compile(r"<(script|style|title)\b.*?</\1\s*>|<!--.*?-->", re.S | re.I)
-_TAG_RE = re.compile(r"<[^>]*>")
-_BREAK_RE = re.compile(r"<(br|/p|/div|/tr|/li|/h[1-6])\b[^>]*>", re.I)
 _QUOTE_RE = re.compile(r"^[ \t]*(?:>[ \t]?)+", re.M)
 _WS_RE = re.compile(r"\s+")
 _NL_RE = re.compile(r"\r\n|\r|\n")
@@ -76,13 +74,6 @@ class Block:
     @property
     def marker(self) -> str:
         return f'data-mailgw-{self.kind}="{self.block_id}"'
-
-
-def html_to_text(doc: str) -> str:
-    """The visible text of HTML, roughly: for detecting content, not for display."""
-    doc = _HIDDEN_RE.sub(" ", doc)
-    doc = _BREAK_RE.sub("\n", doc)
-    return html.unescape(_TAG_RE.sub("", doc))
 
 
 def _norm(text: str) -> str:
