@@ -30,7 +30,6 @@ from gateway.crm.store import AcceptedMessage, Copy
 from gateway.delivery.scheduler import EventSink
 from gateway.errors import PermanentFailure
 from gateway.pipeline.headers import (
-    addresses,
     get_header,
     make_message_id,
     split_message,
@@ -182,13 +181,10 @@ class Relay:
         stored = [p for p in plans if p.store and p.route != "ingest"]
         if self.events is None or not stored:  # to the ingest address alone: ingest stores it
             return
-        header, _ = split_message(data)
-        from_list = addresses(header, "From")
+        # addresses, subject and bodies come from the writer's parse of `raw`, off the loop
         self.events.add_accepted(AcceptedMessage(
-            queue_id=stored[0].queue_id, message_id=message_id,
-            from_addr=from_list[0] if from_list else sub.mail_from,
-            to_addrs=addresses(header, "To"), cc_addrs=addresses(header, "Cc"),
-            subject=get_header(header, "Subject") or "", date=None, snippet="",
+            queue_id=stored[0].queue_id, message_id=message_id, from_addr=sub.mail_from,
+            to_addrs=[], cc_addrs=[], subject="", date=None, snippet="",
             size=len(data), recipients=[r for p in stored for r in p.recipients],
             user=sub.user, account=sub.account, at=datetime.fromtimestamp(now, UTC),
             copies=[Copy(p.queue_id, p.recipients[0] if p.tracked else None, p.links)

@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from gateway.crm.store import AcceptedMessage, EventRecord, Store, fill_from_parsed
-from gateway.mail.parse import parse_message
+from gateway.mail.parse import parse_headers, parse_message
+from gateway.pipeline.headers import split_message
 
 Item = AcceptedMessage | EventRecord
 
@@ -72,9 +73,15 @@ class StoreWriter:
     def add_accepted(self, a: AcceptedMessage) -> None:
         if a.raw is not None:
             if self._raw_bytes + len(a.raw) > self.max_raw_bytes:
-                # the store is far behind: keep the record, let the bytes (and bodies) go
+                # the store is far behind: keep the record (its header fields), let the bytes
+                # (and bodies) go
                 self.log.warning("store_backlog_raw_dropped", queue_id=a.queue_id,
                                  size=len(a.raw), buffered=self._raw_bytes)
+                h = parse_headers(split_message(a.raw)[0])
+                a.from_addr = h.from_addr or a.from_addr
+                a.from_name, a.subject, a.date = h.from_name, h.subject, h.date
+                a.to_addrs, a.cc_addrs = list(h.to_addrs), list(h.cc_addrs)
+                a.in_reply_to, a.references = h.in_reply_to, list(h.references)
                 a.raw = None
             else:
                 self._raw_bytes += len(a.raw)

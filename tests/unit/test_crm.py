@@ -338,6 +338,8 @@ async def test_writer_parses_raw_off_the_loop_and_caps_the_raw_backlog(store: St
     w.add_accepted(a)
     w.add_accepted(b)
     assert a.raw is raw and b.raw is None
+    # without its bytes the record still carries what the header block says
+    assert (b.subject, b.to_addrs, b.from_addr) == ("Café", ["carol@acme.test"], "alice@example.com")
     await w.start()
     assert await w.stop(timeout=10) == 0
     row = await store.get_message_by_queue_id("W1", bodies=True)
