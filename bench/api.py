@@ -28,10 +28,11 @@ from typing import Any
 import aiohttp
 
 from gateway.api.http import AdminAPI
-from gateway.api.metrics import Metrics
 from gateway.config import Config
 from gateway.crm.migrate import upgrade
-from gateway.crm.store import AcceptedMessage, EventRecord, Store
+from gateway.crm.store import Store
+from gateway.metrics import Metrics
+from gateway.records import AcceptedMessage, EventRecord
 
 CONTACT = "carol@acme.test"
 TOKEN = "bench-token"

@@ -37,7 +37,7 @@ sys.path.insert(0, str(_HERE.parent))
 import dkim  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from gateway.pipeline import dkimkeys  # noqa: E402
+from gateway.keys import dkim as dkimkeys  # noqa: E402
 from gateway.pipeline.dkim import Signer, SigningKey  # noqa: E402
 
 

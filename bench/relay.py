@@ -709,7 +709,7 @@ def gateway_config(tmp: Path, port: int, sink_port: int, password_hash: str, aut
                   f"base_url: \"http://127.0.0.1:{tport}\"}}\n")
     dkim_section = ""
     if dkim:      # rsa-sha256, 2048 bits, the last stage of every copy
-        from gateway.pipeline import dkimkeys
+        from gateway.keys import dkim as dkimkeys
 
         key = tmp / "dkim.pem"
         dkimkeys.write_private_key(key, dkimkeys.generate("rsa-sha256", 2048))

@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gateway.ids import new_queue_id
 from gateway.pipeline.stages import CopyContext, StageSettings, transform
-from gateway.spool import new_queue_id
 from gateway.tracking.tokens import TokenSigner
 
 

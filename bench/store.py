@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.crm.contacts import contact_timeline, parse_csv, upsert_contacts
 from gateway.crm.linking import LinkRules
 from gateway.crm.migrate import upgrade
-from gateway.crm.store import NewMessage, SourceRef, Store
+from gateway.crm.store import Store
+from gateway.records import NewMessage, SourceRef
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 WORDS = (

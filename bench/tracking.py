@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tracking endpoint benchmark: pixel and redirect against a static file from the same server.
 
-Its one job: start the tracking endpoint (``gateway.tracking.http.make_app`` with its
+Its one job: start the tracking endpoint (``gateway.http.tracking.make_app`` with its
 recorder, an in-memory copy lookup and a counting sink) in its own process on a free
 loopback port, with one extra route that serves a 43-byte GIF file through aiohttp's
 static file handler; then load three URLs one after the other and print requests/s and
@@ -54,8 +54,9 @@ def serve(port: int, static_dir: str) -> None:
     sys.path.insert(0, str(ROOT))
     from aiohttp import web
 
+    from gateway.http.tracking import PIXEL, HitRecorder, make_app
     from gateway.tracking.classify import CopyInfo
-    from gateway.tracking.http import PIXEL, Hit, HitRecorder, MemoryCopyLookup, make_app
+    from gateway.tracking.hits import Hit, MemoryCopyLookup
     from gateway.tracking.tokens import TokenSigner
 
     class CountingSink:

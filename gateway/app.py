@@ -18,11 +18,11 @@ from typing import Any
 import structlog
 
 from gateway.api.http import AdminAPI
-from gateway.api.metrics import Metrics
 from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
 from gateway.config import Config, load_config, read_secret
 from gateway.crm import outbox
 from gateway.crm.counters import SendCounts
+from gateway.crm.hits import StoreTracking
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
@@ -30,10 +30,12 @@ from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.transport import Transport
 from gateway.errors import ConfigError
+from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.sent import SentCopies
 from gateway.imap.tailer import Tailers
 from gateway.ingest import Ingest
 from gateway.mail.auth import make_resolver
+from gateway.metrics import Metrics
 from gateway.passwords import PasswordChecker
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.outbound import CopyPlan, Outbound
@@ -46,8 +48,6 @@ from gateway.smtp.server import SMTPListener, server_tls_context
 from gateway.smtp.submission import SubmissionHandler
 from gateway.spool import Spool
 from gateway.spool.spool import STATES
-from gateway.tracking.http import TrackingServer, settings_from_config
-from gateway.tracking.sink import StoreTracking
 from gateway.tracking.tokens import TokenSigner, load_or_create_secret
 
 

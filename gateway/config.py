@@ -928,7 +928,7 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
 def _dkim_problems(cfg: Config, node: yaml.Node | None, at: Any,
                    warnings: list[Problem] | None) -> Iterator[Problem]:
     """Every DKIM key file: readable, a private key, of the configured algorithm, long enough."""
-    from gateway.pipeline.dkimkeys import KeyFileError, check_key, load_private_key
+    from gateway.keys.dkim import KeyFileError, check_key, load_private_key
 
     selectors: set[tuple[str, str]] = set()
     for domain, entries in cfg.dkim.items():

@@ -36,13 +36,14 @@ import dns.resolver
 import structlog
 
 from gateway.config import Config
-from gateway.crm.store import NewMessage, SourceRef, Store
+from gateway.crm.store import Store
 from gateway.errors import PermanentFailure, StoreError, TemporaryFailure
+from gateway.ids import new_queue_id
+from gateway.mail.addresses import domain_of
 from gateway.mail.auth import AuthResult, authenticate
 from gateway.mail.forward import unwrap_forward
 from gateway.mail.parse import ParsedMessage, parse_message
-from gateway.smtp.addresses import domain_of
-from gateway.spool import new_queue_id
+from gateway.records import NewMessage, SourceRef
 
 #: Parse (and unwrap forwards) in a worker thread above this size (small messages parse in
 #: well under 1 ms; an 8.6 MB forward takes about 0.4 s to parse and 0.4 s to unwrap).

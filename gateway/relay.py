@@ -26,9 +26,8 @@ from typing import Any
 import structlog
 
 from gateway.crm.counters import SendCounts
-from gateway.crm.store import AcceptedMessage, Copy
-from gateway.delivery.scheduler import EventSink
 from gateway.errors import PermanentFailure
+from gateway.ids import new_queue_id
 from gateway.pipeline.headers import (
     get_header,
     make_message_id,
@@ -36,7 +35,8 @@ from gateway.pipeline.headers import (
     strip_fields,
 )
 from gateway.pipeline.outbound import CopyPlan, Outbound
-from gateway.spool import Envelope, Recipient, Spool, new_queue_id
+from gateway.records import AcceptedMessage, Copy, EventSink
+from gateway.spool import Envelope, Recipient, Spool
 
 #: Plan (stages, DKIM) in a worker thread above this size, or for several recipients (each
 #: tracked recipient is a copy of its own: about 1 ms of stages and RSA each). One small

@@ -45,7 +45,6 @@ import structlog
 from aiohttp import web
 
 from gateway.api import openapi
-from gateway.api.metrics import Metrics
 from gateway.config import Config
 from gateway.crm import outbox
 from gateway.crm.accounts import Accounts
@@ -61,6 +60,7 @@ from gateway.crm.models import DIRECTIONS, Message, sort_at
 from gateway.crm.reports import GROUPINGS, MAX_DAYS, engagement
 from gateway.crm.store import Store
 from gateway.errors import GatewayError, NotFound, StoreError
+from gateway.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SpoolCounts = Callable[[], Mapping[str, int]]

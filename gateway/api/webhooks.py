@@ -51,12 +51,13 @@ import aiohttp
 import structlog
 
 from gateway import __version__
-from gateway.api.metrics import Metrics
 from gateway.config import Config, read_secret
 from gateway.crm import outbox
 from gateway.crm.outbox import Claimed
-from gateway.crm.store import Store, WebhookTarget
+from gateway.crm.store import Store
 from gateway.errors import StoreError
+from gateway.metrics import Metrics
+from gateway.records import WebhookTarget
 
 #: Seconds a claimed row stays leased beyond its request timeout.
 LEASE_MARGIN = 30.0

@@ -45,7 +45,7 @@ def _domain(value: str) -> str:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from gateway.pipeline import dkimkeys
+    from gateway.keys import dkim as dkimkeys
 
     domain = _domain(args.domain)
     if not args.selector or "/" in args.selector or args.selector.startswith("."):
@@ -115,7 +115,7 @@ def lookup_txt(name: str, nameservers: list[tuple[str, int]], timeout: float) ->
 def check_published(name: str, key: Any, nameservers: list[tuple[str, int]],
                     timeout: float) -> tuple[str, str, str | None]:
     """(status, message, published text) with status ok|missing|mismatch|unparseable|dns-error."""
-    from gateway.pipeline import dkimkeys
+    from gateway.keys import dkim as dkimkeys
 
     try:
         records = lookup_txt(name, nameservers, timeout)
@@ -140,7 +140,7 @@ def check_published(name: str, key: Any, nameservers: list[tuple[str, int]],
 
 def _check(args: argparse.Namespace) -> int:
     from gateway.config import read_secret_bytes
-    from gateway.pipeline import dkimkeys
+    from gateway.keys import dkim as dkimkeys
 
     cfg = config(args)
     domain = _domain(args.domain)

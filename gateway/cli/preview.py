@@ -21,11 +21,11 @@ from pathlib import Path
 from gateway.cli.common import EXIT_OK, Subparsers, config, user_for_sender
 from gateway.config import read_secret
 from gateway.errors import MailError, UsageError
+from gateway.ids import new_queue_id
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.outbound import Outbound
 from gateway.policy import policies_for
 from gateway.relay import Submission, prepare, received_header
-from gateway.spool import new_queue_id
 from gateway.tracking.tokens import TokenSigner
 
 

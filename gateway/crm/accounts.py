@@ -45,7 +45,7 @@ from gateway.config import Account
 from gateway.crm.models import ACCOUNT_STATUSES, AccountState, SyncRun, SyncState
 from gateway.crm.store import Store, _chunks, _iso, _messages, _raw, _sources
 from gateway.errors import NotFound
-from gateway.imap.oauth import EncryptedToken
+from gateway.keys.tokens import EncryptedToken
 
 __all__ = [
     "Accounts",

@@ -34,11 +34,11 @@ from gateway.crm.store import (
     _messages,
     _msg_companies,
     _msg_contacts,
-    _text,
     _utc,
 )
 from gateway.errors import ConfigError, Problem
-from gateway.smtp.addresses import domain_of
+from gateway.mail.addresses import domain_of
+from gateway.records import clean_text as _text
 
 KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone")
 _ALIASES = {"e-mail": "email", "email address": "email", "mail": "email",

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from gateway.config import Config
-from gateway.smtp.addresses import domain_of
+from gateway.mail.addresses import domain_of
 
 #: Domains of free mail providers: a person there is no company (no company by domain).
 FREEMAIL_DOMAINS: frozenset[str] = frozenset({

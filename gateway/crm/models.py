@@ -46,6 +46,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from gateway.records import DIRECTIONS as DIRECTIONS
+from gateway.records import EVENT_TYPES as EVENT_TYPES
+from gateway.records import SOURCES as SOURCES
+
 NAMING_CONVENTION: dict[str, str] = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -56,10 +60,7 @@ NAMING_CONVENTION: dict[str, str] = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
-DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
-EVENT_TYPES: tuple[str, ...] = ("queued", "sent", "deferred", "bounced", "opened", "clicked", "replied")
 ADDRESS_ROLES: tuple[str, ...] = ("from", "to", "cc")
-SOURCES: tuple[str, ...] = ("relay", "imap", "ingest")
 CONTACT_SOURCES: tuple[str, ...] = ("import", "api", "auto")
 ACCOUNT_STATUSES: tuple[str, ...] = ("active", "disabled", "needs_reconnect", "deleted")
 SYNC_STATUSES: tuple[str, ...] = ("running", "ok", "error")

@@ -26,14 +26,11 @@ the same transaction as the messages it covers). In one transaction a batch:
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 import math
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -49,10 +46,7 @@ from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
 from gateway.crm.migrate import current_revision_sync, head_revision, is_known_revision, upgrade
 from gateway.crm.models import (
-    DIRECTIONS,
-    EVENT_TYPES,
     SNIPPET_MAX,
-    SOURCES,
     Company,
     Contact,
     Event,
@@ -66,8 +60,17 @@ from gateway.crm.models import (
     sort_at,
 )
 from gateway.errors import StoreError
-from gateway.mail.parse import Attachment, ParsedMessage, normalize_subject, subject_kind
-from gateway.mail.parse import message_id_key as parse_mid_key
+from gateway.records import (
+    AcceptedMessage,
+    EventRecord,
+    NewMessage,
+    Stored,
+    WebhookTarget,
+    accepted_to_new,
+    message_id_key,
+    subject_key,
+)
+from gateway.records import clean_text as _text
 
 _messages = cast(sa.Table, Message.__table__)
 _sources = cast(sa.Table, MessageSource.__table__)
@@ -86,200 +89,7 @@ _CHUNK = 500
 SUBJECT_THREAD_WINDOW = timedelta(days=30)
 
 
-# -- what callers hand in -------------------------------------------------------------------
-@dataclass
-class AcceptedMessage:
-    """A message the relay accepted, as the store records it (one per spool entry or group)."""
-
-    queue_id: str
-    message_id: str
-    from_addr: str
-    to_addrs: list[str]
-    cc_addrs: list[str]
-    subject: str
-    date: datetime | None
-    snippet: str
-    size: int
-    recipients: list[str]
-    user: str | None
-    account: str | None
-    at: datetime
-    direction: str = "outbound"
-    source: str = "relay"
-    #: the spool copies of this message (a per-recipient copy names its recipient);
-    #: empty means the one entry ``queue_id``
-    copies: list[Copy] = field(default_factory=list)
-    client_ip: str | None = None
-    template: str | None = None
-    text_body: str = ""
-    html_body: str = ""
-    attachments: list[dict[str, Any]] = field(default_factory=list)
-    in_reply_to: str | None = None
-    references: list[str] = field(default_factory=list)
-    from_name: str = ""
-    raw: bytes | None = None
-    parsed: bool = False             # the fields below `raw` were filled from it
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
-
-
-def fill_from_parsed(a: AcceptedMessage, p: ParsedMessage) -> None:
-    """Fill what the relay did not parse (bodies, decoded subject, addresses) from `p`."""
-    a.from_addr = p.from_addr or a.from_addr
-    a.from_name = p.from_name
-    a.to_addrs, a.cc_addrs = list(p.to_addrs), list(p.cc_addrs)
-    a.subject, a.date, a.snippet = p.subject, p.date, p.snippet
-    a.text_body, a.html_body = p.text_body, p.html_body
-    a.attachments = [attachment_dict(x) for x in p.attachments]
-    a.in_reply_to, a.references = p.in_reply_to, list(p.references)
-    a.template = a.template or p.headers.x_mailgw_template
-    a.message_id = a.message_id or p.message_id
-    a.parsed = True
-
-
-@dataclass(frozen=True)
-class Copy:
-    """One spool entry of a relayed message."""
-
-    queue_id: str
-    recipient: str | None = None    # set for a per-recipient (tracked) copy
-    links: int = 0                  # tracked links in it (the honeypot excluded)
-
-
-@dataclass
-class EventRecord:
-    """Something that happened to the message with this queue id, for one recipient."""
-
-    queue_id: str
-    type: str
-    recipient: str
-    at: datetime
-    details: dict[str, Any] = field(default_factory=dict)
-    machine: bool = False
-    key: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.type not in EVENT_TYPES:
-            raise ValueError(f"event type must be one of {EVENT_TYPES}, not {self.type!r}")
-
-
-@dataclass
-class SourceRef:
-    """One path a message was seen on."""
-
-    source: str                      # relay | imap | ingest
-    ref: str                         # queue id, or account/folder/uidvalidity/uid
-    at: datetime
-    account: str | None = None
-    folder: str | None = None
-    uidvalidity: int | None = None
-    uid: int | None = None
-    recipient: str | None = None
-    client_ip: str | None = None
-    links: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, not {self.source!r}")
-
-
-@dataclass
-class NewMessage:
-    """A message as any path hands it to the store."""
-
-    message_id: str
-    from_addr: str
-    to_addrs: list[str]
-    cc_addrs: list[str]
-    subject: str
-    date: datetime | None
-    direction: str
-    sources: list[SourceRef]
-    dedupe_hash: str = ""             # content hash, the key when there is no Message-ID
-    from_name: str = ""
-    in_reply_to: str | None = None
-    references: list[str] = field(default_factory=list)
-    snippet: str = ""
-    text_body: str = ""
-    html_body: str = ""
-    attachments: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0
-    account: str | None = None
-    user: str | None = None
-    template: str | None = None
-    raw: bytes | None = None
-    #: relay only: envelope recipients, each gets a ``queued`` event
-    queued_recipients: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
-        if not self.sources:
-            raise ValueError("a message needs at least one source")
-
-    @classmethod
-    def from_parsed(cls, p: ParsedMessage, raw: bytes | None, *, direction: str,
-                    sources: list[SourceRef], account: str | None = None,
-                    user: str | None = None) -> NewMessage:
-        """A message parsed by :func:`gateway.mail.parse.parse_message`, as the store takes it."""
-        return cls(
-            message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
-            to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
-            date=p.date, direction=direction, in_reply_to=p.in_reply_to,
-            references=list(p.references), snippet=p.snippet, text_body=p.text_body,
-            html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
-            size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
-            account=account, user=user, template=p.headers.x_mailgw_template, sources=sources)
-
-    @functools.cached_property
-    def raw_sha256(self) -> str | None:
-        """The content address of `raw` (hashed once, however many steps need it)."""
-        return None if self.raw is None else hashlib.sha256(self.raw).hexdigest()
-
-    @property
-    def dedupe_key(self) -> str:
-        mid = message_id_key(self.message_id)
-        if mid:
-            return f"mid:{mid}"
-        if self.dedupe_hash:
-            return f"hash:{self.dedupe_hash}"
-        return f"ref:{self.sources[0].source}:{self.sources[0].ref}"
-
-
-@dataclass(frozen=True)
-class Stored:
-    """What became of one NewMessage: its message id and whether this call created it."""
-
-    id: int
-    created: bool
-
-
-@dataclass(frozen=True)
-class WebhookTarget:
-    """A configured webhook, as the outbox knows it."""
-
-    id: str                           # stable id: the URL
-    events: frozenset[str]            # empty: every event
-
-    def wants(self, event_type: str) -> bool:
-        return not self.events or event_type in self.events
-
-
 # -- cleaning: nothing a caller passes may make a whole batch fail ----------------------------
-def _text(value: str | None, limit: int | None = None) -> str:
-    """A string PostgreSQL and SQLite both take: no NUL, no lone surrogate, at most `limit` chars."""
-    s = value or ""
-    if "\x00" in s:
-        s = s.replace("\x00", "")
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        s = s.encode("utf-8", "replace").decode("utf-8")
-    return s[:limit] if limit is not None else s
-
-
 def _opt_text(value: str | None) -> str | None:
     return None if value is None else _text(value)
 
@@ -318,38 +128,6 @@ def _iso(value: datetime | None) -> str | None:
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i:i + _CHUNK]
-
-
-def message_id_key(mid: str | None) -> str:
-    """A Message-ID for lookups (see :func:`gateway.mail.parse.message_id_key`), storable."""
-    return _text(parse_mid_key(mid))
-
-
-def subject_key(subject: str) -> tuple[str, bool]:
-    """(the subject without reply/forward prefixes, case-folded; whether it had such a prefix)."""
-    s = _text(subject)
-    return normalize_subject(s).casefold()[:500], subject_kind(s) is not None
-
-
-def attachment_dict(a: Attachment) -> dict[str, Any]:
-    """Attachment metadata as stored and shown (never the content)."""
-    return {"filename": a.filename, "content_type": a.content_type, "size": a.size,
-            "sha256": a.sha256, "content_id": a.content_id, "inline": a.inline}
-
-
-def accepted_to_new(a: AcceptedMessage) -> NewMessage:
-    """The relay's AcceptedMessage as the store's NewMessage (one relay source per copy)."""
-    copies = a.copies or [Copy(a.queue_id)]
-    return NewMessage(
-        message_id=a.message_id, from_addr=a.from_addr, from_name=a.from_name,
-        to_addrs=a.to_addrs, cc_addrs=a.cc_addrs, subject=a.subject, date=a.date,
-        direction=a.direction, snippet=a.snippet, text_body=a.text_body, html_body=a.html_body,
-        attachments=a.attachments, size=a.size, account=a.account, user=a.user,
-        template=a.template, raw=a.raw, in_reply_to=a.in_reply_to, references=a.references,
-        queued_recipients=a.recipients,
-        sources=[SourceRef(source=a.source, ref=c.queue_id, at=a.at, account=a.account,
-                           recipient=c.recipient, client_ip=a.client_ip,
-                           links=c.links if c.recipient else None) for c in copies])
 
 
 class RawStore:

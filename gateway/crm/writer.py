@@ -23,9 +23,10 @@ from typing import Any
 
 import structlog
 
-from gateway.crm.store import AcceptedMessage, EventRecord, Store, fill_from_parsed
+from gateway.crm.store import Store
 from gateway.mail.parse import parse_headers, parse_message
 from gateway.pipeline.headers import split_message
+from gateway.records import AcceptedMessage, EventRecord, fill_from_parsed
 
 Item = AcceptedMessage | EventRecord
 

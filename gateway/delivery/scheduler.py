@@ -22,28 +22,21 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from gateway.api.metrics import Metrics
 from gateway.config import Config, read_secret
-from gateway.crm.store import AcceptedMessage, EventRecord
 from gateway.delivery.dsn import build_dsn, is_bounce
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.transport import Destination, RcptResult, Transport
 from gateway.errors import MailError, NotFound
+from gateway.ids import new_queue_id
 from gateway.ingest import Ingest, IngestSubmission
-from gateway.smtp.addresses import domain_of
-from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, new_queue_id
-
-
-class EventSink(Protocol):
-    """Where the scheduler reports; the StoreWriter in production."""
-
-    def add_accepted(self, a: AcceptedMessage) -> None: ...
-
-    def add_event(self, e: EventRecord) -> None: ...
+from gateway.mail.addresses import domain_of
+from gateway.metrics import Metrics
+from gateway.records import EventRecord, EventSink
+from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
 
 
 @dataclass

@@ -80,7 +80,7 @@ from aiosmtplib.email import quote_address
 
 from gateway.delivery.mx import MXResolver
 from gateway.errors import MailError
-from gateway.smtp.session import has_bare_newline
+from gateway.mail.wire import has_bare_newline
 
 __all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "dot_stuff", "parse_reply"]
 

@@ -55,13 +55,13 @@ from gateway.errors import (
     IMAPCommandError,
     StoreError,
 )
+from gateway.ids import new_queue_id
 from gateway.imap import protocol
 from gateway.imap.backoff import Backoff
 from gateway.imap.client import IMAPClient
 from gateway.imap.slots import ConnectionSlots
 from gateway.mail.dates import parse_rfc_date
 from gateway.mail.parse import header_value
-from gateway.spool import new_queue_id
 
 if TYPE_CHECKING:
     from gateway.crm.accounts import Accounts

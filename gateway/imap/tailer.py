@@ -75,7 +75,7 @@ import structlog
 
 from gateway.config import Account, Config, read_secret
 from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
-from gateway.crm.store import NewMessage, SourceRef, Store
+from gateway.crm.store import Store
 from gateway.errors import (
     AccountAuthError,
     AccountError,
@@ -92,9 +92,10 @@ from gateway.imap.sent import SentCopies
 from gateway.imap.slots import ConnectionSlots
 from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
+from gateway.records import NewMessage, SourceRef
 
 if TYPE_CHECKING:
-    from gateway.api.metrics import Metrics
+    from gateway.metrics import Metrics
 
 __all__ = [
     "AccountTailer",

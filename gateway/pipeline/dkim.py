@@ -56,7 +56,7 @@ from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, st
 
 from gateway.config import Config, read_secret_bytes
 from gateway.errors import ConfigError, PermanentFailure, Problem
-from gateway.pipeline.dkimkeys import Algorithm, KeyFileError, PrivateKey, algorithm_for, load_private_key
+from gateway.keys.dkim import Algorithm, KeyFileError, PrivateKey, algorithm_for, load_private_key
 from gateway.policy.rules import nearest_domain
 
 #: Signed when present, every instance (RFC 6376 §5.4.1 recommendations, plus RFC 8058).

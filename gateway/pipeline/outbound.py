@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import Config
+from gateway.ids import new_queue_id
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.headers import split_message
 from gateway.pipeline.stages import CopyContext, StageReport, StageSettings, transform
 from gateway.policy import Decision, Headers, PolicySet
-from gateway.spool import new_queue_id
 from gateway.tracking.tokens import TokenSigner
 
 

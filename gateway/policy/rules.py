@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
+from gateway.mail.addresses import domain_of
 from gateway.mail.text import decode_words
-from gateway.smtp.addresses import domain_of
 
 _WILDCARDS = frozenset("*?[")
 

@@ -14,7 +14,7 @@ import structlog
 
 from gateway.errors import MailError
 from gateway.ingest import Ingest, IngestSubmission
-from gateway.smtp.addresses import relay_trick
+from gateway.mail.addresses import relay_trick
 from gateway.smtp.session import BARE_NEWLINE_REPLY, ehlo_reply, has_bare_newline, peer_ip
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.mail.wire import has_bare_newline
+
+__all__ = ["BARE_NEWLINE_REPLY", "ehlo_reply", "has_bare_newline", "peer_ip"]
+
 BARE_NEWLINE_REPLY = "550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8); not accepted"
 
 
@@ -13,12 +17,6 @@ def peer_ip(session: Any) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer or "unknown")
-
-
-def has_bare_newline(data: bytes) -> bool:
-    """True if `data` holds a CR not followed by LF or an LF not preceded by CR."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
 def ehlo_reply(session: Any, hostname: str, responses: list[str]) -> list[str]:

@@ -18,10 +18,10 @@ import structlog
 from gateway.config import Config, SubmissionListener
 from gateway.crm.counters import SendCounts
 from gateway.errors import MailError, StoreError
+from gateway.mail.addresses import relay_trick
 from gateway.passwords import PasswordChecker
 from gateway.policy import PolicySet
 from gateway.relay import Relay, Submission
-from gateway.smtp.addresses import relay_trick
 from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
 from gateway.smtp.session import BARE_NEWLINE_REPLY, ehlo_reply, has_bare_newline, peer_ip
 

@@ -50,38 +50,6 @@ MAGIC = b"MAILGW-SPOOL 1\n"
 #: the rename wait on a thread); larger ones are written on the spool's threads.
 LOOP_WRITE_MAX = 256 * 1024
 STATES = ("incoming", "deferred", "hold", "corrupt")
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def queue_id_text(value: int) -> str:
-    """A 128-bit value as a queue id: 26 Crockford base-32 characters (the ULID text form)."""
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
-
-
-def queue_id_value(qid: str) -> int:
-    """The 128-bit value of a queue id; ValueError for anything that is not one."""
-    if not valid_queue_id(qid):
-        raise ValueError(f"not a queue id: {qid!r}")
-    value = 0
-    for c in qid:
-        value = (value << 5) | _CROCKFORD.index(c)
-    if value >> 128:
-        raise ValueError(f"not a queue id: {qid!r}")
-    return value
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """A globally unique, time-sortable id (ULID layout: 48-bit ms time + 80 random bits)."""
-    ms = int((time.time() if now is None else now) * 1000)
-    return queue_id_text((ms << 80) | secrets.randbits(80))
-
-
-def valid_queue_id(qid: str) -> bool:
-    return len(qid) == 26 and all(c in _CROCKFORD for c in qid)
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Open and click tracking: tokens, the public HTTP endpoint, machine-vs-human classification."""
+"""Open and click tracking rules: tokens, machine-vs-human classification, and the hits they make."""

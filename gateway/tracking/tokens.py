@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gateway.spool.spool import queue_id_text, queue_id_value
+from gateway.ids import queue_id_text, queue_id_value
 
 VERSION = 1
 MAC_LEN = 16

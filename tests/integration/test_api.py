@@ -15,14 +15,15 @@ import sqlalchemy as sa
 
 from gateway.api import openapi
 from gateway.api.http import AdminAPI, encode_cursor
-from gateway.api.metrics import Metrics
 from gateway.config import Config
 from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.engine import make_engine
 from gateway.crm.models import AccountState
 from gateway.crm.reports import engagement
-from gateway.crm.store import AcceptedMessage, EventRecord, NewMessage, SourceRef, Store
+from gateway.crm.store import Store
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
 from tests.conftest import free_port
 from tests.integration.harness import running_app, wait_until, write_config
 from tests.support.receiver import Receiver

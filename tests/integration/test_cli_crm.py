@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from gateway.config import load_config
-from gateway.crm.store import NewMessage, SourceRef, Store
+from gateway.crm.store import Store
+from gateway.records import NewMessage, SourceRef
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.pipeline import dkimkeys
+from gateway.keys import dkim as dkimkeys
 from gateway.pipeline.dkim import Signer, SigningKey
 from tests.conftest import require, require_tool
 from tests.support.dns import DNSServer

@@ -21,7 +21,7 @@ from gateway.app import App
 from gateway.crm.engine import make_engine
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
-from gateway.pipeline import dkimkeys
+from gateway.keys import dkim as dkimkeys
 from gateway.pipeline.dkim import Signer, SigningKey
 from tests.conftest import free_port
 from tests.integration.harness import running_app, write_config

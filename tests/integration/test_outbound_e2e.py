@@ -20,7 +20,7 @@ import pytest
 from gateway.app import App
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
-from gateway.pipeline import dkimkeys
+from gateway.keys import dkim as dkimkeys
 from tests.conftest import free_port
 from tests.integration.harness import (
     PASSWORD,

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from gateway.crm.migrate import current_revision, head_revision, upgrade
-from gateway.crm.store import AcceptedMessage, EventRecord, Store
+from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
+from gateway.records import AcceptedMessage, EventRecord
 from tests.conftest import require
 from tests.integration.harness import wait_until
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.api.metrics import Metrics
 from gateway.crm.accounts import Accounts
-from gateway.crm.store import AcceptedMessage, NewMessage, Store, WebhookTarget
+from gateway.crm.store import Store
 from gateway.imap.client import Folder, MessageBody
 from gateway.imap.slots import ConnectionSlots
 from gateway.imap.tailer import AccountTailer, Tailers, TailState
 from gateway.mail.parse import parse_message
+from gateway.metrics import Metrics
+from gateway.records import AcceptedMessage, NewMessage, WebhookTarget
 from tests.conftest import require_tool
 from tests.integration.harness import wait_until
 from tests.integration.tailer_support import (

@@ -15,18 +15,17 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import TrackingListener
-from gateway.spool import new_queue_id
-from gateway.tracking.classify import CopyInfo, Settings
-from gateway.tracking.http import (
+from gateway.http.tracking import (
     PIXEL,
     HitRecorder,
-    MemoryCopyLookup,
-    MemoryHitSink,
     TrackingServer,
     client_ip,
     location_value,
     make_app,
 )
+from gateway.ids import new_queue_id
+from gateway.tracking.classify import CopyInfo, Settings
+from gateway.tracking.hits import MemoryCopyLookup, MemoryHitSink
 from gateway.tracking.tokens import TokenSigner
 from tests.conftest import free_port
 from tests.integration.harness import running_app, write_config

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.api.metrics import Metrics
 from gateway.api.webhooks import Endpoint, WebhookDispatcher, body_bytes, sign, targets, verify
 from gateway.crm import outbox
 from gateway.crm.models import WebhookDelivery
-from gateway.crm.store import AcceptedMessage, EventRecord, Store
+from gateway.crm.store import Store
+from gateway.metrics import Metrics
+from gateway.records import AcceptedMessage, EventRecord
 from tests.integration.harness import wait_until
 from tests.support.receiver import Receiver
 

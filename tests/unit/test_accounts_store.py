@@ -13,10 +13,11 @@ import sqlalchemy as sa
 
 from gateway.config import Account
 from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
-from gateway.crm.store import AcceptedMessage, NewMessage, SourceRef, Store, WebhookTarget
+from gateway.crm.store import Store
 from gateway.errors import NotFound, StoreError
 from gateway.imap.oauth import AccessToken, TokenCipher
 from gateway.imap.slots import ConnectionSlots
+from gateway.records import AcceptedMessage, NewMessage, SourceRef, WebhookTarget
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 

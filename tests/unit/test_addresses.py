@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.smtp.addresses import relay_trick
+from gateway.mail.addresses import relay_trick
 
 
 @pytest.mark.parametrize("addr", [

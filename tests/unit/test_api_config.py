@@ -9,8 +9,8 @@ import pytest
 
 from gateway.api.webhooks import endpoints_from_config, targets
 from gateway.config import load_config
-from gateway.crm.store import WebhookTarget
 from gateway.errors import ConfigError
+from gateway.records import WebhookTarget
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:

@@ -194,7 +194,7 @@ def test_real_browsers_are_people(ua: str) -> None:
 
 
 def test_recent_hits_memory_is_bounded() -> None:
-    from gateway.tracking.http import RecentHits
+    from gateway.http.tracking import RecentHits
 
     mem = RecentHits(window=100, max_copies=3, per_copy=5)
     mem.add("c", PriorHit("h", "honeypot", 9, 0.0))

@@ -19,17 +19,17 @@ from gateway.crm.contacts import (
     upsert_contacts,
 )
 from gateway.crm.linking import LinkRules
-from gateway.crm.store import (
+from gateway.crm.store import Store
+from gateway.errors import ConfigError
+from gateway.records import (
     AcceptedMessage,
     Copy,
     EventRecord,
     NewMessage,
     SourceRef,
-    Store,
     WebhookTarget,
     subject_key,
 )
-from gateway.errors import ConfigError
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 RULES = LinkRules(own_addresses=frozenset({"alice@example.com"}),

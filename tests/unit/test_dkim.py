@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gateway.config import load_config
 from gateway.errors import ConfigError, Problem
-from gateway.pipeline import dkimkeys
+from gateway.keys import dkim as dkimkeys
 from gateway.pipeline.dkim import Signer, SigningError, SigningKey, header_list, parse, relaxed_body
 
 pytest.importorskip("nacl", reason="dkimpy verifies ed25519 with PyNaCl (test extra)")

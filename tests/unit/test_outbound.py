@@ -10,7 +10,7 @@ import dkim
 import yaml
 
 from gateway.config import load_config
-from gateway.pipeline import dkimkeys
+from gateway.keys import dkim as dkimkeys
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.outbound import Outbound
 from gateway.policy import policies_for

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import Company, User, load_config
 from gateway.errors import ConfigError
-from gateway.pipeline.dkimkeys import generate, private_pem
+from gateway.keys.dkim import generate, private_pem
 from gateway.policy import Headers, PolicySet, load_policies, policies_for, render_template
 from gateway.policy.templates import html_to_text
 

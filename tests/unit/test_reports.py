@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from gateway.crm.reports import engagement, format_table
-from gateway.crm.store import AcceptedMessage, EventRecord, NewMessage, SourceRef, Store
+from gateway.crm.store import Store
+from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 T = NOW - timedelta(days=2)

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from gateway.ids import new_queue_id
 from gateway.pipeline.stages import STAGES, CopyContext, StageSettings, transform
-from gateway.spool import new_queue_id
 from gateway.tracking.tokens import TokenSigner
 
 SIGNER = TokenSigner([b"s" * 32])

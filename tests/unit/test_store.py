@@ -26,9 +26,10 @@ from gateway.crm import writer as writer_mod
 from gateway.crm.engine import make_engine
 from gateway.crm.migrate import current_revision, head_revision, upgrade
 from gateway.crm.models import metadata
-from gateway.crm.store import AcceptedMessage, EventRecord, NewMessage, SourceRef, Store
+from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
+from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
 from tests.conftest import free_port
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

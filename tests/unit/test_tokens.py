@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.spool import new_queue_id
+from gateway.ids import new_queue_id
 from gateway.tracking.tokens import TokenSigner
 
 KEY = b"k" * 32

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import load_config, parse_nameserver
 from gateway.errors import ConfigError
-from gateway.tracking.http import settings_from_config
+from gateway.http.tracking import settings_from_config
 
 
 def test_tracking_listener_and_classification_keys(tmp_path: Path) -> None:

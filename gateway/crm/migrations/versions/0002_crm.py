@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from gateway.crm.models import UTCDateTime
-from gateway.crm.store import message_id_key, subject_key
+from gateway.records import message_id_key, subject_key
 
 revision = "0002"
 down_revision: str | None = "0001"

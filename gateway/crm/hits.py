@@ -1,8 +1,8 @@
 """The tracking endpoint's view of the CRM store: copy lookups, and hits recorded as events.
 
-:class:`StoreTracking` is both the endpoint's :class:`~gateway.tracking.http.CopyLookup`
+:class:`StoreTracking` is both the endpoint's :class:`~gateway.http.tracking.CopyLookup`
 (what the store knows about a recipient's copy: recipient, sender, submitting client,
-delivery time, links, earlier hits) and its :class:`~gateway.tracking.http.HitSink`.
+delivery time, links, earlier hits) and its :class:`~gateway.http.tracking.HitSink`.
 A hit becomes an ``opened`` or ``clicked`` event (a honeypot hit a ``clicked`` event with
 ``details.honeypot``), keyed ``hit:<id>`` so a replay records it once, written through
 the batching :class:`~gateway.crm.writer.StoreWriter` like delivery events (which also
@@ -17,12 +17,13 @@ from typing import cast
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.api.metrics import Metrics
 from gateway.crm.models import Event, Message, MessageSource
-from gateway.crm.store import EventRecord, Store
+from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
+from gateway.metrics import Metrics
+from gateway.records import EventRecord
 from gateway.tracking.classify import CopyInfo, Kind, PriorHit
-from gateway.tracking.http import Hit
+from gateway.tracking.hits import Hit
 
 _sources = cast(sa.Table, MessageSource.__table__)
 _messages = cast(sa.Table, Message.__table__)
