@@ -88,7 +88,7 @@ async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "conditi
         await asyncio.sleep(0.02)
 
 
-def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -123,7 +123,13 @@ class Daemon:
             [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
-        wait_port(self.port, proc=self.proc)
+        try:
+            wait_port(self.port, proc=self.proc)
+        except BaseException:
+            # A daemon that never listened must not outlive the failed test.
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
         return self
 
     def signal(self, sig: int) -> None:
