@@ -36,7 +36,7 @@ from gateway.mail.parse import parse_headers, parse_message  # noqa: E402
 
 
 def html_message(size: int = 10 * 1024) -> bytes:
-    rows = []
+    rows: list[str] = []
     n = 0
     while sum(len(r) for r in rows) < size * 0.6:
         rows.append(

@@ -81,8 +81,10 @@ def raw_message(i: int, rnd: random.Random, n_contacts: int) -> tuple[bytes, str
 
 def make_converter() -> tuple[str, Callable[[bytes, str, int], NewMessage]]:
     """Raw bytes -> NewMessage: through gateway.mail.parse if present, else a header scan."""
-    try:
-        from gateway.mail.parse import parse_message  # type: ignore[import-not-found,unused-ignore]
+    parse_message: Callable[[bytes], Any] | None
+    try:  # a checkout from before gateway.mail.parse existed takes the header scan
+        from gateway.mail import parse as parse_module
+        parse_message = parse_module.parse_message
     except ImportError:
         parse_message = None
 

@@ -252,7 +252,7 @@ async def test_accounts_join_config_and_runtime_state(store: Store,
     assert [(a["id"], a["status"], a["last_sync_at"], a["configured"]) for a in body["accounts"]] \
         == [("alice", "active", None, True), ("bob", "active", None, True)]
     async with store.engine.begin() as conn:
-        await conn.execute(sa.insert(AccountState.__table__), [
+        await conn.execute(sa.insert(AccountState), [
             {"id": "bob", "email": "bob@example.com", "status": "needs_reconnect",
              "status_reason": "OAuth token revoked", "status_at": T0, "last_sync_at": T0},
             {"id": "gone", "email": "gone@example.com", "status": "deleted",

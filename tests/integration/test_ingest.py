@@ -199,6 +199,8 @@ async def test_large_messages_are_parsed_and_unwrapped_off_the_event_loop(
 
     from gateway import ingest as ingest_mod
     from gateway.config import Config
+    from gateway.mail.forward import unwrap_forward
+    from gateway.mail.parse import parse_message
 
     where: list[tuple[str, bool]] = []   # (step, ran on the event loop's thread)
     loop_thread = threading.get_ident()
@@ -209,8 +211,8 @@ async def test_large_messages_are_parsed_and_unwrapped_off_the_event_loop(
             return real(*args)
         return call
 
-    monkeypatch.setattr(ingest_mod, "parse_message", spy("parse", ingest_mod.parse_message))
-    monkeypatch.setattr(ingest_mod, "unwrap_forward", spy("unwrap", ingest_mod.unwrap_forward))
+    monkeypatch.setattr(ingest_mod, "parse_message", spy("parse", parse_message))
+    monkeypatch.setattr(ingest_mod, "unwrap_forward", spy("unwrap", unwrap_forward))
     cfg = Config.model_validate({"ingest": {"addresses": [CRM]}, "delivery": {"route": "mx"},
                                  "users": [{"login": REP, "password_hash": _hash()}],
                                  "source": str(tmp_path / "gateway.yaml")})

@@ -26,11 +26,10 @@ def creds(ts: TokenServer, refresh: str, **kw: str) -> OAuthCredentials:
                             client_secret=kw.pop("secret", ts.client_secret), refresh_token=refresh)
 
 
-def manager(clock: list[float] | None = None, **kw: float) -> tuple[TokenManager, MemoryTokenStore]:
+def manager(clock: list[float] | None = None) -> tuple[TokenManager, MemoryTokenStore]:
     store = MemoryTokenStore()
     now = clock or [1_000_000.0]
-    return TokenManager(store, TokenCipher(TokenCipher.generate_key()), clock=lambda: now[0],
-                        **kw), store
+    return TokenManager(store, TokenCipher(TokenCipher.generate_key()), clock=lambda: now[0]), store
 
 
 async def test_refresh_once_then_cached_encrypted_then_refreshed_before_expiry(ts: TokenServer) -> None:

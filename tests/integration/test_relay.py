@@ -62,7 +62,7 @@ async def send(port: int, msg: bytes = MESSAGE, rcpts: list[str] | None = None,
             c.ehlo("client.example.com")
             if login:
                 c.login(USER, PASSWORD)
-            return c.sendmail(USER, rcpts or ["bob@example.net"], msg)  # type: ignore[return-value]
+            return c.sendmail(USER, rcpts or ["bob@example.net"], msg)
     return await asyncio.to_thread(go)
 
 
@@ -340,7 +340,8 @@ async def test_spool_unwritable_gives_451(tmp_path: Path, sink: Sink) -> None:
         try:
             with pytest.raises(smtplib.SMTPDataError) as ei:
                 await send(app.submission.port)
-            assert ei.value.smtp_code == 451 and ei.value.smtp_error.startswith(b"4.3.0")
+            error = ei.value.smtp_error
+            assert ei.value.smtp_code == 451 and isinstance(error, bytes) and error.startswith(b"4.3.0")
         finally:
             tmp.unlink()
             tmp.mkdir()

@@ -22,7 +22,7 @@ from tests.integration.harness import (
     wait_until,
     write_config,
 )
-from tests.support.dns import DNSServer
+from tests.support.dns import DNSServer, Zone
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.integration
@@ -98,8 +98,8 @@ async def test_route_account_uses_the_users_upstream_with_its_credentials(
 
 async def test_route_mx_resolves_through_the_configured_nameserver(
         tmp_path: Path, smarthost: Sink) -> None:
-    zone = {"example.net": {"MX": [(10, "mx.example.net")]},
-            "mx.example.net": {"A": ["127.0.0.1"]}}
+    zone: Zone = {"example.net": {"MX": [(10, "mx.example.net")]},
+                  "mx.example.net": {"A": ["127.0.0.1"]}}
     dns_server = DNSServer(zone)
     await dns_server.start()
     try:

@@ -102,11 +102,11 @@ async def test_writer_batches_and_survives_store_failures(url: str) -> None:
     real = store.record
     calls = {"n": 0}
 
-    async def flaky(acc: list[AcceptedMessage], evs: list[EventRecord]) -> None:
+    async def flaky(accepted: list[AcceptedMessage], events: list[EventRecord]) -> None:
         calls["n"] += 1
         if calls["n"] <= 2:
             raise StoreError("simulated outage")
-        await real(acc, evs)
+        await real(accepted, events)
 
     store.record = flaky  # type: ignore[method-assign]
     writer = StoreWriter(store, batch=50, max_delay=0.01)

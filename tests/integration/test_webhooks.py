@@ -107,7 +107,7 @@ async def test_restart_mid_retry_and_mid_request_loses_nothing(store: Store,
 
     # "restart": the retry is due in 30 s; make it due now, as time passing would
     async with store.engine.begin() as conn:
-        await conn.execute(sa.update(WebhookDelivery.__table__).values(
+        await conn.execute(sa.update(WebhookDelivery).values(
             next_attempt_at=datetime(2000, 1, 1, tzinfo=UTC)))
     receiver.hold = asyncio.Event()                       # the next request hangs
     second = dispatcher(store, ep)

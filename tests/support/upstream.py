@@ -40,7 +40,7 @@ import ssl
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -125,7 +125,7 @@ class Upstream:
         self._waiters: list[asyncio.Future[None]] = []
 
     # -- life cycle -----------------------------------------------------------------------
-    async def start(self) -> Upstream:
+    async def start(self) -> Self:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=self.host, port=self.port,
                                                 ssl=self.implicit_tls)
@@ -140,7 +140,7 @@ class Upstream:
         await self._server.wait_closed()
         self._server = None
 
-    async def __aenter__(self) -> Upstream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -197,7 +197,7 @@ async def test_db_token_store_keeps_ciphertext_only(store: Store) -> None:
     assert got is not None and got.ciphertext == blob and got.expires_at == 2_000_000_000.0
     async with store.engine.connect() as conn:
         raw = (await conn.execute(sa.text("SELECT token_ciphertext FROM accounts"))).scalar()
-    assert b"secret-access-token" not in bytes(raw)
+    assert raw is not None and b"secret-access-token" not in bytes(raw)
     decrypted = cipher.decrypt("carol", got.ciphertext)
     assert decrypted is not None and decrypted[0].token == "secret-access-token"
 

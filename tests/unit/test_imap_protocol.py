@@ -107,7 +107,7 @@ def test_uid_set_examples() -> None:
         protocol.uid_set([])
 
 
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40))
 def test_mailbox_names_round_trip(name: str) -> None:
     encoded = protocol.encode_mailbox(name)
     assert encoded.isascii()

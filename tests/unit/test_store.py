@@ -484,9 +484,9 @@ async def test_writer_backs_off_exponentially(store: Store, fast_backoff: None) 
     times: list[float] = []
     real = rec.record
 
-    async def timed(a: list[AcceptedMessage], e: list[EventRecord]) -> None:
+    async def timed(accepted: list[AcceptedMessage], events: list[EventRecord]) -> None:
         times.append(loop.time())
-        await real(a, e)
+        await real(accepted, events)
 
     store.record = timed  # type: ignore[method-assign]
     w.add_accepted(msg("B1"))
