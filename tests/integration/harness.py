@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -20,6 +19,7 @@ from gateway.app import App
 from gateway.config import load_config
 from gateway.passwords import hash_password
 from tests.conftest import free_port
+from tests.support.wait import wait_for
 
 USER = "alice@example.com"
 PASSWORD = "alice-secret"
@@ -73,19 +73,9 @@ async def running_app(config_path: Path) -> AsyncIterator[App]:
         await app.stop()
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` (sync or async) until true; fail with `what` after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        ok = predicate()
-        if asyncio.iscoroutine(ok):
-            ok = await ok
-        if ok:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+#: The integration tests' name for tests.support.wait.wait_for (a predicate, sync or async,
+#: polled until true; AssertionError naming `what` after `timeout` seconds).
+wait_until = wait_for
 
 
 def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
