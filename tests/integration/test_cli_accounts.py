@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from tests.conftest import free_port, require_tool
 from tests.integration.harness import Daemon, write_config
 from tests.integration.tailer_support import FAST_SYNC, LEAD, account_dict, new_user
 from tests.support.dovecot import Dovecot, message
+from tests.support.wait import wait_for_sync
 
 pytestmark = pytest.mark.integration
 
@@ -69,10 +69,8 @@ def db(cfg: Path) -> dict[str, dict[str, Any]]:
 
 
 def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.2)
+    """Wait for `check()`, reading the database every 0.2 s."""
+    wait_for_sync(check, timeout, what, interval=0.2)
 
 
 def test_accounts_and_sync_status_against_a_running_daemon(dovecot: Dovecot, tmp_path: Path) -> None:

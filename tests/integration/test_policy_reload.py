@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,16 +13,9 @@ import pytest
 import yaml
 
 from tests.integration.harness import PASSWORD, Daemon, Sink, password_hash, write_config
+from tests.support.wait import wait_for_sync
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
@@ -60,7 +52,7 @@ def test_sighup_with_broken_policy_keeps_old_config_and_policies(tmp_path: Path,
     cfg = write_config(tmp_path, upstream_port=sink.port, policies_dir=str(pol))
     daemon = Daemon(cfg).start()
     try:
-        wait_for(lambda: events(daemon, "policies_loaded"), 10, "policies loaded at start")
+        wait_for_sync(lambda: events(daemon, "policies_loaded"), 10, "policies loaded at start")
         assert events(daemon, "policies_loaded")[0]["rules"] == ["first rule"]
 
         # a new config (adds a user) together with a broken policy: both refused
@@ -70,7 +62,7 @@ def test_sighup_with_broken_policy_keeps_old_config_and_policies(tmp_path: Path,
         bad = pol / "20-new.yaml"
         bad.write_text("- name: second rule\n  set: {max_per_day: lots}\n")
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: events(daemon, "reload_refused"), 15, "the reload to be refused")
+        wait_for_sync(lambda: events(daemon, "reload_refused"), 15, "the reload to be refused")
         problem = events(daemon, "reload_refused")[0]["problem"]
         assert problem.startswith(f"{bad}:2: [0].set.max_per_day: ")
         assert len(events(daemon, "policies_loaded")) == 1
@@ -80,7 +72,7 @@ def test_sighup_with_broken_policy_keeps_old_config_and_policies(tmp_path: Path,
         # the policy is fixed: config and policies apply together
         bad.write_text("- name: second rule\n  set: {max_per_day: 100}\n")
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: len(events(daemon, "policies_loaded")) == 2, 15, "the reload")
+        wait_for_sync(lambda: len(events(daemon, "policies_loaded")) == 2, 15, "the reload")
         assert events(daemon, "policies_loaded")[1]["rules"] == ["first rule", "second rule"]
         assert events(daemon, "reloaded")
         assert can_login(daemon.port, "bob@example.com")

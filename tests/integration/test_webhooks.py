@@ -133,18 +133,31 @@ async def test_restart_mid_retry_and_mid_request_loses_nothing(store: Store,
     assert len({a.delivery for a in receiver.attempts}) == 1
 
 
-async def test_410_is_dead_at_once_and_max_age_ends_retries(store: Store,
-                                                           receiver: Receiver) -> None:
+async def test_410_is_dead_at_once_and_max_age_ends_retries(
+        store: Store, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     gone = endpoint(receiver.url)
     store.configure(store.rules, targets({gone.url: gone}))
     await store.record([relay("Q1")], [])
     receiver.statuses = [410]
     metrics = Metrics()
-    d = dispatcher(store, gone, metrics)
+    d = first = dispatcher(store, gone, metrics)
+    looks_after_dead = 0                          # claims that found nothing due once it died
+    real_claim = outbox.claim
+
+    async def claim(*args: Any, **kw: Any) -> list[outbox.Claimed]:
+        nonlocal looks_after_dead
+        dead = first.dead                         # read before: mark_dead commits before dead += 1
+        claimed = await real_claim(*args, **kw)
+        if dead and not claimed:
+            looks_after_dead += 1
+        return claimed
+
+    monkeypatch.setattr(outbox, "claim", claim)
     await d.start()
     try:
         await wait_until(lambda: d.dead == 1, timeout=10, what="a dead delivery")
-        await asyncio.sleep(0.2)                          # nothing is retried after that
+        await wait_until(lambda: looks_after_dead >= 2, timeout=10,   # nothing is retried after that
+                         what="the dispatcher to look for due deliveries twice more")
     finally:
         await d.stop(timeout=5)
     assert [a.status for a in receiver.attempts] == [410]

@@ -18,6 +18,7 @@ from gateway.errors import NotFound, StoreError
 from gateway.imap.oauth import AccessToken, TokenCipher
 from gateway.imap.slots import ConnectionSlots
 from gateway.records import AcceptedMessage, NewMessage, SourceRef, WebhookTarget
+from tests.support.wait import wait_for
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
@@ -136,11 +137,8 @@ async def test_leases_one_owner_renewal_expiry_takeover_release(store: Store) ->
     assert not await accounts.acquire_lease("alice", "node-b", ttl=30)
     assert await accounts.acquire_lease("alice", "node-a", ttl=1)        # renewal, shorter
     assert not await accounts.acquire_lease("nobody", "node-a", ttl=30)  # no row, no lease
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not await accounts.acquire_lease("alice", "node-b", ttl=30):  # node-a stopped renewing
-        assert loop.time() < deadline, "the expired lease was never taken over"
-        await asyncio.sleep(0.1)
+    await wait_for(lambda: accounts.acquire_lease("alice", "node-b", ttl=30),  # node-a stopped renewing
+                   what="node-b to take over the expired lease", interval=0.1)
     assert not await accounts.acquire_lease("alice", "node-a", ttl=30)
     row = await accounts.get("alice")
     assert row is not None and row["lease_owner"] == "node-b"

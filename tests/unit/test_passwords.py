@@ -10,6 +10,7 @@ import pytest
 
 from gateway import passwords
 from gateway.passwords import PasswordChecker, hash_password, verify_password
+from tests.support.wait import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,11 @@ async def test_real_argon2_check_and_positive_cache(good_hash: str) -> None:
 
 
 class SlowVerifier:
-    """Stands in for argon2: takes a while, counts how many run at once."""
+    """Stands in for argon2: takes a while (or until `release` is set), counts how many run at once."""
 
-    def __init__(self, seconds: float = 0.05) -> None:
+    def __init__(self, seconds: float = 0.05, release: threading.Event | None = None) -> None:
         self.seconds = seconds
+        self.release = release
         self.running = 0
         self.most = 0
         self.calls = 0
@@ -45,7 +47,10 @@ class SlowVerifier:
             self.calls += 1
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(self.seconds)
+        if self.release is not None:
+            assert self.release.wait(30), "the test never released the verification"
+        else:
+            time.sleep(self.seconds)
         with self.lock:
             self.running -= 1
         return password == "right"
@@ -74,12 +79,14 @@ async def test_verifications_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
 
 async def test_a_cancelled_waiter_does_not_cancel_the_shared_check(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    slow = SlowVerifier(0.1)
+    release = threading.Event()
+    slow = SlowVerifier(release=release)
     monkeypatch.setattr(passwords, "verify_password", slow)
     pc = PasswordChecker()
     first = asyncio.ensure_future(pc.check("a@x", "right", "$h"))
     second = asyncio.ensure_future(pc.check("a@x", "right", "$h"))
-    await asyncio.sleep(0.02)
+    await wait_for(lambda: slow.calls == 1, what="the shared verification to start")
     first.cancel()
+    release.set()
     assert await second is True
     assert slow.calls == 1 and first.cancelled()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from pathlib import Path
 
 from gateway.sdnotify import Notifier
+from tests.support.wait import wait_for
 
 
 def _recv_all(sock: socket.socket) -> list[str]:
@@ -57,14 +57,16 @@ async def test_watchdog_pings(tmp_path: Path) -> None:
         n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
         assert n.watchdog_interval == 0.05
         n.start_watchdog()
-        loop = asyncio.get_running_loop()
         got: list[str] = []
-        deadline = loop.time() + 5
-        while got.count("WATCHDOG=1") < 3 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-            got += _recv_all(sock)
-        await n.stop_watchdog()
-    assert got.count("WATCHDOG=1") >= 3
+
+        def three_pings() -> bool:
+            got.extend(_recv_all(sock))
+            return got.count("WATCHDOG=1") >= 3
+
+        try:
+            await wait_for(three_pings, what="three watchdog pings")
+        finally:
+            await n.stop_watchdog()
 
 
 def test_watchdog_for_other_pid_ignored() -> None:

@@ -31,6 +31,7 @@ from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
 from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
 from tests.conftest import free_port
+from tests.support.wait import wait_for
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -291,7 +292,7 @@ async def test_events_attach_to_the_right_message(store: Store) -> None:
     assert await store.get_message(999999) is None
     assert await store.get_message_by_queue_id("NOPE") is None
     assert "store_events_skipped" in log.events()
-    # the JSON shape of SPEC §6
+    # the JSON shape of the read API's MessageSummary (gateway/api/openapi.py)
     assert set(q1) == {"id", "message_id", "thread_id", "direction", "account", "user", "from",
                        "to", "cc", "subject", "date", "snippet", "size", "sources", "queue_id",
                        "contacts", "events"}
@@ -428,14 +429,6 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writer_mod, "BACKOFF_MAX", 0.04)
 
 
-async def _until(cond: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 async def test_writer_flushes_in_batches(store: Store) -> None:
     rec = Recording(store)
     w = StoreWriter(rec.install(), batch=200, max_delay=0.05)
@@ -443,12 +436,12 @@ async def test_writer_flushes_in_batches(store: Store) -> None:
         w.add_accepted(msg(f"W{i:03}"))
     assert w.pending == 450  # nothing written before the loop runs: add_* never waits
     await w.start()
-    await _until(lambda: w.pending == 0)
+    await wait_for(lambda: w.pending == 0, what="the writer to drain")
     assert rec.calls == [(200, 0), (200, 0), (50, 0)]
     assert w.written == 450 and w.failures == 0
     # a lone item goes out after max_delay, not when a batch fills
     w.add_event(ev("W000", "sent"))
-    await _until(lambda: w.pending == 0, timeout=2)
+    await wait_for(lambda: w.pending == 0, what="the lone event to be written")
     assert rec.calls[-1] == (0, 1)
     assert await w.stop(timeout=5) == 0
     assert len(await store.list_messages(limit=1000)) == 450
@@ -466,7 +459,7 @@ async def test_writer_retries_after_failures_without_losing_items(store: Store,
         w.add_accepted(msg(f"R{i:03}"))
         if i % 10 == 0:
             w.add_event(ev(f"R{i:03}", "sent"))
-    await _until(lambda: w.pending == 0)
+    await wait_for(lambda: w.pending == 0, what="the writer to drain")
     assert w.failures == 2 and rec.errors == 2 and len(failed) == 2   # the metric's hook
     assert w.written == 132
     assert log.events("error").count("store_write_failed") == 2
@@ -479,7 +472,8 @@ async def test_writer_retries_after_failures_without_losing_items(store: Store,
 
 async def test_writer_backs_off_exponentially(store: Store, fast_backoff: None) -> None:
     rec = Recording(store, fail=5)
-    w = StoreWriter(rec.install(), batch=10, max_delay=0.001, log=Log())
+    log = Log()
+    w = StoreWriter(rec.install(), batch=10, max_delay=0.001, log=log)
     loop = asyncio.get_running_loop()
     times: list[float] = []
     real = rec.record
@@ -491,11 +485,14 @@ async def test_writer_backs_off_exponentially(store: Store, fast_backoff: None) 
     store.record = timed  # type: ignore[method-assign]
     w.add_accepted(msg("B1"))
     await w.start()
-    await _until(lambda: w.pending == 0)
+    await wait_for(lambda: w.pending == 0, what="the writer to drain")
+    # the delay doubles from BACKOFF_MIN (0.01) up to BACKOFF_MAX (0.04) ...
+    delays = [kw["retry_in"] for _, event, kw in log.records if event == "store_write_failed"]
+    assert delays == [0.01, 0.02, 0.04, 0.04, 0.04]
+    # ... and each retry waited at least that long (a slow machine only makes gaps longer)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) == 5
-    # 0.01, 0.02, 0.04, then capped at 0.04
-    assert gaps[0] < gaps[2] and gaps[3] < 0.04 * 3 and gaps[4] < 0.04 * 3
+    assert all(gap >= delay - 0.005 for gap, delay in zip(gaps, delays, strict=True)), gaps
     assert await w.stop(timeout=1) == 0
 
 
@@ -505,10 +502,7 @@ async def test_stop_drains_what_is_buffered(store: Store) -> None:
     for i in range(300):
         w.add_accepted(msg(f"S{i:03}"))
     w.add_event(ev("S299", "sent"))
-    loop = asyncio.get_running_loop()
-    t = loop.time()
-    assert await w.stop(timeout=5) == 0
-    assert loop.time() - t < 5
+    assert await w.stop(timeout=5) == 0  # had stop() waited out max_delay, 301 would be lost
     assert w.pending == 0 and w.written == 301
     row = await store.get_message_by_queue_id("S299")
     assert row is not None and [e["type"] for e in row["events"]] == ["queued", "sent"]
@@ -528,7 +522,7 @@ async def test_stop_reports_what_it_could_not_write(store: Store, fast_backoff: 
     await w.start()
     w.add_accepted(msg("L1"))
     w.add_event(ev("L1", "sent"))
-    await _until(lambda: w.failures >= 1)
+    await wait_for(lambda: w.failures >= 1, what="a failed write")
     lost = await w.stop(timeout=0.3)
     assert lost == 2 and w.pending == 2
     assert len(rec.calls) >= 2  # kept trying while draining
