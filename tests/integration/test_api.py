@@ -379,10 +379,9 @@ async def test_openapi_document_covers_every_route(api: tuple[AdminAPI, Client])
     assert status == 200 and body == DOC and body["openapi"].startswith("3.1")
     routes = {r.resource.canonical for r in a.app.router.routes() if r.resource is not None}
     assert routes == set(DOC["paths"])
-    try:
-        from openapi_spec_validator import validate
-    except ImportError:
-        return
+    # a valid OpenAPI 3.1 document; openapi-spec-validator is in the test extra, so a missing
+    # package fails this test instead of skipping the check
+    from openapi_spec_validator import validate
     validate(body)
 
 
