@@ -18,12 +18,13 @@ Each method is one short transaction. A checkpoint is written by the callback
 `save_checkpoint()` returns, which `Store.store_messages(..., then=...)` runs in the
 transaction that stores the messages it covers: both commit or neither does.
 
-Leases (SPEC §7): a mailbox is tailed by one node at a time. `acquire_lease` is one atomic
-``UPDATE accounts SET lease_owner = me, lease_expires_at = now + ttl WHERE id = :id AND
-(lease_owner = me OR lease_owner IS NULL OR lease_expires_at < now)``; a node renews its
-leases every third of the TTL, and a node that stops renewing (it died, or lost the
-database) loses them when they expire. On PostgreSQL "now" is the database's clock, so
-nodes' clocks need not agree; on SQLite (one node) it is this process's.
+Leases (README "Connected mailboxes (IMAP sync)", several nodes): a mailbox is tailed by
+one node at a time. `acquire_lease` is one atomic ``UPDATE accounts SET lease_owner = me,
+lease_expires_at = now + ttl WHERE id = :id AND (lease_owner = me OR lease_owner IS NULL
+OR lease_expires_at < now)``; a node renews its leases every third of the TTL, and a
+node that stops renewing (it died, or lost the database) loses them when they expire. On
+PostgreSQL "now" is the database's clock, so nodes' clocks need not agree; on SQLite (one
+node) it is this process's.
 
 `overview()` and `sync_info()` are the read side shared by `mailgw accounts list`,
 `mailgw sync status` and the read API (`/api/v1/accounts`, `/api/v1/accounts/{id}/sync`).

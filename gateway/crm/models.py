@@ -107,7 +107,7 @@ class Base(DeclarativeBase):
 
 
 class Message(Base):
-    """A stored message (SPEC §6 "Messages")."""
+    """A stored message: one row however many paths saw it (see ``messages`` above)."""
 
     __tablename__ = "messages"
     __table_args__ = (
@@ -144,7 +144,7 @@ class Message(Base):
 
 
 class MessageSource(Base):
-    """One path a message was seen on (SPEC §6 "sources")."""
+    """One path a message was seen on: a relay copy, the ingest listener or an IMAP mailbox."""
 
     __tablename__ = "message_sources"
     __table_args__ = (
@@ -170,7 +170,7 @@ class MessageSource(Base):
 
 
 class Event(Base):
-    """One thing that happened to a message for one recipient (SPEC §6 "events")."""
+    """One thing that happened to a message for one recipient (queued, sent, opened, ...)."""
 
     __tablename__ = "events"
     __table_args__ = (

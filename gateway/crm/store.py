@@ -1,4 +1,4 @@
-"""The CRM store: messages seen on any path, stored once, linked to contacts; read back as SPEC §6 JSON.
+"""The CRM store: messages seen on any path, stored once, linked to contacts; read back as the API's JSON.
 
 One :class:`Store` owns one AsyncEngine; every call is one short transaction, so a
 store shared by the writer, the ingest listener, the IMAP tailers, the CLI and the
@@ -771,7 +771,7 @@ def _summary_payload(pk: int, m: NewMessage) -> dict[str, Any]:
 
 def _message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: list[dict[str, Any]],
                   contacts: list[dict[str, Any]], bodies: bool) -> dict[str, Any]:
-    """A message as SPEC §6 JSON."""
+    """A message as the read API returns it (`MessageSummary` / `MessageDetail` in api/openapi.py)."""
     relay = [s["ref"] for s in sources if s["source"] == "relay"]
     out = {
         "id": m["id"], "message_id": m["message_id"], "thread_id": m["thread_id"],

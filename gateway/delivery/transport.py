@@ -2,7 +2,7 @@
 
 `Transport.send()` never raises for SMTP or network trouble: every failure is turned
 into a `RcptResult` labelled temporary (4xx, retry later) or permanent (5xx, bounce)
-right here, where the reason is known (ARCHITECTURE idea 4).
+right here, where the reason is known, so that nothing downstream has to guess.
 
 How failures are labelled::
 

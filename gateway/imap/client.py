@@ -25,11 +25,11 @@ raises `IMAPCommandError` and leaves the connection usable.
 
 Why not aioimaplib: version 2.0.3 parses each received chunk recursively, one level per
 line, so a FETCH of a few thousand short lines raises RecursionError inside
-`data_received` and the command never completes (issue #118); EXAMINE leaves it in the
+`data_received` and the command never completes (aioimaplib issue #118); EXAMINE leaves it in the
 AUTH state so UID FETCH is refused afterwards; it has no AUTHENTICATE PLAIN with an
 authorization identity, no OAUTHBEARER, no STARTTLS, does not answer the error challenge
 of a failed XOAUTH2 (the command hangs) and its `idle_start()` hangs when the server goes
-away (#110). The wire format here (`protocol.py`) reads literals by their byte count
+away (aioimaplib #110). The wire format here (`protocol.py`) reads literals by their byte count
 and tokenizes only the text around them, one response at a time, over asyncio streams.
 """
 

@@ -50,8 +50,9 @@ ref `account/folder/uidvalidity/uid` make replays harmless anyway).
 
 `Tailers` is the manager the App starts: every `sync.check_interval` it reads account
 statuses (so `mailgw accounts disable` takes effect within seconds), takes or renews
-leases (SPEC §7; renewed every third of `sync.lease_ttl`, and a tailer whose lease could
-not be renewed in time stops before another node can take it over), starts and stops
+leases (README "Connected mailboxes (IMAP sync)": renewed every third of `sync.lease_ttl`,
+and a tailer whose lease could not be renewed in time stops before another node can take
+it over), starts and stops
 tailers, and owns the `SentCopies` appender. SIGHUP (`reload`) restarts tailers whose
 account configuration changed and retries, once, accounts that need reconnecting.
 SIGTERM (`stop`) lets batches in flight commit, interrupts IDLE, releases the leases.

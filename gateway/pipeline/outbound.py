@@ -4,7 +4,7 @@ For every recipient the policies decide (:meth:`PolicySet.decide` with the messa
 headers); recipients are then grouped:
 
 - a recipient whose opens or clicks are tracked gets a copy of their own, with tokens
-  bound to that copy's queue id (SPEC §5 "Per recipient"), when the message has
+  bound to that copy's queue id (README "Tracking endpoint"), when the message has
   somewhere to put a token (an HTML body); otherwise the copy is shared as below;
 - the others are grouped by what is done to them (signature, disclaimer, DKIM, route,
   store), and every group shares one copy; recipients no stage changes share the

@@ -21,7 +21,7 @@ The rules, first match wins (the reason names the rule):
    mobile data), or in a webmail whose images are proxied. mailgw has no web session of
    its own, so a "logged-in sender" cannot be recognised either. Internal recipients on
    the sender's network are counted as the sender too; turn tracking off for internal
-   mail by policy (SPEC §4).
+   mail by policy (README "Policies"; ``policies/10-internal.yaml`` does it).
 7. A hit on the same copy within ``honeypot_window`` after its honeypot link was followed.
 8. Timing: a click within ``click_after_delivery`` (an open within
    ``open_after_delivery``) of the moment the recipient's server accepted the copy —
