@@ -1,0 +1,1 @@
+"""mailgw's tests: unit/ in-process, integration/ against real peers, support/ what they share."""

@@ -1,0 +1,1 @@
+"""Integration tests: the gateway against real peers on loopback (upstreams, PostgreSQL, Dovecot)."""

@@ -1,0 +1,1 @@
+"""Unit tests: one module or component at a time, in-process, without a network peer of their own."""
