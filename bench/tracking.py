@@ -97,6 +97,14 @@ def serve(port: int, static_dir: str) -> None:
 # -- load generators --------------------------------------------------------------------------
 
 
+def _wrk_figure(pattern: str, out: str) -> str:
+    """The first group of `pattern` in wrk's report; wrk's output format changing is an error."""
+    m = re.search(pattern, out)
+    if m is None:
+        raise RuntimeError(f"wrk printed no {pattern!r}:\n{out}")
+    return m.group(1)
+
+
 def _ms(text: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
     if not m:
@@ -109,10 +117,10 @@ def run_wrk(url: str, duration: float, connections: int, threads: int) -> dict[s
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--latency",
          "-H", f"User-Agent: {CHROME}", url],
         capture_output=True, text=True, timeout=duration + 60, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
+    p50 = _ms(_wrk_figure(r"\s50%\s+(\S+)", out))
+    p99 = _ms(_wrk_figure(r"\s99%\s+(\S+)", out))
+    total = int(_wrk_figure(r"(\d+) requests in", out))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total,
             "bad_status": int(errors.group(1)) if errors else 0}

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.cli import main
 from gateway.keys import dkim as dkimkeys
@@ -140,7 +141,9 @@ async def test_keygen_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[s
         rc = await asyncio.to_thread(main, ["dkim", "keygen", "-c", str(cfg), "--domain", "example.com",
                                             "--selector", "s2026r"])
         assert rc == 1 and "refusing to overwrite" in capsys.readouterr().err
-        assert dkimkeys.load_private_key(key_path.read_bytes()).private_numbers() == key.private_numbers()  # type: ignore[union-attr]
+        reloaded = dkimkeys.load_private_key(key_path.read_bytes())
+        assert isinstance(key, rsa.RSAPrivateKey) and isinstance(reloaded, rsa.RSAPrivateKey)
+        assert reloaded.private_numbers() == key.private_numbers()
 
         ed_path = tmp_path / "ed.pem"
         rc = await asyncio.to_thread(main, ["dkim", "keygen", "--domain", "example.com", "--selector",

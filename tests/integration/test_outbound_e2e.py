@@ -12,6 +12,7 @@ import smtplib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dkim
@@ -139,7 +140,7 @@ async def test_tracked_copies_dkim_click_pixel_and_events(env: Env) -> None:
         async with http.get(forged, allow_redirects=False) as r:
             assert r.status == 404 and "Location" not in r.headers
 
-    def events() -> list[dict[str, object]]:
+    def events() -> list[dict[str, Any]]:
         out = cli(env.config, "messages", "show", qid, "--json")
         if out.returncode == 1 and "no message" in out.stderr:
             return []            # not written by the store writer yet
@@ -159,7 +160,7 @@ async def test_tracked_copies_dkim_click_pixel_and_events(env: Env) -> None:
     hits = [e for e in events() if e["type"] in ("opened", "clicked")]
     assert all(e["machine"] is False for e in hits), hits
     clicked = next(e for e in hits if e["type"] == "clicked")
-    assert clicked["details"]["url"] == "https://acme.test/offer?id=7&ref=mail"   # type: ignore[index]
+    assert clicked["details"]["url"] == "https://acme.test/offer?id=7&ref=mail"
     sent = {e["recipient"] for e in events() if e["type"] == "sent"}
     assert sent == {"bob@acme.test", "carol@acme.test", "dan@example.com"}
     rows = await env.store.list_messages()

@@ -108,7 +108,7 @@ async def test_writer_batches_and_survives_store_failures(url: str) -> None:
             raise StoreError("simulated outage")
         await real(accepted, events)
 
-    store.record = flaky  # type: ignore[method-assign]
+    store.record = flaky  # type: ignore[method-assign]  # a failing stand-in
     writer = StoreWriter(store, batch=50, max_delay=0.01)
     await writer.start()
     for i in range(120):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import TrackingListener
@@ -43,7 +44,7 @@ URLS = ["https://example.com/pricing?plan=pro&seats=10#compare",
 
 @dataclass
 class Env:
-    client: TestClient  # type: ignore[type-arg]
+    client: TestClient[web.Request, web.Application]
     sink: MemoryHitSink
     lookup: MemoryCopyLookup
     recorder: HitRecorder

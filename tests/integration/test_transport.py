@@ -59,8 +59,8 @@ def closed_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
-def dest(up: Upstream, **kw: object) -> Destination:
-    return Destination(host="127.0.0.1", port=up.port, **kw)  # type: ignore[arg-type]
+def dest(up: Upstream, **kw: Any) -> Destination:
+    return Destination(host="127.0.0.1", port=up.port, **kw)
 
 
 def message(n: int) -> bytes:
@@ -303,7 +303,7 @@ async def test_password_is_not_in_repr() -> None:
                     password="hunter2")
     assert "hunter2" not in repr(d)
     with pytest.raises(ValueError):
-        Destination(host="x", port=25, tls="tls")  # type: ignore[arg-type]
+        Destination(host="x", port=25, tls="tls")  # type: ignore[arg-type]  # invalid on purpose
 
 
 # -- pooling ----------------------------------------------------------------------------

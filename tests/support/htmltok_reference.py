@@ -65,7 +65,9 @@ def _parse_tag(s: str, j: int, is_end: bool) -> Tag | None:
     i = m.end()
     n = len(s)
     while True:
-        i = _BEFORE_ATTR_RE.match(s, i).end()  # type: ignore[union-attr]
+        space = _BEFORE_ATTR_RE.match(s, i)
+        assert space is not None  # the pattern matches the empty string
+        i = space.end()
         if i >= n:
             return None
         if s[i] == ">":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Account
 from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
@@ -90,8 +91,8 @@ async def test_checkpoint_commits_with_the_messages_or_not_at_all(store: Store) 
 
     later = Checkpoint("INBOX", uidvalidity=7, last_uid=11)
 
-    async def both(conn: object) -> None:
-        await accounts.save_checkpoint("alice", later)(conn)  # type: ignore[arg-type]
+    async def both(conn: AsyncConnection) -> None:
+        await accounts.save_checkpoint("alice", later)(conn)
         await boom(conn)
 
     with pytest.raises(StoreError):

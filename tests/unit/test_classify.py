@@ -10,6 +10,7 @@ import pytest
 from gateway.tracking.classify import (
     SIGNATURES,
     CopyInfo,
+    Kind,
     Observation,
     PriorHit,
     Settings,
@@ -29,10 +30,10 @@ OUTLOOK_DESKTOP = ("Mozilla/4.0 (compatible; ms-office; MSOffice 16)")
 LATER = T0 + 3600  # long after delivery: timing rules do not apply
 
 
-def obs(kind: str = "open", ua: str = CHROME, *, at: float = LATER, link: int = 0,
+def obs(kind: Kind = "open", ua: str = CHROME, *, at: float = LATER, link: int = 0,
         ip: str = "203.0.113.9", referer: str = "", headers: dict[str, str] | None = None,
         method: str = "GET") -> Observation:
-    return Observation(kind=kind, copy_id=COPY.copy_id, link=link, at=at, method=method, ip=ip,  # type: ignore[arg-type]
+    return Observation(kind=kind, copy_id=COPY.copy_id, link=link, at=at, method=method, ip=ip,
                        user_agent=ua, referer=referer, headers=headers or {})
 
 
@@ -188,7 +189,8 @@ def test_table_rows_are_well_formed() -> None:
     "Chrome/120.0 Mobile Safari/537.36",
 ])
 def test_real_browsers_are_people(ua: str) -> None:
-    for kind, link in (("open", 0), ("click", 1)):
+    kinds: tuple[tuple[Kind, int], ...] = (("open", 0), ("click", 1))
+    for kind, link in kinds:
         v = classify(obs(kind, ua=ua, link=link), COPY)
         assert v.machine is False, (kind, v.reason)
 

@@ -105,10 +105,11 @@ def _tags(message: bytes, idx: int = 0) -> dict[bytes, bytes]:
 @pytest.mark.parametrize("message", [SIMPLE, MULTIPART_8BIT], ids=["simple", "multipart-8bit"])
 @pytest.mark.parametrize("algs", [("rsa-sha256",), ("ed25519-sha256",),
                                   ("ed25519-sha256", "rsa-sha256")], ids=["rsa", "ed25519", "both"])
-def test_dkimpy_verifies(message: bytes, algs: tuple[str, ...], rsa_key: dkimkeys.PrivateKey,
+def test_dkimpy_verifies(message: bytes, algs: tuple[dkimkeys.Algorithm, ...], rsa_key: dkimkeys.PrivateKey,
                          ed_key: dkimkeys.PrivateKey) -> None:
-    keys = {"rsa-sha256": ("r1", rsa_key), "ed25519-sha256": ("e1", ed_key)}
-    signer = Signer({"example.com": [SigningKey("example.com", keys[a][0], a, keys[a][1])  # type: ignore[arg-type]
+    keys: dict[dkimkeys.Algorithm, tuple[str, dkimkeys.PrivateKey]] = {
+        "rsa-sha256": ("r1", rsa_key), "ed25519-sha256": ("e1", ed_key)}
+    signer = Signer({"example.com": [SigningKey("example.com", keys[a][0], a, keys[a][1])
                                      for a in algs]})
     signed = signer.sign(message)
     assert signed.endswith(message)  # only prepended: the original bytes are untouched

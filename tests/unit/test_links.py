@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -21,10 +22,10 @@ COPY = "01JNKZ6W3Q9R8S7T6V5X4Y3Z2A"
 BASE = "https://t.example.test"
 
 
-def policy(**kw: object) -> LinkPolicy:
-    args: dict[str, object] = {"base_url": BASE, "copy_id": COPY, "signer": SIGNER}
+def policy(**kw: Any) -> LinkPolicy:
+    args: dict[str, Any] = {"base_url": BASE, "copy_id": COPY, "signer": SIGNER}
     args.update(kw)
-    return LinkPolicy(**args)  # type: ignore[arg-type]
+    return LinkPolicy(**args)
 
 
 @pytest.mark.parametrize(("raw", "meant"), [

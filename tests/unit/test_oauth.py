@@ -67,7 +67,8 @@ def test_oauth2_account_from_config(tmp_path: Path) -> None:
     assert creds.scope == "https://mail.google.com/"
     assert (creds.refresh_token, creds.client_secret) == ("rt-123", "client-secret")
     assert "rt-123" not in repr(creds) and "client-secret" not in repr(creds)
-    assert bob.imap_endpoint() is not None and bob.imap_endpoint().host == "imap.gmail.com"  # type: ignore[union-attr]
+    endpoint = bob.imap_endpoint()
+    assert endpoint is not None and endpoint.host == "imap.gmail.com"
     creds = credentials_from_config(carol, cfg.base_dir)
     assert (creds.token_endpoint, creds.scope, creds.client_secret) == (
         "https://idp.example.com/token", "mail", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,11 +52,11 @@ def setup(tmp_path: Path, files: dict[str, str], config: str = CONFIG,
     return cfg
 
 
-def load(tmp_path: Path, files: dict[str, str], **kw: object) -> PolicySet:
-    return policies_for(load_config(setup(tmp_path, files, **kw)))  # type: ignore[arg-type]
+def load(tmp_path: Path, files: dict[str, str], **kw: Any) -> PolicySet:
+    return policies_for(load_config(setup(tmp_path, files, **kw)))
 
 
-def problems(tmp_path: Path, files: dict[str, str], **kw: object) -> list[str]:
+def problems(tmp_path: Path, files: dict[str, str], **kw: Any) -> list[str]:
     with pytest.raises(ConfigError) as ei:
         load(tmp_path, files, **kw)
     return [str(p) for p in ei.value.problems]

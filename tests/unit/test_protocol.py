@@ -106,7 +106,7 @@ async def run_reader(fn: Any, stream: bytes, chunks: list[int], size_limit: int 
         if pos >= len(stream):
             break
     verdict, content = await asyncio.wait_for(task, 2)
-    rest = await reader.read(len(stream) + 1) if reader._buffer else b""  # type: ignore[attr-defined]
+    rest = await reader.read(len(stream) + 1) if reader._buffer else b""  # type: ignore[attr-defined]  # StreamReader's buffer, not in typeshed
     return verdict, content, rest
 
 
@@ -180,7 +180,7 @@ def reference_getaddr(arg: str) -> tuple[str | None, str | None]:
         if arg.lstrip().startswith("<"):
             address, rest = get_angle_addr(arg)
         else:
-            address, rest = get_addr_spec(arg)  # type: ignore[assignment]
+            address, rest = get_addr_spec(arg)  # type: ignore[assignment]  # both have .addr_spec
     except HeaderParseError:
         return None, None
     return address.addr_spec, rest

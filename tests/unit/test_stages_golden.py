@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ REGEN = os.environ.get("MAILGW_REGEN_GOLDEN") == "1"
 BASE = "https://t.example.test"
 COPY_ID = "01JNKZ6W3Q9R8S7T6V5X4Y3Z2A"
 SIGNER = TokenSigner([b"golden-key-0123456789abcdef"])
-DEFAULTS: dict[str, object] = {"track_opens": True, "track_clicks": True,
+DEFAULTS: dict[str, Any] = {"track_opens": True, "track_clicks": True,
                                "skip_links": ["*.skip.example.test/*"]}
 
 
@@ -39,8 +40,8 @@ def context(name: str) -> CopyContext:
     if side.exists():
         settings.update(json.loads(side.read_text(encoding="utf-8")))
     base = str(settings.pop("base_url", BASE))
-    settings["skip_links"] = tuple(settings["skip_links"])  # type: ignore[arg-type]
-    return CopyContext("bob@example.test", COPY_ID, StageSettings(**settings),  # type: ignore[arg-type]
+    settings["skip_links"] = tuple(settings["skip_links"])
+    return CopyContext("bob@example.test", COPY_ID, StageSettings(**settings),
                        base, SIGNER)
 
 

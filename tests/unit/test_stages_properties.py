@@ -25,6 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -232,8 +233,8 @@ def messages(draw: st.DrawFn, doc_strategy: st.SearchStrategy[Doc] | None = None
     return header + body_bytes, doc
 
 
-def context(opens: bool = True, clicks: bool = True, **kw: object) -> CopyContext:
-    s = StageSettings(track_opens=opens, track_clicks=clicks, skip_links=(SKIP_GLOB,), **kw)  # type: ignore[arg-type]
+def context(opens: bool = True, clicks: bool = True, **kw: Any) -> CopyContext:
+    s = StageSettings(track_opens=opens, track_clicks=clicks, skip_links=(SKIP_GLOB,), **kw)
     return CopyContext("b@example.test", COPY, s, BASE, SIGNER)
 
 

@@ -419,7 +419,7 @@ class Recording:
         await self.real(accepted, events)
 
     def install(self) -> Store:
-        self.store.record = self.record  # type: ignore[method-assign]
+        self.store.record = self.record  # type: ignore[method-assign]  # the recording stand-in
         return self.store
 
 
@@ -482,7 +482,7 @@ async def test_writer_backs_off_exponentially(store: Store, fast_backoff: None) 
         times.append(loop.time())
         await real(accepted, events)
 
-    store.record = timed  # type: ignore[method-assign]
+    store.record = timed  # type: ignore[method-assign]  # a timing stand-in
     w.add_accepted(msg("B1"))
     await w.start()
     await wait_for(lambda: w.pending == 0, what="the writer to drain")
