@@ -140,28 +140,31 @@ async def test_tracked_copies_dkim_click_pixel_and_events(env: Env) -> None:
         async with http.get(forged, allow_redirects=False) as r:
             assert r.status == 404 and "Location" not in r.headers
 
-    def events() -> list[dict[str, Any]]:
-        out = cli(env.config, "messages", "show", qid, "--json")
+    async def events() -> list[dict[str, Any]]:
+        # `mailgw messages show` in a thread: the app under test runs on this event loop
+        out = await asyncio.to_thread(cli, env.config, "messages", "show", qid, "--json")
         if out.returncode == 1 and "no message" in out.stderr:
             return []            # not written by the store writer yet
         assert out.returncode == 0, out.stderr
         return list(json.loads(out.stdout)["events"])
 
-    def seen() -> bool:
-        kinds = {(e["type"], e["recipient"]) for e in events()}
-        return {("opened", "bob@acme.test"), ("clicked", "bob@acme.test")} <= kinds
+    async def seen() -> bool:
+        kinds = {(e["type"], e["recipient"]) for e in await events()}
+        return {("opened", "bob@acme.test"), ("clicked", "bob@acme.test"), ("sent", "bob@acme.test"),
+                ("sent", "carol@acme.test"), ("sent", "dan@example.com")} <= kinds
 
-    await wait_until(seen, timeout=20, what="opened and clicked events for bob")
+    await wait_until(seen, timeout=30, what="sent events for all three, opened and clicked for bob")
     registry = env.app.metrics.registry
     for kind in ("open", "click"):
         assert registry.get_sample_value("mailgw_tracking_hits_total",
                                          {"kind": kind, "machine": "false"}) == 1.0, kind
     assert registry.get_sample_value("mailgw_messages_accepted_total") == 1.0
-    hits = [e for e in events() if e["type"] in ("opened", "clicked")]
+    final = await events()
+    hits = [e for e in final if e["type"] in ("opened", "clicked")]
     assert all(e["machine"] is False for e in hits), hits
     clicked = next(e for e in hits if e["type"] == "clicked")
     assert clicked["details"]["url"] == "https://acme.test/offer?id=7&ref=mail"
-    sent = {e["recipient"] for e in events() if e["type"] == "sent"}
+    sent = {e["recipient"] for e in final if e["type"] == "sent"}
     assert sent == {"bob@acme.test", "carol@acme.test", "dan@example.com"}
     rows = await env.store.list_messages()
     assert len(rows) == 1 and rows[0]["subject"] == "Our offer"
