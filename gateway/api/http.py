@@ -276,7 +276,7 @@ class AdminAPI:
             async with self.store.engine.connect() as conn:
                 t = (await conn.execute(sa.select(sort_at).where(_messages_id == row["id"]))).scalar()
         except sa.exc.SQLAlchemyError as exc:
-            raise self.store._fail("store read failed", exc) from exc
+            raise self.store.error("store read failed", exc) from exc
         if t is None:  # deleted meanwhile: no next page can follow it
             raise StoreError(f"message {row['id']} disappeared while paging")
         return (t.replace(tzinfo=UTC) if t.tzinfo is None else t), int(row["id"])
@@ -422,7 +422,7 @@ class AdminAPI:
             await asyncio.wait_for(ping(), HEALTH_TIMEOUT)
         except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
             store = {"ok": False, "error": type(exc).__name__ if isinstance(exc, TimeoutError)
-                     else self.store._fail("unreachable", exc).args[0]}
+                     else self.store.error("unreachable", exc).args[0]}
         spool = None
         if self.spool_counts is not None:
             try:

@@ -32,7 +32,6 @@ node) it is this process's.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,8 +42,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Account
-from gateway.crm.models import ACCOUNT_STATUSES, AccountState, SyncRun, SyncState
-from gateway.crm.store import Store, _chunks, _iso, _messages, _raw, _sources
+from gateway.crm.models import (
+    ACCOUNT_STATUSES,
+    accounts_table,
+    messages_table,
+    raw_table,
+    sources_table,
+    sync_runs_table,
+    sync_state_table,
+)
+from gateway.crm.sql import chunks, iso
+from gateway.crm.store import Store
 from gateway.errors import NotFound
 from gateway.keys.tokens import EncryptedToken
 
@@ -56,9 +64,6 @@ __all__ = [
     "RunCounts",
 ]
 
-_accounts = cast(sa.Table, AccountState.__table__)
-_state = cast(sa.Table, SyncState.__table__)
-_runs = cast(sa.Table, SyncRun.__table__)
 
 #: the reason text kept with a status (the server's words can be long)
 REASON_MAX = 1000
@@ -131,7 +136,7 @@ class Accounts:
             async with self._begin() as conn:
                 return await fn(conn)
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail(what, exc) from exc
+            raise self.store.error(what, exc) from exc
 
     # -- rows -----------------------------------------------------------------------------
     async def ensure(self, accounts: Sequence[Account]) -> None:
@@ -143,11 +148,11 @@ class Accounts:
         async def run(conn: AsyncConnection) -> None:
             rows = [{"id": a.id, "email": a.email, "status": "active", "status_at": now,
                      "created_at": now, "updated_at": now} for a in accounts]
-            await conn.execute(self.store._insert(_accounts).on_conflict_do_nothing(
-                index_elements=[_accounts.c.id]), rows)
+            await conn.execute(self.store.insert(accounts_table).on_conflict_do_nothing(
+                index_elements=[accounts_table.c.id]), rows)
             for a in accounts:
-                await conn.execute(sa.update(_accounts).where(
-                    _accounts.c.id == a.id, _accounts.c.email != a.email).values(
+                await conn.execute(sa.update(accounts_table).where(
+                    accounts_table.c.id == a.id, accounts_table.c.email != a.email).values(
                     email=a.email, updated_at=now))
 
         await self._tx(run, "cannot record the configured accounts")
@@ -159,25 +164,25 @@ class Accounts:
 
     async def rows(self, ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Rows by id (all of them without `ids`), without the token ciphertext."""
-        cols = [c for c in _accounts.c if c.name != "token_ciphertext"]
+        cols = [c for c in accounts_table.c if c.name != "token_ciphertext"]
         q = sa.select(*cols)
         if ids is not None:
-            q = q.where(_accounts.c.id.in_(list(ids)))
+            q = q.where(accounts_table.c.id.in_(list(ids)))
 
         try:
             async with self.store.engine.connect() as conn:
                 return {r["id"]: dict(r) for r in (await conn.execute(q)).mappings()}
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read accounts", exc) from exc
+            raise self.store.error("cannot read accounts", exc) from exc
 
     async def statuses(self) -> dict[str, str]:
         """id -> status for every account row (the daemon's cheap periodic check)."""
         try:
             async with self.store.engine.connect() as conn:
-                rows = await conn.execute(sa.select(_accounts.c.id, _accounts.c.status))
+                rows = await conn.execute(sa.select(accounts_table.c.id, accounts_table.c.status))
                 return {i: s for i, s in rows.all()}
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read account statuses", exc) from exc
+            raise self.store.error("cannot read account statuses", exc) from exc
 
     async def set_status(self, account_id: str, status: str, reason: str | None = None, *,
                          email: str = "", only_from: Sequence[str] | None = None) -> str | None:
@@ -190,10 +195,10 @@ class Accounts:
         now = _now()
 
         async def run(conn: AsyncConnection) -> str | None:
-            row = (await conn.execute(sa.select(_accounts.c.status, _accounts.c.email)
-                                      .where(_accounts.c.id == account_id))).first()
+            row = (await conn.execute(sa.select(accounts_table.c.status, accounts_table.c.email)
+                                      .where(accounts_table.c.id == account_id))).first()
             if row is None:
-                await conn.execute(sa.insert(_accounts), [{
+                await conn.execute(sa.insert(accounts_table), [{
                     "id": account_id, "email": email, "status": status,
                     "status_reason": _reason(reason), "status_at": now, "created_at": now,
                     "updated_at": now}])
@@ -202,12 +207,12 @@ class Accounts:
                 previous, address = row[0], row[1]
                 if only_from is not None and previous not in only_from:
                     return cast(str, previous)
-                await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id).values(
+                await conn.execute(sa.update(accounts_table).where(accounts_table.c.id == account_id).values(
                     status=status, status_reason=_reason(reason), status_at=now, updated_at=now))
             if status == "needs_reconnect" and previous != "needs_reconnect":
                 await self.store.enqueue_webhook(conn, "account.needs_reconnect", {
                     "account": {"id": account_id, "email": address, "status": status,
-                                "reason": _reason(reason), "status_at": _iso(now)}}, now)
+                                "reason": _reason(reason), "status_at": iso(now)}}, now)
             return cast("str | None", previous)
 
         return cast("str | None", await self._tx(run, f"cannot set the status of {account_id}"))
@@ -216,10 +221,11 @@ class Accounts:
     async def checkpoint(self, account_id: str, folder: str) -> Checkpoint | None:
         try:
             async with self.store.engine.connect() as conn:
-                r = (await conn.execute(sa.select(_state).where(
-                    _state.c.account == account_id, _state.c.folder == folder))).mappings().first()
+                r = (await conn.execute(sa.select(sync_state_table).where(
+                    sync_state_table.c.account == account_id,
+                    sync_state_table.c.folder == folder))).mappings().first()
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read a sync checkpoint", exc) from exc
+            raise self.store.error("cannot read a sync checkpoint", exc) from exc
         if r is None:
             return None
         return Checkpoint(folder=folder, uidvalidity=r["uidvalidity"], last_uid=int(r["last_uid"]),
@@ -235,13 +241,13 @@ class Accounts:
             values = {"uidvalidity": cp.uidvalidity, "last_uid": cp.last_uid,
                       "highestmodseq": cp.highestmodseq, "backfill_uid": cp.backfill_uid,
                       "initial_done": cp.initial_done, "updated_at": now}
-            stmt = self.store._insert(_state).values(account=account_id, folder=cp.folder, **values)
+            stmt = self.store.insert(sync_state_table).values(account=account_id, folder=cp.folder, **values)
             await conn.execute(stmt.on_conflict_do_update(
-                index_elements=[_state.c.account, _state.c.folder], set_=values))
+                index_elements=[sync_state_table.c.account, sync_state_table.c.folder], set_=values))
             if run_id is not None and counts is not None:
-                await conn.execute(sa.update(_runs).where(_runs.c.id == run_id).values(
+                await conn.execute(sa.update(sync_runs_table).where(sync_runs_table.c.id == run_id).values(
                     fetched=counts.fetched, stored=counts.stored, skipped=counts.skipped))
-            await conn.execute(sa.update(_accounts).where(_accounts.c.id == account_id)
+            await conn.execute(sa.update(accounts_table).where(accounts_table.c.id == account_id)
                                .values(last_sync_at=now))
         return run
 
@@ -251,8 +257,8 @@ class Accounts:
     async def forget_folders(self, account_id: str, keep: Sequence[str]) -> int:
         """Drop checkpoints of folders no longer synced (so a folder added again starts over)."""
         async def run(conn: AsyncConnection) -> int:
-            res = await conn.execute(sa.delete(_state).where(
-                _state.c.account == account_id, _state.c.folder.not_in(list(keep))))
+            res = await conn.execute(sa.delete(sync_state_table).where(
+                sync_state_table.c.account == account_id, sync_state_table.c.folder.not_in(list(keep))))
             return int(res.rowcount or 0)
 
         return cast(int, await self._tx(run, "cannot update sync checkpoints"))
@@ -261,16 +267,16 @@ class Accounts:
     async def start_run(self, account_id: str, folder: str, kind: str) -> int:
         """Insert a run in state `running`; returns its id."""
         async def run(conn: AsyncConnection) -> int:
-            res = await conn.execute(sa.insert(_runs).values(
+            res = await conn.execute(sa.insert(sync_runs_table).values(
                 account=account_id, folder=folder, kind=kind, started_at=_now(), status="running",
-                fetched=0, stored=0, skipped=0).returning(_runs.c.id))
+                fetched=0, stored=0, skipped=0).returning(sync_runs_table.c.id))
             return int(res.scalar_one())
 
         return cast(int, await self._tx(run, "cannot record a sync run"))
 
     async def finish_run(self, run_id: int, counts: RunCounts, error: str | None = None) -> None:
         async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.update(_runs).where(_runs.c.id == run_id).values(
+            await conn.execute(sa.update(sync_runs_table).where(sync_runs_table.c.id == run_id).values(
                 finished_at=_now(), status="error" if error else "ok", fetched=counts.fetched,
                 stored=counts.stored, skipped=counts.skipped, error=_reason(error)))
 
@@ -280,7 +286,7 @@ class Accounts:
                          counts: RunCounts, error: str | None = None) -> None:
         """Insert a finished run at once (a tail pass, a failed connection)."""
         async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.insert(_runs).values(
+            await conn.execute(sa.insert(sync_runs_table).values(
                 account=account_id, folder=folder, kind=kind, started_at=started_at,
                 finished_at=_now(), status="error" if error else "ok", fetched=counts.fetched,
                 stored=counts.stored, skipped=counts.skipped, error=_reason(error)))
@@ -290,8 +296,8 @@ class Accounts:
     async def interrupt_runs(self, account_id: str, why: str) -> int:
         """Runs of this account still `running` (their node stopped or lost the lease) -> error."""
         async def run(conn: AsyncConnection) -> int:
-            res = await conn.execute(sa.update(_runs).where(
-                _runs.c.account == account_id, _runs.c.status == "running").values(
+            res = await conn.execute(sa.update(sync_runs_table).where(
+                sync_runs_table.c.account == account_id, sync_runs_table.c.status == "running").values(
                 status="error", finished_at=_now(), error=_reason(why)))
             return int(res.rowcount or 0)
 
@@ -302,8 +308,8 @@ class Accounts:
         cutoff = _now() - older_than
 
         async def run(conn: AsyncConnection) -> int:
-            res = await conn.execute(sa.delete(_runs).where(_runs.c.started_at < cutoff,
-                                                            _runs.c.status != "running"))
+            res = await conn.execute(sa.delete(sync_runs_table).where(sync_runs_table.c.started_at < cutoff,
+                                                            sync_runs_table.c.status != "running"))
             return int(res.rowcount or 0)
 
         return cast(int, await self._tx(run, "cannot prune sync runs"))
@@ -316,12 +322,12 @@ class Accounts:
             until: Any = sa.func.now() + sa.literal(timedelta(seconds=ttl), sa.Interval())
         else:
             t = _now()
-            now = sa.literal(t, _accounts.c.lease_expires_at.type)
+            now = sa.literal(t, accounts_table.c.lease_expires_at.type)
             until = t + timedelta(seconds=ttl)
-        stmt = sa.update(_accounts).where(
-            _accounts.c.id == account_id,
-            sa.or_(_accounts.c.lease_owner == owner, _accounts.c.lease_owner.is_(None),
-                   _accounts.c.lease_expires_at.is_(None), _accounts.c.lease_expires_at < now),
+        stmt = sa.update(accounts_table).where(
+            accounts_table.c.id == account_id,
+            sa.or_(accounts_table.c.lease_owner == owner, accounts_table.c.lease_owner.is_(None),
+                   accounts_table.c.lease_expires_at.is_(None), accounts_table.c.lease_expires_at < now),
         ).values(lease_owner=owner, lease_expires_at=until)
 
         async def run(conn: AsyncConnection) -> bool:
@@ -332,8 +338,8 @@ class Accounts:
     async def release_lease(self, account_id: str, owner: str) -> None:
         """Give the lease up at once (a clean stop), so another node may take over."""
         async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sa.update(_accounts).where(
-                _accounts.c.id == account_id, _accounts.c.lease_owner == owner).values(
+            await conn.execute(sa.update(accounts_table).where(
+                accounts_table.c.id == account_id, accounts_table.c.lease_owner == owner).values(
                 lease_owner=None, lease_expires_at=None))
 
         await self._tx(run, f"cannot release the lease on {account_id}")
@@ -344,45 +350,38 @@ class Accounts:
         source at all (with their events and links), its checkpoints, and raw bytes no
         other message shares. Mail the gateway relayed or ingested keeps its other sources."""
         async def run(conn: AsyncConnection) -> PurgeResult:
-            where = sa.and_(_sources.c.source == "imap", _sources.c.account == account_id)
+            where = sa.and_(sources_table.c.source == "imap", sources_table.c.account == account_id)
             pks = sorted({pk for (pk,) in (await conn.execute(
-                sa.select(_sources.c.message_pk).where(where))).all()})
-            n_sources = int((await conn.execute(sa.delete(_sources).where(where))).rowcount or 0)
+                sa.select(sources_table.c.message_pk).where(where))).all()})
+            n_sources = int((await conn.execute(sa.delete(sources_table).where(where))).rowcount or 0)
             orphans: dict[int, str | None] = {}
-            has_source = sa.exists().where(_sources.c.message_pk == _messages.c.id)
-            for chunk in _chunks(pks):
-                rows = await conn.execute(sa.select(_messages.c.id, _messages.c.raw_sha256).where(
-                    _messages.c.id.in_(chunk), ~has_source))
+            has_source = sa.exists().where(sources_table.c.message_pk == messages_table.c.id)
+            for chunk in chunks(pks):
+                rows = await conn.execute(sa.select(messages_table.c.id, messages_table.c.raw_sha256).where(
+                    messages_table.c.id.in_(chunk), ~has_source))
                 orphans.update({pk: digest for pk, digest in rows.all()})
             ids = sorted(orphans)
             n_messages = 0
-            for chunk in _chunks(ids):
-                res = await conn.execute(sa.delete(_messages).where(_messages.c.id.in_(chunk)))
+            for chunk in chunks(ids):
+                res = await conn.execute(sa.delete(messages_table).where(messages_table.c.id.in_(chunk)))
                 n_messages += int(res.rowcount or 0)
             digests = sorted({d for d in orphans.values() if d})
             still: set[str] = set()
-            for chunk in _chunks(digests):
-                found = await conn.execute(sa.select(_messages.c.raw_sha256).where(
-                    _messages.c.raw_sha256.in_(chunk)))
+            for chunk in chunks(digests):
+                found = await conn.execute(sa.select(messages_table.c.raw_sha256).where(
+                    messages_table.c.raw_sha256.in_(chunk)))
                 still.update(d for (d,) in found.all() if d)
             unused = [d for d in digests if d not in still]
-            for chunk in _chunks(unused):
-                await conn.execute(sa.delete(_raw).where(_raw.c.sha256.in_(chunk)))
-            n_state = int((await conn.execute(sa.delete(_state).where(
-                _state.c.account == account_id))).rowcount or 0)
+            for chunk in chunks(unused):
+                await conn.execute(sa.delete(raw_table).where(raw_table.c.sha256.in_(chunk)))
+            n_state = int((await conn.execute(sa.delete(sync_state_table).where(
+                sync_state_table.c.account == account_id))).rowcount or 0)
             return PurgeResult(sources=n_sources, messages=n_messages, checkpoints=n_state,
                                raw_blobs=unused)
 
         result = cast(PurgeResult, await self._tx(run, f"cannot purge account {account_id}"))
-        raw = self.store.raw
-        if result.raw_blobs and raw.directory is not None and not raw.in_database:
-            def unlink() -> None:
-                for d in result.raw_blobs:
-                    try:
-                        raw.path(d).unlink()
-                    except FileNotFoundError:
-                        pass
-            await asyncio.to_thread(unlink)
+        if result.raw_blobs and self.store.raw.on_disk:
+            await self.store.raw.delete_files(result.raw_blobs)
         return result
 
     # -- reading: CLI and API ---------------------------------------------------------------
@@ -406,13 +405,15 @@ class Accounts:
 
     async def _last_runs(self) -> dict[str, dict[str, Any]]:
         """The latest sync run of every account (its error, if it failed, is the last error)."""
-        latest = sa.select(sa.func.max(_runs.c.id)).group_by(_runs.c.account).scalar_subquery()
+        latest = (sa.select(sa.func.max(sync_runs_table.c.id)).group_by(sync_runs_table.c.account)
+                  .scalar_subquery())
         try:
             async with self.store.engine.connect() as conn:
-                rows = (await conn.execute(sa.select(_runs).where(_runs.c.id.in_(latest)))).mappings()
+                rows = (await conn.execute(sa.select(sync_runs_table)
+                                           .where(sync_runs_table.c.id.in_(latest)))).mappings()
                 return {r["account"]: _run_dict(r) for r in rows}
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read sync runs", exc) from exc
+            raise self.store.error("cannot read sync runs", exc) from exc
 
     async def sync_info(self, account_id: str, *, configured: Account | None = None,
                         runs: int = 20) -> dict[str, Any]:
@@ -421,48 +422,52 @@ class Accounts:
         Raises NotFound for an account neither configured nor in the store."""
         try:
             async with self.store.engine.connect() as conn:
-                row = (await conn.execute(sa.select(*[c for c in _accounts.c
+                row = (await conn.execute(sa.select(*[c for c in accounts_table.c
                                                       if c.name != "token_ciphertext"])
-                                          .where(_accounts.c.id == account_id))).mappings().first()
+                                          .where(accounts_table.c.id == account_id))).mappings().first()
                 if row is None and configured is None:
                     raise NotFound(f"no account {account_id!r} (not configured, never synced)")
-                states = (await conn.execute(sa.select(_state).where(
-                    _state.c.account == account_id).order_by(_state.c.folder))).mappings().all()
+                states = (await conn.execute(sa.select(sync_state_table).where(
+                    sync_state_table.c.account == account_id)
+                    .order_by(sync_state_table.c.folder))).mappings().all()
                 per_folder: dict[str | None, int] = dict((await conn.execute(
-                    sa.select(_sources.c.folder, sa.func.count(sa.distinct(_sources.c.message_pk)))
-                    .where(_sources.c.source == "imap", _sources.c.account == account_id)
-                    .group_by(_sources.c.folder))).all())
+                    sa.select(sources_table.c.folder,
+                              sa.func.count(sa.distinct(sources_table.c.message_pk)))
+                    .where(sources_table.c.source == "imap", sources_table.c.account == account_id)
+                    .group_by(sources_table.c.folder))).all())
                 total_msgs = (await conn.execute(
-                    sa.select(sa.func.count(sa.distinct(_sources.c.message_pk)))
-                    .where(_sources.c.source == "imap", _sources.c.account == account_id))).scalar()
+                    sa.select(sa.func.count(sa.distinct(sources_table.c.message_pk)))
+                    .where(sources_table.c.source == "imap", sources_table.c.account == account_id))).scalar()
                 totals = (await conn.execute(sa.select(
-                    sa.func.count(), sa.func.coalesce(sa.func.sum(_runs.c.fetched), 0),
-                    sa.func.coalesce(sa.func.sum(_runs.c.stored), 0),
-                    sa.func.coalesce(sa.func.sum(_runs.c.skipped), 0),
-                    sa.func.count(sa.case((_runs.c.status == "error", 1))),
-                ).where(_runs.c.account == account_id))).one()
-                recent = (await conn.execute(sa.select(_runs).where(_runs.c.account == account_id)
-                                             .order_by(_runs.c.started_at.desc(), _runs.c.id.desc())
+                    sa.func.count(), sa.func.coalesce(sa.func.sum(sync_runs_table.c.fetched), 0),
+                    sa.func.coalesce(sa.func.sum(sync_runs_table.c.stored), 0),
+                    sa.func.coalesce(sa.func.sum(sync_runs_table.c.skipped), 0),
+                    sa.func.count(sa.case((sync_runs_table.c.status == "error", 1))),
+                ).where(sync_runs_table.c.account == account_id))).one()
+                newest_first = (sync_runs_table.c.started_at.desc(), sync_runs_table.c.id.desc())
+                recent = (await conn.execute(sa.select(sync_runs_table)
+                                             .where(sync_runs_table.c.account == account_id)
+                                             .order_by(*newest_first)
                                              .limit(runs))).mappings().all()
-                errors = (await conn.execute(sa.select(_runs).where(
-                    _runs.c.account == account_id, _runs.c.status == "error")
-                    .order_by(_runs.c.started_at.desc(), _runs.c.id.desc()).limit(5))).mappings().all()
+                errors = (await conn.execute(sa.select(sync_runs_table).where(
+                    sync_runs_table.c.account == account_id, sync_runs_table.c.status == "error")
+                    .order_by(*newest_first).limit(5))).mappings().all()
                 last_runs: dict[str, dict[str, Any]] = {}
                 for s in states:
-                    r = (await conn.execute(sa.select(_runs).where(
-                        _runs.c.account == account_id, _runs.c.folder == s["folder"])
-                        .order_by(_runs.c.started_at.desc(), _runs.c.id.desc()).limit(1))
+                    r = (await conn.execute(sa.select(sync_runs_table).where(
+                        sync_runs_table.c.account == account_id, sync_runs_table.c.folder == s["folder"])
+                        .order_by(sync_runs_table.c.started_at.desc(), sync_runs_table.c.id.desc()).limit(1))
                     ).mappings().first()
                     if r is not None:
                         last_runs[s["folder"]] = _run_dict(r)
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read sync status", exc) from exc
+            raise self.store.error("cannot read sync status", exc) from exc
         info = _account_dict(configured, dict(row) if row is not None else None, int(total_msgs or 0))
         info["last_run"] = _run_dict(recent[0]) if recent else None
         info["folders_synced"] = [{
             "folder": s["folder"], "uidvalidity": s["uidvalidity"], "last_uid": s["last_uid"],
             "highestmodseq": s["highestmodseq"], "initial_done": bool(s["initial_done"]),
-            "backfill_uid": s["backfill_uid"], "last_sync_at": _iso(s["updated_at"]),
+            "backfill_uid": s["backfill_uid"], "last_sync_at": iso(s["updated_at"]),
             "messages": int(per_folder.get(s["folder"], 0)),
             "last_run": last_runs.get(s["folder"]),
         } for s in states]
@@ -477,11 +482,11 @@ class Accounts:
         try:
             async with self.store.engine.connect() as conn:
                 rows = await conn.execute(
-                    sa.select(_sources.c.account, sa.func.count(sa.distinct(_sources.c.message_pk)))
-                    .where(_sources.c.source == "imap").group_by(_sources.c.account))
+                    sa.select(sources_table.c.account, sa.func.count(sa.distinct(sources_table.c.message_pk)))
+                    .where(sources_table.c.source == "imap").group_by(sources_table.c.account))
                 return {a: int(n) for a, n in rows.all() if a is not None}
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot count messages", exc) from exc
+            raise self.store.error("cannot count messages", exc) from exc
 
 
 def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) -> dict[str, Any]:
@@ -498,10 +503,10 @@ def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) 
         # runtime state; an account the daemon has not seen yet is "active" (as it will be)
         "status": (row or {}).get("status") or "active",
         "reason": (row or {}).get("status_reason"),
-        "status_at": _iso((row or {}).get("status_at")),
-        "last_sync_at": _iso((row or {}).get("last_sync_at")),
+        "status_at": iso((row or {}).get("status_at")),
+        "last_sync_at": iso((row or {}).get("last_sync_at")),
         "lease_owner": (row or {}).get("lease_owner"),
-        "lease_expires_at": _iso((row or {}).get("lease_expires_at")),
+        "lease_expires_at": iso((row or {}).get("lease_expires_at")),
         "messages": messages,
     }
     return out
@@ -510,7 +515,7 @@ def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) 
 def _run_dict(r: Any) -> dict[str, Any]:
     started, finished = r["started_at"], r["finished_at"]
     return {"id": r["id"], "folder": r["folder"], "kind": r["kind"], "status": r["status"],
-            "started_at": _iso(started), "finished_at": _iso(finished),
+            "started_at": iso(started), "finished_at": iso(finished),
             "seconds": round((finished - started).total_seconds(), 3) if finished and started else None,
             "fetched": r["fetched"], "stored": r["stored"], "skipped": r["skipped"],
             "error": r["error"]}
@@ -525,11 +530,11 @@ class DBTokenStore:
     async def load(self, account_id: str) -> EncryptedToken | None:
         try:
             async with self.store.engine.connect() as conn:
-                row = (await conn.execute(sa.select(_accounts.c.token_ciphertext,
-                                                    _accounts.c.token_expires_at)
-                                          .where(_accounts.c.id == account_id))).first()
+                row = (await conn.execute(sa.select(accounts_table.c.token_ciphertext,
+                                                    accounts_table.c.token_expires_at)
+                                          .where(accounts_table.c.id == account_id))).first()
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read an OAuth2 token", exc) from exc
+            raise self.store.error("cannot read an OAuth2 token", exc) from exc
         if row is None or row[0] is None:
             return None
         expires = row[1].timestamp() if row[1] is not None else 0.0
@@ -539,11 +544,11 @@ class DBTokenStore:
         now = _now()
         when = datetime.fromtimestamp(expires_at, UTC)
         values = {"token_ciphertext": ciphertext, "token_expires_at": when, "updated_at": now}
-        stmt = self.store._insert(_accounts).values(id=account_id, email="", status="active",
+        stmt = self.store.insert(accounts_table).values(id=account_id, email="", status="active",
                                                     status_at=now, created_at=now, **values)
         try:
             async with self.store.engine.begin() as conn:
-                await conn.execute(stmt.on_conflict_do_update(index_elements=[_accounts.c.id],
+                await conn.execute(stmt.on_conflict_do_update(index_elements=[accounts_table.c.id],
                                                               set_=values))
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot save an OAuth2 token", exc) from exc
+            raise self.store.error("cannot save an OAuth2 token", exc) from exc

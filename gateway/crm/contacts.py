@@ -23,22 +23,20 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.crm.linking import FREEMAIL_DOMAINS
-from gateway.crm.models import sort_at
-from gateway.crm.store import (
-    Store,
-    _addresses,
-    _chunks,
-    _companies,
-    _contacts,
-    _iso,
-    _messages,
-    _msg_companies,
-    _msg_contacts,
-    _utc,
+from gateway.crm.models import (
+    addresses_table,
+    companies_table,
+    contacts_table,
+    message_companies_table,
+    message_contacts_table,
+    messages_table,
+    sort_at,
 )
+from gateway.crm.sql import chunks, iso, utc
+from gateway.crm.store import Store
 from gateway.errors import ConfigError, Problem
 from gateway.mail.addresses import domain_of
-from gateway.records import clean_text as _text
+from gateway.records import clean_text
 
 KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone")
 _ALIASES = {"e-mail": "email", "email address": "email", "mail": "email",
@@ -129,7 +127,7 @@ def parse_csv(text: str, source: str = "<csv>") -> list[ContactInput]:
                 problems.append(Problem(source, line, "", f"{len(row)} cells but the header has "
                                                           f"{len(columns)} columns"))
                 continue
-            values = {c: _text(v.strip())[:MAX_FIELD] for c, v in zip(columns, row, strict=False) if c}
+            values = {c: clean_text(v.strip())[:MAX_FIELD] for c, v in zip(columns, row, strict=False) if c}
             email = values.get("email", "").strip().strip("<>").lower()
             if not valid_email(email):
                 problems.append(Problem(source, line, "email",
@@ -193,8 +191,8 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
             companies_created, company_ids = await _upsert_companies(store, conn, contacts, now)
             existing: dict[str, dict[str, Any]] = {}
             emails = [c.email.lower() for c in contacts]
-            for chunk in _chunks(emails):
-                rows = await conn.execute(sa.select(_contacts).where(_contacts.c.email.in_(chunk)))
+            for chunk in chunks(emails):
+                rows = await conn.execute(sa.select(contacts_table).where(contacts_table.c.email.in_(chunk)))
                 existing.update({r["email"]: dict(r) for r in rows.mappings()})
             new_rows: list[dict[str, Any]] = []
             changed_rows: list[dict[str, Any]] = []
@@ -223,21 +221,22 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 keep = {k: old[k] for k in (*values, "company_pk", "fields")}
                 changed_rows.append({**keep, **change, "updated_at": now, "_id": old["id"]})
             if changed_rows:   # one executemany, not a statement per contact
-                await conn.execute(sa.update(_contacts).where(_contacts.c.id == sa.bindparam("_id")),
-                                   changed_rows)
+                await conn.execute(sa.update(contacts_table)
+                                   .where(contacts_table.c.id == sa.bindparam("_id")), changed_rows)
             linked = 0
             if new_rows:
-                stmt = store._insert(_contacts).on_conflict_do_nothing(
-                    index_elements=[_contacts.c.email]).returning(_contacts.c.id, _contacts.c.email)
+                stmt = (store.insert(contacts_table)
+                        .on_conflict_do_nothing(index_elements=[contacts_table.c.email])
+                        .returning(contacts_table.c.id, contacts_table.c.email))
                 created_ids: dict[str, int] = {}
-                for chunk in _chunks(new_rows):
+                for chunk in chunks(new_rows):
                     result = await conn.execute(stmt, list(chunk))
                     created_ids.update({e: pk for pk, e in result.all()})
                 linked += await _link_history_contacts(store, conn, created_ids)
             new_domains = {d: pk for d, pk in company_ids.items() if d in companies_created}
             linked += await _link_history_companies(store, conn, new_domains)
     except SQLAlchemyError as exc:
-        raise store._fail("contact import failed", exc) from exc
+        raise store.error("contact import failed", exc) from exc
     return UpsertResult(created=len(new_rows), updated=len(changed_rows), unchanged=unchanged,
                         companies_created=len(companies_created), messages_linked=linked)
 
@@ -253,30 +252,32 @@ async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Seque
         return set(), {}
     ids: dict[str, int] = {}
     existing: dict[str, str] = {}
-    for chunk in _chunks(sorted(names)):
-        rows = await conn.execute(sa.select(_companies.c.domain, _companies.c.id, _companies.c.name)
-                                  .where(_companies.c.domain.in_(chunk)))
+    for chunk in chunks(sorted(names)):
+        rows = await conn.execute(sa.select(companies_table.c.domain, companies_table.c.id,
+                                            companies_table.c.name)
+                                  .where(companies_table.c.domain.in_(chunk)))
         for d, pk, name in rows.all():
             ids[d] = pk
             existing[d] = name
     for d, name in names.items():
         if d in ids and name and name != existing[d]:
-            await conn.execute(sa.update(_companies).where(_companies.c.id == ids[d])
+            await conn.execute(sa.update(companies_table).where(companies_table.c.id == ids[d])
                                .values(name=name, updated_at=now))
     missing = [{"domain": d, "name": names[d], "created_at": now, "updated_at": now}
                for d in sorted(names) if d not in ids]
     created: set[str] = set()
     if missing:
-        stmt = store._insert(_companies).on_conflict_do_nothing(
-            index_elements=[_companies.c.domain]).returning(_companies.c.id, _companies.c.domain)
-        for chunk in _chunks(missing):
+        stmt = (store.insert(companies_table)
+                .on_conflict_do_nothing(index_elements=[companies_table.c.domain])
+                .returning(companies_table.c.id, companies_table.c.domain))
+        for chunk in chunks(missing):
             result = await conn.execute(stmt, list(chunk))
             for pk, d in result.all():
                 ids[d] = pk
                 created.add(d)
-        for chunk in _chunks([m["domain"] for m in missing if m["domain"] not in ids]):
-            found = await conn.execute(sa.select(_companies.c.domain, _companies.c.id)
-                                       .where(_companies.c.domain.in_(chunk)))
+        for chunk in chunks([m["domain"] for m in missing if m["domain"] not in ids]):
+            found = await conn.execute(sa.select(companies_table.c.domain, companies_table.c.id)
+                                       .where(companies_table.c.domain.in_(chunk)))
             ids.update({d: pk for d, pk in found.all()})
     return created, ids
 
@@ -287,11 +288,11 @@ async def _link_history_contacts(store: Store, conn: AsyncConnection, ids: dict[
         return 0
     linked = 0
     pks = [pk for email, pk in ids.items() if store.rules.linkable(email)]
-    for chunk in _chunks(pks):
-        sel = (sa.select(_addresses.c.message_pk, _contacts.c.id, _addresses.c.role)
-               .join(_contacts, _contacts.c.email == _addresses.c.address)
-               .where(_contacts.c.id.in_(chunk)))
-        stmt = store._insert(_msg_contacts).from_select(["message_pk", "contact_pk", "role"], sel)
+    for chunk in chunks(pks):
+        sel = (sa.select(addresses_table.c.message_pk, contacts_table.c.id, addresses_table.c.role)
+               .join(contacts_table, contacts_table.c.email == addresses_table.c.address)
+               .where(contacts_table.c.id.in_(chunk)))
+        stmt = store.insert(message_contacts_table).from_select(["message_pk", "contact_pk", "role"], sel)
         result = await conn.execute(stmt.on_conflict_do_nothing())
         linked += max(result.rowcount or 0, 0)
     return linked
@@ -304,11 +305,11 @@ async def _link_history_companies(store: Store, conn: AsyncConnection, ids: dict
     linked = 0
     pks = [pk for domain, pk in ids.items()
            if domain not in FREEMAIL_DOMAINS and domain not in store.rules.own_domains]
-    for chunk in _chunks(pks):
-        sel = (sa.select(_addresses.c.message_pk, _companies.c.id)
-               .join(_companies, _companies.c.domain == _addresses.c.domain)
-               .where(_companies.c.id.in_(chunk)).distinct())
-        stmt = store._insert(_msg_companies).from_select(["message_pk", "company_pk"], sel)
+    for chunk in chunks(pks):
+        sel = (sa.select(addresses_table.c.message_pk, companies_table.c.id)
+               .join(companies_table, companies_table.c.domain == addresses_table.c.domain)
+               .where(companies_table.c.id.in_(chunk)).distinct())
+        stmt = store.insert(message_companies_table).from_select(["message_pk", "company_pk"], sel)
         result = await conn.execute(stmt.on_conflict_do_nothing())
         linked += max(result.rowcount or 0, 0)
     return linked
@@ -319,32 +320,32 @@ def _contact_dict(r: Any) -> dict[str, Any]:
             "name": f"{r['first_name']} {r['last_name']}".strip(), "title": r["title"],
             "phone": r["phone"], "company": r["company_name"] or "",
             "company_domain": r["company_domain"], "fields": r["fields"] or {},
-            "source": r["source"], "created_at": _iso(r["created_at"]),
-            "updated_at": _iso(r["updated_at"])}
+            "source": r["source"], "created_at": iso(r["created_at"]),
+            "updated_at": iso(r["updated_at"])}
 
 
 def _contact_select() -> sa.Select[Any]:
-    return (sa.select(_contacts, _companies.c.name.label("company_name"),
-                      _companies.c.domain.label("company_domain"))
-            .outerjoin(_companies, _companies.c.id == _contacts.c.company_pk))
+    return (sa.select(contacts_table, companies_table.c.name.label("company_name"),
+                      companies_table.c.domain.label("company_domain"))
+            .outerjoin(companies_table, companies_table.c.id == contacts_table.c.company_pk))
 
 
 async def list_contacts(store: Store, *, search: str | None = None, after: str | None = None,
                         limit: int = 100) -> list[dict[str, Any]]:
     """Contacts in e-mail order; `search` matches e-mail, name or company; `after` is a cursor."""
-    q = _contact_select().order_by(_contacts.c.email)
+    q = _contact_select().order_by(contacts_table.c.email)
     if search:
         like = f"%{search.lower()}%"
-        q = q.where(sa.or_(_contacts.c.email.like(like),
-                           sa.func.lower(_contacts.c.first_name + " " + _contacts.c.last_name)
-                           .like(like), sa.func.lower(_companies.c.name).like(like)))
+        q = q.where(sa.or_(contacts_table.c.email.like(like),
+                           sa.func.lower(contacts_table.c.first_name + " " + contacts_table.c.last_name)
+                           .like(like), sa.func.lower(companies_table.c.name).like(like)))
     if after:
-        q = q.where(_contacts.c.email > after.lower())
+        q = q.where(contacts_table.c.email > after.lower())
     try:
         async with store.engine.connect() as conn:
             rows = (await conn.execute(q.limit(max(0, limit)))).mappings().all()
     except SQLAlchemyError as exc:
-        raise store._fail("store read failed", exc) from exc
+        raise store.error("store read failed", exc) from exc
     return [_contact_dict(r) for r in rows]
 
 
@@ -352,9 +353,9 @@ async def get_contact(store: Store, email: str) -> dict[str, Any] | None:
     try:
         async with store.engine.connect() as conn:
             row = (await conn.execute(_contact_select().where(
-                _contacts.c.email == email.strip().lower()))).mappings().first()
+                contacts_table.c.email == email.strip().lower()))).mappings().first()
     except SQLAlchemyError as exc:
-        raise store._fail("store read failed", exc) from exc
+        raise store.error("store read failed", exc) from exc
     return _contact_dict(row) if row is not None else None
 
 
@@ -362,13 +363,13 @@ async def contact_timeline(store: Store, email: str, *, before: tuple[datetime, 
                            limit: int = 50) -> list[dict[str, Any]]:
     """The messages from, to or copying an address (a contact's or not), newest first."""
     addr = email.strip().lower()
-    with_address = sa.select(_addresses.c.message_pk).where(_addresses.c.address == addr)
-    order = (sort_at.desc(), _messages.c.id.desc())
+    with_address = sa.select(addresses_table.c.message_pk).where(addresses_table.c.address == addr)
+    order = (sort_at.desc(), messages_table.c.id.desc())
     # the page's ids first, then their rows: the sort then moves ids, not whole messages
     # (about 3x faster on SQLite for a contact with thousands of messages)
-    page = sa.select(_messages.c.id).where(_messages.c.id.in_(with_address)).order_by(*order)
+    page = sa.select(messages_table.c.id).where(messages_table.c.id.in_(with_address)).order_by(*order)
     if before is not None:
         t, pk = before
-        page = page.where(sa.or_(sort_at < _utc(t), sa.and_(sort_at == _utc(t), _messages.c.id < pk)))
-    q = sa.select(_messages).where(_messages.c.id.in_(page.limit(max(0, limit)).scalar_subquery()))
-    return await store._fetch(q.order_by(*order))
+        page = page.where(sa.or_(sort_at < utc(t), sa.and_(sort_at == utc(t), messages_table.c.id < pk)))
+    q = sa.select(messages_table).where(messages_table.c.id.in_(page.limit(max(0, limit)).scalar_subquery()))
+    return await store.fetch(q.order_by(*order))

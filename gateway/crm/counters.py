@@ -16,17 +16,16 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.crm.models import SendCounter
+from gateway.crm.models import send_counters_table
 from gateway.crm.store import Store
 from gateway.errors import StoreError
 
-_counters = cast(sa.Table, SendCounter.__table__)
 REFRESH = 60.0
 
 
@@ -55,10 +54,11 @@ class SendCounts:
             return hit[0]
         try:
             async with self.store.engine.connect() as conn:
-                stored = (await conn.execute(sa.select(_counters.c.count).where(
-                    _counters.c.sender == key[0], _counters.c.day == key[1]))).scalar() or 0
+                stored = (await conn.execute(sa.select(send_counters_table.c.count).where(
+                    send_counters_table.c.sender == key[0],
+                    send_counters_table.c.day == key[1]))).scalar() or 0
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("cannot read send counts", exc) from exc
+            raise self.store.error("cannot read send counts", exc) from exc
         count = int(stored) + self._pending.get(key, 0)
         self._cache[key] = (count, now)
         if len(self._cache) > 100_000:   # yesterday's senders
@@ -93,13 +93,13 @@ class SendCounts:
         try:
             async with store.engine.begin() as conn:
                 for (sender, day), n in batch.items():
-                    stmt = store._insert(_counters).values(sender=sender, day=day, count=n)
+                    stmt = store.insert(send_counters_table).values(sender=sender, day=day, count=n)
                     stmt = stmt.on_conflict_do_update(
-                        index_elements=[_counters.c.sender, _counters.c.day],
-                        set_={"count": _counters.c.count + n})
+                        index_elements=[send_counters_table.c.sender, send_counters_table.c.day],
+                        set_={"count": send_counters_table.c.count + n})
                     await conn.execute(stmt)
         except (SQLAlchemyError, OSError) as exc:
-            raise store._fail("cannot write send counts", exc) from exc
+            raise store.error("cannot write send counts", exc) from exc
 
     async def close(self) -> None:
         if self._flush is not None:

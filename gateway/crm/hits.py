@@ -12,12 +12,11 @@ queues the ``message.opened`` / ``message.clicked`` webhooks in the same transac
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.crm.models import Event, Message, MessageSource
+from gateway.crm.models import events_table, messages_table, sources_table
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.metrics import Metrics
@@ -25,9 +24,6 @@ from gateway.records import EventRecord
 from gateway.tracking.classify import CopyInfo, Kind, PriorHit
 from gateway.tracking.hits import Hit
 
-_sources = cast(sa.Table, MessageSource.__table__)
-_messages = cast(sa.Table, Message.__table__)
-_events = cast(sa.Table, Event.__table__)
 RECENT_HITS = 50
 
 
@@ -40,28 +36,28 @@ class StoreTracking:
         self.metrics = metrics
 
     async def copy_info(self, copy_id: str) -> CopyInfo | None:
-        q = (sa.select(_sources.c.message_pk, _sources.c.recipient, _sources.c.client_ip,
-                       _sources.c.links, _sources.c.at, _messages.c.from_addr,
-                       _messages.c.message_id)
-             .join(_messages, _messages.c.id == _sources.c.message_pk)
-             .where(_sources.c.source == "relay", _sources.c.ref == copy_id))
+        q = (sa.select(sources_table.c.message_pk, sources_table.c.recipient, sources_table.c.client_ip,
+                       sources_table.c.links, sources_table.c.at, messages_table.c.from_addr,
+                       messages_table.c.message_id)
+             .join(messages_table, messages_table.c.id == sources_table.c.message_pk)
+             .where(sources_table.c.source == "relay", sources_table.c.ref == copy_id))
         try:
             async with self.store.engine.connect() as conn:
                 row = (await conn.execute(q)).first()
                 if row is None or not row.recipient:
                     return None
                 delivered = (await conn.execute(
-                    sa.select(sa.func.min(_events.c.at)).where(
-                        _events.c.message_pk == row.message_pk, _events.c.type == "sent",
-                        _events.c.recipient == row.recipient))).scalar()
+                    sa.select(sa.func.min(events_table.c.at)).where(
+                        events_table.c.message_pk == row.message_pk, events_table.c.type == "sent",
+                        events_table.c.recipient == row.recipient))).scalar()
                 hits = (await conn.execute(
-                    sa.select(_events.c.type, _events.c.at, _events.c.details).where(
-                        _events.c.message_pk == row.message_pk,
-                        _events.c.recipient == row.recipient,
-                        _events.c.type.in_(("opened", "clicked")))
-                    .order_by(_events.c.at.desc()).limit(RECENT_HITS))).all()
+                    sa.select(events_table.c.type, events_table.c.at, events_table.c.details).where(
+                        events_table.c.message_pk == row.message_pk,
+                        events_table.c.recipient == row.recipient,
+                        events_table.c.type.in_(("opened", "clicked")))
+                    .order_by(events_table.c.at.desc()).limit(RECENT_HITS))).all()
         except (SQLAlchemyError, OSError) as exc:
-            raise self.store._fail("tracking lookup failed", exc) from exc
+            raise self.store.error("tracking lookup failed", exc) from exc
         prior = []
         for type_, at, details in hits:
             d = details or {}

@@ -31,6 +31,10 @@ Tables:
 ``send_counters``
     messages per sender and UTC day, for the ``max_per_day`` policy.
 
+Each table is also exported as a Core :class:`sqlalchemy.Table` (``messages_table``,
+``sources_table``, ... at the end of this module): the store and its siblings build their
+queries on those names.
+
 Every datetime is stored in UTC and read back timezone-aware on both backends
 (:class:`UTCDateTime`). Constraints and indexes carry explicit names (the naming
 convention on :data:`metadata`) so later migrations can alter them in SQLite batch mode.
@@ -39,7 +43,7 @@ convention on :data:`metadata`) so later migrations can alter them in SQLite bat
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -377,3 +381,20 @@ sort_at = sa.func.coalesce(Message.date, Message.created_at)
 sa.Index("ix_messages_sort_at", sort_at)
 sa.Index("ix_message_addresses_address", MessageAddress.address, MessageAddress.message_pk)
 sa.Index("ix_message_addresses_domain", MessageAddress.domain, MessageAddress.message_pk)
+
+
+# -- the tables, for SQLAlchemy Core queries --------------------------------------------------
+messages_table = cast(sa.Table, Message.__table__)
+sources_table = cast(sa.Table, MessageSource.__table__)                 # message_sources
+events_table = cast(sa.Table, Event.__table__)
+addresses_table = cast(sa.Table, MessageAddress.__table__)              # message_addresses
+companies_table = cast(sa.Table, Company.__table__)
+contacts_table = cast(sa.Table, Contact.__table__)
+message_contacts_table = cast(sa.Table, MessageContact.__table__)
+message_companies_table = cast(sa.Table, MessageCompany.__table__)
+raw_table = cast(sa.Table, RawMessage.__table__)                        # raw_messages
+accounts_table = cast(sa.Table, AccountState.__table__)
+sync_state_table = cast(sa.Table, SyncState.__table__)
+sync_runs_table = cast(sa.Table, SyncRun.__table__)
+outbox_table = cast(sa.Table, WebhookDelivery.__table__)                # webhook_outbox
+send_counters_table = cast(sa.Table, SendCounter.__table__)

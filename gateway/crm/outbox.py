@@ -1,7 +1,10 @@
-"""The webhook outbox's reading side: claim due deliveries, mark them delivered, retried or dead.
+"""The webhook outbox: deliveries written with what they announce; claimed, marked delivered, retried or dead.
 
-Rows are written by :meth:`gateway.crm.store.Store.enqueue_webhook` in the same
-transaction as what they announce; this module is how a dispatcher works through them.
+Writing. :func:`enqueue` adds one row per subscribed webhook, inside the caller's
+transaction, so a delivery exists exactly when what it announces was committed (the
+store calls it through :meth:`gateway.crm.store.Store.enqueue_webhook`).
+
+Reading. The rest of this module is how a dispatcher works through the rows.
 
 Claiming is a lease, not a lock held during the HTTP request: one short transaction
 picks due ``pending`` rows, pushes their ``next_attempt_at`` past the request's
@@ -14,6 +17,7 @@ serialises writers, which is enough for its single node.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,8 +25,40 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.crm.store import Store, _outbox
+from gateway.crm.models import outbox_table
+from gateway.crm.sql import Database, chunks, clean_json, iso
+from gateway.records import WebhookTarget
+
+
+async def enqueue(conn: AsyncConnection, webhooks: Sequence[WebhookTarget],
+                  events: Sequence[tuple[str, dict[str, Any]]],
+                  now: datetime | None = None) -> list[str | None]:
+    """For each (event type, data), in order: one pending delivery per webhook that wants it,
+    all in one INSERT on `conn` (the caller's transaction).
+
+    Returns each event's id (the idempotency id receivers see), None when nobody subscribes.
+    """
+    now = now or datetime.now(UTC)
+    ids: list[str | None] = []
+    rows: list[dict[str, Any]] = []
+    for event_type, data in events:
+        targets = [w for w in webhooks if w.wants(event_type)]
+        if not targets:
+            ids.append(None)
+            continue
+        event_id = str(uuid.uuid4())
+        payload = {"id": event_id, "type": event_type, "created_at": iso(now),
+                   "data": clean_json(data)}
+        rows += [{"event_id": event_id, "webhook": w.id, "event_type": event_type,
+                  "payload": payload, "status": "pending", "attempts": 0,
+                  "next_attempt_at": now, "last_error": None, "created_at": now,
+                  "delivered_at": None} for w in targets]
+        ids.append(event_id)
+    for chunk in chunks(rows):
+        await conn.execute(sa.insert(outbox_table), list(chunk))
+    return ids
 
 
 @dataclass(frozen=True)
@@ -38,59 +74,60 @@ class Claimed:
     created_at: datetime
 
 
-async def claim(store: Store, webhooks: Sequence[str], *, limit: int, lease: float,
+async def claim(store: Database, webhooks: Sequence[str], *, limit: int, lease: float,
                 now: datetime | None = None) -> list[Claimed]:
     """Lease up to `limit` due pending deliveries to the given webhooks (oldest due first)."""
     if limit <= 0 or not webhooks:
         return []
     now = now or datetime.now(UTC)
-    pick = (sa.select(_outbox.c.id)
-            .where(_outbox.c.status == "pending", _outbox.c.next_attempt_at <= now,
-                   _outbox.c.webhook.in_(list(webhooks)))
-            .order_by(_outbox.c.next_attempt_at, _outbox.c.id)
+    pick = (sa.select(outbox_table.c.id)
+            .where(outbox_table.c.status == "pending", outbox_table.c.next_attempt_at <= now,
+                   outbox_table.c.webhook.in_(list(webhooks)))
+            .order_by(outbox_table.c.next_attempt_at, outbox_table.c.id)
             .limit(limit))
     if store.dialect == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
-    stmt = (sa.update(_outbox).where(_outbox.c.id.in_(pick.scalar_subquery()))
+    stmt = (sa.update(outbox_table).where(outbox_table.c.id.in_(pick.scalar_subquery()))
             .values(next_attempt_at=now + timedelta(seconds=lease),
-                    attempts=_outbox.c.attempts + 1)
-            .returning(_outbox.c.id, _outbox.c.event_id, _outbox.c.webhook, _outbox.c.event_type,
-                       _outbox.c.payload, _outbox.c.attempts, _outbox.c.created_at))
+                    attempts=outbox_table.c.attempts + 1)
+            .returning(outbox_table.c.id, outbox_table.c.event_id, outbox_table.c.webhook,
+                       outbox_table.c.event_type, outbox_table.c.payload, outbox_table.c.attempts,
+                       outbox_table.c.created_at))
     try:
         async with store.engine.begin() as conn:
             rows = (await conn.execute(stmt)).all()
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail("outbox claim failed", exc) from exc
+        raise store.error("outbox claim failed", exc) from exc
     out = [Claimed(id=r.id, event_id=r.event_id, webhook=r.webhook, event_type=r.event_type,
                    payload=r.payload, attempts=r.attempts, created_at=r.created_at) for r in rows]
     out.sort(key=lambda c: c.id)
     return out
 
 
-async def _update(store: Store, id: int, what: str, **values: Any) -> None:
+async def _update(store: Database, id: int, what: str, **values: Any) -> None:
     try:
         async with store.engine.begin() as conn:
-            await conn.execute(sa.update(_outbox)
-                               .where(_outbox.c.id == id, _outbox.c.status == "pending")
+            await conn.execute(sa.update(outbox_table)
+                               .where(outbox_table.c.id == id, outbox_table.c.status == "pending")
                                .values(**values))
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail(f"outbox update failed ({what})", exc) from exc
+        raise store.error(f"outbox update failed ({what})", exc) from exc
 
 
-async def mark_delivered(store: Store, id: int, now: datetime | None = None) -> None:
+async def mark_delivered(store: Database, id: int, now: datetime | None = None) -> None:
     await _update(store, id, "delivered", status="delivered", delivered_at=now or datetime.now(UTC),
                   last_error=None)
 
 
-async def mark_retry(store: Store, id: int, next_at: datetime, error: str) -> None:
+async def mark_retry(store: Database, id: int, next_at: datetime, error: str) -> None:
     await _update(store, id, "retry", next_attempt_at=next_at, last_error=error[:500])
 
 
-async def mark_dead(store: Store, id: int, error: str) -> None:
+async def mark_dead(store: Database, id: int, error: str) -> None:
     await _update(store, id, "dead", status="dead", last_error=error[:500])
 
 
-async def release(store: Store, ids: Sequence[int], now: datetime | None = None, *,
+async def release(store: Database, ids: Sequence[int], now: datetime | None = None, *,
                   not_attempted: bool = False) -> None:
     """Hand leased rows back at once (a dispatcher stopping before it got an answer);
     `not_attempted`: no request was made, so the claim's attempt is not counted."""
@@ -98,48 +135,48 @@ async def release(store: Store, ids: Sequence[int], now: datetime | None = None,
         return
     values: dict[str, Any] = {"next_attempt_at": now or datetime.now(UTC)}
     if not_attempted:
-        values["attempts"] = _outbox.c.attempts - 1
+        values["attempts"] = outbox_table.c.attempts - 1
     try:
         async with store.engine.begin() as conn:
-            await conn.execute(sa.update(_outbox)
-                               .where(_outbox.c.id.in_(list(ids)), _outbox.c.status == "pending")
+            await conn.execute(sa.update(outbox_table)
+                               .where(outbox_table.c.id.in_(list(ids)), outbox_table.c.status == "pending")
                                .values(**values))
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail("outbox release failed", exc) from exc
+        raise store.error("outbox release failed", exc) from exc
 
 
-async def backlog(store: Store) -> int:
+async def backlog(store: Database) -> int:
     """Deliveries still pending (to any webhook)."""
     try:
         async with store.engine.connect() as conn:
-            n = (await conn.execute(sa.select(sa.func.count()).select_from(_outbox)
-                                    .where(_outbox.c.status == "pending"))).scalar()
+            n = (await conn.execute(sa.select(sa.func.count()).select_from(outbox_table)
+                                    .where(outbox_table.c.status == "pending"))).scalar()
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail("store read failed", exc) from exc
+        raise store.error("store read failed", exc) from exc
     return int(n or 0)
 
 
-async def purge_delivered(store: Store, older_than: datetime) -> int:
+async def purge_delivered(store: Database, older_than: datetime) -> int:
     """Delete delivered rows delivered before `older_than`; dead rows are kept."""
     try:
         async with store.engine.begin() as conn:
-            result = await conn.execute(sa.delete(_outbox).where(
-                _outbox.c.status == "delivered", _outbox.c.delivered_at < older_than))
+            result = await conn.execute(sa.delete(outbox_table).where(
+                outbox_table.c.status == "delivered", outbox_table.c.delivered_at < older_than))
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail("outbox purge failed", exc) from exc
+        raise store.error("outbox purge failed", exc) from exc
     return max(result.rowcount or 0, 0)
 
 
-async def summary(store: Store) -> dict[str, dict[str, Any]]:
+async def summary(store: Database) -> dict[str, dict[str, Any]]:
     """Per webhook id: counts per status, the oldest pending row's age and the last error."""
-    q = (sa.select(_outbox.c.webhook, _outbox.c.status, sa.func.count().label("n"),
-                   sa.func.min(_outbox.c.created_at).label("oldest"))
-         .group_by(_outbox.c.webhook, _outbox.c.status))
-    last_err = (sa.select(_outbox.c.webhook, _outbox.c.last_error, _outbox.c.status)
-                .where(_outbox.c.id.in_(
-                    sa.select(sa.func.max(_outbox.c.id))
-                    .where(_outbox.c.last_error.is_not(None), _outbox.c.status != "delivered")
-                    .group_by(_outbox.c.webhook))))
+    q = (sa.select(outbox_table.c.webhook, outbox_table.c.status, sa.func.count().label("n"),
+                   sa.func.min(outbox_table.c.created_at).label("oldest"))
+         .group_by(outbox_table.c.webhook, outbox_table.c.status))
+    last_err = (sa.select(outbox_table.c.webhook, outbox_table.c.last_error, outbox_table.c.status)
+                .where(outbox_table.c.id.in_(
+                    sa.select(sa.func.max(outbox_table.c.id))
+                    .where(outbox_table.c.last_error.is_not(None), outbox_table.c.status != "delivered")
+                    .group_by(outbox_table.c.webhook))))
     out: dict[str, dict[str, Any]] = {}
     try:
         async with store.engine.connect() as conn:
@@ -153,7 +190,7 @@ async def summary(store: Store) -> dict[str, dict[str, Any]]:
                 if r.webhook in out:
                     out[r.webhook]["last_error"] = r.last_error
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail("store read failed", exc) from exc
+        raise store.error("store read failed", exc) from exc
     return out
 
 

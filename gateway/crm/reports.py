@@ -35,7 +35,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.crm.store import Store, _events, _messages, _sources
+from gateway.crm.models import events_table, messages_table, sources_table
+from gateway.crm.store import Store
 
 GROUPINGS: tuple[str, ...] = ("template", "user", "domain")
 COUNTS: tuple[str, ...] = ("sent", "delivered", "bounced", "opened", "clicked", "replied",
@@ -71,27 +72,27 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
     now = now or datetime.now(UTC)
     since = now - timedelta(days=days)
 
-    first_relay = (sa.select(_sources.c.message_pk.label("pk"))
-                   .where(_sources.c.source == "relay")
-                   .group_by(_sources.c.message_pk)
-                   .having(sa.func.min(_sources.c.at) >= since)
+    first_relay = (sa.select(sources_table.c.message_pk.label("pk"))
+                   .where(sources_table.c.source == "relay")
+                   .group_by(sources_table.c.message_pk)
+                   .having(sa.func.min(sources_table.c.at) >= since)
                    .subquery("first_relay"))
-    rcpt = sa.func.lower(_events.c.recipient)
+    rcpt = sa.func.lower(events_table.c.recipient)
     none: Any = sa.literal_column(f"'{NONE_GROUP}'")
     group: Any
     if by == "template":
-        group = sa.func.coalesce(_messages.c.template, none)
+        group = sa.func.coalesce(messages_table.c.template, none)
     elif by == "user":
-        group = sa.func.coalesce(_messages.c.user, none)
+        group = sa.func.coalesce(messages_table.c.user, none)
     elif by == "domain":
         group = _domain(store, rcpt)
     else:
         group = sa.literal_column("'all'")
-    ev = (sa.select(group.label("grp"), _events.c.message_pk.label("pk"), rcpt.label("rcpt"),
-                    _events.c.type.label("type"), _events.c.machine.label("machine"))
-          .select_from(_events.join(first_relay, first_relay.c.pk == _events.c.message_pk)
-                       .join(_messages, _messages.c.id == _events.c.message_pk))
-          .where(_messages.c.direction == "outbound", _events.c.recipient != "")
+    ev = (sa.select(group.label("grp"), events_table.c.message_pk.label("pk"), rcpt.label("rcpt"),
+                    events_table.c.type.label("type"), events_table.c.machine.label("machine"))
+          .select_from(events_table.join(first_relay, first_relay.c.pk == events_table.c.message_pk)
+                       .join(messages_table, messages_table.c.id == events_table.c.message_pk))
+          .where(messages_table.c.direction == "outbound", events_table.c.recipient != "")
           .subquery("ev"))
 
     def has(cond: Any) -> Any:
@@ -120,7 +121,7 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
         async with store.engine.connect() as conn:
             rows = (await conn.execute(per_group)).mappings().all()
     except (SQLAlchemyError, OSError) as exc:
-        raise store._fail("report query failed", exc) from exc
+        raise store.error("report query failed", exc) from exc
 
     groups = [_rates({"group": r["grp"] if r["grp"] not in (None, "") else NONE_GROUP,
                       **{c: int(r[c] or 0) for c in COUNTS}}) for r in rows]

@@ -2,11 +2,12 @@
 
 Messages become unique by ``dedupe_key`` (Message-ID, else a content hash) and their
 paths move from ``messages.queue_id`` / ``messages.sources`` into ``message_sources``.
-Existing rows keep their ids and get the key the store computes for the same Message-ID
-(imported, not copied: a message seen again after the upgrade must find its row); a
-Message-ID seen on several old rows keeps its key on the oldest row, the others get
-``id:<pk>``. Their thread id and subject key are derived as the store derives them for a
-message that starts a thread.
+Existing rows keep their ids and get the key the store computed for the same Message-ID
+when this revision was written (a message seen again after the upgrade must find its
+row); a Message-ID seen on several old rows keeps its key on the oldest row, the others
+get ``id:<pk>``. Their thread id and subject key are derived as the store derived them
+then for a message that starts a thread. The keying is copied into this file, frozen
+(see "Frozen copies" below), not imported.
 
 Revision ID: 0002
 Revises: 0001
@@ -16,13 +17,11 @@ Create Date: 2026-11-22
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-
-from gateway.crm.models import UTCDateTime
-from gateway.records import message_id_key, subject_key
 
 revision = "0002"
 down_revision: str | None = "0001"
@@ -30,6 +29,88 @@ branch_labels: str | None = None
 depends_on: str | None = None
 
 BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+# -- Frozen copies ---------------------------------------------------------------------------
+# A migration must do the same thing whenever it runs, however the code around it changes
+# later. So what this revision computes is copied here as it was when the revision was
+# written, instead of imported from the live modules:
+#   message_id_key  = gateway.records.message_id_key (gateway.mail.parse.message_id_key,
+#                     cleaned for storage)
+#   subject_key     = the key half of gateway.records.subject_key
+#                     (gateway.mail.parse.normalize_subject, cleaned, case-folded, 500 chars)
+#   UTCDateTime     = the DDL of gateway.crm.models.UTCDateTime (timestamptz on PostgreSQL,
+#                     DATETIME on SQLite); this revision binds no value through it, so the
+#                     type's bind/result conversion is not needed here.
+# tests/unit/test_migration_frozen.py checks that they still agree with the live ones. When
+# it fails, the live keying changed: rows keyed here no longer get the key the store now
+# computes for the same message. Decide then whether a new revision re-keys them, and
+# change the test; never this file.
+
+
+def UTCDateTime() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+def _clean(value: str | None) -> str:
+    s = value or ""
+    if "\x00" in s:
+        s = s.replace("\x00", "")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    return s
+
+
+_ANGLE_RE = re.compile(r"<([^<>]*)>")
+_WSP_RE = re.compile(r"\s+")
+
+
+def _parse_message_id_key(mid: str | None) -> str:
+    if not mid:
+        return ""
+    m = _ANGLE_RE.search(mid)
+    value = _WSP_RE.sub("", m.group(1) if m else mid).strip("<>")
+    local, at, domain = value.rpartition("@")
+    if not at:
+        return value
+    return f"{local}@{domain.lower()}"
+
+
+def message_id_key(mid: str | None) -> str:
+    """A Message-ID as stored in ``dedupe_key`` (after ``mid:``) and ``thread_id``."""
+    return _clean(_parse_message_id_key(mid))
+
+
+_REPLY_WORDS = ("re", "aw", "antw", "antwort", "sv", "r", "rif", "réf", "ref", "回复", "回覆", "答复")
+_FORWARD_WORDS = ("fwd", "fw", "wg", "tr", "rv", "enc", "转发", "轉寄", "转寄")
+_OTHER_WORDS = ("vs", "odp")
+_PREFIX_RE = re.compile(
+    r"^\s*("
+    + "|".join(sorted(_REPLY_WORDS + _FORWARD_WORDS + _OTHER_WORDS, key=len, reverse=True))
+    + r")\s*(?:\[\d+\]|\(\d+\))?\s*[:\uff1a]\s*",
+    re.I,
+)
+_LIST_TAG_RE = re.compile(r"^\s*\[[^\[\]]{0,100}\]\s*")
+
+
+def _normalize_subject(subject: str | None) -> str:
+    if not subject:
+        return ""
+    s = subject
+    while True:
+        m = _PREFIX_RE.match(s) or _LIST_TAG_RE.match(s)
+        if m is None or m.end() == 0:
+            break
+        s = s[m.end() :]
+    return " ".join(s.split())
+
+
+def subject_key(subject: str) -> str:
+    """A subject as stored in ``messages.subject_key``: without reply/forward prefixes and
+    list tags, whitespace collapsed, case-folded, at most 500 characters."""
+    return _normalize_subject(_clean(subject)).casefold()[:500]
 
 
 def _pk(table: str) -> sa.PrimaryKeyConstraint:
@@ -234,7 +315,7 @@ def upgrade() -> None:
         seen.add(key)
         # the thread and subject key the store gives a message that starts a thread, so
         # that replies stored after the upgrade join it (0001 left thread_id empty)
-        msg_rows.append({"k": key, "r": "[]", "a": "[]", "sk": subject_key(subject or "")[0],
+        msg_rows.append({"k": key, "r": "[]", "a": "[]", "sk": subject_key(subject or ""),
                          "t": thread or key_mid or key, "id": pk})
         if isinstance(sources, str):
             sources = json.loads(sources)

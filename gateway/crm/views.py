@@ -1,0 +1,61 @@
+"""The CRM's JSON views: stored rows as the read API and the webhooks show them.
+
+Pure functions over rows already read (nothing here queries): a message with its
+events, sources and contacts (:func:`message_dict`), one event (:func:`event_payload`),
+and a newly stored message as ``message.stored`` announces it (:func:`summary_payload`).
+Times are ISO 8601 in UTC (:func:`gateway.crm.sql.iso`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from gateway.crm.models import SNIPPET_MAX
+from gateway.crm.sql import iso
+from gateway.records import NewMessage
+
+
+def event_payload(e: Mapping[str, Any] | sa.RowMapping) -> dict[str, Any]:
+    """An ``events`` row as the API and webhooks show it."""
+    return {"type": e["type"], "at": iso(e["at"]), "recipient": e["recipient"],
+            "machine": bool(e["machine"]), "details": e["details"] or {}}
+
+
+def summary_payload(pk: int, m: NewMessage) -> dict[str, Any]:
+    """The message as webhooks announce it when it is stored (no bodies)."""
+    return {"id": pk, "message_id": m.message_id, "direction": m.direction, "account": m.account,
+            "from": m.from_addr, "to": list(m.to_addrs), "cc": list(m.cc_addrs),
+            "subject": m.subject, "date": iso(m.date), "snippet": m.snippet[:SNIPPET_MAX],
+            "sources": sorted({s.source for s in m.sources})}
+
+
+def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: list[dict[str, Any]],
+                  contacts: list[dict[str, Any]], bodies: bool) -> dict[str, Any]:
+    """A ``messages`` row with its events, sources and contacts, as the read API shows it
+    (README "Read API, metrics and webhooks"); `bodies` adds the bodies, attachments and
+    every path the message was seen on."""
+    relay = [s["ref"] for s in sources if s["source"] == "relay"]
+    out = {
+        "id": m["id"], "message_id": m["message_id"], "thread_id": m["thread_id"],
+        "direction": m["direction"], "account": m["account"], "user": m["user"],
+        "from": m["from_addr"], "to": list(m["to_addrs"] or []), "cc": list(m["cc_addrs"] or []),
+        "subject": m["subject"], "date": iso(m["date"]), "snippet": m["snippet"],
+        "size": m["size"], "sources": list(dict.fromkeys(s["source"] for s in sources)),
+        "queue_id": relay[0] if relay else None,
+        "contacts": contacts, "events": events,
+    }
+    if bodies:
+        out["from_name"] = m["from_name"]
+        out["in_reply_to"] = m["in_reply_to"]
+        out["references"] = list(m["reference_ids"] or [])
+        out["text_body"] = m["text_body"]
+        out["html_body"] = m["html_body"]
+        out["attachments"] = list(m["attachments"] or [])
+        out["template"] = m["template"]
+        out["seen"] = [{k: (iso(v) if isinstance(v, datetime) else v) for k, v in s.items()
+                        if k not in ("id", "message_pk") and v is not None} for s in sources]
+    return out
