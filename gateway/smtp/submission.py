@@ -22,6 +22,7 @@ from gateway.mail.addresses import relay_trick
 from gateway.passwords import PasswordChecker
 from gateway.policy import PolicySet
 from gateway.relay import Relay, Submission
+from gateway.smtp.aiosmtpd_compat import tls_active
 from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
 from gateway.smtp.session import BARE_NEWLINE_REPLY, ehlo_reply, has_bare_newline, peer_ip
 
@@ -210,8 +211,7 @@ class SubmissionHandler:
             client_helo=session.host_name,
             user=user.login if user else None,
             account=user.account if user else None,
-            tls=server._tls_protocol is not None or server.transport.get_extra_info("sslcontext")
-            is not None,
+            tls=tls_active(server),
             esmtp=bool(session.extended_smtp),
         )
         try:
