@@ -60,6 +60,7 @@ from gateway.crm.models import (
     sort_at,
 )
 from gateway.errors import StoreError
+from gateway.mail.addresses import domain_of
 from gateway.records import (
     AcceptedMessage,
     EventRecord,
@@ -444,7 +445,7 @@ class Store:
                     if addr and (role, addr) not in seen:
                         seen.add((role, addr))
                         address_rows.append({"message_pk": pk, "role": role, "address": addr,
-                                             "domain": addr.rpartition("@")[2]})
+                                             "domain": domain_of(addr)})
             by_pk_addrs[pk] = sorted(seen)
         for chunk in _chunks(address_rows):
             await conn.execute(sa.insert(_addresses), list(chunk))
@@ -549,7 +550,7 @@ class Store:
         companies = await self._company_ids(conn, domains) if domains else {}
         rows: list[dict[str, Any]] = [
             {"email": e, "first_name": "", "last_name": "", "title": "", "phone": "",
-                 "company_pk": companies.get(e.rpartition("@")[2]), "fields": {}, "source": "auto",
+                 "company_pk": companies.get(domain_of(e)), "fields": {}, "source": "auto",
                  "created_at": now, "updated_at": now} for e in emails]
         stmt = self._insert(_contacts).on_conflict_do_nothing(index_elements=[_contacts.c.email])
         for chunk in _chunks(rows):
