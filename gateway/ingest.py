@@ -42,6 +42,7 @@ from gateway.ids import new_queue_id
 from gateway.mail.addresses import domain_of
 from gateway.mail.auth import AuthResult, authenticate
 from gateway.mail.forward import unwrap_forward
+from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import ParsedMessage, parse_message
 from gateway.records import NewMessage, SourceRef
 
@@ -70,20 +71,6 @@ class IngestResult:
     forwarded: str | None          # the forward style when a forward was unwrapped
 
 
-def own_addresses(cfg: Config) -> dict[str, tuple[str | None, str | None]]:
-    """Our users' and accounts' addresses -> (user login, account id)."""
-    out: dict[str, tuple[str | None, str | None]] = {}
-    for a in cfg.accounts:
-        out[a.email.lower()] = (None, a.id)
-    for u in cfg.users:
-        out[u.login.lower()] = (u.login, u.account)
-        if u.account:
-            acct = cfg.account(u.account)
-            if acct is not None:
-                out[acct.email.lower()] = (u.login, u.account)
-    return out
-
-
 def _in_domains(address: str, domains: list[str]) -> bool:
     d = domain_of(address) if "@" in address else ""
     return bool(d) and any(d == x.lower() or d.endswith("." + x.lower()) for x in domains)
@@ -104,8 +91,7 @@ class Ingest:
         return self._get_config()
 
     def is_ingest_address(self, address: str) -> bool:
-        low = address.strip().lower()
-        return any(low == a.lower() for a in self.cfg.ingest.addresses)
+        return OwnAddresses.of(self.cfg).is_ingest(address)
 
     async def accept(self, sub: IngestSubmission) -> IngestResult:
         cfg = self.cfg
@@ -114,7 +100,7 @@ class Ingest:
             parsed = await asyncio.to_thread(parse_message, sub.data)
         else:
             parsed = parse_message(sub.data)
-        own = own_addresses(cfg)
+        own = OwnAddresses.of(cfg)
         if not sub.trusted:
             await self._check_sender(sub, parsed, own)
         if large:  # unwrapping parses the MIME tree and the original again: CPU work too
@@ -128,8 +114,8 @@ class Ingest:
             self.log.info("ingest_excluded", ingest_id=ingest_id, sender=sender)
             return IngestResult(ingest_id, None, False, fwd.style if fwd else None)
         forwarder = parsed.from_addr.lower()
-        user, account = own.get(sender) or own.get(forwarder) or (sub.user, None)
-        direction = "outbound" if sender in own else "inbound"
+        user, account = own.owner(sender) or own.owner(forwarder) or (sub.user, None)
+        direction = "outbound" if own.is_user_address(sender) else "inbound"
         now = datetime.now(UTC)
         new = NewMessage.from_parsed(msg, raw, direction=direction, user=user, account=account,
                                      sources=[SourceRef("ingest", ingest_id, now, account=account)])
@@ -146,11 +132,11 @@ class Ingest:
         return IngestResult(ingest_id, r.id, r.created, fwd.style if fwd else None)
 
     async def _check_sender(self, sub: IngestSubmission, parsed: ParsedMessage,
-                            own: dict[str, tuple[str | None, str | None]]) -> None:
+                            own: OwnAddresses) -> None:
         cfg = self.cfg
         env, hdr = sub.mail_from.lower(), parsed.from_addr.lower()
         if cfg.ingest.accept_from == "users":
-            ok = env in own and hdr in own
+            ok = own.is_user_address(env) and own.is_user_address(hdr)
         else:
             ok = _in_domains(env, cfg.ingest.accept_from) and _in_domains(hdr, cfg.ingest.accept_from)
         if not ok:

@@ -9,6 +9,7 @@ from typing import Any
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_json, user_for_sender
 from gateway.config import User
 from gateway.errors import UsageError
+from gateway.mail.addresses import domain_of
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def _explain(args: argparse.Namespace) -> int:
     decision = policies.decide(args.sender, args.recipient, user.login if user else None,
                                account, headers)
     s = decision.settings
-    domain = args.sender.rpartition("@")[2].lower()
+    domain = domain_of(args.sender)
     notes: list[str] = []
     if s.dkim and nearest_domain(domain, {d.lower().rstrip(".") for d in cfg.dkim}) is None:
         notes.append(f"dkim is on but the config has no dkim: key for {domain}: nothing is signed")

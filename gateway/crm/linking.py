@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import Config
 from gateway.mail.addresses import domain_of
+from gateway.mail.own import OwnAddresses
 
 #: Domains of free mail providers: a person there is no company (no company by domain).
 FREEMAIL_DOMAINS: frozenset[str] = frozenset({
@@ -44,16 +45,14 @@ class LinkRules:
 
     @classmethod
     def from_config(cls, cfg: Config) -> LinkRules:
-        own = {u.login.lower() for u in cfg.users}
-        own |= {a.email.lower() for a in cfg.accounts}
-        own |= {a.lower() for a in cfg.ingest.addresses}
+        own = OwnAddresses.of(cfg)
         return cls(
             auto_create_contacts=cfg.crm.auto_create_contacts,
             link_by_address="address" in cfg.crm.link_by,
             link_by_domain="domain" in cfg.crm.link_by,
             exclude=tuple(cfg.crm.exclude),
-            own_addresses=frozenset(own),
-            own_domains=frozenset(domain_of(a) for a in own if "@" in a),
+            own_addresses=own.ours,
+            own_domains=own.domains,
         )
 
     @property

@@ -72,6 +72,7 @@ from gateway.crm.sql import (
 from gateway.crm.threads import assign_threads
 from gateway.crm.views import event_payload, message_dict, summary_payload
 from gateway.errors import StoreError
+from gateway.mail.addresses import domain_of
 from gateway.records import (
     AcceptedMessage,
     EventRecord,
@@ -297,7 +298,7 @@ class Store:
                     if addr and (role, addr) not in seen:
                         seen.add((role, addr))
                         address_rows.append({"message_pk": pk, "role": role, "address": addr,
-                                             "domain": addr.rpartition("@")[2]})
+                                             "domain": domain_of(addr)})
             by_pk_addrs[pk] = sorted(seen)
         for chunk in chunks(address_rows):
             await conn.execute(sa.insert(addresses_table), list(chunk))
@@ -402,7 +403,7 @@ class Store:
         companies = await self._company_ids(conn, domains) if domains else {}
         rows: list[dict[str, Any]] = [
             {"email": e, "first_name": "", "last_name": "", "title": "", "phone": "",
-                 "company_pk": companies.get(e.rpartition("@")[2]), "fields": {}, "source": "auto",
+                 "company_pk": companies.get(domain_of(e)), "fields": {}, "source": "auto",
                  "created_at": now, "updated_at": now} for e in emails]
         stmt = self.insert(contacts_table).on_conflict_do_nothing(index_elements=[contacts_table.c.email])
         for chunk in chunks(rows):

@@ -91,6 +91,7 @@ from gateway.imap.client import Folder, IMAPClient, MailboxState, MessageBody, M
 from gateway.imap.oauth import TokenCipher, TokenManager
 from gateway.imap.sent import SentCopies
 from gateway.imap.slots import ConnectionSlots
+from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
 from gateway.records import NewMessage, SourceRef
@@ -104,7 +105,6 @@ __all__ = [
     "Opener",
     "TailState",
     "Tailers",
-    "own_addresses",
     "token_manager_for",
 ]
 
@@ -143,21 +143,6 @@ class TailState(enum.Enum):
 
 class _Stopped(Exception):
     """Raised between batches when the tailer was asked to stop."""
-
-
-def own_addresses(cfg: Config, account: Account) -> frozenset[str]:
-    """The addresses mail from which counts as sent by this account (outbound)."""
-    own = {account.email.lower()}
-    if account.auth.method == "password" and account.auth.username and "@" in account.auth.username:
-        own.add(account.auth.username.lower())
-    if account.auth.delegate_user:
-        own.add(account.auth.delegate_user.lower())
-    own |= {u.login.lower() for u in cfg.users if u.account == account.id}
-    return frozenset(own)
-
-
-def _user_of(cfg: Config, account: Account) -> str | None:
-    return next((u.login for u in cfg.users if u.account == account.id), None)
 
 
 def token_manager_for(cfg: Config, store: Store) -> TokenManager:
@@ -210,9 +195,6 @@ class AccountTailer:
         self._inflight: asyncio.Task[Checkpoint] | None = None
         self._folder = ""
         self._reported_folders: str | None = None
-        cfg = get_config()
-        self._own = own_addresses(cfg, account)
-        self._user = _user_of(cfg, account)
 
     @property
     def id(self) -> str:
@@ -608,8 +590,19 @@ class AccountTailer:
         return cp
 
     # -- messages ---------------------------------------------------------------------------
+    @property
+    def _own(self) -> OwnAddresses:
+        return OwnAddresses.of(self.get_config())
+
+    @property
+    def _user(self) -> str | None:
+        """The user whose account this is (the first one in the configuration)."""
+        return self._own.user_of_account(self.id)
+
     def _direction(self, folder: Folder, from_addr: str) -> str:
-        if from_addr.strip().lower() in self._own or folder.special_use == "\\Sent":
+        """Mail from the account's addresses, or in the Sent folder, is outbound."""
+        if from_addr.strip().lower() in self._own.account_addresses(self.id) \
+                or folder.special_use == "\\Sent":
             return "outbound"
         return "inbound"
 

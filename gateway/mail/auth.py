@@ -27,6 +27,8 @@ import dns.exception
 import dns.resolver
 import spf
 
+from gateway.mail.addresses import domain_of
+
 #: The resolver pyspf lookups use in the current context (see `_spf_lookup`).
 _SPF_RESOLVER: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
     "mailgw_spf_resolver", default=None)
@@ -175,7 +177,7 @@ def check_spf(client_ip: str, mail_from: str, helo: str,
     except ValueError:
         return "none", None, f"no client IP to check ({client_ip!r})"
     sender = mail_from or f"postmaster@{helo}"
-    domain = sender.rpartition("@")[2].lower()
+    domain = domain_of(sender)
     _install_spf_lookup()
     token = _SPF_RESOLVER.set(resolver)
     try:

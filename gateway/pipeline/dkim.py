@@ -57,6 +57,7 @@ from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, st
 from gateway.config import Config, read_secret_bytes
 from gateway.errors import ConfigError, PermanentFailure, Problem
 from gateway.keys.dkim import Algorithm, KeyFileError, PrivateKey, algorithm_for, load_private_key
+from gateway.mail.addresses import domain_of
 from gateway.policy.rules import nearest_domain
 
 #: Signed when present, every instance (RFC 6376 §5.4.1 recommendations, plus RFC 8058).
@@ -105,7 +106,7 @@ def _from_domain(headers: Sequence[Sequence[bytes]]) -> str | None:
     values = [bytes(v).decode("utf-8", "replace") for n, v in headers if n.lower() == b"from"]
     for _, addr in getaddresses(values):
         if "@" in addr:
-            return addr.rpartition("@")[2].strip().rstrip(".").lower() or None
+            return domain_of(addr).strip().rstrip(".") or None
     return None
 
 

@@ -18,15 +18,23 @@ import asyncio
 import re
 import time
 from collections import defaultdict, deque
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 from aiosmtpd.smtp import log as aiosmtpd_log
 
+from gateway.mail.addrspec import smtp_path
+from gateway.smtp.aiosmtpd_compat import (
+    PathReadingSMTP,
+    call_handler_hook,
+    decodes_data,
+    has_handler_hook,
+    reset_after_data,
+    session_streams,
+)
+
 # `<local@domain>` with a dot-atom local part and a plain domain, then parameters: the
-# address get_angle_addr() would return unchanged (checked by tests/unit/test_protocol.py)
+# address smtp_path() would return unchanged (checked by tests/unit/test_protocol.py)
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH_RE = re.compile(
     rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+|$)")
@@ -190,7 +198,7 @@ class AuthLimiter:
         self._fails.pop(ip, None)
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(PathReadingSMTP):
     """aiosmtpd SMTP with enhanced status codes, connection and session limits."""
 
     def __init__(self, handler: Any, *, active: set[GatewaySMTP], max_connections: int,
@@ -233,8 +241,8 @@ class GatewaySMTP(SMTP):
             status = add_enhanced_code(status)
         await super().push(status)
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's `_getaddr` (the address in MAIL FROM / RCPT TO and what follows it),
+    def read_path(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's path reading (the address in MAIL FROM / RCPT TO and what follows it),
         without the `typing.Protocol` class it builds on every call (two thirds of its
         cost), and with a shortcut for the common `<local@domain>` form."""
         if not arg:
@@ -243,15 +251,10 @@ class GatewaySMTP(SMTP):
         if m is not None and not arg.startswith("(", m.end()):
             addr, rest = m.group(1), arg[m.end():]
         else:
-            try:
-                if arg.lstrip().startswith("<"):
-                    angle, rest = get_angle_addr(arg)
-                    addr = angle.addr_spec
-                else:
-                    spec, rest = get_addr_spec(arg)
-                    addr = spec.addr_spec
-            except HeaderParseError:
+            path = smtp_path(arg)
+            if path is None:
                 return None, None
+            addr, rest = path
         localpart, _, _ = addr.rpartition("@")
         if self.local_part_limit and len(localpart) > self.local_part_limit:
             return None, None
@@ -259,7 +262,7 @@ class GatewaySMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's smtp_DATA with the payload read in bulk by `read_data`."""
-        if self._decode_data or "DATA" not in self._handle_hooks:
+        if decodes_data(self) or not has_handler_hook(self, "DATA"):
             await super().smtp_DATA(arg)  # what read_data does not model: aiosmtpd's own
             return
         if await self.check_helo_needed():
@@ -274,28 +277,29 @@ class GatewaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        reader, writer = session_streams(self)
         try:
-            verdict, content = await read_data(self._reader, self.data_size_limit,
+            verdict, content = await read_data(reader, self.data_size_limit,
                                                self.line_length_limit)
         except asyncio.CancelledError:
             aiosmtpd_log.info("Connection lost during DATA")
-            self._writer.close()
+            writer.close()
             raise
         except asyncio.IncompleteReadError:  # EOF inside DATA: nobody to answer
-            self._writer.close()
+            writer.close()
             return
         if verdict == DATA_TOO_LONG:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            reset_after_data(self)
             return
         if verdict == DATA_TOO_MUCH:
             await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            reset_after_data(self)
             return
         self.envelope.content = content  # decode_data=False: bytes, as aiosmtpd keeps them
         self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        status = await call_handler_hook(self, "DATA")
+        reset_after_data(self)
         await self.push("250 OK" if status is MISSING else status)
 
     async def smtp_EHLO(self, hostname: str) -> None:

@@ -19,9 +19,11 @@ from gateway.config import Config, SubmissionListener
 from gateway.crm.counters import SendCounts
 from gateway.errors import MailError, StoreError
 from gateway.mail.addresses import relay_trick
+from gateway.mail.own import OwnAddresses
 from gateway.passwords import PasswordChecker
 from gateway.policy import PolicySet
 from gateway.relay import Relay, Submission
+from gateway.smtp.aiosmtpd_compat import tls_active
 from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
 from gateway.smtp.session import BARE_NEWLINE_REPLY, ehlo_reply, has_bare_newline, peer_ip
 
@@ -137,13 +139,8 @@ class SubmissionHandler:
             if why:
                 return f"553 5.1.7 Sender address rejected: {why}"
         if session.authenticated:
-            user = self.cfg.user(session.auth_data.login.decode() if session.auth_data else "")
-            allowed = set()
-            if user is not None:
-                allowed.add(user.login.lower())
-                acct = self.cfg.account(user.account) if user.account else None
-                if acct is not None:
-                    allowed.add(acct.email.lower())
+            login = session.auth_data.login.decode() if session.auth_data else ""
+            allowed = OwnAddresses.of(self.cfg).sender_addresses(login)
             if address and address.lower() not in allowed:
                 return "553 5.7.1 Sender address rejected: not owned by the authenticated user"
         envelope.mail_from = address
@@ -210,8 +207,7 @@ class SubmissionHandler:
             client_helo=session.host_name,
             user=user.login if user else None,
             account=user.account if user else None,
-            tls=server._tls_protocol is not None or server.transport.get_extra_info("sslcontext")
-            is not None,
+            tls=tls_active(server),
             esmtp=bool(session.extended_smtp),
         )
         try:

@@ -10,7 +10,7 @@ import pytest
 from gateway.config import Account, Config, load_config
 from gateway.errors import ConfigError
 from gateway.imap.sent import SentCopies
-from gateway.imap.tailer import own_addresses
+from gateway.mail.own import OwnAddresses
 
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$kumKlkCTqYtNQ2fFQqJ3oA$T7n9YXOz6qMoKUjDgNgw15ZhvCBQzCxNsuxICupOA44"
 
@@ -91,7 +91,8 @@ def test_own_addresses_cover_the_login_the_delegate_and_users() -> None:
                      {"id": "d", "email": "carol@example.com", "provider": "microsoft365",
                       "auth": {"method": "delegate", "username": "svc@example.com",
                                "password_file": "pw", "delegate_user": "carol.x@example.com"}}]})
-    assert own_addresses(cfg, cfg.accounts[0]) == {"alice@example.com", "asmith@example.com",
-                                                   "alice.smith@example.com"}
+    own = OwnAddresses.of(cfg)
+    assert own.account_addresses("a") == {"alice@example.com", "asmith@example.com",
+                                          "alice.smith@example.com"}
     # the service account is not the rep: its address is not "sent by this account"
-    assert own_addresses(cfg, cfg.accounts[1]) == {"carol@example.com", "carol.x@example.com"}
+    assert own.account_addresses("d") == {"carol@example.com", "carol.x@example.com"}

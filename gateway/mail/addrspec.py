@@ -1,0 +1,47 @@
+"""SMTP paths and addr-specs read exactly as the stdlib's email parser reads them.
+
+The only module of the gateway that touches the stdlib's private
+``email._header_value_parser``: aiosmtpd reads the address of ``MAIL FROM:`` and
+``RCPT TO:`` with its ``get_angle_addr`` and ``get_addr_spec``, and the submission
+edge must read it the same way, byte for byte (see `gateway.smtp.protocol`). When a
+Python release changes either function, ``tests/unit/test_addrspec.py`` says which.
+
+What the parser refuses (a ``HeaderParseError``) comes back as None. Anything else it
+raises on hostile input is passed on unchanged, as aiosmtpd passes it on.
+"""
+
+from __future__ import annotations
+
+from email import _header_value_parser as _hvp
+from email.errors import HeaderParseError
+
+__all__ = ["addr_spec", "angle_addr", "smtp_path"]
+
+
+def angle_addr(text: str) -> tuple[str, str] | None:
+    """``'<a@b.example> SIZE=10'`` -> ``('a@b.example', 'SIZE=10')``: the address inside
+    the leading angle brackets and the text after them; None when there is none.
+
+    As the stdlib reads it: a source route is dropped (``<@r:a@x>`` -> ``a@x``), quotes
+    are kept (``<"q u"@x>`` -> ``"q u"@x``) and the null path ``<>`` stays ``<>``."""
+    try:
+        token, rest = _hvp.get_angle_addr(text)
+    except HeaderParseError:
+        return None
+    return token.addr_spec, rest
+
+
+def addr_spec(text: str) -> tuple[str, str] | None:
+    """``'a@b.example SIZE=10'`` -> ``('a@b.example', 'SIZE=10')``: a bare addr-spec and
+    the text after it; None when `text` does not start with one."""
+    try:
+        token, rest = _hvp.get_addr_spec(text)
+    except HeaderParseError:
+        return None
+    return token.addr_spec, rest
+
+
+def smtp_path(text: str) -> tuple[str, str] | None:
+    """The argument of ``MAIL FROM:`` / ``RCPT TO:`` as aiosmtpd reads it: an angle-addr
+    when it starts with ``<`` (after blanks), else a bare addr-spec."""
+    return angle_addr(text) if text.lstrip().startswith("<") else addr_spec(text)
