@@ -19,7 +19,7 @@ peak RSS (VmHWM, sampled and self-reported) is the client's alone. Before the ru
 `UID FETCH 1:* (FLAGS)` and a header fetch let Dovecot build its index and cache, so
 every run sees the same warm server.
 
-Then the IMAP tailer (`gateway.imap.tailer`), end to end into the CRM store:
+Then the IMAP tailer (`gateway.imap.manager` and `gateway.imap.tailer`), end to end into the CRM store:
 
 * **tailer initial sync**: a second mailbox of N messages, half of them from CRM
   contacts, synced by a real `Tailers` manager (history_days 30, header-first, bodies of
@@ -198,7 +198,7 @@ def quiet_logs() -> None:
 async def tailer_run(port: int, url: str, out_dir: str) -> dict[str, Any]:
     """The initial sync of TAILER_USER's INBOX through the real tailer into the store."""
     from gateway.crm.contacts import ContactInput, upsert_contacts
-    from gateway.imap.tailer import Tailers
+    from gateway.imap.manager import Tailers
 
     quiet_logs()
     out = Path(out_dir)
@@ -237,7 +237,8 @@ async def latency_run(port: int, url: str, out_dir: str, n_accounts: int, n_mess
     import imaplib
 
     from gateway.crm.contacts import ContactInput, upsert_contacts
-    from gateway.imap.tailer import Tailers, TailState
+    from gateway.imap.manager import Tailers
+    from gateway.imap.tailer import TailState
 
     quiet_logs()
     out = Path(out_dir)

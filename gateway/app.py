@@ -31,8 +31,8 @@ from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.transport import Transport
 from gateway.errors import ConfigError
 from gateway.http.tracking import TrackingServer, settings_from_config
+from gateway.imap.manager import Tailers
 from gateway.imap.sent import SentCopies
-from gateway.imap.tailer import Tailers
 from gateway.ingest import Ingest
 from gateway.mail.auth import make_resolver
 from gateway.metrics import Metrics

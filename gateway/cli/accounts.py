@@ -186,7 +186,7 @@ async def _probe(cfg: Config, account: Account) -> dict[str, Any]:
     store = None
     if account.auth.method == "oauth2":
         from gateway.crm.store import Store
-        from gateway.imap.tailer import token_manager_for
+        from gateway.imap.manager import token_manager_for
 
         store = await Store.from_config(cfg)
         tokens = token_manager_for(cfg, store)

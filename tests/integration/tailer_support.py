@@ -14,7 +14,7 @@ from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.imap.client import IMAPClient
-from gateway.imap.tailer import Tailers
+from gateway.imap.manager import Tailers
 from tests.integration.harness import wait_until
 from tests.support.dovecot import Dovecot
 

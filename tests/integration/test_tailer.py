@@ -20,8 +20,9 @@ import sqlalchemy as sa
 from gateway.crm.accounts import Accounts
 from gateway.crm.store import Store
 from gateway.imap.client import Folder, MessageBody
+from gateway.imap.manager import Tailers
 from gateway.imap.slots import ConnectionSlots
-from gateway.imap.tailer import AccountTailer, Tailers, TailState
+from gateway.imap.tailer import AccountTailer, TailState
 from gateway.mail.parse import parse_message
 from gateway.metrics import Metrics
 from gateway.records import AcceptedMessage, NewMessage, WebhookTarget

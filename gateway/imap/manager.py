@@ -1,0 +1,303 @@
+"""The manager of this node's IMAP tailers: which accounts run here, their leases, reloads.
+
+`Tailers` is what the App starts. Every `sync.check_interval` it reads the accounts'
+statuses from the store (so `mailgw accounts disable` takes effect within seconds),
+takes or renews each tailed account's lease in the store (renewed every third of
+`sync.lease_ttl`; a tailer whose lease could not be renewed in time stops before
+another node can take the mailbox over, README "Connected mailboxes (IMAP sync)"),
+and starts and stops one `AccountTailer` (`gateway.imap.tailer`) per account it holds.
+It owns what the tailers share: the connection slots (`sync.max_connections`), the
+opener (TLS, password or OAuth2 tokens kept encrypted in the store), the `SentCopies`
+appender, and the per-account metrics.
+
+SIGHUP (`reload`) restarts tailers whose account configuration changed and retries,
+once, accounts that need reconnecting. SIGTERM (`stop`) lets batches in flight commit,
+interrupts IDLE and releases the leases; `abort` leaves them, as a crashed node would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from gateway.config import Account, Config, read_secret
+from gateway.crm.accounts import Accounts, DBTokenStore
+from gateway.crm.store import Store
+from gateway.errors import StoreError
+from gateway.imap.account import open_account
+from gateway.imap.client import IMAPClient
+from gateway.imap.oauth import TokenManager
+from gateway.imap.sent import SentCopies
+from gateway.imap.slots import ConnectionSlots
+from gateway.imap.tailer import AccountTailer, Opener
+from gateway.keys.tokens import TokenCipher
+from gateway.records import NewMessage
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+
+__all__ = ["Tailers", "token_manager_for"]
+
+#: one look of the manager (statuses, leases) must finish within this
+TICK_TIMEOUT = 60.0
+#: sync runs are kept this long
+RUN_HISTORY = timedelta(days=30)
+
+
+def token_manager_for(cfg: Config, store: Store) -> TokenManager:
+    """OAuth2 tokens kept encrypted in the store; the key from `token_key_file`, else
+    `state_dir/token.key` (created 0600 on first use)."""
+    if cfg.token_key_file:
+        cipher = TokenCipher.from_secret(read_secret(cfg.token_key_file, cfg.base_dir))
+    else:
+        cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        cipher = TokenCipher.from_key_file(cfg.state_path / "token.key")
+    return TokenManager(DBTokenStore(store), cipher)
+
+
+@dataclasses.dataclass
+class _Running:
+    tailer: AccountTailer
+    task: asyncio.Task[None]
+    lease_until: float          # loop time: past this the lease may be someone else's
+    renew_at: float
+
+
+class Tailers:
+    """Starts, stops and reloads the tailers of this node (see the module docstring)."""
+
+    def __init__(self, get_config: Callable[[], Config], store: Store, *, log: Any = None,
+                 opener: Opener | None = None, node_id: str | None = None,
+                 tokens: TokenManager | None = None,
+                 on_stored: Callable[[str, list[NewMessage]], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
+        cfg = get_config()
+        self.get_config = get_config
+        self.store = store
+        self.log = log or structlog.get_logger("mailgw.imap")
+        self.accounts = Accounts(store)
+        self.slots = ConnectionSlots(cfg.sync.max_connections)
+        self.node_id = node_id or cfg.sync.node_id or \
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._tokens = tokens
+        self._own_tokens = tokens is None
+        self.opener: Opener = opener or self._open
+        self.on_stored = on_stored   # (account id, messages) after each commit: benchmarks, tests
+        self.metrics = metrics       # imap_messages_stored_total and imap_errors_total per account
+        self.running: dict[str, _Running] = {}
+        self._retry: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_prune = 0.0
+        self._warned_cap = False
+        self.ticks = 0
+        self._not_before: dict[str, float] = {}   # no lease attempt before (held elsewhere, crash)
+        self._crashes: dict[str, int] = {}
+        self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
+                               self.accounts, log=self.log)
+
+    # -- connections ------------------------------------------------------------------------
+    def tokens(self) -> TokenManager:
+        if self._tokens is None:
+            self._tokens = token_manager_for(self.get_config(), self.store)
+        return self._tokens
+
+    async def _open(self, account: Account) -> IMAPClient:
+        cfg = self.get_config()
+        s = cfg.sync
+        tokens = self.tokens() if account.auth.method == "oauth2" else None
+        return await open_account(account, cfg.base_dir, tokens=tokens, timeout=s.timeout,
+                                  connect_timeout=s.timeout, idle_interval=s.idle_interval)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.get_config()
+        try:
+            await self.accounts.ensure(cfg.accounts)
+        except StoreError as exc:
+            self.log.error("accounts_not_recorded", error=str(exc))
+        await self.sent.start()
+        self._task = asyncio.create_task(self._control(), name="imap-tailers")
+
+    def reload(self) -> None:
+        """The config changed (SIGHUP): restart changed tailers, retry accounts that need
+        reconnecting once, resize the connection cap."""
+        cfg = self.get_config()
+        self.slots.resize(cfg.sync.max_connections)
+        self._retry = {a.id for a in cfg.accounts}
+        self._warned_cap = False
+        self._wake.set()
+        self.sent.wake()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Drain: batches in flight commit, IDLE ends, leases are released."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        ids = list(self.running)
+        await self._stop_tailers(ids, timeout)
+        for aid in ids:
+            with contextlib.suppress(StoreError):
+                await self.accounts.release_lease(aid, self.node_id)
+        await self.sent.stop(timeout)
+        if self._tokens is not None and self._own_tokens:
+            await self._tokens.close()
+
+    async def abort(self) -> None:
+        """Stop at once without releasing leases (what a crashed node leaves behind; tests)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for r in list(self.running.values()):
+            r.task.cancel()
+        for r in list(self.running.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await r.task
+        self.running.clear()
+        await self.sent.stop(0.1)
+        if self._tokens is not None and self._own_tokens:
+            await self._tokens.close()
+
+    async def _stop_tailers(self, ids: Sequence[str], timeout: float) -> None:
+        runs = [self.running.pop(i) for i in ids if i in self.running]
+        for r in runs:
+            r.tailer.stop()
+        if not runs:
+            return
+        _, late = await asyncio.wait([r.task for r in runs], timeout=timeout)
+        for t in late:
+            t.cancel()
+        for r in runs:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await r.task
+
+    # -- the control loop -------------------------------------------------------------------
+    async def _control(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self.tick(), TICK_TIMEOUT)
+            except TimeoutError:
+                self.log.warning("tailers_check_slow", timeout=TICK_TIMEOUT)
+            except StoreError as exc:
+                self.log.warning("tailers_check_failed", error=str(exc))
+            except Exception:
+                self.log.exception("tailers_check_crashed")
+            self.ticks += 1
+            interval = self.get_config().sync.check_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+
+    def _wanted(self, cfg: Config, statuses: dict[str, str]) -> dict[str, Account]:
+        out = {}
+        for a in cfg.accounts:
+            if not a.tailed:
+                continue
+            status = statuses.get(a.id, "active")
+            if status == "active" or (status == "needs_reconnect" and a.id in self._retry):
+                out[a.id] = a
+        return out
+
+    async def tick(self) -> None:
+        """One look: statuses, leases, tailers to start and stop (every check_interval)."""
+        cfg = self.get_config()
+        loop = asyncio.get_running_loop()
+        if not cfg.accounts and not self.running:
+            return
+        # finished tailers (the account needs reconnecting, or something broke): forget them
+        for aid, done in list(self.running.items()):
+            if not done.task.done():
+                continue
+            self.running.pop(aid)
+            exc = done.task.exception() if not done.task.cancelled() else None
+            if exc is not None:
+                n = self._crashes[aid] = self._crashes.get(aid, 0) + 1
+                self._not_before[aid] = loop.time() + min(300.0, 5.0 * 2 ** min(n, 6))
+                self.log.error("tailer_crashed", account=aid, error=repr(exc), crashes=n)
+            with contextlib.suppress(StoreError):
+                await self.accounts.release_lease(aid, self.node_id)
+        # statuses read after that, so a tailer that just marked its account is not restarted
+        known = await self.accounts.statuses()
+        if any(a.id not in known for a in cfg.accounts):
+            await self.accounts.ensure(cfg.accounts)
+            known = await self.accounts.statuses()
+        self._retry &= {aid for aid, status in known.items() if status == "needs_reconnect"}
+        wanted = self._wanted(cfg, known)
+        gone = [aid for aid, r in self.running.items()
+                if aid not in wanted or r.tailer.account != wanted[aid]
+                or loop.time() >= r.lease_until]
+        if gone:
+            for aid in gone:
+                r = self.running[aid]
+                why = "lease expired" if loop.time() >= r.lease_until else "not wanted"
+                self.log.info("tailer_stopping", account=aid, why=why)
+            await self._stop_tailers(gone, cfg.drain_timeout)
+            for aid in gone:
+                with contextlib.suppress(StoreError):
+                    await self.accounts.release_lease(aid, self.node_id)
+        ttl = cfg.sync.lease_ttl
+        for aid, a in wanted.items():
+            cur = self.running.get(aid)
+            now = loop.time()
+            if cur is not None and now < cur.renew_at:
+                continue
+            if cur is None and now < self._not_before.get(aid, 0.0):
+                continue
+            try:
+                got = await self.accounts.acquire_lease(aid, self.node_id, ttl)
+            except StoreError as exc:
+                self.log.warning("lease_failed", account=aid, error=str(exc))
+                continue
+            if cur is not None:
+                if got:
+                    cur.lease_until, cur.renew_at = now + ttl, now + ttl / 3
+                else:
+                    self.log.warning("lease_lost", account=aid)
+                    await self._stop_tailers([aid], cfg.drain_timeout)
+                continue
+            if not got:
+                self._not_before[aid] = now + ttl / 3     # another node tails it: look again later
+            elif not self._stopping:
+                self._start(cfg, a, now, ttl, retrying=known.get(aid) == "needs_reconnect")
+        if len(self.running) > self.slots.limit and not self._warned_cap:
+            self._warned_cap = True
+            self.log.warning("imap_connections_shared", accounts=len(self.running),
+                             max_connections=self.slots.limit,
+                             hint="raise sync.max_connections so that every account can IDLE")
+        if loop.time() - self._last_prune > 3600:
+            self._last_prune = loop.time()
+            await self.accounts.prune_runs(RUN_HISTORY)
+
+    def _start(self, cfg: Config, a: Account, now: float, ttl: float, *, retrying: bool) -> None:
+        self._retry.discard(a.id)
+        hook = self.on_stored
+        t = AccountTailer(a, get_config=self.get_config, store=self.store, accounts=self.accounts,
+                          slots=self.slots, opener=self.opener, log=self.log, retrying=retrying,
+                          on_stored=None if hook is None else functools.partial(hook, a.id),
+                          metrics=self.metrics)
+        task = asyncio.create_task(t.run(), name=f"imap-tailer-{a.id}")
+        self.running[a.id] = _Running(t, task, now + ttl, now + ttl / 3)
+        self.log.info("tailer_started", account=a.id, node=self.node_id, retrying=retrying)
+
+    def tailer(self, account_id: str) -> AccountTailer | None:
+        r = self.running.get(account_id)
+        return r.tailer if r is not None else None
+
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
