@@ -1,41 +1,67 @@
 """The IMAP tailer: one state machine per connected mailbox, importing CRM mail into the store.
 
 One `AccountTailer` per tailed account (two-way sync, enabled, status active, this node
-holding its lease) runs this machine on one IMAP connection::
+holding its lease; `gateway.imap.manager.Tailers` decides) runs this machine on one IMAP
+connection at a time::
 
-           start / slot freed
+               start
                  |
                  v
-          +-------------+  stop                         +-----------------+
-          | WAIT_SLOT   |------------------------------>|     STOPPED     |
-          +-------------+                               +-----------------+
-                 | a connection slot (global cap sync.max_connections)  ^
-                 v                                                      | stop (any state)
-          +-------------+  AccountAuthError (server's words)   +-----------------+
-          |  CONNECT +  |------------------------------------->| NEEDS_RECONNECT |  webhook; no retry
-          |  AUTHENTICATE  |                                   +-----------------+  until SIGHUP or
-          +-------------+                                        `accounts enable`
-                 |  AccountUnavailable / timeout / StoreError (any state below)
-                 |        -> BACKOFF: slot released, capped exponential delay with
-                 |           full jitter, then WAIT_SLOT again (nothing is lost: the
-                 v           checkpoint only moves with committed messages)
-          +-------------+
-          |  RESOLVE    |  configured folders -> mailboxes through SPECIAL-USE ("Sent" finds
-          +-------------+  "Sent Items"); Junk, Drafts, Trash, All Mail never (FolderError run)
-                 |
-                 v    for each folder: EXAMINE (read-only), compare with the checkpoint
-          +-------------+
-          |  SYNC       |  UIDVALIDITY changed -> checkpoint reset, a "resync" run
-          |  folder     |  not initial_done    -> INITIAL: catch up above last_uid, then the
-          +-------------+     history window (history_days), newest first, 200 UIDs a batch,
-                 |            checkpoint `backfill_uid` moving down
-                 |          initial_done        -> CATCH_UP: UIDs above last_uid, ascending
-                 v
-          +-------------+  INBOX: IDLE (re-issued after sync.idle_interval < 29 min; liveness
-          |  TAIL       |  probe after sync.idle_liveness of silence); EXISTS -> CATCH_UP INBOX.
-          +-------------+  Every sync.poll_interval: SYNC every folder (no IDLE: poll all).
-                 |          Others waiting for a slot and this one held it a poll interval:
-                 +--------> give it up (logout) and queue again (WAIT_SLOT).
+   +-------> WAIT_SLOT <-------------------------------------+
+   |             |  a connection slot (sync.max_connections)  |
+   |             v                                            |
+   |          CONNECT                                         |
+   |             |                                            |
+   |             v                                            |
+   |          RESOLVE                                         |
+   |             |                                            |
+   |             v                                            |
+   |     +---> SYNC                                           |
+   |     |       |                                            |
+   |     |       v                                            |
+   |     +---- TAIL ------------------------------------------+
+   |  poll due, IDLE         yield: accounts wait for a slot and
+   |  saw new mail           this one held it a poll interval
+   |
+   +---- BACKOFF <---- AccountUnavailable, timeout, StoreError in any connected
+                       state; RESOLVE found no usable folder (waits sync.poll_interval)
+
+   AccountAuthError in any connected state ---> NEEDS_RECONNECT ---> STOPPED
+   stop(), from any state --------------------------------------------> STOPPED
+
+The connected states (CONNECT, RESOLVE, SYNC, TAIL) hold the slot and the connection;
+leaving them, for any reason, ends the session: the commit in flight lands (or, when
+the task is cancelled, is abandoned), LOGOUT, the slot is released.
+
+Each state is a handler that does its work and returns the next state; `run()` is the
+driver (`while state is not STOPPED: state = await step(handlers[state])`) and turns
+what a handler raises into the transitions drawn above:
+
+- WAIT_SLOT (`_wait_slot`): queue for a connection slot.
+- CONNECT (`_connect`): connect and authenticate. Refused credentials (the server's
+  words) -> NEEDS_RECONNECT. An account that needed reconnecting gets one retry (after
+  SIGHUP or `accounts enable`); logging in marks it active again.
+- RESOLVE (`_resolve`): configured folders -> mailboxes through SPECIAL-USE ("Sent"
+  finds "Sent Items"); Junk, Drafts, Trash, All Mail never (a "resolve" run says so,
+  once); the usable ones are synced, and with none the session ends until the next poll.
+- SYNC (`_sync`): every due folder is EXAMINEd (read-only) and compared with its
+  checkpoint: UIDVALIDITY changed -> checkpoint reset, a "resync" run; not initial_done
+  -> INITIAL: catch up above last_uid, then the history window (history_days), newest
+  first, 200 UIDs a batch, checkpoint `backfill_uid` moving down; initial_done ->
+  CATCH_UP: UIDs above last_uid, ascending. Due are all folders after RESOLVE, and
+  every sync.poll_interval (INBOX last, so that it stays selected for IDLE); after IDLE
+  saw new mail, only INBOX's UIDs above last_uid (no EXAMINE). The session's first SYNC
+  resets the backoff.
+- TAIL (`_tail`, `_idle`): IDLE on INBOX (re-issued after sync.idle_interval < 29 min;
+  liveness probe after sync.idle_liveness of silence) until new mail (-> SYNC) or the
+  next poll (-> SYNC every folder); without IDLE, sleep until the next poll. Accounts
+  waiting for a slot and this one held it a poll interval: give it up (LOGOUT) and
+  queue again.
+- BACKOFF (`_wait_backoff`): the slot released, a capped exponential delay with full
+  jitter (sync.backoff_min .. backoff_max), then WAIT_SLOT again. Nothing is lost: the
+  checkpoint only moves with committed messages.
+- NEEDS_RECONNECT (`_needs_reconnect`): the status with the server's words (and its
+  webhook, `account.needs_reconnect`); no retry until SIGHUP or `accounts enable`.
 
 Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for at most 200
 UIDs, the addresses go to `Store.concerning` (contacts, company domains, `crm.exclude`,
@@ -47,8 +73,6 @@ folder's new checkpoint as the `then` callback: the messages and the checkpoint 
 covers them commit together, so a crash or kill at any point resumes from the last
 commit without storing anything twice (the store's dedupe by Message-ID and the source
 ref `account/folder/uidvalidity/uid` make replays harmless anyway).
-
-The manager that starts, stops and leases these machines is `gateway.imap.manager.Tailers`.
 """
 
 from __future__ import annotations
@@ -63,7 +87,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from gateway.config import Account, Config
+from gateway.config import Account, Config, Sync
 from gateway.crm.accounts import Accounts, Checkpoint, RunCounts
 from gateway.crm.store import Store
 from gateway.errors import (
@@ -121,10 +145,26 @@ class TailState(enum.Enum):
     STOPPED = "stopped"
 
 
+#: the states that hold a connection slot and an IMAP connection (a session)
+_CONNECTED = frozenset({TailState.CONNECT, TailState.RESOLVE, TailState.SYNC, TailState.TAIL})
+
+
 class _Stopped(Exception):
     """Raised between batches when the tailer was asked to stop."""
 
 
+@dataclasses.dataclass
+class _Session:
+    """One IMAP connection, from the login to the logout, and what the states share on it."""
+
+    imap: IMAPClient
+    sync: Sync                         # read at login, again when tailing begins
+    folders: list[Folder] = dataclasses.field(default_factory=list)
+    due: list[Folder] = dataclasses.field(default_factory=list)   # SYNC: examine these
+    inbox_changed: bool = False        # SYNC: IDLE saw new mail in INBOX
+    inbox: Folder | None = None        # TAIL: IDLE on it (None: no IDLE, poll every folder)
+    held_since: float | None = None    # loop time tailing began (None: the first SYNC is due)
+    next_poll: float = 0.0             # loop time of the next SYNC of every folder
 
 
 # -- one mailbox ------------------------------------------------------------------------------
@@ -166,6 +206,14 @@ class AccountTailer:
         self._inflight: asyncio.Task[Checkpoint] | None = None
         self._folder = ""
         self._reported_folders: str | None = None
+        cfg = get_config()
+        # what the states hand on to each other
+        self._backoff = Backoff(base=cfg.sync.backoff_min, cap=cfg.sync.backoff_max)
+        self._holding_slot = False
+        self._started = datetime.now(UTC)        # when the slot was granted
+        self._session: _Session | None = None    # the connected states' connection
+        self._delay = 0.0                        # BACKOFF: how long
+        self._refused: AccountAuthError | None = None   # NEEDS_RECONNECT: the server's refusal
 
     @property
     def id(self) -> str:
@@ -206,49 +254,202 @@ class AccountTailer:
         done, _ = await self._until_stopped(asyncio.sleep(max(0.0, seconds)))
         return done
 
-    # -- the outer loop ---------------------------------------------------------------------
+    # -- the driver ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Tail until stopped, or until the server refuses the credentials."""
-        s = self.get_config().sync
-        backoff = Backoff(base=s.backoff_min, cap=s.backoff_max)
+        """Tail until stopped, or until the server refuses the credentials.
+
+        The driver of the machine: each state's handler does that state's work and returns
+        the next state; `_step` turns what a handler raises into a transition too."""
+        handlers: dict[TailState, Callable[[], Awaitable[TailState]]] = {
+            TailState.WAIT_SLOT: self._wait_slot,
+            TailState.CONNECT: self._connect,
+            TailState.RESOLVE: self._resolve,
+            TailState.SYNC: self._sync,
+            TailState.TAIL: self._tail,
+            TailState.BACKOFF: self._wait_backoff,
+            TailState.NEEDS_RECONNECT: self._needs_reconnect,
+        }
         with contextlib.suppress(StoreError):
             await self.accounts.interrupt_runs(
                 self.id, "interrupted: the node syncing it stopped or lost its lease; "
                          "resumed from the checkpoint")
+        state = TailState.WAIT_SLOT
         try:
-            while not self._stop.is_set():
-                self.state = TailState.WAIT_SLOT
-                got, _ = await self._until_stopped(self.slots.acquire())
-                if not got:
-                    break
-                delay: float | None = None
-                refused: AccountAuthError | None = None
-                failure: Exception | None = None
-                started = datetime.now(UTC)
-                try:
-                    delay = await self._session(backoff)
-                except AccountAuthError as exc:
-                    refused = exc
-                except (AccountError, StoreError) as exc:
-                    failure = exc
-                    delay = backoff.next_delay()
-                except _Stopped:
-                    pass
-                finally:
-                    self.slots.release()
-                if refused is not None:
-                    await self._needs_reconnect(refused, started)
-                    return
-                if failure is not None and delay is not None:
-                    await self._failed(failure, started, delay)
-                if delay is not None and not self._stop.is_set():
-                    self.state = TailState.BACKOFF
-                    if not await self._sleep(delay):
-                        break
+            while state is not TailState.STOPPED:
+                self.state = state
+                state = await self._step(handlers[state])
         finally:
             self.state = TailState.STOPPED
 
-    async def _failed(self, exc: Exception, started: datetime, delay: float) -> None:
+    async def _step(self, handler: Callable[[], Awaitable[TailState]]) -> TailState:
+        """One handler; its exceptions are transitions: refused credentials -> NEEDS_RECONNECT,
+        an unavailable account or store -> BACKOFF, a stop between batches -> STOPPED.
+        Leaving the connected states, by a return or an exception, ends the session."""
+        failure: Exception | None = None
+        try:
+            state = await handler()
+        except AccountAuthError as exc:
+            self._refused = exc
+            state = TailState.NEEDS_RECONNECT
+        except (AccountError, StoreError) as exc:
+            failure = exc
+            state = TailState.BACKOFF
+        except _Stopped:
+            state = TailState.STOPPED
+        except asyncio.CancelledError:
+            if self._inflight is not None:     # killed: the commit in flight is abandoned too
+                self._inflight.cancel()
+            await self._end_session()
+            raise
+        except BaseException:
+            await self._end_session()
+            raise
+        if state in _CONNECTED:
+            return state
+        await self._end_session()
+        if failure is not None:
+            self._delay = self._backoff.next_delay()
+            await self._failed(failure, self._delay)
+        return state
+
+    async def _end_session(self) -> None:
+        """Leaving the connected states: the commit in flight lands (stopped or failed: what
+        was fetched still commits; a cancelled one is logged lost), LOGOUT, the slot goes back."""
+        session, self._session = self._session, None
+        try:
+            if session is not None:
+                task, self._inflight = self._inflight, None
+                if task is not None:
+                    try:
+                        await task
+                    except (Exception, asyncio.CancelledError) as exc:
+                        self.log.warning("imap_commit_lost", error=str(exc) or type(exc).__name__)
+                self._folder = ""
+                imap = session.imap
+                if imap.connected and not imap.idling:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(imap.logout(), 5.0)
+                imap.close()
+        finally:
+            if self._holding_slot:
+                self._holding_slot = False
+                self.slots.release()
+
+    def _connected(self) -> _Session:
+        assert self._session is not None, "a connected state without a connection"
+        return self._session
+
+    # -- the states ---------------------------------------------------------------------------
+    async def _wait_slot(self) -> TailState:
+        """WAIT_SLOT: queue for one of the `sync.max_connections` slots -> CONNECT."""
+        if self._stop.is_set():
+            return TailState.STOPPED
+        got, _ = await self._until_stopped(self.slots.acquire())
+        if not got:
+            return TailState.STOPPED
+        self._holding_slot = True
+        self._started = datetime.now(UTC)
+        return TailState.CONNECT
+
+    async def _connect(self) -> TailState:
+        """CONNECT: log in (refused: NEEDS_RECONNECT, through `_step`) -> RESOLVE. The one
+        retry of an account that needs reconnecting marks it active again."""
+        s = self.get_config().sync
+        self._folder = ""
+        self.stats.sessions += 1
+        try:
+            imap = await self.opener(self.account)
+        except OSError as exc:   # a secret file went missing under a running daemon
+            raise AccountUnavailable(f"cannot read the account's secrets: {exc}") from exc
+        self._session = _Session(imap, s)
+        imap.idle_liveness = s.idle_liveness
+        if self.retrying:
+            await self.accounts.set_status(self.id, "active", None, only_from=("needs_reconnect",))
+            self.retrying = False
+            self.log.info("account_reconnected")
+        return TailState.RESOLVE
+
+    async def _resolve(self) -> TailState:
+        """RESOLVE: the configured folders -> mailboxes -> SYNC of all of them; none usable:
+        BACKOFF for `sync.poll_interval`."""
+        session = self._connected()
+        folders = await self._usable_folders(session.imap)
+        if not folders:
+            self._delay = session.sync.poll_interval
+            return TailState.BACKOFF
+        session.folders = folders
+        session.due = list(folders)
+        return TailState.SYNC
+
+    async def _sync(self) -> TailState:
+        """SYNC: the due folders, each examined and compared with its checkpoint; or, after
+        IDLE saw new mail, INBOX's new UIDs alone -> TAIL."""
+        session = self._connected()
+        imap = session.imap
+        if session.inbox_changed:
+            session.inbox_changed = False
+            assert session.inbox is not None
+            await self._catch_up(imap, session.inbox, None, uidnext=None)
+            return TailState.TAIL
+        for f in session.due:
+            await self._sync_folder(imap, f)
+        session.due = []
+        loop = asyncio.get_running_loop()
+        if session.held_since is None:      # the session's first SYNC: tailing begins
+            self._backoff.reset()
+            session.sync = self.get_config().sync
+            session.held_since = loop.time()
+            session.inbox = next((f for f in session.folders if f.name.upper() == "INBOX"), None) \
+                if imap.can_idle else None
+        session.next_poll = loop.time() + session.sync.poll_interval
+        return TailState.TAIL
+
+    async def _tail(self) -> TailState:
+        """TAIL: yield the slot (-> WAIT_SLOT) to accounts waiting for one once this one held
+        it a poll interval; every poll interval SYNC all folders; else wait for news: IDLE
+        on INBOX (new mail -> SYNC), or, without IDLE, sleep until the next poll."""
+        session = self._connected()
+        s = session.sync
+        loop = asyncio.get_running_loop()
+        assert session.held_since is not None
+        if self._stop.is_set():
+            return TailState.STOPPED
+        if self.slots.waiting and loop.time() - session.held_since >= s.poll_interval:
+            self.log.info("imap_slot_yielded", waiting=self.slots.waiting)
+            return TailState.WAIT_SLOT
+        if loop.time() >= session.next_poll:
+            # INBOX last, so that it stays selected for IDLE
+            session.due = sorted(session.folders, key=lambda f: f is session.inbox)
+            return TailState.SYNC
+        if session.inbox is None:
+            slept = await self._sleep(session.next_poll - loop.time())
+            return TailState.TAIL if slept else TailState.STOPPED
+        return await self._idle(session, session.inbox)
+
+    async def _idle(self, session: _Session, inbox: Folder) -> TailState:
+        """IDLE on INBOX until it changes, the poll is due or `sync.idle_interval` passes."""
+        imap = session.imap
+        loop = asyncio.get_running_loop()
+        if imap.selected is None or imap.selected.name != inbox.name:
+            await self._sync_folder(imap, inbox)
+        interval = min(session.sync.idle_interval, max(0.5, session.next_poll - loop.time()))
+        self._folder = inbox.name
+        self.stats.idles += 1
+        done, result = await self._until_stopped(imap.idle(interval=interval))
+        if not done or result is None:
+            return TailState.STOPPED
+        if result.reason == "pending" or any(e.kind in ("EXISTS", "VANISHED") for e in result.events):
+            session.inbox_changed = True
+            return TailState.SYNC
+        return TailState.TAIL
+
+    async def _wait_backoff(self) -> TailState:
+        """BACKOFF: the slot released, wait the delay -> WAIT_SLOT."""
+        if self._stop.is_set():
+            return TailState.STOPPED
+        return TailState.WAIT_SLOT if await self._sleep(self._delay) else TailState.STOPPED
+
+    async def _failed(self, exc: Exception, delay: float) -> None:
         text = str(exc)
         self.stats.last_error = text
         if self.metrics is not None:
@@ -257,10 +458,13 @@ class AccountTailer:
                          retry_in=round(delay, 1), state=self.state.value)
         kind = "connect" if self.state in (TailState.CONNECT, TailState.WAIT_SLOT) else "tail"
         with contextlib.suppress(StoreError):
-            await self.accounts.record_run(self.id, self._folder, kind, started, RunCounts(), text)
+            await self.accounts.record_run(self.id, self._folder, kind, self._started, RunCounts(),
+                                           text)
 
-    async def _needs_reconnect(self, exc: AccountAuthError, started: datetime) -> None:
-        self.state = TailState.NEEDS_RECONNECT
+    async def _needs_reconnect(self) -> TailState:
+        """NEEDS_RECONNECT: the status (and its webhook) with the server's words -> STOPPED."""
+        exc = self._refused
+        assert exc is not None
         self.stats.logins_failed += 1
         if self.metrics is not None:
             self.metrics.imap_error(self.id)
@@ -271,58 +475,16 @@ class AccountTailer:
             try:
                 await self.accounts.set_status(self.id, "needs_reconnect", words,
                                                email=self.account.email)
-                await self.accounts.record_run(self.id, "", "connect", started, RunCounts(), str(exc))
-                return
+                await self.accounts.record_run(self.id, "", "connect", self._started, RunCounts(),
+                                               str(exc))
+                break
             except StoreError as err:
                 self.log.error("account_status_unsaved", error=str(err))
                 if attempt < 2 and not await self._sleep(1.0 + attempt):
-                    return
+                    break
+        return TailState.STOPPED
 
-    # -- one connection ---------------------------------------------------------------------
-    async def _session(self, backoff: Backoff) -> float | None:
-        """Connect, sync, tail; returns the delay before the next session (None: at once)."""
-        s = self.get_config().sync
-        self.state = TailState.CONNECT
-        self._folder = ""
-        self.stats.sessions += 1
-        try:
-            imap = await self.opener(self.account)
-        except OSError as exc:   # a secret file went missing under a running daemon
-            raise AccountUnavailable(f"cannot read the account's secrets: {exc}") from exc
-        try:
-            imap.idle_liveness = s.idle_liveness
-            if self.retrying:
-                await self.accounts.set_status(self.id, "active", None, only_from=("needs_reconnect",))
-                self.retrying = False
-                self.log.info("account_reconnected")
-            self.state = TailState.RESOLVE
-            folders = await self._resolve(imap)
-            if not folders:
-                return s.poll_interval
-            self.state = TailState.SYNC
-            for f in folders:
-                await self._sync_folder(imap, f)
-            backoff.reset()
-            await self._tail(imap, folders)
-            return None
-        except asyncio.CancelledError:
-            if self._inflight is not None:     # killed: the commit in flight is abandoned too
-                self._inflight.cancel()
-            raise
-        finally:
-            task, self._inflight = self._inflight, None
-            if task is not None:               # stopped or failed: what was fetched still commits
-                try:
-                    await task
-                except (Exception, asyncio.CancelledError) as exc:
-                    self.log.warning("imap_commit_lost", error=str(exc) or type(exc).__name__)
-            self._folder = ""
-            if imap.connected and not imap.idling:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(imap.logout(), 5.0)
-            imap.close()
-
-    async def _resolve(self, imap: IMAPClient) -> list[Folder]:
+    async def _usable_folders(self, imap: IMAPClient) -> list[Folder]:
         wanted = list(self.account.sync.folders)
         try:
             folders = await imap.resolve_folders(wanted)
@@ -337,41 +499,6 @@ class AccountTailer:
                                                datetime.now(UTC), RunCounts(), text)
             good = [w for w in wanted if w not in exc.problems]
             return await imap.resolve_folders(good) if good else []
-
-    async def _tail(self, imap: IMAPClient, folders: list[Folder]) -> None:
-        s = self.get_config().sync
-        loop = asyncio.get_running_loop()
-        held_since = loop.time()
-        next_poll = loop.time() + s.poll_interval
-        inbox = next((f for f in folders if f.name.upper() == "INBOX"), None) if imap.can_idle \
-            else None
-        while not self._stop.is_set():
-            self.state = TailState.TAIL
-            if self.slots.waiting and loop.time() - held_since >= s.poll_interval:
-                self.log.info("imap_slot_yielded", waiting=self.slots.waiting)
-                return
-            if loop.time() >= next_poll:
-                self.state = TailState.SYNC
-                # INBOX last, so that it stays selected for IDLE
-                for f in sorted(folders, key=lambda f: f is inbox):
-                    await self._sync_folder(imap, f)
-                next_poll = loop.time() + s.poll_interval
-                continue
-            if inbox is None:
-                if not await self._sleep(next_poll - loop.time()):
-                    return
-                continue
-            if imap.selected is None or imap.selected.name != inbox.name:
-                await self._sync_folder(imap, inbox)
-            interval = min(s.idle_interval, max(0.5, next_poll - loop.time()))
-            self._folder = inbox.name
-            self.stats.idles += 1
-            done, result = await self._until_stopped(imap.idle(interval=interval))
-            if not done or result is None:
-                return
-            if result.reason == "pending" or any(e.kind in ("EXISTS", "VANISHED") for e in result.events):
-                self.state = TailState.SYNC
-                await self._catch_up(imap, inbox, None, uidnext=None)
 
     # -- one folder -------------------------------------------------------------------------
     async def _sync_folder(self, imap: IMAPClient, folder: Folder) -> None:
