@@ -210,7 +210,10 @@ class Tailers:
             if not a.tailed:
                 continue
             status = statuses.get(a.id, "active")
-            if status == "active" or (status == "needs_reconnect" and a.id in self._retry):
+            # a tailer in its one retry is wanted until its login marked the account active
+            run = self.running.get(a.id)
+            retrying = a.id in self._retry or (run is not None and run.tailer.retrying)
+            if status == "active" or (status == "needs_reconnect" and retrying):
                 out[a.id] = a
         return out
 
