@@ -28,10 +28,10 @@ import structlog
 from gateway.crm.counters import SendCounts
 from gateway.errors import PermanentFailure
 from gateway.ids import new_queue_id
-from gateway.pipeline.headers import (
+from gateway.mail.headers import (
     get_header,
     make_message_id,
-    split_message,
+    split_entity,
     strip_fields,
 )
 from gateway.pipeline.outbound import CopyPlan, Outbound
@@ -83,10 +83,11 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float,
             trace: bool = True) -> tuple[bytes, str]:
     """Trace header on top (unless `trace` is false), Message-ID/Date added if missing, Bcc
     removed; body untouched. Returns the bytes and the Message-ID."""
-    header, body = split_message(sub.data)
-    has_separator = len(header) + 2 + len(body) == len(sub.data)
+    header, blank, body = split_entity(sub.data)
     if not header:
         raise PermanentFailure("Message has no header", code=550, status="5.6.0")
+    if not blank and not header.endswith(b"\n"):
+        header += b"\r\n"  # no empty line: all header, its last line ended for the bytes added
     added = received_header(sub, hostname, qid, now) if trace else b""
     message_id = get_header(header, "Message-ID")
     if not message_id:
@@ -97,9 +98,7 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float,
         added += f"Date: {date}\r\n".encode()
     if b"bcc" in header.lower():
         header = strip_fields(header, {"Bcc", "Resent-Bcc"})
-    if has_separator:
-        return added + header + b"\r\n" + body, message_id.strip()
-    return added + header, message_id.strip()
+    return added + header + blank + body, message_id.strip()
 
 
 class Relay:

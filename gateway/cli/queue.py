@@ -90,7 +90,7 @@ def _queue(args: argparse.Namespace) -> int:
             print(raw[:4096].decode("utf-8", "replace"))
             return EXIT_OK
         env, data = spool.read(state, args.id)
-        from gateway.pipeline.headers import split_message
+        from gateway.mail.headers import split_message
 
         header, _ = split_message(data)
         entry = _queue_entry(state, env)

@@ -24,8 +24,8 @@ from typing import Any
 import structlog
 
 from gateway.crm.store import Store
+from gateway.mail.headers import split_message
 from gateway.mail.parse import parse_headers, parse_message
-from gateway.pipeline.headers import split_message
 from gateway.records import AcceptedMessage, EventRecord, fill_from_parsed
 
 Item = AcceptedMessage | EventRecord

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from gateway.config import Config
 from gateway.ids import new_queue_id
+from gateway.mail.headers import split_message
 from gateway.pipeline.dkim import Signer
-from gateway.pipeline.headers import split_message
 from gateway.pipeline.stages import CopyContext, StageReport, StageSettings, transform
 from gateway.policy import Decision, Headers, PolicySet
 from gateway.tracking.tokens import TokenSigner
