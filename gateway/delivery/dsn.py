@@ -34,6 +34,7 @@ from email.parser import BytesHeaderParser
 from typing import Literal
 
 from gateway.delivery.transport import RcptResult
+from gateway.mail.headers import header_block
 
 __all__ = ["build_dsn", "is_bounce"]
 
@@ -48,9 +49,9 @@ def build_dsn(*, reporting_mta: str, original: bytes, envelope_from: str,
               now: datetime | None = None) -> bytes:
     """The DSN for `failed` recipients of `original`, addressed to `envelope_from`."""
     now = now or datetime.now(UTC)
-    header_block = _normalize(_header_block(original))
+    original_header = _normalize(header_block(original))
     utf8 = (not envelope_from.isascii() or any(not r.rcpt.isascii() for r in failed)
-            or not header_block.isascii())
+            or not original_header.isascii())
     boundary = f"=_mailgw_{secrets.token_hex(12)}"
 
     text = _human_text(reporting_mta, failed, final)
@@ -61,13 +62,13 @@ def build_dsn(*, reporting_mta: str, original: bytes, envelope_from: str,
 
     if include == "full":
         body = _normalize(original)
-        third_type = "message/global" if not header_block.isascii() else "message/rfc822"
+        third_type = "message/global" if not original_header.isascii() else "message/rfc822"
         third = body
         third_desc = "Undelivered Message" if final else "Delayed Message"
     else:
-        third_type = "message/global-headers" if not header_block.isascii() \
+        third_type = "message/global-headers" if not original_header.isascii() \
             else "text/rfc822-headers"
-        third = b"".join(_clip(line) + _CRLF for line in header_block.split(_CRLF) if line)
+        third = b"".join(_clip(line) + _CRLF for line in original_header.split(_CRLF) if line)
         third_desc = "Undelivered Message Headers" if final else "Delayed Message Headers"
     eight_bit = not (text_bytes.isascii() and status.isascii() and third.isascii())
 
@@ -109,7 +110,7 @@ def is_bounce(envelope_from: str, data: bytes) -> bool:
     """True for a null sender, a delivery-status report, or Auto-Submitted other than `no`."""
     if envelope_from.strip() in ("", "<>"):
         return True
-    msg = BytesHeaderParser().parsebytes(_header_block(data) + b"\r\n\r\n")
+    msg = BytesHeaderParser().parsebytes(header_block(data) + b"\r\n\r\n")
     auto = msg.get("Auto-Submitted")
     if auto is not None and str(auto).split(";")[0].strip().lower() not in ("", "no"):
         return True
@@ -201,14 +202,6 @@ def _remote_host(remote: str | None) -> str | None:
     m = _REMOTE.match(remote)
     host = m.group("host") if m else remote
     return host or (m.group("ip") if m else None) or None
-
-
-def _header_block(data: bytes) -> bytes:
-    """The original's header lines (without the blank line that ends them)."""
-    if data.startswith((b"\r\n", b"\n")):
-        return b""
-    starts_body = re.search(rb"\r?\n\r?\n", data)
-    return data[:starts_body.start()] if starts_body else data
 
 
 def _normalize(data: bytes) -> bytes:

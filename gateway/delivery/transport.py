@@ -80,6 +80,7 @@ from aiosmtplib.email import quote_address
 
 from gateway.delivery.mx import MXResolver
 from gateway.errors import MailError
+from gateway.mail.headers import header_block
 from gateway.mail.wire import has_bare_newline
 
 __all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "dot_stuff", "parse_reply"]
@@ -276,14 +277,6 @@ def _tls_cause(exc: BaseException) -> ssl.SSLError | ssl.CertificateError | None
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _header_block(data: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        i = data.find(sep)
-        if i >= 0:
-            return data[:i]
-    return data
 
 
 _COMMAND_INJECTION = re.compile(rb"[\x00-\x1f\x7f]")  # as aiosmtplib refuses in commands
@@ -764,7 +757,7 @@ class Transport:
         if not data.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         utf8_envelope = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
-        if utf8_envelope or not _header_block(data).isascii():
+        if utf8_envelope or not header_block(data).isascii():
             if smtp.supports_extension("smtputf8"):
                 options.append("SMTPUTF8")
                 return options, "utf-8"

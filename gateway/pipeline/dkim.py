@@ -58,6 +58,7 @@ from gateway.config import Config, read_secret_bytes
 from gateway.errors import ConfigError, PermanentFailure, Problem
 from gateway.keys.dkim import Algorithm, KeyFileError, PrivateKey, algorithm_for, load_private_key
 from gateway.mail.addresses import domain_of
+from gateway.mail.headers import split_entity
 from gateway.policy.rules import nearest_domain
 
 #: Signed when present, every instance (RFC 6376 §5.4.1 recommendations, plus RFC 8058).
@@ -114,15 +115,16 @@ def parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """dkimpy's ``rfc822_parse`` result, without splitting and re-joining every body line.
 
     For a message whose every LF is part of a CRLF (the relay refuses bare LF) the body
-    dkimpy would return is the bytes after the first empty line, so only the header
-    block goes through dkimpy; anything else takes dkimpy's own path.
+    dkimpy would return is the bytes after the first empty line (`split_entity`), so
+    only the header block goes through dkimpy; anything else (no empty line, a bare
+    LF) takes dkimpy's own path.
     """
-    idx = message.find(b"\r\n\r\n")
-    if idx < 0 or message.count(b"\n") != message.count(b"\r\n"):
-        headers, body = dkim.rfc822_parse(message)
-        return headers, body
-    headers, _ = dkim.rfc822_parse(message[:idx + 2])
-    return headers, message[idx + 4:]
+    header, blank, body = split_entity(message)
+    if not blank or message.count(b"\n") != message.count(b"\r\n"):
+        headers, whole_body = dkim.rfc822_parse(message)
+        return headers, whole_body
+    headers, _ = dkim.rfc822_parse(header)
+    return headers, body
 
 
 def relaxed_body(body: bytes) -> bytes:
