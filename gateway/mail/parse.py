@@ -6,10 +6,12 @@ as entries in `ParsedMessage.defects`, with whatever could be read filled in.
 
 How the work is capped (so one hostile message cannot stall a worker):
 
-- header fields are read by our own byte-level scanner, each value capped at
-  `HEADER_VALUE_LIMIT` characters and the whole block at `HEADER_BLOCK_LIMIT` bytes;
+- header fields are read by the byte-level scanner of `gateway.mail.headers`, each
+  value capped at `HEADER_VALUE_LIMIT` characters and the whole block at
+  `HEADER_BLOCK_LIMIT` bytes;
 - the MIME structure comes from the stdlib `email` feed parser (compat32 rules, with
-  header values handed back raw so that we decode them ourselves);
+  header values handed back raw so that we decode them ourselves); the exact bytes of an
+  attached message are cut out with the MIME walker of `gateway.mail.mime`;
 - a text/plain or text/html part larger than `text_limit` encoded bytes is not decoded
   for text (a defect says so); attachments are only measured (decoded size, sha256);
 - at most `MAX_PARTS` parts and `MAX_DEPTH` levels of nesting are walked; a message
@@ -25,7 +27,7 @@ import email
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import Message
@@ -34,6 +36,8 @@ from email.utils import getaddresses
 from typing import Literal
 
 from gateway.mail.dates import parse_rfc_date
+from gateway.mail.headers import body_start, fields, header_end
+from gateway.mail.mime import boundary_bytes, entity_at
 from gateway.mail.text import (
     collapse_ws,
     decode_bytes,
@@ -157,113 +161,79 @@ class ParsedMessage:
 
 # --- the header block ---------------------------------------------------------------
 
-_NAME_RE = re.compile(rb"[!-9;-~]+")
+_LINE_END_RE = re.compile(rb"\r?\n")
 _FOLD_RE = re.compile(r"\r?\n(?=[ \t])|\r(?=[ \t])")
 
 
-def _header_block_end(raw: bytes) -> int:
-    """Offset just past the header block (its last line's newline), before the blank line."""
-    if raw.startswith((b"\r\n", b"\n")):
-        return 0
-    crlf = raw.find(b"\n\r\n")
-    # Look for a bare-LF blank line only before the CRLF one: never scan a whole body.
-    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(raw))
-    ends = [i for i in (crlf, lf) if i >= 0]
-    return min(ends) + 1 if ends else len(raw)
-
-
-def _body_start(raw: bytes) -> int:
-    """Offset of the first body byte (after the blank line), len(raw) if there is no body."""
-    end = _header_block_end(raw)
-    if raw.startswith(b"\r\n", end):
-        return end + 2
-    if raw.startswith(b"\n", end):
-        return end + 1
-    return len(raw)
-
-
 def _fields(block: bytes, defects: list[str]) -> dict[str, list[bytes]]:
-    """Header name (lower-case) -> raw values (unfolded bytes), in order."""
+    """Header name (lower-case) -> raw values (unfolded bytes, stripped), in order.
+
+    Reads the entries of `gateway.mail.headers.fields`; an mbox "From " separator line
+    first (with anything folded onto it) is skipped, and so are continuation lines
+    before the first field; every other entry without a name counts as one malformed
+    line (a lone CR that ends a cut-off block does not)."""
     if len(block) > HEADER_BLOCK_LIMIT:
         defects.append(f"header block of {len(block)} bytes truncated to {HEADER_BLOCK_LIMIT}")
         block = block[:HEADER_BLOCK_LIMIT]
     out: dict[str, list[bytes]] = {}
-    cur: list[bytes] | None = None
-    name = ""
+    entries = fields(block)
+    if block.startswith(b"From "):
+        entries = entries[1:]  # an mbox "From " separator line
     bad = 0
-
-    def finish() -> None:
-        if cur is None:
-            return
-        value = b"".join(cur).strip()
+    for entry in entries:
+        if entry.name is None:
+            if entry.raw[:1] not in (b" ", b"\t") and entry.raw != b"\r":
+                bad += 1
+            continue
+        name = entry.name.decode("ascii").lower()
+        value = _LINE_END_RE.sub(b"", entry.value).strip()
         if len(value) > HEADER_VALUE_LIMIT:
             defects.append(f"{name} header of {len(value)} bytes truncated")
             value = value[:HEADER_VALUE_LIMIT]
         out.setdefault(name, []).append(value)
-
-    lines = block.split(b"\n")
-    if lines and lines[0].startswith(b"From ") and b":" not in lines[0][:5]:
-        lines = lines[1:]  # an mbox "From " separator line
-    for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            continue
-        if line[0] in (32, 9):
-            if cur is not None:
-                cur.append(line)
-            continue
-        finish()
-        cur = None
-        colon = line.find(b":")
-        fname = line[:colon].rstrip(b" \t") if colon > 0 else b""
-        if not fname or not _NAME_RE.fullmatch(fname):
-            bad += 1
-            continue
-        name = fname.decode("ascii").lower()
-        cur = [line[colon + 1 :]]
-    finish()
     if bad:
         defects.append(f"{bad} malformed header line(s) ignored")
     return out
 
 
 def _clean_head(head: bytes) -> bytes:
-    """The header block as the stdlib parser should see it: lines that are not fields
+    """The header block as the stdlib parser should see it: entries that are not fields
     (no colon, 8-bit or spaces in the name) dropped with their continuation lines, and
-    "Name : value" rewritten "Name: value". `_fields` reads the same way, so the MIME
-    walk and the header info agree; where the stdlib would take a bad line for the start
-    of the body, we skip the line instead. Returns `head` itself when nothing changes."""
-    lines = head.split(b"\n")
+    "Name : value" rewritten "Name: value". `_fields` reads the same entries, so the
+    MIME walk and the header info agree; where the stdlib would take a bad line for the
+    start of the body, we skip the line instead. An mbox "From " line first is kept (the
+    stdlib knows it), without anything folded onto it. Returns `head` itself when
+    nothing changes."""
     out: list[bytes] = []
     changed = False
-    keep = False
-    for index, line in enumerate(lines):
-        bare = line[:-1] if line.endswith(b"\r") else line
-        if not bare:
+    last_dropped = False
+    for index, entry in enumerate(fields(head)):
+        raw = entry.raw
+        last_dropped = False
+        if index == 0 and raw.startswith(b"From "):
+            nl = raw.find(b"\n")
+            line = raw if nl < 0 else raw[: nl + 1]
+            last_dropped = line != raw
             out.append(line)
-            continue
-        if index == 0 and bare.startswith(b"From ") and b":" not in bare[:5]:
-            out.append(line)  # mbox separator: the stdlib knows it
-            continue
-        if bare[0] in (32, 9):
-            if keep:
-                out.append(line)
-            else:
+        elif entry.name is not None:
+            colon = raw.find(b":")
+            if colon != len(entry.name):
+                raw = entry.name + raw[colon:]
                 changed = True
-            continue
-        colon = bare.find(b":")
-        name = bare[:colon] if colon > 0 else b""
-        stripped = name.rstrip(b" \t")
-        keep = bool(stripped) and _NAME_RE.fullmatch(stripped) is not None
-        if not keep:
-            changed = True
-            continue
-        if stripped != name:
-            line = stripped + line[colon:]
-            changed = True
-        out.append(line)
-    return b"\n".join(out) if changed else head
+            out.append(raw)
+        elif raw == b"\r":
+            out.append(raw)
+        else:
+            last_dropped = True
+        changed = changed or last_dropped
+    if not changed:
+        return head
+    clean = b"".join(out)
+    if last_dropped and not head.endswith(b"\n") and clean.endswith(b"\n"):
+        # A dropped last line without a line ending takes the LF before it along, as
+        # this function has always done (the stdlib reads the block the same either way).
+        clean = clean[:-1]
+    return clean
 
 
 def _first(fields: dict[str, list[bytes]], name: str) -> str | None:
@@ -406,7 +376,7 @@ def parse_headers(header_block: bytes) -> HeaderInfo:
     defects: list[str] = []
     try:
         data = bytes(header_block)
-        return _header_info(_fields(data[: _header_block_end(data)], defects), defects)
+        return _header_info(_fields(data[: header_end(data)], defects), defects)
     except Exception as exc:  # last resort: the contract is "never raises"
         defects.append(f"header parse failed: {type(exc).__name__}")
         return _header_info({}, defects)
@@ -584,69 +554,19 @@ def _encoded_len(part: Message) -> int:
     return len(payload) if isinstance(payload, str) else 0
 
 
-def _boundary_split(body: bytes, boundary: bytes) -> list[bytes]:
-    """The parts of a multipart body, as exact bytes (each part's headers and body),
-    between `--boundary` lines; the line break before a delimiter belongs to it."""
-    parts: list[bytes] = []
-    start: int | None = None
-    for line_start, closing, next_line in _delimiters(body, b"--" + boundary):
-        if start is not None:
-            end = line_start
-            if body[end - 2 : end] == b"\r\n":
-                end -= 2
-            elif body[end - 1 : end] == b"\n":
-                end -= 1
-            parts.append(body[start : max(start, end)])
-        if closing:
-            start = None
-            break
-        start = next_line
-    if start is not None:
-        parts.append(body[start:])
-    return parts
-
-
-def _delimiters(body: bytes, needle: bytes) -> Iterator[tuple[int, bool, int]]:
-    """(line start, is the close delimiter, start of the next line) for every line that is
-    `needle`, optionally `--`, then only spaces/tabs (bytes.find: a regex with `^` in
-    MULTILINE mode is ten times slower on a large body)."""
-    pos = 0 if body.startswith(needle) else body.find(b"\n" + needle)
-    if pos > 0:
-        pos += 1
-    while pos >= 0:
-        after = pos + len(needle)
-        nl = body.find(b"\n", after)
-        line_end = len(body) if nl < 0 else nl
-        rest = body[after:line_end]
-        closing = rest.startswith(b"--")
-        tail = rest[2:] if closing else rest
-        if not tail.rstrip(b"\r").strip(b" \t"):
-            yield pos, closing, len(body) if nl < 0 else nl + 1
-        found = body.find(b"\n" + needle, line_end)
-        pos = -1 if found < 0 else found + 1
+def _boundary_of(header: bytes) -> bytes | None:
+    """The boundary of the entity whose header block this is, as the stdlib reads it."""
+    try:
+        boundary = email.message_from_bytes(_clean_head(header), policy=_POLICY).get_boundary()
+    except Exception:
+        return None
+    return boundary_bytes(boundary) if boundary else None
 
 
 def _entity_at(raw: bytes, path: tuple[int, ...]) -> bytes | None:
     """The exact bytes (headers and body) of the MIME entity at `path` (child indexes
     from the top-level multipart down), or None when the bytes cannot be followed."""
-    entity = raw
-    for index in path:
-        head = _clean_head(entity[: _header_block_end(entity)])
-        try:
-            boundary = email.message_from_bytes(head, policy=_POLICY).get_boundary()
-        except Exception:
-            return None
-        if not boundary:
-            return None
-        try:
-            bnd = boundary.encode("ascii", "surrogateescape")
-        except UnicodeError:
-            bnd = boundary.encode("utf-8", "surrogateescape")
-        parts = _boundary_split(entity[_body_start(entity) :], bnd)
-        if index >= len(parts):
-            return None
-        entity = parts[index]
-    return entity
+    return entity_at(raw, path, _boundary_of)
 
 
 def _decode_transfer(data: bytes, cte: str | None) -> bytes:
@@ -671,14 +591,14 @@ def _attached_message_bytes(raw: bytes, part: Message, path: tuple[int, ...]) ->
     payload = part.get_payload()
     if entity is not None:
         cte = (_part_header(part, "Content-Transfer-Encoding") or "").lower()
-        inner = _decode_transfer(entity[_body_start(entity) :], cte)
+        inner = _decode_transfer(entity[body_start(entity) :], cte)
         if cte in ("base64", "quoted-printable"):
             return inner, True  # the stdlib parsed the encoded text as a message: trust the bytes
         if not (isinstance(payload, list) and payload and isinstance(payload[0], Message)):
             return inner, True
         # Cross-check the cut against the stdlib's parse before calling it exact.
         want = payload[0].get("Message-ID"), payload[0].get("Subject")
-        got = email.message_from_bytes(inner[: _header_block_end(inner)], policy=_POLICY)
+        got = email.message_from_bytes(inner[: header_end(inner)], policy=_POLICY)
         if (got.get("Message-ID"), got.get("Subject")) == want:
             return inner, True
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
@@ -701,9 +621,6 @@ class _Walk:
     attachments: list[Attachment] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     parts: int = 0
-
-
-_LINE_END_RE = re.compile(rb"\r?\n")
 
 
 def _canonical(part: Message, data: bytes) -> bytes:
@@ -802,7 +719,7 @@ def _dedupe_defects(defects: list[str]) -> list[str]:
 
 
 def _cleaned(raw: bytes) -> bytes:
-    end = _header_block_end(raw)
+    end = header_end(raw)
     head = raw[:end]
     clean = _clean_head(head)
     return raw if clean is head else clean + raw[end:]
@@ -813,7 +730,7 @@ def parse_message(raw: bytes, *, text_limit: int = TEXT_LIMIT) -> ParsedMessage:
     data = bytes(raw)
     defects: list[str] = []
     try:
-        info = _header_info(_fields(data[: _header_block_end(data)], defects), defects)
+        info = _header_info(_fields(data[: header_end(data)], defects), defects)
     except Exception as exc:  # pragma: no cover - the header scanner is total; belt and braces
         defects.append(f"header parse failed: {type(exc).__name__}")
         info = _header_info({}, defects)
@@ -897,6 +814,6 @@ def header_value(raw: bytes, name: str) -> str | None:
     """The first `name` field of `raw`'s header block, unfolded and stripped (not
     RFC 2047 decoded), or None."""
     try:
-        return _first(_fields(raw[: _header_block_end(raw)], []), name.lower())
+        return _first(_fields(raw[: header_end(raw)], []), name.lower())
     except Exception:
         return None

@@ -29,7 +29,11 @@ text parts that follow it up to the first part that is not. A part with a
 are left whole (changing them would break the signature).
 
 Line endings: SMTP gives CRLF; a message whose first line ends in a bare LF is
-handled with LF, and new text uses the message's line ending.
+handled with LF, and new text uses the message's line ending. Where an entity's header
+block ends and where a multipart body's parts start and stop is decided by
+`gateway.mail.headers.split_entity` and `gateway.mail.mime.cut_multipart`, the same cuts
+the parser makes (their CR/LF rules are written there); header fields are found and
+edited with `gateway.mail.headers`.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from gateway.mail.headers import field_span, set_field, split_entity
+from gateway.mail.mime import boundary_bytes, cut_multipart
+
 MAX_LINE = 998          # octets, without the line ending (RFC 5322 §2.1.1)
 MAX_DEPTH = 32          # nesting deeper than this is left whole
 _B64_LINE = 76
-_FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
 _ASCII_PROBE = "<a href=\"x\">\r\n+-&=;:/?#%'~\\"
 _CHARSET_PARAM_RE = re.compile(rb"""(;[ \t\r\n]*charset[ \t]*=[ \t]*)("[^"]*"|[^;\s"]+)""", re.I)
 _OPAQUE = frozenset({"multipart/signed", "multipart/encrypted"})
@@ -56,41 +62,6 @@ _IDENTITY = frozenset({"7bit", "8bit", "binary"})
 
 class MimeError(ValueError):
     """A part's content cannot be decoded (unknown transfer encoding or charset, invalid bytes)."""
-
-
-_DELIM_TAIL_RE = re.compile(rb"(--)?[ \t]*(?:\r?\n|\r?\Z)")
-
-
-def _delimiters(body: bytes, dash_boundary: bytes) -> list[tuple[int, int, bool]]:
-    """(line start, end of the line incl. its line ending, is close delimiter) for every
-    delimiter line ``--boundary`` [``--``] [transport padding] of a multipart body."""
-    out: list[tuple[int, int, bool]] = []
-    pos = 0
-    n = len(dash_boundary)
-    while True:
-        k = body.find(dash_boundary, pos)
-        if k < 0:
-            return out
-        if k == 0 or body[k - 1] == 0x0A:
-            m = _DELIM_TAIL_RE.match(body, k + n)
-            if m is not None:
-                out.append((k, m.end(), m.group(1) is not None))
-        pos = k + n
-
-
-def _split_entity(data: bytes) -> tuple[bytes, bytes, bytes]:
-    """(header block with its last line ending, the blank line, body)."""
-    if data.startswith(b"\r\n"):
-        return b"", b"\r\n", data[2:]
-    if data.startswith(b"\n"):
-        return b"", b"\n", data[1:]
-    i = data.find(b"\n\r\n")
-    k = data.find(b"\n\n", 0, len(data) if i < 0 else i)     # only before the CRLF blank line
-    if i < 0 and k < 0:
-        return data, b"", b""
-    if k < 0 or (0 <= i < k):
-        return data[: i + 1], b"\r\n", data[i + 3:]
-    return data[: k + 1], b"\n", data[k + 2:]
 
 
 def _codec(charset: str) -> str:
@@ -137,46 +108,6 @@ def _bare_line_break(data: bytes, nl: bytes) -> bool:
     return b"\r" in data
 
 
-def _set_field(header: bytes, name: bytes, value: bytes, nl: bytes) -> bytes:
-    """`header` with field `name` replaced by ``name: value`` (added at the end when absent)."""
-    lines = header.splitlines(keepends=True)
-    out: list[bytes] = []
-    done = False
-    skipping = False
-    for line in lines:
-        if skipping and line[:1] in (b" ", b"\t"):
-            continue
-        skipping = False
-        m = _FIELD_RE.match(line)
-        if m and m.group(1).lower() == name.lower():
-            skipping = True
-            if not done:
-                out.append(m.group(1) + b": " + value + nl)
-                done = True
-            continue
-        out.append(line)
-    if not done:
-        out.append(name + b": " + value + nl)
-    return b"".join(out)
-
-
-def _field_span(header: bytes, name: bytes) -> tuple[int, int] | None:
-    """Byte span of the first field `name` with its continuation lines (line endings included)."""
-    pos = 0
-    lines = header.splitlines(keepends=True)
-    for idx, line in enumerate(lines):
-        m = _FIELD_RE.match(line)
-        if m and m.group(1).lower() == name.lower():
-            end = pos + len(line)
-            for cont in lines[idx + 1:]:
-                if cont[:1] not in (b" ", b"\t"):
-                    break
-                end += len(cont)
-            return pos, end
-        pos += len(line)
-    return None
-
-
 class Entity:
     """One MIME entity: the message itself, a body part, or a part of a part."""
 
@@ -185,7 +116,7 @@ class Entity:
         self.raw = raw
         self.nl = nl
         self.path = path                       # "" for the message, "1", "1.2", ... for parts
-        self.header, self.sep, self.body = _split_entity(raw)
+        self.header, self.sep, self.body = split_entity(raw)
         self._msg: Message = BytesHeaderParser(policy=compat32).parsebytes(self.header)
         if default_type != "text/plain":
             self._msg.set_default_type(default_type)
@@ -246,33 +177,17 @@ class Entity:
         boundary = self._msg.get_boundary()
         if not boundary:
             return
-        body = self.body
-        matches = _delimiters(body, b"--" + boundary.encode("utf-8", "surrogateescape"))
-        if not matches:
+        parts, gaps = cut_multipart(self.body, boundary_bytes(boundary))
+        if not parts:
             return
         child_default = "message/rfc822" if self.content_type == "multipart/digest" else "text/plain"
         segments: list[bytes | Entity] = []
-        pos = 0
-        for idx, (_, line_end, close) in enumerate(matches):
-            if close:               # close delimiter: the rest is the epilogue
-                segments.append(body[pos:])
-                pos = len(body)
-                break
-            start = line_end
-            if idx + 1 < len(matches):
-                end = matches[idx + 1][0]
-                if end > start:     # the line ending before the next delimiter belongs to it
-                    end -= 2 if body[end - 2:end] == b"\r\n" else 1
-            else:
-                end = len(body)     # no close delimiter: the part runs to the end
-            segments.append(body[pos:start])
-            child = Entity(body[start:end], self.nl, f"{self.path}.{len(self.children) + 1}".lstrip("."),
+        for gap, part in zip(gaps, parts, strict=False):
+            child = Entity(part, self.nl, f"{self.path}.{len(self.children) + 1}".lstrip("."),
                            depth + 1, child_default)
             self.children.append(child)
-            segments.append(child)
-            pos = end
-        if pos < len(body):
-            segments.append(body[pos:])
+            segments += [gap, child]
+        segments.append(gaps[-1])
         self._segments = segments
 
     def walk(self) -> Iterator[Entity]:
@@ -356,7 +271,7 @@ class Entity:
                 why = ("line over 998 octets" if long_line else "non-ASCII text in a 7bit part"
                        if gains_8bit else "bare CR or LF in the text")
                 self.notes.append(f"{self.where}: re-encoded as quoted-printable ({why})")
-                header = _set_field(header, b"Content-Transfer-Encoding", b"quoted-printable", self.nl)
+                header = set_field(header, b"Content-Transfer-Encoding", b"quoted-printable", self.nl)
                 cte = "quoted-printable"
         if cte == "base64":
             tail = self.body[len(self.body.rstrip(b"\r\n")):]
@@ -366,9 +281,9 @@ class Entity:
         return header, payload
 
     def _with_charset(self, header: bytes, charset: str) -> bytes:
-        span = _field_span(header, b"Content-Type")
+        span = field_span(header, b"Content-Type")
         if span is None:
-            return _set_field(header, b"Content-Type",
+            return set_field(header, b"Content-Type",
                               f"{self.content_type}; charset={charset}".encode(), self.nl)
         field = header[span[0]:span[1]]
         new, n = _CHARSET_PARAM_RE.subn(lambda m: m.group(1) + charset.encode(), field, count=1)
