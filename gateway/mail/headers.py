@@ -30,10 +30,12 @@ import re
 import secrets
 import time
 from email.utils import getaddresses
+from itertools import pairwise
 from typing import NamedTuple
 
 _NAME_RE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _FOLD_RE = re.compile(rb"\r?\n[ \t]")
+_ENTRY_START_RE = re.compile(rb"\n(?=[^ \t])")  # a line that does not continue the one before
 
 
 # --- the split ----------------------------------------------------------------------
@@ -118,25 +120,15 @@ class Field(NamedTuple):
 def fields(header: bytes) -> list[Field]:
     """Every entry of a header block, in order; their `raw` bytes joined are `header`.
     Linear in len(header)."""
+    if not header:
+        return []
+    starts = [0, *[m.end() for m in _ENTRY_START_RE.finditer(header)], len(header)]
+    match = _NAME_RE.match
+    new = tuple.__new__  # Field(...) without NamedTuple's Python-level __new__: this is hot
     out: list[Field] = []
-    name: bytes | None = None
-    start = -1
-    pos = 0
-    size = len(header)
-    while pos < size:
-        nl = header.find(b"\n", pos)
-        end = size if nl < 0 else nl + 1
-        if start >= 0 and header[pos] in (32, 9):
-            pos = end
-            continue
-        if start >= 0:
-            out.append(Field(name, header[start:pos]))
-        m = _NAME_RE.match(header, pos)
-        name = m.group(1) if m else None
-        start = pos
-        pos = end
-    if start >= 0:
-        out.append(Field(name, header[start:]))
+    for start, end in pairwise(starts):
+        m = match(header, start)
+        out.append(new(Field, (m.group(1) if m else None, header[start:end])))
     return out
 
 
