@@ -30,12 +30,11 @@ import re
 import secrets
 import time
 from email.utils import getaddresses
-from itertools import pairwise
 from typing import NamedTuple
 
-_NAME_RE = re.compile(rb"([!-9;-~]+)[ \t]*:")
+#: One entry: an optional field name and colon, the rest of its line, its continuation lines.
+_ENTRY_RE = re.compile(rb"(?:([!-9;-~]+)[ \t]*:)?[^\n]*\n?(?:[ \t][^\n]*\n?)*")
 _FOLD_RE = re.compile(rb"\r?\n[ \t]")
-_ENTRY_START_RE = re.compile(rb"\n(?=[^ \t])")  # a line that does not continue the one before
 
 
 # --- the split ----------------------------------------------------------------------
@@ -47,10 +46,12 @@ def header_end(data: bytes) -> int:
     if data.startswith((b"\r\n", b"\n")):
         return 0
     crlf = data.find(b"\n\r\n")
+    if crlf < 0:
+        lf = data.find(b"\n\n")
+        return len(data) if lf < 0 else lf + 1
     # Look for an LF LF only before the LF CRLF: never scan a whole body for it.
-    lf = data.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(data))
-    ends = [i for i in (crlf, lf) if i >= 0]
-    return min(ends) + 1 if ends else len(data)
+    lf = data.find(b"\n\n", 0, crlf + 2)
+    return (crlf if lf < 0 else lf) + 1
 
 
 def split_entity(data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -105,30 +106,27 @@ class Field(NamedTuple):
     """The field name as written; None for a line that is not a field (and its continuations)."""
     raw: bytes
     """The entry's bytes: its first line, its continuation lines, their line endings."""
-
-    @property
-    def key(self) -> bytes | None:
-        """The name lower-cased, for comparing (None for a line that is not a field)."""
-        return None if self.name is None else self.name.lower()
+    key: bytes | None
+    """The name lower-cased, for comparing (None for a line that is not a field)."""
 
     @property
     def value(self) -> bytes:
         """Everything after the first colon, folds and line endings kept."""
-        return self.raw.split(b":", 1)[1] if self.name is not None else b""
+        return self.raw[self.raw.find(b":") + 1:] if self.name is not None else b""
 
 
 def fields(header: bytes) -> list[Field]:
     """Every entry of a header block, in order; their `raw` bytes joined are `header`.
-    Linear in len(header)."""
-    if not header:
-        return []
-    starts = [0, *[m.end() for m in _ENTRY_START_RE.finditer(header)], len(header)]
-    match = _NAME_RE.match
+    Linear in len(header): one match of `_ENTRY_RE` per entry, which never backtracks
+    (each line is taken whole, then a continuation line must start with a space or tab)."""
     new = tuple.__new__  # Field(...) without NamedTuple's Python-level __new__: this is hot
     out: list[Field] = []
-    for start, end in pairwise(starts):
-        m = match(header, start)
-        out.append(new(Field, (m.group(1) if m else None, header[start:end])))
+    for m in _ENTRY_RE.finditer(header):
+        start, end = m.span()
+        if start == end:    # the empty match at the end of the block
+            break
+        name = m.group(1)
+        out.append(new(Field, (name, m.group(), None if name is None else name.lower())))
     return out
 
 

@@ -185,8 +185,10 @@ def _fields(block: bytes, defects: list[str]) -> dict[str, list[bytes]]:
             if entry.raw[:1] not in (b" ", b"\t") and entry.raw != b"\r":
                 bad += 1
             continue
-        name = entry.name.decode("ascii").lower()
-        value = _LINE_END_RE.sub(b"", entry.value).strip()
+        assert entry.key is not None
+        name = entry.key.decode("ascii")
+        # every LF goes, with one CR before it (folding whitespace stays)
+        value = entry.value.replace(b"\r\n", b"").replace(b"\n", b"").strip()
         if len(value) > HEADER_VALUE_LIMIT:
             defects.append(f"{name} header of {len(value)} bytes truncated")
             value = value[:HEADER_VALUE_LIMIT]
