@@ -21,7 +21,8 @@ Field rule: a field starts on a line that begins with a name (printable ASCII ex
 ":", at least one character), optional spaces or tabs, then ":". A line that begins
 with a space or tab continues the entry before it. Any other line is kept as an entry
 without a name (`Field.name is None`), with its continuation lines, so that the
-entries of a block put back together are the block itself.
+entries of a block put back together are the block itself. A bare CR does not end a
+line here either (`bytes.splitlines`, and the stdlib's parser, would end one there).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 `tests/support/former_mail.py` holds the copies that `gateway.mail.headers` and
 `gateway.mail.mime` replaced. On CRLF input (every CR and LF part of a CRLF, as the
 relay accepts it) the new functions give what every former copy gave, with one
-exception stated below; where old copies disagreed with each other about bare CR or
-bare LF, the tests say which rule won and on which inputs a caller now sees something
-else. Inputs are bounded; the large-input tests only show that crafted inputs of
+exception stated below (a message that begins with an empty line has no header block,
+for the SMTP client and the DKIM cut too); where old copies disagreed with each other
+about bare CR or bare LF, the tests say which rule won and on which inputs a caller now
+sees something else. Inputs are bounded; the large-input tests only show that crafted inputs of
 hundreds of thousands of lines finish (nothing here times anything).
 """
 
