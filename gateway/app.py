@@ -28,7 +28,7 @@ from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import Scheduler
-from gateway.delivery.transport import Transport
+from gateway.delivery.smtp import SMTPTransport
 from gateway.errors import ConfigError
 from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.manager import Tailers
@@ -103,9 +103,10 @@ class App:
                                   on_failure=self.metrics.store_write_failed)
         await self.writer.start()
         d = cfg.delivery
-        transport = Transport(cfg.hostname, connect_timeout=d.connect_timeout,
-                              command_timeout=d.command_timeout,
-                              idle_timeout=d.connection_idle, per_destination=d.per_destination)
+        transport = SMTPTransport(cfg.hostname, connect_timeout=d.connect_timeout,
+                                  command_timeout=d.command_timeout,
+                                  idle_timeout=d.connection_idle,
+                                  per_destination=d.per_destination)
         nameservers = d.nameserver_addresses()
         resolver = self._resolver or MXResolver(
             nameservers=[ip for ip, _ in nameservers] or None,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.delivery.mx import MXHost, MXResolver
-from gateway.delivery.transport import Transport
+from gateway.delivery.smtp import SMTPTransport
 from gateway.errors import PermanentFailure, TemporaryFailure
 from tests.support.dns import DNSServer
 from tests.support.upstream import Upstream
@@ -51,8 +51,8 @@ def resolver(dns_server: DNSServer) -> MXResolver:
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[Transport]:
-    t = Transport("gw.test", connect_timeout=5, command_timeout=5)
+async def transport() -> AsyncIterator[SMTPTransport]:
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5)
     yield t
     await t.close()
 
@@ -171,7 +171,7 @@ async def test_invalid_domain_is_permanent(resolver: MXResolver) -> None:
 # -- delivery ---------------------------------------------------------------------------
 
 
-async def test_send_mx_uses_the_preferred_host(resolver: MXResolver, transport: Transport,
+async def test_send_mx_uses_the_preferred_host(resolver: MXResolver, transport: SMTPTransport,
                                                port: int) -> None:
     async with Upstream(host="127.0.0.2", port=port) as mx1, \
             Upstream(host="127.0.0.3", port=port) as mx2:
@@ -184,7 +184,7 @@ async def test_send_mx_uses_the_preferred_host(resolver: MXResolver, transport: 
 
 
 async def test_send_mx_falls_back_when_first_host_refuses(resolver: MXResolver,
-                                                          transport: Transport,
+                                                          transport: SMTPTransport,
                                                           port: int) -> None:
     with socket.socket() as refusing:  # bound, not listening: connections are refused
         refusing.bind(("127.0.0.2", port))
@@ -198,7 +198,7 @@ async def test_send_mx_falls_back_when_first_host_refuses(resolver: MXResolver,
     assert got.data == MESSAGE
 
 
-async def test_send_mx_moves_on_after_4xx_to_mail(resolver: MXResolver, transport: Transport,
+async def test_send_mx_moves_on_after_4xx_to_mail(resolver: MXResolver, transport: SMTPTransport,
                                                   port: int) -> None:
     async with Upstream(host="127.0.0.2", port=port, mail_reply="451 4.3.2 try later") as mx1, \
             Upstream(host="127.0.0.3", port=port) as mx2:
@@ -209,7 +209,7 @@ async def test_send_mx_moves_on_after_4xx_to_mail(resolver: MXResolver, transpor
 
 
 async def test_send_mx_stops_at_a_definite_rcpt_answer(resolver: MXResolver,
-                                                       transport: Transport,
+                                                       transport: SMTPTransport,
                                                        port: int) -> None:
     async with Upstream(host="127.0.0.2", port=port,
                         rcpt_reply="550 5.1.1 no such user") as mx1, \
@@ -220,7 +220,7 @@ async def test_send_mx_stops_at_a_definite_rcpt_answer(resolver: MXResolver,
     assert mx1.connections == 1 and mx2.connections == 0
 
 
-async def test_send_mx_all_hosts_down_is_temporary(resolver: MXResolver, transport: Transport,
+async def test_send_mx_all_hosts_down_is_temporary(resolver: MXResolver, transport: SMTPTransport,
                                                    port: int) -> None:
     with socket.socket() as a, socket.socket() as b:
         a.bind(("127.0.0.2", port))
@@ -234,7 +234,7 @@ async def test_send_mx_all_hosts_down_is_temporary(resolver: MXResolver, transpo
         assert f"mx2.example.test[127.0.0.3]:{port}" in r.text  # the last error
 
 
-async def test_send_mx_implicit_mx(resolver: MXResolver, transport: Transport,
+async def test_send_mx_implicit_mx(resolver: MXResolver, transport: SMTPTransport,
                                    port: int) -> None:
     async with Upstream(host="127.0.0.2", port=port) as up:
         [res] = await transport.send_mx(resolver, "implicit.test", FROM, ["a@implicit.test"],
@@ -247,7 +247,7 @@ async def test_send_mx_implicit_mx(resolver: MXResolver, transport: Transport,
     ("nowhere.test", 550, "5.1.2"),
     ("null.test", 556, "5.1.10"),
 ])
-async def test_send_mx_dns_permanent_failures(resolver: MXResolver, transport: Transport,
+async def test_send_mx_dns_permanent_failures(resolver: MXResolver, transport: SMTPTransport,
                                               domain: str, code: int, status: str) -> None:
     res = await transport.send_mx(resolver, domain, FROM, [f"a@{domain}", f"b@{domain}"],
                                   MESSAGE, port=25, tls="opportunistic", ca_file=None)
@@ -257,7 +257,7 @@ async def test_send_mx_dns_permanent_failures(resolver: MXResolver, transport: T
 
 
 async def test_send_mx_servfail_is_temporary(dns_server: DNSServer, resolver: MXResolver,
-                                             transport: Transport) -> None:
+                                             transport: SMTPTransport) -> None:
     dns_server.servfail.add("*")
     [res] = await transport.send_mx(resolver, "example.test", FROM, ["a@example.test"],
                                     MESSAGE, port=25, tls="opportunistic", ca_file=None)

@@ -1,4 +1,4 @@
-"""Transport against real aiosmtpd upstreams on loopback: results, TLS, AUTH, pooling, limits."""
+"""SMTPTransport against real aiosmtpd upstreams on loopback: results, TLS, AUTH, pooling, limits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.delivery.transport import Destination, RcptResult, Transport, parse_reply
+from gateway.delivery.smtp import SMTPTransport
+from gateway.delivery.transport import Destination, RcptResult, parse_reply
 from tests.support.tlscert import CertFiles, make_cert
 from tests.support.upstream import Upstream
 
@@ -40,8 +41,8 @@ def upstream_pipelining(request: pytest.FixtureRequest,
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[Transport]:
-    t = Transport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=30)
+async def transport() -> AsyncIterator[SMTPTransport]:
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=30)
     yield t
     await t.close()
 
@@ -70,7 +71,7 @@ def message(n: int) -> bytes:
 # -- results --------------------------------------------------------------------------
 
 
-async def test_reuses_one_connection_and_delivers_bytes_unchanged(transport: Transport) -> None:
+async def test_reuses_one_connection_and_delivers_bytes_unchanged(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         for i in range(5):
             [res] = await transport.send(dest(up), FROM, ["rcpt@example.test"], message(i))
@@ -86,7 +87,7 @@ async def test_reuses_one_connection_and_delivers_bytes_unchanged(transport: Tra
     assert got[0].mail_from == FROM and got[0].rcpt_tos == ("rcpt@example.test",)
 
 
-async def test_bare_lf_is_sent_as_crlf(transport: Transport) -> None:
+async def test_bare_lf_is_sent_as_crlf(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         [res] = await transport.send(dest(up), FROM, ["r@example.test"],
                                      b"Subject: lf\n\n.dot\nend")
@@ -95,7 +96,7 @@ async def test_bare_lf_is_sent_as_crlf(transport: Transport) -> None:
     assert got.data == b"Subject: lf\r\n\r\n.dot\r\nend\r\n"
 
 
-async def test_mixed_rcpt_results_in_order(transport: Transport) -> None:
+async def test_mixed_rcpt_results_in_order(transport: SMTPTransport) -> None:
     async with Upstream(rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
         res = await transport.send(dest(up), FROM,
                                    ["good@example.test", "bad@example.test"], MESSAGE)
@@ -107,7 +108,7 @@ async def test_mixed_rcpt_results_in_order(transport: Transport) -> None:
     assert got.rcpt_tos == ("good@example.test",)
 
 
-async def test_451_to_data_is_temporary_for_every_accepted_rcpt(transport: Transport) -> None:
+async def test_451_to_data_is_temporary_for_every_accepted_rcpt(transport: SMTPTransport) -> None:
     async with Upstream(data_reply="451 4.3.0 queue full",
                         rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
         res = await transport.send(dest(up), FROM,
@@ -119,13 +120,13 @@ async def test_451_to_data_is_temporary_for_every_accepted_rcpt(transport: Trans
     assert res[0].temporary and res[1].temporary and res[2].permanent
 
 
-async def test_552_to_data_is_permanent(transport: Transport) -> None:
+async def test_552_to_data_is_permanent(transport: SMTPTransport) -> None:
     async with Upstream(data_reply="552 5.3.4 message too big") as up:
         res = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
     assert res[0].permanent and res[0].status == "5.3.4"
 
 
-async def test_5xx_to_mail_from_is_permanent_for_all(transport: Transport) -> None:
+async def test_5xx_to_mail_from_is_permanent_for_all(transport: SMTPTransport) -> None:
     async with Upstream(mail_reply="553 5.7.1 sender not allowed") as up:
         res = await transport.send(dest(up), FROM, ["a@example.test", "b@example.test"],
                                    MESSAGE)
@@ -137,7 +138,7 @@ async def test_5xx_to_mail_from_is_permanent_for_all(transport: Transport) -> No
     assert transport.connections_opened == 1 and transport.connections_reused == 1
 
 
-async def test_tempfail_first_then_accept(transport: Transport) -> None:
+async def test_tempfail_first_then_accept(transport: SMTPTransport) -> None:
     async with Upstream(tempfail_first=1) as up:
         [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
         [second] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
@@ -146,7 +147,7 @@ async def test_tempfail_first_then_accept(transport: Transport) -> None:
     assert second.ok
 
 
-async def test_connection_refused_is_temporary_441(transport: Transport,
+async def test_connection_refused_is_temporary_441(transport: SMTPTransport,
                                                    closed_port: int) -> None:
     res = await transport.send(Destination(host="127.0.0.1", port=closed_port), FROM,
                                ["a@example.test", "b@example.test"], MESSAGE)
@@ -158,7 +159,7 @@ async def test_connection_refused_is_temporary_441(transport: Transport,
     assert transport.connections_opened == 0
 
 
-async def test_no_rcpts_is_no_session(transport: Transport, closed_port: int) -> None:
+async def test_no_rcpts_is_no_session(transport: SMTPTransport, closed_port: int) -> None:
     assert await transport.send(Destination(host="127.0.0.1", port=closed_port), FROM, [],
                                 MESSAGE) == []
 
@@ -172,7 +173,7 @@ async def test_greeting_timeout_is_temporary() -> None:
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    t = Transport("gw.test", connect_timeout=0.3, command_timeout=1)
+    t = SMTPTransport("gw.test", connect_timeout=0.3, command_timeout=1)
     try:
         [res] = await t.send(Destination(host="127.0.0.1", port=port), FROM,
                              ["a@example.test"], MESSAGE)
@@ -188,7 +189,7 @@ async def test_greeting_timeout_is_temporary() -> None:
 # -- TLS --------------------------------------------------------------------------------
 
 
-async def test_starttls_required_with_ca_file(transport: Transport, certs: CertFiles) -> None:
+async def test_starttls_required_with_ca_file(transport: SMTPTransport, certs: CertFiles) -> None:
     async with Upstream(starttls=certs.server_context(), require_starttls=True) as up:
         d = dest(up, tls="starttls", tls_required=True, ca_file=str(certs.cert_file))
         [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
@@ -201,7 +202,7 @@ async def test_starttls_required_with_ca_file(transport: Transport, certs: CertF
     assert transport.connections_opened == 1
 
 
-async def test_starttls_verifies_the_name_not_the_address(transport: Transport,
+async def test_starttls_verifies_the_name_not_the_address(transport: SMTPTransport,
                                                           certs: CertFiles) -> None:
     async with Upstream(starttls=certs.server_context(), require_starttls=True) as up:
         good = Destination(host="localhost", address="127.0.0.1", port=up.port,
@@ -215,7 +216,7 @@ async def test_starttls_verifies_the_name_not_the_address(transport: Transport,
     assert bad.temporary and bad.status == "4.7.5", bad
 
 
-async def test_starttls_untrusted_certificate_is_temporary_475(transport: Transport,
+async def test_starttls_untrusted_certificate_is_temporary_475(transport: SMTPTransport,
                                                                certs: CertFiles,
                                                                tmp_path: Path) -> None:
     other = make_cert(tmp_path / "other", stem="other")
@@ -227,7 +228,7 @@ async def test_starttls_untrusted_certificate_is_temporary_475(transport: Transp
     assert "certificate" in res.text
 
 
-async def test_starttls_required_but_not_offered_is_temporary(transport: Transport) -> None:
+async def test_starttls_required_but_not_offered_is_temporary(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         d = dest(up, tls="starttls", tls_required=True)
         [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
@@ -236,7 +237,7 @@ async def test_starttls_required_but_not_offered_is_temporary(transport: Transpo
     assert "not offered" in res.text
 
 
-async def test_opportunistic_uses_tls_without_verification(transport: Transport,
+async def test_opportunistic_uses_tls_without_verification(transport: SMTPTransport,
                                                            certs: CertFiles) -> None:
     async with Upstream(starttls=certs.server_context()) as up:
         [res] = await transport.send(dest(up, tls="opportunistic"), FROM, ["a@example.test"],
@@ -245,7 +246,7 @@ async def test_opportunistic_uses_tls_without_verification(transport: Transport,
     assert res.ok and got.tls
 
 
-async def test_opportunistic_without_starttls_sends_plaintext(transport: Transport) -> None:
+async def test_opportunistic_without_starttls_sends_plaintext(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         [res] = await transport.send(dest(up, tls="opportunistic"), FROM, ["a@example.test"],
                                      MESSAGE)
@@ -253,7 +254,7 @@ async def test_opportunistic_without_starttls_sends_plaintext(transport: Transpo
     assert res.ok and not got.tls
 
 
-async def test_implicit_tls(transport: Transport, certs: CertFiles) -> None:
+async def test_implicit_tls(transport: SMTPTransport, certs: CertFiles) -> None:
     async with Upstream(implicit_tls=certs.server_context()) as up:
         d = dest(up, tls="implicit", ca_file=str(certs.cert_file))
         [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
@@ -266,7 +267,7 @@ async def test_implicit_tls(transport: Transport, certs: CertFiles) -> None:
     assert all(m.tls for m in got)
 
 
-async def test_implicit_tls_untrusted_is_temporary(transport: Transport, certs: CertFiles,
+async def test_implicit_tls_untrusted_is_temporary(transport: SMTPTransport, certs: CertFiles,
                                                    tmp_path: Path) -> None:
     other = make_cert(tmp_path / "other", stem="other")
     async with Upstream(implicit_tls=certs.server_context()) as up:
@@ -278,7 +279,7 @@ async def test_implicit_tls_untrusted_is_temporary(transport: Transport, certs: 
 # -- AUTH -------------------------------------------------------------------------------
 
 
-async def test_auth_login_success(transport: Transport) -> None:
+async def test_auth_login_success(transport: SMTPTransport) -> None:
     async with Upstream(auth=("alice", "s3cret")) as up:
         d = dest(up, username="alice", password="s3cret")
         [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
@@ -287,7 +288,7 @@ async def test_auth_login_success(transport: Transport) -> None:
     assert got.login == "alice"
 
 
-async def test_auth_535_is_temporary(transport: Transport) -> None:
+async def test_auth_535_is_temporary(transport: SMTPTransport) -> None:
     async with Upstream(auth=("alice", "s3cret")) as up:
         d = dest(up, username="alice", password="wrong")
         res = await transport.send(d, FROM, ["a@example.test", "b@example.test"], MESSAGE)
@@ -310,7 +311,7 @@ async def test_password_is_not_in_repr() -> None:
 
 
 async def test_per_destination_limit() -> None:
-    t = Transport("gw.test", connect_timeout=5, command_timeout=5, per_destination=2)
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5, per_destination=2)
     try:
         async with Upstream(data_delay=0.05) as up:
             results = await asyncio.gather(*(
@@ -324,7 +325,7 @@ async def test_per_destination_limit() -> None:
     assert t.connections_reused == 4
 
 
-async def test_dead_pooled_connection_is_replaced(transport: Transport) -> None:
+async def test_dead_pooled_connection_is_replaced(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         [first] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
         up.drop_connections()
@@ -356,7 +357,7 @@ class CountingUpstream(Upstream):
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
 
-async def test_clean_connection_is_reused_without_rset(transport: Transport) -> None:
+async def test_clean_connection_is_reused_without_rset(transport: SMTPTransport) -> None:
     async with CountingUpstream() as up:
         for n in range(3):
             [res] = await transport.send(dest(up), FROM, ["a@example.test"], message(n))
@@ -367,7 +368,7 @@ async def test_clean_connection_is_reused_without_rset(transport: Transport) -> 
     assert up.rsets == 0
 
 
-async def test_open_transaction_is_reset_before_reuse(transport: Transport) -> None:
+async def test_open_transaction_is_reset_before_reuse(transport: SMTPTransport) -> None:
     async with CountingUpstream(rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
         [refused] = await transport.send(dest(up), FROM, ["bad@example.test"], MESSAGE)
         [ok] = await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
@@ -377,7 +378,7 @@ async def test_open_transaction_is_reset_before_reuse(transport: Transport) -> N
     assert transport.connections_opened == 1 and transport.connections_reused == 1
 
 
-async def test_421_to_rset_retries_on_a_fresh_connection(transport: Transport) -> None:
+async def test_421_to_rset_retries_on_a_fresh_connection(transport: SMTPTransport) -> None:
     async with Upstream(rset_reply="421 4.4.2 idle too long, closing",
                         rcpt_replies={"bad@example.test": "550 5.1.1 no such user"}) as up:
         # every recipient refused: the transaction stays open, so the next one starts with RSET
@@ -390,7 +391,7 @@ async def test_421_to_rset_retries_on_a_fresh_connection(transport: Transport) -
 
 
 async def test_421_to_mail_on_a_reused_connection_retries_on_a_fresh_one(
-        transport: Transport) -> None:
+        transport: SMTPTransport) -> None:
     async with CountingUpstream(mail_421_on_reuse=True) as up:
         [first] = await transport.send(dest(up), FROM, ["a@example.test"], message(1))
         [second] = await transport.send(dest(up), FROM, ["a@example.test"], message(2))
@@ -401,7 +402,7 @@ async def test_421_to_mail_on_a_reused_connection_retries_on_a_fresh_one(
 
 
 async def test_idle_connections_close_after_idle_timeout() -> None:
-    t = Transport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=0.05)
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=0.05)
     try:
         async with Upstream() as up:
             [res] = await t.send(dest(up), FROM, ["a@example.test"], MESSAGE)
@@ -413,7 +414,7 @@ async def test_idle_connections_close_after_idle_timeout() -> None:
 
 
 async def test_close_quits_pooled_connections() -> None:
-    t = Transport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=60)
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=60)
     async with Upstream() as up:
         await t.send(dest(up), FROM, ["a@example.test"], MESSAGE)
         assert t.idle_connections == 1
@@ -425,7 +426,7 @@ async def test_close_quits_pooled_connections() -> None:
         await t.close()
 
 
-async def test_different_credentials_do_not_share_connections(transport: Transport) -> None:
+async def test_different_credentials_do_not_share_connections(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         await transport.send(dest(up), FROM, ["a@example.test"], MESSAGE)
         await transport.send(dest(up, tls="opportunistic"), FROM, ["a@example.test"], MESSAGE)
@@ -436,7 +437,7 @@ async def test_different_credentials_do_not_share_connections(transport: Transpo
 # -- extensions -------------------------------------------------------------------------
 
 
-async def test_8bit_message_uses_8bitmime_when_offered(transport: Transport) -> None:
+async def test_8bit_message_uses_8bitmime_when_offered(transport: SMTPTransport) -> None:
     body = b"Subject: caf\xc3\xa9\r\n\r\ncaf\xc3\xa9\r\n"
     async with Upstream() as up:
         [res] = await transport.send(dest(up), FROM, ["a@example.test"], body)
@@ -445,7 +446,7 @@ async def test_8bit_message_uses_8bitmime_when_offered(transport: Transport) -> 
     assert "BODY=8BITMIME" in got.mail_options
 
 
-async def test_8bit_message_is_sent_anyway_without_8bitmime(transport: Transport) -> None:
+async def test_8bit_message_is_sent_anyway_without_8bitmime(transport: SMTPTransport) -> None:
     body = b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
     async with Upstream(hide={"8BITMIME"}) as up:
         [res] = await transport.send(dest(up), FROM, ["a@example.test"], body)
@@ -454,7 +455,7 @@ async def test_8bit_message_is_sent_anyway_without_8bitmime(transport: Transport
     assert not any(o.upper().startswith("BODY=") for o in got.mail_options)
 
 
-async def test_utf8_envelope_uses_smtputf8(transport: Transport) -> None:
+async def test_utf8_envelope_uses_smtputf8(transport: SMTPTransport) -> None:
     async with Upstream() as up:
         [res] = await transport.send(dest(up), FROM, ["jos\u00e9@example.test"], MESSAGE)
         [got] = await up.wait_for(1)
@@ -463,7 +464,7 @@ async def test_utf8_envelope_uses_smtputf8(transport: Transport) -> None:
     assert got.rcpt_tos == ("jos\u00e9@example.test",)
 
 
-async def test_utf8_envelope_without_smtputf8_bounces_567(transport: Transport) -> None:
+async def test_utf8_envelope_without_smtputf8_bounces_567(transport: SMTPTransport) -> None:
     async with Upstream(hide={"SMTPUTF8"}) as up:
         [res] = await transport.send(dest(up), FROM, ["jos\u00e9@example.test"], MESSAGE)
     assert res.permanent and res.status == "5.6.7"
@@ -495,7 +496,7 @@ def test_rcpt_result_properties() -> None:
 # -- PIPELINING (RFC 2920) ------------------------------------------------------------------
 
 
-async def test_pipelining_is_used_when_offered(transport: Transport,
+async def test_pipelining_is_used_when_offered(transport: SMTPTransport,
                                                upstream_pipelining: bool) -> None:
     async with Upstream() as up:
         for n in range(3):
@@ -586,7 +587,7 @@ class BatchServer:
             writer.close()
 
 
-async def test_pipelined_replies_in_one_segment(transport: Transport) -> None:
+async def test_pipelined_replies_in_one_segment(transport: SMTPTransport) -> None:
     async with BatchServer(["250 2.1.5 ok", "550 5.1.1 no such user"]) as srv:
         d = Destination(host="127.0.0.1", port=srv.port)
         res = await transport.send(d, FROM, ["a@example.test", "b@example.test"], MESSAGE)
@@ -601,7 +602,7 @@ async def test_pipelined_replies_in_one_segment(transport: Transport) -> None:
                                     b"..\r\na lone dot above must not end DATA\r\n.\r\n")
 
 
-async def test_pipelined_354_without_recipients_is_ended_and_reset(transport: Transport) -> None:
+async def test_pipelined_354_without_recipients_is_ended_and_reset(transport: SMTPTransport) -> None:
     async with BatchServer(["550 5.1.1 no such user"], data_despite_no_rcpt=True) as srv:
         d = Destination(host="127.0.0.1", port=srv.port)
         [res] = await transport.send(d, FROM, ["x@example.test"], MESSAGE)
@@ -614,7 +615,7 @@ async def test_pipelined_354_without_recipients_is_ended_and_reset(transport: Tr
 
 
 async def test_pipelined_mail_refusal_stands_when_the_server_hangs_up(
-        transport: Transport) -> None:
+        transport: SMTPTransport) -> None:
     async with BatchServer(["250 2.1.5 ok"], mail_reply="550 5.7.1 sender not allowed",
                            hang_up_after_mail=True) as srv:
         d = Destination(host="127.0.0.1", port=srv.port)

@@ -6,7 +6,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.delivery.transport import dot_stuff
+from gateway.delivery.smtp import dot_stuff
 
 _CRLF_ONLY = st.lists(st.sampled_from([b"a", b".", b"..", b"\r\n", b" ", b"x.y"]),
                       max_size=30).map(b"".join)
