@@ -27,13 +27,13 @@ from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
-from gateway.delivery.scheduler import Scheduler
+from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.smtp import SMTPTransport
 from gateway.errors import ConfigError
 from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.manager import Tailers
 from gateway.imap.sent import SentCopies
-from gateway.ingest import Ingest
+from gateway.ingest import Ingest, IngestSubmission
 from gateway.mail.auth import make_resolver
 from gateway.metrics import Metrics
 from gateway.passwords import PasswordChecker
@@ -49,6 +49,20 @@ from gateway.smtp.submission import SubmissionHandler
 from gateway.spool import Spool
 from gateway.spool.spool import STATES
 from gateway.tracking.tokens import TokenSigner, load_or_create_secret
+
+
+class IngestDelivery:
+    """The scheduler's `LocalDelivery`: copies the relay spooled for the ingest addresses go
+    to the ingest service as trusted submissions (the relay authenticated their sender)."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    async def accept(self, msg: LocalMessage) -> str:
+        result = await self.ingest.accept(IngestSubmission(
+            mail_from=msg.mail_from, data=msg.data, client_ip=msg.client_ip,
+            client_helo=msg.client_helo, trusted=True, user=msg.user))
+        return result.id
 
 
 class App:
@@ -114,7 +128,8 @@ class App:
         self.ingest = Ingest(self.get_config, self.store,
                              make_resolver(cfg.delivery.nameserver_addresses()), log=self.log)
         self.scheduler = Scheduler(self.get_config, self.spool, transport, resolver, self.writer,
-                                   log=self.log, ingest=self.ingest, metrics=self.metrics)
+                                   log=self.log, local=IngestDelivery(self.ingest),
+                                   metrics=self.metrics)
         self.counts = SendCounts(self.store, log=self.log)
         self.outbound = self._outbound(cfg, self.policies)
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -32,11 +32,32 @@ from gateway.delivery.mx import MXResolver
 from gateway.delivery.transport import Destination, RcptResult, Transport
 from gateway.errors import MailError, NotFound
 from gateway.ids import new_queue_id
-from gateway.ingest import Ingest, IngestSubmission
 from gateway.mail.addresses import domain_of
 from gateway.metrics import Metrics
 from gateway.records import EventRecord, EventSink
 from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
+
+
+@dataclass(frozen=True)
+class LocalMessage:
+    """A spooled message for the gateway's own ingest addresses, as the scheduler hands it
+    over to be stored (the relay accepted it from `user`, at `client_ip`)."""
+
+    mail_from: str
+    data: bytes
+    client_ip: str
+    client_helo: str
+    user: str | None
+
+
+class LocalDelivery(Protocol):
+    """Where mail for the gateway's own ingest addresses goes: stored in the CRM, never
+    sent anywhere (the ingest service, wired in by the app)."""
+
+    async def accept(self, msg: LocalMessage) -> str:
+        """Store the message and return the id it was logged as; a refusal raises
+        MailError, whose reply then answers every recipient."""
+        ...
 
 
 @dataclass
@@ -58,7 +79,7 @@ class Scheduler:
     def __init__(self, get_config: Callable[[], Config], spool: Spool, transport: Transport,
                  resolver: MXResolver, events: EventSink, *, log: Any = None,
                  clock: Callable[[], float] = time.time, scan_interval: float = 1.0,
-                 ingest: Ingest | None = None, metrics: Metrics | None = None) -> None:
+                 local: LocalDelivery | None = None, metrics: Metrics | None = None) -> None:
         self._get_config = get_config
         self.spool = spool
         self.transport = transport
@@ -67,7 +88,7 @@ class Scheduler:
         self.log = log or structlog.get_logger("mailgw.delivery")
         self.clock = clock
         self.scan_interval = scan_interval
-        self.ingest = ingest
+        self.local = local
         self.metrics = metrics or Metrics()
         self.stats = Stats()
         self._ready: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -262,7 +283,7 @@ class Scheduler:
         cfg = self.cfg
         route = env.route or cfg.delivery.route
         if route == "ingest":
-            return [self._ingest_job(env, rcpts, data)]
+            return [self._local_job(env, rcpts, data)]
         if route == "account":
             dest = self._account_destination(env)
             if dest is not None:
@@ -304,21 +325,21 @@ class Scheduler:
             self._secrets[ref] = read_secret(ref, self.cfg.base_dir)
         return self._secrets[ref]
 
-    def _ingest_job(self, env: Envelope, rcpts: list[str],
-                    data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
+    def _local_job(self, env: Envelope, rcpts: list[str],
+                   data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
         """The gateway's own ingest addresses: stored in the CRM, never sent anywhere."""
         async def job() -> list[RcptResult]:
-            if self.ingest is None:
+            if self.local is None:
                 return [RcptResult(r, 451, "4.3.0", "the ingest address is not configured here",
                                    "local") for r in rcpts]
-            sub = IngestSubmission(mail_from=env.mail_from, data=data,
-                                   client_ip=env.client_ip or "unknown",
-                                   client_helo=env.client_helo or "", trusted=True, user=env.user)
+            msg = LocalMessage(mail_from=env.mail_from, data=data,
+                               client_ip=env.client_ip or "unknown",
+                               client_helo=env.client_helo or "", user=env.user)
             try:
-                result = await self.ingest.accept(sub)
+                logged_as = await self.local.accept(msg)
             except MailError as exc:
                 return [RcptResult(r, exc.code, exc.status, exc.text, "local") for r in rcpts]
-            return [RcptResult(r, 250, "2.0.0", f"Ok: logged as {result.id}", "local")
+            return [RcptResult(r, 250, "2.0.0", f"Ok: logged as {logged_as}", "local")
                     for r in rcpts]
         return job
 
