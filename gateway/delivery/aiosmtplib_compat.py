@@ -38,6 +38,8 @@ __all__ = [
     "COMMAND_INJECTION",
     "MAX_RESPONSE_LENGTH",
     "REQUIRED",
+    "TESTED_BELOW",
+    "TESTED_FROM",
     "TESTED_VERSIONS",
     "Receiver",
     "TakenTransport",
@@ -47,8 +49,11 @@ __all__ = [
     "write_and_read",
 ]
 
-#: The aiosmtplib releases this module was tested against (pyproject pins the same range).
-TESTED_VERSIONS = ">=3.0,<5.2"
+#: The aiosmtplib releases this module was tested against (pyproject pins the same range):
+#: at least TESTED_FROM, below TESTED_BELOW. 5.1.2 is the first with both limits below.
+TESTED_FROM = (5, 1, 2)
+TESTED_BELOW = (5, 2)
+TESTED_VERSIONS = ">=5.1.2,<5.2"
 
 #: (module, class or None, attribute) for every internal name used here.
 REQUIRED: tuple[tuple[str, str | None, str], ...] = (
