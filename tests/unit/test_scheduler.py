@@ -1,0 +1,355 @@
+"""The delivery scheduler on its own: an in-memory transport, a fake clock, a real spool.
+
+Each test drives the running scheduler (its workers and timer) and asserts on what a
+reader of the spool and of the recorded events would see, waiting on conditions with
+deadlines. Time moves only when a test advances the clock; the scheduler's timer looks
+at the clock every `SCAN` seconds of real time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import Config
+from gateway.delivery.mx import MXResolver
+from gateway.delivery.scheduler import LocalMessage, Scheduler
+from gateway.errors import PermanentFailure
+from gateway.records import AcceptedMessage, EventRecord
+from gateway.spool import Envelope, Recipient, Spool, new_queue_id
+from tests.support.clock import FakeClock
+from tests.support.transport import MemoryTransport
+from tests.support.wait import wait_for
+
+SCAN = 0.01
+SENDER = "sender@gw.test"
+DATA = (b"From: Sender <sender@gw.test>\r\nTo: a@example.test\r\nSubject: hello\r\n"
+        b"Message-ID: <m1@gw.test>\r\n\r\nbody\r\n")
+
+
+class Events:
+    """The scheduler's EventSink, recording."""
+
+    def __init__(self) -> None:
+        self.accepted: list[AcceptedMessage] = []
+        self.events: list[EventRecord] = []
+
+    def add_accepted(self, a: AcceptedMessage) -> None:
+        self.accepted.append(a)
+
+    def add_event(self, e: EventRecord) -> None:
+        self.events.append(e)
+
+    def of(self, rcpt: str) -> list[str]:
+        """The event types recorded for `rcpt`, in order."""
+        return [e.type for e in self.events if e.recipient == rcpt]
+
+
+class Local:
+    """A LocalDelivery that keeps what it is given, or refuses with `refuse`."""
+
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.got: list[LocalMessage] = []
+        self.refuse = refuse
+
+    async def accept(self, msg: LocalMessage) -> str:
+        if self.refuse is not None:
+            raise self.refuse
+        self.got.append(msg)
+        return f"ing-{len(self.got)}"
+
+
+def make_config(schedule: list[float], give_up_after: float, **delivery: Any) -> Config:
+    return Config.model_validate({
+        "hostname": "gw.test",
+        "delivery": {"route": "smarthost",
+                     "smarthost": {"host": "relay.test", "port": 2525, "tls": "none"},
+                     "retry": {"schedule": schedule, "give_up_after": give_up_after},
+                     "concurrency": 2, **delivery},
+    })
+
+
+class Harness:
+    """A spool, a clock, a transport, events, and the scheduler over them."""
+
+    def __init__(self, root: Path, cfg: Config) -> None:
+        self.cfg = cfg
+        self.clock = FakeClock()
+        self.t0 = self.clock()
+        self.spool = Spool(root)
+        self.spool.setup()
+        self.transport = MemoryTransport(clock=self.clock)
+        self.events = Events()
+        self.local = Local()
+        self.scheduler = self.new_scheduler()
+
+    def new_scheduler(self) -> Scheduler:
+        return Scheduler(lambda: self.cfg, self.spool, self.transport, MXResolver(),
+                         self.events, clock=self.clock, scan_interval=SCAN, local=self.local)
+
+    async def queue(self, *rcpts: str, notify: bool = True, **fields: Any) -> str:
+        """Spool a message from SENDER to `rcpts`, received now; its queue id."""
+        env = Envelope(id=new_queue_id(self.clock()), mail_from=fields.pop("mail_from", SENDER),
+                       recipients=[Recipient(r) for r in rcpts], received_at=self.clock(),
+                       **fields)
+        await self.spool.put(env, DATA)
+        if notify:
+            self.scheduler.notify(env.id)
+        return env.id
+
+    def state(self, qid: str) -> str | None:
+        """The spool directory `qid` is in; None once it is gone."""
+        for state in ("incoming", "deferred", "hold", "corrupt"):
+            if (self.spool.dir(state) / qid).exists():
+                return state
+        return None
+
+    def deferred(self, qid: str) -> Envelope:
+        return self.spool.read_envelope("deferred", qid)
+
+    def dsns(self) -> list[bytes]:
+        """The DSNs the transport carried (null sender)."""
+        return [s.data for s in self.transport.sends if s.mail_from == ""]
+
+    async def wait_sends(self, rcpt: str, n: int) -> None:
+        await wait_for(lambda: len(self.transport.sent_to(rcpt)) >= n,
+                       what=f"attempt {n} for {rcpt}")
+
+    async def wait_settled(self, qid: str, state: str | None) -> None:
+        """Until `qid` is in `state` (None: gone) and no attempt is in flight."""
+        await wait_for(lambda: self.state(qid) == state and self.scheduler.busy == 0,
+                       what=f"{qid} to be {'gone' if state is None else 'in ' + state}")
+
+    async def timer_tick(self) -> None:
+        """Wait until the timer has looked at the clock since now: it finds a message
+        that was put into incoming/ without notify() only by its scan, which comes after
+        it took the entries due by the clock's present value."""
+        probe = await self.queue("probe@example.test", notify=False)
+        await self.wait_settled(probe, None)
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return make_config([60.0, 300.0], give_up_after=86400.0)
+
+
+@pytest.fixture
+async def h(tmp_path: Path, cfg: Config) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path / "spool", cfg)
+    await harness.scheduler.start()
+    try:
+        yield harness
+    finally:
+        await harness.scheduler.stop(timeout=5)
+        harness.spool.close()
+
+
+async def test_a_delivered_message_leaves_the_spool_with_a_sent_event(h: Harness) -> None:
+    qid = await h.queue("a@example.test", "b@example.test")
+    await h.wait_settled(qid, None)
+    [sent] = h.transport.sends
+    assert sent.rcpts == ("a@example.test", "b@example.test") and sent.mail_from == SENDER
+    assert sent.dest is not None and sent.dest.where == "relay.test:2525"
+    assert sent.data == DATA
+    assert h.events.of("a@example.test") == h.events.of("b@example.test") == ["sent"]
+    assert all(e.queue_id == qid and e.details["reply"] == "250 2.0.0 ok"
+               for e in h.events.events)
+    assert h.dsns() == []
+
+
+async def test_retries_follow_the_schedule_and_repeat_its_last_interval(h: Harness) -> None:
+    rcpt = "a@example.test"
+    h.transport.script(rcpt, "451 4.2.0 busy", "451 4.2.0 busy", "451 4.2.0 busy", "250 ok")
+    qid = await h.queue(rcpt)
+    await h.wait_settled(qid, "deferred")
+    env = h.deferred(qid)
+    assert env.attempts == 1 and env.recipients[0].last_reply == "451 4.2.0 busy"
+    assert env.next_attempt == h.t0 + 60
+
+    # retried when due (schedule[0]), never before
+    h.clock.advance(59)
+    await h.timer_tick()
+    assert len(h.transport.sent_to(rcpt)) == 1
+    h.clock.advance(1)
+    await h.wait_sends(rcpt, 2)
+    await h.wait_settled(qid, "deferred")
+    assert h.deferred(qid).next_attempt == h.t0 + 60 + 300  # schedule[1]
+
+    h.clock.advance(299)
+    await h.timer_tick()
+    assert len(h.transport.sent_to(rcpt)) == 2
+    h.clock.advance(1)
+    await h.wait_sends(rcpt, 3)
+    await h.wait_settled(qid, "deferred")
+    assert h.deferred(qid).next_attempt == h.t0 + 60 + 300 + 300  # the last one, again
+
+    h.clock.advance(300)
+    await h.wait_settled(qid, None)
+    assert [s.at - h.t0 for s in h.transport.sent_to(rcpt)] == [0, 60, 360, 660]
+    assert h.events.of(rcpt) == ["deferred", "deferred", "deferred", "sent"]
+    assert [e.details["attempt"] for e in h.events.events if e.recipient == rcpt] == [1, 2, 3, 4]
+    assert h.dsns() == []
+
+
+async def test_a_deferred_entry_survives_a_restart(h: Harness) -> None:
+    rcpt = "a@example.test"
+    h.transport.script(rcpt, "421 4.4.2 closing", "250 ok")
+    qid = await h.queue(rcpt)
+    await h.wait_settled(qid, "deferred")
+    await h.scheduler.stop(timeout=5)
+    assert h.transport.closed
+
+    h.scheduler = h.new_scheduler()  # the fixture stops this one
+    await h.scheduler.start()
+    await h.timer_tick()
+    assert len(h.transport.sent_to(rcpt)) == 1  # not due yet after the restart either
+    h.clock.advance(60)
+    await h.wait_settled(qid, None)
+    assert h.events.of(rcpt) == ["deferred", "sent"]
+
+
+async def test_permanent_failure_bounces_only_the_refused_recipients(h: Harness) -> None:
+    ok, refused, later = "a@example.test", "b@example.test", "c@example.test"
+    h.transport.script(refused, "550 5.1.1 no such user")
+    h.transport.script(later, "452 4.2.2 mailbox full", "250 ok")
+    qid = await h.queue(ok, refused, later)
+    await wait_for(lambda: len(h.dsns()) == 1, what="the DSN")
+    await h.wait_settled(qid, "deferred")
+
+    env = h.deferred(qid)
+    assert {r.addr: r.status for r in env.recipients} == {
+        ok: "sent", refused: "bounced", later: "pending"}
+    [dsn_send] = [s for s in h.transport.sends if s.mail_from == ""]
+    assert dsn_send.rcpts == (SENDER,)
+    dsn = dsn_send.data
+    assert re.findall(rb"Final-Recipient: rfc822; *(\S+)", dsn) == [refused.encode()]
+    assert b"Status: 5.1.1" in dsn and b"550 5.1.1 no such user" in dsn
+
+    # the next attempt carries only the recipient still pending; no second DSN
+    h.clock.advance(60)
+    await h.wait_settled(qid, None)
+    assert [s.rcpts for s in h.transport.sends if s.mail_from == SENDER] == [
+        (ok, refused, later), (later,)]
+    assert h.events.of(ok) == ["sent"]
+    assert h.events.of(refused) == ["bounced"]
+    assert h.events.of(later) == ["deferred", "sent"]
+    assert len(h.dsns()) == 1 and h.scheduler.stats.dsns == 1
+
+
+async def test_expiry_sends_exactly_one_447_dsn(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", make_config([600.0], give_up_after=3600.0))
+    await h.scheduler.start()
+    try:
+        a, b = "a@example.test", "b@example.test"
+        h.transport.script(a, "451 4.2.0 busy")
+        h.transport.script(b, "451 4.3.2 try later")
+        qid = await h.queue(a, b)
+        await h.wait_settled(qid, "deferred")
+        h.clock.advance(1800)  # due, not expired: deferred again
+        await h.wait_sends(a, 2)
+        await h.wait_settled(qid, "deferred")
+        assert h.dsns() == []
+        h.clock.advance(1800)  # now - received_at == give_up_after
+        await h.wait_settled(qid, None)
+        await wait_for(lambda: h.scheduler.busy == 0 and len(h.dsns()) == 1, what="the DSN")
+        [dsn] = h.dsns()
+        assert re.findall(rb"Final-Recipient: rfc822; *(\S+)", dsn) == [a.encode(), b.encode()]
+        assert dsn.count(b"Status: 4.4.7") == 2 and dsn.count(b"Action: failed") == 2
+        assert b"451 4.2.0 busy" in dsn and b"451 4.3.2 try later" in dsn
+        assert h.events.of(a) == h.events.of(b) == ["deferred", "deferred", "bounced"]
+        bounced = [e for e in h.events.events if e.type == "bounced"]
+        assert all(e.details.get("expired") is True for e in bounced)
+        assert h.scheduler.stats.dsns == 1
+        assert h.spool.list_ids("incoming") == h.spool.list_ids("deferred") == []
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_no_dsn_about_a_dsn(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", make_config([600.0], give_up_after=3600.0))
+    await h.scheduler.start()
+    try:
+        # the sender's server keeps deferring the DSN until it expires
+        h.transport.script(SENDER, "452 4.2.2 full")
+        h.transport.script("a@example.test", "550 5.1.1 no such user")
+        qid = await h.queue("a@example.test")
+        await h.wait_settled(qid, None)
+        await wait_for(lambda: len(h.dsns()) == 1, what="the DSN's first attempt")
+        [dsn_id] = h.spool.list_ids("deferred")
+        h.clock.advance(3600)
+        await h.wait_settled(dsn_id, None)
+        assert len(h.dsns()) == 2  # the DSN's own two attempts; nothing about it
+        assert h.scheduler.stats.dsns == 1
+        assert all(e.queue_id == qid for e in h.events.events)  # a DSN records no events
+        assert h.spool.list_ids("incoming") == h.spool.list_ids("deferred") == []
+
+        # a bounce that comes in as mail (null sender) is never answered with a DSN either
+        bounce = await h.queue("x@example.test", mail_from="")
+        h.transport.script("x@example.test", "550 5.1.1 gone")
+        await h.wait_settled(bounce, None)
+        assert h.scheduler.stats.dsns == 1
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_a_corrupt_queue_file_goes_to_corrupt_and_is_not_retried(h: Harness) -> None:
+    qid = new_queue_id(h.clock())
+    garbage = b"MAILGW-SPOOL 1\n{not json\nbody\r\n"
+    (h.spool.dir("incoming") / qid).write_bytes(garbage)
+    h.scheduler.notify(qid)
+    await h.wait_settled(qid, "corrupt")
+    assert (h.spool.dir("corrupt") / qid).read_bytes() == garbage  # kept, never deleted
+    h.clock.advance(86400)
+    await h.timer_tick()
+    assert h.state(qid) == "corrupt"
+    assert [s for s in h.transport.sends if "probe@example.test" not in s.rcpts] == []
+    assert {e.recipient for e in h.events.events} <= {"probe@example.test"}
+
+
+async def test_a_corrupt_deferred_file_is_set_aside_at_start(tmp_path: Path, cfg: Config) -> None:
+    h = Harness(tmp_path / "spool", cfg)
+    qid = new_queue_id(h.clock())
+    (h.spool.dir("deferred") / qid).write_bytes(b"not a queue file at all")
+    await h.scheduler.start()
+    try:
+        assert h.state(qid) == "corrupt"
+        h.clock.advance(86400)
+        await h.timer_tick()
+        assert h.state(qid) == "corrupt"
+        assert all(s.rcpts == ("probe@example.test",) for s in h.transport.sends)
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_ingest_route_hands_the_message_to_local_delivery(h: Harness) -> None:
+    qid = await h.queue("crm@gw.test", route="ingest", user="rep@gw.test",
+                        client_ip="192.0.2.7", client_helo="laptop")
+    await h.wait_settled(qid, None)
+    assert h.transport.sends == []
+    assert h.local.got == [LocalMessage(mail_from=SENDER, data=DATA, client_ip="192.0.2.7",
+                                        client_helo="laptop", user="rep@gw.test")]
+    [event] = h.events.events
+    assert (event.type, event.details["reply"], event.details["remote"]) == (
+        "sent", "250 2.0.0 Ok: logged as ing-1", "local")
+
+
+async def test_ingest_route_refusals_are_the_replies(h: Harness) -> None:
+    h.local.refuse = PermanentFailure("not from a known sender", code=550, status="5.7.1")
+    qid = await h.queue("crm@gw.test", route="ingest")
+    await h.wait_settled(qid, None)
+    assert h.events.of("crm@gw.test") == ["bounced"]
+    assert h.events.events[0].details["reply"] == "550 5.7.1 not from a known sender"
+    await wait_for(lambda: len(h.dsns()) == 1, what="the DSN")
+
+    h.scheduler.local = None  # a node without the ingest service: retried later
+    qid = await h.queue("crm@gw.test", route="ingest")
+    await h.wait_settled(qid, "deferred")
+    assert h.deferred(qid).recipients[0].last_reply == (
+        "451 4.3.0 the ingest address is not configured here")
