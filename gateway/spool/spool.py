@@ -14,12 +14,13 @@ A queue file is one file named by the queue id::
     {"id": ..., "mail_from": ..., "recipients": [...], ...}\\n      (the envelope, one JSON line)
     <the message bytes, exactly as they will be sent>
 
-Writing is tmp -> write -> fsync -> rename -> fsync(directory). Directory fsyncs of
-concurrent writers are coalesced (group commit), so many sessions share one.
-Rewrites (a deferral updating recipient states) follow the same steps, so a crash
-at any point leaves either the old or the new file, never half of one.
+The directory mechanics are a `gateway.dirqueue.DirQueue`: writing is tmp -> write ->
+fsync -> rename -> fsync(directory). Directory fsyncs of concurrent writers are
+coalesced (group commit), so many sessions share one. Rewrites (a deferral updating
+recipient states) follow the same steps, so a crash at any point leaves either the old
+or the new file, never half of one.
 
-Each write, rewrite or removal is one call into the spool's own small thread pool,
+Each write, rewrite or removal is one call into the queue's own small thread pool,
 its directory fsync included: the event loop never waits for the disk, pays one
 thread hop per operation, and the spool never waits behind other blocking work
 (password hashing uses the default executor). A small new message is written into
@@ -30,19 +31,15 @@ busy loop holds.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
-import os
-import queue
-import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.dirqueue import DirQueue, DirSync
 from gateway.errors import NotFound, SpoolError
 
 MAGIC = b"MAILGW-SPOOL 1\n"
@@ -118,113 +115,6 @@ def parse_queue_file(raw: bytes) -> tuple[Envelope, bytes]:
     return env, raw[end + 1:]
 
 
-class _DirSync:
-    """Coalesces fsync() of one directory: every caller returns after an fsync that began
-    after its call, but concurrent callers share one fsync (group commit). Called from the
-    spool's worker threads, after the rename or unlink it must make durable."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()      # held by the thread running an fsync
-        self._counters = threading.Lock()
-        self._requested = 0
-        self._done = 0
-        self._fd: int | None = None        # the directory, kept open between fsyncs
-
-    def _fsync(self) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(self._fd)
-
-    def sync(self) -> None:
-        with self._counters:
-            self._requested += 1
-            mine = self._requested
-        with self._lock:
-            if self._done >= mine:
-                return
-            with self._counters:
-                upto = self._requested
-            self._fsync()  # every request up to `upto` was made before this began
-            self._done = upto
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.cancelled():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
-
-
-_Job = tuple[Callable[[], None], asyncio.Future[None], asyncio.AbstractEventLoop]
-
-
-class _Workers:
-    """Up to `count` threads running the spool's blocking calls for the event loop: a
-    SimpleQueue in, `call_soon_threadsafe` out. Leaner than ThreadPoolExecutor +
-    run_in_executor, whose locks, semaphore and chained futures cost more than the fsync
-    calls they wrap. Threads start when work finds none idle."""
-
-    def __init__(self, count: int, name: str) -> None:
-        self._count = count
-        self._name = name
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0  # threads waiting for a job
-        self._idle_lock = threading.Lock()
-
-    def _work(self) -> None:
-        while True:
-            with self._idle_lock:
-                self._idle += 1
-            job = self._queue.get()
-            with self._idle_lock:
-                self._idle -= 1
-            if job is None:
-                return
-            fn, fut, loop = job
-            error: BaseException | None = None
-            try:
-                fn()
-            except BaseException as exc:
-                error = exc
-            try:
-                loop.call_soon_threadsafe(_settle, fut, error)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-            del job, fn, fut, loop, error
-
-    async def run(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on a worker; like run_in_executor, cancelling the wait does not stop it."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put((fn, fut, loop))
-        with self._idle_lock:
-            start = self._idle <= 0 and len(self._threads) < self._count
-        if start:
-            t = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
-                                 daemon=True)
-            self._threads.append(t)
-            t.start()
-        await fut
-
-    def close(self) -> None:
-        """Finish the queued calls, then stop the threads."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join()
-        self._threads.clear()
-
-
 class Spool:
     """The queue directory; all writes are atomic and durable before they return."""
 
@@ -233,64 +123,45 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.tmp = self.root / "tmp"
-        self._dirsync: dict[str, _DirSync] = {}
-        self._workers: _Workers | None = None
+        self._queue = DirQueue(self.root, STATES, corrupt="corrupt", dir_mode=0o700,
+                               keep_dirs_open=True, threads=self.io_threads,
+                               thread_name="spool")
+        self.tmp = self._queue.tmp
 
-    async def _io(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the spool's threads."""
-        if self._workers is None:
-            self._workers = _Workers(self.io_threads, "spool")
-        await self._workers.run(fn)
+    @property
+    def _dirsync(self) -> dict[str, DirSync]:
+        """The directory fsync (group commit) of each state."""
+        return self._queue.syncs
 
     def close(self) -> None:
         """Let the spool's threads and directory descriptors go (after the last write; a
         later write starts them again)."""
-        if self._workers is not None:
-            self._workers.close()
-            self._workers = None
-        for ds in self._dirsync.values():
-            ds.close()
+        self._queue.close()
 
     def dir(self, state: str) -> Path:
-        if state not in STATES:
-            raise ValueError(f"unknown queue state {state!r}")
-        return self.root / state
+        return self._queue.dir(state)
 
     # -- start-up -----------------------------------------------------------------
     def setup(self) -> None:
         """Create the directories (mode 0700) if they are missing."""
-        for d in (self.tmp, *(self.dir(s) for s in STATES)):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for ds in self._dirsync.values():
-            ds.close()
-        self._dirsync = {s: _DirSync(self.dir(s)) for s in STATES}
+        self._queue.setup()
 
     def recover(self) -> dict[str, int]:
         """Clean up what a crash left: half-written tmp files (never acknowledged) are
         removed; unparseable queue files go to corrupt/. Returns counts per state."""
-        self.setup()
-        for p in self.tmp.iterdir():
-            p.unlink(missing_ok=True)
-        counts = {}
-        for state in ("incoming", "deferred", "hold"):
-            n = 0
-            for qid in self.list_ids(state):
-                try:
-                    self.read_envelope(state, qid)
-                    n += 1
-                except CorruptQueueFile:
-                    self.move(qid, state, "corrupt")
-            counts[state] = n
-        counts["corrupt"] = len(self.list_ids("corrupt"))
-        return counts
+
+        def valid(state: str, qid: str) -> bool:
+            try:
+                self.read_envelope(state, qid)
+            except CorruptQueueFile:
+                return False
+            return True
+
+        return self._queue.recover(valid)
 
     # -- reading ------------------------------------------------------------------
     def list_ids(self, state: str) -> list[str]:
-        try:
-            return sorted(n for n in os.listdir(self.dir(state)) if not n.startswith("."))
-        except FileNotFoundError:
-            return []
+        return self._queue.names(state)
 
     def iter_all(self) -> Iterator[tuple[str, str]]:
         for state in STATES:
@@ -299,17 +170,13 @@ class Spool:
 
     def find(self, qid: str) -> str:
         """The state a queue id is in; NotFound if it is in none."""
-        for state in STATES:
-            if (self.dir(state) / qid).exists():
-                return state
-        raise NotFound(f"no queue file with id {qid}")
+        state = self._queue.find(qid)
+        if state is None:
+            raise NotFound(f"no queue file with id {qid}")
+        return state
 
     def read(self, state: str, qid: str) -> tuple[Envelope, bytes]:
-        try:
-            raw = (self.dir(state) / qid).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(f"no queue file {state}/{qid}") from None
-        return parse_queue_file(raw)
+        return parse_queue_file(self._queue.read(state, qid))
 
     def read_envelope(self, state: str, qid: str) -> Envelope:
         """Read only the envelope line (cheap for big messages)."""
@@ -329,35 +196,10 @@ class Spool:
             raise CorruptQueueFile(f"bad envelope: {exc}") from None
 
     # -- writing ------------------------------------------------------------------
-    def _create_tmp(self, env: Envelope, data: bytes) -> tuple[Path, int]:
-        """Write the queue file into tmp/; (its path, its still open descriptor)."""
-        tmp = self.tmp / f"{env.id}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(b"".join((MAGIC, env.to_json(), b"\n", data)))
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp, fd
-
     @staticmethod
-    def _commit(tmp: Path, fd: int, final: Path, sync: _DirSync) -> None:
-        """fsync the written file, rename it into place, fsync the directory (group commit).
-        Blocking: runs on the spool's threads. The tmp file is gone when this raises."""
-        try:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        sync.sync()
+    def _file(env: Envelope, data: bytes) -> bytes:
+        """The queue file of a message: magic line, envelope line, message bytes."""
+        return b"".join((MAGIC, env.to_json(), b"\n", data))
 
     async def put(self, env: Envelope, data: bytes, state: str = "incoming") -> None:
         """Store a new message durably; SpoolError (451 4.3.0) if that is impossible.
@@ -366,45 +208,15 @@ class Spool:
         at once); the fsyncs and the rename run on the spool's threads. A large message is
         written there too."""
         env.size = len(data)
-        sync = self._dirsync[state]
-        final = self.dir(state) / env.id
+        q = self._queue
         try:
             if len(data) <= LOOP_WRITE_MAX:
-                tmp, fd = self._create_tmp(env, data)
-                await self._io(lambda: self._commit(tmp, fd, final, sync))
+                pending = q.create_tmp(env.id, self._file(env, data))
+                await q.run(lambda: q.commit(pending, state))
             else:
-                await self._io(lambda: self._commit(*self._create_tmp(env, data), final, sync))
+                await q.run(lambda: q.write(state, env.id, self._file(env, data)))
         except OSError as exc:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
-
-    def _write_all(self, items: list[tuple[Envelope, bytes]], state: str) -> None:
-        """Every file written and fsynced in tmp/, then all renamed, then one directory fsync.
-        A failure leaves none of them in `state` (nor in tmp/)."""
-        written: list[tuple[Path, Path]] = []
-        try:
-            for env, data in items:
-                tmp, fd = self._create_tmp(env, data)
-                written.append((tmp, self.dir(state) / env.id))
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except BaseException:
-            for tmp, _ in written:
-                tmp.unlink(missing_ok=True)
-            raise
-        renamed: list[Path] = []
-        try:
-            for tmp, final in written:
-                os.rename(tmp, final)
-                renamed.append(final)
-        except BaseException:  # e.g. ENOSPC for the directory entry: take the copies back
-            for final in renamed:
-                final.unlink(missing_ok=True)
-            for tmp, _ in written[len(renamed):]:
-                tmp.unlink(missing_ok=True)
-            raise
-        self._dirsync[state].sync()
 
     async def put_all(self, items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:
         """Store the copies of one message durably, all or none: every file is written and
@@ -415,8 +227,10 @@ class Spool:
             return
         for env, data in items:
             env.size = len(data)
+        q = self._queue
+        files = ((env.id, self._file(env, data)) for env, data in items)  # built one by one
         try:
-            await self._io(lambda: self._write_all(items, state))
+            await q.run(lambda: q.write_all(state, files))
         except OSError as exc:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
 
@@ -425,53 +239,25 @@ class Spool:
 
         Returns False (and writes nothing) when the old file is gone, e.g. an admin
         deleted it while it was being delivered."""
-        old = self.dir(old_state) / env.id
-        done = False
-
-        def rewrite() -> None:
-            nonlocal done
-            if not old.exists():
-                return
-            self._commit(*self._create_tmp(env, data), self.dir(new_state) / env.id,
-                         self._dirsync[new_state])
-            if old_state != new_state:
-                old.unlink(missing_ok=True)
-                self._dirsync[old_state].sync()
-            done = True
-
+        q = self._queue
         try:
-            await self._io(rewrite)
+            return await q.run(lambda: q.replace(env.id, self._file(env, data),
+                                                 old_state, new_state))
         except OSError as exc:
             raise SpoolError(_os_reason(exc)) from exc
-        return done
 
     async def remove(self, state: str, qid: str) -> None:
-        path = self.dir(state) / qid
-        sync = self._dirsync[state]
-
-        def remove() -> None:
-            path.unlink(missing_ok=True)
-            sync.sync()
-
-        await self._io(remove)
+        q = self._queue
+        await q.run(lambda: q.remove(state, qid))
 
     def move(self, qid: str, src: str, dst: str) -> None:
         """Atomic rename between states (used by `mailgw queue` and recovery)."""
-        try:
-            os.rename(self.dir(src) / qid, self.dir(dst) / qid)
-        except FileNotFoundError:
-            raise NotFound(f"no queue file {src}/{qid}") from None
-        for d in {src, dst}:
-            fd = os.open(self.dir(d), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self._queue.move(qid, src, dst)
 
     def delete(self, qid: str) -> str:
         """Delete a queued message wherever it is (admin action); returns its old state."""
         state = self.find(qid)
-        (self.dir(state) / qid).unlink()
+        self._queue.remove(state, qid, sync=False, missing_ok=False)
         return state
 
 

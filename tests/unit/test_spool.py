@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.dirqueue import DirSync as _DirSync
 from gateway.errors import NotFound, SpoolError
 from gateway.spool import Envelope, Recipient, Spool, new_queue_id, valid_queue_id
-from gateway.spool.spool import _DirSync
 
 
 def env(qid: str | None = None) -> Envelope:
