@@ -17,12 +17,13 @@ never passed the provider, so it always gets a copy. `direction: one-way` accoun
 copies too: one-way means nothing is imported automatically, not that the mailbox is
 left without a record of what the rep sent.
 
-Durability: `enqueue` writes ``<state_dir>/sent-copies/tmp/<id>``, fsyncs, renames it into
-``new/`` and fsyncs the directory before it returns, so a copy survives a crash or
-`kill -9`. A worker APPENDs each copy (flag ``\\Seen``, internal date from the ``Date:``
-header) to the folder "Sent" resolves to through SPECIAL-USE, and deletes the file only
-after the server's OK. Before appending it searches the Sent folder for the
-Message-ID, so a copy whose APPEND succeeded just before a crash is not appended twice.
+Durability: the queue is a `gateway.dirqueue.DirQueue` under ``<state_dir>/sent-copies``:
+`enqueue` writes ``tmp/<id>``, fsyncs, renames it into ``new/`` and fsyncs the directory
+before it returns, so a copy survives a crash or `kill -9`. A worker APPENDs each copy
+(flag ``\\Seen``, internal date from the ``Date:`` header) to the folder "Sent" resolves
+to through SPECIAL-USE, and deletes the file only after the server's OK. Before appending
+it searches the Sent folder for the Message-ID, so a copy whose APPEND succeeded just
+before a crash is not appended twice.
 
 Failures: network trouble and temporary refusals (RFC 5530 UNAVAILABLE, OVERQUOTA, ...)
 are retried per account with capped exponential backoff and jitter; copies older than
@@ -37,8 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -48,11 +47,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gateway.config import Account, Config
+from gateway.dirqueue import DirQueue
 from gateway.errors import (
     AccountAuthError,
     AccountUnavailable,
     FolderError,
     IMAPCommandError,
+    NotFound,
     StoreError,
 )
 from gateway.ids import new_queue_id
@@ -82,6 +83,9 @@ class SentCopies:
                  retry_max: float = 3600.0, give_up_after: float = 3 * 86400.0,
                  hold_check: float = 60.0) -> None:
         self.dir = directory
+        #: new/ holds the queued copies, failed/ the given-up ones (each with a .reason file)
+        self.queue = DirQueue(directory, ("new", "failed"), corrupt="failed", dir_mode=0o750,
+                              keep_dirs_open=False)
         self.get_config = get_config
         self.opener = opener
         self.slots = slots
@@ -108,12 +112,8 @@ class SentCopies:
             return False
         return not (via_account_smtp and account.saves_sent())
 
-    def _path(self, state: str, qid: str = "") -> Path:
-        return self.dir / state / qid if qid else self.dir / state
-
     def setup(self) -> None:
-        for state in ("tmp", "new", "failed"):
-            self._path(state).mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.queue.setup()
 
     async def enqueue(self, account_id: str, raw: bytes) -> str:
         """Queue a copy durably (fsynced before this returns); returns its id."""
@@ -126,26 +126,13 @@ class SentCopies:
 
     def _write(self, qid: str, account_id: str, raw: bytes) -> None:
         self.setup()
-        tmp = self._path("tmp", f"{qid}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(MAGIC + account_id.encode() + b"\n" + raw)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.rename(tmp, self._path("new", qid))
-        _fsync_dir(self._path("new"))
+        self.queue.write("new", qid, MAGIC + account_id.encode() + b"\n" + raw)
 
     def _read(self, qid: str) -> tuple[str, bytes] | None:
         """(account id, message bytes); None if the file is gone; ValueError if unreadable."""
         try:
-            data = self._path("new", qid).read_bytes()
-        except FileNotFoundError:
+            data = self.queue.read("new", qid)
+        except NotFound:
             return None
         if not data.startswith(MAGIC) or b"\n" not in data:
             raise ValueError("not a sent-copy file")
@@ -155,13 +142,9 @@ class SentCopies:
     def pending(self) -> dict[str, list[str]]:
         """Queued copies: account id -> ids, oldest first."""
         out: dict[str, list[str]] = {}
-        try:
-            names = sorted(os.listdir(self._path("new")))
-        except FileNotFoundError:
-            return out
-        for qid in names:
+        for qid in self.queue.names("new"):
             try:
-                with open(self._path("new", qid), "rb") as f:
+                with open(self.queue.path("new", qid), "rb") as f:
                     head = f.readline(512)
             except FileNotFoundError:
                 continue
@@ -171,10 +154,7 @@ class SentCopies:
         return out
 
     def failed_ids(self) -> list[str]:
-        try:
-            return sorted(n for n in os.listdir(self._path("failed")) if not n.endswith(".reason"))
-        except FileNotFoundError:
-            return []
+        return [n for n in self.queue.names("failed") if not n.endswith(".reason")]
 
     # -- lifecycle ------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -187,9 +167,7 @@ class SentCopies:
 
     def _recover(self) -> None:
         self.setup()
-        for name in os.listdir(self._path("tmp")):  # never acknowledged: half-written
-            with contextlib.suppress(FileNotFoundError):
-                self._path("tmp", name).unlink()
+        self.queue.clear_tmp()  # never acknowledged: half-written
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -255,20 +233,19 @@ class SentCopies:
         cutoff = time.time() - self.give_up_after
         for qid in qids:
             with contextlib.suppress(FileNotFoundError):
-                if self._path("new", qid).stat().st_mtime < cutoff:
+                if self.queue.path("new", qid).stat().st_mtime < cutoff:
                     self._fail(qid, account_id, f"given up after {self.give_up_after / 3600:g}h: {why}")
 
     def _fail(self, qid: str, account_id: str, reason: str) -> None:
         self.failed += 1
         self.log.error("sent_copy_failed", account=account_id, id=qid, reason=reason)
-        with contextlib.suppress(FileNotFoundError):
-            (self._path("failed") / f"{qid}.reason").write_text(f"{account_id}: {reason}\n")
-            os.rename(self._path("new", qid), self._path("failed", qid))
+        with contextlib.suppress(FileNotFoundError, NotFound):
+            self.queue.path("failed", f"{qid}.reason").write_text(f"{account_id}: {reason}\n")
+            self.queue.move(qid, "new", "failed", sync=False)
 
     def _done(self, qid: str) -> None:
         self.appended += 1
-        with contextlib.suppress(FileNotFoundError):
-            self._path("new", qid).unlink()
+        self.queue.remove("new", qid, sync=False)
 
     async def _status(self, account_id: str) -> str:
         if self.accounts is None:
@@ -372,12 +349,3 @@ class SentCopies:
 def _date_of(raw: bytes) -> datetime | None:
     when, _ = parse_rfc_date(header_value(raw, "Date"))
     return when
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
