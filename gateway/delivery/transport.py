@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 from gateway.delivery.mx import MXResolver
 
-__all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "clean_text", "parse_reply"]
+__all__ = ["Destination", "RcptResult", "TLSMode", "Transport", "parse_reply", "reply_line"]
 
 TLSMode = Literal["none", "starttls", "implicit", "opportunistic"]
 _TLS_MODES = ("none", "starttls", "implicit", "opportunistic")
@@ -133,7 +133,7 @@ def parse_reply(code: int, message: str) -> tuple[int, str, str]:
     temporary 451 4.5.0 so that it can never count as delivered or bounce a message.
     """
     if not (200 <= code < 300 or 400 <= code < 600):
-        return 451, "4.5.0", clean_text(f"unexpected reply {code} {message}")
+        return 451, "4.5.0", reply_line(f"unexpected reply {code} {message}")
     klass = str(code)[0]
     status: str | None = None
     parts: list[str] = []
@@ -145,10 +145,10 @@ def parse_reply(code: int, message: str) -> tuple[int, str, str]:
             line = line[m.end():].strip()
         if line:
             parts.append(line)
-    return code, status or f"{klass}.0.0", clean_text(" ".join(parts))
+    return code, status or f"{klass}.0.0", reply_line(" ".join(parts))
 
 
-def clean_text(text: str) -> str:
+def reply_line(text: str) -> str:
     """Reply text fit for one line of a DSN or a log: control characters collapsed to a
     space, at most 900 characters."""
     text = _CONTROL.sub(" ", text).strip()

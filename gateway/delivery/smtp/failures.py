@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.delivery.transport import RcptResult, clean_text
+from gateway.delivery.transport import RcptResult, reply_line
 
 
 class Failure(Exception):
@@ -22,7 +22,7 @@ class Failure(Exception):
         super().__init__(text)
         self.code = code
         self.status = status
-        self.text = clean_text(text)
+        self.text = reply_line(text)
         self.remote = remote
         self.next_mx = next_mx
 

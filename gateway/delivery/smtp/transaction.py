@@ -25,7 +25,7 @@ from gateway.delivery import aiosmtplib_compat as compat
 from gateway.delivery.smtp import pipelining
 from gateway.delivery.smtp.failures import Failure, Outcome, Stale, errno_text
 from gateway.delivery.smtp.pool import Conn, Counters
-from gateway.delivery.transport import RcptResult, clean_text, parse_reply
+from gateway.delivery.transport import RcptResult, parse_reply, reply_line
 from gateway.mail.headers import header_block
 from gateway.mail.wire import has_bare_newline
 
@@ -146,7 +146,7 @@ async def run(conn: Conn, mail_from: str, rcpts: list[str], data: bytes, *, reus
                 results[i] = RcptResult.from_reply(rcpt, exc.code, exc.message, remote)
             except ValueError as exc:
                 results[i] = RcptResult(rcpt, 553, "5.1.3",
-                                        clean_text(f"bad recipient address {rcpt!r}: {exc}"),
+                                        reply_line(f"bad recipient address {rcpt!r}: {exc}"),
                                         None)
                 continue
             else:

@@ -13,7 +13,7 @@ from gateway.delivery.smtp import transaction
 from gateway.delivery.smtp.connect import Connector
 from gateway.delivery.smtp.failures import Failure, Outcome, Stale, TLSFailure
 from gateway.delivery.smtp.pool import Conn, Counters, Pool, Pools
-from gateway.delivery.transport import Destination, RcptResult, TLSMode, clean_text
+from gateway.delivery.transport import Destination, RcptResult, TLSMode, reply_line
 from gateway.errors import MailError
 
 _log = logging.getLogger("gateway.delivery.transport")  # one logger for the whole client
@@ -58,7 +58,7 @@ class SMTPTransport:
             hosts = await resolver.resolve(domain)
         except MailError as exc:
             return [RcptResult(rcpt=r, code=exc.code, status=exc.status,
-                               text=clean_text(exc.text)) for r in rcpts]
+                               text=reply_line(exc.text)) for r in rcpts]
         last: Outcome | None = None
         tried = 0
         for host in hosts:
