@@ -57,6 +57,7 @@ from gateway.errors import (
 )
 from gateway.imap import protocol
 from gateway.imap.protocol import ProtocolError, Response
+from gateway.oauth import sasl
 
 __all__ = [
     "HEADER_FIELDS",
@@ -514,14 +515,11 @@ class IMAPClient:
 
     async def authenticate_xoauth2(self, username: str, token: str) -> None:
         """XOAUTH2 (Google, Microsoft) with a bearer access token."""
-        await self._sasl("XOAUTH2", f"user={username}\x01auth=Bearer {token}\x01\x01".encode())
+        await self._sasl("XOAUTH2", sasl.xoauth2(username, token))
 
     async def authenticate_oauthbearer(self, username: str, token: str) -> None:
         """OAUTHBEARER (RFC 7628) with a bearer access token."""
-        gs2 = f"n,a={username.replace('=', '=3D').replace(',', '=2C')},"
-        blob = (f"{gs2}\x01host={self.host}\x01port={self.port}\x01"
-                f"auth=Bearer {token}\x01\x01").encode()
-        await self._sasl("OAUTHBEARER", blob)
+        await self._sasl("OAUTHBEARER", sasl.oauthbearer(username, token, self.host, self.port))
 
     async def _sasl(self, mechanism: str, initial: bytes) -> None:
         """AUTHENTICATE with one initial response; answer an error challenge and report it."""
