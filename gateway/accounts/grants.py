@@ -68,6 +68,7 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 # Every 4xx answer is a refusal (RFC 6749 §5.2: invalid_grant, invalid_client,
 # unauthorized_client, invalid_scope, access_denied, ...) except these, which say "later"
 _TRANSIENT = frozenset({"temporarily_unavailable", "server_error"})
+_TOKEN_WORDS = ("access_token", "refresh_token", "id_token", "device_code")
 _MAX_BODY = 1 << 20           # bytes read from any endpoint's answer
 _MAX_WORDS = 300              # characters of the endpoint's words kept in an error
 _DEFAULT_LIFETIME = 3600.0    # expires_in is RECOMMENDED, not required (RFC 6749 §5.1)
@@ -198,7 +199,11 @@ def _words(status: int, text: str, body: Mapping[str, Any]) -> tuple[str, str]:
     error = str(body.get("error") or "")
     description = body.get("error_description")
     words = error + (f": {description}" if description else "")
-    if not words:
+    if not words and body:        # JSON, but not an error: its keys only (it may hold tokens)
+        words = f"HTTP {status}: an answer without access_token or error (keys: {', '.join(sorted(body))})"
+    elif not words and any(name in text for name in _TOKEN_WORDS):
+        words = f"HTTP {status}: an answer that is not JSON"
+    elif not words:
         words = f"HTTP {status}: {text[:200]}"
     words = " ".join("".join(c if c.isprintable() else " " for c in words).split())
     return error, words[:_MAX_WORDS]
@@ -433,6 +438,7 @@ class GrantClient:
             jwks = await self._fetch_jwks(provider, uri)          # the provider rotated its keys
         try:
             claims = oauth_jwt.verify_id_token(id_token, jwks, issuer=provider.issuer,
+                                               issuer_aliases=provider.issuer_aliases,
                                                audience=client_id, nonce=nonce, now=self.clock())
         except oauth_jwt.IDTokenError as exc:
             raise AccountAuthError(f"{where}: {exc}", server_text=str(exc)) from None

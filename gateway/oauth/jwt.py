@@ -20,7 +20,7 @@ import base64
 import hashlib
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jwt as pyjwt
@@ -145,9 +145,11 @@ def expected_issuer(issuer: str, claims: Mapping[str, Any]) -> str:
 
 
 def verify_id_token(token: str, jwks: Mapping[str, Any], *, issuer: str, audience: str,
-                    nonce: str | None, now: float, leeway: float = LEEWAY) -> dict[str, Any]:
+                    nonce: str | None, now: float, leeway: float = LEEWAY,
+                    issuer_aliases: Sequence[str] = ()) -> dict[str, Any]:
     """The claims of an ID token signed with a key of `jwks`, checked as the module
-    docstring says; raises IDTokenError (an unknown key included)."""
+    docstring says (`issuer_aliases`: other spellings of the issuer the provider uses);
+    raises IDTokenError (an unknown key included)."""
     header = unverified_header(token)
     jwk = find_key(jwks, header)
     if jwk is None:
@@ -170,7 +172,7 @@ def verify_id_token(token: str, jwks: Mapping[str, Any], *, issuer: str, audienc
         raise IDTokenError(f"the provider's key {header.get('kid')!r} is unusable: "
                            f"{type(exc).__name__}") from None
     want = expected_issuer(issuer, claims)
-    if claims["iss"] != want:
+    if claims["iss"] != want and claims["iss"] not in issuer_aliases:
         raise IDTokenError(f"the ID token was issued by {claims['iss']!r}, not {want!r}")
     aud = claims["aud"]
     if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != audience:

@@ -58,6 +58,8 @@ class OAuthProvider:
     app_scope: str | None = None
     #: extra query parameters of the authorization request (Google: offline access)
     authorize_params: tuple[tuple[str, str], ...] = ()
+    #: other spellings of `issuer` found in the provider's ID tokens (Google's bare host)
+    issuer_aliases: tuple[str, ...] = ()
 
     def scope(self) -> str:
         """The delegated scopes as the `scope` parameter: space-separated (RFC 6749 §3.3)."""
@@ -100,6 +102,7 @@ def google() -> OAuthProvider:
         userinfo_endpoint="https://openidconnect.googleapis.com/v1/userinfo",
         revocation_endpoint="https://oauth2.googleapis.com/revoke",
         issuer="https://accounts.google.com",
+        issuer_aliases=("accounts.google.com",),     # Google documents both values of `iss`
         scopes=("https://mail.google.com/", "openid", "email"),
         # a refresh token on every consent, not only the first one
         authorize_params=(("access_type", "offline"), ("prompt", "consent")),

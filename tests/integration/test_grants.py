@@ -321,7 +321,12 @@ async def test_outages_are_temporary_refusals_are_not(ts: TokenServer, grants: G
         with pytest.raises(AccountAuthError) as refused:
             await grants.refresh(provider, client, refresh)
         assert refused.value.server_text, (status, body)
-    assert refused.value.server_text == 'HTTP 403: {"detail": "forbidden"}'
+    assert refused.value.server_text == "HTTP 403: an answer without access_token or error (keys: detail)"
+    # an answer that is not a success never puts a token into the error
+    ts.fail_next(200, {"refresh_token": "rt-leaked", "token_type": "Bearer"})
+    with pytest.raises(AccountUnavailable) as info:
+        await grants.refresh(provider, client, refresh)
+    assert "rt-leaked" not in str(info.value) and "rt-leaked" not in info.value.server_text
     # nobody listening
     dead = dataclasses.replace(provider, token_endpoint=f"http://127.0.0.1:{free_port()}/token")
     with pytest.raises(AccountUnavailable, match="unreachable"):

@@ -373,6 +373,9 @@ def test_id_token_accepted_rs256_and_es256(rsa_key: rsa.RSAPrivateKey) -> None:
     # no kid: the only key of the right type
     assert check(id_token(rsa_key, kid=None), jwks)["sub"] == "1234"
     assert check(id_token(rsa_key, aud=["cid", "api"], azp="cid"), jwks)["sub"] == "1234"
+    # another spelling the provider uses (Google's bare host)
+    assert check(id_token(rsa_key, iss="accounts.google.com"), jwks, issuer="https://accounts.google.com",
+                 issuer_aliases=google().issuer_aliases)["sub"] == "1234"
     # within the leeway
     assert check(id_token(rsa_key, exp=int(NOW) - 30), jwks)["sub"] == "1234"
 
