@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from gateway.accounts.service import AccountService
 from gateway.api.http import AdminAPI
 from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
 from gateway.config import Config, load_config, read_secret
@@ -30,6 +31,7 @@ from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.smtp import SMTPTransport
 from gateway.errors import ConfigError
+from gateway.http.connect import add_connect_routes
 from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.manager import Tailers
 from gateway.imap.sent import SentCopies
@@ -91,10 +93,19 @@ class App:
         self.metrics = Metrics()
         self.admin: AdminAPI | None = None
         self.webhooks: WebhookDispatcher | None = None
+        self.accounts: AccountService | None = None
         self._stopped = asyncio.Event()
 
     def get_config(self) -> Config:
+        """The configuration in force: the file's, with the accounts created at run time."""
+        return self.accounts.effective(self.cfg) if self.accounts is not None else self.cfg
+
+    def file_config(self) -> Config:
         return self.cfg
+
+    def _wake_tailers(self) -> None:
+        if self.tailers is not None:
+            self.tailers.wake()
 
     def get_policies(self) -> PolicySet:
         """The policies in force (replaced together with the config on SIGHUP)."""
@@ -112,6 +123,9 @@ class App:
         counts = self.spool.recover()
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
         self.store = await Store.from_config(cfg)
+        self.accounts = AccountService(self.file_config, self.store, log=self.log,
+                                       on_change=self._wake_tailers)
+        await self.accounts.start()
         self._configure_store(cfg)
         self.writer = StoreWriter(self.store, log=self.log,
                                   on_failure=self.metrics.store_write_failed)
@@ -137,7 +151,8 @@ class App:
                            is_ingest=self.ingest.is_ingest_address, counts=self.counts,
                            on_accepted=self._accepted, log=self.log)
         await self.scheduler.start()
-        self.tailers = Tailers(self.get_config, self.store, log=self.log, metrics=self.metrics)
+        self.tailers = Tailers(self.get_config, self.store, log=self.log, metrics=self.metrics,
+                               tokens=self.accounts.tokens, secrets=self.accounts)
         await self.tailers.start()
         sub = cfg.listeners.submission
         if sub is not None:
@@ -177,7 +192,7 @@ class App:
         """
         self.metrics.accepted()
         sent = self.sent_copies
-        acct = self.cfg.account(sub.account) if sub.account else None
+        acct = self.get_config().account(sub.account) if sub.account else None
         remote = [p for p in plans if p.route != "ingest"]
         if sent is None or acct is None or not remote:
             return
@@ -218,8 +233,10 @@ class App:
             return
         assert self.store is not None and self.writer is not None
         sink = StoreTracking(self.store, self.writer, self.metrics)
-        self.tracking = TrackingServer(lst, self.token_signer(), sink, sink,
-                                       settings=settings_from_config(self.cfg))
+        connect = self.accounts.connect if self.accounts is not None else None
+        self.tracking = TrackingServer(
+            lst, self.token_signer(), sink, sink, settings=settings_from_config(self.cfg),
+            routes=(lambda app: add_connect_routes(app, connect, log=self.log)) if connect else None)
         await self.tracking.start()
         self.log.info("listening", listener="tracking", host=lst.host, port=self.tracking.port,
                       base_url=lst.base_url)
@@ -258,7 +275,8 @@ class App:
         if admin is not None:
             token = read_secret(admin.token_file, cfg.base_dir) if admin.token_file else None
             self.admin = AdminAPI(store, get_config=self.get_config, metrics=self.metrics,
-                                  token=token, spool_counts=self.spool_counts, log=self.log)
+                                  token=token, spool_counts=self.spool_counts, log=self.log,
+                                  accounts=self.accounts)
             await self.admin.start(admin.host, admin.port, loopback_only=admin.loopback_only)
             self.log.info("listening", listener="admin", host=admin.host, port=self.admin.port,
                           auth="bearer" if token else "none (loopback only)")
@@ -374,6 +392,8 @@ class App:
             lost = await self.writer.stop(timeout=grace)
             if lost:
                 self.log.error("store_events_unwritten", count=lost)
+        if self.accounts is not None:
+            await self.accounts.stop()
         if self.store is not None:
             await self.store.close()
         await asyncio.to_thread(self.spool.close)

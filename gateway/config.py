@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -236,17 +237,140 @@ class SMTPUpstream(Model):
     saves_sent: bool | None = None
 
 
-# OAuth2 token endpoints and default scopes of the providers with presets
-OAUTH_PROVIDERS: dict[str, tuple[str, str]] = {
-    "google": ("https://oauth2.googleapis.com/token", "https://mail.google.com/"),
-    "microsoft": ("https://login.microsoftonline.com/common/oauth2/v2.0/token",
-                  "https://outlook.office.com/IMAP.AccessAsUser.All "
-                  "https://outlook.office.com/SMTP.Send offline_access"),
-}
-# which OAuth2 preset a mailbox provider implies
+# which OAuth provider preset a mailbox provider implies
 _PROVIDER_OAUTH = {"gmail": "google", "microsoft365": "microsoft", "outlook": "microsoft"}
 _OAUTH_KEYS = ("oauth_provider", "token_endpoint", "client_id", "client_secret_file",
                "refresh_token_file", "scope")
+#: OAuth providers the gateway knows without configuration (their endpoints are presets;
+#: the client id and secret of the gateway's app registration are still configuration)
+OAUTH_PRESETS = ("google", "microsoft")
+
+
+def _http_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError(f"{v!r} is not an http(s) URL")
+    return v
+
+
+HttpURL = Annotated[str, AfterValidator(_http_url)]
+
+
+class OAuthProviderSettings(Model):
+    """One OAuth 2.0 / OpenID Connect provider (an entry of `oauth.providers`).
+
+    `preset` (google or microsoft; default: the entry's name when it is one) fills the
+    endpoints; every endpoint can be set explicitly instead or on top, so any
+    standards-conforming provider works. `discovery: true` reads the endpoints from the
+    issuer's `/.well-known/openid-configuration` at start. `client_id` and
+    `client_secret_file` (or `private_key_file` + `certificate_file`) are the gateway's
+    app registration at the provider. `mail_provider` is the mailbox preset (gmail,
+    microsoft365, ...) of accounts connected through this provider; `imap`/`smtp` give
+    their servers where no preset fits.
+    """
+
+    preset: Literal["google", "microsoft"] | None = None
+    tenant: str = "common"
+    client_id: str | None = None
+    client_secret_file: SecretRef | None = None
+    private_key_file: SecretRef | None = None
+    certificate_file: str | None = None
+    issuer: HttpURL | None = None
+    discovery: bool = False
+    authorization_endpoint: HttpURL | None = None
+    token_endpoint: HttpURL | None = None
+    device_authorization_endpoint: HttpURL | None = None
+    jwks_uri: HttpURL | None = None
+    userinfo_endpoint: HttpURL | None = None
+    revocation_endpoint: HttpURL | None = None
+    scopes: list[str] | None = None
+    mail_provider: str | None = None
+    imap: Endpoint | None = None
+    smtp: SMTPUpstream | None = None
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _credential(self) -> OAuthProviderSettings:
+        if self.client_secret_file and self.private_key_file:
+            raise ValueError("give client_secret_file or private_key_file, not both")
+        if bool(self.private_key_file) != bool(self.certificate_file):
+            raise ValueError("private_key_file and certificate_file go together (a certificate credential)")
+        if self.discovery and not self.issuer:
+            raise ValueError("discovery: true needs issuer (the discovery document is found under it)")
+        return self
+
+
+class OAuth(Model):
+    """`oauth:` the OAuth providers reps connect their mailboxes through, and connect links."""
+
+    providers: dict[str, OAuthProviderSettings] = {}
+    connect_link_ttl: Duration = 7 * 86400.0
+    device_timeout: Duration = 900.0
+
+    @field_validator("providers")
+    @classmethod
+    def _names(cls, v: dict[str, OAuthProviderSettings]) -> dict[str, OAuthProviderSettings]:
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", k)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: provider names are letters, digits, . _ -")
+        return v
+
+    def settings(self, name: str) -> OAuthProviderSettings | None:
+        """The entry for `name`; a preset name without an entry gets an empty one."""
+        if name in self.providers:
+            return self.providers[name]
+        return OAuthProviderSettings() if name in OAUTH_PRESETS else None
+
+    def preset_of(self, name: str) -> str | None:
+        s = self.providers.get(name)
+        if s is not None and s.preset:
+            return s.preset
+        return name if name in OAUTH_PRESETS else None
+
+
+class ServiceAccount(Model):
+    """One credential with delegated access to many mailboxes (`service_accounts:`).
+
+    `kind: google`: a Google Workspace service account with domain-wide delegation;
+    `key_file` is its JSON key; tokens come from the JWT-bearer grant (RFC 7523) with
+    `sub` set to each mailbox. `kind: microsoft`: a Microsoft Entra app with app-only
+    access to Exchange Online; tokens come from the client-credentials grant in `tenant`,
+    with `client_secret_file` or a certificate (`private_key_file` + `certificate_file`).
+    `token_endpoint` and `scope` override the presets (another identity provider, tests).
+    """
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: Literal["google", "microsoft"]
+    key_file: SecretRef | None = None
+    tenant: str | None = None
+    client_id: str | None = None
+    client_secret_file: SecretRef | None = None
+    private_key_file: SecretRef | None = None
+    certificate_file: str | None = None
+    token_endpoint: HttpURL | None = None
+    scope: str | None = None
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> ServiceAccount:
+        if self.kind == "google":
+            if not self.key_file:
+                raise ValueError("kind: google needs key_file (the service account's JSON key)")
+            extra = [k for k in ("tenant", "client_id", "client_secret_file", "private_key_file",
+                                 "certificate_file") if getattr(self, k)]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to kind: microsoft")
+        else:
+            if not self.tenant:
+                raise ValueError("kind: microsoft needs tenant (the directory id or domain)")
+            if not self.client_id:
+                raise ValueError("kind: microsoft needs client_id (the app registration)")
+            if bool(self.client_secret_file) == bool(self.private_key_file):
+                raise ValueError("kind: microsoft needs client_secret_file or private_key_file "
+                                 "(with certificate_file), one of them")
+            if bool(self.private_key_file) != bool(self.certificate_file):
+                raise ValueError("private_key_file and certificate_file go together")
+            if self.key_file:
+                raise ValueError("key_file only applies to kind: google")
+        return self
 
 
 class AccountAuth(Model):
@@ -254,17 +378,23 @@ class AccountAuth(Model):
 
     `password`: `username` (default: the account's email) and `password_file` (a password
     or app password). `oauth2`: XOAUTH2 or OAUTHBEARER (`mechanism`) with access tokens
-    from the refresh-token grant at `token_endpoint` (or the `oauth_provider` preset, or
-    the account provider's: gmail -> google, microsoft365/outlook -> microsoft).
-    `delegate`: a service account (`username`, `password_file`) opens the mailbox of
+    from the refresh-token grant of the OAuth provider `oauth_provider` (an entry of
+    `oauth.providers`, or a preset: google, microsoft; default: the account provider's,
+    gmail -> google, microsoft365/outlook -> microsoft), or of an explicit
+    `token_endpoint`; the refresh token is `refresh_token_file`, or, for an account
+    connected through a connect link or `mailgw accounts connect`, kept encrypted in the
+    store. `service`: access tokens from a service account (`service_accounts:`) with
+    delegated access to this mailbox (Google domain-wide delegation, Microsoft 365
+    app-only access); `username` is the mailbox (default: the account's email).
+    `delegate`: a SASL service account (`username`, `password_file`) opens the mailbox of
     `delegate_user` (default: the account's email) through SASL PLAIN's authorization
     identity, as Dovecot master users and Exchange delegate access work.
     """
 
-    method: Literal["password", "oauth2", "delegate"] = "password"
+    method: Literal["password", "oauth2", "service", "delegate"] = "password"
     username: str | None = None
     password_file: SecretRef | None = None
-    oauth_provider: Literal["google", "microsoft"] | None = None
+    oauth_provider: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     token_endpoint: str | None = None
     client_id: str | None = None
     client_secret_file: SecretRef | None = None
@@ -272,27 +402,29 @@ class AccountAuth(Model):
     scope: str | None = None
     mechanism: Literal["xoauth2", "oauthbearer"] = "xoauth2"
     delegate_user: str | None = None
+    service_account: str | None = None
 
     @field_validator("token_endpoint")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"{v!r} is not an http(s) URL")
-        return v
+        return _http_url(v)
 
     @model_validator(mode="after")
     def _method_keys(self) -> AccountAuth:
         if self.method == "oauth2":
-            if not self.client_id:
-                raise ValueError("method: oauth2 needs client_id")
-            if not self.refresh_token_file:
-                raise ValueError("method: oauth2 needs refresh_token_file (the refresh token)")
             if self.password_file:
                 raise ValueError("method: oauth2 takes no password_file")
         else:
             extra = [k for k in _OAUTH_KEYS if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"{', '.join(extra)} only apply to method: oauth2")
+        if self.method == "service":
+            if not self.service_account:
+                raise ValueError("method: service needs service_account (an id under service_accounts:)")
+            if self.password_file:
+                raise ValueError("method: service takes no password_file")
+        elif self.service_account is not None:
+            raise ValueError("service_account only applies to method: service")
         if self.method == "delegate":
             if not self.username:
                 raise ValueError("method: delegate needs username (the service account)")
@@ -301,6 +433,11 @@ class AccountAuth(Model):
         elif self.delegate_user is not None:
             raise ValueError("delegate_user only applies to method: delegate")
         return self
+
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether the mailbox is opened with OAuth 2.0 bearer tokens (oauth2, service)."""
+        return self.method in ("oauth2", "service")
 
 
 # Folder names that mean folders which are never synced
@@ -358,16 +495,27 @@ class Account(Model):
     smtp: SMTPUpstream | None = None
     sync: AccountSync = AccountSync()
 
+    #: logins of submission users who may send as this account (besides `users[].account`)
+    send_as: list[str] = []
+    #: "config" for accounts declared here, "runtime" for accounts the store keeps (set by
+    #: the account registry, never by the file: credentials of those live in the store)
+    origin: Literal["config", "runtime"] = Field(default="config", exclude=True)
+
     @model_validator(mode="after")
     def _auth_fits(self) -> Account:
         a = self.auth
-        if (a.method == "oauth2" and not a.token_endpoint and not a.oauth_provider
-                and self.provider not in _PROVIDER_OAUTH):
-            raise ValueError("auth.method oauth2 needs auth.token_endpoint or auth.oauth_provider "
-                             "(google, microsoft)")
-        if a.method == "password" and self.sync.enabled and not a.password_file:
+        if (a.method == "password" and self.sync.enabled and not a.password_file
+                and self.origin == "config"):
             raise ValueError("auth.password_file is needed to sync this mailbox (or sync.enabled: false)")
         return self
+
+    @property
+    def oauth_provider_name(self) -> str | None:
+        """The OAuth provider this account's tokens come from (method oauth2): the explicit
+        `auth.oauth_provider`, else the mailbox provider's (gmail -> google, ...)."""
+        if self.auth.method != "oauth2":
+            return None
+        return self.auth.oauth_provider or _PROVIDER_OAUTH.get(self.provider)
 
     def imap_endpoint(self) -> Endpoint | None:
         """The IMAP server: the explicit `imap:` section, else the provider preset."""
@@ -375,15 +523,6 @@ class Account(Model):
             return self.imap
         preset = PROVIDERS.get(self.provider)
         return preset[0] if preset else None
-
-    def oauth_endpoint(self) -> tuple[str, str | None]:
-        """(token endpoint URL, scope) for method oauth2: explicit keys, then presets."""
-        preset_name = self.auth.oauth_provider or _PROVIDER_OAUTH.get(self.provider)
-        preset = OAUTH_PROVIDERS.get(preset_name) if preset_name else None
-        url = self.auth.token_endpoint or (preset[0] if preset else None)
-        if url is None:
-            raise ValueError(f"account {self.id}: no OAuth2 token endpoint")
-        return url, self.auth.scope or (preset[1] if preset and not self.auth.token_endpoint else None)
 
     def saves_sent(self) -> bool:
         """Does mail submitted through this account's own SMTP upstream land in its Sent
@@ -653,6 +792,8 @@ class Config(Model):
     # key that encrypts OAuth2 tokens at rest (base64 of 32 bytes); default: a file
     # `state_dir/token.key` created with mode 0600 on first use
     token_key_file: SecretRef | None = None
+    oauth: OAuth = OAuth()
+    service_accounts: list[ServiceAccount] = []
 
     # Set by the loader, not by the file.
     source: str = Field(default="<memory>", exclude=True)
@@ -709,6 +850,12 @@ class Config(Model):
         for a in self.accounts:
             if a.id == account_id:
                 return a
+        return None
+
+    def service_account(self, sa_id: str) -> ServiceAccount | None:
+        for sa in self.service_accounts:
+            if sa.id == sa_id:
+                return sa
         return None
 
 
@@ -847,6 +994,7 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
         seen.add(a.id)
         if a.provider == "imap" and a.imap is None:
             yield at(("accounts", i, "provider"), "provider: imap needs an imap: {host, port} section")
+    yield from _oauth_problems(cfg, at, warnings)
     logins: set[str] = set()
     for i, u in enumerate(cfg.users):
         if u.login.lower() in logins:
@@ -859,6 +1007,15 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
             if acct is None or acct.smtp_endpoint() is None:
                 yield at(("users", i, "account"),
                          "delivery.route is account but this user has no account with an SMTP upstream")
+            elif not _sends_with_credentials(acct):
+                yield at(("users", i, "account"),
+                         f"delivery.route is account but account {acct.id} has no SMTP credentials "
+                         "(auth.password_file, smtp.password_file, oauth2 or service): its upstream "
+                         "would refuse the mail with 530")
+    for i, a in enumerate(cfg.accounts):
+        for j, login in enumerate(a.send_as):
+            if cfg.user(login) is None:
+                yield at(("accounts", i, "send_as", j), f"no user with login {login!r} in users:")
 
     def check_file(loc: Sequence[int | str], ref: str | None, secret: bool) -> Iterator[Problem]:
         if not ref:
@@ -923,6 +1080,69 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
             yield at(("listeners", name, "port"),
                      f"{lst.host}:{lst.port} is already used by listeners.{ports[key]}")
         ports[key] = name
+
+
+def _sends_with_credentials(a: Account) -> bool:
+    return (a.auth.uses_tokens or a.auth.method == "delegate" or bool(a.auth.password_file)
+            or bool(a.smtp and a.smtp.password_file))
+
+
+def _oauth_problems(cfg: Config, at: Any, warnings: list[Problem] | None) -> Iterator[Problem]:
+    """OAuth providers, service accounts and the accounts that use them fit together."""
+    def secret(loc: Sequence[int | str], ref: str | None) -> Iterator[Problem]:
+        if ref:
+            try:
+                read_secret(ref, cfg.base_dir)
+            except (OSError, UnicodeDecodeError) as exc:
+                yield at(loc, f"cannot read {ref}: {getattr(exc, 'strerror', None) or exc}")
+
+    for pname, p in cfg.oauth.providers.items():
+        ploc = ("oauth", "providers", pname)
+        if cfg.oauth.preset_of(pname) is None and not p.discovery and not p.token_endpoint:
+            yield at(ploc, f"provider {pname!r} is not a preset (google, microsoft): give token_endpoint "
+                          "(and authorization_endpoint, ...) or issuer with discovery: true")
+        yield from secret((*ploc, "client_secret_file"), p.client_secret_file)
+        yield from secret((*ploc, "private_key_file"), p.private_key_file)
+    seen: set[str] = set()
+    for i, s in enumerate(cfg.service_accounts):
+        if s.id in seen:
+            yield at(("service_accounts", i, "id"), f"duplicate service account id {s.id!r}")
+        seen.add(s.id)
+        yield from secret(("service_accounts", i, "key_file"), s.key_file)
+        yield from secret(("service_accounts", i, "client_secret_file"), s.client_secret_file)
+        yield from secret(("service_accounts", i, "private_key_file"), s.private_key_file)
+    for i, a in enumerate(cfg.accounts):
+        auth = a.auth
+        loc: tuple[int | str, ...] = ("accounts", i, "auth")
+        if auth.method == "oauth2":
+            name = a.oauth_provider_name
+            settings = cfg.oauth.settings(name) if name else None
+            if name and settings is None and not auth.token_endpoint:
+                yield at((*loc, "oauth_provider"), f"no OAuth provider {name!r} under oauth.providers "
+                                                   "(and it is not a preset: google, microsoft)")
+            elif not name and not auth.token_endpoint:
+                yield at((*loc, "method"), "method: oauth2 needs a token endpoint: auth.oauth_provider "
+                                           "(google, microsoft or an oauth.providers entry) or "
+                                           "auth.token_endpoint")
+            if not auth.client_id and not (settings and settings.client_id):
+                yield at((*loc, "client_id"), "method: oauth2 needs client_id (here, or under "
+                                              f"oauth.providers.{name or 'NAME'})")
+            if not auth.refresh_token_file and warnings is not None:
+                warnings.append(at((*loc, "refresh_token_file"),
+                                   f"no refresh token: account {a.id} needs connecting (a connect link "
+                                   "or `mailgw accounts connect`) before it syncs or sends"))
+        elif auth.method == "service":
+            sa = cfg.service_account(auth.service_account or "")
+            if sa is None:
+                yield at((*loc, "service_account"),
+                         f"no service account {auth.service_account!r} under service_accounts:")
+            elif _PROVIDER_OAUTH.get(a.provider, sa.kind) != sa.kind:
+                yield at((*loc, "service_account"),
+                         f"service account {sa.id} is kind {sa.kind} but the mailbox is provider "
+                         f"{a.provider}")
+        if auth.method == "delegate" and a.provider == "gmail":
+            yield at((*loc, "method"), "Gmail has no SASL delegate (master user) login: use method: "
+                                       "service with a Google service account (domain-wide delegation)")
 
 
 def _dkim_problems(cfg: Config, node: yaml.Node | None, at: Any,

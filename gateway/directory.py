@@ -23,7 +23,7 @@ from typing import Protocol
 
 from gateway.config import Account, Config
 
-__all__ = ["AccountDirectory", "AccountStatusSink", "ConfigDirectory", "TokenSource"]
+__all__ = ["AccountDirectory", "AccountStatusSink", "ConfigDirectory", "SecretSource", "TokenSource"]
 
 
 class AccountDirectory(Protocol):
@@ -43,6 +43,12 @@ class TokenSource(Protocol):
     """OAuth 2.0 access tokens for accounts whose `auth.method` is oauth2 or service."""
 
     async def access_token(self, account_id: str, *, rejected: str | None = None) -> str: ...
+
+
+class SecretSource(Protocol):
+    """Passwords of accounts whose secret the store keeps (accounts created at run time)."""
+
+    async def password(self, account_id: str) -> str: ...
 
 
 class AccountStatusSink(Protocol):

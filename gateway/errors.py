@@ -112,6 +112,11 @@ class NotFound(GatewayError):
     """The named queue id, message or account does not exist."""
 
 
+class Conflict(GatewayError):
+    """The change contradicts what is there (an id already taken, an account declared in
+    gateway.yaml changed through the API); the API answers 409."""
+
+
 class AccountError(GatewayError):
     """A connected mailbox failed; `server_text` carries the server's own words, if any."""
 

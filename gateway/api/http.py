@@ -5,7 +5,8 @@ Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json
     GET /api/v1/messages?contact=&account=&direction=&since=&limit=&cursor=
     GET /api/v1/messages/{id}                  bodies, sources, events; 404 if unknown
     GET /api/v1/contacts/{email}/timeline?limit=&cursor=
-    GET /api/v1/accounts                       configured mailboxes + runtime state
+    GET /api/v1/accounts                       connected mailboxes (declared and runtime) + state
+    POST/PATCH/DELETE /api/v1/accounts..., /api/v1/connect-links   see gateway.api.accounts
     GET /api/v1/stats/engagement?days=&by=     see gateway.crm.reports
     GET /api/v1/webhooks                       webhooks and their outbox counts
     GET /api/v1/openapi.json                   no token needed
@@ -44,7 +45,9 @@ import sqlalchemy as sa
 import structlog
 from aiohttp import web
 
+from gateway.accounts.service import AccountService
 from gateway.api import openapi
+from gateway.api.accounts import AccountRoutes
 from gateway.config import Config
 from gateway.crm import outbox
 from gateway.crm.accounts import Accounts
@@ -170,8 +173,9 @@ class AdminAPI:
 
     def __init__(self, store: Store, *, get_config: Callable[[], Config], metrics: Metrics,
                  token: str | None, spool_counts: SpoolCounts | None = None,
-                 log: Any = None) -> None:
+                 log: Any = None, accounts: AccountService | None = None) -> None:
         self.store = store
+        self.account_service = accounts   # read-write accounts and connect links
         self.get_config = get_config
         self.metrics = metrics
         self.spool_counts = spool_counts
@@ -226,6 +230,8 @@ class AdminAPI:
         r.add_get("/api/v1/contacts/{email}/timeline", self.timeline)
         r.add_get("/api/v1/accounts", self.accounts)
         r.add_get("/api/v1/accounts/{id}/sync", self.account_sync)
+        if self.account_service is not None:
+            AccountRoutes(self.account_service).add(r)
         r.add_get("/api/v1/stats/engagement", self.engagement)
         r.add_get("/api/v1/webhooks", self.webhooks)
         r.add_get("/api/v1/openapi.json", self.openapi_doc)
@@ -331,7 +337,10 @@ class AdminAPI:
         return await self._page(request, rows, limit, {"email": email, "contact": contact})
 
     async def accounts(self, request: web.Request) -> web.Response:
-        rows = await Accounts(self.store).overview(self.get_config().accounts)
+        if self.account_service is not None:
+            rows = await self.account_service.registry.overview()
+        else:
+            rows = await Accounts(self.store).overview(self.get_config().accounts)
         return web.json_response({"accounts": rows})
 
     async def account_sync(self, request: web.Request) -> web.Response:

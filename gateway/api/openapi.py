@@ -100,8 +100,18 @@ SCHEMAS: dict[str, Any] = {
                      "fetched": _COUNT, "stored": _COUNT, "skipped": _COUNT,
                      "error": _nullable("string")}),
     "Account": _obj({
-        "id": _STR, "email": _STR, "configured": {"type": "boolean"},
+        "id": _STR, "email": _STR,
+        "configured": {"type": "boolean", "description": "declared in gateway.yaml"},
+        "origin": {"enum": ["config", "runtime"],
+                   "description": "config: declared in gateway.yaml (change it there); runtime: "
+                                  "created through the API, the CLI or a connect link"},
         "provider": _nullable("string"),
+        "auth_method": {"enum": ["password", "oauth2", "service", "delegate", None]},
+        "oauth_provider": _nullable("string"), "service_account": _nullable("string"),
+        "send_as": {**_STRS, "description": "submission users who send as this account"},
+        "connected_email": _nullable("string", description="the address the OAuth provider "
+                                                           "vouched for when it was connected"),
+        "connected_at": _TIME_OR_NULL,
         "direction": {"enum": ["two-way", "one-way", None]}, "enabled": _nullable("boolean"),
         "folders": _STRS, "history_days": _nullable("integer"),
         "status": {"enum": list(ACCOUNT_STATUSES)}, "reason": _nullable("string"),
@@ -126,6 +136,63 @@ SCHEMAS: dict[str, Any] = {
     "UpsertResult": _obj({"created": _COUNT, "updated": _COUNT, "unchanged": _COUNT,
                           "companies_created": _COUNT, "messages_linked": _COUNT}),
     "AccountList": _obj({"accounts": {"type": "array", "items": _ref("Account")}}),
+    "AccountInput": {
+        "type": "object", "required": ["id", "email"],
+        "description": "An `accounts:` entry of gateway.yaml, without files: the secret goes in "
+                       "auth.password (method password) or auth.refresh_token (method oauth2) and is "
+                       "stored encrypted; method service names a service account of gateway.yaml.",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+            "email": _STR, "provider": _STR,
+            "imap": {"type": "object", "properties": {"host": _STR, "port": {"type": "integer"},
+                                                      "tls": {"enum": ["none", "starttls", "implicit"]}}},
+            "smtp": {"type": "object"},
+            "auth": {"type": "object", "properties": {
+                "method": {"enum": ["password", "oauth2", "service"]}, "username": _STR,
+                "password": {"type": "string", "writeOnly": True},
+                "refresh_token": {"type": "string", "writeOnly": True},
+                "oauth_provider": _STR, "service_account": _STR,
+                "mechanism": {"enum": ["xoauth2", "oauthbearer"]}}},
+            "sync": _ref("SyncSettings"),
+            "send_as": _STRS}},
+    "SyncSettings": {"type": "object", "additionalProperties": False, "properties": {
+        "direction": {"enum": ["two-way", "one-way"]}, "folders": _STRS,
+        "history_days": {"type": "integer", "minimum": 0}, "enabled": {"type": "boolean"}}},
+    "AccountPatch": {"type": "object", "description": "What to change; flat sync keys are "
+                     "accepted too (folders, direction, history_days, enabled).",
+                     "properties": {"sync": _ref("SyncSettings"), "send_as": _STRS,
+                                    "folders": _STRS, "direction": {"enum": ["two-way", "one-way"]},
+                                    "history_days": {"type": "integer"}, "enabled": {"type": "boolean"},
+                                    "imap": {"type": "object"}, "smtp": {"type": "object"},
+                                    "auth": {"type": "object", "properties": {
+                                        "password": {"type": "string", "writeOnly": True}}}}},
+    "AccountDeleted": {"type": "object", "required": ["id", "status"],
+                       "properties": {"id": _STR, "status": {"const": "deleted"},
+                                      "previous_status": _nullable("string"),
+                                      "purged": {"type": "object"}}},
+    "AccountTest": {"type": "object", "required": ["id", "ok"],
+                    "description": "IMAP: logged_in, capabilities, folders, folder_problems, "
+                                   "sent_copies_to, or error/server_text; smtp: server, tls, "
+                                   "extensions, auth, ok or error",
+                    "properties": {"id": _STR, "ok": {"type": "boolean"}, "error": _STR,
+                                   "smtp": {"type": "object"}}},
+    "ConnectLinkInput": {"type": "object", "required": ["provider"], "additionalProperties": False,
+                         "properties": {"provider": _STR, "email": _STR, "login": _STR,
+                                        "account_id": _STR, "sync": _ref("SyncSettings"),
+                                        "ttl": {"type": "number", "minimum": 60,
+                                                "maximum": 2592000}}},
+    "ConnectLink": _obj({"id": _STR, "url": _STR, "provider": _STR, "email": _nullable("string"),
+                         "login": _nullable("string"), "account_id": _nullable("string"),
+                         "expires_at": _TIME}),
+    "ConnectLinkState": {"type": "object", "required": ["id", "state"], "properties": {
+        "id": _STR, "provider": _STR, "email": _nullable("string"), "login": _nullable("string"),
+        "account_id": _nullable("string"), "state": {"enum": ["new", "opened", "used", "expired"]},
+        "created_at": _TIME, "expires_at": _TIME, "opened_at": _TIME_OR_NULL,
+        "used_at": _TIME_OR_NULL, "result": _nullable("string"),
+        "result_detail": _nullable("string"), "result_account": _nullable("string")}},
+    "Reconnect": {"type": "object", "required": ["id"], "properties": {
+        "id": _STR, "connect_link": _ref("ConnectLink"), "status": _nullable("string"),
+        "previous_status": _nullable("string")}},
     "EngagementRow": _ENGAGEMENT_ROW,
     "Engagement": _obj({"days": {"type": "integer"}, "since": _TIME, "until": _TIME,
                         "by": {"enum": ["template", "user", "domain", None]},
@@ -155,6 +222,9 @@ _ERRORS: dict[str, Any] = {
 _BAD = {"400": _json("Error", "a bad parameter (named in `parameter`)")}
 
 
+_ID = {"name": "id", "in": "path", "required": True, "schema": _STR}
+
+
 def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema,
             "description": description}
@@ -175,7 +245,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "mailgw read API", "version": __version__,
                  "description": "Access to the CRM store of a mailgw gateway (read-only but for "
-                                "contact upserts). Every "
+                                "contact upserts and connected accounts). Every "
                                 "/api/v1 route except this document needs "
                                 "`Authorization: Bearer <token>` (listeners.admin.token_file)."},
         "components": {
@@ -238,8 +308,52 @@ def document() -> dict[str, Any]:
                 "responses": {"200": {**_json("Timeline"), "headers": _NEXT_LINK}, **_BAD,
                               **_ERRORS}}},
             "/api/v1/accounts": {"get": {
-                "summary": "Connected mailboxes with their sync state",
-                "responses": {"200": _json("AccountList"), **_ERRORS}}},
+                "summary": "Connected mailboxes (declared and created at run time) with their state",
+                "responses": {"200": _json("AccountList"), **_ERRORS}},
+                "post": {
+                    "summary": "Create an account at run time (stored, secret encrypted, synced "
+                               "within seconds)",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": _ref("AccountInput")}}},
+                    "responses": {"201": _json("Account", "created"), **_BAD,
+                                  "409": _json("Error", "the id is taken or declared in gateway.yaml"),
+                                  **_ERRORS}}},
+            "/api/v1/accounts/{id}": {
+                "patch": {
+                    "summary": "Change a runtime account: sync settings, send-as users, servers",
+                    "parameters": [_ID],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": _ref("AccountPatch")}}},
+                    "responses": {"200": _json("Account"), **_BAD, "404": _json("Error", "no such account"),
+                                  "409": _json("Error", "declared in gateway.yaml"), **_ERRORS}},
+                "delete": {
+                    "summary": "Stop syncing the account; with purge=true also remove its stored mail",
+                    "parameters": [_ID, _q("purge", {"type": "boolean", "default": False},
+                                           "also remove the mail stored from it")],
+                    "responses": {"200": _json("AccountDeleted"), **_BAD,
+                                  "404": _json("Error", "no such account"),
+                                  "409": _json("Error", "still being synced; purge again shortly"),
+                                  **_ERRORS}}},
+            "/api/v1/accounts/{id}/test": {"post": {
+                "summary": "IMAP login and folder list, SMTP connect, TLS and AUTH (nothing is sent)",
+                "parameters": [_ID],
+                "responses": {"200": _json("AccountTest"), "404": _json("Error", "no such account"),
+                              **_ERRORS}}},
+            "/api/v1/accounts/{id}/reconnect": {"post": {
+                "summary": "OAuth accounts: a new connect link (201); others: try logging in again now",
+                "parameters": [_ID],
+                "responses": {"200": _json("Reconnect"), "201": _json("Reconnect", "a connect link"),
+                              "404": _json("Error", "no such account"), **_ERRORS}}},
+            "/api/v1/connect-links": {"post": {
+                "summary": "A signed, single-use, expiring link a rep opens to connect their mailbox",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": _ref("ConnectLinkInput")}}},
+                "responses": {"201": _json("ConnectLink", "created"), **_BAD, **_ERRORS}}},
+            "/api/v1/connect-links/{id}": {"get": {
+                "summary": "A connect link's state and result",
+                "parameters": [_ID],
+                "responses": {"200": _json("ConnectLinkState"), "404": _json("Error", "no such link"),
+                              **_ERRORS}}},
             "/api/v1/accounts/{id}/sync": {"get": {
                 "summary": "One account's sync state per folder and its recent sync runs",
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],

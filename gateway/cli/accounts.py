@@ -1,21 +1,28 @@
-"""`mailgw accounts list|test|disable|enable|delete`: connected mailboxes, their status and errors.
+"""`mailgw accounts list|add|connect|test|disable|enable|delete`: connected mailboxes and their state.
 
-`disable`, `enable` and `delete` change the account's status in the store; a running
-daemon notices within `sync.check_interval` (2 s by default) and stops or resumes
-tailing it. `delete --purge` waits (briefly) for the daemon to let go of the mailbox, then
-removes the mail stored from it.
+`add` creates an account at run time (stored in the CRM store, its secret encrypted);
+`connect` runs the OAuth device flow (RFC 8628: it prints a code and a URL and waits for
+the rep to approve) or, with `--link`, prints a connect link for the rep. A running
+daemon picks up a new or changed account, and notices `disable`, `enable` and `delete`,
+within `sync.check_interval` (2 s by default). `delete --purge` waits (briefly) for the
+daemon to let go of the mailbox, then removes the mail stored from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import EXIT_FAIL, EXIT_OK, Subparsers, config, print_json
-from gateway.config import Account, Config
-from gateway.errors import AccountError, FolderError, NotFound
+from gateway.config import Config
+from gateway.errors import NotFound, UsageError
+
+if TYPE_CHECKING:
+    from gateway.accounts.service import AccountService
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -25,10 +32,44 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     ls = cmds.add_parser("list", parents=[common],
                          help="every account: status, reason, last sync, folders, messages")
     ls.add_argument("--json", action="store_true")
+    add = cmds.add_parser("add", parents=[common],
+                          help="create an account at run time (kept in the store, secret encrypted)")
+    add.add_argument("--id", required=True)
+    add.add_argument("--email", required=True)
+    add.add_argument("--provider", default="imap", help="gmail, microsoft365, ..., imap")
+    add.add_argument("--imap-host")
+    add.add_argument("--imap-port", type=int)
+    add.add_argument("--imap-tls", choices=("implicit", "starttls", "none"))
+    add.add_argument("--smtp-host")
+    add.add_argument("--smtp-port", type=int)
+    add.add_argument("--smtp-tls", choices=("implicit", "starttls", "none"))
+    add.add_argument("--auth", dest="method", default="password",
+                     choices=("password", "oauth2", "service"))
+    add.add_argument("--username", help="the login, when it is not the email")
+    add.add_argument("--service-account", help="for --auth service: an id under service_accounts:")
+    add.add_argument("--oauth-provider",
+                     help="for --auth oauth2: google, microsoft or an oauth.providers name")
+    add.add_argument("--secret-stdin", action="store_true",
+                     help="read the password (or, with --auth oauth2, the refresh token) from stdin")
+    add.add_argument("--folders", help="comma-separated (default INBOX,Sent)")
+    add.add_argument("--direction", choices=("two-way", "one-way"))
+    add.add_argument("--history-days", type=int)
+    add.add_argument("--send-as", action="append", default=[], metavar="LOGIN",
+                     help="a submission user who sends as this account (repeatable)")
+    add.add_argument("--json", action="store_true")
+    c = cmds.add_parser("connect", parents=[common],
+                        help="connect a mailbox through its OAuth provider (device flow, or --link)")
+    c.add_argument("--provider", required=True, help="google, microsoft or an oauth.providers name")
+    c.add_argument("--email", help="the mailbox to connect (the provider must vouch for it)")
+    c.add_argument("--login", help="the submission user who will send as it")
+    c.add_argument("--account", dest="account_id", help="reconnect this account")
+    c.add_argument("--link", action="store_true", help="print a connect link for the rep instead")
+    c.add_argument("--json", action="store_true")
     t = cmds.add_parser("test", parents=[common],
-                        help="connect, log in, resolve the folders; exit 1 with the server's words")
+                        help="log in to IMAP (folders) and SMTP (TLS, AUTH); exit 1 with the server's words")
     t.add_argument("id")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--no-smtp", action="store_true", help="only IMAP")
     for name, what in (("disable", "stop syncing the account (its history is kept)"),
                        ("enable", "sync the account again (also after needs_reconnect)")):
         x = cmds.add_parser(name, parents=[common], help=what)
@@ -40,29 +81,118 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _accounts(args: argparse.Namespace) -> int:
     cfg = config(args)
-    cmd = args.accounts_cmd
-    if cmd == "test":
-        return asyncio.run(_test(cfg, args.id, args.json))
-    return asyncio.run(_with_store(cfg, args))
+    return asyncio.run(_with_service(cfg, args))
 
 
-async def _with_store(cfg: Config, args: argparse.Namespace) -> int:
-    from gateway.crm.accounts import Accounts
+async def _with_service(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.accounts.service import AccountService
     from gateway.crm.store import Store
 
     store = await Store.from_config(cfg)
+    service = AccountService(lambda: cfg, store)
     try:
-        accounts = Accounts(store)
-        if args.accounts_cmd == "list":
-            rows = await accounts.overview(cfg.accounts)
+        await service.registry.refresh(force=True)
+        cmd = args.accounts_cmd
+        if cmd == "list":
+            rows = await service.registry.overview()
             if args.json:
                 print_json(rows)
             else:
                 _print_list(rows)
             return EXIT_OK
-        return await _change(cfg, accounts, args)
+        if cmd == "add":
+            return await _add(service, args)
+        if cmd == "connect":
+            return await _connect(service, args)
+        if cmd == "test":
+            return await _test(service, args.id, args.json, smtp=not args.no_smtp)
+        return await _change(cfg, service, args)
     finally:
+        await service.grants.close()
         await store.close()
+
+
+async def _add(service: AccountService, args: argparse.Namespace) -> int:
+    from gateway.accounts.registry import InvalidAccount
+
+    d: dict[str, Any] = {"id": args.id, "email": args.email, "provider": args.provider}
+    if args.imap_host:
+        d["imap"] = {"host": args.imap_host, "port": args.imap_port or 993,
+                     "tls": args.imap_tls or "implicit"}
+    if args.smtp_host:
+        d["smtp"] = {"host": args.smtp_host, "port": args.smtp_port or 587,
+                     "tls": args.smtp_tls or "starttls"}
+    auth: dict[str, Any] = {"method": args.method}
+    if args.username:
+        auth["username"] = args.username
+    if args.service_account:
+        auth["service_account"] = args.service_account
+    if args.oauth_provider:
+        auth["oauth_provider"] = args.oauth_provider
+    d["auth"] = auth
+    sync: dict[str, Any] = {}
+    if args.folders:
+        sync["folders"] = [f.strip() for f in args.folders.split(",") if f.strip()]
+    if args.direction:
+        sync["direction"] = args.direction
+    if args.history_days is not None:
+        sync["history_days"] = args.history_days
+    if sync:
+        d["sync"] = sync
+    if args.send_as:
+        d["send_as"] = args.send_as
+    secret = sys.stdin.readline().rstrip("\r\n") if args.secret_stdin else None
+    try:
+        acct = await service.registry.create(d, secret=secret or None)
+    except InvalidAccount as exc:
+        raise UsageError("; ".join(f"--{k.replace('_', '-')}: {m}" if k else m
+                                   for k, m in exc.problems)) from None
+    rows = [r for r in await service.registry.overview() if r["id"] == acct.id]
+    if args.json:
+        print_json(rows[0] if rows else {"id": acct.id})
+    else:
+        print(f"account {acct.id} <{acct.email}> created; a running daemon starts syncing it within "
+              "seconds (`mailgw accounts test " + acct.id + "` checks the login)")
+    return EXIT_OK
+
+
+async def _connect(service: AccountService, args: argparse.Namespace) -> int:
+    from gateway.accounts.registry import InvalidAccount
+
+    if args.link:
+        try:
+            link = await service.connect.create(args.provider, email=args.email, login=args.login,
+                                                account_id=args.account_id, created_by="cli")
+        except InvalidAccount as exc:
+            raise UsageError("; ".join(f"{k}: {m}" for k, m in exc.problems)) from None
+        if args.json:
+            print_json({"id": link.id, "url": link.url, "expires_at": link.expires_at.isoformat()})
+        else:
+            print(f"Send this link to the rep (single use, expires {link.expires_at:%Y-%m-%d %H:%M} UTC):")
+            print(link.url)
+        return EXIT_OK
+
+    def show(device: Any) -> None:
+        where = device.verification_uri_complete or device.verification_uri
+        if args.json:
+            print(json.dumps({"user_code": device.user_code, "verification_uri": device.verification_uri,
+                              "verification_uri_complete": device.verification_uri_complete}),
+                  flush=True)
+        else:
+            print(f"To connect {args.email or 'the mailbox'}: open {where}", flush=True)
+            print(f"and enter the code {device.user_code}. Waiting...", flush=True)
+
+    outcome = await service.connect.device(args.provider, email=args.email, login=args.login,
+                                           account_id=args.account_id, show=show)
+    if args.json:
+        print_json({"outcome": outcome.kind, "account": outcome.account_id, "email": outcome.email,
+                    "detail": outcome.detail})
+    elif outcome.ok:
+        print(f"connected: account {outcome.account_id} <{outcome.email}>, folders "
+              f"{', '.join(outcome.folders)}")
+    else:
+        print(f"not connected ({outcome.kind}): {outcome.detail}")
+    return EXIT_OK if outcome.ok else EXIT_FAIL
 
 
 def when_ago(iso: str | None) -> str:
@@ -105,13 +235,15 @@ def _print_list(rows: list[dict[str, Any]]) -> None:
                   f", {when_ago(last['started_at'])}): {last['error']}")
 
 
-async def _change(cfg: Config, accounts: Any, args: argparse.Namespace) -> int:
+async def _change(cfg: Config, service: AccountService, args: argparse.Namespace) -> int:
+    accounts = service.registry.state
     aid = args.id
-    configured = cfg.account(aid)
+    configured = service.registry.account(aid)
     row = await accounts.get(aid)
     if configured is None and row is None:
-        raise NotFound(f"no account {aid!r} (not in {cfg.source}, never synced)")
-    email = configured.email if configured else row["email"]
+        raise NotFound(f"no account {aid!r} (not in {cfg.source}, not created at run time, never synced)")
+    email = configured.email if configured else row["email"] if row else ""
+    declared = cfg.account(aid) is not None
     cmd = args.accounts_cmd
     if cmd == "disable":
         was = await accounts.set_status(aid, "disabled", "disabled with `mailgw accounts disable`",
@@ -123,14 +255,14 @@ async def _change(cfg: Config, accounts: Any, args: argparse.Namespace) -> int:
         was = await accounts.set_status(aid, "active", None, email=email)
         print(f"account {aid} enabled (was {was or 'active'}). A running daemon syncs it within seconds.")
         if configured is None:
-            print(f"note: {aid} is not in {cfg.source}; nothing syncs it until it is configured")
+            print(f"note: {aid} is neither in {cfg.source} nor created at run time; nothing syncs it")
         elif not configured.tailed:
             print(f"note: {aid} has sync.enabled: false or direction: one-way; nothing is imported")
         return EXIT_OK
     # delete
-    was = await accounts.set_status(aid, "deleted", "deleted with `mailgw accounts delete`", email=email)
+    was = await service.registry.delete(aid, reason="deleted with `mailgw accounts delete`")
     print(f"account {aid} deleted (was {was or 'active'}): it is no longer synced"
-          + (f" (remove it from {cfg.source} too)" if configured else ""))
+          + (f" (remove it from {cfg.source} too)" if declared else ""))
     if not args.purge:
         print("its stored mail is kept; `mailgw accounts delete ID --purge` removes it")
         return EXIT_OK
@@ -157,73 +289,13 @@ async def _wait_released(accounts: Any, aid: str, timeout: float) -> bool:
         await asyncio.sleep(0.2)
 
 
-async def _test(cfg: Config, aid: str, as_json: bool) -> int:
-    account = cfg.account(aid)
-    if account is None:
-        raise NotFound(f"no account {aid!r} in {cfg.source}")
-    report: dict[str, Any] = {"id": aid, "email": account.email, "ok": False}
-    endpoint = account.imap_endpoint()
-    report["server"] = f"{endpoint.host}:{endpoint.port} ({endpoint.tls})" if endpoint else None
-    try:
-        report.update(await _probe(cfg, account))
-        report["ok"] = not report.get("folder_problems")
-    except AccountError as exc:
-        report["error"] = str(exc)
-        report["server_text"] = exc.server_text or None
-        report["kind"] = type(exc).__name__
+async def _test(service: AccountService, aid: str, as_json: bool, *, smtp: bool) -> int:
+    report = await service.test(aid, smtp=smtp)
     if as_json:
         print_json(report)
     else:
         _print_test(report)
     return EXIT_OK if report["ok"] else EXIT_FAIL
-
-
-async def _probe(cfg: Config, account: Account) -> dict[str, Any]:
-    from gateway.imap.account import open_account
-
-    out: dict[str, Any] = {}
-    tokens = None
-    store = None
-    if account.auth.method == "oauth2":
-        from gateway.crm.store import Store
-        from gateway.imap.manager import token_manager_for
-
-        store = await Store.from_config(cfg)
-        tokens = token_manager_for(cfg, store)
-    try:
-        imap = await open_account(account, cfg.base_dir, tokens=tokens, timeout=cfg.sync.timeout,
-                                  connect_timeout=cfg.sync.timeout)
-        try:
-            out["logged_in"] = True
-            out["capabilities"] = {c: imap.has(c) for c in ("IDLE", "CONDSTORE", "SPECIAL-USE",
-                                                            "UIDPLUS")}
-            folders: list[dict[str, Any]] = []
-            problems: dict[str, str] = {}
-            for want in account.sync.folders:
-                try:
-                    [f] = await imap.resolve_folders([want])
-                except FolderError as exc:
-                    problems.update(exc.problems)
-                    continue
-                state = await imap.examine(f)
-                folders.append({"configured": want, "folder": f.name, "special_use": f.special_use,
-                                "messages": state.exists, "uidvalidity": state.uidvalidity})
-            out["folders"] = folders
-            out["folder_problems"] = problems
-            try:
-                [sent] = await imap.resolve_folders(["Sent"])
-                out["sent_copies_to"] = sent.name
-            except FolderError as exc:
-                out["sent_copies_to"] = None
-                out["sent_problem"] = exc.problems.get("Sent")
-        finally:
-            await imap.logout()
-    finally:
-        if tokens is not None:
-            await tokens.close()
-        if store is not None:
-            await store.close()
-    return out
 
 
 def _print_test(r: dict[str, Any]) -> None:
@@ -232,6 +304,7 @@ def _print_test(r: dict[str, Any]) -> None:
         print(f"FAILED: {r['error']}")
         if r.get("server_text") and r["server_text"] not in r["error"]:
             print(f"server said: {r['server_text']}")
+        _print_smtp(r.get("smtp"))
         return
     caps = r.get("capabilities", {})
     print("logged in; " + ", ".join(f"{c} {'yes' if v else 'no'}" for c, v in caps.items()))
@@ -242,4 +315,17 @@ def _print_test(r: dict[str, Any]) -> None:
     for name, why in (r.get("folder_problems") or {}).items():
         print(f"  {name:<12} -> PROBLEM: {why}")
     print(f"Sent copies go to: {r.get('sent_copies_to') or 'nowhere (' + str(r.get('sent_problem')) + ')'}")
-    print("OK" if r["ok"] else "FAILED: some configured folders cannot be synced")
+    _print_smtp(r.get("smtp"))
+    print("OK" if r["ok"] else "FAILED: see above")
+
+
+def _print_smtp(s: dict[str, Any] | None) -> None:
+    if not s:
+        return
+    if s.get("skipped"):
+        print(f"SMTP: skipped ({s['skipped']})")
+    elif s.get("ok"):
+        print(f"SMTP {s['server']}: connected, {'TLS' if s.get('tls') else 'no TLS'}, "
+              f"AUTH {s.get('auth') or 'not used'}: OK")
+    else:
+        print(f"SMTP {s.get('server')}: FAILED: {s.get('error')}")

@@ -32,6 +32,7 @@ node) it is this process's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +46,7 @@ from gateway.config import Account
 from gateway.crm.models import (
     ACCOUNT_STATUSES,
     accounts_table,
+    connect_links_table,
     messages_table,
     raw_table,
     sources_table,
@@ -53,7 +55,7 @@ from gateway.crm.models import (
 )
 from gateway.crm.sql import chunks, iso
 from gateway.crm.store import Store
-from gateway.errors import NotFound
+from gateway.errors import Conflict, NotFound
 from gateway.keys.tokens import EncryptedToken
 
 __all__ = [
@@ -62,7 +64,11 @@ __all__ = [
     "DBTokenStore",
     "PurgeResult",
     "RunCounts",
+    "StoredAccount",
 ]
+
+#: columns never read back by the listing queries (secrets stay where they are)
+_SECRET_COLUMNS = frozenset({"token_ciphertext", "credential_ciphertext"})
 
 
 #: the reason text kept with a status (the server's words can be long)
@@ -86,6 +92,19 @@ class Checkpoint:
     highestmodseq: int | None = None
     backfill_uid: int | None = None
     initial_done: bool = False
+
+
+@dataclass(frozen=True)
+class StoredAccount:
+    """An account created at run time, as the store keeps it (the credential stays encrypted)."""
+
+    id: str
+    email: str
+    status: str
+    definition: dict[str, Any]
+    version: int
+    credential: bytes | None
+    connected_email: str | None
 
 
 @dataclass
@@ -164,7 +183,7 @@ class Accounts:
 
     async def rows(self, ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Rows by id (all of them without `ids`), without the token ciphertext."""
-        cols = [c for c in accounts_table.c if c.name != "token_ciphertext"]
+        cols = [c for c in accounts_table.c if c.name not in _SECRET_COLUMNS]
         q = sa.select(*cols)
         if ids is not None:
             q = q.where(accounts_table.c.id.in_(list(ids)))
@@ -216,6 +235,228 @@ class Accounts:
             return cast("str | None", previous)
 
         return cast("str | None", await self._tx(run, f"cannot set the status of {account_id}"))
+
+    # -- accounts created at run time ---------------------------------------------------------
+    async def create_runtime(self, account_id: str, email: str, definition: dict[str, Any],
+                             credential: bytes | None, *, connected_email: str | None = None,
+                             status: str = "active", reason: str | None = None,
+                             replace: bool = False) -> None:
+        """Store a new runtime account (definition JSON, credential ciphertext). An id in use
+        raises Conflict, unless its row is a deleted runtime account (the id is free again:
+        the old checkpoints go) or `replace` is set for a runtime account (reconnect)."""
+        now = _now()
+
+        async def run(conn: AsyncConnection) -> None:
+            row = (await conn.execute(sa.select(accounts_table.c.origin, accounts_table.c.status,
+                                                accounts_table.c.version)
+                                      .where(accounts_table.c.id == account_id))).first()
+            values = {"email": email, "status": status, "status_reason": _reason(reason),
+                      "status_at": now, "updated_at": now, "origin": "runtime",
+                      "definition": json.dumps(definition, sort_keys=True),
+                      "credential_ciphertext": credential, "connected_email": connected_email,
+                      "connected_at": now if connected_email else None,
+                      "token_ciphertext": None, "token_expires_at": None}
+            if row is None:
+                await conn.execute(sa.insert(accounts_table).values(
+                    id=account_id, created_at=now, version=1, **values))
+            elif row[0] == "runtime" and (row[1] == "deleted" or replace):
+                if row[1] == "deleted":
+                    await conn.execute(sa.delete(sync_state_table).where(
+                        sync_state_table.c.account == account_id))
+                await conn.execute(sa.update(accounts_table).where(accounts_table.c.id == account_id)
+                                   .values(version=int(row[2] or 0) + 1, **values))
+            elif row[0] == "runtime":
+                raise Conflict(f"an account {account_id!r} exists already")
+            else:
+                raise Conflict(f"account {account_id!r} is declared in the configuration "
+                               "(gateway.yaml); change it there")
+            if status == "active" and connected_email:
+                await self.store.enqueue_webhook(conn, "account.connected", {
+                    "account": {"id": account_id, "email": email, "status": status,
+                                "connected_email": connected_email, "connected_at": iso(now)}}, now)
+
+        await self._tx(run, f"cannot store account {account_id}")
+
+    async def update_runtime(self, account_id: str, definition: dict[str, Any], *,
+                             email: str | None = None, credential: bytes | None = None) -> None:
+        """Replace a runtime account's definition (and credential, when given)."""
+        now = _now()
+
+        async def run(conn: AsyncConnection) -> None:
+            row = (await conn.execute(sa.select(accounts_table.c.origin, accounts_table.c.version)
+                                      .where(accounts_table.c.id == account_id))).first()
+            if row is None:
+                raise NotFound(f"no account {account_id!r}")
+            if row[0] != "runtime":
+                raise Conflict(f"account {account_id!r} is declared in the configuration "
+                               "(gateway.yaml); change it there")
+            values: dict[str, Any] = {"definition": json.dumps(definition, sort_keys=True),
+                                      "updated_at": now, "version": int(row[1] or 0) + 1}
+            if email is not None:
+                values["email"] = email
+            if credential is not None:
+                values["credential_ciphertext"] = credential
+                values["token_ciphertext"] = None
+                values["token_expires_at"] = None
+            await conn.execute(sa.update(accounts_table).where(accounts_table.c.id == account_id)
+                               .values(**values))
+
+        await self._tx(run, f"cannot change account {account_id}")
+
+    async def reconnected(self, account_id: str, credential: bytes, connected_email: str) -> str | None:
+        """A new refresh token for an account (runtime, or declared without a refresh token
+        file): stored, the cached access token dropped, status active, `account.connected`
+        enqueued. Returns the previous status."""
+        now = _now()
+
+        async def run(conn: AsyncConnection) -> str | None:
+            row = (await conn.execute(sa.select(accounts_table.c.status, accounts_table.c.email,
+                                                accounts_table.c.version)
+                                      .where(accounts_table.c.id == account_id))).first()
+            if row is None:
+                raise NotFound(f"no account {account_id!r}")
+            await conn.execute(sa.update(accounts_table).where(accounts_table.c.id == account_id).values(
+                credential_ciphertext=credential, token_ciphertext=None, token_expires_at=None,
+                connected_email=connected_email, connected_at=now, status="active",
+                status_reason=None, status_at=now, updated_at=now, version=int(row[2] or 0) + 1))
+            await self.store.enqueue_webhook(conn, "account.connected", {
+                "account": {"id": account_id, "email": row[1], "status": "active",
+                            "connected_email": connected_email, "connected_at": iso(now),
+                            "reconnected": row[0] == "needs_reconnect"}}, now)
+            return cast("str | None", row[0])
+
+        return cast("str | None", await self._tx(run, f"cannot reconnect account {account_id}"))
+
+    async def runtime_version(self) -> tuple[int, int]:
+        """(sum of versions, rows) of the runtime accounts: changes when any of them does."""
+        try:
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(sa.select(
+                    sa.func.coalesce(sa.func.sum(accounts_table.c.version), 0), sa.func.count())
+                    .where(accounts_table.c.origin == "runtime"))).one()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store.error("cannot read account versions", exc) from exc
+        return int(row[0]), int(row[1])
+
+    async def runtime_accounts(self) -> list[StoredAccount]:
+        """Every runtime account (deleted ones too), with its encrypted credential."""
+        c = accounts_table.c
+        try:
+            async with self.store.engine.connect() as conn:
+                rows = (await conn.execute(sa.select(
+                    c.id, c.email, c.status, c.definition, c.version, c.credential_ciphertext,
+                    c.connected_email).where(c.origin == "runtime").order_by(c.id))).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store.error("cannot read accounts", exc) from exc
+        out = []
+        for r in rows:
+            try:
+                definition = json.loads(r[3]) if r[3] else {}
+            except ValueError:
+                definition = {}
+            out.append(StoredAccount(id=r[0], email=r[1], status=r[2],
+                                     definition=definition if isinstance(definition, dict) else {},
+                                     version=int(r[4] or 0),
+                                     credential=bytes(r[5]) if r[5] is not None else None,
+                                     connected_email=r[6]))
+        return out
+
+    async def credential(self, account_id: str) -> bytes | None:
+        """The encrypted credential of an account (runtime, or connected through a link)."""
+        try:
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(sa.select(accounts_table.c.credential_ciphertext)
+                                          .where(accounts_table.c.id == account_id))).first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store.error("cannot read an account credential", exc) from exc
+        return bytes(row[0]) if row is not None and row[0] is not None else None
+
+    async def mark_deleted(self, account_id: str, reason: str) -> str | None:
+        """Status deleted (sync stops, history kept), version bumped, `account.deleted`
+        enqueued; returns the previous status (None: no such account)."""
+        now = _now()
+
+        async def run(conn: AsyncConnection) -> str | None:
+            row = (await conn.execute(sa.select(accounts_table.c.status, accounts_table.c.email,
+                                                accounts_table.c.version, accounts_table.c.origin)
+                                      .where(accounts_table.c.id == account_id))).first()
+            if row is None:
+                return None
+            await conn.execute(sa.update(accounts_table).where(accounts_table.c.id == account_id).values(
+                status="deleted", status_reason=_reason(reason), status_at=now, updated_at=now,
+                version=int(row[2] or 0) + 1,
+                credential_ciphertext=None if row[3] == "runtime" else accounts_table.c.credential_ciphertext,
+                token_ciphertext=None, token_expires_at=None))
+            if row[0] != "deleted":
+                await self.store.enqueue_webhook(conn, "account.deleted", {
+                    "account": {"id": account_id, "email": row[1], "status": "deleted",
+                                "reason": _reason(reason), "status_at": iso(now)}}, now)
+            return cast("str | None", row[0])
+
+        return cast("str | None", await self._tx(run, f"cannot delete account {account_id}"))
+
+    # -- connect links ----------------------------------------------------------------------
+    async def create_link(self, link: dict[str, Any]) -> None:
+        await self._tx(lambda conn: conn.execute(sa.insert(connect_links_table).values(**link)),
+                       "cannot store a connect link")
+
+    async def link(self, link_id: str) -> dict[str, Any] | None:
+        try:
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(sa.select(connect_links_table).where(
+                    connect_links_table.c.id == link_id))).mappings().first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store.error("cannot read a connect link", exc) from exc
+        return dict(row) if row is not None else None
+
+    async def open_link(self, link_id: str, flow: bytes) -> bool:
+        """Record the authorization starting for an unused, unexpired link (the PKCE verifier
+        and nonce, encrypted); False when the link is used or expired by now."""
+        now = _now()
+        t = connect_links_table.c
+
+        async def run(conn: AsyncConnection) -> bool:
+            res = await conn.execute(sa.update(connect_links_table).where(
+                t.id == link_id, t.used_at.is_(None),
+                t.expires_at > sa.literal(now, t.expires_at.type)).values(
+                flow_ciphertext=flow, opened_at=now))
+            return bool(res.rowcount == 1)
+
+        return cast(bool, await self._tx(run, "cannot update a connect link"))
+
+    async def use_link(self, link_id: str) -> bool:
+        """Mark the link used, once: True for the one caller that did it (single use)."""
+        now = _now()
+        t = connect_links_table.c
+
+        async def run(conn: AsyncConnection) -> bool:
+            res = await conn.execute(sa.update(connect_links_table).where(
+                t.id == link_id, t.used_at.is_(None)).values(used_at=now))
+            return bool(res.rowcount == 1)
+
+        return cast(bool, await self._tx(run, "cannot update a connect link"))
+
+    async def finish_link(self, link_id: str, result: str, detail: str | None = None,
+                          account_id: str | None = None) -> None:
+        """The outcome of a link's flow (connected, refused, mismatch, ...); the flow secrets go."""
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sa.update(connect_links_table).where(
+                connect_links_table.c.id == link_id).values(
+                result=result, result_detail=_reason(detail), result_account=account_id,
+                flow_ciphertext=None))
+
+        await self._tx(run, "cannot update a connect link")
+
+    async def prune_links(self, older_than: timedelta) -> int:
+        cutoff = _now() - older_than
+
+        async def run(conn: AsyncConnection) -> int:
+            expires = connect_links_table.c.expires_at
+            res = await conn.execute(sa.delete(connect_links_table).where(
+                expires < sa.literal(cutoff, expires.type)))
+            return int(res.rowcount or 0)
+
+        return cast(int, await self._tx(run, "cannot prune connect links"))
 
     # -- checkpoints ----------------------------------------------------------------------
     async def checkpoint(self, account_id: str, folder: str) -> Checkpoint | None:
@@ -386,8 +627,8 @@ class Accounts:
 
     # -- reading: CLI and API ---------------------------------------------------------------
     async def overview(self, configured: Sequence[Account]) -> list[dict[str, Any]]:
-        """Every configured account (and any deleted from the config but still in the store)
-        with its status, reason, last sync, folders and how many stored messages its
+        """Every account in force (declared, and created at run time: `configured` is the
+        registry's list), and any deleted but still in the store, with its status, reason, last sync, folders and how many stored messages its
         mailbox holds: the rows of `mailgw accounts list` and `/api/v1/accounts`."""
         rows = await self.rows()
         counts = await self._message_counts()
@@ -423,7 +664,7 @@ class Accounts:
         try:
             async with self.store.engine.connect() as conn:
                 row = (await conn.execute(sa.select(*[c for c in accounts_table.c
-                                                      if c.name != "token_ciphertext"])
+                                                      if c.name not in _SECRET_COLUMNS])
                                           .where(accounts_table.c.id == account_id))).mappings().first()
                 if row is None and configured is None:
                     raise NotFound(f"no account {account_id!r} (not configured, never synced)")
@@ -490,23 +731,33 @@ class Accounts:
 
 
 def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) -> dict[str, Any]:
-    """One account as `accounts list --json` and the API show it."""
+    """One account as `accounts list --json` and the API show it (`a`: the account in force,
+    declared or created at run time; None for a row only the store still knows)."""
+    r = row or {}
     out: dict[str, Any] = {
-        "id": a.id if a is not None else (row or {}).get("id"),
-        "email": a.email if a is not None else (row or {}).get("email", ""),
-        "configured": a is not None,
+        "id": a.id if a is not None else r.get("id"),
+        "email": a.email if a is not None else r.get("email", ""),
+        # declared in gateway.yaml (as opposed to created at run time, or only in the store)
+        "configured": a is not None and a.origin == "config",
+        "origin": a.origin if a is not None else r.get("origin") or "config",
         "provider": a.provider if a is not None else None,
+        "auth_method": a.auth.method if a is not None else None,
+        "oauth_provider": (a.oauth_provider_name if a is not None else None),
+        "service_account": a.auth.service_account if a is not None else None,
         "direction": a.sync.direction if a is not None else None,
         "enabled": a.sync.enabled if a is not None else None,
         "folders": list(a.sync.folders) if a is not None else [],
         "history_days": a.sync.history_days if a is not None else None,
+        "send_as": list(a.send_as) if a is not None else [],
         # runtime state; an account the daemon has not seen yet is "active" (as it will be)
-        "status": (row or {}).get("status") or "active",
-        "reason": (row or {}).get("status_reason"),
-        "status_at": iso((row or {}).get("status_at")),
-        "last_sync_at": iso((row or {}).get("last_sync_at")),
-        "lease_owner": (row or {}).get("lease_owner"),
-        "lease_expires_at": iso((row or {}).get("lease_expires_at")),
+        "status": r.get("status") or "active",
+        "reason": r.get("status_reason"),
+        "status_at": iso(r.get("status_at")),
+        "connected_email": r.get("connected_email"),
+        "connected_at": iso(r.get("connected_at")),
+        "last_sync_at": iso(r.get("last_sync_at")),
+        "lease_owner": r.get("lease_owner"),
+        "lease_expires_at": iso(r.get("lease_expires_at")),
         "messages": messages,
     }
     return out

@@ -284,7 +284,8 @@ class RawMessage(Base):
 
 
 class AccountState(Base):
-    """The runtime state of a connected mailbox configured under ``accounts:``."""
+    """A connected mailbox: its runtime state, and for accounts created at run time
+    (``origin = 'runtime'``) also its definition and its credential (encrypted)."""
 
     __tablename__ = "accounts"
     __table_args__ = (sa.CheckConstraint(_in("status", ACCOUNT_STATUSES), name="status"),)
@@ -301,6 +302,44 @@ class AccountState(Base):
     last_sync_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    #: config (declared in gateway.yaml) or runtime (created through the API, CLI, a link)
+    origin: Mapped[str] = mapped_column(sa.String(8), default="config", server_default="config")
+    #: a runtime account's settings as JSON (the `accounts:` entry, no secrets)
+    definition: Mapped[str | None] = mapped_column(sa.Text)
+    #: a runtime account's password or refresh token, AES-256-GCM (gateway.keys.tokens)
+    credential_ciphertext: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    #: the address the OAuth provider vouched for, and when (connect links, device flow)
+    connected_email: Mapped[str | None] = mapped_column(sa.String)
+    connected_at: Mapped[datetime | None] = mapped_column()
+    #: bumped on every change of the definition or credential; nodes poll the maximum
+    version: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+
+
+class ConnectLink(Base):
+    """A signed, single-use, expiring "connect your mailbox" link for one rep."""
+
+    __tablename__ = "connect_links"
+    __table_args__ = (sa.Index("ix_connect_links_expires_at", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    provider: Mapped[str] = mapped_column(sa.String)
+    #: the address the link is for (None: record the one the provider vouches for)
+    email: Mapped[str | None] = mapped_column(sa.String)
+    #: the submission user who will send as the account
+    login: Mapped[str | None] = mapped_column(sa.String)
+    #: the account to create, or to reconnect
+    account_id: Mapped[str | None] = mapped_column(sa.String)
+    settings: Mapped[str | None] = mapped_column(sa.Text)       # JSON: sync folders, direction...
+    created_by: Mapped[str | None] = mapped_column(sa.String)
+    created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    expires_at: Mapped[datetime] = mapped_column()
+    #: the authorization in progress (PKCE verifier, nonce), encrypted, so any node takes the callback
+    flow_ciphertext: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    opened_at: Mapped[datetime | None] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column()
+    result: Mapped[str | None] = mapped_column(sa.String(32))
+    result_detail: Mapped[str | None] = mapped_column(sa.String)
+    result_account: Mapped[str | None] = mapped_column(sa.String)
 
 
 class SyncState(Base):
@@ -394,6 +433,7 @@ message_contacts_table = cast(sa.Table, MessageContact.__table__)
 message_companies_table = cast(sa.Table, MessageCompany.__table__)
 raw_table = cast(sa.Table, RawMessage.__table__)                        # raw_messages
 accounts_table = cast(sa.Table, AccountState.__table__)
+connect_links_table = cast(sa.Table, ConnectLink.__table__)
 sync_state_table = cast(sa.Table, SyncState.__table__)
 sync_runs_table = cast(sa.Table, SyncRun.__table__)
 outbox_table = cast(sa.Table, WebhookDelivery.__table__)                # webhook_outbox

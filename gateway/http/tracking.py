@@ -408,12 +408,15 @@ class TrackingServer:
 
     def __init__(self, listener: TrackingListener, signer: TokenSigner, sink: HitSink,
                  lookup: CopyLookup | None = None, *, settings: Settings | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 routes: Callable[[web.Application], None] | None = None) -> None:
         self.listener = listener
         self.signer = signer      # replaced on reload (key rotation)
         self.recorder = HitRecorder(sink, lookup, settings=settings, queue_size=listener.queue_size)
         self.app = make_app(lambda: self.signer, self.recorder,
                             trusted_proxies=listener.trusted_proxies, clock=clock)
+        if routes is not None:   # more pages on the public listener (the connect flow)
+            routes(self.app)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 

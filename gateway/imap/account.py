@@ -1,10 +1,12 @@
 """Open an authenticated IMAPClient for one configured account (password, delegate or OAuth2).
 
-    imap = await open_account(account, config.base_dir, tokens=token_manager)
+    imap = await open_account(account, config.base_dir, tokens=token_source, secrets=registry)
 
-Password accounts use AUTHENTICATE PLAIN (or LOGIN); `delegate` accounts log in as the
-service account with the mailbox owner as SASL PLAIN authorization identity; `oauth2`
-accounts get an access token from the TokenManager and, if the server refuses it,
+Password accounts use AUTHENTICATE PLAIN (or LOGIN), with `auth.password_file` or, for an
+account created at run time, the password the store keeps (`secrets`); `delegate`
+accounts log in as the service account with the mailbox owner as SASL PLAIN
+authorization identity; `oauth2` and `service` accounts get an access token from the
+TokenSource (`gateway.directory`) and, if the server refuses it,
 refresh once (`rejected=`) and try again on a new connection before giving up with
 `AccountAuthError`. Whatever fails, the connection is closed before the error goes up.
 """
@@ -14,16 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.config import Account, read_secret
+from gateway.directory import SecretSource, TokenSource
 from gateway.errors import AccountAuthError, AccountUnavailable
 from gateway.imap.client import IMAPClient
-from gateway.imap.oauth import TokenManager, credentials_from_config
 
 __all__ = ["open_account"]
 
 
-async def open_account(account: Account, base_dir: Path, *, tokens: TokenManager | None = None,
-                       timeout: float = 60.0, connect_timeout: float = 30.0,
-                       idle_interval: float = 25 * 60.0) -> IMAPClient:
+async def open_account(account: Account, base_dir: Path, *, tokens: TokenSource | None = None,
+                       secrets: SecretSource | None = None, timeout: float = 60.0,
+                       connect_timeout: float = 30.0, idle_interval: float = 25 * 60.0) -> IMAPClient:
     """Connect and authenticate; raises AccountAuthError or AccountUnavailable (typed)."""
     endpoint = account.imap_endpoint()
     if endpoint is None:
@@ -37,11 +39,10 @@ async def open_account(account: Account, base_dir: Path, *, tokens: TokenManager
 
     auth = account.auth
     username = auth.username or account.email
-    if auth.method == "oauth2":
+    if auth.uses_tokens:
         if tokens is None:
-            raise ValueError("an oauth2 account needs a TokenManager")
-        creds = credentials_from_config(account, base_dir)
-        token = await tokens.access_token(account.id, creds)
+            raise ValueError(f"an {auth.method} account needs a TokenSource")
+        token = await tokens.access_token(account.id)
         for attempt in (1, 2):
             imap = client()
             try:
@@ -55,14 +56,17 @@ async def open_account(account: Account, base_dir: Path, *, tokens: TokenManager
                 imap.close()
                 if attempt == 2:
                     raise
-                token = await tokens.access_token(account.id, creds, rejected=token)
+                token = await tokens.access_token(account.id, rejected=token)
             except BaseException:
                 imap.close()
                 raise
         raise AssertionError("unreachable")
-    if not auth.password_file:
+    if auth.password_file:
+        password = read_secret(auth.password_file, base_dir)
+    elif secrets is not None and account.origin == "runtime":
+        password = await secrets.password(account.id)
+    else:
         raise AccountAuthError(f"account {account.id} has no auth.password_file")
-    password = read_secret(auth.password_file, base_dir)
     imap = client()
     try:
         await imap.connect()

@@ -30,39 +30,27 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway.config import Account, Config, read_secret
-from gateway.crm.accounts import Accounts, DBTokenStore
+from gateway.config import Account, Config
+from gateway.crm.accounts import Accounts
 from gateway.crm.store import Store
+from gateway.directory import SecretSource, TokenSource
 from gateway.errors import StoreError
 from gateway.imap.account import open_account
 from gateway.imap.client import IMAPClient
-from gateway.imap.oauth import TokenManager
 from gateway.imap.sent import SentCopies
 from gateway.imap.slots import ConnectionSlots
 from gateway.imap.tailer import AccountTailer, Opener
-from gateway.keys.tokens import TokenCipher
 from gateway.records import NewMessage
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
-__all__ = ["Tailers", "token_manager_for"]
+__all__ = ["Tailers"]
 
 #: one look of the manager (statuses, leases) must finish within this
 TICK_TIMEOUT = 60.0
 #: sync runs are kept this long
 RUN_HISTORY = timedelta(days=30)
-
-
-def token_manager_for(cfg: Config, store: Store) -> TokenManager:
-    """OAuth2 tokens kept encrypted in the store; the key from `token_key_file`, else
-    `state_dir/token.key` (created 0600 on first use)."""
-    if cfg.token_key_file:
-        cipher = TokenCipher.from_secret(read_secret(cfg.token_key_file, cfg.base_dir))
-    else:
-        cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
-        cipher = TokenCipher.from_key_file(cfg.state_path / "token.key")
-    return TokenManager(DBTokenStore(store), cipher)
 
 
 @dataclasses.dataclass
@@ -78,7 +66,7 @@ class Tailers:
 
     def __init__(self, get_config: Callable[[], Config], store: Store, *, log: Any = None,
                  opener: Opener | None = None, node_id: str | None = None,
-                 tokens: TokenManager | None = None,
+                 tokens: TokenSource | None = None, secrets: SecretSource | None = None,
                  on_stored: Callable[[str, list[NewMessage]], None] | None = None,
                  metrics: Metrics | None = None) -> None:
         cfg = get_config()
@@ -89,8 +77,8 @@ class Tailers:
         self.slots = ConnectionSlots(cfg.sync.max_connections)
         self.node_id = node_id or cfg.sync.node_id or \
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._tokens = tokens
-        self._own_tokens = tokens is None
+        self.tokens = tokens         # OAuth access tokens (oauth2 and service accounts)
+        self.secrets = secrets       # passwords the store keeps (accounts created at run time)
         self.opener: Opener = opener or self._open
         self.on_stored = on_stored   # (account id, messages) after each commit: benchmarks, tests
         self.metrics = metrics       # imap_messages_stored_total and imap_errors_total per account
@@ -108,16 +96,11 @@ class Tailers:
                                self.accounts, log=self.log)
 
     # -- connections ------------------------------------------------------------------------
-    def tokens(self) -> TokenManager:
-        if self._tokens is None:
-            self._tokens = token_manager_for(self.get_config(), self.store)
-        return self._tokens
-
     async def _open(self, account: Account) -> IMAPClient:
         cfg = self.get_config()
         s = cfg.sync
-        tokens = self.tokens() if account.auth.method == "oauth2" else None
-        return await open_account(account, cfg.base_dir, tokens=tokens, timeout=s.timeout,
+        return await open_account(account, cfg.base_dir, tokens=self.tokens, secrets=self.secrets,
+                                  timeout=s.timeout,
                                   connect_timeout=s.timeout, idle_interval=s.idle_interval)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -129,6 +112,10 @@ class Tailers:
             self.log.error("accounts_not_recorded", error=str(exc))
         await self.sent.start()
         self._task = asyncio.create_task(self._control(), name="imap-tailers")
+
+    def wake(self) -> None:
+        """Look at the accounts now (one was created, changed or deleted at run time)."""
+        self._wake.set()
 
     def reload(self) -> None:
         """The config changed (SIGHUP): restart changed tailers, retry accounts that need
@@ -154,8 +141,6 @@ class Tailers:
             with contextlib.suppress(StoreError):
                 await self.accounts.release_lease(aid, self.node_id)
         await self.sent.stop(timeout)
-        if self._tokens is not None and self._own_tokens:
-            await self._tokens.close()
 
     async def abort(self) -> None:
         """Stop at once without releasing leases (what a crashed node leaves behind; tests)."""
@@ -171,8 +156,6 @@ class Tailers:
                 await r.task
         self.running.clear()
         await self.sent.stop(0.1)
-        if self._tokens is not None and self._own_tokens:
-            await self._tokens.close()
 
     async def _stop_tailers(self, ids: Sequence[str], timeout: float) -> None:
         runs = [self.running.pop(i) for i in ids if i in self.running]

@@ -1,9 +1,12 @@
-"""OAuth2 tokens at rest: AES-256-GCM over the token JSON, bound to the account id.
+"""Secrets at rest: AES-256-GCM over OAuth2 tokens and stored credentials, bound to what they belong to.
 
 `TokenCipher` encrypts an `AccessToken` (and any rotated refresh token) for one account;
 a `TokenStore` (the CRM store in production, `MemoryTokenStore` in tests) only ever sees
 the ciphertext and the expiry time (`EncryptedToken`). The 32-byte key comes from a secret
-(`token_key_file`) or a key file created with mode 0600.
+(`token_key_file`) or a key file created with mode 0600. `seal`/`unseal` encrypt any
+other secret the store keeps (the password or refresh token of an account created at run
+time, a connect flow in progress) under a label, so a ciphertext cannot be moved to
+another account or purpose.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.errors import ConfigError, Problem
 
@@ -72,6 +77,7 @@ class TokenCipher:
         if len(key) != 32:
             raise ValueError("the token key must be 32 bytes")
         self._aead = AESGCM(key)
+        self._key = key
 
     @staticmethod
     def generate_key() -> bytes:
@@ -122,6 +128,29 @@ class TokenCipher:
             return (AccessToken(str(data["access_token"]), float(data["expires_at"]),
                                 data.get("refresh_token")), str(data.get("origin", "")))
         except (InvalidTag, ValueError, KeyError, TypeError):
+            return None
+
+
+    def derive(self, label: str) -> bytes:
+        """A 32-byte key for another purpose (HKDF-SHA256 of the token key with `label` as
+        info): every node sharing `token_key_file` derives the same one."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"mailgw:" + label.encode()).derive(self._key)
+
+    def seal(self, label: str, plaintext: bytes) -> bytes:
+        """Encrypt any secret (a stored password or refresh token, a connect flow's PKCE
+        verifier) bound to `label` (e.g. "credential:alice"): it decrypts under that label only."""
+        nonce = os.urandom(12)
+        return _VERSION + nonce + self._aead.encrypt(nonce, plaintext, b"mailgw-secret:" + label.encode())
+
+    def unseal(self, label: str, blob: bytes) -> bytes | None:
+        """The plaintext `seal` encrypted under `label`; None if it does not decrypt (another
+        key, another label, damaged)."""
+        if len(blob) < 13 + 16 or blob[:1] != _VERSION:
+            return None
+        try:
+            return self._aead.decrypt(blob[1:13], blob[13:], b"mailgw-secret:" + label.encode())
+        except InvalidTag:
             return None
 
 

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import sqlalchemy as sa
 
+from gateway.accounts.service import AccountService
 from gateway.api import openapi
 from gateway.api.http import AdminAPI, encode_cursor
 from gateway.config import Config
@@ -100,14 +101,17 @@ def metrics() -> Metrics:
 
 
 @pytest.fixture
-async def api(store: Store, metrics: Metrics) -> AsyncIterator[tuple[AdminAPI, Client]]:
-    config = cfg()
-    a = AdminAPI(store, get_config=lambda: config, metrics=metrics, token=TOKEN,
-                 spool_counts=lambda: {"incoming": 1, "deferred": 2})
+async def api(store: Store, metrics: Metrics,
+              tmp_path: Path) -> AsyncIterator[tuple[AdminAPI, Client]]:
+    config = cfg(state_dir=str(tmp_path / "state"))
+    accounts = AccountService(lambda: config, store)
+    a = AdminAPI(store, get_config=lambda: accounts.effective(config), metrics=metrics, token=TOKEN,
+                 spool_counts=lambda: {"incoming": 1, "deferred": 2}, accounts=accounts)
     await a.start("127.0.0.1", 0, loopback_only=True)
     async with aiohttp.ClientSession() as session:
         yield a, Client(session, f"http://127.0.0.1:{a.port}")
     await a.stop()
+    await accounts.stop()
 
 
 async def test_token_required_on_api_not_on_health_metrics_openapi(

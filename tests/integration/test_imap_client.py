@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Account
+from gateway.accounts.grants import GrantClient
+from gateway.accounts.tokens import ConfigAccounts, TokenService
+from gateway.config import Account, Config
 from gateway.errors import (
     AccountAuthError,
     AccountTimeout,
@@ -27,7 +29,7 @@ from gateway.errors import (
 from gateway.imap import protocol
 from gateway.imap.account import open_account
 from gateway.imap.client import IMAPClient
-from gateway.imap.oauth import MemoryTokenStore, TokenCipher, TokenManager
+from gateway.keys.tokens import MemoryTokenStore, TokenCipher
 from tests.conftest import free_port, require_tool
 from tests.integration.harness import wait_until
 from tests.support.dovecot import Dovecot, message
@@ -437,14 +439,21 @@ def _oauth_account(dovecot: Dovecot, token_server: TokenServer, user: str, tmp_p
                  "refresh_token_file": "refresh", "mechanism": mechanism}})
 
 
+def _tokens(account: Account, tmp_path: Path, now: list[float]) -> TokenService:
+    cfg = Config.model_validate({"accounts": [account.model_dump()],
+                                 "source": str(tmp_path / "gateway.yaml")})
+    return TokenService(lambda: cfg, ConfigAccounts(lambda: cfg), MemoryTokenStore(),
+                        TokenCipher(TokenCipher.generate_key()), GrantClient(clock=lambda: now[0]),
+                        clock=lambda: now[0])
+
+
 @pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
 async def test_oauth2_through_dovecots_oauth2_passdb(dovecot: Dovecot, token_server: TokenServer,
                                                      user: str, tmp_path: Path, mechanism: str) -> None:
     account = _oauth_account(dovecot, token_server, user, tmp_path, mechanism)
     dovecot.append(user, "INBOX", message("oauth mail"))
     now = [time.time()]
-    tokens = TokenManager(MemoryTokenStore(), TokenCipher(TokenCipher.generate_key()),
-                          clock=lambda: now[0])
+    tokens = _tokens(account, tmp_path, now)
     grants_before = len(token_server.grants)
     try:
         imap = await open_account(account, tmp_path, tokens=tokens, timeout=10)
@@ -485,7 +494,7 @@ async def test_oauth2_revoked_grant_and_rejected_token_are_auth_errors(
 
     account = _oauth_account(dovecot, token_server, user, tmp_path, "xoauth2")
     token_server.revoke_refresh_token((tmp_path / "refresh").read_text())
-    tokens = TokenManager(MemoryTokenStore(), TokenCipher(TokenCipher.generate_key()))
+    tokens = _tokens(account, tmp_path, [time.time()])
     try:
         with pytest.raises(AccountAuthError) as err:
             await open_account(account, tmp_path, tokens=tokens, timeout=10)

@@ -16,8 +16,8 @@ from gateway.config import Account
 from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
 from gateway.crm.store import Store
 from gateway.errors import NotFound, StoreError
-from gateway.imap.oauth import AccessToken, TokenCipher
 from gateway.imap.slots import ConnectionSlots
+from gateway.keys.tokens import AccessToken, TokenCipher
 from gateway.records import AcceptedMessage, NewMessage, SourceRef, WebhookTarget
 from tests.support.wait import wait_for
 

@@ -9,7 +9,9 @@ import pytest
 
 from gateway.config import Account, load_config
 from gateway.errors import ConfigError
-from gateway.imap.oauth import AccessToken, TokenCipher, credentials_from_config
+from gateway.accounts.grants import GrantClient
+from gateway.accounts.providers import Providers
+from gateway.keys.tokens import AccessToken, TokenCipher
 
 
 def test_tokens_are_encrypted_and_bound_to_their_account() -> None:
@@ -46,7 +48,7 @@ def write(tmp_path: Path, accounts: str) -> Path:
     return p
 
 
-def test_oauth2_account_from_config(tmp_path: Path) -> None:
+async def test_oauth2_account_from_config(tmp_path: Path) -> None:
     (tmp_path / "rt").write_text("rt-123\n")
     (tmp_path / "cs").write_text("client-secret\n")
     cfg = load_config(write(tmp_path, """\
@@ -62,23 +64,30 @@ def test_oauth2_account_from_config(tmp_path: Path) -> None:
            refresh_token_file: rt, scope: mail, mechanism: oauthbearer}
 """))
     bob, carol = cfg.accounts
-    creds = credentials_from_config(bob, cfg.base_dir)
-    assert creds.token_endpoint == "https://oauth2.googleapis.com/token"
-    assert creds.scope == "https://mail.google.com/"
-    assert (creds.refresh_token, creds.client_secret) == ("rt-123", "client-secret")
-    assert "rt-123" not in repr(creds) and "client-secret" not in repr(creds)
-    endpoint = bob.imap_endpoint()
-    assert endpoint is not None and endpoint.host == "imap.gmail.com"
-    creds = credentials_from_config(carol, cfg.base_dir)
-    assert (creds.token_endpoint, creds.scope, creds.client_secret) == (
-        "https://idp.example.com/token", "mail", None)
-    assert carol.auth.mechanism == "oauthbearer"
+    grants = GrantClient()
+    providers = Providers(lambda: cfg, grants)
+    try:
+        provider, client, scope = await providers.for_account(bob)
+        assert provider.token_endpoint == "https://oauth2.googleapis.com/token"
+        assert scope == "https://mail.google.com/ openid email"
+        assert (client.client_id, client.client_secret) == ("cid", "client-secret")
+        assert "client-secret" not in repr(client)
+        endpoint = bob.imap_endpoint()
+        assert endpoint is not None and endpoint.host == "imap.gmail.com"
+        provider, client, scope = await providers.for_account(carol)
+        assert (provider.token_endpoint, scope, client.client_secret) == (
+            "https://idp.example.com/token", "mail", None)
+        assert carol.auth.mechanism == "oauthbearer"
+    finally:
+        await grants.close()
 
 
 @pytest.mark.parametrize(("auth", "message"), [
-    ("{method: oauth2, refresh_token_file: rt}", "needs client_id"),
-    ("{method: oauth2, client_id: c}", "needs refresh_token_file"),
-    ("{method: oauth2, client_id: c, refresh_token_file: rt}", "token_endpoint or auth.oauth_provider"),
+    ("{method: oauth2, refresh_token_file: rt, token_endpoint: 'https://x.test/t'}", "needs client_id"),
+    ("{method: oauth2, client_id: c, refresh_token_file: rt}", "needs a token endpoint"),
+    ("{method: oauth2, client_id: c, oauth_provider: corp}", "no OAuth provider 'corp'"),
+    ("{method: service}", "needs service_account"),
+    ("{method: service, service_account: nope}", "no service account 'nope'"),
     ("{method: oauth2, client_id: c, refresh_token_file: rt, token_endpoint: 'ftp://x'}", "not an http"),
     ("{method: password, password_file: pw, client_id: c}", "only apply to method: oauth2"),
     ("{method: delegate, password_file: pw}", "needs username"),
