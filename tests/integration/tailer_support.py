@@ -8,8 +8,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.accounts.grants import GrantClient
+from gateway.accounts.registry import token_cipher
+from gateway.accounts.tokens import ConfigAccounts, TokenService
 from gateway.config import Account, Config
-from gateway.crm.accounts import Accounts, Checkpoint
+from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore
 from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
@@ -95,9 +98,28 @@ class Spy:
         return imap
 
 
+class TestTailers(Tailers):
+    """Tailers with the daemon's OAuth token service over the config's accounts (tokens kept
+    encrypted in the store, key in state_dir), closed with the tailers."""
+
+    def __init__(self, cfg: Config, store: Store, **kw: Any) -> None:
+        self.grants = GrantClient()
+        kw.setdefault("tokens", TokenService(lambda: cfg, ConfigAccounts(lambda: cfg),
+                                             DBTokenStore(store), token_cipher(cfg), self.grants))
+        super().__init__(lambda: cfg, store, **kw)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        await super().stop(timeout)
+        await self.grants.close()
+
+    async def abort(self) -> None:
+        await super().abort()
+        await self.grants.close()
+
+
 def tailers_for(cfg: Config, store: Store, **kw: Any) -> tuple[Tailers, Spy]:
     store.configure(LinkRules.from_config(cfg), store.webhooks)
-    t = Tailers(lambda: cfg, store, **kw)
+    t = TestTailers(cfg, store, **kw)
     spy = Spy(t.opener)
     t.opener = spy
     t.sent.opener = spy

@@ -1,0 +1,231 @@
+"""Accounts created while the daemon runs: through the API (password, service account), a connect
+link (authorization code + PKCE against the test OAuth server), synced from Dovecot without a
+restart; changed, tested and deleted with purge through the API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.accounts.connect import account_id_for
+from gateway.app import App
+from tests.conftest import free_port, require_tool
+from tests.integration.tailer_support import FAST_SYNC, add_contacts, new_user
+from tests.support.dovecot import Dovecot, message
+from tests.support.oauth_server import TokenServer
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+LEAD = "lead@customer.test"
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[TokenServer]:
+    with TokenServer() as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def dovecot(token_server: TokenServer) -> Iterator[Dovecot]:
+    require_tool("dovecot")
+    with Dovecot(tokeninfo_url=token_server.tokeninfo_url) as dc:
+        yield dc
+
+
+class Gateway:
+    def __init__(self, app: App, session: aiohttp.ClientSession) -> None:
+        self.app, self.session = app, session
+        assert app.admin is not None and app.tracking is not None
+        self.api = f"http://127.0.0.1:{app.admin.port}"
+        self.public = f"http://127.0.0.1:{app.tracking.port}"
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(method, self.api + path, json=body) as resp:
+            return resp.status, await resp.json()
+
+    async def page(self, url: str) -> tuple[int, str, str | None]:
+        async with self.session.get(url, allow_redirects=False) as resp:
+            return resp.status, await resp.text(), resp.headers.get("Location")
+
+    async def messages(self, account: str) -> list[str]:
+        status, body = await self.call("GET", f"/api/v1/messages?account={account}")
+        assert status == 200
+        return [m["message_id"] for m in body["messages"]]
+
+    async def account(self, ident: str) -> dict[str, Any]:
+        _, body = await self.call("GET", "/api/v1/accounts")
+        return next(a for a in body["accounts"] if a["id"] == ident)
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot) -> AsyncIterator[Gateway]:
+    ts = token_server
+    tracking_port = free_port()
+    ts.register_redirect_uri(f"http://127.0.0.1:{tracking_port}/connect/callback")
+    (tmp_path / "client-secret").write_text(ts.client_secret + "\n")
+    (tmp_path / "sa.json").write_text(json.dumps(ts.create_service_account(domains=("example.test",))))
+    from gateway.config import Config
+    cfg = Config.model_validate({
+        "hostname": "gw.example.test", "state_dir": str(tmp_path / "state"),
+        "source": str(tmp_path / "gateway.yaml"),
+        "listeners": {"submission": {"host": "127.0.0.1", "port": free_port()},
+                      "tracking": {"host": "127.0.0.1", "port": tracking_port,
+                                   "base_url": f"http://127.0.0.1:{tracking_port}"},
+                      "admin": {"host": "127.0.0.1", "port": free_port()}},
+        "delivery": {"route": "mx"}, "sync": dict(FAST_SYNC),
+        "oauth": {"providers": {"testidp": {
+            "issuer": ts.issuer, "authorization_endpoint": ts.authorize_url,
+            "token_endpoint": ts.token_url, "jwks_uri": ts.jwks_url,
+            "userinfo_endpoint": ts.userinfo_url, "client_id": ts.client_id,
+            "client_secret_file": "client-secret", "scopes": ["mail", "openid", "email"],
+            "mail_provider": "imap",
+            "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"}}}},
+        "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json"}],
+        "accounts": [{"id": "declared", "email": "declared@example.test",
+                      "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
+                      "sync": {"enabled": False}}],
+    })
+    app = App(cfg)
+    await app.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Gateway(app, session)
+    finally:
+        await app.stop()
+
+
+def imap(dovecot: Dovecot) -> dict[str, Any]:
+    return {"host": dovecot.host, "port": dovecot.port, "tls": "none"}
+
+
+async def test_an_account_created_through_the_api_syncs_changes_tests_and_purges(
+        gw: Gateway, dovecot: Dovecot) -> None:
+    user = new_user(dovecot)
+    assert gw.app.store is not None
+    await add_contacts(gw.app.store, LEAD)
+    dovecot.append(user, "INBOX", message("hello", sender=LEAD, to=user, message_id="<rt1@test>"))
+    body = {"id": "rt1", "email": user, "imap": imap(dovecot),
+            "auth": {"method": "password", "password": dovecot.users[user]},
+            "sync": {"folders": ["INBOX"]}}
+    status, created = await gw.call("POST", "/api/v1/accounts", body)
+    assert status == 201, created
+    assert (created["origin"], created["status"], created["folders"]) == ("runtime", "active", ["INBOX"])
+    await wait_for(lambda: gw.messages("rt1"), 20, "the new account's INBOX synced without a restart")
+    assert await gw.messages("rt1") == ["<rt1@test>"]
+    # the password is stored encrypted, never returned
+    assert dovecot.users[user] not in json.dumps(created)
+    assert gw.app.store is not None
+    async with gw.app.store.engine.connect() as conn:
+        import sqlalchemy as sa
+        blob = (await conn.execute(sa.text("SELECT credential_ciphertext FROM accounts "
+                                           "WHERE id = 'rt1'"))).scalar()
+    assert blob and dovecot.users[user].encode() not in bytes(blob)
+
+    # bad input names the parameter; nothing is created
+    status, err = await gw.call("POST", "/api/v1/accounts", {**body, "id": "rt2",
+                                "auth": {"method": "password", "password_file": "/etc/shadow"}})
+    assert status == 400 and err["parameter"] == "auth.password_file", err
+    status, err = await gw.call("POST", "/api/v1/accounts", {**body, "id": "rt3", "sync": {"folders": []}})
+    assert status == 400 and err["parameter"].startswith("sync.folders"), err
+    status, err = await gw.call("POST", "/api/v1/accounts", body)
+    assert status == 409
+    status, err = await gw.call("POST", "/api/v1/accounts", {**body, "id": "declared"})
+    assert status == 409 and "gateway.yaml" in err["error"]
+    status, err = await gw.call("PATCH", "/api/v1/accounts/declared", {"folders": ["INBOX"]})
+    assert status == 409
+
+    status, changed = await gw.call("PATCH", "/api/v1/accounts/rt1",
+                                    {"folders": ["INBOX", "Sent"], "history_days": 7})
+    assert status == 200 and changed["folders"] == ["INBOX", "Sent"] and changed["history_days"] == 7
+    status, report = await gw.call("POST", "/api/v1/accounts/rt1/test")
+    assert status == 200 and report["ok"] is True, report
+    assert [f["configured"] for f in report["folders"]] == ["INBOX", "Sent"]
+    status, err = await gw.call("PATCH", "/api/v1/accounts/rt1", {"id": "other"})
+    assert status == 400 and err["parameter"] == "id"
+
+    status, gone = await gw.call("DELETE", "/api/v1/accounts/rt1?purge=true")
+    assert status == 200 and gone["purged"]["messages"] == 1, gone
+    assert await gw.messages("rt1") == []
+    assert (await gw.account("rt1"))["status"] == "deleted"
+    status, _ = await gw.call("DELETE", "/api/v1/accounts/nobody")
+    assert status == 404
+
+
+async def test_a_service_account_serves_three_mailboxes_added_at_run_time(
+        gw: Gateway, dovecot: Dovecot, token_server: TokenServer) -> None:
+    assert gw.app.store is not None
+    await add_contacts(gw.app.store, LEAD)
+    reps = [new_user(dovecot) for _ in range(3)]
+    for i, rep in enumerate(reps):
+        dovecot.append(rep, "INBOX", message(f"to rep {i}", sender=LEAD, to=rep,
+                                             message_id=f"<sa{i}@test>"))
+        status, created = await gw.call("POST", "/api/v1/accounts", {
+            "id": f"sa{i}", "email": rep, "imap": imap(dovecot),
+            "auth": {"method": "service", "service_account": "workspace"},
+            "sync": {"folders": ["INBOX"]}})
+        assert status == 201, created
+        assert created["service_account"] == "workspace"
+    for i in range(3):
+        await wait_for(lambda i=i: gw.messages(f"sa{i}"), 20, f"mailbox sa{i} synced")  # type: ignore[misc]
+        assert await gw.messages(f"sa{i}") == [f"<sa{i}@test>"]
+    bearer = [g for g in token_server.grants
+              if g["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"]
+    assert len(bearer) >= 3
+
+
+async def test_a_connect_link_connects_a_mailbox_once(gw: Gateway, dovecot: Dovecot,
+                                                      token_server: TokenServer) -> None:
+    ts = token_server
+    assert gw.app.store is not None
+    await add_contacts(gw.app.store, LEAD)
+    rep = new_user(dovecot)
+    dovecot.append(rep, "INBOX", message("linked", sender=LEAD, to=rep, message_id="<cl@test>"))
+    status, link = await gw.call("POST", "/api/v1/connect-links", {"provider": "testidp", "email": rep})
+    assert status == 201 and link["url"].startswith(gw.public + "/connect/"), link
+
+    # consent refused: a clear page, nothing connected, the link still usable
+    status, _, where = await gw.page(link["url"])
+    assert status == 302 and where is not None and where.startswith(ts.authorize_url)
+    status, page, _ = await gw.page(ts.consent(where, email=rep, approve=False))
+    assert status == 200 and 'data-kind="refused"' in page
+    # another mailbox than the link's: refused, nothing changed
+    status, _, where = await gw.page(link["url"])
+    assert where is not None
+    other = new_user(dovecot)
+    status, page, _ = await gw.page(ts.consent(where, email=other))
+    assert status == 409 and 'data-kind="mismatch"' in page
+    _, accounts = await gw.call("GET", "/api/v1/accounts")
+    assert not [a for a in accounts["accounts"] if a["email"] in (rep, other)]
+
+    # the right mailbox: connected, the page says so, the account syncs
+    status, _, where = await gw.page(link["url"])
+    assert where is not None
+    status, page, _ = await gw.page(ts.consent(where, email=rep))
+    assert status == 200 and 'data-kind="connected"' in page and rep in page, page
+    ident = account_id_for(rep)
+    acct = await gw.account(ident)
+    assert (acct["origin"], acct["status"], acct["auth_method"], acct["connected_email"]) == (
+        "runtime", "active", "oauth2", rep)
+    await wait_for(lambda: gw.messages(ident), 20, "the connected mailbox synced")
+    assert await gw.messages(ident) == ["<cl@test>"]
+    status, state = await gw.call("GET", f"/api/v1/connect-links/{link['id']}")
+    assert status == 200 and state["state"] == "used" and state["result"] == "connected"
+
+    # single use; a tampered link and a forged state change nothing
+    status, page, _ = await gw.page(link["url"])
+    assert status == 410 and 'data-kind="used"' in page
+    status, page, _ = await gw.page(link["url"][:-2] + ("AA" if not link["url"].endswith("AA") else "BB"))
+    assert status == 404 and 'data-kind="invalid"' in page
+    status, page, _ = await gw.page(gw.public + "/connect/callback?state=forged&code=x")
+    assert status == 400 and 'data-kind="state_invalid"' in page
+    # bad requests for links name the parameter
+    status, err = await gw.call("POST", "/api/v1/connect-links", {"provider": "nope", "email": rep})
+    assert status == 400 and err["parameter"] == "provider"
+    status, err = await gw.call("POST", "/api/v1/connect-links", {"provider": "testidp"})
+    assert status == 400 and err["parameter"] == "email"
