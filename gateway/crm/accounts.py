@@ -628,8 +628,9 @@ class Accounts:
     # -- reading: CLI and API ---------------------------------------------------------------
     async def overview(self, configured: Sequence[Account]) -> list[dict[str, Any]]:
         """Every account in force (declared, and created at run time: `configured` is the
-        registry's list), and any deleted but still in the store, with its status, reason, last sync, folders and how many stored messages its
-        mailbox holds: the rows of `mailgw accounts list` and `/api/v1/accounts`."""
+        registry's list), and any deleted but still in the store, with its status, reason,
+        last sync, folders and how many stored messages its mailbox holds: the rows of
+        `mailgw accounts list` and `/api/v1/accounts`."""
         rows = await self.rows()
         counts = await self._message_counts()
         last = await self._last_runs()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Account, load_config
-from gateway.errors import ConfigError
 from gateway.accounts.grants import GrantClient
 from gateway.accounts.providers import Providers
+from gateway.config import Account, load_config
+from gateway.errors import ConfigError
 from gateway.keys.tokens import AccessToken, TokenCipher
 
 
