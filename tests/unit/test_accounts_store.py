@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.config import Account
 from gateway.crm.accounts import Accounts, Checkpoint, DBTokenStore, RunCounts
 from gateway.crm.store import Store
-from gateway.errors import NotFound, StoreError
+from gateway.errors import AccountAuthError, NotFound, StoreError
 from gateway.imap.slots import ConnectionSlots
 from gateway.keys.tokens import AccessToken, TokenCipher
 from gateway.records import AcceptedMessage, NewMessage, SourceRef, WebhookTarget
@@ -242,3 +242,67 @@ async def test_connection_slots_first_come_first_served_and_resize() -> None:
         slots.release()
     assert slots.in_use == 0
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_runtime_accounts_registry_webhooks_and_secrets(store: Store, tmp_path: Path) -> None:
+    from gateway.accounts.registry import AccountRegistry, InvalidAccount
+    from gateway.config import Config
+    from gateway.errors import Conflict
+
+    store.configure(store.rules, [WebhookTarget("http://hook.test/", frozenset(
+        {"account.connected", "account.deleted"}))])
+    cfg = Config.model_validate({"accounts": [acct().model_dump()],
+                                 "users": [{"login": "rep@example.com", "password_hash": "$argon2id$x"}],
+                                 "source": str(tmp_path / "gateway.yaml")})
+    cipher = TokenCipher(TokenCipher.generate_key())
+    reg = AccountRegistry(lambda: cfg, store, cipher)
+    other_node = AccountRegistry(lambda: cfg, store, cipher)
+    await other_node.refresh()
+    definition = {"id": "rep", "email": "rep@example.com",
+                  "imap": {"host": "imap.example.com", "port": 993},
+                  "auth": {"method": "oauth2", "oauth_provider": "google", "client_id": "cid"},
+                  "send_as": ["rep@example.com"]}
+    created = await reg.create(definition, secret="rt-secret", connected_email="rep@example.com")
+    assert created.origin == "runtime" and [a.id for a in reg.accounts()] == ["alice", "rep"]
+    assert await reg.refresh_token("rep") == "rt-secret"
+    async with store.engine.connect() as conn:
+        blob = (await conn.execute(sa.text("SELECT credential_ciphertext FROM accounts "
+                                           "WHERE id = 'rep'"))).scalar()
+    assert blob and b"rt-secret" not in bytes(blob)
+    # the other node sees it at its next look; the config in force gains it and the send-as user
+    assert await other_node.refresh() is True and other_node.account("rep") is not None
+    eff = reg.effective(cfg)
+    assert [a.id for a in eff.accounts] == ["alice", "rep"] and eff.user("rep@example.com").account == "rep"
+    assert reg.effective(cfg) is eff                                 # stable while nothing changes
+    assert reg.account_for_user("rep@example.com") is not None
+    # refused: files, duplicate ids, ids declared in the file, unknown send-as users
+    with pytest.raises(InvalidAccount) as bad:
+        reg.validate({**definition, "id": "x",
+                      "auth": {"method": "password", "password_file": "/etc/shadow"}})
+    assert bad.value.problems[0][0] == "auth.password_file"
+    with pytest.raises(Conflict):
+        await reg.create(definition, secret="again")
+    with pytest.raises(Conflict):
+        await reg.create({**definition, "id": "alice"}, secret="x")
+    with pytest.raises(InvalidAccount) as bad:
+        await reg.create({**definition, "id": "y", "send_as": ["nobody@example.com"]}, secret="x")
+    assert bad.value.problems[0][0] == "send_as.0"
+    changed = await reg.update("rep", {"sync": {"folders": ["INBOX"]}})
+    assert changed.sync.folders == ["INBOX"]
+    assert await reg.delete("rep", reason="test") == "active"
+    assert reg.account("rep") is None and await other_node.refresh() is True
+    assert other_node.account("rep") is None
+    with pytest.raises(AccountAuthError):
+        await reg.refresh_token("alice")                              # declared, no refresh token
+    # a deleted runtime id may be created again
+    await reg.create(definition, secret="rt-2", connected_email="rep@example.com")
+    assert await reg.refresh_token("rep") == "rt-2"
+    # another token key cannot read the secret
+    stranger = AccountRegistry(lambda: cfg, store, TokenCipher(TokenCipher.generate_key()))
+    await stranger.refresh()
+    with pytest.raises(AccountAuthError, match="does not decrypt"):
+        await stranger.refresh_token("rep")
+    async with store.engine.connect() as conn:
+        hooks = [h[0] for h in (await conn.execute(sa.text(
+            "SELECT event_type FROM webhook_outbox ORDER BY id"))).all()]
+    assert hooks == ["account.connected", "account.deleted", "account.connected"]
