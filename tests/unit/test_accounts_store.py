@@ -272,7 +272,8 @@ async def test_runtime_accounts_registry_webhooks_and_secrets(store: Store, tmp_
     # the other node sees it at its next look; the config in force gains it and the send-as user
     assert await other_node.refresh() is True and other_node.account("rep") is not None
     eff = reg.effective(cfg)
-    assert [a.id for a in eff.accounts] == ["alice", "rep"] and eff.user("rep@example.com").account == "rep"
+    rep_user = eff.user("rep@example.com")
+    assert [a.id for a in eff.accounts] == ["alice", "rep"] and rep_user and rep_user.account == "rep"
     assert reg.effective(cfg) is eff                                 # stable while nothing changes
     assert reg.account_for_user("rep@example.com") is not None
     # refused: files, duplicate ids, ids declared in the file, unknown send-as users
