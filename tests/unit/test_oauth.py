@@ -142,3 +142,41 @@ def test_delegate_account_defaults_to_the_accounts_own_mailbox() -> None:
                                 "auth": {"method": "delegate", "username": "svc",
                                          "password_file": "x"}})
     assert a.auth.delegate_user is None and a.email == "owner@example.com"
+
+
+def test_check_refuses_combinations_that_cannot_work(tmp_path: Path) -> None:
+    from gateway.errors import Problem
+
+    (tmp_path / "pw").write_text("x")
+    (tmp_path / "sa.json").write_text("{}")
+    p = tmp_path / "gateway.yaml"
+    p.write_text("""\
+delivery: {route: account}
+users:
+  - {login: a@example.com, password_hash: "$argon2id$x", account: nosmtpcreds}
+service_accounts:
+  - {id: m365, kind: microsoft, tenant: t, client_id: c, client_secret_file: pw}
+accounts:
+  - id: nosmtpcreds
+    email: a@example.com
+    imap: {host: imap.example.com, port: 993}
+    smtp: {host: smtp.example.com, port: 587}
+    sync: {enabled: false}
+  - {id: wrongkind, email: b@example.com, provider: gmail,
+     auth: {method: service, service_account: m365}}
+  - {id: gdelegate, email: c@example.com, provider: gmail,
+     auth: {method: delegate, username: master, password_file: pw}}
+  - {id: unconnected, email: d@example.com, provider: gmail, auth: {method: oauth2}}
+  - {id: sendas, email: e@example.com, provider: gmail, send_as: [ghost@example.com],
+     sync: {enabled: false}}
+""")
+    warnings: list[Problem] = []
+    with pytest.raises(ConfigError) as err:
+        load_config(p, warnings=warnings)
+    text = str(err.value)
+    assert "users[0].account" in text and "no SMTP credentials" in text and "530" in text
+    assert "accounts[1].auth.service_account" in text and "kind microsoft" in text
+    assert "accounts[2].auth.method" in text and "Gmail has no SASL delegate" in text
+    assert "accounts[3].auth.client_id" in text              # no client id anywhere
+    assert "accounts[4].send_as[0]" in text or "accounts[4].send_as.0" in text, text
+    assert any("needs connecting" in str(w) for w in warnings)
