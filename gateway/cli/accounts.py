@@ -80,7 +80,10 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _accounts(args: argparse.Namespace) -> int:
+    from gateway.log import setup_logging
+
     cfg = config(args)
+    setup_logging(cfg.logging)     # to stderr: stdout is the command's output (--json)
     return asyncio.run(_with_service(cfg, args))
 
 

@@ -229,3 +229,65 @@ async def test_a_connect_link_connects_a_mailbox_once(gw: Gateway, dovecot: Dove
     assert status == 400 and err["parameter"] == "provider"
     status, err = await gw.call("POST", "/api/v1/connect-links", {"provider": "testidp"})
     assert status == 400 and err["parameter"] == "email"
+
+
+def test_the_shell_adds_accounts_and_connects_one_with_the_device_flow(
+        tmp_path: Path, dovecot: Dovecot, token_server: TokenServer) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    rep = new_user(dovecot)
+    ts = token_server               # the one Dovecot checks tokens with
+    ts.device_interval = 1          # poll every second (the RFC's default is 5)
+    try:
+        (tmp_path / "client-secret").write_text(ts.client_secret + "\n")
+        cfg_path = tmp_path / "gateway.yaml"
+        cfg_path.write_text(yaml.safe_dump({
+            "hostname": "gw.example.test", "state_dir": str(tmp_path / "state"),
+            "users": [{"login": "rep@example.com", "password_hash": "$argon2id$x"}],
+            "oauth": {"providers": {"testidp": {
+                "issuer": ts.issuer, "token_endpoint": ts.token_url, "jwks_uri": ts.jwks_url,
+                "device_authorization_endpoint": ts.device_authorization_url,
+                "userinfo_endpoint": ts.userinfo_url, "client_id": ts.client_id,
+                "client_secret_file": "client-secret", "scopes": ["mail", "openid", "email"],
+                "mail_provider": "imap", "imap": imap(dovecot)}}}}))
+
+        def mailgw(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(cfg_path)],
+                                  input=stdin, capture_output=True, text=True, timeout=60)
+
+        added = mailgw("accounts", "add", "--id", "pw1", "--email", rep, "--imap-host", dovecot.host,
+                       "--imap-port", str(dovecot.port), "--imap-tls", "none", "--secret-stdin",
+                       "--folders", "INBOX", "--json", stdin=dovecot.users[rep] + "\n")
+        assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout)["origin"] == "runtime"
+        tested = mailgw("accounts", "test", "pw1", "--json")
+        assert tested.returncode == 0 and json.loads(tested.stdout)["ok"] is True, tested.stdout
+        bad = mailgw("accounts", "add", "--id", "pw2", "--email", rep, "--provider", "imap")
+        assert bad.returncode == 2 and "imap" in bad.stderr, bad.stderr
+
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "accounts", "connect", "--provider",
+                                 "testidp", "--email", rep, "--json", "-c", str(cfg_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            shown = json.loads(proc.stdout.readline())
+            assert shown["verification_uri"].startswith(ts.base_url) and shown["user_code"]
+            ts.approve_device(shown["user_code"], rep)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+        result = json.loads(out)
+        assert result["outcome"] == "connected" and result["email"] == rep, result
+        listed = {a["id"]: a for a in json.loads(mailgw("accounts", "list", "--json").stdout)}
+        assert listed[result["account"]]["auth_method"] == "oauth2"
+        assert listed[result["account"]]["connected_email"] == rep
+        assert listed["pw1"]["auth_method"] == "password"
+        tested = mailgw("accounts", "test", result["account"], "--json")
+        assert json.loads(tested.stdout)["ok"] is True, tested.stdout     # XOAUTH2 to Dovecot
+    finally:
+        ts.device_interval = 5
