@@ -7,8 +7,9 @@ States of one queue entry, as the scheduler moves it::
         └──> some 4xx ──> deferred/ (next_attempt from delivery.retry.schedule)
                               └──attempt again when due, or at once after `mailgw queue retry`
 
-Route `account` sends as the submitting user's connected account: with its password,
-or, for an OAuth account (`auth.method` oauth2 or service), with XOAUTH2/OAUTHBEARER and
+Route `account` sends as the submitting user's connected account: with its password
+(from its file, or from the `SecretSource` for an account created at run time), or,
+for an OAuth account (`auth.method` oauth2 or service), with XOAUTH2/OAUTHBEARER and
 a token from the `TokenSource`. When the account's credentials stop a message (the
 token refused even after a refresh, the grant refused, an upstream that demands AUTH
 from an account without SMTP credentials) the recipients are deferred with a 4.7.x
@@ -26,6 +27,7 @@ point redelivers at most the entries that were in flight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import time
 from collections import defaultdict
@@ -36,7 +38,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway.config import Config, read_secret
+from gateway.config import Account, Config, read_secret
 from gateway.delivery.dsn import build_dsn, is_bounce
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.transport import (
@@ -46,8 +48,14 @@ from gateway.delivery.transport import (
     Transport,
     reply_line,
 )
-from gateway.directory import AccountDirectory, AccountStatusSink, ConfigDirectory, TokenSource
-from gateway.errors import AccountUnavailable, MailError, NotFound
+from gateway.directory import (
+    AccountDirectory,
+    AccountStatusSink,
+    ConfigDirectory,
+    SecretSource,
+    TokenSource,
+)
+from gateway.errors import AccountAuthError, AccountUnavailable, MailError, NotFound
 from gateway.ids import new_queue_id
 from gateway.mail.addresses import domain_of
 from gateway.metrics import Metrics
@@ -91,27 +99,26 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-#: auth.method values whose credentials are a password (the rest take OAuth tokens)
-_PASSWORD_METHODS = frozenset({"password", "delegate"})
-
-
 class Scheduler:
     """Delivers what is in the spool, retries on schedule, bounces with a DSN.
 
     `directory` finds the account a user sends as (default: the accounts of the
     configuration in force at each attempt); `tokens` gives OAuth accounts their access
-    tokens; `status` hears when an account needs reconnecting."""
+    tokens; `secrets` the passwords the store keeps for password accounts created at run
+    time; `status` hears when an account needs reconnecting."""
 
     def __init__(self, get_config: Callable[[], Config], spool: Spool, transport: Transport,
                  resolver: MXResolver, events: EventSink, *, log: Any = None,
                  clock: Callable[[], float] = time.time, scan_interval: float = 1.0,
                  local: LocalDelivery | None = None, metrics: Metrics | None = None,
                  directory: AccountDirectory | None = None, tokens: TokenSource | None = None,
-                 status: AccountStatusSink | None = None) -> None:
+                 status: AccountStatusSink | None = None,
+                 secrets: SecretSource | None = None) -> None:
         self._get_config = get_config
         self.directory = directory
         self.tokens = tokens
         self.status = status
+        self.secrets = secrets
         self.spool = spool
         self.transport = transport
         self.resolver = resolver
@@ -324,9 +331,9 @@ class Scheduler:
             # a DSN never goes through an account: it is often about that account failing
             route = "smarthost" if cfg.delivery.smarthost is not None else "mx"
         if route == "account":
-            dest = self._account_destination(env)
-            if dest is not None:
-                return [self._send_job(dest, env, rcpts, data)]
+            job = self._account_job(env, rcpts, data)
+            if job is not None:
+                return [job]
             route = "smarthost" if cfg.delivery.smarthost is not None else "mx"
         if route == "smarthost":
             sh = cfg.delivery.smarthost
@@ -342,19 +349,32 @@ class Scheduler:
             by_domain[domain_of(r)].append(r)
         return [self._mx_job(domain, env, group, data) for domain, group in by_domain.items()]
 
-    def _account_destination(self, env: Envelope) -> Destination | None:
+    def _account_job(self, env: Envelope, rcpts: list[str],
+                     data: bytes) -> Callable[[], Awaitable[list[RcptResult]]] | None:
+        """The send through the user's account; None when the user has none (or it names
+        no SMTP server)."""
         cfg = self.cfg
         directory = self.directory if self.directory is not None else ConfigDirectory(cfg)
         acct = directory.account_for_user(env.user) if env.user else None
         if acct is None:
             return None
+        dest = self._account_destination(acct)
+        if dest is None:
+            return None
+        if (dest.username is None and dest.mechanism is None and acct.origin == "runtime"
+                and self.secrets is not None):
+            return self._stored_password_job(acct, dest, env, rcpts, data)
+        return self._send_job(dest, env, rcpts, data)
+
+    def _account_destination(self, acct: Account) -> Destination | None:
+        cfg = self.cfg
         ep = acct.smtp_endpoint()
         if ep is None:
             return None
         s = acct.smtp
         username = (s.username if s else None) or acct.auth.username or acct.email
         ca_file = str(cfg.path(s.ca_file)) if s and s.ca_file else None
-        if acct.auth.method not in _PASSWORD_METHODS:  # oauth2, service: bearer tokens
+        if acct.auth.uses_tokens:  # oauth2, service: bearer tokens from the TokenSource
             return Destination(host=ep.host, port=ep.port, tls=ep.tls,
                                tls_required=ep.tls != "none", username=username,
                                mechanism=acct.auth.mechanism, account=acct.id,
@@ -364,6 +384,31 @@ class Scheduler:
                            username=username if pw_ref else None,
                            password=self._secret(pw_ref) if pw_ref else None,
                            account=acct.id, ca_file=ca_file)
+
+    def _stored_password_job(self, acct: Account, dest: Destination, env: Envelope,
+                             rcpts: list[str],
+                             data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
+        """An account created at run time: its password is in the store (SecretSource)."""
+        secrets = self.secrets
+        assert secrets is not None
+        s = acct.smtp
+        username = (s.username if s else None) or acct.auth.username or acct.email
+
+        async def job() -> list[RcptResult]:
+            try:
+                password = await secrets.password(acct.id)
+            except AccountAuthError as exc:
+                text = reply_line(f"account {acct.id} needs reconnecting: {exc.text}")
+                await self._needs_reconnect(env, acct.id, f"454 4.7.8 {text}")
+                return [RcptResult(r, 454, "4.7.8", text, credentials="refused")
+                        for r in rcpts]
+            except Exception as exc:  # the store is down: try later
+                text = reply_line(f"cannot read the password of account {acct.id} for now: "
+                                  f"{exc}")
+                return [RcptResult(r, 451, "4.3.0", text) for r in rcpts]
+            login = dataclasses.replace(dest, username=username, password=password)
+            return await self._send_job(login, env, rcpts, data)()
+        return job
 
     def _token_getter(self, account_id: str) -> TokenGetter:
         """The account's access tokens from the TokenSource, asked at log-in time."""

@@ -1,7 +1,7 @@
 """Route `account` with an OAuth account, end to end on loopback: the scheduler, the real
 SMTPTransport, an aiosmtpd upstream that offers AUTH XOAUTH2 / OAUTHBEARER and checks
-each bearer token with the tests' OAuth server, and tokens from gateway.imap.oauth's
-TokenManager refreshing a refresh token that server issued.
+each bearer token with the tests' OAuth server, and tokens from the gateway's own
+TokenService (gateway.accounts.tokens) refreshing a refresh token that server issued.
 
     sender --spool--> Scheduler --AUTH XOAUTH2--> upstream (token_allows?) --> delivered
                           |  535: one refresh (rejected=) and AUTH again
@@ -23,17 +23,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.accounts.grants import GrantClient
+from gateway.accounts.tokens import ConfigAccounts, TokenService
 from gateway.config import Config, load_config
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import Scheduler
 from gateway.delivery.smtp import SMTPTransport
-from gateway.imap.oauth import (
-    MemoryTokenStore,
-    OAuthCredentials,
-    TokenCipher,
-    TokenManager,
-    credentials_from_config,
-)
+from gateway.keys.tokens import MemoryTokenStore, TokenCipher
 from gateway.oauth.sasl import initial_response
 from gateway.records import AcceptedMessage, EventRecord
 from gateway.spool import Envelope, Recipient, Spool, new_queue_id
@@ -69,24 +65,17 @@ class Events:
         return [e.type for e in self.events]
 
 
-class ManagedTokens:
-    """The TokenSource the gateway's account service provides, here over a TokenManager:
-    each account's OAuthCredentials read from its configuration."""
+class RecordedTokens:
+    """The daemon's TokenSource (a TokenService over the configured accounts), each call
+    recorded."""
 
-    def __init__(self, manager: TokenManager, cfg: Config) -> None:
-        self.manager = manager
-        self.cfg = cfg
+    def __init__(self, service: TokenService) -> None:
+        self.service = service
         self.calls: list[tuple[str, str | None]] = []
-
-    def _creds(self, account_id: str) -> OAuthCredentials:
-        acct = self.cfg.account(account_id)
-        assert acct is not None
-        return credentials_from_config(acct, self.cfg.base_dir)
 
     async def access_token(self, account_id: str, *, rejected: str | None = None) -> str:
         self.calls.append((account_id, rejected))
-        return await self.manager.access_token(account_id, self._creds(account_id),
-                                               rejected=rejected)
+        return await self.service.access_token(account_id, rejected=rejected)
 
 
 class Status:
@@ -109,15 +98,16 @@ class Rig:
     spool: Spool
     clock: FakeClock
     events: Events
-    tokens: ManagedTokens
+    tokens: RecordedTokens
     status: Status
     scheduler: Scheduler
 
-    async def send(self, *rcpts: str) -> str:
-        """Spool MESSAGE from REP to `rcpts` and hand it to the scheduler; its queue id."""
+    async def send(self, *rcpts: str, route: str | None = None) -> str:
+        """Spool MESSAGE from REP to `rcpts` (by `route` when a policy chose one) and hand
+        it to the scheduler; its queue id."""
         env = Envelope(id=new_queue_id(self.clock()), mail_from=REP,
                        recipients=[Recipient(r) for r in rcpts], received_at=self.clock(),
-                       user=REP)
+                       user=REP, route=route)
         await self.spool.put(env, MESSAGE)
         self.scheduler.notify(env.id)
         return env.id
@@ -143,9 +133,10 @@ def ts() -> Iterator[TokenServer]:
 async def make_rig(tmp_path: Path, ts: TokenServer, *, auth: dict[str, Any] | None = None,
                    mechanism: str = "xoauth2",
                    mechanisms: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER"),
-                   error_challenge: bool = True) -> AsyncIterator[Rig]:
+                   error_challenge: bool = True, route: str = "account") -> AsyncIterator[Rig]:
     """Both upstreams, the configuration (REP sends as ACCOUNT, an OAuth account logging
-    in with `mechanism` unless `auth` says otherwise) and the running scheduler."""
+    in with `mechanism` unless `auth` says otherwise; `delivery.route`) and the running
+    scheduler."""
     refresh = tmp_path / "alice.refresh"
     refresh.write_text(ts.issue_refresh_token(MAILBOX) + "\n")
     secret = tmp_path / "client.secret"
@@ -163,15 +154,16 @@ async def make_rig(tmp_path: Path, ts: TokenServer, *, auth: dict[str, Any] | No
                        "auth": auth or oauth,
                        "smtp": {"host": "127.0.0.1", "port": up.port, "tls": "none"},
                        "sync": {"enabled": False}}],
-            delivery={"route": "account", "retry": {"schedule": ["10m"],
+            delivery={"route": route, "retry": {"schedule": ["10m"],
                                                      "give_up_after": "1d"}})
         cfg = load_config(config_path)
         spool = Spool(cfg.spool_path)
         spool.setup()
         clock = FakeClock()
         events = Events()
-        manager = TokenManager(MemoryTokenStore(), TokenCipher(TokenCipher.generate_key()))
-        tokens = ManagedTokens(manager, cfg)
+        service = TokenService(lambda: cfg, ConfigAccounts(lambda: cfg), MemoryTokenStore(),
+                               TokenCipher(TokenCipher.generate_key()), GrantClient())
+        tokens = RecordedTokens(service)
         status = Status()
         # idle_timeout=0: no pooled connection, so every message logs in afresh
         transport = SMTPTransport("gw.example.test", connect_timeout=5, command_timeout=5,
@@ -184,7 +176,7 @@ async def make_rig(tmp_path: Path, ts: TokenServer, *, auth: dict[str, Any] | No
                       status, scheduler)
         finally:
             await scheduler.stop(timeout=5)
-            await manager.close()
+            await service.close()
             spool.close()
 
 
@@ -231,7 +223,7 @@ async def test_an_expired_token_is_refreshed_once_and_the_message_delivered(
                         error_challenge=error_challenge) as rig:
         first = await rig.send("bob@example.net")
         await rig.settled(first, None)
-        ts.expire_access_tokens()  # the TokenManager still holds the token as valid
+        ts.expire_access_tokens()  # the TokenService still holds the token as valid
         second = await rig.send("carol@example.org")
         await rig.up.wait_for(2, timeout=20)
         await rig.settled(second, None)
@@ -289,9 +281,11 @@ async def test_a_revoked_grant_defers_needs_reconnect_and_warns_the_sender(rig: 
 
 async def test_530_from_an_account_without_credentials_is_deferred(
         tmp_path: Path, ts: TokenServer) -> None:
-    # a password account with no password: the gateway never logs in, the upstream says 530
-    async with make_rig(tmp_path, ts, auth={"method": "password"}) as rig:
-        qid = await rig.send("bob@example.net")
+    # a password account with no password: the gateway never logs in, the upstream says 530.
+    # `mailgw check` refuses that with delivery.route account; a policy can still pick the
+    # route for one message (and a stored account can lose its credentials at run time)
+    async with make_rig(tmp_path, ts, auth={"method": "password"}, route="smarthost") as rig:
+        qid = await rig.send("bob@example.net", route="account")
         await rig.settled(qid, "deferred")
         [rcpt] = rig.spool.read_envelope("deferred", qid).recipients
         reply = rcpt.last_reply or ""

@@ -480,6 +480,24 @@ async def test_oauthbearer_and_an_explicit_smtp_login(tmp_path: Path) -> None:
         h.spool.close()
 
 
+async def test_a_service_account_mailbox_logs_in_with_tokens_too(tmp_path: Path) -> None:
+    cfg = account_config({"method": "service", "service_account": "workspace"})
+    cfg = Config.model_validate({**cfg.model_dump(exclude_unset=True),
+                                 "service_accounts": [{"id": "workspace", "kind": "google",
+                                                       "key_file": "env:MAILGW_TEST_UNUSED"}]})
+    h = Harness(tmp_path / "spool", cfg)
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, None)
+        [dest] = account_sends(h)
+        assert (dest.mechanism, dest.username, dest.account) == ("xoauth2", MAILBOX, ACCOUNT)
+        assert h.tokens.calls == [(ACCOUNT, None)]
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
 async def test_a_refused_token_is_refreshed_once(acct: Harness) -> None:
     acct.transport.refuse_tokens = {"tok-1"}
     qid = await acct.queue("bob@example.net", user=REP)
@@ -723,6 +741,53 @@ async def test_the_account_comes_from_the_directory(tmp_path: Path) -> None:
         assert h.transport.sends[-1].dest is not None
         assert h.transport.sends[-1].dest.where == "relay.test:2525"
         assert directory.asked == ["stored@gw.test", REP]
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+class Secrets:
+    """A SecretSource: the stored passwords of accounts created at run time."""
+
+    def __init__(self, passwords: dict[str, str]) -> None:
+        self.passwords = passwords
+        self.asked: list[str] = []
+
+    async def password(self, account_id: str) -> str:
+        self.asked.append(account_id)
+        if account_id not in self.passwords:
+            raise AccountAuthError(f"account {account_id} has no password: connect it")
+        return self.passwords[account_id]
+
+
+async def test_a_runtime_password_account_logs_in_with_its_stored_password(
+        tmp_path: Path) -> None:
+    stored = Account.model_validate({
+        "id": "stored-1", "email": "stored@example.com",
+        "smtp": {"host": "smtp.stored.test", "port": 587, "tls": "starttls"},
+        "sync": {"enabled": False}}).model_copy(update={"origin": "runtime"})
+    h = Harness(tmp_path / "spool", account_config(), directory=StoredAccounts(stored))
+    secrets = Secrets({"stored-1": "stored-secret"})
+    h.scheduler.secrets = secrets
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user="stored@gw.test")
+        await h.wait_settled(qid, None)
+        [sent] = h.transport.sends
+        assert sent.dest is not None
+        assert (sent.dest.username, sent.dest.password, sent.dest.account) == (
+            "stored@example.com", "stored-secret", "stored-1")
+        assert secrets.asked == ["stored-1"]
+
+        # its password gone from the store: deferred, reported, the sender warned once
+        secrets.passwords.clear()
+        qid = await h.queue("bob@example.net", user="stored@gw.test")
+        await h.wait_settled(qid, "deferred")
+        reply = h.deferred(qid).recipients[0].last_reply or ""
+        assert reply.startswith("454 4.7.8 account stored-1 needs reconnecting")
+        assert h.status.reports == [("stored-1", reply)]
+        await wait_for(lambda: len(delayed_dsns(h)) == 1, what="the delayed DSN")
+        assert len(h.transport.sends) == 2  # the first message and the DSN, by the smarthost
     finally:
         await h.scheduler.stop(timeout=5)
         h.spool.close()
