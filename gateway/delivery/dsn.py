@@ -14,8 +14,9 @@ message, CRLF line endings throughout and every line we write under 998 octets::
 Recipients whose result is temporary (4xx) are reported, when `final`, with
 Status 4.4.7 (delivery time expired) and Action: failed, the last reply kept as
 the Diagnostic-Code; with `final=False` the report is a delay warning (Action:
-delayed). Non-ASCII addresses or headers (SMTPUTF8 mail) switch the parts to their
-RFC 6533 `message/global-*` forms.
+delayed; the scheduler sends one when an account's credentials hold a message up,
+with a `note` that says so). Non-ASCII addresses or headers (SMTPUTF8 mail) switch
+the parts to their RFC 6533 `message/global-*` forms.
 
 `is_bounce()` tells the scheduler that a message is itself a bounce or an
 automatic reply, so that no DSN is ever sent about a DSN.
@@ -46,15 +47,16 @@ _REMOTE = re.compile(r"^(?P<host>[^\[\]]*?)(?:\[(?P<ip>[^\]]*)\])?(?::(?P<port>\
 def build_dsn(*, reporting_mta: str, original: bytes, envelope_from: str,
               failed: Sequence[RcptResult], arrival: datetime, queue_id: str,
               final: bool = True, include: Literal["headers", "full"] = "headers",
-              now: datetime | None = None) -> bytes:
-    """The DSN for `failed` recipients of `original`, addressed to `envelope_from`."""
+              now: datetime | None = None, note: str | None = None) -> bytes:
+    """The DSN for `failed` recipients of `original`, addressed to `envelope_from`;
+    `note`, a paragraph for the person, says why (it follows the introduction)."""
     now = now or datetime.now(UTC)
     original_header = _normalize(header_block(original))
     utf8 = (not envelope_from.isascii() or any(not r.rcpt.isascii() for r in failed)
             or not original_header.isascii())
     boundary = f"=_mailgw_{secrets.token_hex(12)}"
 
-    text = _human_text(reporting_mta, failed, final)
+    text = _human_text(reporting_mta, failed, final, note)
     text_bytes, text_headers = _text_part(text)
 
     status = _status_fields(reporting_mta, queue_id, arrival, failed, final, now)
@@ -124,7 +126,8 @@ def is_bounce(envelope_from: str, data: bytes) -> bool:
 # -- parts ------------------------------------------------------------------------------
 
 
-def _human_text(reporting_mta: str, failed: Sequence[RcptResult], final: bool) -> str:
+def _human_text(reporting_mta: str, failed: Sequence[RcptResult], final: bool,
+                note: str | None = None) -> str:
     if final:
         intro = ("I'm sorry to have to inform you that your message could not be delivered "
                  "to one or more recipients. Its headers are attached below.")
@@ -132,6 +135,7 @@ def _human_text(reporting_mta: str, failed: Sequence[RcptResult], final: bool) -
         intro = ("This is a warning only: your message has not yet been delivered to one or "
                  "more recipients. Delivery will be retried; you do not need to send it again.")
     paras = [f"This is the mail system at host {reporting_mta}.", intro,
+             *([" ".join(note.split())] if note else []),
              "For further assistance, please contact your postmaster."]
     lines: list[str] = []
     for p in paras:

@@ -7,6 +7,17 @@ States of one queue entry, as the scheduler moves it::
         └──> some 4xx ──> deferred/ (next_attempt from delivery.retry.schedule)
                               └──attempt again when due, or at once after `mailgw queue retry`
 
+Route `account` sends as the submitting user's connected account: with its password
+(from its file, or from the `SecretSource` for an account created at run time), or,
+for an OAuth account (`auth.method` oauth2 or service), with XOAUTH2/OAUTHBEARER and
+a token from the `TokenSource`. When the account's credentials stop a message (the
+token refused even after a refresh, the grant refused, an upstream that demands AUTH
+from an account without SMTP credentials) the recipients are deferred with a 4.7.x
+reply, never bounced; a refused token also tells the `AccountStatusSink` that the
+account needs reconnecting, and the sender gets one delayed DSN per message. DSNs
+themselves never go by route `account` (the account may be the very thing that does
+not work): smarthost when one is configured, else mx.
+
 Work comes from three places: the relay's `notify()` right after a 250, a scan of
 `incoming/` once a second (which also finds what `mailgw queue retry|release` moved
 there and what a crash left), and a timer heap of deferred entries. A crash at any
@@ -16,6 +27,7 @@ point redelivers at most the entries that were in flight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import time
 from collections import defaultdict
@@ -26,11 +38,24 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway.config import Config, read_secret
+from gateway.config import Account, Config, read_secret
 from gateway.delivery.dsn import build_dsn, is_bounce
 from gateway.delivery.mx import MXResolver
-from gateway.delivery.transport import Destination, RcptResult, Transport
-from gateway.errors import MailError, NotFound
+from gateway.delivery.transport import (
+    Destination,
+    RcptResult,
+    TokenGetter,
+    Transport,
+    reply_line,
+)
+from gateway.directory import (
+    AccountDirectory,
+    AccountStatusSink,
+    ConfigDirectory,
+    SecretSource,
+    TokenSource,
+)
+from gateway.errors import AccountAuthError, AccountUnavailable, MailError, NotFound
 from gateway.ids import new_queue_id
 from gateway.mail.addresses import domain_of
 from gateway.metrics import Metrics
@@ -67,6 +92,7 @@ class Stats:
     deferred: int = 0
     bounced: int = 0
     dsns: int = 0
+    delayed_dsns: int = 0
 
 
 def _utc(ts: float) -> datetime:
@@ -74,13 +100,25 @@ def _utc(ts: float) -> datetime:
 
 
 class Scheduler:
-    """Delivers what is in the spool, retries on schedule, bounces with a DSN."""
+    """Delivers what is in the spool, retries on schedule, bounces with a DSN.
+
+    `directory` finds the account a user sends as (default: the accounts of the
+    configuration in force at each attempt); `tokens` gives OAuth accounts their access
+    tokens; `secrets` the passwords the store keeps for password accounts created at run
+    time; `status` hears when an account needs reconnecting."""
 
     def __init__(self, get_config: Callable[[], Config], spool: Spool, transport: Transport,
                  resolver: MXResolver, events: EventSink, *, log: Any = None,
                  clock: Callable[[], float] = time.time, scan_interval: float = 1.0,
-                 local: LocalDelivery | None = None, metrics: Metrics | None = None) -> None:
+                 local: LocalDelivery | None = None, metrics: Metrics | None = None,
+                 directory: AccountDirectory | None = None, tokens: TokenSource | None = None,
+                 status: AccountStatusSink | None = None,
+                 secrets: SecretSource | None = None) -> None:
         self._get_config = get_config
+        self.directory = directory
+        self.tokens = tokens
+        self.status = status
+        self.secrets = secrets
         self.spool = spool
         self.transport = transport
         self.resolver = resolver
@@ -262,6 +300,11 @@ class Scheduler:
                           reply=res.reply, remote=res.remote, attempt=env.attempts)
         if bounced:
             await self._send_dsn(env, data, bounced)
+        held = [by_rcpt[r.addr] for r in pending
+                if r.status == "pending" and by_rcpt[r.addr].credentials is not None]
+        if held and not env.delay_notified:
+            await self._send_delay_dsn(env, data, held)
+            env.delay_notified = True
         if env.pending:
             sched = cfg.delivery.retry.schedule
             env.next_attempt = now + sched[min(env.attempts - 1, len(sched) - 1)]
@@ -284,10 +327,13 @@ class Scheduler:
         route = env.route or cfg.delivery.route
         if route == "ingest":
             return [self._local_job(env, rcpts, data)]
+        if route == "account" and env.is_bounce:
+            # a DSN never goes through an account: it is often about that account failing
+            route = "smarthost" if cfg.delivery.smarthost is not None else "mx"
         if route == "account":
-            dest = self._account_destination(env)
-            if dest is not None:
-                return [self._send_job(dest, env, rcpts, data)]
+            job = self._account_job(env, rcpts, data)
+            if job is not None:
+                return [job]
             route = "smarthost" if cfg.delivery.smarthost is not None else "mx"
         if route == "smarthost":
             sh = cfg.delivery.smarthost
@@ -303,22 +349,77 @@ class Scheduler:
             by_domain[domain_of(r)].append(r)
         return [self._mx_job(domain, env, group, data) for domain, group in by_domain.items()]
 
-    def _account_destination(self, env: Envelope) -> Destination | None:
+    def _account_job(self, env: Envelope, rcpts: list[str],
+                     data: bytes) -> Callable[[], Awaitable[list[RcptResult]]] | None:
+        """The send through the user's account; None when the user has none (or it names
+        no SMTP server)."""
         cfg = self.cfg
-        user = cfg.user(env.user) if env.user else None
-        acct = cfg.account(user.account) if user and user.account else None
+        directory = self.directory if self.directory is not None else ConfigDirectory(cfg)
+        acct = directory.account_for_user(env.user) if env.user else None
         if acct is None:
             return None
+        dest = self._account_destination(acct)
+        if dest is None:
+            return None
+        if (dest.username is None and dest.mechanism is None and acct.origin == "runtime"
+                and self.secrets is not None):
+            return self._stored_password_job(acct, dest, env, rcpts, data)
+        return self._send_job(dest, env, rcpts, data)
+
+    def _account_destination(self, acct: Account) -> Destination | None:
+        cfg = self.cfg
         ep = acct.smtp_endpoint()
         if ep is None:
             return None
         s = acct.smtp
         username = (s.username if s else None) or acct.auth.username or acct.email
+        ca_file = str(cfg.path(s.ca_file)) if s and s.ca_file else None
+        if acct.auth.uses_tokens:  # oauth2, service: bearer tokens from the TokenSource
+            return Destination(host=ep.host, port=ep.port, tls=ep.tls,
+                               tls_required=ep.tls != "none", username=username,
+                               mechanism=acct.auth.mechanism, account=acct.id,
+                               token=self._token_getter(acct.id), ca_file=ca_file)
         pw_ref = (s.password_file if s else None) or acct.auth.password_file
         return Destination(host=ep.host, port=ep.port, tls=ep.tls, tls_required=ep.tls != "none",
                            username=username if pw_ref else None,
                            password=self._secret(pw_ref) if pw_ref else None,
-                           ca_file=str(cfg.path(s.ca_file)) if s and s.ca_file else None)
+                           account=acct.id, ca_file=ca_file)
+
+    def _stored_password_job(self, acct: Account, dest: Destination, env: Envelope,
+                             rcpts: list[str],
+                             data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
+        """An account created at run time: its password is in the store (SecretSource)."""
+        secrets = self.secrets
+        assert secrets is not None
+        s = acct.smtp
+        username = (s.username if s else None) or acct.auth.username or acct.email
+
+        async def job() -> list[RcptResult]:
+            try:
+                password = await secrets.password(acct.id)
+            except AccountAuthError as exc:
+                text = reply_line(f"account {acct.id} needs reconnecting: {exc.text}")
+                await self._needs_reconnect(env, acct.id, f"454 4.7.8 {text}")
+                return [RcptResult(r, 454, "4.7.8", text, credentials="refused")
+                        for r in rcpts]
+            except Exception as exc:  # the store is down: try later
+                text = reply_line(f"cannot read the password of account {acct.id} for now: "
+                                  f"{exc}")
+                return [RcptResult(r, 451, "4.3.0", text) for r in rcpts]
+            login = dataclasses.replace(dest, username=username, password=password)
+            return await self._send_job(login, env, rcpts, data)()
+        return job
+
+    def _token_getter(self, account_id: str) -> TokenGetter:
+        """The account's access tokens from the TokenSource, asked at log-in time."""
+        tokens = self.tokens
+
+        async def token(*, rejected: str | None = None) -> str:
+            if tokens is None:
+                raise AccountUnavailable("this gateway has no OAuth token source to log in "
+                                         f"as account {account_id}")
+            return await tokens.access_token(account_id, rejected=rejected)
+        return token
 
     def _secret(self, ref: str) -> str:
         if ref not in self._secrets:
@@ -346,8 +447,24 @@ class Scheduler:
     def _send_job(self, dest: Destination, env: Envelope, rcpts: list[str],
                   data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
         async def job() -> list[RcptResult]:
-            return await self.transport.send(dest, env.mail_from, rcpts, data)
+            results = await self.transport.send(dest, env.mail_from, rcpts, data)
+            if dest.username is None and dest.mechanism is None:
+                results = [_auth_demanded(dest, r) if r.code == 530 else r for r in results]
+            refused = next((r for r in results if r.credentials == "refused"), None)
+            if refused is not None and dest.account is not None:
+                await self._needs_reconnect(env, dest.account, refused.reply)
+            return results
         return job
+
+    async def _needs_reconnect(self, env: Envelope, account_id: str, reason: str) -> None:
+        self.log.warning("account_needs_reconnect", queue_id=env.id, account=account_id,
+                         reason=reason)
+        if self.status is None:
+            return
+        try:
+            await self.status.needs_reconnect(account_id, reason)
+        except Exception:  # the report is best effort; the message is deferred either way
+            self.log.exception("needs_reconnect_failed", queue_id=env.id, account=account_id)
 
     def _mx_job(self, domain: str, env: Envelope, rcpts: list[str],
                 data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
@@ -370,18 +487,53 @@ class Scheduler:
         self.events.add_event(EventRecord(queue_id=env.id, type=type_, recipient=rcpt, at=_utc(at),
                                           details=details))
 
-    async def _send_dsn(self, env: Envelope, data: bytes, failed: list[RcptResult]) -> None:
+    async def _send_dsn(self, env: Envelope, data: bytes, failed: list[RcptResult], *,
+                        final: bool = True, note: str | None = None) -> bool:
+        """Queue a DSN about `failed` to the sender (a delay warning unless `final`);
+        False when none may be sent (the message is itself a bounce)."""
         if env.is_bounce or not env.mail_from or is_bounce(env.mail_from, data):
             self.log.info("dsn_suppressed", queue_id=env.id, reason="message is a bounce")
-            return
+            return False
         cfg = self.cfg
         dsn = build_dsn(reporting_mta=cfg.hostname, original=data, envelope_from=env.mail_from,
-                        failed=failed, arrival=_utc(env.received_at), queue_id=env.id)
+                        failed=failed, arrival=_utc(env.received_at), queue_id=env.id,
+                        final=final, note=note)
         now = self.clock()
         bounce = Envelope(id=new_queue_id(now), mail_from="",
                           recipients=[Recipient(addr=env.mail_from)], received_at=now,
                           user=env.user, account=env.account, is_bounce=True)
         await self.spool.put(bounce, dsn)
-        self.stats.dsns += 1
-        self.log.info("dsn_queued", queue_id=env.id, dsn_id=bounce.id, to=env.mail_from)
+        if final:
+            self.stats.dsns += 1
+        else:
+            self.stats.delayed_dsns += 1
+        self.log.info("dsn_queued", queue_id=env.id, dsn_id=bounce.id, to=env.mail_from,
+                      action="failed" if final else "delayed")
         self.notify(bounce.id)
+        return True
+
+    async def _send_delay_dsn(self, env: Envelope, data: bytes,
+                              held: list[RcptResult]) -> None:
+        """The one delay warning for a message its account's credentials hold up."""
+        refused = any(r.credentials == "refused" for r in held)
+        why = ("the mailbox account it is sent through needs reconnecting: its sign-in was "
+               "refused. Once the account is reconnected, delivery resumes by itself."
+               if refused else
+               "the mailbox account it is sent through has no working credentials for "
+               "its mail server. Once an administrator fixes them, delivery resumes.")
+        retry = self.cfg.delivery.retry.give_up_after
+        await self._send_dsn(env, data, held, final=False,
+                             note=f"Your message is held because {why} It is retried until "
+                                  f"{_utc(env.received_at + retry):%Y-%m-%d %H:%M} UTC, then "
+                                  f"returned to you.")
+
+
+def _auth_demanded(dest: Destination, res: RcptResult) -> RcptResult:
+    """A 530 from a configured upstream we did not log in to is a configuration problem
+    (credentials missing), not a verdict on the message: defer it, never bounce it."""
+    lack = (f"{dest.who} has no SMTP credentials configured" if dest.account
+            else "no SMTP credentials are configured for it")
+    return RcptResult(res.rcpt, 454, "4.7.0",
+                      reply_line(f"host {res.remote or dest.where} demands authentication "
+                                 f"({res.reply}), but {lack}"),
+                      res.remote, credentials="missing" if dest.account else None)

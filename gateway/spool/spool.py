@@ -78,6 +78,10 @@ class Envelope:
     route: str | None = None
     #: the queue id of the message's first copy (copies of one message share it)
     group: str | None = None
+    #: a delayed DSN (Action: delayed) went to the sender because the account's
+    #: credentials held the message up; sent once per message. Queue files written
+    #: before this field read as False; older readers ignore it.
+    delay_notified: bool = False
 
     @property
     def pending(self) -> list[Recipient]:

@@ -22,6 +22,13 @@ Behaviours, all optional and combinable:
 - `starttls=ctx`: offer STARTTLS with that server context; `require_starttls` refuses
   mail before it. `implicit_tls=ctx`: TLS from the first byte (port 465 style).
 - `auth=(user, password)`: offer AUTH PLAIN/LOGIN (also without TLS) and require it.
+- `oauth=check`: offer AUTH XOAUTH2 and OAUTHBEARER (`oauth_mechanisms` to narrow it;
+  also without TLS) and require AUTH; `check(token, mailbox)` says whether the bearer
+  token opens the mailbox, e.g. `TokenServer.token_allows`. A refused token gets the
+  error challenge first (`334 <base64 JSON>`, as Gmail and RFC 7628 do; the client's
+  dummy answer is read) and then `535 5.7.8`; `oauth_error_challenge=False` answers
+  535 at once. Every try is in `auth_attempts` (mechanism, login, token, accepted), and
+  `Received.mechanism` says how the session that sent a message logged in.
 - `hide={"8BITMIME", "SMTPUTF8", "SIZE", ...}`: leave EHLO keywords out.
 - `rset_reply`: answer RSET so (e.g. "421 4.4.2 idle too long"; a client closes on 421).
 - `data_delay`: seconds to hold every DATA before answering (to make sessions overlap).
@@ -36,6 +43,10 @@ connection from the server side (to test a client's handling of dead pooled ones
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
+import re
 import ssl
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -44,7 +55,9 @@ from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-__all__ = ["Received", "Upstream"]
+__all__ = ["AuthAttempt", "Received", "Upstream", "parse_oauthbearer", "parse_xoauth2"]
+
+OAUTH_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,50 @@ class Received:
     session: int  # 1 for the first connection the server accepted, 2 for the next, ...
     tls: bool
     login: str | None
+    mechanism: str | None = None  # the SASL mechanism the session logged in with
+
+
+@dataclass(frozen=True)
+class AuthAttempt:
+    """One OAuth AUTH command as the server judged it."""
+
+    mechanism: str
+    login: str
+    token: str
+    accepted: bool
+
+
+def parse_xoauth2(raw: bytes) -> tuple[str, str]:
+    """`user=U ^A auth=Bearer T ^A ^A` -> (U, T); ValueError when it is not that."""
+    text = raw.decode("utf-8")
+    if not text.endswith("\x01\x01"):
+        raise ValueError("XOAUTH2 response does not end with ^A^A")
+    fields = text[:-2].split("\x01")
+    if len(fields) != 2 or not fields[0].startswith("user=") \
+            or not fields[1].startswith("auth=Bearer "):
+        raise ValueError("XOAUTH2 response is not user=...^Aauth=Bearer ...")
+    return fields[0][len("user="):], fields[1][len("auth=Bearer "):]
+
+
+def parse_oauthbearer(raw: bytes) -> tuple[str, str]:
+    """RFC 7628: `n,a=U, ^A key=value ^A ... ^A ^A` -> (U, the bearer token)."""
+    text = raw.decode("utf-8")
+    if not text.endswith("\x01\x01"):
+        raise ValueError("OAUTHBEARER response does not end with ^A^A")
+    gs2, _, rest = text[:-2].partition("\x01")
+    parts = gs2.split(",")
+    if len(parts) != 3 or parts[0] not in ("n", "y") or not parts[1].startswith("a=") \
+            or parts[2]:
+        raise ValueError("OAUTHBEARER GS2 header is not n,a=user,")
+    user = re.sub("=(2C|3D)", lambda m: "," if m.group(1) == "2C" else "=", parts[1][2:])
+    pairs = dict(kv.partition("=")[::2] for kv in rest.split("\x01"))
+    auth = pairs.get("auth", "")
+    if not auth.startswith("Bearer "):
+        raise ValueError("OAUTHBEARER response has no auth=Bearer ...")
+    return user, auth[len("Bearer "):]
+
+
+_PARSERS = {"XOAUTH2": parse_xoauth2, "OAUTHBEARER": parse_oauthbearer}
 
 
 class _Server(SMTP):
@@ -67,6 +124,7 @@ class _Server(SMTP):
         super().__init__(upstream, **kwargs)
         self.upstream = upstream
         self.number = 0
+        self.mechanism: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls = self._original_transport is not None
@@ -92,7 +150,10 @@ class Upstream:
                  tempfail_reply: str = "451 4.3.0 temporary failure, try again later",
                  starttls: ssl.SSLContext | None = None, require_starttls: bool = False,
                  implicit_tls: ssl.SSLContext | None = None,
-                 auth: tuple[str, str] | None = None, hide: Iterable[str] = (),
+                 auth: tuple[str, str] | None = None,
+                 oauth: Callable[[str, str], bool] | None = None,
+                 oauth_mechanisms: Iterable[str] = OAUTH_MECHANISMS,
+                 oauth_error_challenge: bool = True, hide: Iterable[str] = (),
                  rset_reply: str | None = None, data_delay: float = 0.0,
                  data_size_limit: int = 33554432, pipelining: bool | None = None) -> None:
         self.host = host
@@ -108,6 +169,10 @@ class Upstream:
         self.require_starttls = require_starttls
         self.implicit_tls = implicit_tls
         self.auth = auth
+        self.oauth = oauth
+        self.oauth_mechanisms = {m.upper() for m in oauth_mechanisms}
+        self.oauth_error_challenge = oauth_error_challenge
+        self.auth_attempts: list[AuthAttempt] = []
         self.hide = {h.upper() for h in hide}
         self.rset_reply = rset_reply
         self.data_delay = data_delay
@@ -194,9 +259,17 @@ class Upstream:
         }
         if self.starttls is not None:
             kwargs.update(tls_context=self.starttls, require_starttls=self.require_starttls)
-        if self.auth is not None:
+        if self.auth is not None or self.oauth is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True,
                           auth_require_tls=False)
+        if self.auth is None and self.oauth is None:
+            excluded = list(OAUTH_MECHANISMS)  # aiosmtpd's own PLAIN/LOGIN stay, as ever
+        else:
+            offered = self.oauth_mechanisms if self.oauth is not None else set()
+            if self.auth is not None:
+                offered = offered | {"PLAIN", "LOGIN"}
+            excluded = [m for m in ("PLAIN", "LOGIN", *OAUTH_MECHANISMS) if m not in offered]
+        kwargs["auth_exclude_mechanism"] = excluded
         with warnings.catch_warnings():
             # AUTH without TLS is what these tests want; aiosmtpd warns about it
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
@@ -223,9 +296,53 @@ class Upstream:
             user, password = self.auth
             if (auth_data.login.decode("utf-8", "replace") == user
                     and auth_data.password.decode("utf-8", "replace") == password):
+                if isinstance(server, _Server):
+                    server.mechanism = mechanism
                 return AuthResult(success=True, auth_data=user)
         self.auth_failures += 1
         return AuthResult(success=False, handled=False)
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._oauth(server, "XOAUTH2", args)
+
+    async def auth_OAUTHBEARER(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._oauth(server, "OAUTHBEARER", args)
+
+    async def _oauth(self, server: SMTP, mechanism: str, args: list[str]) -> AuthResult:
+        """aiosmtpd calls this for `AUTH <mechanism> [initial response]`."""
+        if len(args) > 1:
+            try:
+                raw: bytes = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            answer = await server.challenge_auth("")
+            if not isinstance(answer, bytes):  # aborted; aiosmtpd has answered
+                return AuthResult(success=False, handled=True)
+            raw = answer
+        try:
+            login, token = _PARSERS[mechanism](raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            await server.push(f"501 5.5.2 malformed {mechanism} response: {exc}")
+            return AuthResult(success=False, handled=True)
+        assert self.oauth is not None
+        accepted = self.oauth(token, login)
+        self.auth_attempts.append(AuthAttempt(mechanism, login, token, accepted))
+        self._poke()
+        if accepted:
+            if isinstance(server, _Server):
+                server.mechanism = mechanism
+            return AuthResult(success=True, auth_data=login)
+        self.auth_failures += 1
+        if self.oauth_error_challenge:
+            error = {"status": "invalid_token" if mechanism == "OAUTHBEARER" else "401",
+                     "schemes": "bearer", "scope": "https://mail.example.test/"}
+            answer = await server.challenge_auth(json.dumps(error))
+            if not isinstance(answer, bytes):
+                return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Username and Password not accepted")
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -276,6 +393,7 @@ class Upstream:
             session=server.number if isinstance(server, _Server) else 0,
             tls=session.ssl is not None or self.implicit_tls is not None,
             login=session.auth_data if session.authenticated else None,
+            mechanism=server.mechanism if isinstance(server, _Server) else None,
         ))
         self._poke()
         return self.data_reply or f"250 2.0.0 OK queued as {len(self.messages)}"

@@ -132,6 +132,28 @@ def test_delay_warning() -> None:
     assert carol["Status"] == "4.4.1"
 
 
+def test_delay_warning_for_an_account_that_needs_reconnecting() -> None:
+    held = RcptResult(rcpt="bob@example.net", code=454, status="4.7.8",
+                      text="account rep-mailbox needs reconnecting: host smtp.example.com"
+                           "[192.0.2.9]:587 refused AUTH XOAUTH2", remote=None,
+                      credentials="refused")
+    note = ("Your message is held because the mailbox account it is sent through needs "
+            "reconnecting.\n  Once the account is reconnected, delivery resumes by itself. " * 2)
+    raw = dsn(held, final=False, note=note)
+    msg = parse(raw)
+    [_, block] = status_blocks(msg)
+    assert (block["Action"], block["Status"]) == ("delayed", "4.7.8")
+    assert block["Diagnostic-Code"].startswith("X-Mailgw; 454 4.7.8 account rep-mailbox needs")
+    text = body(parts(msg)[0]).decode()
+    paragraphs = text.split("\r\n\r\n")
+    assert paragraphs[1].startswith("This is a warning only")
+    # the note is one paragraph, after the introduction, its whitespace folded anew
+    assert " ".join(paragraphs[2].split()) == " ".join(note.split())
+    assert all(len(line) <= 72 for line in paragraphs[2].split("\r\n"))
+    assert "For further assistance" in paragraphs[3]
+    assert b"held because" not in dsn(held, final=False)  # no note, no paragraph
+
+
 @pytest.mark.parametrize("original", [ORIGINAL, ORIGINAL.replace(b"\r\n", b"\n")])
 def test_crlf_everywhere_and_short_lines(original: bytes) -> None:
     long_reply = RcptResult(rcpt="bob@example.net", code=550, status="5.7.1",

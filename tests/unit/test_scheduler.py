@@ -4,21 +4,28 @@ Each test drives the running scheduler (its workers and timer) and asserts on wh
 reader of the spool and of the recorded events would see, waiting on conditions with
 deadlines. Time moves only when a test advances the clock; the scheduler's timer looks
 at the clock every `SCAN` seconds of real time.
+
+Route `account` for connected accounts: an OAuth account's token comes from the
+TokenSource (`Tokens`), credentials that stop working defer (never bounce), tell the
+AccountStatusSink (`Status`) and warn the sender once with a delayed DSN, and DSNs
+never go by route `account`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import Config
+from gateway.config import Account, Config
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
-from gateway.errors import PermanentFailure
+from gateway.delivery.transport import Destination
+from gateway.directory import AccountDirectory
+from gateway.errors import AccountAuthError, AccountUnavailable, PermanentFailure
 from gateway.records import AcceptedMessage, EventRecord
 from gateway.spool import Envelope, Recipient, Spool, new_queue_id
 from tests.support.clock import FakeClock
@@ -73,10 +80,37 @@ def make_config(schedule: list[float], give_up_after: float, **delivery: Any) ->
     })
 
 
+class Tokens:
+    """A TokenSource handing out `tok-1`, `tok-2`, ...; or raising `fail` when set."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+        self.fail: Exception | None = None
+        self.issued = 0
+
+    async def access_token(self, account_id: str, *, rejected: str | None = None) -> str:
+        self.calls.append((account_id, rejected))
+        if self.fail is not None:
+            raise self.fail
+        self.issued += 1
+        return f"tok-{self.issued}"
+
+
+class Status:
+    """An AccountStatusSink, recording."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, str]] = []
+
+    async def needs_reconnect(self, account_id: str, reason: str) -> None:
+        self.reports.append((account_id, reason))
+
+
 class Harness:
     """A spool, a clock, a transport, events, and the scheduler over them."""
 
-    def __init__(self, root: Path, cfg: Config) -> None:
+    def __init__(self, root: Path, cfg: Config,
+                 directory: AccountDirectory | None = None) -> None:
         self.cfg = cfg
         self.clock = FakeClock()
         self.t0 = self.clock()
@@ -85,11 +119,15 @@ class Harness:
         self.transport = MemoryTransport(clock=self.clock)
         self.events = Events()
         self.local = Local()
+        self.tokens = Tokens()
+        self.status = Status()
+        self.directory = directory
         self.scheduler = self.new_scheduler()
 
     def new_scheduler(self) -> Scheduler:
         return Scheduler(lambda: self.cfg, self.spool, self.transport, MXResolver(),
-                         self.events, clock=self.clock, scan_interval=SCAN, local=self.local)
+                         self.events, clock=self.clock, scan_interval=SCAN, local=self.local,
+                         directory=self.directory, tokens=self.tokens, status=self.status)
 
     async def queue(self, *rcpts: str, notify: bool = True, **fields: Any) -> str:
         """Spool a message from SENDER to `rcpts`, received now; its queue id."""
@@ -353,3 +391,403 @@ async def test_ingest_route_refusals_are_the_replies(h: Harness) -> None:
     await h.wait_settled(qid, "deferred")
     assert h.deferred(qid).recipients[0].last_reply == (
         "451 4.3.0 the ingest address is not configured here")
+
+
+# -- route account: connected accounts ----------------------------------------------------
+
+REP = "rep@gw.test"               # the submission user, who sends as the account below
+MAILBOX = "rep@example.com"       # the account's address and default SMTP login
+ACCOUNT = "rep-mailbox"
+HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g"
+OAUTH = {"method": "oauth2", "token_endpoint": "https://idp.test/token", "client_id": "gw",
+         "refresh_token_file": "env:MAILGW_TEST_UNUSED_REFRESH_TOKEN"}
+
+
+def account_config(auth: dict[str, Any] | None = None, *, smarthost: bool = True,
+                   smtp: dict[str, Any] | None = None, give_up_after: float = 86400.0) -> Config:
+    """Route `account`; REP sends as ACCOUNT (an OAuth account unless `auth` says
+    otherwise) at smtp.example.com; the smarthost relay.test unless `smarthost=False`."""
+    delivery: dict[str, Any] = {"route": "account", "concurrency": 2,
+                                "retry": {"schedule": [60.0], "give_up_after": give_up_after}}
+    if smarthost:
+        delivery["smarthost"] = {"host": "relay.test", "port": 2525, "tls": "none"}
+    return Config.model_validate({
+        "hostname": "gw.test",
+        "users": [{"login": REP, "password_hash": HASH, "account": ACCOUNT}],
+        "accounts": [{"id": ACCOUNT, "email": MAILBOX, "auth": auth or OAUTH,
+                      "smtp": {"host": "smtp.example.com", "port": 587, "tls": "starttls",
+                               **(smtp or {})},
+                      "sync": {"enabled": False}}],
+        "delivery": delivery,
+    })
+
+
+@pytest.fixture
+async def acct(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path / "spool", account_config())
+    await harness.scheduler.start()
+    try:
+        yield harness
+    finally:
+        await harness.scheduler.stop(timeout=5)
+        harness.spool.close()
+
+
+def account_sends(h: Harness) -> list[Destination]:
+    """The destinations of every send to the account's upstream."""
+    return [s.dest for s in h.transport.sends
+            if s.dest is not None and s.dest.host == "smtp.example.com"]
+
+
+def delayed_dsns(h: Harness) -> list[bytes]:
+    return [d for d in h.dsns() if b"Action: delayed" in d]
+
+
+async def test_an_oauth_account_logs_in_with_a_token_from_the_token_source(
+        acct: Harness) -> None:
+    qid = await acct.queue("bob@example.net", user=REP)
+    await acct.wait_settled(qid, None)
+    [sent] = acct.transport.sends
+    assert sent.dest is not None
+    assert (sent.dest.host, sent.dest.port, sent.dest.tls) == ("smtp.example.com", 587,
+                                                                "starttls")
+    assert (sent.dest.mechanism, sent.dest.username, sent.dest.account) == (
+        "xoauth2", MAILBOX, ACCOUNT)
+    assert sent.dest.password is None
+    assert sent.tokens == ("tok-1",) and acct.tokens.calls == [(ACCOUNT, None)]
+    # the token is no part of the destination, which keys the connection pool
+    async def another_getter(*, rejected: str | None = None) -> str:
+        return "other"
+    assert "tok-1" not in repr(sent.dest)
+    assert sent.dest == Destination(host="smtp.example.com", port=587, tls="starttls",
+                                    tls_required=True, username=MAILBOX,
+                                    mechanism="xoauth2", account=ACCOUNT,
+                                    token=another_getter)
+    assert acct.events.of("bob@example.net") == ["sent"] and acct.dsns() == []
+
+
+async def test_oauthbearer_and_an_explicit_smtp_login(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", account_config({**OAUTH, "mechanism": "oauthbearer"},
+                                                   smtp={"username": "rep.login"}))
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, None)
+        [dest] = account_sends(h)
+        assert (dest.mechanism, dest.username) == ("oauthbearer", "rep.login")
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_a_service_account_mailbox_logs_in_with_tokens_too(tmp_path: Path) -> None:
+    cfg = account_config({"method": "service", "service_account": "workspace"})
+    cfg = Config.model_validate({**cfg.model_dump(exclude_unset=True),
+                                 "service_accounts": [{"id": "workspace", "kind": "google",
+                                                       "key_file": "env:MAILGW_TEST_UNUSED"}]})
+    h = Harness(tmp_path / "spool", cfg)
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, None)
+        [dest] = account_sends(h)
+        assert (dest.mechanism, dest.username, dest.account) == ("xoauth2", MAILBOX, ACCOUNT)
+        assert h.tokens.calls == [(ACCOUNT, None)]
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_a_refused_token_is_refreshed_once(acct: Harness) -> None:
+    acct.transport.refuse_tokens = {"tok-1"}
+    qid = await acct.queue("bob@example.net", user=REP)
+    await acct.wait_settled(qid, None)
+    [sent] = acct.transport.sends
+    assert sent.tokens == ("tok-1", "tok-2")
+    assert acct.tokens.calls == [(ACCOUNT, None), (ACCOUNT, "tok-1")]
+    assert acct.events.of("bob@example.net") == ["sent"]
+    assert acct.status.reports == [] and acct.dsns() == []
+
+
+async def test_a_refused_grant_defers_reports_and_warns_the_sender_once(
+        acct: Harness) -> None:
+    acct.tokens.fail = AccountAuthError("token endpoint refused the grant: invalid_grant",
+                                        server_text="invalid_grant")
+    rcpts = ("bob@example.net", "carol@example.org")
+    qid = await acct.queue(*rcpts, user=REP)
+    await acct.wait_settled(qid, "deferred")
+    env = acct.deferred(qid)
+    [reply] = {r.last_reply or "" for r in env.recipients}
+    assert reply.startswith("454 4.7.8 account rep-mailbox needs reconnecting")
+    assert "invalid_grant" in reply
+    assert [r.status for r in env.recipients] == ["pending", "pending"]
+    assert env.delay_notified
+    assert acct.status.reports == [(ACCOUNT, reply)]
+
+    # one delayed DSN to the sender, by the smarthost, never by the account
+    await wait_for(lambda: len(acct.dsns()) == 1 and acct.scheduler.busy == 0,
+                   what="the delayed DSN")
+    [dsn_send] = [s for s in acct.transport.sends if s.mail_from == ""]
+    assert dsn_send.rcpts == (SENDER,)
+    assert dsn_send.dest is not None and dsn_send.dest.where == "relay.test:2525"
+    dsn = dsn_send.data
+    assert dsn.count(b"Action: delayed") == 2 and dsn.count(b"Status: 4.7.8") == 2
+    assert b"Action: failed" not in dsn
+    assert b"needs reconnecting" in dsn and b"Delayed Mail" in dsn
+    assert re.findall(rb"Final-Recipient: rfc822; *(\S+)", dsn) == [r.encode() for r in rcpts]
+
+    # the next attempt is refused too: reported again, the sender is not warned twice
+    acct.clock.advance(60)
+    await wait_for(lambda: len(acct.tokens.calls) == 2, what="the second attempt")
+    await acct.wait_settled(qid, "deferred")
+    assert len(acct.status.reports) == 2
+    assert len(acct.dsns()) == 1 and acct.scheduler.stats.delayed_dsns == 1
+
+    # reconnected: the message goes, nothing ever bounced
+    acct.tokens.fail = None
+    acct.clock.advance(60)
+    await acct.wait_settled(qid, None)
+    for r in rcpts:
+        assert acct.events.of(r) == ["deferred", "deferred", "sent"]
+    assert acct.scheduler.stats.bounced == 0 and acct.scheduler.stats.dsns == 0
+    assert len(acct.dsns()) == 1
+
+
+async def test_a_token_refused_twice_by_the_upstream_needs_reconnecting(
+        acct: Harness) -> None:
+    acct.transport.refuse_tokens = {"tok-1", "tok-2"}
+    qid = await acct.queue("bob@example.net", user=REP)
+    await acct.wait_settled(qid, "deferred")
+    [rcpt] = acct.deferred(qid).recipients
+    assert rcpt.last_reply is not None and rcpt.last_reply.startswith("454 4.7.8 account "
+                                                                      "rep-mailbox needs")
+    assert acct.tokens.calls == [(ACCOUNT, None), (ACCOUNT, "tok-1")]
+    assert acct.status.reports == [(ACCOUNT, rcpt.last_reply)]
+    await wait_for(lambda: len(delayed_dsns(acct)) == 1, what="the delayed DSN")
+
+
+async def test_a_token_endpoint_outage_defers_without_reconnect_or_dsn(acct: Harness) -> None:
+    acct.tokens.fail = AccountUnavailable("token endpoint https://idp.test/token unreachable")
+    qid = await acct.queue("bob@example.net", user=REP)
+    await acct.wait_settled(qid, "deferred")
+    env = acct.deferred(qid)
+    reply = env.recipients[0].last_reply
+    assert reply is not None and reply.startswith("451 4.7.0 ")
+    assert "account rep-mailbox" in reply and "unreachable" in reply
+    assert acct.status.reports == [] and acct.dsns() == [] and not env.delay_notified
+
+
+async def test_no_token_source_defers(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", account_config())
+    h.scheduler.tokens = None
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, "deferred")
+        reply = h.deferred(qid).recipients[0].last_reply
+        assert reply is not None and reply.startswith("451 4.7.0 ")
+        assert "no OAuth token source" in reply
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_expiry_still_bounces_once_after_the_delay_warning(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", account_config(give_up_after=120.0))
+    h.tokens.fail = AccountAuthError("token endpoint refused the grant: invalid_grant")
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, "deferred")
+        h.clock.advance(60)
+        await wait_for(lambda: len(h.tokens.calls) == 2, what="the second attempt")
+        await h.wait_settled(qid, "deferred")
+        h.clock.advance(60)
+        await h.wait_settled(qid, None)
+        await wait_for(lambda: len(h.dsns()) == 2 and h.scheduler.busy == 0, what="the DSNs")
+        delayed, failed = h.dsns()
+        assert b"Action: delayed" in delayed
+        assert b"Action: failed" in failed and b"Status: 4.4.7" in failed
+        assert b"needs reconnecting" in failed
+        assert all(s.dest is not None and s.dest.host == "relay.test"
+                   for s in h.transport.sends if s.mail_from == "")
+        assert h.events.of("bob@example.net") == ["deferred", "deferred", "bounced"]
+        assert (h.scheduler.stats.dsns, h.scheduler.stats.delayed_dsns) == (1, 1)
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+@pytest.mark.parametrize("smarthost", [True, False], ids=["smarthost", "mx"])
+async def test_a_dsn_never_goes_by_route_account(tmp_path: Path, smarthost: bool) -> None:
+    h = Harness(tmp_path / "spool", account_config(smarthost=smarthost))
+    await h.scheduler.start()
+    try:
+        h.transport.script("bob@example.net", "550 5.1.1 no such user")
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, None)
+        await wait_for(lambda: len(h.dsns()) == 1 and h.scheduler.busy == 0, what="the DSN")
+        [dsn_send] = [s for s in h.transport.sends if s.mail_from == ""]
+        if smarthost:
+            assert dsn_send.dest is not None and dsn_send.dest.where == "relay.test:2525"
+        else:
+            assert dsn_send.dest is None and dsn_send.domain == "gw.test"
+        # a bounce spooled with route account and a user goes the same way
+        await h.queue("x@example.org", mail_from="", user=REP, route="account",
+                      is_bounce=True)
+        await wait_for(lambda: len(h.transport.sent_to("x@example.org")) == 1
+                       and h.scheduler.busy == 0, what="the bounce")
+        [bounce] = h.transport.sent_to("x@example.org")
+        assert (bounce.dest is None) != smarthost
+        assert len(account_sends(h)) == 1  # only the original message went there
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_530_without_credentials_defers_and_warns_the_sender(tmp_path: Path) -> None:
+    # a password account without a password: the upstream gets no AUTH
+    h = Harness(tmp_path / "spool", account_config({"method": "password"}))
+    await h.scheduler.start()
+    try:
+        h.transport.script("bob@example.net", "530 5.7.0 Authentication required")
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, "deferred")
+        [dest] = account_sends(h)
+        assert dest.username is None and dest.mechanism is None and dest.account == ACCOUNT
+        [rcpt] = h.deferred(qid).recipients
+        assert rcpt.status == "pending" and rcpt.last_reply is not None
+        assert rcpt.last_reply.startswith("454 4.7.0 host smtp.example.com:587 demands "
+                                          "authentication (530 5.7.0 Authentication required)")
+        assert rcpt.last_reply.endswith("account rep-mailbox has no SMTP credentials configured")
+        assert h.events.of("bob@example.net") == ["deferred"]
+        await wait_for(lambda: len(delayed_dsns(h)) == 1 and h.scheduler.busy == 0,
+                       what="the delayed DSN")
+        assert b"no working credentials" in delayed_dsns(h)[0]
+        assert h.status.reports == []  # nothing to reconnect: an admin adds the credentials
+        h.clock.advance(60)
+        await h.wait_sends("bob@example.net", 2)
+        await h.wait_settled(qid, "deferred")
+        assert len(h.dsns()) == 1 and h.scheduler.stats.bounced == 0
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+async def test_530_from_a_smarthost_without_credentials_defers_without_dsn(h: Harness) -> None:
+    h.transport.script("a@example.test", "530 5.7.0 Authentication required")
+    qid = await h.queue("a@example.test")
+    await h.wait_settled(qid, "deferred")
+    reply = h.deferred(qid).recipients[0].last_reply
+    assert reply is not None and reply.startswith("454 4.7.0 host relay.test:2525 demands")
+    assert reply.endswith("no SMTP credentials are configured for it")
+    assert h.dsns() == []
+
+
+async def test_a_password_account_logs_in_as_before(tmp_path: Path) -> None:
+    secret = tmp_path / "rep.pw"
+    secret.write_text("upstream-secret\n")
+    h = Harness(tmp_path / "spool", account_config(
+        {"method": "password", "username": "rep.upstream", "password_file": str(secret)}))
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, None)
+        [dest] = account_sends(h)
+        assert (dest.username, dest.password, dest.mechanism, dest.token) == (
+            "rep.upstream", "upstream-secret", None, None)
+        assert h.tokens.calls == []
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+class StoredAccounts:
+    """An AccountDirectory with one account the configuration does not know."""
+
+    def __init__(self, account: Account) -> None:
+        self.acct = account
+        self.asked: list[str] = []
+
+    def account(self, account_id: str) -> Account | None:
+        return self.acct if account_id == self.acct.id else None
+
+    def accounts(self) -> Sequence[Account]:
+        return [self.acct]
+
+    def account_for_user(self, login: str) -> Account | None:
+        self.asked.append(login)
+        return self.acct if login == "stored@gw.test" else None
+
+
+async def test_the_account_comes_from_the_directory(tmp_path: Path) -> None:
+    stored = Account.model_validate({
+        "id": "stored-1", "email": "stored@example.com", "auth": OAUTH,
+        "smtp": {"host": "smtp.stored.test", "port": 465, "tls": "implicit"},
+        "sync": {"enabled": False}})
+    directory = StoredAccounts(stored)
+    h = Harness(tmp_path / "spool", account_config(), directory=directory)
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user="stored@gw.test")
+        await h.wait_settled(qid, None)
+        [sent] = h.transport.sends
+        assert sent.dest is not None and sent.dest.where == "smtp.stored.test:465"
+        assert (sent.dest.account, sent.dest.username) == ("stored-1", "stored@example.com")
+        assert h.tokens.calls == [("stored-1", None)]
+        # a user the directory does not know (the config's REP included) falls back
+        qid = await h.queue("bob@example.net", user=REP)
+        await h.wait_settled(qid, None)
+        assert h.transport.sends[-1].dest is not None
+        assert h.transport.sends[-1].dest.where == "relay.test:2525"
+        assert directory.asked == ["stored@gw.test", REP]
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()
+
+
+class Secrets:
+    """A SecretSource: the stored passwords of accounts created at run time."""
+
+    def __init__(self, passwords: dict[str, str]) -> None:
+        self.passwords = passwords
+        self.asked: list[str] = []
+
+    async def password(self, account_id: str) -> str:
+        self.asked.append(account_id)
+        if account_id not in self.passwords:
+            raise AccountAuthError(f"account {account_id} has no password: connect it")
+        return self.passwords[account_id]
+
+
+async def test_a_runtime_password_account_logs_in_with_its_stored_password(
+        tmp_path: Path) -> None:
+    stored = Account.model_validate({
+        "id": "stored-1", "email": "stored@example.com",
+        "smtp": {"host": "smtp.stored.test", "port": 587, "tls": "starttls"},
+        "sync": {"enabled": False}}).model_copy(update={"origin": "runtime"})
+    h = Harness(tmp_path / "spool", account_config(), directory=StoredAccounts(stored))
+    secrets = Secrets({"stored-1": "stored-secret"})
+    h.scheduler.secrets = secrets
+    await h.scheduler.start()
+    try:
+        qid = await h.queue("bob@example.net", user="stored@gw.test")
+        await h.wait_settled(qid, None)
+        [sent] = h.transport.sends
+        assert sent.dest is not None
+        assert (sent.dest.username, sent.dest.password, sent.dest.account) == (
+            "stored@example.com", "stored-secret", "stored-1")
+        assert secrets.asked == ["stored-1"]
+
+        # its password gone from the store: deferred, reported, the sender warned once
+        secrets.passwords.clear()
+        qid = await h.queue("bob@example.net", user="stored@gw.test")
+        await h.wait_settled(qid, "deferred")
+        reply = h.deferred(qid).recipients[0].last_reply or ""
+        assert reply.startswith("454 4.7.8 account stored-1 needs reconnecting")
+        assert h.status.reports == [("stored-1", reply)]
+        await wait_for(lambda: len(delayed_dsns(h)) == 1, what="the delayed DSN")
+        assert len(h.transport.sends) == 2  # the first message and the DSN, by the smarthost
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()

@@ -18,6 +18,10 @@ How failures are labelled::
     TLS handshake or certificate failure .......... 451 4.7.5  every recipient
     AUTH rejected (535) or not offered ............ 454 4.7.8 / 4.7.0  (an admin fixes the
                                                                credentials; nothing bounces)
+    OAuth token refused twice (535), grant refused  454 4.7.8  "<account> needs reconnecting"
+                                                               (one fresh token in between;
+                                                               see `connect`)
+    token endpoint unreachable .................... 451 4.7.0  every recipient
     EHLO/HELO 5xx, MAIL FROM 5xx .................. the reply, every recipient
     RCPT reply .................................... the reply, that recipient
     DATA reply .................................... the reply, every accepted recipient
@@ -25,7 +29,7 @@ How failures are labelled::
 
 Connections are pooled per destination: after a transaction the connection goes
 idle; the next message to the same destination (every `Destination` field equal
-but `address`: host, port, TLS settings, credentials) reuses it, and an idle
+but `address` and `token`: host, port, TLS settings, credentials) reuses it, and an idle
 connection is closed (QUIT) after `idle_timeout`. At most `per_destination`
 connections to one destination are open at any time; further senders wait. A
 reused connection that turns out dead before any recipient was answered is replaced

@@ -1,10 +1,24 @@
 """Open one outbound SMTP connection: connect (plain or implicit TLS), read the
 greeting, EHLO (HELO when refused), STARTTLS and AUTH as the `Destination` asks, with
-every failure labelled on the spot (see `gateway.delivery.smtp` for the table)."""
+every failure labelled on the spot (see `gateway.delivery.smtp` for the table).
+
+AUTH with an OAuth 2.0 bearer token (`Destination.mechanism`: XOAUTH2, or RFC 7628
+OAUTHBEARER) goes::
+
+    AUTH XOAUTH2 <base64 initial response>     (token from dest.token())
+    235 ............................................. logged in
+    535, or 334 <error challenge> / "" / 5xx ....... refused: dest.token(rejected=token),
+                                                     AUTH once more on the same session
+    refused again, or the grant refused ............ 454 4.7.8 "<account> needs reconnecting"
+                                                     (RcptResult.credentials "refused")
+    token endpoint unreachable ..................... 451 4.7.0, retried later
+    any other reply ................................ 454 4.7.0 (4xx: a temporary failure)
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import logging
 import socket
@@ -25,7 +39,9 @@ from aiosmtplib import (
 from gateway.delivery.smtp.failures import Failure, TLSFailure, errno_text, tls_cause
 from gateway.delivery.smtp.pool import Counters, quit_smtp
 from gateway.delivery.smtp.tls import TLSContexts
-from gateway.delivery.transport import Destination, parse_reply
+from gateway.delivery.transport import Destination, parse_reply, token_error_reply
+from gateway.errors import AccountError
+from gateway.oauth.sasl import MECHANISMS, initial_response
 
 _log = logging.getLogger("gateway.delivery.transport")  # one logger for the whole client
 
@@ -55,7 +71,9 @@ class Connector:
             if dest.tls in ("starttls", "opportunistic") and starttls:
                 assert ctx is not None
                 await self._starttls(smtp, dest, remote, ctx)
-            if dest.username is not None:
+            if dest.mechanism is not None:
+                await self._oauth_login(smtp, dest, remote)
+            elif dest.username is not None:
                 await self._login(smtp, dest, remote)
         except Failure:
             await quit_smtp(smtp, min(5.0, self.command_timeout))
@@ -195,6 +213,65 @@ class Connector:
         except SMTPException as exc:  # no common mechanism
             raise Failure(454, "4.7.0", f"cannot log in as {user} at {remote}: {exc}",
                           remote=remote) from None
+
+    async def _oauth_login(self, smtp: SMTP, dest: Destination, remote: str) -> None:
+        """AUTH XOAUTH2/OAUTHBEARER; one fresh token and one more try after a refusal."""
+        assert dest.mechanism is not None and dest.username is not None
+        mech = MECHANISMS[dest.mechanism]
+        user = dest.username
+        if not smtp.supports_extension("auth"):
+            raise Failure(454, "4.7.0", f"host {remote} offers no AUTH (to log in as {user} "
+                          f"with {mech})", remote=remote)
+        if mech.lower() not in smtp.server_auth_methods:
+            offered = " ".join(m.upper() for m in smtp.server_auth_methods) or "nothing"
+            raise Failure(454, "4.7.0", f"host {remote} does not offer AUTH {mech} (to log "
+                          f"in as {user}); it offers {offered}", remote=remote)
+        token = await self._token(dest, remote, rejected=None)
+        refusal = await self._sasl(smtp, dest, mech, token, remote)
+        if refusal is None:
+            return
+        _log.info("%s refused %s as %s (%s); trying once more with a fresh token",
+                  remote, mech, user, refusal)
+        token = await self._token(dest, remote, rejected=token)
+        refusal = await self._sasl(smtp, dest, mech, token, remote)
+        if refusal is None:
+            return
+        raise Failure(454, "4.7.8", f"{dest.who} needs reconnecting: host {remote} refused "
+                      f"AUTH {mech} as {user} with a fresh token: {refusal}", remote=remote,
+                      credentials="refused")
+
+    @staticmethod
+    async def _token(dest: Destination, remote: str, *, rejected: str | None) -> str:
+        assert dest.token is not None
+        try:
+            return await dest.token(rejected=rejected)
+        except AccountError as exc:
+            code, status, text, trouble = token_error_reply(dest, exc)
+            raise Failure(code, status, text, remote=remote, credentials=trouble) from None
+
+    async def _sasl(self, smtp: SMTP, dest: Destination, mech: str, token: str,
+                    remote: str) -> str | None:
+        """One AUTH exchange: None when logged in, the reply when the token was refused;
+        Failure for any other answer."""
+        assert dest.username is not None
+        first = initial_response(mech, dest.username, token, dest.host, dest.port)
+        resp = await smtp.execute_command(b"AUTH", mech.encode("ascii"), base64.b64encode(first),
+                                          timeout=self.command_timeout)
+        challenged = resp.code == 334
+        if challenged:
+            # the error challenge (RFC 7628 3.2.2, Google's XOAUTH2): answer it to get the
+            # final reply; OAUTHBEARER's dummy response is a single ^A
+            dummy = b"AQ==" if mech == "OAUTHBEARER" else b""
+            resp = await smtp.execute_command(dummy, timeout=self.command_timeout)
+        if resp.code == 235:
+            return None
+        code, status, text = parse_reply(resp.code, resp.message)
+        reply = f"{resp.code} {status} {text}".rstrip()
+        if resp.code == 535 or (challenged and 500 <= resp.code < 600):
+            return reply
+        why = "failed for now" if 400 <= code < 500 else "failed"
+        raise Failure(454, "4.7.0", f"AUTH {mech} as {dest.username} {why} at {remote}: "
+                      f"{reply}", remote=remote)
 
 
 def _helo_failure(remote: str, verb: str, exc: SMTPResponseException) -> Failure:

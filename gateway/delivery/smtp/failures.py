@@ -11,24 +11,25 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.delivery.transport import RcptResult, reply_line
+from gateway.delivery.transport import CredentialTrouble, RcptResult, reply_line
 
 
 class Failure(Exception):
     """A failure that applies to every recipient still without an answer."""
 
     def __init__(self, code: int, status: str, text: str, *, remote: str | None = None,
-                 next_mx: bool = False) -> None:
+                 next_mx: bool = False, credentials: CredentialTrouble | None = None) -> None:
         super().__init__(text)
         self.code = code
         self.status = status
         self.text = reply_line(text)
         self.remote = remote
         self.next_mx = next_mx
+        self.credentials = credentials
 
     def result(self, rcpt: str) -> RcptResult:
         return RcptResult(rcpt=rcpt, code=self.code, status=self.status, text=self.text,
-                          remote=self.remote)
+                          remote=self.remote, credentials=self.credentials)
 
     def outcome(self, rcpts: Sequence[str]) -> Outcome:
         return Outcome([self.result(r) for r in rcpts], next_mx=self.next_mx)

@@ -1,6 +1,7 @@
 """Pooled SMTP connections, per destination: at most `per_destination` in use at once,
 an idle one reused by the next message to the same destination (every `Destination`
-field equal but `address`) and closed with QUIT after `idle_timeout`."""
+field equal but `address` and `token`, which takes no part in equality) and closed
+with QUIT after `idle_timeout`."""
 
 from __future__ import annotations
 
