@@ -143,7 +143,8 @@ class App:
                              make_resolver(cfg.delivery.nameserver_addresses()), log=self.log)
         self.scheduler = Scheduler(self.get_config, self.spool, transport, resolver, self.writer,
                                    log=self.log, local=IngestDelivery(self.ingest),
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, tokens=self.accounts.tokens,
+                                   status=self.accounts, secrets=self.accounts)
         self.counts = SendCounts(self.store, log=self.log)
         self.outbound = self._outbound(cfg, self.policies)
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,

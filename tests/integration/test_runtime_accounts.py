@@ -15,14 +15,17 @@ import pytest
 from gateway.accounts.connect import account_id_for
 from gateway.app import App
 from tests.conftest import free_port, require_tool
+from tests.integration.harness import PASSWORD, password_hash
 from tests.integration.tailer_support import FAST_SYNC, add_contacts, new_user
 from tests.support.dovecot import Dovecot, message
 from tests.support.oauth_server import TokenServer
+from tests.support.upstream import Upstream
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
 LEAD = "lead@customer.test"
+SELLER = "seller@example.test"
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,10 @@ def dovecot(token_server: TokenServer) -> Iterator[Dovecot]:
 
 
 class Gateway:
-    def __init__(self, app: App, session: aiohttp.ClientSession) -> None:
+    def __init__(self, app: App, session: aiohttp.ClientSession, upstream: Upstream,
+                 smarthost: Upstream) -> None:
         self.app, self.session = app, session
+        self.upstream, self.smarthost = upstream, smarthost
         assert app.admin is not None and app.tracking is not None
         self.api = f"http://127.0.0.1:{app.admin.port}"
         self.public = f"http://127.0.0.1:{app.tracking.port}"
@@ -70,34 +75,44 @@ async def gw(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot) -> Asy
     ts.register_redirect_uri(f"http://127.0.0.1:{tracking_port}/connect/callback")
     (tmp_path / "client-secret").write_text(ts.client_secret + "\n")
     (tmp_path / "sa.json").write_text(json.dumps(ts.create_service_account(domains=("example.test",))))
+    async with Upstream(oauth=ts.token_allows) as upstream, Upstream() as smarthost:
+        cfg = _config(tmp_path, ts, dovecot, tracking_port, upstream, smarthost)
+        app = App(cfg)
+        await app.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                yield Gateway(app, session, upstream, smarthost)
+        finally:
+            await app.stop()
+
+
+def _config(tmp_path: Path, ts: TokenServer, dovecot: Dovecot, tracking_port: int,
+            upstream: Upstream, smarthost: Upstream) -> Any:
     from gateway.config import Config
-    cfg = Config.model_validate({
+    return Config.model_validate({
         "hostname": "gw.example.test", "state_dir": str(tmp_path / "state"),
         "source": str(tmp_path / "gateway.yaml"),
         "listeners": {"submission": {"host": "127.0.0.1", "port": free_port()},
                       "tracking": {"host": "127.0.0.1", "port": tracking_port,
                                    "base_url": f"http://127.0.0.1:{tracking_port}"},
                       "admin": {"host": "127.0.0.1", "port": free_port()}},
-        "delivery": {"route": "mx"}, "sync": dict(FAST_SYNC),
+        "users": [{"login": SELLER, "password_hash": password_hash()}],
+        "delivery": {"route": "account", "retry": {"schedule": ["1s"], "give_up_after": "1h"},
+                     "smarthost": {"host": "127.0.0.1", "port": smarthost.port, "tls": "none"}},
+        "sync": dict(FAST_SYNC),
         "oauth": {"providers": {"testidp": {
             "issuer": ts.issuer, "authorization_endpoint": ts.authorize_url,
             "token_endpoint": ts.token_url, "jwks_uri": ts.jwks_url,
             "userinfo_endpoint": ts.userinfo_url, "client_id": ts.client_id,
             "client_secret_file": "client-secret", "scopes": ["mail", "openid", "email"],
             "mail_provider": "imap",
-            "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"}}}},
+            "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
+            "smtp": {"host": "127.0.0.1", "port": upstream.port, "tls": "none"}}}},
         "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json"}],
         "accounts": [{"id": "declared", "email": "declared@example.test",
                       "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
                       "sync": {"enabled": False}}],
     })
-    app = App(cfg)
-    await app.start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield Gateway(app, session)
-    finally:
-        await app.stop()
 
 
 def imap(dovecot: Dovecot) -> dict[str, Any]:
@@ -291,3 +306,61 @@ def test_the_shell_adds_accounts_and_connects_one_with_the_device_flow(
         assert json.loads(tested.stdout)["ok"] is True, tested.stdout     # XOAUTH2 to Dovecot
     finally:
         ts.device_interval = 5
+
+
+async def _submit(gw: Gateway, sender: str, to: str, subject: str) -> None:
+    import aiosmtplib
+
+    assert gw.app.submission is not None
+    raw = (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{subject.replace(' ', '-')}@example.test>\r\n\r\nHello.\r\n")
+    await aiosmtplib.send(raw, sender=sender, recipients=[to], hostname="127.0.0.1",
+                          port=gw.app.submission.port, username=SELLER, password=PASSWORD,
+                          start_tls=False, use_tls=False)
+
+
+async def test_a_connected_account_sends_with_xoauth2_and_a_revoked_grant_defers_until_reconnected(
+        gw: Gateway, dovecot: Dovecot, token_server: TokenServer) -> None:
+    ts = token_server
+    rep = new_user(dovecot)
+    status, link = await gw.call("POST", "/api/v1/connect-links",
+                                 {"provider": "testidp", "email": rep, "login": SELLER})
+    assert status == 201, link
+    _, _, where = await gw.page(link["url"])
+    assert where is not None
+    status, page, _ = await gw.page(ts.consent(where, email=rep))
+    assert 'data-kind="connected"' in page
+    ident = account_id_for(rep)
+    assert (await gw.account(ident))["send_as"] == [SELLER]
+
+    await _submit(gw, rep, LEAD, "first")
+    [got] = await gw.upstream.wait_for(1, timeout=20)
+    assert (got.mechanism, got.login, got.rcpt_tos) == ("XOAUTH2", rep, (LEAD,))
+    assert gw.smarthost.messages == []
+
+    # the rep revokes the gateway's access: the account needs reconnecting, mail waits
+    ts.revoke(rep)
+    ts.expire_access_tokens()
+    gw.upstream.drop_connections()      # an authenticated session would go on: log in anew
+    await gw.upstream.wait_until(lambda: gw.upstream.active == 0, 10, "sessions dropped")
+    await _submit(gw, rep, LEAD, "second")
+    await wait_for(lambda: _status(gw, ident, "needs_reconnect"), 20, "account marked needs_reconnect")
+    dsns = await gw.smarthost.wait_for(1, timeout=20)     # one "delayed" DSN to the sender
+    assert dsns[0].rcpt_tos == (rep,) and b"delayed" in dsns[0].data.lower()
+    assert len(gw.upstream.messages) == 1                                # nothing more went out
+    # a new link reconnects it; the waiting mail then leaves with the new grant
+    status, again = await gw.call("POST", f"/api/v1/accounts/{ident}/reconnect")
+    assert status == 201, again
+    _, _, where = await gw.page(again["connect_link"]["url"])
+    assert where is not None
+    status, page, _ = await gw.page(ts.consent(where, email=rep))
+    assert 'data-kind="reconnected"' in page, page
+    assert (await gw.account(ident))["status"] == "active"
+    assert gw.app.scheduler is not None
+    gw.app.scheduler.retry_now()
+    sent = await gw.upstream.wait_for(2, timeout=20)
+    assert sent[1].mechanism == "XOAUTH2" and b"Subject: second" in sent[1].data
+
+
+async def _status(gw: Gateway, ident: str, want: str) -> bool:
+    return (await gw.account(ident))["status"] == want
