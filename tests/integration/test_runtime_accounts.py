@@ -363,4 +363,4 @@ async def test_a_connected_account_sends_with_xoauth2_and_a_revoked_grant_defers
 
 
 async def _status(gw: Gateway, ident: str, want: str) -> bool:
-    return (await gw.account(ident))["status"] == want
+    return bool((await gw.account(ident))["status"] == want)
