@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError, Problem
+from gateway.providers import PRESETS, unknown_provider_message
 
 DEFAULT_PATHS = (Path("gateway.yaml"), Path("/etc/mailgw/gateway.yaml"))
 
@@ -238,7 +239,7 @@ class SMTPUpstream(Model):
 
 
 # which OAuth provider preset a mailbox provider implies
-_PROVIDER_OAUTH = {"gmail": "google", "microsoft365": "microsoft", "outlook": "microsoft"}
+_PROVIDER_OAUTH = {p.name: p.oauth for p in PRESETS.values() if p.oauth is not None}
 _OAUTH_KEYS = ("oauth_provider", "token_endpoint", "client_id", "client_secret_file",
                "refresh_token_file", "scope")
 #: OAuth providers the gateway knows without configuration (their endpoints are presets;
@@ -465,31 +466,33 @@ class AccountSync(Model):
         return v
 
 
-# Provider presets: (imap host, imap port, imap tls), (smtp host, smtp port, smtp tls)
+# Provider presets (gateway.providers): name -> (IMAP server, SMTP server), for the presets
+# that have fixed servers (not exchange or imap, whose accounts name their own)
 PROVIDERS: dict[str, tuple[Endpoint, Endpoint]] = {
-    "gmail": (Endpoint(host="imap.gmail.com", port=993, tls="implicit"),
-              Endpoint(host="smtp.gmail.com", port=587, tls="starttls")),
-    "microsoft365": (Endpoint(host="outlook.office365.com", port=993, tls="implicit"),
-                     Endpoint(host="smtp.office365.com", port=587, tls="starttls")),
-    "outlook": (Endpoint(host="outlook.office365.com", port=993, tls="implicit"),
-                Endpoint(host="smtp-mail.outlook.com", port=587, tls="starttls")),
-    "yahoo": (Endpoint(host="imap.mail.yahoo.com", port=993, tls="implicit"),
-              Endpoint(host="smtp.mail.yahoo.com", port=465, tls="implicit")),
-    "icloud": (Endpoint(host="imap.mail.me.com", port=993, tls="implicit"),
-               Endpoint(host="smtp.mail.me.com", port=587, tls="starttls")),
-    "zoho": (Endpoint(host="imap.zoho.com", port=993, tls="implicit"),
-             Endpoint(host="smtp.zoho.com", port=465, tls="implicit")),
+    p.name: (Endpoint(host=p.imap.host, port=p.imap.port, tls=p.imap.tls),
+             Endpoint(host=p.smtp.host, port=p.smtp.port, tls=p.smtp.tls))
+    for p in PRESETS.values() if p.imap is not None and p.smtp is not None
 }
 
 
 #: Providers whose SMTP servers file submitted mail in the Sent folder themselves.
-PROVIDERS_SAVING_SENT = frozenset({"gmail", "microsoft365", "outlook", "yahoo"})
+PROVIDERS_SAVING_SENT = frozenset(p.name for p in PRESETS.values() if p.saves_sent)
+
+
+def _provider_name(value: Any) -> Any:
+    """`provider:` must name a preset of gateway.providers; the error lists them."""
+    if not isinstance(value, str) or value not in PRESETS:
+        raise ValueError(unknown_provider_message(value))
+    return value
+
+
+ProviderName = Annotated[str, BeforeValidator(_provider_name)]
 
 
 class Account(Model):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     email: str
-    provider: Literal["gmail", "microsoft365", "outlook", "yahoo", "icloud", "zoho", "imap"] = "imap"
+    provider: ProviderName = "imap"
     imap: Endpoint | None = None
     auth: AccountAuth = AccountAuth()
     smtp: SMTPUpstream | None = None
