@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError, Problem
-from gateway.providers import PRESETS, unknown_provider_message
+from gateway.providers import PRESETS, provider_problems, unknown_provider_message
 
 DEFAULT_PATHS = (Path("gateway.yaml"), Path("/etc/mailgw/gateway.yaml"))
 
@@ -996,8 +996,16 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
         if a.id in seen:
             yield at(("accounts", i, "id"), f"duplicate account id {a.id!r}")
         seen.add(a.id)
-        if a.provider == "imap" and a.imap is None:
-            yield at(("accounts", i, "provider"), "provider: imap needs an imap: {host, port} section")
+        sa = cfg.service_account(a.auth.service_account) if a.auth.service_account else None
+        sends = cfg.delivery.route == "account" and any(u.account == a.id for u in cfg.users)
+        for p in provider_problems(a.provider, a.auth.method, has_imap_host=a.imap is not None,
+                                   has_smtp_host=bool(a.smtp and a.smtp.host), sends=sends,
+                                   service_kind=sa.kind if sa else None):
+            problem = at(("accounts", i, *p.key.split(".")), p.message)
+            if p.severity == "error":
+                yield problem
+            elif warnings is not None:
+                warnings.append(problem)
     yield from _oauth_problems(cfg, at, warnings)
     logins: set[str] = set()
     for i, u in enumerate(cfg.users):
@@ -1105,6 +1113,8 @@ def _oauth_problems(cfg: Config, at: Any, warnings: list[Problem] | None) -> Ite
         if cfg.oauth.preset_of(pname) is None and not p.discovery and not p.token_endpoint:
             yield at(ploc, f"provider {pname!r} is not a preset (google, microsoft): give token_endpoint "
                           "(and authorization_endpoint, ...) or issuer with discovery: true")
+        if p.mail_provider is not None and p.mail_provider not in PRESETS:
+            yield at((*ploc, "mail_provider"), unknown_provider_message(p.mail_provider))
         yield from secret((*ploc, "client_secret_file"), p.client_secret_file)
         yield from secret((*ploc, "private_key_file"), p.private_key_file)
     seen: set[str] = set()
@@ -1140,13 +1150,7 @@ def _oauth_problems(cfg: Config, at: Any, warnings: list[Problem] | None) -> Ite
             if sa is None:
                 yield at((*loc, "service_account"),
                          f"no service account {auth.service_account!r} under service_accounts:")
-            elif _PROVIDER_OAUTH.get(a.provider, sa.kind) != sa.kind:
-                yield at((*loc, "service_account"),
-                         f"service account {sa.id} is kind {sa.kind} but the mailbox is provider "
-                         f"{a.provider}")
-        if auth.method == "delegate" and a.provider == "gmail":
-            yield at((*loc, "method"), "Gmail has no SASL delegate (master user) login: use method: "
-                                       "service with a Google service account (domain-wide delegation)")
+
 
 
 def _dkim_problems(cfg: Config, node: yaml.Node | None, at: Any,

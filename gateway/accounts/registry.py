@@ -114,7 +114,7 @@ class AccountRegistry:
         self._version: tuple[int, int] | None = None
         self._lock = asyncio.Lock()
         self._shadowed: set[str] = set()
-        self._effective: tuple[tuple[int, tuple[int, int] | None], Config] | None = None
+        self._effective: tuple[Config, tuple[int, int] | None, Config] | None = None
 
     # -- AccountDirectory -------------------------------------------------------------------
     def accounts(self) -> Sequence[Account]:
@@ -153,9 +153,9 @@ class AccountRegistry:
         at it: the configuration every service works from. The same Config object comes
         back while neither `cfg` nor the runtime accounts change (OwnAddresses and others
         remember answers per Config object)."""
-        key = (id(cfg), self._version)
-        if self._effective is not None and self._effective[0] == key:
-            return self._effective[1]
+        if (self._effective is not None and self._effective[0] is cfg
+                and self._effective[1] == self._version):
+            return self._effective[2]
         declared = {a.id for a in cfg.accounts}
         runtime = [a for i, a in self._runtime.items() if i not in declared]
         if not runtime and not any(a.send_as for a in cfg.accounts):
@@ -168,7 +168,7 @@ class AccountRegistry:
             users = [u.model_copy(update={"account": sends[u.login.lower()]})
                      if u.account is None and u.login.lower() in sends else u for u in cfg.users]
             out = cfg.model_copy(update={"accounts": [*cfg.accounts, *runtime], "users": users})
-        self._effective = (key, out)
+        self._effective = (cfg, self._version, out)   # holds cfg: its id cannot be reused
         return out
 
     # -- reading the store ------------------------------------------------------------------

@@ -65,6 +65,10 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     c.add_argument("--account", dest="account_id", help="reconnect this account")
     c.add_argument("--link", action="store_true", help="print a connect link for the rep instead")
     c.add_argument("--json", action="store_true")
+    dsc = cmds.add_parser("discover", parents=[common],
+                          help="find the IMAP and SMTP settings for an address (presets, MX, SRV)")
+    dsc.add_argument("address")
+    dsc.add_argument("--json", action="store_true")
     t = cmds.add_parser("test", parents=[common],
                         help="log in to IMAP (folders) and SMTP (TLS, AUTH); exit 1 with the server's words")
     t.add_argument("id")
@@ -84,7 +88,35 @@ def _accounts(args: argparse.Namespace) -> int:
 
     cfg = config(args)
     setup_logging(cfg.logging)     # to stderr: stdout is the command's output (--json)
+    if args.accounts_cmd == "discover":
+        return asyncio.run(_discover(cfg, args))
     return asyncio.run(_with_service(cfg, args))
+
+
+async def _discover(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.accounts.discover import discover
+
+    try:
+        d = await discover(args.address, nameservers=cfg.delivery.nameserver_addresses() or None)
+    except ValueError as exc:
+        raise UsageError(f"address: {exc}") from None
+    out: dict[str, Any] = {"address": d.address, "domain": d.domain, "provider": d.provider,
+                           "how": d.how,
+           "imap": {"host": d.imap.host, "port": d.imap.port, "tls": d.imap.tls} if d.imap else None,
+           "smtp": {"host": d.smtp.host, "port": d.smtp.port, "tls": d.smtp.tls} if d.smtp else None,
+           "evidence": list(d.evidence), "warnings": list(d.warnings)}
+    if args.json:
+        print_json(out)
+    elif not d.found:
+        print(f"{d.address}: no settings found ({'; '.join(d.evidence) or 'nothing matched'})")
+    else:
+        print(f"{d.address}: provider {d.provider or '-'} (found by {d.how})")
+        for name in ("imap", "smtp"):
+            ep = out[name]
+            print(f"  {name.upper()}: " + (f"{ep['host']}:{ep['port']} ({ep['tls']})" if ep else "-"))
+        for w in d.warnings:
+            print(f"  note: {w}")
+    return EXIT_OK if d.found else EXIT_FAIL
 
 
 async def _with_service(cfg: Config, args: argparse.Namespace) -> int:

@@ -175,8 +175,8 @@ accounts:
         load_config(p, warnings=warnings)
     text = str(err.value)
     assert "users[0].account" in text and "no SMTP credentials" in text and "530" in text
-    assert "accounts[1].auth.service_account" in text and "kind microsoft" in text
-    assert "accounts[2].auth.method" in text and "Gmail has no SASL delegate" in text
+    assert "accounts[1].auth.service_account" in text and "a microsoft service account" in text
+    assert "accounts[2].auth.method" in text and "delegate" in text
     assert "accounts[3].auth.client_id" in text              # no client id anywhere
     assert "accounts[4].send_as[0]" in text or "accounts[4].send_as.0" in text, text
     assert any("needs connecting" in str(w) for w in warnings)
