@@ -74,6 +74,8 @@ async def gw(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot) -> Asy
     tracking_port = free_port()
     ts.register_redirect_uri(f"http://127.0.0.1:{tracking_port}/connect/callback")
     (tmp_path / "client-secret").write_text(ts.client_secret + "\n")
+    (tmp_path / "app-secret").write_text("app-secret\n")
+    ts.register_client("m365-app", "app-secret")
     (tmp_path / "sa.json").write_text(json.dumps(ts.create_service_account(domains=("example.test",))))
     async with Upstream(oauth=ts.token_allows) as upstream, Upstream() as smarthost:
         cfg = _config(tmp_path, ts, dovecot, tracking_port, upstream, smarthost)
@@ -108,7 +110,10 @@ def _config(tmp_path: Path, ts: TokenServer, dovecot: Dovecot, tracking_port: in
             "mail_provider": "imap",
             "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
             "smtp": {"host": "127.0.0.1", "port": upstream.port, "tls": "none"}}}},
-        "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json"}],
+        "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json"},
+                             {"id": "m365", "kind": "microsoft", "tenant": "example.test",
+                              "client_id": "m365-app", "client_secret_file": "app-secret",
+                              "token_endpoint": ts.token_url}],
         "accounts": [{"id": "declared", "email": "declared@example.test",
                       "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
                       "sync": {"enabled": False}}],
@@ -364,3 +369,31 @@ async def test_a_connected_account_sends_with_xoauth2_and_a_revoked_grant_defers
 
 async def _status(gw: Gateway, ident: str, want: str) -> bool:
     return bool((await gw.account(ident))["status"] == want)
+
+
+async def test_microsoft_app_only_access_sends_as_each_granted_mailbox(
+        gw: Gateway, token_server: TokenServer) -> None:
+    """One client-credentials token serves every mailbox the app was granted; the upstream
+    (as Exchange Online does) accepts it only for those mailboxes."""
+    ts = token_server
+    granted, refused = "ann@example.test", "zed@example.test"
+    ts.grant_mailboxes("m365-app", granted)
+    smtp = {"host": "127.0.0.1", "port": gw.upstream.port, "tls": "none"}
+    for ident, mailbox in (("ann", granted), ("zed", refused)):
+        status, created = await gw.call("POST", "/api/v1/accounts", {
+            "id": ident, "email": mailbox, "provider": "microsoft365", "smtp": smtp,
+            "auth": {"method": "service", "service_account": "m365"},
+            "sync": {"enabled": False}, "send_as": [SELLER] if ident == "ann" else []})
+        assert status == 201, created
+    await _submit(gw, granted, LEAD, "app only")
+    [got] = await gw.upstream.wait_for(1, timeout=20)
+    assert (got.mechanism, got.login) == ("XOAUTH2", granted)
+    assert [g["grant_type"] for g in ts.grants][-1] == "client_credentials"
+    # the mailbox the app has no permission on: the upstream refuses, the account needs attention
+    status, _ = await gw.call("PATCH", "/api/v1/accounts/ann", {"send_as": []})
+    assert status == 200
+    status, _ = await gw.call("PATCH", "/api/v1/accounts/zed", {"send_as": [SELLER]})
+    assert status == 200
+    await _submit(gw, refused, LEAD, "not granted")
+    await wait_for(lambda: _status(gw, "zed", "needs_reconnect"), 20, "zed marked needs_reconnect")
+    assert len(gw.upstream.messages) == 1
