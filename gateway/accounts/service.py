@@ -19,6 +19,7 @@ import base64
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import aiosmtplib
@@ -37,6 +38,9 @@ from gateway.imap.account import open_account
 from gateway.oauth import sasl
 
 __all__ = ["AccountService"]
+
+#: connect links are deleted this long after they expired (their outcome is support history)
+LINK_HISTORY = timedelta(days=30)
 
 
 class AccountService:
@@ -77,11 +81,16 @@ class AccountService:
         await self.grants.close()
 
     async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        pruned_at = loop.time()
         while True:
             await asyncio.sleep(self.get_config().sync.check_interval)
             try:
                 if await self.registry.refresh() and self.on_change is not None:
                     self.on_change()
+                if loop.time() - pruned_at > 3600:   # connect links are kept 30 days past expiry
+                    pruned_at = loop.time()
+                    await self.registry.state.prune_links(LINK_HISTORY)
             except StoreError as exc:
                 self.log.warning("runtime_accounts_unreadable", error=str(exc))
 

@@ -307,3 +307,22 @@ async def test_runtime_accounts_registry_webhooks_and_secrets(store: Store, tmp_
         hooks = [h[0] for h in (await conn.execute(sa.text(
             "SELECT event_type FROM webhook_outbox ORDER BY id"))).all()]
     assert hooks == ["account.connected", "account.deleted", "account.connected"]
+
+
+async def test_connect_links_are_used_once_refuse_late_openings_and_are_pruned(store: Store) -> None:
+    accounts = Accounts(store)
+    now = datetime.now(UTC)
+    for ident, expires in (("live", now + timedelta(hours=1)), ("late", now - timedelta(minutes=1)),
+                           ("old", now - timedelta(days=40))):
+        await accounts.create_link({"id": ident, "provider": "google", "email": "a@example.com",
+                                    "created_at": now, "expires_at": expires})
+    assert await accounts.open_link("live", b"flow") is True
+    assert await accounts.open_link("late", b"flow") is False              # expired
+    assert await accounts.use_link("live") is True
+    assert await accounts.use_link("live") is False                        # single use
+    assert await accounts.open_link("live", b"again") is False             # used
+    await accounts.finish_link("live", "connected", account_id="a")
+    row = await accounts.link("live")
+    assert row is not None and row["result"] == "connected" and row["flow_ciphertext"] is None
+    assert await accounts.prune_links(timedelta(days=30)) == 1
+    assert await accounts.link("old") is None and await accounts.link("late") is not None
