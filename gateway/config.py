@@ -349,6 +349,9 @@ class ServiceAccount(Model):
     certificate_file: str | None = None
     token_endpoint: HttpURL | None = None
     scope: str | None = None
+    #: the servers of its mailboxes where the provider preset does not fit (tests, another IdP)
+    imap: Endpoint | None = None
+    smtp: SMTPUpstream | None = None
 
     @model_validator(mode="after")
     def _kind_keys(self) -> ServiceAccount:

@@ -28,6 +28,7 @@ later declared in the file is shadowed by the declared one (logged).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -81,6 +82,15 @@ def _file_keys(value: Any, path: str = "") -> list[str]:
         for i, v in enumerate(value):
             out.extend(_file_keys(v, f"{path}[{i}]"))
     return out
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -241,37 +251,83 @@ class AccountRegistry:
 
     # -- changes ----------------------------------------------------------------------------
     def validate(self, definition: Mapping[str, Any]) -> Account:
-        """A runtime definition as an Account, or InvalidAccount naming each bad key."""
-        files = _file_keys(definition)
-        if files:
-            raise InvalidAccount([(k, "accounts created at run time take no files: send the secret "
-                                      "itself (auth.password, auth.refresh_token); it is stored "
-                                      "encrypted") for k in files])
+        """A runtime definition as an Account, or InvalidAccount naming each bad key.
+
+        Beyond the `accounts:` schema, a definition made through the API must not steer a
+        secret anywhere the admin did not configure: no files, no OAuth endpoint or client
+        of its own, the servers of an oauth2 or service account only those its provider or
+        service account names (its tokens go nowhere else), and no plaintext (`tls: none`)
+        server but on loopback."""
+        problems: list[tuple[str, str]] = [
+            (k, "accounts created at run time take no files: send the secret itself "
+                "(auth.password, auth.refresh_token); it is stored encrypted")
+            for k in _file_keys(definition)]
+        auth = definition.get("auth") if isinstance(definition.get("auth"), Mapping) else {}
+        assert isinstance(auth, Mapping)
+        problems += [(f"auth.{k}", "set in oauth.providers (the gateway's app registration), not "
+                                   "per account at run time")
+                     for k in ("token_endpoint", "client_id", "scope") if auth.get(k) is not None]
+        if problems:
+            raise InvalidAccount(problems)
+        cfg = self.get_config()
+        method = auth.get("method", "password")
+        servers = self._token_servers(cfg, method, auth)
+        if servers is not None:
+            definition = dict(definition)
+            for key, allowed in zip(("imap", "smtp"), servers, strict=True):
+                if key in definition and definition[key] is not None:
+                    continue
+                if allowed is not None:
+                    definition[key] = allowed.model_dump(mode="json", exclude_none=True)
         try:
             acct = Account.model_validate({**definition, "origin": "runtime"})
         except ValidationError as exc:
             raise InvalidAccount(_problems(exc)) from None
-        cfg = self.get_config()
-        problems: list[tuple[str, str]] = []
+        if servers is not None:
+            allowed_imap, allowed_smtp = servers
+            if acct.imap is not None and acct.imap != allowed_imap:
+                problems.append(("imap", f"the IMAP server of an {method} account comes from its "
+                                         "provider (oauth.providers / service_accounts / the preset): "
+                                         "its tokens are sent to no other server"))
+            if acct.smtp is not None and acct.smtp != allowed_smtp:
+                problems.append(("smtp", f"the SMTP server of an {method} account comes from its "
+                                         "provider (oauth.providers / service_accounts / the preset)"))
+        for key, ep in (("imap", acct.imap), ("smtp", acct.smtp)):
+            if ep is not None and ep.tls == "none" and not _loopback(ep.host or ""):
+                problems.append((f"{key}.tls", "tls: none would send the credentials in the clear; at "
+                                               "run time only loopback servers may use it"))
         if acct.auth.method == "service" and cfg.service_account(acct.auth.service_account or "") is None:
             problems.append(("auth.service_account",
                              f"no service account {acct.auth.service_account!r} under service_accounts:"))
         if acct.auth.method == "oauth2":
             name = acct.oauth_provider_name
             settings = cfg.oauth.settings(name) if name else None
-            if settings is None and not acct.auth.token_endpoint:
+            if settings is None:
                 problems.append(("auth.oauth_provider", f"no OAuth provider {name!r} (oauth.providers, "
                                                         "or a preset: google, microsoft)"))
-            elif not acct.auth.client_id and not (settings and settings.client_id):
-                problems.append(("auth.client_id", f"no client_id here or under oauth.providers.{name}"))
-        if acct.provider == "imap" and acct.imap is None:
-            problems.append(("imap", "provider imap needs imap: {host, port}"))
+            elif not settings.client_id:
+                problems.append(("auth.oauth_provider", f"oauth.providers.{name} has no client_id"))
+        if acct.provider in ("imap", "exchange") and acct.imap is None:
+            problems.append(("imap", f"provider {acct.provider} needs imap: {{host, port}}"))
         for i, login in enumerate(acct.send_as):
             if cfg.user(login) is None:
                 problems.append((f"send_as.{i}", f"no user with login {login!r} in users:"))
         if problems:
             raise InvalidAccount(problems)
         return acct
+
+    @staticmethod
+    def _token_servers(cfg: Config, method: Any, auth: Mapping[str, Any]) -> tuple[Any, Any] | None:
+        """(imap, smtp) a token account may use, from its OAuth provider or service account
+        (None each: the mailbox provider's preset); None for password accounts."""
+        if method == "service":
+            sa = cfg.service_account(str(auth.get("service_account") or ""))
+            return (sa.imap, sa.smtp) if sa is not None else (None, None)
+        if method == "oauth2":
+            name = auth.get("oauth_provider")
+            s = cfg.oauth.settings(str(name)) if name else None
+            return (s.imap, s.smtp) if s is not None else (None, None)
+        return None
 
     async def create(self, definition: Mapping[str, Any], *, secret: str | None = None,
                      connected_email: str | None = None, replace: bool = False) -> Account:
@@ -309,6 +365,13 @@ class AccountRegistry:
                                   for k in bad])
         merged = _merge(row.definition, patch)
         acct = self.validate(merged)
+        before = self._runtime.get(account_id)
+        if acct.auth.method == "password" and secret is None and before is not None and (
+                (acct.imap, acct.smtp, acct.email, acct.auth.username)
+                != (before.imap, before.smtp, before.email, before.auth.username)):
+            raise InvalidAccount([("auth.password", "changing the servers, the address or the login "
+                                                    "of a password account needs auth.password again "
+                                                    "(the stored one never goes to a new server)")])
         body = acct.model_dump(mode="json", exclude_none=True, exclude={"origin"})
         await self.state.update_runtime(account_id, body, email=acct.email,
                                         credential=self.seal(account_id, secret) if secret else None)

@@ -107,6 +107,11 @@ class AccountRoutes:
                 raise InvalidAccount([(key, "expected a non-empty string")])
         if password is not None and refresh_token is not None:
             raise InvalidAccount([("auth", "give auth.password or auth.refresh_token, not both")])
+        method = auth.get("method", "password")
+        if password is not None and method != "password":
+            raise InvalidAccount([("auth.password", f"method {method} takes no password")])
+        if refresh_token is not None and method != "oauth2":
+            raise InvalidAccount([("auth.refresh_token", f"method {method} takes no refresh token")])
         definition = {**body, "auth": auth} if auth or "auth" in body else body
         acct = await self.service.registry.create(definition, secret=password or refresh_token)
         await self.service.changed()
@@ -116,7 +121,10 @@ class AccountRoutes:
         ident = request.match_info["id"]
         body = await self._object(request)
         patch: dict[str, Any] = {}
-        sync: dict[str, Any] = dict(body.pop("sync", None) or {})
+        raw_sync = body.pop("sync", None)
+        if raw_sync is not None and not isinstance(raw_sync, dict):
+            raise InvalidAccount([("sync", "expected an object")])
+        sync: dict[str, Any] = dict(raw_sync or {})
         for k in list(body):
             if k in _SYNC_KEYS:
                 sync[k] = body.pop(k)
@@ -125,6 +133,10 @@ class AccountRoutes:
             password = body.pop("auth")["password"]
             if not isinstance(password, str) or not password:
                 raise InvalidAccount([("auth.password", "expected a non-empty string")])
+            current = self.service.registry.account(ident)
+            if current is not None and current.auth.method != "password":
+                raise InvalidAccount([("auth.password", f"account {ident} uses method "
+                                                        f"{current.auth.method}, not a password")])
         patch.update(body)
         if sync:
             patch["sync"] = sync

@@ -110,10 +110,12 @@ def _config(tmp_path: Path, ts: TokenServer, dovecot: Dovecot, tracking_port: in
             "mail_provider": "imap",
             "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
             "smtp": {"host": "127.0.0.1", "port": upstream.port, "tls": "none"}}}},
-        "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json"},
+        "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json",
+                              "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"}},
                              {"id": "m365", "kind": "microsoft", "tenant": "example.test",
                               "client_id": "m365-app", "client_secret_file": "app-secret",
-                              "token_endpoint": ts.token_url}],
+                              "token_endpoint": ts.token_url,
+                              "smtp": {"host": "127.0.0.1", "port": upstream.port, "tls": "none"}}],
         "accounts": [{"id": "declared", "email": "declared@example.test",
                       "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
                       "sync": {"enabled": False}}],
@@ -168,6 +170,25 @@ async def test_an_account_created_through_the_api_syncs_changes_tests_and_purges
     assert [f["configured"] for f in report["folders"]] == ["INBOX", "Sent"]
     status, err = await gw.call("PATCH", "/api/v1/accounts/rt1", {"id": "other"})
     assert status == 400 and err["parameter"] == "id"
+    # the stored password never goes to a new server; secrets are not steered elsewhere
+    status, err = await gw.call("PATCH", "/api/v1/accounts/rt1",
+                                {"imap": {"host": "127.0.0.2", "port": 1143, "tls": "none"}})
+    assert status == 400 and err["parameter"] == "auth.password", err
+    status, err = await gw.call("PATCH", "/api/v1/accounts/rt1",
+                                {"imap": {"host": "imap.elsewhere.test", "port": 143, "tls": "none"},
+                                 "auth": {"password": "x"}})
+    assert status == 400 and err["parameter"] == "imap.tls", err
+    status, err = await gw.call("PATCH", "/api/v1/accounts/rt1", {"sync": "x"})
+    assert status == 400 and err["parameter"] == "sync"
+    for steer, parameter in (
+            ({"auth": {"method": "oauth2", "oauth_provider": "testidp", "refresh_token": "r",
+                       "token_endpoint": "https://evil.test/token"}}, "auth.token_endpoint"),
+            ({"auth": {"method": "service", "service_account": "workspace"},
+              "imap": {"host": "127.0.0.9", "port": 993}}, "imap"),
+            ({"auth": {"method": "service", "service_account": "workspace", "password": "x"}},
+             "auth.password")):
+        status, err = await gw.call("POST", "/api/v1/accounts", {"id": "steer", "email": user, **steer})
+        assert status == 400 and err["parameter"] == parameter, (steer, err)
 
     status, gone = await gw.call("DELETE", "/api/v1/accounts/rt1?purge=true")
     assert status == 200 and gone["purged"]["messages"] == 1, gone
@@ -186,7 +207,7 @@ async def test_a_service_account_serves_three_mailboxes_added_at_run_time(
         dovecot.append(rep, "INBOX", message(f"to rep {i}", sender=LEAD, to=rep,
                                              message_id=f"<sa{i}@test>"))
         status, created = await gw.call("POST", "/api/v1/accounts", {
-            "id": f"sa{i}", "email": rep, "imap": imap(dovecot),
+            "id": f"sa{i}", "email": rep, "provider": "imap",
             "auth": {"method": "service", "service_account": "workspace"},
             "sync": {"folders": ["INBOX"]}})
         assert status == 201, created
@@ -378,10 +399,9 @@ async def test_microsoft_app_only_access_sends_as_each_granted_mailbox(
     ts = token_server
     granted, refused = "ann@example.test", "zed@example.test"
     ts.grant_mailboxes("m365-app", granted)
-    smtp = {"host": "127.0.0.1", "port": gw.upstream.port, "tls": "none"}
     for ident, mailbox in (("ann", granted), ("zed", refused)):
         status, created = await gw.call("POST", "/api/v1/accounts", {
-            "id": ident, "email": mailbox, "provider": "microsoft365", "smtp": smtp,
+            "id": ident, "email": mailbox, "provider": "microsoft365",
             "auth": {"method": "service", "service_account": "m365"},
             "sync": {"enabled": False}, "send_as": [SELLER] if ident == "ann" else []})
         assert status == 201, created

@@ -252,15 +252,15 @@ async def test_runtime_accounts_registry_webhooks_and_secrets(store: Store, tmp_
     store.configure(store.rules, [WebhookTarget("http://hook.test/", frozenset(
         {"account.connected", "account.deleted"}))])
     cfg = Config.model_validate({"accounts": [acct().model_dump()],
+                                 "oauth": {"providers": {"google": {"client_id": "cid"}}},
                                  "users": [{"login": "rep@example.com", "password_hash": "$argon2id$x"}],
                                  "source": str(tmp_path / "gateway.yaml")})
     cipher = TokenCipher(TokenCipher.generate_key())
     reg = AccountRegistry(lambda: cfg, store, cipher)
     other_node = AccountRegistry(lambda: cfg, store, cipher)
     await other_node.refresh()
-    definition = {"id": "rep", "email": "rep@example.com",
-                  "imap": {"host": "imap.example.com", "port": 993},
-                  "auth": {"method": "oauth2", "oauth_provider": "google", "client_id": "cid"},
+    definition = {"id": "rep", "email": "rep@example.com", "provider": "gmail",
+                  "auth": {"method": "oauth2", "oauth_provider": "google"},
                   "send_as": ["rep@example.com"]}
     created = await reg.create(definition, secret="rt-secret", connected_email="rep@example.com")
     assert created.origin == "runtime" and [a.id for a in reg.accounts()] == ["alice", "rep"]
@@ -281,6 +281,9 @@ async def test_runtime_accounts_registry_webhooks_and_secrets(store: Store, tmp_
         reg.validate({**definition, "id": "x",
                       "auth": {"method": "password", "password_file": "/etc/shadow"}})
     assert bad.value.problems[0][0] == "auth.password_file"
+    with pytest.raises(InvalidAccount) as bad:      # a token account's servers are the provider's
+        reg.validate({**definition, "id": "x", "imap": {"host": "imap.evil.test", "port": 993}})
+    assert bad.value.problems[0][0] == "imap"
     with pytest.raises(Conflict):
         await reg.create(definition, secret="again")
     with pytest.raises(Conflict):
