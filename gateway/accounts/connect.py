@@ -154,18 +154,40 @@ class Connect:
             problems.append(("login", f"no user with login {login!r} in users:"))
         if email is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", email):
             problems.append(("email", f"{email!r} is not an e-mail address"))
+        if login is not None and email is None and "@" not in login:
+            problems.append(("email", "a link that lets a user send as the mailbox must name the "
+                                      "mailbox (email): whoever opens an open link connects theirs"))
         if account_id is not None:
             acct = self.registry.account(account_id)
-            if acct is not None and acct.auth.method != "oauth2":
-                problems.append(("account_id", f"account {account_id} does not use OAuth "
-                                               f"(auth.method {acct.auth.method})"))
-            if acct is not None and email is None:
+            if acct is None:
+                if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", account_id):
+                    problems.append(("account_id", "letters, digits, . _ - (an account id)"))
+            else:
+                if acct.auth.method != "oauth2":
+                    problems.append(("account_id", f"account {account_id} does not use OAuth "
+                                                   f"(auth.method {acct.auth.method})"))
+                elif acct.oauth_provider_name != provider:
+                    problems.append(("provider", f"account {account_id} connects through "
+                                                 f"{acct.oauth_provider_name}, not {provider}"))
+                if acct.auth.refresh_token_file:
+                    problems.append(("account_id", f"account {account_id} takes its refresh token from "
+                                                   f"{acct.auth.refresh_token_file} (gateway.yaml); "
+                                                   "update that file instead"))
+                if email is not None and email.lower() != acct.email.lower():
+                    problems.append(("email", f"account {account_id} is {acct.email}, not {email}"))
                 email = acct.email
         if settings:
             bad = sorted(set(settings) - {"sync"})
             if bad:
                 problems.append((bad[0], "a link's settings take only sync (folders, direction, "
                                          "history_days)"))
+        if not problems and s is not None:      # the account the link would create must validate
+            probe = self._definition(provider, account_id or "link-check",
+                                     email or "rep@example.invalid", login, settings or {})
+            try:
+                self.registry.validate(probe)
+            except InvalidAccount as exc:
+                problems += [(k if not k.startswith("id") else "account_id", m) for k, m in exc.problems]
         if problems:
             raise InvalidAccount(problems)
         base = self.base_url()
@@ -219,13 +241,19 @@ class Connect:
             return None, Outcome("expired", "This link has expired. Ask for a new one.")
         try:
             provider, client = await self.providers.get(row["provider"])
-        except AccountError as exc:
+            if not provider.authorization_endpoint:
+                raise ValueError(f"provider {row['provider']} has no authorization endpoint")
+        except (AccountError, ValueError) as exc:
             return None, Outcome("failed", str(exc), provider=row["provider"])
-        verifier, nonce, attempt = new_verifier(), new_nonce(), secrets.token_hex(8)
-        flow = json.dumps({"v": verifier, "n": nonce, "a": attempt}).encode()
-        if not await self.registry.state.open_link(link_id, self.registry.cipher.seal(
-                f"connect-flow:{link_id}", flow)):
-            return None, Outcome("used", "This link has been used already, or has just expired.")
+        flow = self._flow(link_id, row) if row["opened_at"] is not None and \
+            row["opened_at"].timestamp() + FLOW_TTL > now else None
+        if flow is None:    # a new attempt; one in progress is reused, so that a mail scanner
+            # opening the link before the rep does not invalidate the rep's sign-in
+            flow = {"v": new_verifier(), "n": new_nonce(), "a": secrets.token_hex(8)}
+            if not await self.registry.state.open_link(link_id, self.registry.cipher.seal(
+                    f"connect-flow:{link_id}", json.dumps(flow).encode())):
+                return None, Outcome("used", "This link has been used already, or has just expired.")
+        verifier, nonce, attempt = str(flow["v"]), str(flow["n"]), str(flow["a"])
         state = self.signer.sign("connect-state", {"l": link_id, "a": attempt},
                                  min(now + FLOW_TTL, row["expires_at"].timestamp() + FLOW_TTL))
         url = authorization_url(provider, client.client_id, redirect_uri=self.redirect_uri(),
@@ -250,24 +278,24 @@ class Connect:
             return Outcome("invalid", "This connect link does not exist (any more).")
         if row["used_at"] is not None:
             return Outcome("used", "This link has been used already.", account_id=row["result_account"])
-        flow_blob = row["flow_ciphertext"]
-        flow_text = (self.registry.cipher.unseal(f"connect-flow:{link_id}", bytes(flow_blob))
-                     if flow_blob is not None else None)
-        flow = json.loads(flow_text) if flow_text else None
+        flow = self._flow(link_id, row)
         if not flow or flow.get("a") != attempt:
             return Outcome("state_invalid", "This sign-in is not the latest one started from your link "
                                             "(was it opened again?). Nothing was changed; open the "
                                             "link again.")
         provider_name = row["provider"]
         if "error" in query:
-            error = query.get("error", "")
-            words = query.get("error_description") or error
-            await self.registry.state.finish_link(link_id, "refused", words)
+            error = re.sub(r"[^a-z_]", "", query.get("error", "").lower())[:40] or "error"
+            await self.registry.state.finish_link(link_id, "refused", (
+                f"{error}: {query.get('error_description', '')}")[:500])
             if error == "access_denied":
                 return Outcome("refused", "You declined to give the gateway access. Nothing was "
                                           "connected; you can open the link again if you change your "
                                           "mind.", provider=provider_name)
-            return Outcome("failed", f"The provider answered: {words}", provider=provider_name)
+            # the provider's own words are not shown: anyone holding a state could put text here
+            return Outcome("failed", f"The provider did not grant access (error {error}). Nothing was "
+                                     "connected; open the link again or ask for a new one.",
+                           provider=provider_name)
         code = query.get("code")
         if not code:
             return Outcome("failed", "The provider's answer has no authorization code.")
@@ -277,13 +305,23 @@ class Connect:
                                                      redirect_uri=self.redirect_uri(),
                                                      code_verifier=str(flow["v"]))
             identity = await self._identity(provider, client.client_id, tokens, str(flow["n"]))
-        except AccountError as exc:
+        except (AccountError, ValueError) as exc:
             await self.registry.state.finish_link(link_id, "failed", str(exc))
             return Outcome("failed", f"Signing in did not work: {exc}", provider=provider_name)
         settings = json.loads(row["settings"]) if row["settings"] else {}
         return await self._finish(provider_name, identity, tokens, expected=row["email"],
                                   login=row["login"], account_id=row["account_id"], settings=settings,
                                   link_id=link_id)
+
+    def _flow(self, link_id: str, row: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The authorization in progress on a link (verifier, nonce, attempt), if readable."""
+        blob = row["flow_ciphertext"]
+        text = self.registry.cipher.unseal(f"connect-flow:{link_id}", bytes(blob)) if blob else None
+        try:
+            flow = json.loads(text) if text else None
+        except ValueError:
+            return None
+        return flow if isinstance(flow, dict) else None
 
     async def _identity(self, provider: OAuthProvider, client_id: str, tokens: TokenResponse,
                         nonce: str | None) -> Identity:
@@ -322,8 +360,11 @@ class Connect:
         existing = self.registry.account(ident)
         sealed = self.registry.seal(ident, tokens.refresh_token)
         try:
-            if existing is not None and (existing.origin == "config" or account_id is not None
-                                         or existing.email.lower() == email):
+            if existing is not None and account_id is not None and existing.email.lower() != email:
+                raise Conflict(f"account {ident} is {existing.email}, not {email}")
+            if existing is not None and existing.email.lower() == email and (
+                    account_id is not None or (existing.origin == "runtime"
+                                               and existing.oauth_provider_name == provider_name)):
                 if existing.auth.method != "oauth2":
                     raise Conflict(f"account {ident} does not use OAuth (auth.method "
                                    f"{existing.auth.method})")
@@ -332,7 +373,7 @@ class Connect:
                 kind = "reconnected"
                 acct = existing
             else:
-                if existing is not None:   # another address already has this id
+                if existing is not None:   # another account (address, or declared) has this id
                     ident = f"{ident}-{secrets.token_hex(3)}"
                     sealed = self.registry.seal(ident, tokens.refresh_token)
                 definition = self._definition(provider_name, ident, email, login, settings)
@@ -351,10 +392,17 @@ class Connect:
                                                 direction=acct.sync.direction, provider=provider_name))
 
     def _tenant_vouches(self, provider_name: str) -> bool:
-        """Microsoft ID tokens rarely carry `email_verified`: their address is the account's
-        sign-in name, which the tenant's administrators assign. With the microsoft preset the
-        verified ID token (signed by Microsoft, issued for the tenant) is taken to vouch for it."""
-        return self.get_config().oauth.preset_of(provider_name) == "microsoft"
+        """Microsoft ID tokens rarely carry `email_verified` (only `xms_edov` when configured as
+        an optional claim). With the microsoft preset and one named tenant (not common,
+        organizations or consumers), the ID token's issuer pins that tenant, whose
+        administrators assign its addresses: its verified ID token vouches for the address.
+        A multi-tenant app would let any tenant claim any address ("nOAuth"), so there the
+        address must be verified (`xms_edov`)."""
+        cfg = self.get_config()
+        if cfg.oauth.preset_of(provider_name) != "microsoft":
+            return False
+        s = cfg.oauth.settings(provider_name)
+        return s is not None and s.tenant.lower() not in ("common", "organizations", "consumers")
 
     async def _end(self, link_id: str | None, outcome: Outcome) -> Outcome:
         if link_id is not None:

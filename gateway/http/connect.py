@@ -57,7 +57,7 @@ def _page(title: str, body: str, status: int) -> web.Response:
     doc = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
            f"<title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;"
-           "max-width:36em;margin:3em auto;padding:0 1em;line-height:1.5;color:#222}}"
+           "max-width:36em;margin:3em auto;padding:0 1em;line-height:1.5;color:#222}"
            "h1{font-size:1.4em}code{background:#f3f3f3;padding:0 .2em}</style></head><body>"
            f"<h1 id=\"title\">{html.escape(title)}</h1>{body}</body></html>")
     return web.Response(text=doc, status=status, content_type="text/html", headers=_HEADERS)

@@ -244,8 +244,18 @@ async def test_a_connect_link_connects_a_mailbox_once(gw: Gateway, dovecot: Dove
     _, accounts = await gw.call("GET", "/api/v1/accounts")
     assert not [a for a in accounts["accounts"] if a["email"] in (rep, other)]
 
-    # the right mailbox: connected, the page says so, the account syncs
+    # a scanner opening the link first does not spoil the rep's sign-in: the same attempt
+    status, _, scanned = await gw.page(link["url"])
     status, _, where = await gw.page(link["url"])
+    assert where is not None and scanned is not None
+    assert _query(where)["state"] == _query(scanned)["state"]
+    # a provider's error text is not shown on the gateway's page, only its code
+    status, page, _ = await gw.page(f"{gw.public}/connect/callback?state={_query(where)['state']}"
+                                    "&error=server_error&error_description=%3Cb%3EPay+here%3C%2Fb%3E")
+    assert 'data-kind="failed"' in page and "Pay here" not in page and "server_error" in page
+    assert "}}" not in page
+    # the right mailbox: connected, the page says so, the account syncs
+    status, _, where = await gw.page(link["url"])       # (that attempt ended: a new one)
     assert where is not None
     status, page, _ = await gw.page(ts.consent(where, email=rep))
     assert status == 200 and 'data-kind="connected"' in page and rep in page, page
@@ -270,6 +280,18 @@ async def test_a_connect_link_connects_a_mailbox_once(gw: Gateway, dovecot: Dove
     assert status == 400 and err["parameter"] == "provider"
     status, err = await gw.call("POST", "/api/v1/connect-links", {"provider": "testidp"})
     assert status == 400 and err["parameter"] == "email"
+    status, err = await gw.call("POST", "/api/v1/connect-links",
+                                {"provider": "testidp", "login": "bob"})       # open, yet sends as bob
+    assert status == 400 and "email" in [p["parameter"] for p in err["problems"]], err
+    status, err = await gw.call("POST", "/api/v1/connect-links",
+                                {"provider": "testidp", "email": rep, "sync": {"folders": 5}})
+    assert status == 400 and err["parameter"].startswith("sync.folders"), err
+    status, err = await gw.call("POST", "/api/v1/connect-links",
+                                {"provider": "testidp", "account_id": ident, "email": other})
+    assert status == 400 and err["parameter"] == "email", err
+    status, err = await gw.call("POST", "/api/v1/connect-links",
+                                {"provider": "testidp", "account_id": "../../x"})
+    assert status == 400 and err["parameter"] == "account_id", err
 
 
 def test_the_shell_adds_accounts_and_connects_one_with_the_device_flow(
@@ -332,6 +354,11 @@ def test_the_shell_adds_accounts_and_connects_one_with_the_device_flow(
         assert json.loads(tested.stdout)["ok"] is True, tested.stdout     # XOAUTH2 to Dovecot
     finally:
         ts.device_interval = 5
+
+
+def _query(url: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+    return dict(parse_qsl(urlsplit(url).query))
 
 
 async def _submit(gw: Gateway, sender: str, to: str, subject: str) -> None:
