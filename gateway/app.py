@@ -30,7 +30,7 @@ from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.smtp import SMTPTransport
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
 from gateway.http.connect import add_connect_routes
 from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.manager import Tailers
@@ -103,7 +103,10 @@ class App:
     def file_config(self) -> Config:
         return self.cfg
 
-    def _wake_tailers(self) -> None:
+    def _accounts_changed(self) -> None:
+        """Runtime accounts changed: the store links with the new own addresses, tailers look."""
+        if self.store is not None:
+            self._configure_store(self.get_config())
         if self.tailers is not None:
             self.tailers.wake()
 
@@ -124,9 +127,9 @@ class App:
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
         self.store = await Store.from_config(cfg)
         self.accounts = AccountService(self.file_config, self.store, log=self.log,
-                                       on_change=self._wake_tailers)
+                                       on_change=self._accounts_changed)
         await self.accounts.start()
-        self._configure_store(cfg)
+        self._configure_store(self.get_config())
         self.writer = StoreWriter(self.store, log=self.log,
                                   on_failure=self.metrics.store_write_failed)
         await self.writer.start()
@@ -292,8 +295,8 @@ class App:
             self.log.error("reload_secrets_unreadable", error=str(exc),
                            kept="the previous webhooks and admin token")
             return
-        if self.store is not None:
-            self.store.configure(LinkRules.from_config(new), targets(endpoints))
+        if self.store is not None:   # own addresses include the runtime accounts'
+            self.store.configure(LinkRules.from_config(self.get_config()), targets(endpoints))
         if self.webhooks is not None:
             self.webhooks.configure(endpoints)
         if self.admin is not None and admin is not None:
@@ -348,6 +351,11 @@ class App:
             self.tracking.signer = signer
             self.tracking.recorder.configure(settings_from_config(new))
         self.cfg = new
+        if self.accounts is not None:   # which runtime ids the file now shadows, or frees
+            try:
+                await self.accounts.registry.refresh(force=True)
+            except StoreError as exc:
+                self.log.warning("runtime_accounts_unreadable", error=str(exc))
         self.policies = policies
         self.outbound = outbound
         self._signer = signer

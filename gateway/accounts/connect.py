@@ -33,6 +33,7 @@ The device flow (RFC 8628, `mailgw accounts connect`) ends in the same store ste
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -439,9 +440,12 @@ class Connect:
         device = await self.grants.start_device(provider, client)
         show(device)
         try:
-            tokens = await self.grants.poll_device(provider, client, device)
+            async with asyncio.timeout(self.get_config().oauth.device_timeout):
+                tokens = await self.grants.poll_device(provider, client, device)
             identity = await self._identity(provider, client.client_id, tokens, None)
-        except AccountError as exc:
+        except TimeoutError:
+            return Outcome("expired", "Nobody approved the code in time (oauth.device_timeout).")
+        except (AccountError, ValueError) as exc:
             return Outcome("refused" if "denied" in str(exc) else "failed", str(exc))
         return await self._finish(provider_name, identity, tokens, expected=email, login=login,
                                   account_id=account_id, settings=settings or {}, link_id=None)

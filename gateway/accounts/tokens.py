@@ -99,8 +99,10 @@ class TokenService:
         await self.grants.close()
 
     def forget(self, account_id: str) -> None:
-        """Drop what is cached for an account in memory (it was reconnected or removed)."""
-        self._locks.pop(account_id, None)
+        """Drop what is cached for an account in memory (it was reconnected or removed). The
+        stored access token is dropped by the store step itself; the lock stays (a refresh
+        may hold it)."""
+        self._shared.pop(account_id, None)
 
     async def access_token(self, account_id: str, *, rejected: str | None = None) -> str:
         acct = self.registry.account(account_id)

@@ -287,6 +287,9 @@ async def _change(cfg: Config, service: AccountService, args: argparse.Namespace
               "A running daemon stops syncing it within seconds.")
         return EXIT_OK
     if cmd == "enable":
+        if row is not None and row.get("origin") == "runtime" and row.get("status") == "deleted":
+            raise UsageError(f"account {aid} was deleted and its secret with it: create it again "
+                             "(`mailgw accounts add`, the API or a connect link)")
         was = await accounts.set_status(aid, "active", None, email=email)
         print(f"account {aid} enabled (was {was or 'active'}). A running daemon syncs it within seconds.")
         if configured is None:

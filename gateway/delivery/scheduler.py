@@ -85,6 +85,10 @@ class LocalDelivery(Protocol):
         ...
 
 
+#: how many submissions the scheduler remembers having sent a delay warning for
+DELAY_GROUPS_KEPT = 10000
+
+
 @dataclass
 class Stats:
     attempts: int = 0
@@ -138,6 +142,7 @@ class Scheduler:
         self._stopping = False
         self._secrets: dict[str, str] = {}
         self._idle = asyncio.Event()
+        self._delay_groups: dict[str, None] = {}   # submissions whose sender got a delay DSN
 
     @property
     def cfg(self) -> Config:
@@ -303,7 +308,14 @@ class Scheduler:
         held = [by_rcpt[r.addr] for r in pending
                 if r.status == "pending" and by_rcpt[r.addr].credentials is not None]
         if held and not env.delay_notified:
-            await self._send_delay_dsn(env, data, held)
+            # one warning per message: the copies of one submission (per-recipient tracked
+            # copies share env.group) are told about together, by whichever fails first
+            if env.group is None or env.group not in self._delay_groups:
+                if env.group is not None:   # before the await: copies run concurrently
+                    self._delay_groups[env.group] = None
+                    while len(self._delay_groups) > DELAY_GROUPS_KEPT:
+                        self._delay_groups.pop(next(iter(self._delay_groups)))
+                await self._send_delay_dsn(env, data, held)
             env.delay_notified = True
         if env.pending:
             sched = cfg.delivery.retry.schedule

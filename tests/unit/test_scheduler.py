@@ -791,3 +791,18 @@ async def test_a_runtime_password_account_logs_in_with_its_stored_password(
     finally:
         await h.scheduler.stop(timeout=5)
         h.spool.close()
+
+
+async def test_per_recipient_copies_of_one_message_warn_the_sender_once(acct: Harness) -> None:
+    acct.tokens.fail = AccountAuthError("token endpoint refused the grant: invalid_grant",
+                                        server_text="invalid_grant")
+    copies = [await acct.queue(r, user=REP, group="G1")
+              for r in ("bob@example.net", "carol@example.org", "dan@example.com")]
+    for qid in copies:
+        await acct.wait_settled(qid, "deferred")
+    await wait_for(lambda: acct.scheduler.busy == 0, what="the scheduler idle")
+    assert len(delayed_dsns(acct)) == 1                 # one message, one warning
+    assert all(acct.deferred(q).delay_notified for q in copies)
+    other = await acct.queue("erin@example.net", user=REP, group="G2")
+    await acct.wait_settled(other, "deferred")
+    await wait_for(lambda: len(delayed_dsns(acct)) == 2, what="the other message's warning")

@@ -61,6 +61,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_connect_links_expires_at", table_name="connect_links")
     op.drop_table("connect_links")
+    # SQLite runs migrations without foreign keys: remove what hangs off the rows explicitly
+    for table in ("sync_state", "sync_runs"):
+        op.execute(f"DELETE FROM {table} WHERE account IN "
+                   "(SELECT id FROM accounts WHERE origin = 'runtime')")
     op.execute("DELETE FROM accounts WHERE origin = 'runtime'")
     with op.batch_alter_table("accounts") as batch:
         for column in ("version", "connected_at", "connected_email", "credential_ciphertext",
