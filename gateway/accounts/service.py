@@ -107,6 +107,21 @@ class AccountService:
         self.tokens.forget(account_id)
         await self.changed()
 
+    async def delete(self, account_id: str, *, reason: str) -> str | None:
+        """Stop syncing the account (its mail is kept); a runtime OAuth account's refresh token
+        is revoked at the provider first (RFC 7009, best effort), since its copy here goes."""
+        acct = self.registry.account(account_id)
+        if acct is not None and acct.origin == "runtime" and acct.auth.method == "oauth2":
+            try:
+                token = await self.registry.refresh_token(account_id)
+                provider, client, _ = await self.providers.for_account(acct)
+                await self.grants.revoke(provider, client, token)
+            except (AccountError, StoreError, ValueError) as exc:
+                self.log.warning("refresh_token_not_revoked", account=account_id, error=str(exc))
+        was = await self.registry.delete(account_id, reason=reason)
+        self.tokens.forget(account_id)
+        return was
+
     # -- AccountStatusSink, SecretSource ------------------------------------------------------
     async def needs_reconnect(self, account_id: str, reason: str) -> None:
         was = await self.registry.state.set_status(account_id, "needs_reconnect", reason,

@@ -155,7 +155,7 @@ class AccountRoutes:
         if self.service.registry.account(ident) is None and \
                 await self.service.registry.state.get(ident) is None:
             raise NotFound(f"no account {ident!r}")
-        was = await self.service.registry.delete(ident, reason="deleted through the API")
+        was = await self.service.delete(ident, reason="deleted through the API")
         await self.service.changed()
         out: dict[str, Any] = {"id": ident, "status": "deleted", "previous_status": was}
         if purge in ("true", "1", "yes"):

@@ -298,7 +298,7 @@ async def _change(cfg: Config, service: AccountService, args: argparse.Namespace
             print(f"note: {aid} has sync.enabled: false or direction: one-way; nothing is imported")
         return EXIT_OK
     # delete
-    was = await service.registry.delete(aid, reason="deleted with `mailgw accounts delete`")
+    was = await service.delete(aid, reason="deleted with `mailgw accounts delete`")
     print(f"account {aid} deleted (was {was or 'active'}): it is no longer synced"
           + (f" (remove it from {cfg.source} too)" if declared else ""))
     if not args.purge:

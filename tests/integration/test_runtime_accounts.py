@@ -107,7 +107,7 @@ def _config(tmp_path: Path, ts: TokenServer, dovecot: Dovecot, tracking_port: in
             "token_endpoint": ts.token_url, "jwks_uri": ts.jwks_url,
             "userinfo_endpoint": ts.userinfo_url, "client_id": ts.client_id,
             "client_secret_file": "client-secret", "scopes": ["mail", "openid", "email"],
-            "mail_provider": "imap",
+            "revocation_endpoint": ts.revocation_url, "mail_provider": "imap",
             "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
             "smtp": {"host": "127.0.0.1", "port": upstream.port, "tls": "none"}}}},
         "service_accounts": [{"id": "workspace", "kind": "google", "key_file": "sa.json",
@@ -292,6 +292,16 @@ async def test_a_connect_link_connects_a_mailbox_once(gw: Gateway, dovecot: Dove
     status, err = await gw.call("POST", "/api/v1/connect-links",
                                 {"provider": "testidp", "account_id": "../../x"})
     assert status == 400 and err["parameter"] == "account_id", err
+
+    # deleting the account revokes its refresh token at the provider
+    assert gw.app.accounts is not None
+    refresh = await gw.app.accounts.registry.refresh_token(ident)
+    status, gone = await gw.call("DELETE", f"/api/v1/accounts/{ident}")
+    assert status == 200 and gone["previous_status"] == "active"
+    async with gw.session.post(ts.token_url, data={
+            "grant_type": "refresh_token", "refresh_token": refresh, "client_id": ts.client_id,
+            "client_secret": ts.client_secret}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"] == "invalid_grant"
 
 
 def test_the_shell_adds_accounts_and_connects_one_with_the_device_flow(
