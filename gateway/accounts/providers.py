@@ -27,7 +27,7 @@ from gateway.config import Account, Config, OAuthProviderSettings, read_secret
 from gateway.errors import AccountAuthError, AccountUnavailable
 from gateway.oauth.providers import PRESETS, OAuthClient, OAuthProvider, from_discovery
 
-__all__ = ["Providers"]
+__all__ = ["Providers", "client_credential"]
 
 _OVERRIDES = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
               "jwks_uri", "userinfo_endpoint", "revocation_endpoint", "issuer")
@@ -132,12 +132,21 @@ class Providers:
     @staticmethod
     def _client(s: OAuthProviderSettings, cfg: Config, name: str) -> OAuthClient:
         assert s.client_id is not None
-        try:
-            secret = read_secret(s.client_secret_file, cfg.base_dir).strip() if s.client_secret_file else None
-            pem = read_secret(s.private_key_file, cfg.base_dir) if s.private_key_file else None
-            cert = cfg.path(s.certificate_file).read_text() if s.certificate_file else None
-        except OSError as exc:
-            raise AccountUnavailable(f"oauth.providers.{name}: cannot read the client credential: "
-                                     f"{exc.strerror or exc}") from None
-        return OAuthClient(client_id=s.client_id, client_secret=secret, private_key_pem=pem,
-                           certificate_pem=cert)
+        return client_credential(cfg, s.client_id, secret_file=s.client_secret_file,
+                                 key_file=s.private_key_file, certificate_file=s.certificate_file,
+                                 what=f"oauth.providers.{name}: cannot read the client credential")
+
+
+def client_credential(cfg: Config, client_id: str, *, secret_file: str | None,
+                      key_file: str | None, certificate_file: str | None,
+                      what: str) -> OAuthClient:
+    """An app registration's client: its secret, or its private key and certificate, read
+    from the files the configuration names; AccountUnavailable (`what`) if one is unreadable."""
+    try:
+        secret = read_secret(secret_file, cfg.base_dir).strip() if secret_file else None
+        pem = read_secret(key_file, cfg.base_dir) if key_file else None
+        cert = cfg.path(certificate_file).read_text() if certificate_file else None
+    except OSError as exc:
+        raise AccountUnavailable(f"{what}: {exc.strerror or exc}") from None
+    return OAuthClient(client_id=client_id, client_secret=secret, private_key_pem=pem,
+                       certificate_pem=cert)

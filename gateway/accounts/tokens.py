@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway.accounts.grants import GrantClient, ServiceAccountKey, TokenResponse
-from gateway.accounts.providers import Providers
+from gateway.accounts.providers import Providers, client_credential
 from gateway.config import Account, Config, ServiceAccount, read_secret
 from gateway.errors import AccountAuthError, AccountUnavailable
 from gateway.keys.tokens import AccessToken, TokenCipher, TokenStore
@@ -204,15 +204,7 @@ class TokenService:
             return token.token
 
     def _client(self, sa: ServiceAccount) -> OAuthClient:
-        cfg = self.get_config()
         assert sa.client_id is not None
-        try:
-            secret = read_secret(sa.client_secret_file, cfg.base_dir).strip() \
-                if sa.client_secret_file else None
-            pem = read_secret(sa.private_key_file, cfg.base_dir) if sa.private_key_file else None
-            cert = cfg.path(sa.certificate_file).read_text() if sa.certificate_file else None
-        except OSError as exc:
-            raise AccountUnavailable(f"service account {sa.id}: cannot read its credential: "
-                                     f"{exc.strerror or exc}") from None
-        return OAuthClient(client_id=sa.client_id, client_secret=secret, private_key_pem=pem,
-                           certificate_pem=cert)
+        return client_credential(self.get_config(), sa.client_id, secret_file=sa.client_secret_file,
+                                 key_file=sa.private_key_file, certificate_file=sa.certificate_file,
+                                 what=f"service account {sa.id}: cannot read its credential")
