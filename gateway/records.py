@@ -19,7 +19,8 @@ from gateway.mail.parse import Attachment, ParsedMessage, normalize_subject, sub
 from gateway.mail.parse import message_id_key as parse_mid_key
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
-EVENT_TYPES: tuple[str, ...] = ("queued", "sent", "deferred", "bounced", "opened", "clicked", "replied")
+EVENT_TYPES: tuple[str, ...] = ("queued", "sent", "deferred", "delayed", "bounced", "opened",
+                                 "clicked", "replied", "auto_replied", "read_receipt", "complained")
 SOURCES: tuple[str, ...] = ("relay", "imap", "ingest")
 
 

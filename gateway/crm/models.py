@@ -12,8 +12,9 @@ Tables:
     (account, folder, UIDVALIDITY, UID); unique per (source, ref). A relay copy's queue
     id is how delivery and tracking events find their message.
 ``events``
-    what happened to a message for one recipient: queued, sent, deferred, bounced,
-    opened, clicked, replied; ``key`` (unique when set) makes an event idempotent.
+    what happened to a message for one recipient: queued, sent, deferred, delayed,
+    bounced, opened, clicked, replied, auto_replied, read_receipt, complained; ``key``
+    (unique when set) makes an event idempotent.
 ``message_addresses``
     the lower-cased From/To/Cc addresses of each message: the index for "all mail with
     this address" that JSON columns cannot give portably.
@@ -28,6 +29,8 @@ Tables:
     IMAP checkpoint per folder, and the history of sync runs.
 ``webhook_outbox``
     webhook deliveries, written in the same transaction as what they announce.
+``suppressions``
+    addresses later mail must not reach (hard bounces, complaints, added by hand).
 ``send_counters``
     messages per sender and UTC day, for the ``max_per_day`` policy.
 
@@ -69,6 +72,7 @@ CONTACT_SOURCES: tuple[str, ...] = ("import", "api", "auto")
 ACCOUNT_STATUSES: tuple[str, ...] = ("active", "disabled", "needs_reconnect", "deleted")
 SYNC_STATUSES: tuple[str, ...] = ("running", "ok", "error")
 OUTBOX_STATUSES: tuple[str, ...] = ("pending", "delivered", "dead")
+SUPPRESSION_REASONS: tuple[str, ...] = ("bounced", "complained", "manual")
 SNIPPET_MAX = 200
 
 #: 64-bit ids on PostgreSQL; SQLite needs exactly INTEGER for a rowid primary key.
@@ -143,6 +147,10 @@ class Message(Base):
     size: Mapped[int] = mapped_column(sa.Integer, default=0)
     raw_sha256: Mapped[str | None] = mapped_column(sa.String(64))
     template: Mapped[str | None] = mapped_column(sa.String, index=True)
+    #: the ``X-Mailgw-Campaign`` control header
+    campaign: Mapped[str | None] = mapped_column(sa.String, index=True)
+    #: ``X-Mailgw-Send-At``: when a scheduled message is due (None: sent at once)
+    scheduled_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 
@@ -404,6 +412,24 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column()
 
 
+class Suppression(Base):
+    """An address mail must not reach again: a hard bounce, a complaint, or added by hand."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (sa.CheckConstraint(_in("reason", SUPPRESSION_REASONS), name="reason"),)
+
+    #: lower-cased
+    address: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    reason: Mapped[str] = mapped_column(sa.String(16))
+    #: the status and diagnostic of the bounce, the feedback type, or the operator's note
+    detail: Mapped[str] = mapped_column(sa.String, default="", server_default="")
+    #: the message whose bounce or complaint put the address here
+    message_pk: Mapped[int | None] = mapped_column(
+        BigID, sa.ForeignKey("messages.id", ondelete="SET NULL"))
+    created_by: Mapped[str | None] = mapped_column(sa.String)
+    created_at: Mapped[datetime] = mapped_column()
+
+
 class SendCounter(Base):
     """Messages accepted from one sender on one UTC day (``max_per_day``)."""
 
@@ -426,6 +452,7 @@ sa.Index("ix_message_addresses_domain", MessageAddress.domain, MessageAddress.me
 messages_table = cast(sa.Table, Message.__table__)
 sources_table = cast(sa.Table, MessageSource.__table__)                 # message_sources
 events_table = cast(sa.Table, Event.__table__)
+suppressions_table = cast(sa.Table, Suppression.__table__)
 addresses_table = cast(sa.Table, MessageAddress.__table__)              # message_addresses
 companies_table = cast(sa.Table, Company.__table__)
 contacts_table = cast(sa.Table, Contact.__table__)
