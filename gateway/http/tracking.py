@@ -313,6 +313,16 @@ def safe_redirect_url(url: str | None) -> bool:
 _ASCII_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
+def _raw_token(request: web.Request) -> str:
+    """The token as it was written in the request line (``/o/<token>``, ``/c/<token>``).
+
+    Not ``match_info``: that is percent-decoded, and ``%41`` would be a second spelling of
+    ``A``. A token has one spelling (:mod:`gateway.tracking.tokens`); anything else is 404.
+    """
+    path = request.raw_path.split("?", 1)[0].split("#", 1)[0]
+    return path.rsplit("/", 1)[-1]
+
+
 def location_value(url: str) -> str:
     """The URL as an ASCII `Location` value: the author's ASCII bytes exactly as written;
     a non-ASCII host in IDNA, other non-ASCII characters percent-encoded as UTF-8 (an IRI
@@ -363,7 +373,7 @@ def make_app(signer: TokenSigner | Callable[[], TokenSigner], recorder: HitRecor
         recorder.submit(token, obs, headers)
 
     async def pixel(request: web.Request) -> web.StreamResponse:
-        token = current().verify(request.match_info["token"])
+        token = current().verify(_raw_token(request))
         if token is None or token.kind != "open":
             recorder.stats.not_found += 1
             return _not_found()
@@ -371,7 +381,7 @@ def make_app(signer: TokenSigner | Callable[[], TokenSigner], recorder: HitRecor
         return web.Response(body=PIXEL, content_type="image/gif", headers=NO_CACHE)
 
     async def click(request: web.Request) -> web.StreamResponse:
-        token = current().verify(request.match_info["token"])
+        token = current().verify(_raw_token(request))
         if token is None or token.kind not in ("click", "honeypot") or not safe_redirect_url(token.url):
             recorder.stats.not_found += 1
             return _not_found()

@@ -16,6 +16,12 @@ the URL under one MAC means a token cannot be moved to another recipient, link o
 destination: change a byte and verification fails, so the endpoint answers 404 and
 records nothing. The endpoint needs no lookup to redirect, so it stays stateless behind
 any load balancer. Secrets rotate: the first key signs, every key verifies.
+
+A token has exactly one accepted spelling: canonical unpadded base64url on both sides of
+the dot. Base64 has other spellings of the same bytes (``=`` padding, different unused
+low bits in the last character, characters outside the alphabet that a lenient decoder
+skips); each of them is refused, so one copy's click cannot be recorded twice under two
+URLs. The MAC covers the decoded payload, and the text must be what :meth:`make` writes.
 """
 
 from __future__ import annotations
@@ -63,8 +69,17 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """The bytes of canonical unpadded base64url `text`; ValueError for any other spelling."""
+    if not text or not _B64URL.issuperset(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:  # unused low bits of the last character set: another spelling
+        raise ValueError("not the canonical spelling")
+    return data
 
 
 class TokenSigner:

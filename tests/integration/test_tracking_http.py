@@ -111,6 +111,9 @@ async def test_clicks_redirect_to_the_exact_url(env: Env) -> None:
     assert env.sink.hits[-1].category == "burst"
 
 
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 @pytest.mark.parametrize("mangle", [
     lambda t: t[:-1],                       # truncated MAC
     lambda t: t[:10],                       # truncated payload
@@ -119,7 +122,11 @@ async def test_clicks_redirect_to_the_exact_url(env: Env) -> None:
     lambda t: t + "A",                      # appended
     lambda t: "x" * 8000,                   # long (aiohttp refuses request lines over 8190 with 400)
     lambda t: "",                           # empty
-], ids=["truncated-mac", "truncated-payload", "no-mac", "altered", "appended", "long", "empty"])
+    lambda t: t[:-1] + _B64[_B64.index(t[-1]) ^ 1],   # unused low bits of the MAC's last char
+    lambda t: t + "=",                      # padded
+    lambda t: t.split(".")[0] + "==." + t.split(".")[1],   # payload padded
+], ids=["truncated-mac", "truncated-payload", "no-mac", "altered", "appended", "long", "empty",
+        "last-bits", "padded", "payload-padded"])
 async def test_forged_tokens_get_404_and_nothing_is_recorded(env: Env, mangle: Callable[[str], str]) -> None:
     click = SIGNER.click_token(env.copy.copy_id, 1, URLS[0])
     opened = SIGNER.open_token(env.copy.copy_id)
@@ -285,6 +292,11 @@ async def test_real_listener_with_plain_http_clients() -> None:
         raw = await _raw_get(server.port, f"/o/{SIGNER.open_token(copy_id)}")
         assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(PIXEL)
         raw = await _raw_get(server.port, "/c/not-a-token")
+        assert raw.startswith(b"HTTP/1.1 404 ") and b"Location" not in raw
+        # a percent-encoded character is another spelling of the token: refused, not recorded
+        token = SIGNER.click_token(copy_id, 1, url)
+        spelled = f"%{ord(token[0]):02X}{token[1:]}"
+        raw = await _raw_get(server.port, f"/c/{spelled}")
         assert raw.startswith(b"HTTP/1.1 404 ") and b"Location" not in raw
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{server.port}/healthz") as r:
