@@ -26,6 +26,7 @@ from gateway.crm.counters import SendCounts
 from gateway.crm.hits import StoreTracking
 from gateway.crm.linking import LinkRules
 from gateway.crm.store import Store
+from gateway.crm.suppression import SuppressionList
 from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
@@ -85,6 +86,7 @@ class App:
         self.ingest: Ingest | None = None
         self.outbound: Outbound | None = None
         self.counts: SendCounts | None = None
+        self.suppressions: SuppressionList | None = None
         self.ingest_listener: SMTPListener | None = None
         self.tracking: TrackingServer | None = None
         self._signer: TokenSigner | None = None
@@ -149,6 +151,7 @@ class App:
                                    metrics=self.metrics, tokens=self.accounts.tokens,
                                    status=self.accounts, secrets=self.accounts)
         self.counts = SendCounts(self.store, log=self.log)
+        self.suppressions = SuppressionList(self.store)
         self.outbound = self._outbound(cfg, self.policies)
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,
                            outbound=self.get_outbound, events=self.writer,
@@ -163,7 +166,7 @@ class App:
             handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(),
                                         AuthLimiter(sub.auth_failures, sub.auth_failure_window),
                                         log=self.log, policies=self.get_policies,
-                                        counts=self.counts)
+                                        counts=self.counts, suppressions=self.suppressions)
             self.submission = SMTPListener("submission", cfg, sub, handler)
             await self.submission.start()
             self.log.info("listening", listener="submission", host=sub.host,

@@ -8,6 +8,8 @@ Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json
     GET /api/v1/accounts                       connected mailboxes (declared and runtime) + state
     POST/PATCH/DELETE /api/v1/accounts..., /api/v1/connect-links   see gateway.api.accounts
     GET /api/v1/stats/engagement?days=&by=     see gateway.crm.reports
+    GET /api/v1/suppressions?reason=&q=&limit=&cursor=   the suppression list
+    GET|DELETE /api/v1/suppressions/{address}, POST /api/v1/suppressions {address, detail}
     GET /api/v1/webhooks                       webhooks and their outbox counts
     GET /api/v1/openapi.json                   no token needed
     GET /healthz                               no token; 503 when the store is unreachable
@@ -59,9 +61,10 @@ from gateway.crm.contacts import (
     upsert_contacts,
     valid_email,
 )
-from gateway.crm.models import DIRECTIONS, Message, sort_at
+from gateway.crm.models import DIRECTIONS, SUPPRESSION_REASONS, Message, sort_at
 from gateway.crm.reports import GROUPINGS, MAX_DAYS, engagement
 from gateway.crm.store import Store
+from gateway.crm.suppression import SuppressionList
 from gateway.errors import GatewayError, NotFound, StoreError
 from gateway.metrics import Metrics
 
@@ -233,6 +236,10 @@ class AdminAPI:
         if self.account_service is not None:
             AccountRoutes(self.account_service).add(r)
         r.add_get("/api/v1/stats/engagement", self.engagement)
+        r.add_get("/api/v1/suppressions", self.suppressions_list)
+        r.add_post("/api/v1/suppressions", self.suppressions_add)
+        r.add_get("/api/v1/suppressions/{address}", self.suppression)
+        r.add_delete("/api/v1/suppressions/{address}", self.suppression_delete)
         r.add_get("/api/v1/webhooks", self.webhooks)
         r.add_get("/api/v1/openapi.json", self.openapi_doc)
         r.add_get("/healthz", self.healthz)
@@ -400,6 +407,53 @@ class AdminAPI:
                                   "unchanged": r.unchanged,
                                   "companies_created": r.companies_created,
                                   "messages_linked": r.messages_linked})
+
+    # -- the suppression list ------------------------------------------------------------
+    async def suppressions_list(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = _limit(q)
+        reason = q.get("reason") or None
+        if reason is not None and reason not in SUPPRESSION_REASONS:
+            raise BadParameter("reason", f"{reason!r}: expected one of {', '.join(SUPPRESSION_REASONS)}")
+        rows = await SuppressionList(self.store).list(
+            reason=reason, prefix=q.get("q") or None, after=q.get("cursor") or None,
+            limit=limit + 1)
+        cursor = rows[limit - 1]["address"] if len(rows) > limit else None
+        resp = web.json_response({"suppressions": rows[:limit], "next_cursor": cursor})
+        if cursor is not None:
+            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
+        return resp
+
+    async def suppression(self, request: web.Request) -> web.Response:
+        address = request.match_info["address"]
+        row = await SuppressionList(self.store).get(address)
+        return web.json_response(row) if row is not None else \
+            _error(404, f"{address.strip().lower()} is not on the suppression list")
+
+    async def suppressions_add(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise BadParameter("body", "expected a JSON object")
+        address, detail = body.get("address"), body.get("detail", "")
+        if not isinstance(address, str) or not address.strip():
+            raise BadParameter("address", "required: the e-mail address to suppress")
+        if not isinstance(detail, str):
+            raise BadParameter("detail", "must be a string")
+        unknown = sorted(set(body) - {"address", "detail"})
+        if unknown:
+            raise BadParameter(unknown[0], "unknown field (allowed: address, detail)")
+        try:
+            row, created = await SuppressionList(self.store).add(address, detail=detail,
+                                                                created_by="api")
+        except ValueError as exc:
+            raise BadParameter("address", str(exc)) from None
+        return web.json_response(row, status=201 if created else 200)
+
+    async def suppression_delete(self, request: web.Request) -> web.Response:
+        address = request.match_info["address"]
+        if not await SuppressionList(self.store).remove(address):
+            return _error(404, f"{address.strip().lower()} is not on the suppression list")
+        return web.Response(status=204)
 
     async def engagement(self, request: web.Request) -> web.Response:
         q = request.query

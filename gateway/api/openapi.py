@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.crm.models import ACCOUNT_STATUSES, DIRECTIONS, EVENT_TYPES, SOURCES
+from gateway.crm.models import (
+    ACCOUNT_STATUSES,
+    DIRECTIONS,
+    EVENT_TYPES,
+    SOURCES,
+    SUPPRESSION_REASONS,
+)
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
@@ -124,6 +130,16 @@ SCHEMAS: dict[str, Any] = {
                    "highestmodseq, initial_done; last sync, stored messages, last run), `totals`, "
                    "`recent_runs` and `recent_errors` (SyncRun objects)",
                    "required": ["id", "status", "folders_synced", "totals", "recent_runs"]},
+    "Suppression": _obj({"address": _STR, "reason": {"enum": list(SUPPRESSION_REASONS)},
+                         "detail": _STR,
+                         "message_id": _nullable("integer", description="the message whose "
+                                                 "bounce or complaint listed the address"),
+                         "created_by": _nullable("string"), "created_at": _TIME}),
+    "SuppressionList": _obj({"suppressions": {"type": "array", "items": _ref("Suppression")},
+                             "next_cursor": _nullable("string")}),
+    "SuppressionInput": {"type": "object", "required": ["address"], "additionalProperties": False,
+                         "properties": {"address": {"type": "string", "format": "email"},
+                                        "detail": {"type": "string", "maxLength": 500}}},
     "ContactList": _obj({"contacts": {"type": "array", "items": _ref("Contact")},
                          "next_cursor": _nullable("string")}),
     "ContactInput": {"type": "object", "required": ["email"], "additionalProperties": False,
@@ -286,6 +302,36 @@ def document() -> dict[str, Any]:
                                   _obj({"contacts": {"type": "array",
                                                      "items": _ref("ContactInput")}})]}}}},
                     "responses": {"200": _json("UpsertResult"), **_BAD, **_ERRORS}}},
+            "/api/v1/suppressions": {
+                "get": {
+                    "summary": "The suppression list in address order (hard bounces, complaints, "
+                               "added by hand)",
+                    "parameters": [_q("reason", {"enum": list(SUPPRESSION_REASONS)},
+                                      "only this reason"),
+                                   _q("q", _STR, "addresses starting with this"), *_PAGE_PARAMS],
+                    "responses": {"200": {**_json("SuppressionList"), "headers": _NEXT_LINK},
+                                  **_BAD, **_ERRORS}},
+                "post": {
+                    "summary": "Put an address on the suppression list (reason manual; an "
+                               "address already listed keeps its first reason)",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": _ref("SuppressionInput")}}},
+                    "responses": {"201": _json("Suppression", "added"),
+                                  "200": _json("Suppression", "already listed"), **_BAD,
+                                  **_ERRORS}}},
+            "/api/v1/suppressions/{address}": {
+                "get": {
+                    "summary": "One suppressed address",
+                    "parameters": [{"name": "address", "in": "path", "required": True,
+                                    "schema": _STR}],
+                    "responses": {"200": _json("Suppression"),
+                                  "404": _json("Error", "not on the list"), **_ERRORS}},
+                "delete": {
+                    "summary": "Take an address off the suppression list",
+                    "parameters": [{"name": "address", "in": "path", "required": True,
+                                    "schema": _STR}],
+                    "responses": {"204": {"description": "removed"},
+                                  "404": _json("Error", "not on the list"), **_ERRORS}}},
             "/api/v1/contacts/{email}": {
                 "get": {
                     "summary": "One contact",

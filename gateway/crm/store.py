@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.config import Config
-from gateway.crm import outbox
+from gateway.crm import outbox, suppression
 from gateway.crm.blobs import RawStore
 from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
@@ -332,6 +332,7 @@ class Store:
         event_rows: list[dict[str, Any]] = [{"message_pk": pk, "type": "queued", "at": m.sources[0].at,
                        "recipient": clean_text(r), "machine": False, "details": {}, "key": None}
                       for pk, m in new.items() for r in m.queued_recipients]
+        await self._mark_suppressed(conn, event_rows)
         for chunk in chunks(event_rows):
             await conn.execute(sa.insert(events_table), list(chunk))
         await self._replies(conn, new, now)
@@ -447,6 +448,7 @@ class Store:
         plain = [r for r in rows if r["key"] is None]
         for chunk in chunks(plain):
             await conn.execute(sa.insert(events_table), list(chunk))
+        await self._suppress(conn, [r for r in rows if r["key"] is None or r["key"] in inserted])
         hooks: list[tuple[str, dict[str, Any]]] = []
         for row in rows:
             if row["key"] is not None:
@@ -458,6 +460,19 @@ class Store:
                               {"message_id": row["message_pk"], "event": event_payload(row)}))
         await self.enqueue_webhooks(conn, hooks, datetime.now(UTC))
         return unknown
+
+    # -- the suppression list (gateway.crm.suppression) ------------------------------------
+    async def _suppress(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        """Hard bounces and complaints among event rows just inserted list their recipient."""
+        added = await suppression.from_events(conn, self.dialect, rows)
+        if added:
+            self.log.info("suppressed", addresses=added[:20], count=len(added))
+
+    async def _mark_suppressed(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        """`queued` event rows about to be inserted say when their recipient is suppressed."""
+        marked = await suppression.mark_queued(conn, rows)
+        if marked:
+            self.log.info("queued_to_suppressed", recipients=marked[:20], count=len(marked))
 
     # -- webhook outbox --------------------------------------------------------------------
     async def enqueue_webhook(self, conn: AsyncConnection, event_type: str, data: dict[str, Any],

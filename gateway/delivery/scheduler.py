@@ -291,6 +291,7 @@ class Scheduler:
                 self._event(env, "sent", rcpt.addr, now, details)
             elif res.permanent or expired:
                 rcpt.status = "bounced"
+                details["status"], details["hard"] = res.status, res.permanent
                 if not res.permanent:
                     details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
                 bounced.append(res)

@@ -23,6 +23,7 @@ Settable keys and their defaults (from the config):
 | `route` | account, smarthost, mx | `delivery.route` |
 | `max_per_day` | int >= 1 or null | no cap (counted per sender address, checked at RCPT) |
 | `store` | bool | on (record the message in the CRM store) |
+| `suppressed` | record, refuse | record (delivered, marked); refuse: 550 5.1.1 at RCPT |
 
 Validation gathers every problem of every file (file, line, key) into one
 ConfigError. `policies_for(cfg)` applies the directory rule: a missing `policies_dir`
@@ -68,10 +69,11 @@ from gateway.policy.rules import (
 from gateway.policy.templates import Template, load_template
 
 Route = Literal["account", "smarthost", "mx"]
+Suppressed = Literal["record", "refuse"]
 _At = Callable[[Sequence[int | str], str], Problem]
 
 SETTING_KEYS = ("track_opens", "track_clicks", "skip_links", "signature", "disclaimer",
-                "dkim", "route", "max_per_day", "store")
+                "dkim", "route", "max_per_day", "store", "suppressed")
 MATCH_KEYS = ("sender", "sender_domain", "recipient", "recipient_domain", "user", "account",
               "header", "not")
 
@@ -173,6 +175,7 @@ class SetBlock(_Model):
     route: Route | None = None
     max_per_day: Annotated[int, Field(strict=True, ge=1)] | None = None
     store: bool | None = None
+    suppressed: Suppressed | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> SetBlock:
@@ -218,6 +221,7 @@ class Settings:
     route: Route
     max_per_day: int | None
     store: bool
+    suppressed: Suppressed = "record"
 
     def skip_link(self, url: str) -> bool:
         """True when `url` matches a `skip_links` glob: the link stage leaves it alone."""
@@ -276,6 +280,7 @@ _DEFAULT_TEXT = {
     "route": "config delivery.route",
     "max_per_day": "no cap",
     "store": "on",
+    "suppressed": "record",
 }
 
 
@@ -327,7 +332,8 @@ class PolicySet:
         c = self.cfg
         return {"track_opens": c.tracking.opens, "track_clicks": c.tracking.clicks,
                 "skip_links": (), "signature": None, "disclaimer": None, "dkim": dkim_default,
-                "route": c.delivery.route, "max_per_day": None, "store": True}
+                "route": c.delivery.route, "max_per_day": None, "store": True,
+                "suppressed": "record"}
 
     def _build(self, matched: tuple[int, ...], dkim_default: bool) -> Decision:
         # A Decision is shared by every sender with the same matched rules and dkim default,
@@ -408,6 +414,9 @@ def _semantic(m: Match | None, s: SetBlock | None, cfg: Config, at: _At) -> Iter
     if s.max_per_day is not None and m is not None and m.compile().uses_headers:
         yield at(("set", "max_per_day"), "max_per_day cannot depend on a header match: the cap "
                  "is checked at RCPT, before the headers are known")
+    if s.suppressed is not None and m is not None and m.compile().uses_headers:
+        yield at(("set", "suppressed"), "suppressed cannot depend on a header match: the "
+                 "suppression list is checked at RCPT, before the headers are known")
 
 
 class _Loader:

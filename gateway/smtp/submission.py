@@ -17,6 +17,7 @@ import structlog
 
 from gateway.config import Config, SubmissionListener
 from gateway.crm.counters import SendCounts
+from gateway.crm.suppression import SuppressionList
 from gateway.errors import MailError, StoreError
 from gateway.mail.addresses import relay_trick
 from gateway.mail.own import OwnAddresses
@@ -34,13 +35,15 @@ class SubmissionHandler:
     def __init__(self, get_config: Callable[[], Config], relay: Relay,
                  passwords: PasswordChecker, limiter: AuthLimiter,
                  log: Any = None, *, policies: Callable[[], PolicySet] | None = None,
-                 counts: SendCounts | None = None) -> None:
+                 counts: SendCounts | None = None,
+                 suppressions: SuppressionList | None = None) -> None:
         self._get_config = get_config
         self.relay = relay
         self.passwords = passwords
         self.limiter = limiter
         self.policies = policies
         self.counts = counts
+        self.suppressions = suppressions
         self.log = log or structlog.get_logger("mailgw.smtp")
 
     @property
@@ -158,7 +161,8 @@ class SubmissionHandler:
             return "452 4.5.3 Too many recipients"
         if rcpt_options:
             return "555 5.5.4 RCPT parameters not supported"
-        refused = await self._over_daily_cap(session, envelope, address)
+        refused = (await self._over_daily_cap(session, envelope, address)
+                   or await self._suppressed(session, envelope, address))
         if refused:
             return refused
         if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
@@ -188,6 +192,30 @@ class SubmissionHandler:
             self.log.warning("daily_cap_reached", sender=sender, cap=cap, sent=sent)
             return f"452 4.5.3 Daily sending limit of {cap} recipients reached for {sender}"
         return None
+
+    async def _suppressed(self, session: Any, envelope: Any, address: str) -> str | None:
+        """The `suppressed: refuse` policy: 550 5.1.1 for an address on the suppression list."""
+        is_ingest = self.relay.is_ingest
+        if self.policies is None or self.suppressions is None or (is_ingest and is_ingest(address)):
+            return None
+        login = session.auth_data.login.decode() if session.authenticated and session.auth_data \
+            else None
+        user = self.cfg.user(login) if login else None
+        mode = self.policies().decide(envelope.mail_from or "", address,
+                                      user.login if user else None,
+                                      user.account if user else None).settings.suppressed
+        if mode != "refuse":
+            return None       # `record`: delivered; the store marks its queued event
+        try:
+            reason = await self.suppressions.reason(address)
+        except StoreError as exc:
+            self.log.error("suppression_unknown", rcpt=address, error=str(exc))
+            return "451 4.3.0 Cannot check the suppression list now, try again later"
+        if reason is None:
+            return None
+        self.log.info("rcpt_suppressed", rcpt=address, reason=reason)
+        return (f"550 5.1.1 <{address}>: recipient is on the suppression list ({reason}); "
+                "not sent")
 
     # -- DATA ------------------------------------------------------------------------
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

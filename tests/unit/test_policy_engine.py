@@ -300,7 +300,7 @@ def test_unknown_keys(tmp_path: Path) -> None:
         f"{f}:2: [0].match.sendr: unknown key 'sendr' (allowed here: sender, sender_domain, "
         "recipient, recipient_domain, user, account, header, not)",
         f"{f}:3: [0].set.track_open: unknown key 'track_open' (allowed here: track_opens, "
-        "track_clicks, skip_links, signature, disclaimer, dkim, route, max_per_day, store, "
+        "track_clicks, skip_links, signature, disclaimer, dkim, route, max_per_day, store, suppressed, "
         "skip_links_add)",
         f"{f}:4: [0].when: unknown key 'when' (allowed here: name, match, set)",
     ]
