@@ -24,10 +24,12 @@ the same transaction as the messages it covers). In one transaction a batch:
 2. records every path in ``message_sources`` (unique per source and ref, so a
    replayed batch adds nothing);
 3. for new messages: addresses, links to contacts and companies (:mod:`linking`),
-   ``queued`` events for relay recipients, ``replied`` on the outbound message an
-   inbound reply answers, and ``message.stored`` / ``message.replied`` webhook
+   ``replied`` (or ``auto_replied``) on the outbound message an inbound reply answers,
+   and ``message.stored`` / ``message.replied`` / ``message.auto_replied`` webhook
    deliveries in the outbox;
-4. events (delivery, tracking) for queue ids of this or earlier batches.
+4. ``queued`` events for relay recipients, also when the relay's record comes after
+   the message was stored from ingest or IMAP (keyed, so recorded once);
+5. events (delivery, tracking) for queue ids of this or earlier batches.
 """
 from __future__ import annotations
 
@@ -260,12 +262,16 @@ class Store:
                         "links": s.links, "at": s.at}
                        for k, m in zip(keys, items, strict=True) for s in m.sources]
         new_sources: set[int] = set()
+        new_relay_refs: set[str] = set()      # relay copies (queue ids) first seen now
         sstmt = (self.insert(sources_table)
                  .on_conflict_do_nothing(index_elements=[sources_table.c.source, sources_table.c.ref])
-                 .returning(sources_table.c.message_pk))
+                 .returning(sources_table.c.message_pk, sources_table.c.source, sources_table.c.ref))
         for chunk in chunks(source_rows):
             result = await conn.execute(sstmt, list(chunk))
-            new_sources.update(pk for (pk,) in result.all())
+            for pk, source, ref in result.all():
+                new_sources.add(pk)
+                if source == "relay":
+                    new_relay_refs.add(ref)
 
         if self.raw.in_database:
             blobs = {r["raw_sha256"]: first[r["dedupe_key"]].raw for r in rows
@@ -276,6 +282,10 @@ class Store:
         new = {k: first[k] for k in created}
         if new:
             await self._index_new(conn, {created[k]: m for k, m in new.items()}, now)
+        relayed = [(pks[k], m) for k, m in zip(keys, items, strict=True) if m.queued_recipients
+                   and any(s.source == "relay" and clean_text(s.ref) in new_relay_refs
+                           for s in m.sources)]
+        await self._queued(conn, relayed, created=set(created.values()), now=now)
         # a message seen again on a new path: bump updated_at (API consumers poll by it)
         seen_again = new_sources - set(created.values())
         for chunk in chunks(sorted(seen_again)):
@@ -329,14 +339,46 @@ class Store:
         for chunk in chunks(crows):
             await conn.execute(sa.insert(message_companies_table), list(chunk))
 
-        event_rows: list[dict[str, Any]] = [{"message_pk": pk, "type": "queued", "at": m.sources[0].at,
-                       "recipient": clean_text(r), "machine": False, "details": {}, "key": None}
-                      for pk, m in new.items() for r in m.queued_recipients]
-        for chunk in chunks(event_rows):
-            await conn.execute(sa.insert(events_table), list(chunk))
         await self._replies(conn, new, now)
         await self.enqueue_webhooks(conn, [("message.stored", {"message": summary_payload(pk, m)})
                                            for pk, m in new.items()], now)
+
+    async def _queued(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]], *,
+                      created: set[int], now: datetime) -> None:
+        """``queued`` events for the relay's envelope recipients, whenever the relay's record comes.
+
+        The relay's record may arrive after the same message was stored from ingest (the
+        ingest address in Bcc) or IMAP Sent, so this runs for every relay item whose copy
+        (queue id) is new in the store, not only for new rows. Each event is keyed ``queued:<queue id>:<recipient>`` (the copy's
+        queue id for a per-recipient copy), so a replayed batch adds nothing. A row that
+        existed already is the relay's from now on: outbound, and the relay's account,
+        user and template where it had none.
+        """
+        rows: list[dict[str, Any]] = []
+        for pk, m in relayed:
+            relay = [s for s in m.sources if s.source == "relay"] or m.sources[:1]
+            by_rcpt = {s.recipient.lower(): s for s in relay if s.recipient}
+            for r in dict.fromkeys(clean_text(x).strip() for x in m.queued_recipients):
+                if not r:
+                    continue
+                src = by_rcpt.get(r.lower(), relay[0])
+                rows.append({"message_pk": pk, "type": "queued", "at": src.at, "recipient": r,
+                             "machine": False, "details": {},
+                             "key": clean_text(f"queued:{src.ref}:{r.lower()}")})
+        stmt = self.insert(events_table).on_conflict_do_nothing(index_elements=[events_table.c.key])
+        for chunk in chunks(rows):
+            await conn.execute(stmt, list(chunk))
+        m_ = messages_table.c
+        for pk, m in relayed:
+            if pk in created or m.direction != "outbound":
+                continue
+            await conn.execute(
+                sa.update(messages_table).where(m_.id == pk).values(
+                    direction="outbound",
+                    account=sa.func.coalesce(m_.account, clean_opt_text(m.account)),
+                    user=sa.func.coalesce(m_.user, clean_opt_text(m.user)),
+                    template=sa.func.coalesce(m_.template, clean_opt_text(m.template)),
+                    updated_at=now))
 
     async def _replies(self, conn: AsyncConnection, new: dict[int, NewMessage],
                        now: datetime) -> None:
