@@ -695,10 +695,11 @@ class CRM(Model):
 #: Event types a webhook may subscribe to (``events: []`` subscribes to all of them).
 WEBHOOK_EVENTS: tuple[str, ...] = (
     "message.stored", "message.sent", "message.deferred", "message.bounced", "message.opened",
-    "message.clicked", "message.replied", "account.connected", "account.needs_reconnect",
-    "account.deleted")
+    "message.clicked", "message.replied", "message.auto_replied", "account.connected",
+    "account.needs_reconnect", "account.deleted")
 WebhookEvent = Literal["message.stored", "message.sent", "message.deferred", "message.bounced",
                        "message.opened", "message.clicked", "message.replied",
+                       "message.auto_replied",
                        "account.connected", "account.needs_reconnect", "account.deleted"]
 
 

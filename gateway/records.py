@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from gateway.mail.autoreply import classify
 from gateway.mail.parse import Attachment, ParsedMessage, normalize_subject, subject_kind
 from gateway.mail.parse import message_id_key as parse_mid_key
 
@@ -149,6 +150,11 @@ class NewMessage:
     raw: bytes | None = None
     #: relay only: envelope recipients, each gets a ``queued`` event
     queued_recipients: list[str] = field(default_factory=list)
+    #: what kind of mail this is (:data:`gateway.mail.autoreply.KINDS`): a person's
+    #: ``message``, an ``auto_reply``, ``automatic``/``bulk`` mail or a report
+    kind: str = "message"
+    #: an auto-reply's return date (ISO), when its text gives one
+    return_date: str | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -161,6 +167,8 @@ class NewMessage:
                     sources: list[SourceRef], account: str | None = None,
                     user: str | None = None) -> NewMessage:
         """A message parsed by :func:`gateway.mail.parse.parse_message`, as the store takes it."""
+        kind = classify(p.headers, subject=p.subject, from_addr=p.from_addr, text=p.text_body,
+                        sent=p.date)
         return cls(
             message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
             to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
@@ -168,7 +176,8 @@ class NewMessage:
             references=list(p.references), snippet=p.snippet, text_body=p.text_body,
             html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
             size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
-            account=account, user=user, template=p.headers.x_mailgw_template, sources=sources)
+            account=account, user=user, template=p.headers.x_mailgw_template, sources=sources,
+            kind=kind.kind, return_date=kind.return_date)
 
     @functools.cached_property
     def raw_sha256(self) -> str | None:

@@ -11,7 +11,9 @@ Definitions (``mailgw report engagement`` and ``GET /api/v1/stats/engagement``):
   ``delivered``: with a ``sent`` event (the upstream accepted it);
   ``bounced``: with a ``bounced`` event;
   ``opened`` / ``clicked``: with at least one *human* (``machine: false``) ``opened`` /
-  ``clicked`` event; ``replied``: with a ``replied`` event (the replier's address).
+  ``clicked`` event; ``replied``: with a ``replied`` event (a recipient's own answer,
+  never an auto-reply or a report); ``auto_replied``: with an ``auto_replied`` event
+  (an out-of-office or other automatic answer from a recipient), in no rate.
 - ``machine_opens`` / ``machine_clicks``: the number of open / click *events* flagged
   as machine (image proxies, prefetchers, link scanners) — what was kept out of the
   human counts.
@@ -40,7 +42,7 @@ from gateway.crm.store import Store
 
 GROUPINGS: tuple[str, ...] = ("template", "user", "domain")
 COUNTS: tuple[str, ...] = ("sent", "delivered", "bounced", "opened", "clicked", "replied",
-                           "machine_opens", "machine_clicks")
+                           "auto_replied", "machine_opens", "machine_clicks")
 #: rate name -> (numerator, denominator)
 RATES: dict[str, tuple[str, str]] = {
     "delivery_rate": ("delivered", "sent"), "bounce_rate": ("bounced", "sent"),
@@ -111,6 +113,7 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
         has(sa.and_(ev.c.type == "opened", human)).label("opened"),
         has(sa.and_(ev.c.type == "clicked", human)).label("clicked"),
         has(ev.c.type == "replied").label("replied"),
+        has(ev.c.type == "auto_replied").label("auto_replied"),
         hits(sa.and_(ev.c.type == "opened", machine)).label("machine_opens"),
         hits(sa.and_(ev.c.type == "clicked", machine)).label("machine_clicks"))
         .group_by(ev.c.grp, ev.c.pk, ev.c.rcpt)
@@ -137,7 +140,8 @@ def format_table(report: dict[str, Any]) -> str:
     cols = [("sent", "sent"), ("delivered", "deliv"), ("bounced", "bounced"),
             ("bounce_rate", "bounce%"), ("opened", "opened"), ("open_rate", "open%"),
             ("clicked", "clicked"), ("click_rate", "click%"), ("replied", "replied"),
-            ("reply_rate", "reply%"), ("machine_opens", "m.opens"), ("machine_clicks", "m.clicks")]
+            ("reply_rate", "reply%"), ("auto_replied", "auto"),
+            ("machine_opens", "m.opens"), ("machine_clicks", "m.clicks")]
 
     def cell(row: dict[str, Any], key: str) -> str:
         v = row[key]

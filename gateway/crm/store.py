@@ -24,10 +24,12 @@ the same transaction as the messages it covers). In one transaction a batch:
 2. records every path in ``message_sources`` (unique per source and ref, so a
    replayed batch adds nothing);
 3. for new messages: addresses, links to contacts and companies (:mod:`linking`),
-   ``queued`` events for relay recipients, ``replied`` on the outbound message an
-   inbound reply answers, and ``message.stored`` / ``message.replied`` webhook
+   ``replied`` (or ``auto_replied``) on the outbound message an inbound reply answers,
+   and ``message.stored`` / ``message.replied`` / ``message.auto_replied`` webhook
    deliveries in the outbox;
-4. events (delivery, tracking) for queue ids of this or earlier batches.
+4. ``queued`` events for relay recipients, also when the relay's record comes after
+   the message was stored from ingest or IMAP (keyed, so recorded once);
+5. events (delivery, tracking) for queue ids of this or earlier batches.
 """
 from __future__ import annotations
 
@@ -260,12 +262,16 @@ class Store:
                         "links": s.links, "at": s.at}
                        for k, m in zip(keys, items, strict=True) for s in m.sources]
         new_sources: set[int] = set()
+        new_relay_refs: set[str] = set()      # relay copies (queue ids) first seen now
         sstmt = (self.insert(sources_table)
                  .on_conflict_do_nothing(index_elements=[sources_table.c.source, sources_table.c.ref])
-                 .returning(sources_table.c.message_pk))
+                 .returning(sources_table.c.message_pk, sources_table.c.source, sources_table.c.ref))
         for chunk in chunks(source_rows):
             result = await conn.execute(sstmt, list(chunk))
-            new_sources.update(pk for (pk,) in result.all())
+            for pk, source, ref in result.all():
+                new_sources.add(pk)
+                if source == "relay":
+                    new_relay_refs.add(ref)
 
         if self.raw.in_database:
             blobs = {r["raw_sha256"]: first[r["dedupe_key"]].raw for r in rows
@@ -273,6 +279,10 @@ class Store:
             if blobs:
                 await self.raw.insert_rows(conn, self.dialect, blobs)
 
+        relayed = [(pks[k], m) for k, m in zip(keys, items, strict=True) if m.queued_recipients
+                   and any(s.source == "relay" and clean_text(s.ref) in new_relay_refs
+                           for s in m.sources)]
+        await self._queued(conn, relayed, created=set(created.values()), now=now)
         new = {k: first[k] for k in created}
         if new:
             await self._index_new(conn, {created[k]: m for k, m in new.items()}, now)
@@ -329,22 +339,61 @@ class Store:
         for chunk in chunks(crows):
             await conn.execute(sa.insert(message_companies_table), list(chunk))
 
-        event_rows: list[dict[str, Any]] = [{"message_pk": pk, "type": "queued", "at": m.sources[0].at,
-                       "recipient": clean_text(r), "machine": False, "details": {}, "key": None}
-                      for pk, m in new.items() for r in m.queued_recipients]
-        await self._mark_suppressed(conn, event_rows)
-        for chunk in chunks(event_rows):
-            await conn.execute(sa.insert(events_table), list(chunk))
         await self._replies(conn, new, now)
         await self.enqueue_webhooks(conn, [("message.stored", {"message": summary_payload(pk, m)})
                                            for pk, m in new.items()], now)
 
+    async def _queued(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]], *,
+                      created: set[int], now: datetime) -> None:
+        """``queued`` events for the relay's envelope recipients, whenever the relay's record comes.
+
+        The relay's record may arrive after the same message was stored from ingest (the
+        ingest address in Bcc) or IMAP Sent, so this runs for every relay item whose copy
+        (queue id) is new in the store, not only for new rows. Each event is keyed
+        ``queued:<queue id>:<recipient>`` (the copy's queue id for a per-recipient copy),
+        so a replayed batch adds nothing. A row that existed already is the relay's from
+        now on: outbound, and the relay's account, user and template where it had none.
+        """
+        rows: list[dict[str, Any]] = []
+        for pk, m in relayed:
+            relay = [s for s in m.sources if s.source == "relay"] or m.sources[:1]
+            by_rcpt = {s.recipient.lower(): s for s in relay if s.recipient}
+            for r in dict.fromkeys(clean_text(x).strip() for x in m.queued_recipients):
+                if not r:
+                    continue
+                src = by_rcpt.get(r.lower(), relay[0])
+                rows.append({"message_pk": pk, "type": "queued", "at": src.at, "recipient": r,
+                             "machine": False, "details": {},
+                             "key": clean_text(f"queued:{src.ref}:{r.lower()}")})
+        await self._mark_suppressed(conn, rows)
+        stmt = self.insert(events_table).on_conflict_do_nothing(index_elements=[events_table.c.key])
+        for chunk in chunks(rows):
+            await conn.execute(stmt, list(chunk))
+        m_ = messages_table.c
+        for pk, m in relayed:
+            if pk in created or m.direction != "outbound":
+                continue
+            await conn.execute(
+                sa.update(messages_table).where(m_.id == pk).values(
+                    direction="outbound",
+                    account=sa.func.coalesce(m_.account, clean_opt_text(m.account)),
+                    user=sa.func.coalesce(m_.user, clean_opt_text(m.user)),
+                    template=sa.func.coalesce(m_.template, clean_opt_text(m.template)),
+                    updated_at=now))
+
     async def _replies(self, conn: AsyncConnection, new: dict[int, NewMessage],
                        now: datetime) -> None:
-        """An inbound reply to an outbound message records `replied` on that message."""
+        """An inbound answer to an outbound message, from one of its recipients, records on it
+        ``replied`` (a person's ``message``) or ``auto_replied`` (an ``auto_reply``).
+
+        A recipient is an address in the outbound message's To or Cc, or an envelope
+        recipient of its ``queued`` events (Bcc). Contacts have one address each, so the
+        match is by address (case-insensitive). Automatic and bulk mail and reports
+        (:mod:`gateway.mail.autoreply`) record nothing here.
+        """
         asked: dict[int, list[str]] = {}
         for pk, m in new.items():
-            if m.direction != "inbound":
+            if m.direction != "inbound" or m.kind not in ("message", "auto_reply"):
                 continue
             parents = [message_id_key(m.in_reply_to)] if m.in_reply_to else []
             parents += [message_id_key(r) for r in reversed(m.references)]
@@ -360,26 +409,50 @@ class Store:
                                       .where(messages_table.c.dedupe_key.in_(chunk),
                                              messages_table.c.direction == "outbound"))
             outbound.update({k[4:]: pk for k, pk in rows.all()})
+        recipients = await self._recipients(conn, sorted(set(outbound.values())))
         hooks: list[tuple[str, dict[str, Any]]] = []
         for pk, parents in asked.items():
-            target = next((outbound[p] for p in parents if p in outbound), None)
+            m = new[pk]
+            sender = clean_text(m.from_addr).strip().lower()
+            target = next((outbound[p] for p in parents if p in outbound
+                           and sender in recipients.get(outbound[p], ())), None)
             if target is None:
                 continue
-            m = new[pk]
             at = m.date or m.sources[0].at
-            details = {"reply_id": pk, "message_id": m.message_id, "subject": m.subject}
+            kind = "replied" if m.kind == "message" else "auto_replied"
+            details: dict[str, Any] = {"reply_id": pk, "message_id": m.message_id,
+                                       "subject": m.subject}
+            if kind == "auto_replied":
+                details["return_date"] = m.return_date
+            machine = kind == "auto_replied"
             result = await conn.execute(
                 self.insert(events_table).on_conflict_do_nothing(index_elements=[events_table.c.key])
                 .returning(events_table.c.id),
-                [{"message_pk": target, "type": "replied", "at": at,
-                  "recipient": clean_text(m.from_addr.lower()), "machine": False,
-                  "details": clean_json(details), "key": f"replied:{pk}"}])
+                [{"message_pk": target, "type": kind, "at": at, "recipient": sender,
+                  "machine": machine, "details": clean_json(details), "key": f"{kind}:{pk}"}])
             if result.first() is not None:
-                hooks.append(("message.replied", {
-                    "message_id": target, "event": {"type": "replied", "at": iso(at),
-                                                    "recipient": m.from_addr.lower(),
-                                                    "machine": False, "details": details}}))
+                hooks.append((f"message.{kind}", {
+                    "message_id": target, "event": {"type": kind, "at": iso(at),
+                                                    "recipient": sender, "machine": machine,
+                                                    "details": details}}))
         await self.enqueue_webhooks(conn, hooks, now)
+
+    async def _recipients(self, conn: AsyncConnection, pks: Sequence[int]) -> dict[int, set[str]]:
+        """The recipients of these messages: To and Cc addresses, and ``queued`` envelope recipients."""
+        out: dict[int, set[str]] = {pk: set() for pk in pks}
+        for chunk in chunks(pks):
+            rows = await conn.execute(
+                sa.select(addresses_table.c.message_pk, addresses_table.c.address)
+                .where(addresses_table.c.message_pk.in_(chunk),
+                       addresses_table.c.role.in_(("to", "cc"))))
+            for pk, addr in rows.all():
+                out[pk].add(addr)
+            rows = await conn.execute(
+                sa.select(events_table.c.message_pk, events_table.c.recipient)
+                .where(events_table.c.message_pk.in_(chunk), events_table.c.type == "queued"))
+            for pk, addr in rows.all():
+                out[pk].add(clean_text(addr).strip().lower())
+        return out
 
     async def _contact_ids(self, conn: AsyncConnection, emails: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}

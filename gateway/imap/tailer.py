@@ -101,6 +101,7 @@ from gateway.imap.backoff import Backoff
 from gateway.imap.client import HEADER_FIELDS as CLIENT_HEADER_FIELDS
 from gateway.imap.client import Folder, IMAPClient, MailboxState, MessageBody, MessageHeaders
 from gateway.imap.slots import ConnectionSlots
+from gateway.mail.autoreply import kind_of
 from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
@@ -731,4 +732,5 @@ class AccountTailer:
             date=i.date or h.internaldate, direction=self._direction(folder, i.from_addr),
             sources=[self._source(folder, uidvalidity, h.uid)], in_reply_to=i.in_reply_to,
             references=list(i.references), size=h.size, account=self.id, user=self._user,
-            snippet=f"(message of {h.size} bytes: body not imported)")
+            snippet=f"(message of {h.size} bytes: body not imported)",
+            kind=kind_of(i.headers, subject=i.subject, from_addr=i.from_addr))

@@ -1,0 +1,175 @@
+"""The main one-way and two-way sync workflows end to end, checked by the numbers the CRM reads.
+
+The daemon (in-process App) relays to an aiosmtpd upstream, takes the ingest address and
+tails the rep's mailbox on a private Dovecot. The BCC workflow: a message sent through
+the relay with the ingest address in Bcc, then the same message in the rep's IMAP Sent
+folder, then a forward of it to the ingest address, is one message with exactly one
+``queued`` and one ``sent`` event for its recipient, and ``report engagement`` says so.
+Runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import App
+from gateway.crm.migrate import upgrade
+from gateway.crm.reports import engagement
+from gateway.crm.store import Store
+from gateway.passwords import hash_password
+from tests.conftest import free_port, require_tool
+from tests.integration.harness import running_app, wait_until, write_config
+from tests.integration.tailer_support import FAST_SYNC, account_dict, add_contacts, new_user
+from tests.support.dovecot import Dovecot
+from tests.support.upstream import Upstream
+
+pytestmark = pytest.mark.integration
+CRM = "crm@gw.example.test"
+CUSTOMER = "bob@acme.test"
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Dovecot]:
+    require_tool("dovecot")
+    with Dovecot() as dc:
+        yield dc
+
+
+@dataclass
+class Env:
+    app: App
+    upstream: Upstream
+    dovecot: Dovecot
+    rep: str
+    submission: int
+
+    @property
+    def store(self) -> Store:
+        assert self.app.store is not None
+        return self.app.store
+
+    async def submit(self, raw: bytes, rcpts: list[str]) -> str:
+        def go() -> str:
+            with smtplib.SMTP("127.0.0.1", self.submission, timeout=30) as s:
+                s.login(self.rep, "rep-secret")
+                refused = s.sendmail(self.rep, rcpts, raw)
+                assert not refused, refused
+                return ""
+        return await asyncio.to_thread(go)
+
+
+@pytest.fixture
+async def env(url: str, tmp_path: Path, dovecot: Dovecot) -> AsyncIterator[Env]:
+    if url.startswith("postgresql"):
+        await upgrade(url)
+    rep = new_user(dovecot)
+    account = account_dict(dovecot, rep, tmp_path)
+    async with Upstream() as upstream:
+        cfg = write_config(
+            tmp_path, upstream_port=upstream.port, store={"url": url},
+            users=[{"login": rep, "password_hash": password_hash_for("rep-secret"), "name": "Rep"}],
+            accounts=[account], sync=dict(FAST_SYNC),
+            listeners={"ingest": {"host": "127.0.0.1", "port": free_port()}},
+            ingest={"addresses": [CRM]})
+        async with running_app(cfg) as app:
+            assert app.submission is not None and app.store is not None
+            await add_contacts(app.store, CUSTOMER)
+            yield Env(app, upstream, dovecot, rep, app.submission.port)
+
+
+_HASHES: dict[str, str] = {}
+
+
+def password_hash_for(password: str) -> str:
+    if password not in _HASHES:
+        _HASHES[password] = hash_password(password)
+    return _HASHES[password]
+
+
+def offer(rep: str, mid: str) -> bytes:
+    m = EmailMessage()
+    m["From"] = f"Rep <{rep}>"
+    m["To"] = CUSTOMER
+    m["Subject"] = "Our offer"
+    m["Message-ID"] = mid
+    m["Date"] = "Wed, 02 Dec 2026 10:00:00 +0000"
+    m.set_content("Hello Bob,\n\nplease find our offer below.\n")
+    return bytes(m).replace(b"\n", b"\r\n")
+
+
+def forward_of(rep: str, original: bytes) -> bytes:
+    m = EmailMessage()
+    m["From"] = f"Rep <{rep}>"
+    m["To"] = CRM
+    m["Subject"] = "Fwd: Our offer"
+    m["Message-ID"] = make_msgid(domain="example.test")
+    m.set_content("For the CRM.\n")
+    m.add_attachment(original, maintype="message", subtype="rfc822")
+    return bytes(m).replace(b"\n", b"\r\n")
+
+
+async def only_message(store: Store, want_sources: set[str]) -> dict[str, Any] | None:
+    rows = [r for r in await store.list_messages() if r["subject"] == "Our offer"]
+    if len(rows) != 1 or not want_sources <= set(rows[0]["sources"]):
+        return None
+    return rows[0]
+
+
+async def test_bcc_then_sent_folder_then_forward_is_one_message_with_its_events(env: Env) -> None:
+    mid = make_msgid(domain="example.test")
+    raw = offer(env.rep, mid)
+    await env.submit(raw, [CUSTOMER, CRM])          # the ingest address in Bcc
+    await wait_until(lambda: len(env.upstream.messages) == 1, timeout=20, what="1 delivery")
+    delivered = env.upstream.messages[0]
+    assert delivered.rcpt_tos == (CUSTOMER,)        # the ingest copy is never delivered
+
+    async def relayed() -> bool:
+        row = await only_message(env.store, {"relay", "ingest"})
+        return row is not None and any(e["type"] == "sent" for e in row["events"])
+
+    await wait_until(relayed, timeout=30, what="relay + ingest, with the sent event")
+    # the mail client saves its copy in Sent; the tailer sees it there
+    env.dovecot.append(env.rep, "Sent Items", raw, flags=["\\Seen"])
+
+    async def in_sent() -> bool:
+        return await only_message(env.store, {"relay", "ingest", "imap"}) is not None
+
+    await wait_until(in_sent, timeout=30, what="the Sent copy on the same message")
+    # later the rep forwards it to the CRM address from their own client (no AUTH: ingest)
+    fwd = forward_of(env.rep, raw)
+
+    def forward() -> None:
+        assert env.app.ingest_listener is not None
+        with smtplib.SMTP("127.0.0.1", env.app.ingest_listener.port, timeout=30) as s:
+            refused = s.sendmail(env.rep, [CRM], fwd)
+            assert not refused, refused
+
+    await asyncio.to_thread(forward)
+
+    async def forwarded() -> bool:
+        row = await only_message(env.store, {"relay", "ingest", "imap"})
+        if row is None:
+            return False
+        full = await env.store.get_message(row["id"], bodies=True)
+        assert full is not None
+        return sum(1 for s in full["seen"] if s["source"] == "ingest") >= 2
+
+    await wait_until(forwarded, timeout=30, what="the forward on the same message")
+    row = await only_message(env.store, {"relay", "ingest", "imap"})
+    assert row is not None and row["direction"] == "outbound"
+    kinds = sorted((e["type"], e["recipient"]) for e in row["events"])
+    assert kinds == [("queued", CUSTOMER), ("sent", CUSTOMER)], kinds
+    report = await engagement(env.store, days=7)
+    total = report["total"]
+    assert (total["sent"], total["delivered"], total["bounced"]) == (1, 1, 0), total
+    assert total["delivery_rate"] == 1.0 and total["bounce_rate"] == 0.0, total
+    assert total["replied"] == 0 and total["reply_rate"] == 0.0, total
