@@ -617,6 +617,23 @@ class Delivery(Model):
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
     connection_idle: Duration = 10.0
+    #: VERP return path for smarthost and MX delivery: each copy is sent with the envelope
+    #: sender ``<local>+<queue id>@<domain>``, so asynchronous bounces come back to the
+    #: ingest listener (which must receive mail for ``<domain>``) and name their copy.
+    return_path: str | None = None
+
+    @field_validator("return_path")
+    @classmethod
+    def _return_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip()
+        local, at, domain = v.rpartition("@")
+        if not at or not local or not domain or "." not in domain or "+" in local \
+                or any(c in v for c in " <>\"(),;:[]\\") or not v.isascii():
+            raise ValueError(f"return_path must be a plain address <local>@<domain> without '+', "
+                             f"not {v!r}")
+        return v.lower()
 
     @field_validator("nameservers")
     @classmethod
@@ -695,12 +712,14 @@ class CRM(Model):
 #: Event types a webhook may subscribe to (``events: []`` subscribes to all of them).
 WEBHOOK_EVENTS: tuple[str, ...] = (
     "message.stored", "message.sent", "message.deferred", "message.bounced", "message.opened",
-    "message.clicked", "message.replied", "message.auto_replied", "account.connected",
+    "message.clicked", "message.replied", "message.auto_replied", "message.delayed",
+    "message.read_receipt", "message.complained", "account.connected",
     "account.needs_reconnect", "account.deleted")
 WebhookEvent = Literal["message.stored", "message.sent", "message.deferred", "message.bounced",
                        "message.opened", "message.clicked", "message.replied",
-                       "message.auto_replied",
-                       "account.connected", "account.needs_reconnect", "account.deleted"]
+                       "message.auto_replied", "message.delayed", "message.read_receipt",
+                       "message.complained", "account.connected", "account.needs_reconnect",
+                       "account.deleted"]
 
 
 class Webhook(Model):

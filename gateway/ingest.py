@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,7 +44,8 @@ from gateway.mail.auth import AuthResult, authenticate
 from gateway.mail.forward import unwrap_forward
 from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import ParsedMessage, parse_message
-from gateway.records import NewMessage, SourceRef
+from gateway.mail.reports import verp_queue_id
+from gateway.records import REPORT_KINDS, NewMessage, SourceRef
 
 #: Parse (and unwrap forwards) in a worker thread above this size (small messages parse in
 #: well under 1 ms; an 8.6 MB forward takes about 0.4 s to parse and 0.4 s to unwrap).
@@ -61,6 +62,7 @@ class IngestSubmission:
     client_helo: str = ""
     trusted: bool = False          # accepted by the relay from an authenticated user
     user: str | None = None        # that user's login
+    rcpts: list[str] = field(default_factory=list)   # the envelope recipients (SMTP edge)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,16 @@ class Ingest:
     def is_ingest_address(self, address: str) -> bool:
         return OwnAddresses.of(self.cfg).is_ingest(address)
 
+    def is_bounce_address(self, address: str) -> bool:
+        """``delivery.return_path`` itself or one of its VERP addresses."""
+        rp = self.cfg.delivery.return_path
+        return rp is not None and (address.strip().strip("<>").lower() == rp
+                                   or verp_queue_id(address, rp) is not None)
+
+    def accepts(self, address: str) -> bool:
+        """RCPT: an ingest address or the bounce address (see :meth:`is_bounce_address`)."""
+        return self.is_ingest_address(address) or self.is_bounce_address(address)
+
     async def accept(self, sub: IngestSubmission) -> IngestResult:
         cfg = self.cfg
         large = len(sub.data) > THREAD_PARSE_BYTES
@@ -101,7 +113,11 @@ class Ingest:
         else:
             parsed = parse_message(sub.data)
         own = OwnAddresses.of(cfg)
-        if not sub.trusted:
+        rp = cfg.delivery.return_path
+        verp = next((q for r in sub.rcpts if (q := verp_queue_id(r, rp))), None)
+        if sub.rcpts and not any(self.is_ingest_address(r) for r in sub.rcpts):
+            return await self._accept_report(sub, parsed, verp)
+        if not sub.trusted and not self._unverified_report(sub, parsed):
             await self._check_sender(sub, parsed, own)
         if large:  # unwrapping parses the MIME tree and the original again: CPU work too
             fwd = await asyncio.to_thread(unwrap_forward, sub.data, parsed)
@@ -130,6 +146,41 @@ class Ingest:
                       direction=direction, sender=sender, forwarded=fwd.style if fwd else None,
                       by=forwarder)
         return IngestResult(ingest_id, r.id, r.created, fwd.style if fwd else None)
+
+    @staticmethod
+    def _unverified_report(sub: IngestSubmission, parsed: ParsedMessage) -> bool:
+        """A report from the null sender naming one of the gateway's queue ids: taken
+        without the sender check (a mailbox's redirect rule keeps the null sender), since
+        the store records it only against the copy it names, for that copy's recipients."""
+        if sub.mail_from or len(sub.data) > THREAD_PARSE_BYTES:
+            return False
+        new = NewMessage.from_parsed(parsed, sub.data, direction="inbound",
+                                     sources=[SourceRef("ingest", "-", datetime.now(UTC))])
+        return new.report is not None and bool(new.report.queue_ids)
+
+    async def _accept_report(self, sub: IngestSubmission, parsed: ParsedMessage,
+                             queue_id: str | None) -> IngestResult:
+        """Mail to the bounce address: a report is recorded on the copy it names (no sender
+        check: reports come from any server, from the null sender); anything else is refused."""
+        ingest_id = new_queue_id()
+        new = NewMessage.from_parsed(parsed, sub.data, direction="inbound",
+                                     sources=[SourceRef("ingest", ingest_id, datetime.now(UTC))])
+        if new.report is None or new.kind not in REPORT_KINDS:
+            self.log.info("bounce_address_refused", ingest_id=ingest_id, kind=new.kind,
+                          mail_from=sub.mail_from, peer=sub.client_ip)
+            raise PermanentFailure("This address only takes delivery reports", code=550,
+                                   status="5.7.1")
+        new.bounce_queue_id = queue_id
+        try:
+            stored = await self.store.store_messages([new])
+        except StoreError as exc:
+            self.log.error("ingest_store_failed", ingest_id=ingest_id, error=str(exc))
+            raise TemporaryFailure("CRM store unavailable, try again later", code=451,
+                                   status="4.3.0") from exc
+        r = stored[0]
+        self.log.info("report_ingested", ingest_id=ingest_id, report=new.report.type,
+                      queue_id=queue_id, message=r.id or None)
+        return IngestResult(ingest_id, r.id or None, False, None)
 
     async def _check_sender(self, sub: IngestSubmission, parsed: ParsedMessage,
                             own: OwnAddresses) -> None:

@@ -18,11 +18,14 @@ from typing import Any, Protocol
 from gateway.mail.autoreply import classify
 from gateway.mail.parse import Attachment, ParsedMessage, normalize_subject, subject_kind
 from gateway.mail.parse import message_id_key as parse_mid_key
+from gateway.mail.reports import Report, parse_report
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 EVENT_TYPES: tuple[str, ...] = ("queued", "sent", "deferred", "delayed", "bounced", "opened",
                                  "clicked", "replied", "auto_replied", "read_receipt", "complained")
 SOURCES: tuple[str, ...] = ("relay", "imap", "ingest")
+#: kinds (:data:`gateway.mail.autoreply.KINDS`) whose messages are read as reports
+REPORT_KINDS: frozenset[str] = frozenset({"delivery_report", "read_receipt", "feedback_report"})
 
 
 @dataclass
@@ -155,6 +158,12 @@ class NewMessage:
     kind: str = "message"
     #: an auto-reply's return date (ISO), when its text gives one
     return_date: str | None = None
+    #: a delivery report, read receipt or feedback report read from `raw`: the store
+    #: records it as events on the message it is about, never as a conversation
+    report: Report | None = None
+    #: ingest only: the queue id the VERP bounce address it came to names
+    #: (:func:`gateway.mail.reports.verp_queue_id`)
+    bounce_queue_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -169,6 +178,7 @@ class NewMessage:
         """A message parsed by :func:`gateway.mail.parse.parse_message`, as the store takes it."""
         kind = classify(p.headers, subject=p.subject, from_addr=p.from_addr, text=p.text_body,
                         sent=p.date)
+        report = parse_report(raw) if raw is not None and kind.kind in REPORT_KINDS else None
         return cls(
             message_id=p.message_id, from_addr=p.from_addr, from_name=p.from_name,
             to_addrs=list(p.to_addrs), cc_addrs=list(p.cc_addrs), subject=p.subject,
@@ -177,7 +187,7 @@ class NewMessage:
             html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
             size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
             account=account, user=user, template=p.headers.x_mailgw_template, sources=sources,
-            kind=kind.kind, return_date=kind.return_date)
+            kind=kind.kind, return_date=kind.return_date, report=report)
 
     @functools.cached_property
     def raw_sha256(self) -> str | None:
@@ -198,8 +208,9 @@ class NewMessage:
 class Stored:
     """What became of one NewMessage: its message id and whether this call created it."""
 
-    id: int
+    id: int                   # for a report: the message it is about (0: none matched)
     created: bool
+    report: bool = False      # a report, recorded as events and not stored as a message
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.config import Config
-from gateway.crm import outbox, suppression
+from gateway.crm import bounces, outbox, suppression
 from gateway.crm.blobs import RawStore
 from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
@@ -218,6 +218,12 @@ class Store:
     async def _store_batch(self, conn: AsyncConnection, items: list[NewMessage]) -> list[Stored]:
         if not items:
             return []
+        if any(m.report is not None for m in items):
+            reports = [m for m in items if m.report is not None]
+            applied = dict(zip(map(id, reports), await self._reports(conn, reports), strict=True))
+            rest = iter(await self._store_batch(conn, [m for m in items if m.report is None]))
+            return [Stored(id=applied[id(m)].message_pk or 0, created=False, report=True)
+                    if m.report is not None else next(rest) for m in items]
         now = datetime.now(UTC)
         keys = [m.dedupe_key for m in items]
         first: dict[str, NewMessage] = {}
@@ -533,6 +539,24 @@ class Store:
                               {"message_id": row["message_pk"], "event": event_payload(row)}))
         await self.enqueue_webhooks(conn, hooks, datetime.now(UTC))
         return unknown
+
+    async def _reports(self, conn: AsyncConnection,
+                       reports: list[NewMessage]) -> list[bounces.Applied]:
+        """Delivery reports, read receipts and feedback reports as events on the messages
+        they are about (:mod:`gateway.crm.bounces`), with their suppressions and webhooks."""
+        applied = await bounces.apply_reports(conn, self.dialect, reports)
+        rows = [row for a in applied for row in a.rows]
+        await self._suppress(conn, rows)
+        await self.enqueue_webhooks(conn, [(f"message.{row['type']}", {
+            "message_id": row["message_pk"], "event": event_payload(row)}) for row in rows],
+            datetime.now(UTC))
+        for m, a in zip(reports, applied, strict=True):
+            self.log.info("report_recorded" if a.rows else "report_ignored",
+                          report=m.report.type if m.report else None,
+                          report_message_id=m.message_id, message=a.message_pk,
+                          events=[f"{r['type']}:{r['recipient']}" for r in a.rows],
+                          skipped=list(a.skipped)[:10])
+        return applied
 
     # -- the suppression list (gateway.crm.suppression) ------------------------------------
     async def _suppress(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

@@ -58,6 +58,7 @@ from gateway.directory import (
 from gateway.errors import AccountAuthError, AccountUnavailable, MailError, NotFound
 from gateway.ids import new_queue_id
 from gateway.mail.addresses import domain_of
+from gateway.mail.reports import verp_address
 from gateway.metrics import Metrics
 from gateway.records import EventRecord, EventSink
 from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
@@ -439,6 +440,14 @@ class Scheduler:
             self._secrets[ref] = read_secret(ref, self.cfg.base_dir)
         return self._secrets[ref]
 
+    def _envelope_sender(self, env: Envelope) -> str:
+        """MAIL FROM for smarthost and MX delivery: the VERP bounce address of this copy when
+        ``delivery.return_path`` is set (never for a DSN's null sender), else the sender's."""
+        return_path = self.cfg.delivery.return_path
+        if return_path is None or env.is_bounce or not env.mail_from:
+            return env.mail_from
+        return verp_address(return_path, env.id)
+
     def _local_job(self, env: Envelope, rcpts: list[str],
                    data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
         """The gateway's own ingest addresses: stored in the CRM, never sent anywhere."""
@@ -460,7 +469,8 @@ class Scheduler:
     def _send_job(self, dest: Destination, env: Envelope, rcpts: list[str],
                   data: bytes) -> Callable[[], Awaitable[list[RcptResult]]]:
         async def job() -> list[RcptResult]:
-            results = await self.transport.send(dest, env.mail_from, rcpts, data)
+            sender = env.mail_from if dest.account is not None else self._envelope_sender(env)
+            results = await self.transport.send(dest, sender, rcpts, data)
             if dest.username is None and dest.mechanism is None:
                 results = [_auth_demanded(dest, r) if r.code == 530 else r for r in results]
             refused = next((r for r in results if r.credentials == "refused"), None)
@@ -485,7 +495,7 @@ class Scheduler:
             cfg = self.cfg
             # send_mx never raises: DNS answers come back as results (5.1.2, 5.1.10, 4.4.3)
             return await self.transport.send_mx(
-                self.resolver, domain, env.mail_from, rcpts, data,
+                self.resolver, domain, self._envelope_sender(env), rcpts, data,
                 port=cfg.delivery.mx_port,
                 tls="opportunistic" if cfg.delivery.mx_tls == "opportunistic" else "starttls",
                 ca_file=str(cfg.path(cfg.delivery.mx_ca_file)) if cfg.delivery.mx_ca_file

@@ -65,7 +65,9 @@ what a handler raises into the transitions drawn above:
 
 Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for at most 200
 UIDs, the addresses go to `Store.concerning` (contacts, company domains, `crm.exclude`,
-`auto_create_contacts`), and only the messages that will be stored get `BODY.PEEK[]`
+`auto_create_contacts`), and only the messages that will be stored, and delivery
+reports, read receipts and feedback reports (which the store records as events on the
+message they are about, never as conversations), get `BODY.PEEK[]`
 (nothing is ever marked \\Seen: EXAMINE and PEEK only). Bodies are parsed off the event
 loop, become `NewMessage`s (outbound when From is the account's or its user's address,
 or the folder is the \\Sent one; else inbound) and go to `Store.store_messages` with the
@@ -105,7 +107,7 @@ from gateway.mail.autoreply import kind_of
 from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
-from gateway.records import NewMessage, SourceRef
+from gateway.records import REPORT_KINDS, NewMessage, SourceRef
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -616,7 +618,10 @@ class AccountTailer:
         verdicts = await asyncio.wait_for(self.store.concerning(
             [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos]), STORE_TIMEOUT)
         counts.fetched += len(heads)
-        wanted = [(h, i) for h, i, ok in zip(heads, infos, verdicts, strict=True) if ok]
+        # delivery reports, read receipts and feedback reports come from machines no
+        # contact rule matches: fetched anyway, the store reads them as events
+        wanted = [(h, i) for h, i, ok in zip(heads, infos, verdicts, strict=True)
+                  if ok or kind_of(i.headers, subject=i.subject, from_addr=i.from_addr) in REPORT_KINDS]
         counts.skipped += len(heads) - len(wanted)
         self.stats.skipped += len(heads) - len(wanted)
         uidvalidity = imap.selected.uidvalidity if imap.selected else None

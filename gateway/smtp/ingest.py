@@ -1,7 +1,8 @@
 """The ingest listener's aiosmtpd handler: mail for the BCC / forward address in, `Ingest` calls out.
 
-MX-facing, so no AUTH: RCPT accepts only the configured ingest addresses (anything
-else is `550 5.1.1`, this is no relay), DATA hands the message to
+MX-facing, so no AUTH: RCPT accepts only the configured ingest addresses and, with
+``delivery.return_path``, the bounce address and its VERP addresses (anything else is
+`550 5.1.1`, this is no relay), DATA hands the message to
 :class:`gateway.ingest.Ingest`, which decides who may log mail and stores it; its
 MailError carries the reply. Anything unexpected becomes `451 4.3.0`, never a 250.
 """
@@ -40,7 +41,7 @@ class IngestHandler:
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
-        if not self.ingest.is_ingest_address(address):
+        if not self.ingest.accepts(address):
             return "550 5.1.1 No such recipient here (this address only logs mail to the CRM)"
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return "452 4.5.3 Too many recipients"
@@ -55,7 +56,7 @@ class IngestHandler:
             self.log.warning("bare_newline_rejected", peer=peer, listener="ingest")
             return BARE_NEWLINE_REPLY
         sub = IngestSubmission(mail_from=envelope.mail_from or "", data=data, client_ip=peer,
-                               client_helo=session.host_name or "")
+                               client_helo=session.host_name or "", rcpts=list(envelope.rcpt_tos))
         try:
             result = await self.ingest.accept(sub)
         except MailError as exc:
