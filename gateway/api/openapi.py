@@ -78,8 +78,8 @@ _COUNT = {"type": "integer", "minimum": 0}
 _RATE = _nullable("number", minimum=0, description="null when the denominator is 0")
 _ENGAGEMENT_ROW = _obj({
     "group": _STR, "sent": _COUNT, "delivered": _COUNT, "bounced": _COUNT, "opened": _COUNT,
-    "clicked": _COUNT, "replied": _COUNT, "auto_replied": _COUNT, "machine_opens": _COUNT,
-    "machine_clicks": _COUNT,
+    "clicked": _COUNT, "replied": _COUNT, "auto_replied": _COUNT, "proxied_opens": _COUNT,
+    "machine_opens": _COUNT, "machine_clicks": _COUNT,
     "delivery_rate": _RATE, "bounce_rate": _RATE, "open_rate": _RATE, "click_rate": _RATE,
     "reply_rate": _RATE})
 
