@@ -61,6 +61,27 @@ _SUMMARY_PROPS: dict[str, Any] = {
     "contacts": {"type": "array", "items": _ref("ContactLink")},
     "events": {"type": "array", "items": _ref("Event")},
 }
+_N: dict[str, Any] = {"type": "integer", "minimum": 0}
+_BY_CATEGORY: dict[str, Any] = {"type": "object", "additionalProperties": _N,
+                                "description": "machine hits per category (proxy, prefetch, "
+                                               "scanner, sender, timing, ...)"}
+_TRACKING_PROPS: dict[str, Any] = {
+    "opens": {**_N, "description": "every opened event"},
+    "unique_opens": {**_N, "description": "recipients with an opened event (1 or 0 per recipient)"},
+    "human_opens": _N,
+    "proxied_opens": {**_N, "description": "opens through Gmail's or Yahoo's image proxy"},
+    "machine_opens": {**_N, "description": "machine opens, proxied ones excluded"},
+    "machine_opens_by_category": _BY_CATEGORY,
+    "clicks": _N, "human_clicks": _N, "machine_clicks": _N,
+    "machine_clicks_by_category": _BY_CATEGORY,
+    "links": {"type": "object", "description": "per clicked URL (the honeypot left out)",
+              "additionalProperties": _obj({"clicks": _N, "human_clicks": _N})},
+    "first_activity": _nullable("string", format="date-time",
+                                description="first human or proxied open, or human click"),
+    "last_activity": _nullable("string", format="date-time"),
+    "opened": {"type": "boolean", "description": "a person opened it: a human or proxied open, "
+                                                 "or a human click where no pixel loaded"},
+}
 _DETAIL_PROPS: dict[str, Any] = {
     **_SUMMARY_PROPS,
     "from_name": _STR,
@@ -73,13 +94,14 @@ _DETAIL_PROPS: dict[str, Any] = {
     "seen": {"type": "array", "items": {"type": "object", "properties": {
         "source": {"enum": list(SOURCES)}, "ref": _STR, "at": _TIME}, "required": ["source", "ref"]},
         "description": "every path the message was seen on"},
+    "tracking": _ref("TrackingSummary"),
 }
 _COUNT = {"type": "integer", "minimum": 0}
 _RATE = _nullable("number", minimum=0, description="null when the denominator is 0")
 _ENGAGEMENT_ROW = _obj({
     "group": _STR, "sent": _COUNT, "delivered": _COUNT, "bounced": _COUNT, "opened": _COUNT,
-    "clicked": _COUNT, "replied": _COUNT, "auto_replied": _COUNT, "machine_opens": _COUNT,
-    "machine_clicks": _COUNT,
+    "clicked": _COUNT, "replied": _COUNT, "auto_replied": _COUNT, "proxied_opens": _COUNT,
+    "machine_opens": _COUNT, "machine_clicks": _COUNT,
     "delivery_rate": _RATE, "bounce_rate": _RATE, "open_rate": _RATE, "click_rate": _RATE,
     "reply_rate": _RATE})
 
@@ -87,7 +109,15 @@ SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR, "parameter": _STR}, required=["error"]),
     "Event": _obj({"type": {"enum": list(EVENT_TYPES)}, "at": _TIME, "recipient": _STR,
                    "machine": {"type": "boolean"},
-                   "details": {"type": "object", "description": "URL, user agent, SMTP reply, ..."}}),
+                   "details": {"type": "object", "description": "URL, user agent, SMTP reply, ...; "
+                               "for hits `category`: human, proxied, or the machine's kind"}}),
+    "TrackingTotals": _obj({**_TRACKING_PROPS, "recipients_opened": {
+        **_N, "description": "recipients who opened (the people rule)"}}),
+    "TrackingRecipient": _obj({"recipient": _STR, **_TRACKING_PROPS}),
+    "TrackingSummary": _obj({
+        "total": _ref("TrackingTotals"),
+        "recipients": {"type": "array", "items": _ref("TrackingRecipient"),
+                       "description": "every recipient with an event, in address order"}}),
     "ContactLink": _obj({"email": _STR, "name": _STR, "role": {"enum": ["from", "to", "cc"]}}),
     "MessageSummary": _obj(_SUMMARY_PROPS),
     "MessageDetail": _obj(_DETAIL_PROPS),

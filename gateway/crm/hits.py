@@ -6,7 +6,9 @@ delivery time, links, earlier hits) and its :class:`~gateway.http.tracking.HitSi
 A hit becomes an ``opened`` or ``clicked`` event (a honeypot hit a ``clicked`` event with
 ``details.honeypot``), keyed ``hit:<id>`` so a replay records it once, written through
 the batching :class:`~gateway.crm.writer.StoreWriter` like delivery events (which also
-queues the ``message.opened`` / ``message.clicked`` webhooks in the same transaction).
+queues the ``message.opened`` / ``message.clicked`` webhooks, with the message's tracking
+summary, in the same transaction). ``details.category`` is the classifier's category
+(``human``, ``proxied``, or the machine's kind); reports and summaries read it.
 """
 
 from __future__ import annotations

@@ -10,13 +10,19 @@ Definitions (``mailgw report engagement`` and ``GET /api/v1/stats/engagement``):
 - ``sent``: recipients with a ``queued`` event (accepted for delivery);
   ``delivered``: with a ``sent`` event (the upstream accepted it);
   ``bounced``: with a ``bounced`` event;
-  ``opened`` / ``clicked``: with at least one *human* (``machine: false``) ``opened`` /
-  ``clicked`` event; ``replied``: with a ``replied`` event (a recipient's own answer,
-  never an auto-reply or a report); ``auto_replied``: with an ``auto_replied`` event
+  ``opened``: the recipient is a person who opened it: a human (``machine: false``) or
+  ``proxied`` open (Gmail's or Yahoo's image proxy, fetched when the message was shown),
+  or a human click on a copy for which no ``opened`` event of any kind was recorded (the
+  pixel never loaded, images blocked: the person read it to click); machine opens
+  (prefetches, Apple MPP, scanners) never make a recipient opened;
+  ``clicked``: with at least one human ``clicked`` event; ``replied``: with a
+  ``replied`` event (a recipient's own answer, never an auto-reply or a report);
+  ``auto_replied``: with an ``auto_replied`` event
   (an out-of-office or other automatic answer from a recipient), in no rate.
-- ``machine_opens`` / ``machine_clicks``: the number of open / click *events* flagged
-  as machine (image proxies, prefetchers, link scanners) — what was kept out of the
-  human counts.
+- ``proxied_opens``: the number of open *events* of category ``proxied``;
+  ``machine_opens`` / ``machine_clicks``: the number of open / click *events* flagged
+  as machine (Apple MPP, prefetchers, link scanners), proxied opens excluded — what was
+  kept out of the people counts. The category is ``details.category`` of the event.
 - **Rates.** ``open_rate``, ``click_rate``, ``reply_rate`` = count / ``delivered``;
   ``delivery_rate`` and ``bounce_rate`` = count / ``sent``. A rate whose denominator
   is 0 is ``null`` in JSON and ``-`` in the table.
@@ -42,7 +48,7 @@ from gateway.crm.store import Store
 
 GROUPINGS: tuple[str, ...] = ("template", "user", "domain")
 COUNTS: tuple[str, ...] = ("sent", "delivered", "bounced", "opened", "clicked", "replied",
-                           "auto_replied", "machine_opens", "machine_clicks")
+                           "auto_replied", "proxied_opens", "machine_opens", "machine_clicks")
 #: rate name -> (numerator, denominator)
 RATES: dict[str, tuple[str, str]] = {
     "delivery_rate": ("delivered", "sent"), "bounce_rate": ("bounced", "sent"),
@@ -91,7 +97,8 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
     else:
         group = sa.literal_column("'all'")
     ev = (sa.select(group.label("grp"), events_table.c.message_pk.label("pk"), rcpt.label("rcpt"),
-                    events_table.c.type.label("type"), events_table.c.machine.label("machine"))
+                    events_table.c.type.label("type"), events_table.c.machine.label("machine"),
+                    events_table.c.details["category"].as_string().label("category"))
           .select_from(events_table.join(first_relay, first_relay.c.pk == events_table.c.message_pk)
                        .join(messages_table, messages_table.c.id == events_table.c.message_pk))
           .where(messages_table.c.direction == "outbound", events_table.c.recipient != "")
@@ -104,17 +111,26 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
         return sa.func.sum(sa.case((cond, 1), else_=0))
 
     human = ev.c.machine == sa.false()
-    machine = ev.c.machine == sa.true()
+    proxied = sa.and_(ev.c.machine == sa.true(), ev.c.category == "proxied")
+    machine = sa.and_(ev.c.machine == sa.true(),
+                      sa.func.coalesce(ev.c.category, "") != "proxied")
+    opens = ev.c.type == "opened"
+    # a person opened it: a human or proxied open, or a human click where no pixel loaded
+    people_opened = has(sa.and_(opens, sa.or_(human, proxied)))
+    human_clicked = has(sa.and_(ev.c.type == "clicked", human))
+    opened = sa.case((people_opened == 1, 1),
+                     (sa.and_(human_clicked == 1, has(opens) == 0), 1), else_=0)
     per_rcpt = (sa.select(
         ev.c.grp.label("grp"),
         has(ev.c.type == "queued").label("sent"),
         has(ev.c.type == "sent").label("delivered"),
         has(ev.c.type == "bounced").label("bounced"),
-        has(sa.and_(ev.c.type == "opened", human)).label("opened"),
-        has(sa.and_(ev.c.type == "clicked", human)).label("clicked"),
+        opened.label("opened"),
+        human_clicked.label("clicked"),
         has(ev.c.type == "replied").label("replied"),
         has(ev.c.type == "auto_replied").label("auto_replied"),
-        hits(sa.and_(ev.c.type == "opened", machine)).label("machine_opens"),
+        hits(sa.and_(opens, proxied)).label("proxied_opens"),
+        hits(sa.and_(opens, machine)).label("machine_opens"),
         hits(sa.and_(ev.c.type == "clicked", machine)).label("machine_clicks"))
         .group_by(ev.c.grp, ev.c.pk, ev.c.rcpt)
         .subquery("per_rcpt"))
@@ -140,7 +156,7 @@ def format_table(report: dict[str, Any]) -> str:
     cols = [("sent", "sent"), ("delivered", "deliv"), ("bounced", "bounced"),
             ("bounce_rate", "bounce%"), ("opened", "opened"), ("open_rate", "open%"),
             ("clicked", "clicked"), ("click_rate", "click%"), ("replied", "replied"),
-            ("reply_rate", "reply%"), ("auto_replied", "auto"),
+            ("reply_rate", "reply%"), ("auto_replied", "auto"), ("proxied_opens", "p.opens"),
             ("machine_opens", "m.opens"), ("machine_clicks", "m.clicks")]
 
     def cell(row: dict[str, Any], key: str) -> str:
@@ -162,7 +178,8 @@ def format_table(report: dict[str, Any]) -> str:
         return "  ".join([first, *rest]).rstrip()
 
     out = [f"Engagement, last {report['days']} day(s) since {report['since'][:16].replace('T', ' ')} "
-           "UTC (rates: bounce% of sent, open/click/reply% of delivered; human events only)",
+           "UTC (rates: bounce% of sent, open/click/reply% of delivered; opened: people, "
+           "with proxied opens and clicks where no pixel loaded; clicked: human clicks)",
            line(header), line(["-" * w for w in widths])]
     if not report["groups"]:
         out.append("(no outbound messages in this window)")

@@ -29,7 +29,10 @@ the same transaction as the messages it covers). In one transaction a batch:
    deliveries in the outbox;
 4. ``queued`` events for relay recipients, also when the relay's record comes after
    the message was stored from ingest or IMAP (keyed, so recorded once);
-5. events (delivery, tracking) for queue ids of this or earlier batches.
+5. events (delivery, tracking) for queue ids of this or earlier batches, and their
+   webhooks; ``message.opened`` / ``message.clicked`` carry the message's tracking
+   summary (:mod:`gateway.crm.summary`) as of this transaction, from one query over its
+   hit events.
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ from gateway.crm.sql import (
     iso,
     utc,
 )
+from gateway.crm.summary import HIT_TYPES, recipient_summary, summarize
 from gateway.crm.threads import assign_threads
 from gateway.crm.views import event_payload, message_dict, summary_payload
 from gateway.errors import StoreError
@@ -528,15 +532,24 @@ class Store:
         for chunk in chunks(plain):
             await conn.execute(sa.insert(events_table), list(chunk))
         await self._suppress(conn, [r for r in rows if r["key"] is None or r["key"] in inserted])
-        hooks: list[tuple[str, dict[str, Any]]] = []
+        announced: list[dict[str, Any]] = []
         for row in rows:
             if row["key"] is not None:
                 if row["key"] not in inserted:
                     continue
                 inserted.discard(row["key"])   # a key repeated in this batch: announced once
             if row["type"] in ("sent", "deferred", "bounced", "opened", "clicked"):
-                hooks.append((f"message.{row['type']}",
-                              {"message_id": row["message_pk"], "event": event_payload(row)}))
+                announced.append(row)
+        summaries = await self._tracking_summaries(
+            conn, {r["message_pk"] for r in announced if r["type"] in HIT_TYPES})
+        hooks: list[tuple[str, dict[str, Any]]] = []
+        for row in announced:
+            data = {"message_id": row["message_pk"], "event": event_payload(row)}
+            if row["type"] in HIT_TYPES:
+                summary = summaries[row["message_pk"]]
+                data["tracking"] = {"recipient": recipient_summary(summary, row["recipient"]),
+                                    "total": summary["total"]}
+            hooks.append((f"message.{row['type']}", data))
         await self.enqueue_webhooks(conn, hooks, datetime.now(UTC))
         return unknown
 
@@ -557,6 +570,21 @@ class Store:
                           events=[f"{r['type']}:{r['recipient']}" for r in a.rows],
                           skipped=list(a.skipped)[:10])
         return applied
+
+    async def _tracking_summaries(self, conn: AsyncConnection,
+                                  pks: set[int]) -> dict[int, dict[str, Any]]:
+        """The tracking summary of each message (its hit events, this transaction's included)."""
+        hits: dict[int, list[Any]] = {pk: [] for pk in pks}
+        if not pks or not any(w.wants(f"message.{t}") for w in self.webhooks for t in HIT_TYPES):
+            return {pk: summarize(()) for pk in pks}     # nobody is told: no query
+        for chunk in chunks(sorted(pks)):
+            rows = await conn.execute(
+                sa.select(events_table.c.message_pk, events_table.c.type, events_table.c.at,
+                          events_table.c.recipient, events_table.c.machine, events_table.c.details)
+                .where(events_table.c.message_pk.in_(chunk), events_table.c.type.in_(HIT_TYPES)))
+            for e in rows.mappings():
+                hits[e["message_pk"]].append(e)
+        return {pk: summarize(evs) for pk, evs in hits.items()}
 
     # -- the suppression list (gateway.crm.suppression) ------------------------------------
     async def _suppress(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

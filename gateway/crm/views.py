@@ -1,7 +1,8 @@
 """The CRM's JSON views: stored rows as the read API and the webhooks show them.
 
 Pure functions over rows already read (nothing here queries): a message with its
-events, sources and contacts (:func:`message_dict`), one event (:func:`event_payload`),
+events, sources and contacts, and in the detail view its tracking summary
+(:func:`message_dict`), one event (:func:`event_payload`),
 and a newly stored message as ``message.stored`` announces it (:func:`summary_payload`).
 Times are ISO 8601 in UTC (:func:`gateway.crm.sql.iso`).
 """
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 
 from gateway.crm.models import SNIPPET_MAX
 from gateway.crm.sql import iso
+from gateway.crm.summary import summarize
 from gateway.records import NewMessage
 
 
@@ -37,7 +39,8 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
                   contacts: list[dict[str, Any]], bodies: bool) -> dict[str, Any]:
     """A ``messages`` row with its events, sources and contacts, as the read API shows it
     (README "Read API, metrics and webhooks"); `bodies` adds the bodies, attachments and
-    every path the message was seen on."""
+    every path the message was seen on, and its ``tracking`` summary
+    (:func:`gateway.crm.summary.summarize`)."""
     relay = [s["ref"] for s in sources if s["source"] == "relay"]
     out = {
         "id": m["id"], "message_id": m["message_id"], "thread_id": m["thread_id"],
@@ -58,4 +61,5 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         out["template"] = m["template"]
         out["seen"] = [{k: (iso(v) if isinstance(v, datetime) else v) for k, v in s.items()
                         if k not in ("id", "message_pk") and v is not None} for s in sources]
+        out["tracking"] = summarize(events)
     return out

@@ -1,10 +1,21 @@
 """Tell machine opens and clicks from people: pure rules over one hit and what came before it.
 
 Every hit on the tracking endpoint is recorded; this module only decides ``machine``
-(true or false) and says why. ``machine: true`` means "not the recipient, a person,
-looking at the message or choosing a link": an image proxy that fetched the pixel, a
-security scanner that followed every link, a browser prefetch, or the sender looking at
-their own copy. Reports count only ``machine: false`` as human opens and clicks.
+(true or false), a ``category`` and says why. ``machine: true`` means "not seen to be the
+recipient, a person, looking at the message or choosing a link": an image proxy that
+fetched the pixel, a security scanner that followed every link, a browser prefetch, or the
+sender looking at their own copy. ``machine: false`` is category ``human``.
+
+One kind of machine hit is kept apart: category ``proxied``, an open fetched through a
+mailbox provider's image proxy that fetches when the message is displayed (Gmail's
+``GoogleImageProxy``, Yahoo's ``YahooMailProxy``). A person probably opened the message,
+but the proxy hides who and with which client, so it stays ``machine: true`` (SPEC §5:
+image-proxy opens are machine) while reports and summaries show it apart from both human
+and machine opens, and the open rate counts it as a person (:mod:`gateway.crm.reports`).
+A proxied open still goes through rules 5-9 below: one fetched within
+``open_after_delivery`` of delivery is a prefetch at delivery (``timing``), one from
+``tracking.machine_networks`` is ``network``. Apple Mail Privacy Protection is not
+proxied: it fetches on download, read or not, so it is category ``proxy`` (machine).
 
 The rules, first match wins (the reason names the rule):
 
@@ -13,7 +24,8 @@ The rules, first match wins (the reason names the rule):
    software follows.
 3. Browser prefetch: ``Purpose: prefetch`` / ``Sec-Purpose: prefetch`` / ``X-Moz: prefetch``.
 4. :data:`SIGNATURES`, one table of known proxies, scanners and bots (user agent,
-   Referer host, client network), plus the admin's ``tracking.machine_networks``.
+   Referer host, client network), plus the admin's ``tracking.machine_networks``. A
+   ``proxied`` row (image proxies that fetch on display) decides only when rules 5-9 do not.
 5. No ``User-Agent`` at all: browsers and mail clients always send one.
 6. The sender themself: the hit comes from the IP address of the client that submitted
    the message, or from ``tracking.internal_networks`` (the company's own egress).
@@ -34,10 +46,12 @@ The rules, first match wins (the reason names the rule):
 What cannot be told apart, honestly: Apple Mail Privacy Protection fetches every image
 when the message is downloaded to the device, whether or not it is ever read, through
 Apple's relay with the bare user agent ``Mozilla/5.0``; a person reading with MPP on
-looks the same, so every MPP open is a machine open. Gmail fetches images through its
-proxy (``GoogleImageProxy``) mostly when the message is displayed, but also re-fetches
-and caches, and hides the reader's address and client; counted as machine, with its own
-reason so a report can show "proxied opens" apart. Scanners that pose as desktop Chrome
+looks the same, so every MPP open is a machine open (``proxy``). Gmail fetches images
+through its proxy (``GoogleImageProxy``) mostly when the message is displayed, but also
+re-fetches and caches, and hides the reader's address and client: ``proxied``, counted
+as a person opening in the open rate, never as a human open. Yahoo Mail's proxy fetches
+images when a message is shown, like Gmail's, so its opens are ``proxied`` too; a click
+fetched by it is not a person choosing a link and stays ``proxy``. Scanners that pose as desktop Chrome
 from cloud addresses and wait minutes are not caught by any rule here.
 """
 
@@ -52,8 +66,8 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 Kind = Literal["open", "click", "honeypot"]
-Category = Literal["human", "head", "honeypot", "prefetch", "proxy", "scanner", "bot",
-                   "network", "no-user-agent", "sender", "timing", "burst"]
+Category = Literal["human", "proxied", "head", "honeypot", "prefetch", "proxy", "scanner",
+                   "bot", "network", "no-user-agent", "sender", "timing", "burst"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 OPENS: frozenset[str] = frozenset({"open"})
@@ -88,7 +102,7 @@ class Signature:
 SIGNATURES: tuple[Signature, ...] = (
     # -- mailbox providers' image proxies (opens) --------------------------------------
     Signature(
-        "gmail-image-proxy", "proxy", OPENS,
+        "gmail-image-proxy", "proxied", OPENS,
         "Gmail's image proxy fetched the pixel (Google hides who opened, and when)",
         ua=r"googleimageproxy|via ggpht\.com",
         source="UA 'Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com "
@@ -105,10 +119,15 @@ SIGNATURES: tuple[Signature, ...] = (
                "(mask-api.icloud.com/egress-ip-ranges.csv, large, changes often): add them to "
                "tracking.machine_networks to catch MPP fetches that send another user agent"),
     Signature(
-        "yahoo-mail-proxy", "proxy", OPENS | CLICKS,
-        "Yahoo Mail's content fetch proxy",
+        "yahoo-mail-proxy", "proxied", OPENS,
+        "Yahoo Mail's image proxy fetched the pixel as the message was shown",
         ua=r"yahoomailproxy",
         source="UA 'YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html'"),
+    Signature(
+        "yahoo-mail-proxy-fetch", "proxy", CLICKS,
+        "Yahoo Mail's content fetch proxy fetched the link (not a person's click)",
+        ua=r"yahoomailproxy",
+        source="as above"),
     # -- link scanners (clicks) ----------------------------------------------------------
     Signature(
         "microsoft-safe-links", "scanner", CLICKS,
@@ -342,8 +361,10 @@ def classify(obs: Observation, copy: CopyInfo | None, prior: Iterable[PriorHit] 
     if _is_prefetch(obs.headers):
         return Verdict(True, "prefetch", "browser prefetch (Purpose: prefetch)")
     sig = match_signature(obs, table)
-    if sig is not None:
+    if sig is not None and sig.category != "proxied":
         return Verdict(True, sig.category, f"{sig.name}: {sig.what}")
+    # a proxied open goes on through the remaining rules; it is proxied if none says more
+    proxied = Verdict(True, "proxied", f"{sig.name}: {sig.what}") if sig is not None else None
     addr = parse_ip(obs.ip)
     if in_networks(addr, settings.machine_networks):
         return Verdict(True, "network", f"{obs.ip} is in tracking.machine_networks")
@@ -377,7 +398,7 @@ def classify(obs: Observation, copy: CopyInfo | None, prior: Iterable[PriorHit] 
                                           f"{settings.burst_window:g} s")
         if clicks >= settings.burst_clicks:
             return Verdict(True, "burst", f"{clicks} clicks within {settings.burst_window:g} s")
-    return Verdict.human()
+    return proxied or Verdict.human()
 
 
 def _merge(prior: Iterable[PriorHit], copy: CopyInfo | None) -> list[PriorHit]:

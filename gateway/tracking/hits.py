@@ -30,7 +30,7 @@ class Hit:
     referer: str
     headers: Mapping[str, str]    # HEADERS_OF_INTEREST that were present
     machine: bool
-    category: Category            # human, proxy, scanner, bot, sender, timing, burst, ...
+    category: Category            # human, proxied, proxy, scanner, bot, sender, timing, burst, ...
     reason: str | None            # why it is a machine; None for people
     recipient: str | None = None  # from the copy lookup, when known
     sender: str | None = None

@@ -70,3 +70,64 @@ def test_contacts_import_list_and_linked_messages(cfg: Path, tmp_path: Path) -> 
     assert shown["text_body"] == "hi there" and shown["sources"] == ["ingest"]
     r = mailgw(cfg, "messages", "show", "999")
     assert r.returncode == 1 and "no message 999" in r.stderr
+
+
+REPR_MARKS = ("{'", "['", "('", "datetime.datetime(", "None", "True", "False", "\\n")
+
+
+def test_messages_show_is_readable_text_with_the_tracking_summary(cfg: Path) -> None:
+    from datetime import timedelta
+
+    from gateway.records import AcceptedMessage, EventRecord
+
+    at = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+
+    async def seed() -> None:
+        store = await Store.from_config(load_config(cfg))
+        try:
+            await store.record([AcceptedMessage(
+                queue_id="S1", message_id="<s1@example.test>", from_addr="rep@example.test",
+                from_name="Rep", to_addrs=["bob@acme.test", "carol@acme.test"],
+                cc_addrs=["dan@acme.test"], subject="Offer", date=at, snippet="see the offer",
+                size=10, recipients=["bob@acme.test", "carol@acme.test"], user="rep@example.test",
+                account=None, at=at, template="offer",
+                attachments=[{"filename": "offer.pdf", "content_type": "application/pdf",
+                              "size": 1234, "sha256": "ab" * 32, "content_id": None,
+                              "inline": False}])], [
+                EventRecord("S1", "sent", "bob@acme.test", at, {"reply": "250 2.0.0 OK"}),
+                EventRecord("S1", "opened", "bob@acme.test", at + timedelta(seconds=1),
+                            {"category": "proxy", "user_agent": "Mozilla/5.0"}, machine=True),
+                EventRecord("S1", "opened", "bob@acme.test", at + timedelta(hours=1),
+                            {"category": "proxied", "user_agent": "GoogleImageProxy"}, machine=True),
+                EventRecord("S1", "opened", "bob@acme.test", at + timedelta(hours=2),
+                            {"category": "human", "user_agent": "Chrome"}),
+                EventRecord("S1", "clicked", "bob@acme.test", at + timedelta(hours=2, minutes=1),
+                            {"category": "human", "url": "https://acme.test/offer"}),
+                EventRecord("S1", "clicked", "bob@acme.test", at + timedelta(seconds=2),
+                            {"category": "scanner", "url": "https://acme.test/offer"}, machine=True)])
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    r = mailgw(cfg, "messages", "show", "S1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for mark in REPR_MARKS:
+        assert mark not in r.stdout, (mark, r.stdout)
+    assert "to: bob@acme.test, carol@acme.test" in lines and "cc: dan@acme.test" in lines
+    assert "date: 2026-12-01 10:00 UTC" in lines and "sources: relay" in lines
+    assert "account: -" in lines and "references: -" in lines and "from_name: Rep" in lines
+    assert "attachment: offer.pdf (application/pdf, 1234 bytes)" in lines
+    assert ("tracking: Opened 3 times (1 unique, 1 human, 1 proxied, 1 machine: proxy 1) · "
+            "Clicked 2 times (1 human, 1 machine: scanner 1) · first 2026-12-01 11:00 UTC, "
+            "last 2026-12-01 12:01 UTC · 1 of 2 recipient(s) opened") in lines
+    assert "  link https://acme.test/offer: 2 clicks (1 human)" in lines
+    assert ("  bob@acme.test: opened · Opened 3 times (1 unique, 1 human, 1 proxied, 1 machine: "
+            "proxy 1) · Clicked 2 times (1 human, 1 machine: scanner 1) · first 2026-12-01 11:00 "
+            "UTC, last 2026-12-01 12:01 UTC") in lines
+    assert ("  carol@acme.test: not opened · Opened 0 times (0 unique, 0 human, 0 proxied, "
+            "0 machine) · Clicked 0 times (0 human, 0 machine) · no activity by a person") in lines
+    assert "  2026-12-01 10:00:00 UTC  sent         bob@acme.test  250 2.0.0 OK" in lines
+    assert ("  2026-12-01 12:01:00 UTC  clicked      bob@acme.test  human https://acme.test/offer"
+            in lines)
+    assert any(ln.startswith("seen: source=relay ref=S1") for ln in lines)

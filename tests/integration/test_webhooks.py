@@ -280,3 +280,50 @@ async def test_sent_and_deferred_events_reach_their_subscribers(store: Store) ->
     assert [tuple(r) for r in got] == [
         ("http://127.0.0.1:9/a", "message.stored"), ("http://127.0.0.1:9/a", "message.deferred"),
         ("http://127.0.0.1:9/a", "message.sent"), ("http://127.0.0.1:9/b", "message.deferred")]
+
+
+async def test_opened_and_clicked_payloads_carry_the_tracking_summary(store: Store) -> None:
+    from datetime import timedelta
+
+    store.configure(store.rules, [
+        *targets({"http://127.0.0.1:9/a": Endpoint(
+            url="http://127.0.0.1:9/a", secret=SECRET,
+            events=frozenset({"message.opened", "message.clicked"}))})])
+    later = T0 + timedelta(hours=1)
+    await store.record([relay("H1")], [
+        EventRecord("H1", "sent", "bob@acme.test", T0),
+        EventRecord("H1", "opened", "bob@acme.test", T0 + timedelta(seconds=1),
+                    {"category": "proxy"}, machine=True, key="hit:1")])
+    # the next batch: a Gmail-proxied open, a scanner click, a person's click
+    await store.record([], [
+        EventRecord("H1", "opened", "Bob@acme.test", later, {"category": "proxied"},
+                    machine=True, key="hit:2"),
+        EventRecord("H1", "clicked", "bob@acme.test", later + timedelta(seconds=5),
+                    {"category": "scanner", "url": "https://acme.test/x"}, machine=True,
+                    key="hit:3"),
+        EventRecord("H1", "clicked", "bob@acme.test", later + timedelta(minutes=2),
+                    {"category": "human", "url": "https://acme.test/x"}, key="hit:4"),
+        EventRecord("H1", "clicked", "bob@acme.test", later + timedelta(minutes=2),
+                    {"category": "human", "url": "https://acme.test/x"}, key="hit:4")])  # replay
+    async with store.engine.connect() as conn:
+        got = (await conn.execute(sa.select(WebhookDelivery.event_type, WebhookDelivery.payload)
+                                  .order_by(WebhookDelivery.id))).all()
+    assert [t for t, _ in got] == ["message.opened", "message.opened", "message.clicked",
+                                   "message.clicked"]
+    first = got[0][1]["data"]["tracking"]
+    assert first["recipient"]["recipient"] == "bob@acme.test"
+    assert (first["total"]["opens"], first["total"]["machine_opens"], first["total"]["opened"],
+            first["total"]["first_activity"]) == (1, 1, False, None)
+    # the second batch's hooks all see the summary as of that transaction, this hit included
+    for _, payload in got[1:]:
+        tracking = payload["data"]["tracking"]
+        assert tracking["recipient"] == {
+            "recipient": "bob@acme.test", "opens": 2, "unique_opens": 1, "human_opens": 0,
+            "proxied_opens": 1, "machine_opens": 1, "machine_opens_by_category": {"proxy": 1},
+            "clicks": 2, "human_clicks": 1, "machine_clicks": 1,
+            "machine_clicks_by_category": {"scanner": 1},
+            "links": {"https://acme.test/x": {"clicks": 2, "human_clicks": 1}},
+            "first_activity": "2026-03-01T13:00:00+00:00",
+            "last_activity": "2026-03-01T13:02:00+00:00", "opened": True}
+        assert tracking["total"] == {**{k: v for k, v in tracking["recipient"].items()
+                                        if k != "recipient"}, "recipients_opened": 1}

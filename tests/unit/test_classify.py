@@ -45,12 +45,15 @@ CASES: list[tuple[str, Observation, bool, str, str]] = [
     ("Outlook desktop shows images: a person", obs(ua=OUTLOOK_DESKTOP), False, "human", ""),
     ("Gmail image proxy",
      obs(ua="Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"),
-     True, "proxy", "gmail-image-proxy"),
+     True, "proxied", "gmail-image-proxy"),
     ("Apple MPP bare Mozilla/5.0", obs(ua="Mozilla/5.0"), True, "proxy", "apple-mpp"),
     ("Apple MPP only for opens: a bare UA click is not MPP", obs("click", ua="Mozilla/5.0", link=1),
      False, "human", ""),
     ("Yahoo proxy", obs(ua="YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"),
-     True, "proxy", "yahoo-mail-proxy"),
+     True, "proxied", "yahoo-mail-proxy"),
+    ("Yahoo proxy fetching a link is not a person's click",
+     obs("click", ua="YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html",
+         link=1), True, "proxy", "yahoo-mail-proxy-fetch"),
     ("Safe Links referer", obs("click", referer="https://nam10.safelinks.protection.outlook.com/?url=x",
                                link=1), True, "scanner", "microsoft-safe-links"),
     ("Safe Links lookalike referer is not Safe Links",
@@ -215,3 +218,24 @@ def test_user_agent_patterns_are_lower_case() -> None:
     # they are searched in the lower-cased User-Agent (see Signature)
     for s in SIGNATURES:
         assert s.ua is None or s.ua == s.ua.lower(), s.name
+
+
+GMAIL_PROXY = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+
+
+def test_proxied_open_still_goes_through_the_later_rules() -> None:
+    # displayed later: a person probably opened it (machine, but category proxied)
+    v = classify(obs(ua=GMAIL_PROXY), COPY)
+    assert (v.machine, v.category) == (True, "proxied")
+    assert v.reason is not None and v.reason.startswith("gmail-image-proxy: ")
+    # fetched right at delivery: a prefetch, not a person
+    v = classify(obs(ua=GMAIL_PROXY, at=T0 + 1), COPY)
+    assert (v.machine, v.category) == (True, "timing")
+    # the admin's machine networks win over the proxy row
+    settings = Settings(machine_networks=(ipaddress.ip_network("203.0.113.0/24"),))
+    assert classify(obs(ua=GMAIL_PROXY), COPY, settings=settings).category == "network"
+    # after the copy's honeypot was followed, a scanner rendered it
+    prior = [PriorHit("h", "honeypot", 9, LATER - 10)]
+    assert classify(obs(ua=GMAIL_PROXY), COPY, prior).category == "honeypot"
+    # Apple MPP stays a plain machine open
+    assert classify(obs(ua="Mozilla/5.0"), COPY).category == "proxy"

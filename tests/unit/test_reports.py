@@ -117,6 +117,39 @@ async def test_table_is_aligned_with_a_total_line(store: Store) -> None:
     assert {len(ln) for ln in lines[1:]} == {len(lines[1])}
 
 
+def hit(type_: str, rcpt: str, category: str) -> EventRecord:
+    return EventRecord("P1", type_, rcpt, T + timedelta(hours=2), machine=category != "human",
+                       details={"category": category, "user_agent": "x"})
+
+
+async def test_open_rate_counts_people(store: Store) -> None:
+    rcpts = [f"{n}@people.test" for n in "abcdef"]
+    await store.record([relay("P1", rcpts)], [
+        *(ev("P1", "sent", r) for r in rcpts),
+        hit("opened", "a@people.test", "proxied"),     # Gmail's proxy, on display: a person
+        hit("clicked", "b@people.test", "human"),      # images blocked, but clicked: read it
+        hit("clicked", "c@people.test", "human"),      # clicked, and a machine loaded the
+        hit("opened", "c@people.test", "proxy"),       # pixel: the pixel did load, not opened
+        hit("opened", "d@people.test", "prefetch"),    # only a machine
+        hit("opened", "e@people.test", "human"),
+        hit("opened", "e@people.test", "proxied"),
+        hit("clicked", "f@people.test", "scanner"),    # only a scanner: neither
+        EventRecord("P1", "opened", "f@people.test", T + timedelta(hours=2),
+                    machine=True),                     # an older event without a category
+    ])
+    r = await engagement(store, days=30, now=NOW)
+    total = r["total"]
+    assert {k: total[k] for k in ("sent", "delivered", "opened", "clicked", "proxied_opens",
+                                  "machine_opens", "machine_clicks")} == {
+        "sent": 6, "delivered": 6, "opened": 3, "clicked": 2, "proxied_opens": 2,
+        "machine_opens": 3, "machine_clicks": 1}
+    assert total["open_rate"] == 0.5 and total["click_rate"] == round(2 / 6, 4)
+    lines = format_table(r).splitlines()
+    header = lines[1].split()
+    row = dict(zip(header, lines[3].split(), strict=True))
+    assert (row["opened"], row["p.opens"], row["m.opens"], row["m.clicks"]) == ("3", "2", "3", "1")
+
+
 def test_cli_json_and_table(tmp_path: Path) -> None:
     import asyncio
 
@@ -144,7 +177,8 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     out = run("--days", "7", "--by", "template", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)                              # JSON only on stdout
-    assert [pick(g) for g in data["groups"]] == [("intro", 1, 1, 0, 0, 1, 0, 0, 0)]
+    # a human click with no pixel hit at all: the person opened it (images blocked)
+    assert [pick(g) for g in data["groups"]] == [("intro", 1, 1, 0, 1, 1, 0, 0, 0)]
     assert data["groups"][0]["click_rate"] == 1.0
     out = run("--days", "7")
     assert out.returncode == 0 and out.stdout.splitlines()[3].split()[:3] == ["all", "1", "1"]
