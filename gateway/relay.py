@@ -105,17 +105,20 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float,
     return added + header + blank + body, message_id.strip()
 
 
-def take_controls(data: bytes, now: float) -> tuple[Controls, bytes]:
+def take_controls(data: bytes, now: float) -> tuple[Controls, bytes, bytes | None]:
     """The message's control headers (README "Control headers") and its bytes without them.
 
     Raises ControlHeaderError (554 5.6.0) for a bad or repeated one: the submission is
     refused before anything is spooled. Everything after this sees the stripped bytes, so
-    the fields never leave the gateway and no DKIM signature covers them."""
+    the fields never leave the gateway and no DKIM signature covers them. The third value
+    is the header block with them (what policy `header` rules match on), None when the
+    message has none."""
     header = split_entity(data)[0]
     if b"x-mailgw-" not in header.lower():
-        return NO_CONTROLS, data
+        return NO_CONTROLS, data, None
     controls = parse_controls(header, datetime.fromtimestamp(now, UTC))
-    return controls, strip_controls(data)
+    stripped = strip_controls(data)
+    return controls, stripped, (header if stripped is not data else None)
 
 
 class Relay:
@@ -143,26 +146,28 @@ class Relay:
 
     @staticmethod
     def _plan(ob: Outbound | None, data: bytes, sub: Submission, rcpts: list[str],
-              qid: str, no_track: bool = False) -> list[CopyPlan]:
+              qid: str, no_track: bool = False,
+              policy_header: bytes | None = None) -> list[CopyPlan]:
         if ob is None or not rcpts:
             return [CopyPlan(qid, list(rcpts), data, False, 0, "", True, False)] if rcpts else []
         return ob.plan(data, sender=sub.mail_from, recipients=rcpts, user=sub.user,
-                       account=sub.account, first_id=qid, no_track=no_track)
+                       account=sub.account, first_id=qid, no_track=no_track,
+                       policy_header=policy_header)
 
     async def accept(self, sub: Submission) -> str:
         now = time.time()
         qid = new_queue_id(now)
         data, message_id = prepare(sub, self.hostname, qid, now, trace=False)
-        controls, data = take_controls(data, now)  # ControlHeaderError -> 554 5.6.0
+        controls, data, with_controls = take_controls(data, now)  # bad: 554 5.6.0
         send_at = controls.send_at.timestamp() if controls.send_at is not None else None
         local = [r for r in sub.rcpts if self.is_ingest is not None and self.is_ingest(r)]
         remote = [r for r in sub.rcpts if r not in local]
         ob = self.outbound() if self.outbound is not None else None  # one planner per message
         if ob is not None and ob.active and remote and (len(remote) > 1 or len(data) > THREAD_BYTES):
             plans = await asyncio.to_thread(self._plan, ob, data, sub, remote, qid,
-                                            controls.no_track)
+                                            controls.no_track, with_controls)
         else:
-            plans = self._plan(ob, data, sub, remote, qid, controls.no_track)
+            plans = self._plan(ob, data, sub, remote, qid, controls.no_track, with_controls)
         if local:
             plans.append(CopyPlan(qid if not plans else new_queue_id(now), local, data, False, 0,
                                   "ingest", True, False))

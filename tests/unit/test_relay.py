@@ -120,3 +120,24 @@ async def test_the_ingest_copy_of_a_scheduled_send_is_not_held(tmp_path: Path) -
     finally:
         spool.close()
     assert {e.route: e.scheduled_for for e in envs} == {None: at.timestamp(), "ingest": None}
+
+
+async def test_policy_header_rules_still_match_the_control_headers(tmp_path: Path) -> None:
+    """Rules may match on a control header (here the campaign) although the copies leave
+    without it."""
+    rule = ("- name: quiet campaign\n  match:\n    header: {name: X-Mailgw-Campaign, value: vip}\n"
+            "  set: {track_opens: false, track_clicks: false}\n")
+    out = setup(tmp_path, {"10.yaml": rule})
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    relay = Relay(spool, "gw.example.test", outbound=lambda: out)
+    try:
+        await relay.accept(Submission(USER, ["a@acme.test"], with_controls("X-Mailgw-Campaign: vip"),
+                                      user=USER))
+        await relay.accept(Submission(USER, ["a@acme.test"], with_controls("X-Mailgw-Campaign: x"),
+                                      user=USER))
+        copies = [spool.read("incoming", q)[1] for q in spool.list_ids("incoming")]
+    finally:
+        spool.close()
+    assert all(b"X-Mailgw" not in c for c in copies)
+    assert sorted(b"t.example.com" in c for c in copies) == [False, True]
