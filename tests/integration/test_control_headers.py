@@ -277,3 +277,31 @@ async def test_swaks_sees_554_for_a_repeated_control_header(env: Env, tmp_path: 
     assert proc.returncode != 0
     assert "554 5.6.0 X-Mailgw-Campaign: given more than once" in text, text
     assert env.upstream.messages == []
+
+
+async def test_a_scheduled_send_survives_a_daemon_restart(url: str, tmp_path: Path) -> None:
+    if url.startswith("postgresql"):
+        await upgrade(url)
+    async with Upstream() as upstream:
+        cfg = write_config(tmp_path, upstream_port=upstream.port, store={"url": url})
+        send_at = datetime.now(UTC) + timedelta(seconds=8)
+        async with running_app(cfg) as app:
+            assert app.submission is not None
+            env = Env(app, cfg, upstream, dkimkeys.generate("ed25519-sha256"),
+                      app.submission.port)
+            qid = await env.submit_qid(message(f"X-Mailgw-Send-At: {send_at.isoformat()}"))
+            await wait_until(lambda: (app.spool.dir("deferred") / qid).exists(), timeout=10,
+                             what="the scheduled copy in deferred/")
+        assert upstream.messages == [] and datetime.now(UTC) < send_at
+        async with running_app(cfg) as app:        # a new daemon reads the schedule from disk
+            [got] = await upstream.wait_for(1, timeout=20)
+            assert datetime.now(UTC) >= send_at
+            assert "x-mailgw-send-at" not in header_names(got.data)
+            store = app.store
+            assert store is not None
+
+            async def sent() -> bool:
+                m = await store.get_message_by_queue_id(qid)
+                return m is not None and any(e["type"] == "sent" for e in m["events"])
+
+            await wait_until(sent, timeout=20, what="the sent event after the restart")
