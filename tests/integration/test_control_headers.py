@@ -3,7 +3,7 @@
 X-Mailgw-Template, -Campaign, -No-Track and -Send-At are read into the store and never
 reach the upstream (nor DKIM's h=, checked with dkimpy against the delivered copy);
 No-Track leaves the message without pixel or tracked links; Send-At holds the copy in
-the queue until its time (`queue list` shows it, `queue delete` cancels it) and the
+the queue until its time (`queue list` shows it, `queue delete` cancels it, a restart keeps it) and the
 tracking timing rule counts from the real delivery; a bad control header is refused with
 554 5.6.0 at the end of DATA (aiosmtplib and swaks). Runs on SQLite and PostgreSQL.
 """

@@ -192,3 +192,18 @@ def test_send_at_any_text(value: str) -> None:
         parse_controls(line.encode("utf-8", "surrogatepass") + b"\r\n", NOW)
     except ControlHeaderError:
         pass
+
+
+def test_ingest_and_imap_copies_read_template_and_campaign() -> None:
+    """The rep's Sent copy (IMAP) or a Bcc to ingest may still carry the headers."""
+    from gateway.mail.parse import HEADER_FIELDS, parse_message
+    from gateway.records import NewMessage, SourceRef
+
+    raw = head("From: a@x.test", "To: b@y.test", "Subject: s", "Message-ID: <m@x.test>",
+               "X-Mailgw-Template: offer", "X-Mailgw-Campaign: q4") + b"\r\nbody\r\n"
+    p = parse_message(raw)
+    assert (p.headers.x_mailgw_template, p.headers.x_mailgw_campaign) == ("offer", "q4")
+    m = NewMessage.from_parsed(p, raw, direction="outbound",
+                               sources=[SourceRef("imap", "acct/Sent/1/1", NOW)])
+    assert (m.template, m.campaign) == ("offer", "q4")
+    assert "X-MAILGW-CAMPAIGN" in HEADER_FIELDS      # asked for in header-first IMAP fetches
