@@ -52,6 +52,9 @@ class AcceptedMessage:
     copies: list[Copy] = field(default_factory=list)
     client_ip: str | None = None
     template: str | None = None
+    #: the control headers X-Mailgw-Campaign and X-Mailgw-Send-At (future only), as read
+    campaign: str | None = None
+    scheduled_at: datetime | None = None
     text_body: str = ""
     html_body: str = ""
     attachments: list[dict[str, Any]] = field(default_factory=list)
@@ -76,6 +79,7 @@ def fill_from_parsed(a: AcceptedMessage, p: ParsedMessage) -> None:
     a.attachments = [attachment_dict(x) for x in p.attachments]
     a.in_reply_to, a.references = p.in_reply_to, list(p.references)
     a.template = a.template or p.headers.x_mailgw_template
+    a.campaign = a.campaign or p.headers.x_mailgw_campaign
     a.message_id = a.message_id or p.message_id
     a.parsed = True
 
@@ -150,6 +154,10 @@ class NewMessage:
     account: str | None = None
     user: str | None = None
     template: str | None = None
+    #: X-Mailgw-Campaign (README "Control headers")
+    campaign: str | None = None
+    #: relay only: when a scheduled send (X-Mailgw-Send-At) is to be delivered
+    scheduled_at: datetime | None = None
     raw: bytes | None = None
     #: relay only: envelope recipients, each gets a ``queued`` event
     queued_recipients: list[str] = field(default_factory=list)
@@ -186,7 +194,8 @@ class NewMessage:
             references=list(p.references), snippet=p.snippet, text_body=p.text_body,
             html_body=p.html_body, attachments=[attachment_dict(a) for a in p.attachments],
             size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
-            account=account, user=user, template=p.headers.x_mailgw_template, sources=sources,
+            account=account, user=user, template=p.headers.x_mailgw_template,
+            campaign=p.headers.x_mailgw_campaign, sources=sources,
             kind=kind.kind, return_date=kind.return_date, report=report)
 
     @functools.cached_property
@@ -261,7 +270,8 @@ def accepted_to_new(a: AcceptedMessage) -> NewMessage:
         to_addrs=a.to_addrs, cc_addrs=a.cc_addrs, subject=a.subject, date=a.date,
         direction=a.direction, snippet=a.snippet, text_body=a.text_body, html_body=a.html_body,
         attachments=a.attachments, size=a.size, account=a.account, user=a.user,
-        template=a.template, raw=a.raw, in_reply_to=a.in_reply_to, references=a.references,
+        template=a.template, campaign=a.campaign, scheduled_at=a.scheduled_at, raw=a.raw,
+        in_reply_to=a.in_reply_to, references=a.references,
         queued_recipients=a.recipients,
         sources=[SourceRef(source=a.source, ref=c.queue_id, at=a.at, account=a.account,
                            recipient=c.recipient, client_ip=a.client_ip,

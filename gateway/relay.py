@@ -3,7 +3,10 @@
 The SMTP handler calls `Relay.accept()` after DATA; it returns the queue id only
 once every copy of the message is fsynced into the spool, and raises a MailError
 (with its reply code) otherwise. Here the message gets a `Message-ID:` and `Date:`
-when the client left them out (RFC 6409 §8) and loses its `Bcc:` field; then the
+when the client left them out (RFC 6409 §8) and loses its `Bcc:` field and the CRM's
+control headers (:mod:`gateway.mail.controls`: read here, refused with 554 5.6.0 when
+invalid, removed before any stage so DKIM never signs them; No-Track turns tracking off
+for the message, Send-At makes each remote copy wait in the queue); then the
 outbound planner (:mod:`gateway.pipeline.outbound`: policies, stages, DKIM last) says
 which copies to spool, and each copy gets its trace header (`Received:`, with the
 copy's own queue id) on top. A message no policy changes is spooled byte for byte as
@@ -28,6 +31,7 @@ import structlog
 from gateway.crm.counters import SendCounts
 from gateway.errors import PermanentFailure
 from gateway.ids import new_queue_id
+from gateway.mail.controls import NO_CONTROLS, Controls, parse_controls, strip_controls
 from gateway.mail.headers import (
     get_header,
     make_message_id,
@@ -101,6 +105,22 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float,
     return added + header + blank + body, message_id.strip()
 
 
+def take_controls(data: bytes, now: float) -> tuple[Controls, bytes, bytes | None]:
+    """The message's control headers (README "Control headers") and its bytes without them.
+
+    Raises ControlHeaderError (554 5.6.0) for a bad or repeated one: the submission is
+    refused before anything is spooled. Everything after this sees the stripped bytes, so
+    the fields never leave the gateway and no DKIM signature covers them. The third value
+    is the header block with them (what policy `header` rules match on), None when the
+    message has none."""
+    header = split_entity(data)[0]
+    if b"x-mailgw-" not in header.lower():
+        return NO_CONTROLS, data, None
+    controls = parse_controls(header, datetime.fromtimestamp(now, UTC))
+    stripped = strip_controls(data)
+    return controls, stripped, (header if stripped is not data else None)
+
+
 class Relay:
     """Accepts submissions into the spool and tells the scheduler and the store about them."""
 
@@ -126,23 +146,28 @@ class Relay:
 
     @staticmethod
     def _plan(ob: Outbound | None, data: bytes, sub: Submission, rcpts: list[str],
-              qid: str) -> list[CopyPlan]:
+              qid: str, no_track: bool = False,
+              policy_header: bytes | None = None) -> list[CopyPlan]:
         if ob is None or not rcpts:
             return [CopyPlan(qid, list(rcpts), data, False, 0, "", True, False)] if rcpts else []
         return ob.plan(data, sender=sub.mail_from, recipients=rcpts, user=sub.user,
-                       account=sub.account, first_id=qid)
+                       account=sub.account, first_id=qid, no_track=no_track,
+                       policy_header=policy_header)
 
     async def accept(self, sub: Submission) -> str:
         now = time.time()
         qid = new_queue_id(now)
         data, message_id = prepare(sub, self.hostname, qid, now, trace=False)
+        controls, data, with_controls = take_controls(data, now)  # bad: 554 5.6.0
+        send_at = controls.send_at.timestamp() if controls.send_at is not None else None
         local = [r for r in sub.rcpts if self.is_ingest is not None and self.is_ingest(r)]
         remote = [r for r in sub.rcpts if r not in local]
         ob = self.outbound() if self.outbound is not None else None  # one planner per message
         if ob is not None and ob.active and remote and (len(remote) > 1 or len(data) > THREAD_BYTES):
-            plans = await asyncio.to_thread(self._plan, ob, data, sub, remote, qid)
+            plans = await asyncio.to_thread(self._plan, ob, data, sub, remote, qid,
+                                            controls.no_track, with_controls)
         else:
-            plans = self._plan(ob, data, sub, remote, qid)
+            plans = self._plan(ob, data, sub, remote, qid, controls.no_track, with_controls)
         if local:
             plans.append(CopyPlan(qid if not plans else new_queue_id(now), local, data, False, 0,
                                   "ingest", True, False))
@@ -153,7 +178,10 @@ class Relay:
                 recipients=[Recipient(addr=r) for r in p.recipients], received_at=now,
                 user=sub.user, account=sub.account, client_ip=sub.client_ip,
                 client_helo=sub.client_helo, message_id=message_id,
-                route=p.route or None, group=qid)
+                route=p.route or None, group=qid,
+                # a scheduled copy waits (the scheduler defers it until then); the gateway's
+                # own ingest copy is stored at once
+                scheduled_for=send_at if p.route != "ingest" else None)
             trace = received_header(sub, self.hostname, p.queue_id, now, p.recipients)
             files.append((env, trace + p.data))
         await self.spool.put_all(files)  # all or nothing; SpoolError -> 451 4.3.0
@@ -161,7 +189,7 @@ class Relay:
         # From here on the message is queued: nothing may turn the 250 into an error (the
         # client would send it again), so what follows only logs its failures.
         try:
-            self._record(sub, data, message_id, plans, now)
+            self._record(sub, data, message_id, plans, now, controls)
             if self.counts is not None and remote and ob is not None \
                     and ob.policies.has_daily_caps:
                 self.counts.add(sub.mail_from, len(remote))
@@ -175,7 +203,7 @@ class Relay:
         return qid
 
     def _record(self, sub: Submission, data: bytes, message_id: str, plans: list[CopyPlan],
-                now: float) -> None:
+                now: float, controls: Controls = NO_CONTROLS) -> None:
         """Tell the store about the message (original bytes; parsed by the writer off the loop)."""
         stored = [p for p in plans if p.store and p.route != "ingest"]
         if self.events is None or not stored:  # to the ingest address alone: ingest stores it
@@ -188,4 +216,5 @@ class Relay:
             user=sub.user, account=sub.account, at=datetime.fromtimestamp(now, UTC),
             copies=[Copy(p.queue_id, p.recipients[0] if p.tracked else None, p.links)
                     for p in stored],
-            client_ip=sub.client_ip, raw=data))
+            client_ip=sub.client_ip, raw=data, template=controls.template,
+            campaign=controls.campaign, scheduled_at=controls.send_at))

@@ -90,7 +90,10 @@ _DETAIL_PROPS: dict[str, Any] = {
     "text_body": _STR,
     "html_body": _STR,
     "attachments": {"type": "array", "items": {"type": "object"}},
-    "template": _nullable("string"),
+    "template": _nullable("string", description="X-Mailgw-Template"),
+    "campaign": _nullable("string", description="X-Mailgw-Campaign"),
+    "scheduled_at": _nullable("string", format="date-time",
+                              description="X-Mailgw-Send-At: when a scheduled send is due"),
     "seen": {"type": "array", "items": {"type": "object", "properties": {
         "source": {"enum": list(SOURCES)}, "ref": _STR, "at": _TIME}, "required": ["source", "ref"]},
         "description": "every path the message was seen on"},
@@ -242,7 +245,7 @@ SCHEMAS: dict[str, Any] = {
         "previous_status": _nullable("string")}},
     "EngagementRow": _ENGAGEMENT_ROW,
     "Engagement": _obj({"days": {"type": "integer"}, "since": _TIME, "until": _TIME,
-                        "by": {"enum": ["template", "user", "domain", None]},
+                        "by": {"enum": ["template", "campaign", "user", "domain", None]},
                         "groups": {"type": "array", "items": _ref("EngagementRow")},
                         "total": _ref("EngagementRow")}),
     "Webhook": _obj({"url": _STR, "events": _STRS, "configured": {"type": "boolean"},
@@ -286,6 +289,32 @@ _NEXT_LINK = {"Link": {"schema": _STR, "description": '`<URL of the next page>; 
                                                       "absent on the last page"}}
 
 
+#: The CRM's control headers (README "Control headers"; gateway.mail.controls): set on mail
+#: submitted to the relay, read into the store, removed before the message leaves.
+CONTROL_HEADERS: list[dict[str, Any]] = [
+    {"name": "X-Mailgw-Template", "value": "text, at most 200 characters",
+     "stored_as": "template", "description": "the template the message was made from; "
+     "`GET /api/v1/stats/engagement?by=template`"},
+    {"name": "X-Mailgw-Campaign", "value": "text, at most 200 characters",
+     "stored_as": "campaign", "description": "the campaign it belongs to; "
+     "`GET /api/v1/stats/engagement?by=campaign`"},
+    {"name": "X-Mailgw-No-Track", "value": "yes | true | 1 | no | false | 0",
+     "description": "yes: no open pixel and no rewritten links in this message, whatever "
+     "the policies say"},
+    {"name": "X-Mailgw-Send-At",
+     "value": "RFC 5322 date or ISO 8601 with an offset, at most 30 days ahead",
+     "stored_as": "scheduled_at", "description": "scheduled send: the copy waits in the "
+     "queue until then (`mailgw queue list` shows it, `queue delete` cancels it); now or "
+     "past: sent at once"},
+]
+CONTROL_HEADERS_TEXT = (
+    "Control headers the CRM may set on mail it submits: " + ", ".join(
+        f"`{h['name']}` ({h['value']})" for h in CONTROL_HEADERS)
+    + ". They are read into the store (MessageDetail `template`, `campaign`, "
+    "`scheduled_at`) and removed before anything leaves the gateway (never DKIM-signed). "
+    "An invalid or repeated one refuses the submission with `554 5.6.0` naming it.")
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the admin listener."""
     return {
@@ -294,7 +323,9 @@ def document() -> dict[str, Any]:
                  "description": "Access to the CRM store of a mailgw gateway (read-only but for "
                                 "contact upserts and connected accounts). Every "
                                 "/api/v1 route except this document needs "
-                                "`Authorization: Bearer <token>` (listeners.admin.token_file)."},
+                                "`Authorization: Bearer <token>` (listeners.admin.token_file).\n\n"
+                                + CONTROL_HEADERS_TEXT},
+        "x-mailgw-control-headers": CONTROL_HEADERS,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": SCHEMAS,
@@ -441,7 +472,7 @@ def document() -> dict[str, Any]:
                 "parameters": [
                     _q("days", {"type": "integer", "minimum": 1, "maximum": 3650, "default": 30},
                        "window: messages first relayed in the last N days"),
-                    _q("by", {"enum": ["template", "user", "domain"]}, "grouping")],
+                    _q("by", {"enum": ["template", "campaign", "user", "domain"]}, "grouping")],
                 "responses": {"200": _json("Engagement"), **_BAD, **_ERRORS}}},
             "/api/v1/webhooks": {"get": {
                 "summary": "Configured webhooks and their outbox: pending, delivered, dead",

@@ -25,7 +25,7 @@ from gateway.ids import new_queue_id
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.outbound import Outbound
 from gateway.policy import policies_for
-from gateway.relay import Submission, prepare, received_header
+from gateway.relay import Submission, prepare, received_header, take_controls
 from gateway.tracking.tokens import TokenSigner
 
 
@@ -70,8 +70,10 @@ def _preview(args: argparse.Namespace) -> int:
                      user=user.login if user else None, account=user.account if user else None)
     try:
         data, _ = prepare(sub, cfg.hostname, qid, now, trace=False)
+        controls, data, with_controls = take_controls(data, now)
         plans = outbound.plan(data, sender=args.sender, recipients=[args.recipient],
-                              user=sub.user, account=sub.account, first_id=qid)
+                              user=sub.user, account=sub.account, first_id=qid,
+                              no_track=controls.no_track, policy_header=with_controls)
     except MailError as exc:
         print(f"mailgw: the gateway would refuse this message: {exc.smtp_reply()}",
               file=sys.stderr)

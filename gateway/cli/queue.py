@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_json, ts
@@ -39,11 +40,25 @@ def _queue_entry(state: str, env: Any) -> dict[str, Any]:
         "sender": env.mail_from, "user": env.user, "message_id": env.message_id,
         "attempts": env.attempts,
         "next_attempt": ts(env.next_attempt) if state == "deferred" else None,
+        "scheduled_for": ts(env.scheduled_for) if env.scheduled_for is not None else None,
         "bounce": env.is_bounce,
         "recipients": [{"address": r.addr, "status": r.status, "attempts": r.attempts,
                         "last_reply": r.last_reply, "remote": r.remote}
                        for r in env.recipients],
     }
+
+
+def _scheduled(spool: Any, state: str, qid: str) -> float | None:
+    """The time a scheduled send not yet attempted waits for, else None."""
+    from gateway.spool import CorruptQueueFile
+
+    try:
+        env = spool.read_envelope(state, qid)
+    except (CorruptQueueFile, NotFound):
+        return None
+    if env.scheduled_for is None or env.attempts or env.scheduled_for <= time.time():
+        return None
+    return float(env.scheduled_for)
 
 
 def _queue(args: argparse.Namespace) -> int:
@@ -77,6 +92,8 @@ def _queue(args: argparse.Namespace) -> int:
                 continue
             print(f"{r['id']}  {r['state']:<8} {r['size']:>8}  {r['arrival'][:19]}  "
                   f"<{r['sender']}>")
+            if r["scheduled_for"] is not None:
+                print(f"        scheduled for {r['scheduled_for'][:19]}")
             for rc in r["recipients"]:
                 if rc["status"] == "pending":
                     reason = f"  ({rc['last_reply']})" if rc["last_reply"] else ""
@@ -108,11 +125,17 @@ def _queue(args: argparse.Namespace) -> int:
             sys.stdout.write(header.decode("utf-8", "replace"))
         return EXIT_OK
     if qc == "retry":
-        ids = [args.id] if args.id else spool.list_ids("deferred")
+        # a scheduled send is not retried: it waits for its time (`queue delete` cancels it)
+        ids = [args.id] if args.id else [q for q in spool.list_ids("deferred")
+                                         if not _scheduled(spool, "deferred", q)]
         for qid in ids:
             state = spool.find(qid)
             if state not in ("deferred", "incoming"):
                 raise UsageError(f"{qid} is in {state}/, not deferred (use `queue release`)")
+            when = _scheduled(spool, state, qid)
+            if when is not None:
+                raise UsageError(f"{qid} is a scheduled send for {ts(when)}; it is sent then "
+                                 "(`queue delete` cancels it)")
             if state == "deferred":
                 spool.move(qid, "deferred", "incoming")
         print(f"{len(ids)} message(s) scheduled for delivery now")

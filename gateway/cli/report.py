@@ -19,8 +19,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                            "(human opens and clicks only)")
     e.add_argument("--days", type=int, default=30, help="window: messages first relayed in the "
                                                          "last N days (default 30)")
-    e.add_argument("--by", choices=("template", "user", "domain"),
-                   help="one row per template, sending user or recipient domain")
+    e.add_argument("--by", choices=("template", "campaign", "user", "domain"),
+                   help="one row per template, campaign, sending user or recipient domain")
     e.add_argument("--json", action="store_true", help="print JSON only")
 
 

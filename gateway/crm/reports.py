@@ -1,4 +1,4 @@
-"""Engagement report: sent, delivered, opened, clicked, replied and bounced per template, user or domain.
+"""Engagement report: sent, delivered, opened, clicked, replied, bounced per template, campaign, user, domain.
 
 Definitions (``mailgw report engagement`` and ``GET /api/v1/stats/engagement``):
 
@@ -27,6 +27,7 @@ Definitions (``mailgw report engagement`` and ``GET /api/v1/stats/engagement``):
   ``delivery_rate`` and ``bounce_rate`` = count / ``sent``. A rate whose denominator
   is 0 is ``null`` in JSON and ``-`` in the table.
 - **Groups.** ``--by template``: the message's template (``(none)`` without one);
+  ``campaign``: its campaign (``X-Mailgw-Campaign``; ``(none)`` without one);
   ``user``: the authenticated user who sent it (``(none)`` for trusted-network mail);
   ``domain``: the recipient's domain. Without ``--by`` there is one group, ``all``.
   ``total`` sums the groups (every recipient is in exactly one group).
@@ -46,7 +47,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.crm.models import events_table, messages_table, sources_table
 from gateway.crm.store import Store
 
-GROUPINGS: tuple[str, ...] = ("template", "user", "domain")
+GROUPINGS: tuple[str, ...] = ("template", "campaign", "user", "domain")
 COUNTS: tuple[str, ...] = ("sent", "delivered", "bounced", "opened", "clicked", "replied",
                            "auto_replied", "proxied_opens", "machine_opens", "machine_clicks")
 #: rate name -> (numerator, denominator)
@@ -90,6 +91,8 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
     group: Any
     if by == "template":
         group = sa.func.coalesce(messages_table.c.template, none)
+    elif by == "campaign":
+        group = sa.func.coalesce(messages_table.c.campaign, none)
     elif by == "user":
         group = sa.func.coalesce(messages_table.c.user, none)
     elif by == "domain":

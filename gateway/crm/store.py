@@ -250,6 +250,7 @@ class Store:
                 "snippet": clean_text(m.snippet, SNIPPET_MAX), "text_body": clean_text(m.text_body),
                 "html_body": clean_text(m.html_body), "attachments": clean_json(m.attachments),
                 "size": int(m.size), "raw_sha256": digest, "template": clean_opt_text(m.template),
+                "campaign": clean_opt_text(m.campaign), "scheduled_at": m.scheduled_at,
                 "created_at": at, "updated_at": now})
         stmt = (self.insert(messages_table)
                 .on_conflict_do_nothing(index_elements=[messages_table.c.dedupe_key])
@@ -362,7 +363,8 @@ class Store:
         (queue id) is new in the store, not only for new rows. Each event is keyed
         ``queued:<queue id>:<recipient>`` (the copy's queue id for a per-recipient copy),
         so a replayed batch adds nothing. A row that existed already is the relay's from
-        now on: outbound, and the relay's account, user and template where it had none.
+        now on: outbound, and the relay's account, user, template, campaign and schedule
+        where it had none. A scheduled send's events carry ``scheduled_for`` (ISO).
         """
         rows: list[dict[str, Any]] = []
         for pk, m in relayed:
@@ -372,8 +374,10 @@ class Store:
                 if not r:
                     continue
                 src = by_rcpt.get(r.lower(), relay[0])
+                details = ({"scheduled_for": m.scheduled_at.isoformat()}
+                           if m.scheduled_at is not None else {})
                 rows.append({"message_pk": pk, "type": "queued", "at": src.at, "recipient": r,
-                             "machine": False, "details": {},
+                             "machine": False, "details": details,
                              "key": clean_text(f"queued:{src.ref}:{r.lower()}")})
         await self._mark_suppressed(conn, rows)
         stmt = self.insert(events_table).on_conflict_do_nothing(index_elements=[events_table.c.key])
@@ -389,6 +393,9 @@ class Store:
                     account=sa.func.coalesce(m_.account, clean_opt_text(m.account)),
                     user=sa.func.coalesce(m_.user, clean_opt_text(m.user)),
                     template=sa.func.coalesce(m_.template, clean_opt_text(m.template)),
+                    campaign=sa.func.coalesce(m_.campaign, clean_opt_text(m.campaign)),
+                    scheduled_at=sa.func.coalesce(
+                        m_.scheduled_at, sa.literal(m.scheduled_at, m_.scheduled_at.type)),
                     updated_at=now))
 
     async def _replies(self, conn: AsyncConnection, new: dict[int, NewMessage],

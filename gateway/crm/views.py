@@ -59,6 +59,8 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         out["html_body"] = m["html_body"]
         out["attachments"] = list(m["attachments"] or [])
         out["template"] = m["template"]
+        out["campaign"] = m["campaign"]
+        out["scheduled_at"] = iso(m["scheduled_at"])
         out["seen"] = [{k: (iso(v) if isinstance(v, datetime) else v) for k, v in s.items()
                         if k not in ("id", "message_pk") and v is not None} for s in sources]
         out["tracking"] = summarize(events)

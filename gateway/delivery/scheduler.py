@@ -18,6 +18,11 @@ account needs reconnecting, and the sender gets one delayed DSN per message. DSN
 themselves never go by route `account` (the account may be the very thing that does
 not work): smarthost when one is configured, else mx.
 
+A scheduled send (`Envelope.scheduled_for`, from `X-Mailgw-Send-At`) is spooled into
+`incoming/` like any message; its first look here moves it to `deferred/` with its next
+attempt at that time, without counting an attempt or recording an event, and the queue
+lifetime counts from then (`Envelope.started_at`).
+
 Work comes from three places: the relay's `notify()` right after a 250, a scan of
 `incoming/` once a second (which also finds what `mailgw queue retry|release` moved
 there and what a crash left), and a timer heap of deferred entries. A crash at any
@@ -270,6 +275,9 @@ class Scheduler:
             self.log.error("corrupt_queue_file", queue_id=qid, error=str(exc))
             return
         now = self.clock()
+        if env.scheduled_for is not None and env.scheduled_for > now and not env.attempts:
+            await self._wait_for_schedule(state, env, data)
+            return
         pending = env.pending
         results = await self._deliver(env, [r.addr for r in pending], data)
         self.stats.attempts += 1
@@ -277,7 +285,7 @@ class Scheduler:
         by_rcpt = {r.rcpt: r for r in results}
         bounced: list[RcptResult] = []
         cfg = self.cfg
-        expired = now - env.received_at >= cfg.delivery.retry.give_up_after
+        expired = now - env.started_at >= cfg.delivery.retry.give_up_after
         for rcpt in pending:
             res = by_rcpt[rcpt.addr]
             rcpt.attempts += 1
@@ -327,6 +335,18 @@ class Scheduler:
                 self._wakeup.set()
         else:
             await self.spool.remove(state, qid)
+
+    async def _wait_for_schedule(self, state: str, env: Envelope, data: bytes) -> None:
+        """A scheduled send (`X-Mailgw-Send-At`) before its time: into deferred/ with its
+        next attempt then, no attempt counted, no event. Whatever brought it here early
+        (the relay's notify, `queue retry` or `release`, a restart) ends here too."""
+        assert env.scheduled_for is not None
+        env.next_attempt = env.scheduled_for
+        if state != "deferred" and not await self.spool.rewrite(env, data, state, "deferred"):
+            return   # deleted meanwhile (`queue delete` cancels a scheduled send)
+        heapq.heappush(self._heap, (env.next_attempt, env.id))
+        self._wakeup.set()
+        self.log.info("scheduled", queue_id=env.id, send_at=_utc(env.scheduled_for).isoformat())
 
     async def _deliver(self, env: Envelope, rcpts: list[str], data: bytes) -> list[RcptResult]:
         groups = self._route(env, rcpts, data)
@@ -547,7 +567,7 @@ class Scheduler:
         retry = self.cfg.delivery.retry.give_up_after
         await self._send_dsn(env, data, held, final=False,
                              note=f"Your message is held because {why} It is retried until "
-                                  f"{_utc(env.received_at + retry):%Y-%m-%d %H:%M} UTC, then "
+                                  f"{_utc(env.started_at + retry):%Y-%m-%d %H:%M} UTC, then "
                                   f"returned to you.")
 
 

@@ -62,7 +62,7 @@ SNIPPET_MAX = 200
 HEADER_FIELDS: tuple[str, ...] = (
     "FROM", "TO", "CC", "BCC", "REPLY-TO", "DATE", "SUBJECT", "MESSAGE-ID", "IN-REPLY-TO",
     "REFERENCES", "LIST-UNSUBSCRIBE", "AUTO-SUBMITTED", "PRECEDENCE", "X-MAILGW-TEMPLATE",
-    "LIST-ID", "X-AUTOREPLY", "X-AUTORESPOND", "RETURN-PATH", "CONTENT-TYPE",
+    "X-MAILGW-CAMPAIGN", "LIST-ID", "X-AUTOREPLY", "X-AUTORESPOND", "RETURN-PATH", "CONTENT-TYPE",
 )
 """What an IMAP tailer asks for in `BODY.PEEK[HEADER.FIELDS (...)]` to feed `parse_headers`."""
 
@@ -96,6 +96,7 @@ class ExtraHeaders:
     auto_submitted: str | None = None
     precedence: str | None = None
     x_mailgw_template: str | None = None
+    x_mailgw_campaign: str | None = None
     # what tells automatic mail from a person's (gateway.mail.autoreply)
     list_id: str | None = None
     x_autoreply: str | None = None
@@ -373,6 +374,7 @@ def _header_info(fields: dict[str, list[bytes]], defects: list[str]) -> HeaderIn
             auto_submitted=extra("auto-submitted"),
             precedence=extra("precedence"),
             x_mailgw_template=extra("x-mailgw-template"),
+            x_mailgw_campaign=extra("x-mailgw-campaign"),
             list_id=extra("list-id"),
             x_autoreply=extra("x-autoreply"),
             x_autorespond=extra("x-autorespond"),

@@ -76,9 +76,10 @@ class Outbound:
         """Whether any copy could differ from the submission (rules, DKIM keys or tracking)."""
         return self.dkim is not None or bool(self.policies.rules) or self.base_url is not None
 
-    def _stage_settings(self, decision: Decision, user: str | None) -> StageSettings:
+    def _stage_settings(self, decision: Decision, user: str | None,
+                        no_track: bool = False) -> StageSettings:
         s = decision.settings
-        tracking = self.base_url is not None
+        tracking = self.base_url is not None and not no_track
         u = self.cfg.user(user) if user else None
         company = self.cfg.company
         return StageSettings(
@@ -90,15 +91,23 @@ class Outbound:
             disclaimer_text=s.disclaimer.render_text(u, company) if s.disclaimer else None)
 
     def plan(self, data: bytes, *, sender: str, recipients: list[str], user: str | None,
-             account: str | None, first_id: str | None = None) -> list[CopyPlan]:
+             account: str | None, first_id: str | None = None,
+             no_track: bool = False, policy_header: bytes | None = None) -> list[CopyPlan]:
         """The copies to spool for `data` (Message-ID and Date added, Bcc removed already).
 
         CPU-bound when something applies (stages about 1 ms, RSA about 0.5 ms per copy):
         call it off the event loop. `first_id` is the queue id of the first copy (the one
-        the client is told); the others get new ids.
+        the client is told); the others get new ids. `no_track` (the message's
+        `X-Mailgw-No-Track`) turns open and click tracking off as a policy
+        ``{track_opens: false, track_clicks: false}`` would. `policy_header` is the header
+        block `header` rules match on when it is not `data`'s own (the relay passes the
+        one from before the control headers were removed, so rules can match on them).
         """
         # unfolding and RFC 2047-decoding every field is wasted unless a rule matches on headers
-        headers = Headers.from_bytes(split_message(data)[0]) if self.policies.uses_headers else None
+        headers = None
+        if self.policies.uses_headers:
+            headers = Headers.from_bytes(policy_header if policy_header is not None
+                                         else split_message(data)[0])
         ids = iter([first_id] if first_id else [])
         signer: TokenSigner | None = None
         done: dict[_Group, tuple[bytes, StageReport]] = {}
@@ -106,7 +115,7 @@ class Outbound:
         plans: list[CopyPlan] = []
         for r in recipients:
             d = self.policies.decide(sender, r, user, account, headers)
-            key = _Group(self._stage_settings(d, user), d.settings.dkim, d.settings.route,
+            key = _Group(self._stage_settings(d, user, no_track), d.settings.dkim, d.settings.route,
                          d.settings.store)
             qid = next(ids, None) or new_queue_id()
             if key in done:              # the same settings gave a copy without tokens before

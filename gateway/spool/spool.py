@@ -82,6 +82,17 @@ class Envelope:
     #: credentials held the message up; sent once per message. Queue files written
     #: before this field read as False; older readers ignore it.
     delay_notified: bool = False
+    #: scheduled send (`X-Mailgw-Send-At`, epoch seconds): not attempted before then, and
+    #: the queue lifetime counts from then. None: at once. Older files read as None.
+    scheduled_for: float | None = None
+
+    @property
+    def started_at(self) -> float:
+        """Where the queue lifetime (delivery.retry.give_up_after) counts from: acceptance,
+        or the scheduled time when that is later."""
+        if self.scheduled_for is None:
+            return self.received_at
+        return max(self.received_at, self.scheduled_for)
 
     @property
     def pending(self) -> list[Recipient]:

@@ -41,3 +41,103 @@ async def test_several_recipients_are_planned_off_the_event_loop(
         spool.close()
     assert on_loop == [False, True]        # several copies: a worker thread; one small copy: the loop
     assert len(spool.list_ids("incoming")) == 21
+
+
+class Sink:
+    """An EventSink keeping what the relay records."""
+
+    def __init__(self) -> None:
+        self.accepted: list[Any] = []
+
+    def add_accepted(self, a: Any) -> None:
+        self.accepted.append(a)
+
+    def add_event(self, e: Any) -> None:
+        raise AssertionError("the relay records no events")
+
+
+def with_controls(*lines: str, data: bytes = HTML) -> bytes:
+    return "".join(f"{x}\r\n" for x in lines).encode() + data
+
+
+async def test_control_headers_are_read_stripped_and_recorded(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.mail.controls import has_controls
+
+    out = setup(tmp_path, {})                  # tracking on for everyone
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    sink = Sink()
+    relay = Relay(spool, "gw.example.test", outbound=lambda: out, events=sink)
+    at = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    data = with_controls("X-Mailgw-Template: offer-1", "X-Mailgw-Campaign:  Q4 ",
+                         "X-Mailgw-No-Track: yes", f"X-Mailgw-Send-At: {at.isoformat()}")
+    try:
+        qid = await relay.accept(Submission(USER, ["a@acme.test", "b@acme.test"], data,
+                                            user=USER))
+        [only] = spool.list_ids("incoming")      # no tracking: one shared copy
+        env, spooled = spool.read("incoming", only)
+    finally:
+        spool.close()
+    assert only == qid
+    assert not has_controls(spooled) and b"X-Mailgw" not in spooled
+    assert b"/o/" not in spooled and b"t.example.com" not in spooled   # no pixel, no links
+    assert env.scheduled_for == at.timestamp()
+    [a] = sink.accepted
+    assert (a.template, a.campaign, a.scheduled_at) == ("offer-1", "Q4", at)
+    assert a.raw is not None and b"X-Mailgw" not in a.raw
+
+
+async def test_a_bad_control_header_refuses_the_message_and_spools_nothing(
+        tmp_path: Path) -> None:
+    from gateway.mail.controls import ControlHeaderError
+
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    relay = Relay(spool, "gw.example.test")
+    try:
+        for line in ("X-Mailgw-Send-At: next tuesday", "X-Mailgw-No-Track: perhaps"):
+            with pytest.raises(ControlHeaderError) as err:
+                await relay.accept(Submission(USER, ["a@acme.test"], with_controls(line)))
+            assert err.value.smtp_reply().startswith(f"554 5.6.0 {line.split(':')[0]}:")
+    finally:
+        spool.close()
+    assert spool.list_ids("incoming") == [] and relay.accepted == 0
+
+
+async def test_the_ingest_copy_of_a_scheduled_send_is_not_held(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    relay = Relay(spool, "gw.example.test", is_ingest=lambda r: r.startswith("crm@"))
+    at = datetime.now(UTC) + timedelta(hours=1)
+    data = with_controls(f"X-Mailgw-Send-At: {at.isoformat()}")
+    try:
+        await relay.accept(Submission(USER, ["a@acme.test", "crm@gw.example.test"], data))
+        envs = [spool.read_envelope("incoming", q) for q in spool.list_ids("incoming")]
+    finally:
+        spool.close()
+    assert {e.route: e.scheduled_for for e in envs} == {None: at.timestamp(), "ingest": None}
+
+
+async def test_policy_header_rules_still_match_the_control_headers(tmp_path: Path) -> None:
+    """Rules may match on a control header (here the campaign) although the copies leave
+    without it."""
+    rule = ("- name: quiet campaign\n  match:\n    header: {name: X-Mailgw-Campaign, value: vip}\n"
+            "  set: {track_opens: false, track_clicks: false}\n")
+    out = setup(tmp_path, {"10.yaml": rule})
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    relay = Relay(spool, "gw.example.test", outbound=lambda: out)
+    try:
+        await relay.accept(Submission(USER, ["a@acme.test"], with_controls("X-Mailgw-Campaign: vip"),
+                                      user=USER))
+        await relay.accept(Submission(USER, ["a@acme.test"], with_controls("X-Mailgw-Campaign: x"),
+                                      user=USER))
+        copies = [spool.read("incoming", q)[1] for q in spool.list_ids("incoming")]
+    finally:
+        spool.close()
+    assert all(b"X-Mailgw" not in c for c in copies)
+    assert sorted(b"t.example.com" in c for c in copies) == [False, True]

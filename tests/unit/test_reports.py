@@ -186,3 +186,15 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--days" in bad.stderr
     bad = run("--by", "color")
     assert bad.returncode == 2
+
+
+async def test_by_campaign(store: Store) -> None:
+    a = relay("C1", ["bob@acme.test", "carol@acme.test"], template="promo")
+    a.campaign = "q4-launch"
+    await store.record([a, relay("C2", ["dan@beta.test"])],
+                       [ev("C1", "sent", "bob@acme.test"), ev("C1", "sent", "carol@acme.test"),
+                        ev("C1", "opened", "bob@acme.test"), ev("C2", "sent", "dan@beta.test")])
+    r = await engagement(store, days=30, by="campaign", now=NOW)
+    assert r["by"] == "campaign"
+    assert [pick(g) for g in r["groups"]] == [
+        ("q4-launch", 2, 2, 0, 1, 0, 0, 0, 0), ("(none)", 1, 1, 0, 0, 0, 0, 0, 0)]

@@ -806,3 +806,80 @@ async def test_per_recipient_copies_of_one_message_warn_the_sender_once(acct: Ha
     other = await acct.queue("erin@example.net", user=REP, group="G2")
     await acct.wait_settled(other, "deferred")
     await wait_for(lambda: len(delayed_dsns(acct)) == 2, what="the other message's warning")
+
+
+# -- scheduled send (X-Mailgw-Send-At) ------------------------------------------------
+
+
+async def test_a_scheduled_send_waits_without_an_attempt_or_event(h: Harness) -> None:
+    rcpt = "a@example.test"
+    qid = await h.queue(rcpt, scheduled_for=h.t0 + 3600)
+    await h.wait_settled(qid, "deferred")
+    env = h.deferred(qid)
+    assert env.next_attempt == h.t0 + 3600 and env.attempts == 0
+    assert env.recipients[0].attempts == 0 and env.recipients[0].last_reply is None
+    assert h.transport.sent_to(rcpt) == [] and h.events.of(rcpt) == []
+
+    h.scheduler.retry_now()          # the daemon's `queue retry` sends nothing early
+    await h.timer_tick()
+    h.clock.advance(3599)
+    await h.timer_tick()
+    assert h.transport.sent_to(rcpt) == [] and h.events.of(rcpt) == []
+    assert h.state(qid) == "deferred"
+    h.clock.advance(1)
+    await h.wait_settled(qid, None)
+    [sent] = h.transport.sent_to(rcpt)
+    assert sent.at == h.t0 + 3600
+    assert h.events.of(rcpt) == ["sent"]
+    [ev] = [e for e in h.events.events if e.recipient == rcpt]
+    assert ev.details["attempt"] == 1 and ev.at.timestamp() == h.t0 + 3600
+
+
+async def test_a_scheduled_send_survives_a_restart_and_a_release(h: Harness) -> None:
+    rcpt = "a@example.test"
+    qid = await h.queue(rcpt, scheduled_for=h.t0 + 600, notify=False)  # crash before a look
+    await h.scheduler.stop(timeout=5)
+    h.scheduler = h.new_scheduler()
+    await h.scheduler.start()            # the scan finds it in incoming/ and defers it
+    await h.wait_settled(qid, "deferred")
+    await h.scheduler.stop(timeout=5)
+    h.spool.move(qid, "deferred", "incoming")   # `queue retry`/`release` by hand
+    h.scheduler = h.new_scheduler()
+    await h.scheduler.start()
+    await h.wait_settled(qid, "deferred")
+    assert h.transport.sent_to(rcpt) == [] and h.deferred(qid).attempts == 0
+    h.clock.advance(600)
+    await h.wait_settled(qid, None)
+    assert h.events.of(rcpt) == ["sent"]
+
+
+async def test_a_deleted_scheduled_send_delivers_nothing(h: Harness) -> None:
+    rcpt = "a@example.test"
+    qid = await h.queue(rcpt, scheduled_for=h.t0 + 60)
+    await h.wait_settled(qid, "deferred")
+    assert h.spool.delete(qid) == "deferred"
+    h.clock.advance(120)
+    await h.timer_tick()
+    assert h.transport.sent_to(rcpt) == [] and h.events.of(rcpt) == []
+
+
+async def test_expiry_of_a_scheduled_send_counts_from_its_time(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", make_config([600.0], give_up_after=3600.0))
+    await h.scheduler.start()
+    try:
+        rcpt = "a@example.test"
+        h.transport.script(rcpt, "451 4.2.0 busy", "451 4.2.0 busy", "451 4.2.0 busy")
+        qid = await h.queue(rcpt, scheduled_for=h.t0 + 7200)   # later than give_up_after
+        await h.wait_settled(qid, "deferred")
+        h.clock.advance(7200)
+        await h.wait_sends(rcpt, 1)
+        await h.wait_settled(qid, "deferred")        # not expired: 0 s since its time
+        env = h.deferred(qid)
+        assert env.attempts == 1 and env.next_attempt == h.t0 + 7200 + 600
+        h.clock.advance(3600)                         # 3600 s after the scheduled time
+        await h.wait_settled(qid, None)
+        await wait_for(lambda: h.scheduler.busy == 0 and len(h.dsns()) == 1, what="the DSN")
+        assert h.events.of(rcpt) == ["deferred", "bounced"]
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()

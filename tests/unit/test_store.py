@@ -545,3 +545,31 @@ async def test_expression_index_survives_the_migrations(url: str) -> None:
     finally:
         await engine.dispose()
     assert "ix_messages_sort_at" in names
+
+
+async def test_control_headers_are_stored_and_the_queued_event_says_when(store: Store) -> None:
+    at = T0 + timedelta(hours=5)
+    await store.record([msg("S1", template="offer", campaign="q4", scheduled_at=at)], [])
+    [row] = await store.list_messages()
+    full = await store.get_message(row["id"], bodies=True)
+    assert full is not None
+    assert (full["template"], full["campaign"]) == ("offer", "q4")
+    assert datetime.fromisoformat(full["scheduled_at"].replace("Z", "+00:00")) == at
+    [queued] = [e for e in full["events"] if e["type"] == "queued"]
+    assert datetime.fromisoformat(queued["details"]["scheduled_for"]) == at
+
+
+async def test_late_relay_record_brings_campaign_and_schedule(store: Store) -> None:
+    """The ingest copy (Bcc) was stored first, without control headers: the relay's record
+    arriving later fills template, campaign and schedule."""
+    at = T0 + timedelta(hours=1)
+    await store.store_messages([NewMessage(
+        message_id="<S2@example.com>", from_addr="alice@example.com",
+        to_addrs=["bob@example.net"], cc_addrs=[], subject="s", date=T0, direction="inbound",
+        sources=[SourceRef("ingest", "ING-S2", T0)])])
+    await store.record([msg("S2", template="offer", campaign="q4", scheduled_at=at)], [])
+    [row] = await store.list_messages()
+    full = await store.get_message(row["id"], bodies=True)
+    assert full is not None and full["direction"] == "outbound"
+    assert (full["template"], full["campaign"]) == ("offer", "q4")
+    assert datetime.fromisoformat(full["scheduled_at"].replace("Z", "+00:00")) == at
