@@ -8,8 +8,10 @@ Definitions (``mailgw report engagement`` and ``GET /api/v1/stats/engagement``):
 - **Unit.** A recipient of a message: (message, lower-cased recipient address).
   Every count is of such recipients, so a recipient who opens five times counts once.
 - ``sent``: recipients with a ``queued`` event (accepted for delivery);
-  ``delivered``: with a ``sent`` event (the upstream accepted it);
-  ``bounced``: with a ``bounced`` event;
+  ``delivered``: with a ``sent`` event (the upstream accepted it) and no ``bounced``
+  event (a delivery report that came later says it never arrived);
+  ``bounced``: with a ``bounced`` event (the scheduler's, or from a delivery report
+  read in a mailbox or at the ingest or bounce address: :mod:`gateway.crm.bounces`);
   ``opened``: the recipient is a person who opened it: a human (``machine: false``) or
   ``proxied`` open (Gmail's or Yahoo's image proxy, fetched when the message was shown),
   or a human click on a copy for which no ``opened`` event of any kind was recorded (the
@@ -123,11 +125,15 @@ async def engagement(store: Store, *, days: int = 30, by: str | None = None,
     human_clicked = has(sa.and_(ev.c.type == "clicked", human))
     opened = sa.case((people_opened == 1, 1),
                      (sa.and_(human_clicked == 1, has(opens) == 0), 1), else_=0)
+    # a bounce that comes later (a delivery report after the upstream took the copy)
+    # undoes the delivery: delivered + bounced <= sent
+    bounced = has(ev.c.type == "bounced")
+    delivered = sa.case((sa.and_(has(ev.c.type == "sent") == 1, bounced == 0), 1), else_=0)
     per_rcpt = (sa.select(
         ev.c.grp.label("grp"),
         has(ev.c.type == "queued").label("sent"),
-        has(ev.c.type == "sent").label("delivered"),
-        has(ev.c.type == "bounced").label("bounced"),
+        delivered.label("delivered"),
+        bounced.label("bounced"),
         opened.label("opened"),
         human_clicked.label("clicked"),
         has(ev.c.type == "replied").label("replied"),

@@ -33,7 +33,11 @@ class IngestHandler:
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
-        if address and relay_trick(address):
+        if address in ("", "<>"):
+            # the null reverse-path of bounces and reports (RFC 5321 4.5.5): aiosmtpd
+            # hands it over as "<>", which also keeps its "MAIL first" check satisfied
+            address = "<>"
+        elif relay_trick(address):
             return f"553 5.1.7 Sender address rejected: {relay_trick(address)}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -55,7 +59,8 @@ class IngestHandler:
         if has_bare_newline(data):
             self.log.warning("bare_newline_rejected", peer=peer, listener="ingest")
             return BARE_NEWLINE_REPLY
-        sub = IngestSubmission(mail_from=envelope.mail_from or "", data=data, client_ip=peer,
+        mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        sub = IngestSubmission(mail_from=mail_from, data=data, client_ip=peer,
                                client_helo=session.host_name or "", rcpts=list(envelope.rcpt_tos))
         try:
             result = await self.ingest.accept(sub)

@@ -173,3 +173,104 @@ async def test_bcc_then_sent_folder_then_forward_is_one_message_with_its_events(
     assert (total["sent"], total["delivered"], total["bounced"]) == (1, 1, 0), total
     assert total["delivery_rate"] == 1.0 and total["bounce_rate"] == 0.0, total
     assert total["replied"] == 0 and total["reply_rate"] == 0.0, total
+
+
+CAROL = "carol@acme.test"
+DAN = "dan@beta.test"
+EVE = "eve@elsewhere.test"
+
+
+def _header_block(raw: bytes) -> bytes:
+    head, _, _ = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
+    return head + b"\n"
+
+
+def bounce_for(delivered: bytes, rcpt: str, rep: str) -> bytes:
+    """Postfix's bounce for `rcpt`, returning the headers of the copy as delivered."""
+    b = "=_bounce_boundary"
+    text = (
+        f"Return-Path: <>\nFrom: MAILER-DAEMON@mx.acme.test (Mail Delivery System)\n"
+        f"To: {rep}\nSubject: Undelivered Mail Returned to Sender\n"
+        f"Date: Wed, 02 Dec 2026 10:05:00 +0000\nMessage-Id: <bounce-1@mx.acme.test>\n"
+        f"Auto-Submitted: auto-replied\nMIME-Version: 1.0\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{b}"\n\n'
+        f"--{b}\nContent-Type: text/plain; charset=us-ascii\n\n"
+        f"<{rcpt}>: host mailstore.acme.test said: 550 5.1.1 <{rcpt}>: Recipient address\n"
+        f"    rejected: User unknown in local recipient table\n\n"
+        f"--{b}\nContent-Type: message/delivery-status\n\n"
+        f"Reporting-MTA: dns; mx.acme.test\n\n"
+        f"Final-Recipient: rfc822; {rcpt}\nAction: failed\nStatus: 5.1.1\n"
+        f"Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown\n\n"
+        f"--{b}\nContent-Type: text/rfc822-headers\n\n")
+    tail = f"\n--{b}--\n"
+    return (text.encode() + _header_block(delivered) + tail.encode()).replace(b"\n", b"\r\n")
+
+
+def answer(sender: str, rep: str, mid: str, *, auto: bool) -> bytes:
+    m = EmailMessage()
+    m["From"] = sender
+    m["To"] = rep
+    m["Subject"] = "Automatic reply: Our offer" if auto else "Re: Our offer"
+    m["Message-ID"] = make_msgid(domain=sender.split("@")[1])
+    m["In-Reply-To"] = mid
+    m["References"] = mid
+    m["Date"] = "Wed, 02 Dec 2026 11:00:00 +0000"
+    if auto:
+        m["Auto-Submitted"] = "auto-generated"
+        m["X-Auto-Response-Suppress"] = "All"
+        m.set_content("I am out of the office until 14 December 2026 with limited access to mail.\n")
+    else:
+        m.set_content("Thanks, looks good. Let's talk on Monday.\n")
+    return bytes(m).replace(b"\n", b"\r\n")
+
+
+async def test_bounce_auto_reply_and_reply_in_the_inbox_give_exact_numbers(env: Env) -> None:
+    """Sent through the relay to three people; into the rep's INBOX come a bounce for one,
+    an out-of-office from another, a real reply from the third and a stranger's reply:
+    3 sent, 2 delivered, 1 bounced, 1 replied, 1 auto-reply, and no bounce conversation."""
+    await add_contacts(env.store, CAROL, DAN, EVE)
+    mid = make_msgid(domain="example.test")
+    m = EmailMessage()
+    m["From"] = f"Rep <{env.rep}>"
+    m["To"] = f"{CUSTOMER}, {CAROL}, {DAN}"
+    m["Subject"] = "Our offer"
+    m["Message-ID"] = mid
+    m["Date"] = "Wed, 02 Dec 2026 10:00:00 +0000"
+    m.set_content("Hello all,\n\nplease find our offer below.\n")
+    await env.submit(bytes(m).replace(b"\n", b"\r\n"), [CUSTOMER, CAROL, DAN])
+    await wait_until(lambda: sum(len(r.rcpt_tos) for r in env.upstream.messages) == 3,
+                     timeout=20, what="3 deliveries")
+
+    async def sent_to_all() -> bool:
+        row = await only_message(env.store, {"relay"})
+        return row is not None and sum(e["type"] == "sent" for e in row["events"]) == 3
+
+    await wait_until(sent_to_all, timeout=30, what="3 sent events")
+    carol_copy = next(r.data for r in env.upstream.messages if CAROL in r.rcpt_tos)
+    for raw in (bounce_for(carol_copy, CAROL, env.rep),
+                answer(DAN, env.rep, mid, auto=True),
+                answer(CUSTOMER, env.rep, mid, auto=False),
+                answer(EVE, env.rep, mid, auto=False)):
+        env.dovecot.append(env.rep, "INBOX", raw)
+
+    async def settled() -> bool:
+        row = await only_message(env.store, {"relay"})
+        types = {e["type"] for e in row["events"]} if row else set()
+        return {"bounced", "replied", "auto_replied"} <= types
+
+    await wait_until(settled, timeout=40, what="bounced, replied and auto_replied events")
+    row = await only_message(env.store, {"relay"})
+    assert row is not None
+    later = sorted((e["type"], e["recipient"]) for e in row["events"]
+                   if e["type"] not in ("queued", "sent"))
+    assert later == [("auto_replied", DAN), ("bounced", CAROL), ("replied", CUSTOMER)], later
+    bounced = next(e for e in row["events"] if e["type"] == "bounced")
+    assert bounced["details"]["status"] == "5.1.1" and bounced["details"]["hard"] is True
+    # the bounce is no conversation; the stranger's reply counts for nothing
+    subjects = [r["subject"] for r in await env.store.list_messages()]
+    assert "Undelivered Mail Returned to Sender" not in subjects, subjects
+    total = (await engagement(env.store, days=7))["total"]
+    got = {k: total[k] for k in ("sent", "delivered", "bounced", "replied", "auto_replied")}
+    assert got == {"sent": 3, "delivered": 2, "bounced": 1, "replied": 1, "auto_replied": 1}, total
+    assert total["bounce_rate"] == round(1 / 3, 4) and total["reply_rate"] == 0.5, total
+    assert total["delivery_rate"] == round(2 / 3, 4), total
