@@ -112,8 +112,12 @@ SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR, "parameter": _STR}, required=["error"]),
     "Event": _obj({"type": {"enum": list(EVENT_TYPES)}, "at": _TIME, "recipient": _STR,
                    "machine": {"type": "boolean"},
-                   "details": {"type": "object", "description": "URL, user agent, SMTP reply, ...; "
-                               "for hits `category`: human, proxied, or the machine's kind"}}),
+                   "category": {"type": ["string", "null"], "description":
+                                "opens and clicks: human, proxied, or the machine's kind (proxy, "
+                                "scanner, prefetch, sender, timing, burst, ...); null for other "
+                                "events"},
+                   "details": {"type": "object", "description": "URL, user agent, SMTP reply, DSN "
+                               "status and diagnostic, ...; for hits also `category` and `reason`"}}),
     "TrackingTotals": _obj({**_TRACKING_PROPS, "recipients_opened": {
         **_N, "description": "recipients who opened (the people rule)"}}),
     "TrackingRecipient": _obj({"recipient": _STR, **_TRACKING_PROPS}),

@@ -23,8 +23,12 @@ from gateway.records import NewMessage
 
 def event_payload(e: Mapping[str, Any] | sa.RowMapping) -> dict[str, Any]:
     """An ``events`` row as the API and webhooks show it."""
+    details = e["details"] or {}
+    category = None
+    if e["type"] in ("opened", "clicked"):   # hits recorded before categories: by the flag
+        category = details.get("category") or ("machine" if e["machine"] else "human")
     return {"type": e["type"], "at": iso(e["at"]), "recipient": e["recipient"],
-            "machine": bool(e["machine"]), "details": e["details"] or {}}
+            "machine": bool(e["machine"]), "category": category, "details": details}
 
 
 def summary_payload(pk: int, m: NewMessage) -> dict[str, Any]:

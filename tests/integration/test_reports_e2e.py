@@ -116,7 +116,7 @@ async def test_verp_bounce_to_the_bounce_address_lands_on_its_recipient(gw: Gate
     assert all(b"From: " + USER.encode() in m.data for m in gw.upstream.messages)
 
     async def sent() -> bool:
-        return sum(e["type"] == "sent" for e in await events_of(gw.store)) == 2
+        return bool(sum(e["type"] == "sent" for e in await events_of(gw.store)) == 2)
 
     await wait_until(sent, timeout=30, what="2 sent events")
     ann_copy = next(m for m in gw.upstream.messages if "ann@remote.test" in m.rcpt_tos)

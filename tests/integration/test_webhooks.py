@@ -245,6 +245,7 @@ async def test_events_subscription_and_payload_of_delivery_events(store: Store,
     assert payload["type"] == "message.bounced"
     assert payload["data"]["event"] == {"type": "bounced", "at": T0.isoformat(),
                                         "recipient": "bob@acme.test", "machine": False,
+                                        "category": None,
                                         "details": {"reply": "550 5.1.1 no such user"}}
     assert len(await rows(store)) == 1                    # no message.stored: not subscribed
 

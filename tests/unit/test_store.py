@@ -297,7 +297,8 @@ async def test_events_attach_to_the_right_message(store: Store) -> None:
                        "to", "cc", "subject", "date", "snippet", "size", "sources", "queue_id",
                        "contacts", "events"}
     assert q1["sources"] == ["relay"] and q1["direction"] == "outbound" and q1["contacts"] == []
-    assert set(q1["events"][0]) == {"type", "at", "recipient", "machine", "details"}
+    assert set(q1["events"][0]) == {"type", "at", "recipient", "machine", "category",
+                                    "details"}
 
 
 async def test_event_of_a_message_in_the_same_batch_and_machine_flag(store: Store) -> None:
