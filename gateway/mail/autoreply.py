@@ -9,7 +9,8 @@ counts a ``replied`` event only for ``message``, records ``auto_replied`` for
   ``disposition-notification`` (RFC 8098) or ``feedback-report`` (RFC 5965); and
   ``delivery_report`` for mail from ``mailer-daemon@`` or ``postmaster@`` (the
   non-standard notices some providers send); any other report type is ``automatic``.
-- ``auto_reply``: ``Auto-Submitted: auto-replied``, ``X-Autoreply``, ``X-Autorespond``,
+- ``auto_reply``: ``Auto-Submitted: auto-replied`` (comments and parameters aside,
+  ``auto-replied (vacation)``), ``X-Autoreply``, ``X-Autorespond``,
   ``Precedence: auto_reply``; or an out-of-office subject (see :data:`OOO_SUBJECT`) on
   mail that is otherwise automatic, bulk, from a null return path, or has no marker at
   all (many responders set none).
@@ -57,6 +58,7 @@ OOO_SUBJECT = re.compile(
     r")", re.IGNORECASE)
 _SYSTEM_SENDERS = ("mailer-daemon", "postmaster")
 _BULK_PRECEDENCE = ("bulk", "junk", "list")
+_COMMENT = re.compile(r"\([^()]*\)")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,9 @@ def kind_of(headers: ExtraHeaders, *, subject: str, from_addr: str) -> str:
     local = (from_addr or "").rsplit("@", 1)[0].strip().lower()
     if local in _SYSTEM_SENDERS:
         return "delivery_report"
-    auto = (headers.auto_submitted or "").split(";", 1)[0].strip().lower()
+    # the keyword without RFC 5322 comments or parameters: Sieve vacation (Pigeonhole,
+    # Cyrus) writes "auto-replied (vacation)"
+    auto = _COMMENT.sub(" ", headers.auto_submitted or "").split(";", 1)[0].strip().lower()
     precedence = (headers.precedence or "").strip().lower()
     if auto == "auto-replied" or headers.x_autoreply is not None \
             or headers.x_autorespond is not None or precedence in ("auto_reply", "auto-reply"):
