@@ -74,6 +74,18 @@ def test_auto_submitted_comments_and_parameters(value: str, kind: str) -> None:
     assert got.kind == kind
 
 
+@pytest.mark.parametrize(("text", "ref", "expected"), [
+    ("back on 12/07/2026", date(2026, 12, 3), "2026-12-07"),   # US: 7 December
+    ("back on 12/07/2026", None, "2026-07-12"),                # no date to judge by: day first
+    ("back on 07/12/2026", date(2026, 12, 3), "2026-12-07"),
+    ("back on 12/14/2026", None, "2026-12-14"),
+    ("bis 05.11.2026", date(2026, 12, 3), "2026-11-05"),       # both readings past: day first
+    ("bis 03.12.2026", date(2026, 12, 3), "2026-12-03"),
+])
+def test_numeric_dates_day_or_month_first(text: str, ref: date | None, expected: str) -> None:
+    assert return_date(text, ref) == expected
+
+
 # -- properties ------------------------------------------------------------------------
 _HEADER = st.one_of(st.none(), st.text(max_size=60))
 _WORDS = st.sampled_from([
