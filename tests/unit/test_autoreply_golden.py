@@ -52,11 +52,13 @@ def test_golden(name: str) -> None:
 
 
 def test_golden_files_are_whole_messages() -> None:
-    """The golden inputs parse cleanly: CRLF lines, a Message-ID, a sender and a date."""
+    """The golden inputs parse cleanly: CRLF lines, no defects, a Message-ID, a sender
+    and a date, and a text."""
     for name in CASES:
         raw = (DATA / f"{name}.eml").read_bytes()
         assert b"\n" not in raw.replace(b"\r\n", b""), name
         p = parse_message(raw)
+        assert p.defects == [], name
         assert p.message_id and p.from_addr and p.date is not None, name
         assert p.text_body.strip() or p.html_body.strip(), name
 
