@@ -9,7 +9,8 @@ counts a ``replied`` event only for ``message``, records ``auto_replied`` for
   ``disposition-notification`` (RFC 8098) or ``feedback-report`` (RFC 5965); and
   ``delivery_report`` for mail from ``mailer-daemon@`` or ``postmaster@`` (the
   non-standard notices some providers send); any other report type is ``automatic``.
-- ``auto_reply``: ``Auto-Submitted: auto-replied``, ``X-Autoreply``, ``X-Autorespond``,
+- ``auto_reply``: ``Auto-Submitted: auto-replied`` (comments and parameters aside,
+  ``auto-replied (vacation)``), ``X-Autoreply``, ``X-Autorespond``,
   ``Precedence: auto_reply``; or an out-of-office subject (see :data:`OOO_SUBJECT`) on
   mail that is otherwise automatic, bulk, from a null return path, or has no marker at
   all (many responders set none).
@@ -22,10 +23,11 @@ counts a ``replied`` event only for ``message``, records ``auto_replied`` for
 :func:`return_date` is best effort: it reads the first date after a "back"/"until"
 phrase in English, German, French, Spanish, Dutch, Italian, Portuguese and Swedish
 (see :data:`_TRIGGER`), in one of the forms ``2026-12-14``, ``14.12.2026``,
-``14/12/2026`` (day first; month first only where the day-first reading is
-impossible), ``14 December 2026``, ``December 14, 2026``, ``14. Dezember``, ``14 de
-diciembre de 2026``. A date without a year is taken in the year of the message's
-date, or the next year when that would be more than 30 days before it.
+``14/12/2026`` (day first; month first where the day-first reading is impossible,
+or lies before the message's date and the month-first one does not), ``14 December
+2026``, ``December 14, 2026``, ``14. Dezember``, ``14 de diciembre de 2026``. A date
+without a year is taken in the year of the message's date, or the next year when that
+would be more than 30 days before it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ OOO_SUBJECT = re.compile(
     r")", re.IGNORECASE)
 _SYSTEM_SENDERS = ("mailer-daemon", "postmaster")
 _BULK_PRECEDENCE = ("bulk", "junk", "list")
+_COMMENT = re.compile(r"\([^()]*\)")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,9 @@ def kind_of(headers: ExtraHeaders, *, subject: str, from_addr: str) -> str:
     local = (from_addr or "").rsplit("@", 1)[0].strip().lower()
     if local in _SYSTEM_SENDERS:
         return "delivery_report"
-    auto = (headers.auto_submitted or "").split(";", 1)[0].strip().lower()
+    # the keyword without RFC 5322 comments or parameters: Sieve vacation (Pigeonhole,
+    # Cyrus) writes "auto-replied (vacation)"
+    auto = _COMMENT.sub(" ", headers.auto_submitted or "").split(";", 1)[0].strip().lower()
     precedence = (headers.precedence or "").strip().lower()
     if auto == "auto-replied" or headers.x_autoreply is not None \
             or headers.x_autorespond is not None or precedence in ("auto_reply", "auto-reply"):
@@ -197,8 +202,13 @@ def _date_at(text: str, ref: date | None) -> tuple[int, date] | None:
             else:
                 day, mon = int(g["d"]), int(g["m"])
                 found = _make(y, mon, day, ref)
-                if found is None and i == 1:      # 12/14/2026: month first
-                    found = _make(y, day, mon, ref)
+                if i == 1 and (found is None or (ref is not None and found < ref)):
+                    # month first: 12/14/2026, or a US sender's 12/07/2026 whose
+                    # day-first reading (12 July) lies before the message was sent
+                    swapped = _make(y, day, mon, ref)
+                    if found is None or (swapped is not None and ref is not None
+                                         and swapped >= ref):
+                        found = swapped
             if found is not None:
                 best = (m.start(), found)
                 break
