@@ -167,7 +167,7 @@ async def test_a_tracked_message_without_controls_still_gets_its_pixel(env: Env)
 
 
 async def test_send_at_waits_until_then_and_timing_counts_from_delivery(env: Env) -> None:
-    send_at = datetime.now(UTC) + timedelta(seconds=8)   # time for two CLI runs before it
+    send_at = datetime.now(UTC) + timedelta(seconds=12)  # time for two CLI runs before it
     qid = await env.submit_qid(message(f"X-Mailgw-Send-At: {send_at.isoformat()}",
                                        "X-Mailgw-Campaign: later"))
     accepted = time.time()
@@ -222,7 +222,7 @@ async def test_send_at_waits_until_then_and_timing_counts_from_delivery(env: Env
 
 
 async def test_queue_delete_cancels_a_scheduled_send(env: Env) -> None:
-    send_at = datetime.now(UTC) + timedelta(seconds=8)   # time for two CLI runs before it
+    send_at = datetime.now(UTC) + timedelta(seconds=12)  # time for two CLI runs before it
     qid = await env.submit_qid(message(f"X-Mailgw-Send-At: {send_at.isoformat()}"))
     await wait_until(lambda: (env.app.spool.dir("deferred") / qid).exists(), timeout=10,
                      what="the scheduled copy in deferred/")
