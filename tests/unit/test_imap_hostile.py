@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -160,8 +160,11 @@ class Script:
 EXAMINE_OK = [b"* 3 EXISTS", b"* OK [UIDVALIDITY 7] ok", b"* OK [UIDNEXT 4] ok"]
 
 
+Connect = Callable[["Script"], Awaitable[IMAPClient]]
+
+
 @pytest.fixture
-async def connect() -> AsyncIterator[object]:
+async def connect() -> AsyncIterator[Connect]:
     clients: list[IMAPClient] = []
 
     async def make(script: Script) -> IMAPClient:
@@ -185,10 +188,10 @@ async def connect() -> AsyncIterator[object]:
     b"* SEARCH 1 4294967296",
 ], ids=["esearch-4G", "esearch-unicode", "esearch-list", "search-unicode", "search-5000-digits",
         "search-too-large"])
-async def test_bad_search_answers_are_typed_failures(connect: object, answer: bytes) -> None:
+async def test_bad_search_answers_are_typed_failures(connect: Connect, answer: bytes) -> None:
     caps = b"IMAP4rev1 ESEARCH" if b"ESEARCH" in answer else b"IMAP4rev1"
     async with Script({"EXAMINE": EXAMINE_OK, "UID SEARCH": [answer]}, caps) as script:
-        c = await connect(script)  # type: ignore[operator]
+        c = await connect(script)
         await c.examine("INBOX")
         start = time.perf_counter()
         with pytest.raises(AccountUnavailable):
@@ -196,19 +199,19 @@ async def test_bad_search_answers_are_typed_failures(connect: object, answer: by
         assert time.perf_counter() - start < 2.0
 
 
-async def test_an_esearch_range_is_clipped_to_what_was_asked(connect: object) -> None:
+async def test_an_esearch_range_is_clipped_to_what_was_asked(connect: Connect) -> None:
     answer = b"* ESEARCH (TAG \"x\") UID ALL 1:4294967295"
     async with Script({"EXAMINE": EXAMINE_OK, "UID SEARCH": [answer]}) as script:
-        c = await connect(script)  # type: ignore[operator]
+        c = await connect(script)
         await c.examine("INBOX")
         assert await c.search_uids(4294967290) == list(range(4294967290, 4294967296))
         assert await c.search_uids(10, 12) == [10, 11, 12]
 
 
-async def test_search_answers_up_to_the_limit_are_read(connect: object) -> None:
+async def test_search_answers_up_to_the_limit_are_read(connect: Connect) -> None:
     answer = b"* ESEARCH (TAG \"x\") UID ALL 1:%d" % SEARCH_LIMIT
     async with Script({"EXAMINE": EXAMINE_OK, "UID SEARCH": [answer]}) as script:
-        c = await connect(script)  # type: ignore[operator]
+        c = await connect(script)
         await c.examine("INBOX")
         assert len(await c.search_uids(1)) == SEARCH_LIMIT
 
@@ -217,17 +220,17 @@ async def test_search_answers_up_to_the_limit_are_read(connect: object) -> None:
                                     b"* OK [UIDNEXT " + b"1" * 5000 + b"] x",
                                     b"* OK [HIGHESTMODSEQ 99999999999999999999] x"],
                          ids=["no-number", "unicode", "5000-digits", "above-2^63"])
-async def test_bad_examine_answers_are_typed_failures(connect: object, answer: bytes) -> None:
+async def test_bad_examine_answers_are_typed_failures(connect: Connect, answer: bytes) -> None:
     async with Script({"EXAMINE": [b"* 3 EXISTS", answer, b"* OK [UIDVALIDITY 7] ok"]}) as script:
-        c = await connect(script)  # type: ignore[operator]
+        c = await connect(script)
         with pytest.raises(AccountUnavailable):
             await c.examine("INBOX")
 
 
-async def test_a_good_mailbox_still_reads(connect: object) -> None:
+async def test_a_good_mailbox_still_reads(connect: Connect) -> None:
     async with Script({"EXAMINE": EXAMINE_OK, "UID SEARCH": [b"* SEARCH 1 3 (MODSEQ 9)"]},
                       b"IMAP4rev1") as script:
-        c = await connect(script)  # type: ignore[operator]
+        c = await connect(script)
         state = await c.examine("INBOX")
         assert (state.uidvalidity, state.uidnext, state.exists) == (7, 4, 3)
         assert await c.search_uids(2) == [3]

@@ -23,7 +23,7 @@ from gateway.mail import mime as mime_mod
 from gateway.mail import parse as parse_mod
 from gateway.mail import reports as reports_mod
 from gateway.mail.forward import unwrap_forward
-from gateway.mail.parse import MAX_PARTS, attached_messages, parse_message
+from gateway.mail.parse import MAX_DEPTH, MAX_PARTS, attached_messages, parse_message
 from gateway.mail.reports import parse_report
 
 BUDGET = 5.0
@@ -102,6 +102,42 @@ def test_nested_attached_messages_keep_their_exact_bytes() -> None:
     parsed = parse_message(raw)
     assert [a.content_type for a in parsed.attachments] == ["message/rfc822"]
     assert not any("re-serialisation" in d for d in parsed.defects)
+
+
+def nested(depth: int, lines: int) -> bytes:
+    """Multiparts nested `depth` deep around a text part of `lines` lines, each level
+    holding an attached message around the next one."""
+    head = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n"
+        b"Content-Type: message/rfc822\r\n\r\nSubject: level %d\r\n" % (i, i, i) for i in range(depth))
+    tail = b"".join(b"\r\n--b%d--\r\n" % i for i in reversed(range(depth)))
+    return (b"From: a@b.example\r\nSubject: deep\r\n" + head +
+            b"Content-Type: text/plain\r\n\r\n" + b"line\r\n" * lines + tail)
+
+
+def test_deep_nesting_is_cut_before_the_stdlib_parser_sees_it() -> None:
+    # 900 levels around 20,000 lines (221 KB): the stdlib parser checks each line against
+    # every enclosing boundary; 2 s at 300 levels before, RecursionError deeper.
+    raw = nested(900, 20_000)
+    parsed, took = timed(parse_message, raw)
+    assert took < BUDGET
+    assert f"MIME nesting deeper than {MAX_DEPTH}; inner parts ignored" in parsed.defects
+    assert [a.filename for a in parsed.attachments] == ["level 0.eml"]
+    assert parsed.attachments[0].size == len(raw.split(b"\r\n\r\n", 2)[2].rsplit(b"\r\n--b0--", 1)[0])
+    fwd, took = timed(unwrap_forward, raw, parsed)
+    assert took < BUDGET and fwd is None           # level 0 has no sender: not an original
+    assert len(attached_messages(raw)) == 1
+
+
+def test_shallow_messages_are_parsed_as_before() -> None:
+    raw = nested(10, 5)
+    parsed = parse_message(raw)
+    assert not any("nesting" in d for d in parsed.defects)
+    assert parse_mod._shallow(raw) == (raw, False)
+    deep = nested(MAX_DEPTH + 5, 5)
+    cut, changed = parse_mod._shallow(deep)
+    assert changed and len(cut) < len(deep)
+    assert cut.count(b"Subject: level") == MAX_DEPTH // 2   # two levels each; kept to MAX_DEPTH
 
 
 _MIME_PIECES = st.sampled_from([
