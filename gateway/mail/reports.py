@@ -53,6 +53,8 @@ ReportType = Literal["delivery", "read_receipt", "feedback"]
 ACTIONS: tuple[str, ...] = ("failed", "delayed", "delivered", "relayed", "expanded")
 MAX_ITEMS = 100
 TEXT_SCAN = 64 * 1024
+MAX_COPY_MARKERS = 5
+"""Copy markers ("--- returned message") tried for the returned message's headers."""
 DIAGNOSTIC_MAX = 500
 
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
@@ -234,20 +236,22 @@ def _blocks(part: Message) -> list[dict[str, str]]:
 def _text_blocks(text: str) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for chunk in re.split(r"\r?\n[ \t]*\r?\n", text.strip()):
-        block: dict[str, str] = {}
+        # a field's value and its continuation lines, joined once at the end (adding each
+        # line to a growing string was quadratic in a flood of continuation lines)
+        block: dict[str, list[str]] = {}
         name = None
         for line in chunk.splitlines():
             if line[:1] in (" ", "\t") and name is not None:
-                block[name] += " " + line.strip()
+                block[name].append(line.strip())
                 continue
             key, sep, value = line.partition(":")
             if not sep or not key.strip() or " " in key.strip():
                 name = None
                 continue
             name = key.strip().lower()
-            block.setdefault(name, value.strip())
+            block.setdefault(name, [value.strip()])
         if block:
-            out.append({k: _clean(v) for k, v in block.items()})
+            out.append({k: _clean(" ".join(v)) for k, v in block.items()})
     return out
 
 
@@ -334,9 +338,14 @@ def _returned(parts: list[Message], text: str) -> _Returned:
             _read_header(out, header)
             if out.message_id or out.queue_ids:
                 return out
-    for m in _COPY_MARKERS.finditer(text):
-        copy = text[m.end():].lstrip("\r\n")
-        header = email.message_from_string(copy[:TEXT_SCAN])
+    for tried, m in enumerate(_COPY_MARKERS.finditer(text)):
+        if tried >= MAX_COPY_MARKERS:
+            break
+        # only the copy's header block: reading the rest of the text again for every
+        # marker was quadratic (thousands of marker lines took seconds)
+        copy = text[m.end():m.end() + TEXT_SCAN].lstrip("\r\n")
+        blank = re.search(r"\r?\n[ \t]*\r?\n", copy)
+        header = email.message_from_string(copy[:blank.start() + 1] if blank else copy)
         _read_header(out, header)
         if out.message_id or out.queue_ids:
             return out

@@ -230,6 +230,29 @@ def test_a_bounce_with_huge_headers_and_text_is_read_fast() -> None:
     assert report is not None and [i.recipient for i in report.items] == ["bob@c.example"]
 
 
+def test_a_notice_with_thousands_of_copy_markers_is_read_fast() -> None:
+    # 90 KB of "--- returned message" lines: 10 s before (each marker re-read the text).
+    raw = (b"From: MAILER-DAEMON@mx.example\r\nSubject: Undeliverable\r\n"
+           b"X-Failed-Recipients: bob@c.example\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+           + b"--- returned message\r\nX: y\r\n\r\n" * 30_000
+           + b"--- returned message\r\nMessage-ID: <late@x>\r\n")
+    report, took = timed(parse_report, raw)
+    assert took < BUDGET
+    assert report is not None and [i.recipient for i in report.items] == ["bob@c.example"]
+    first = raw.replace(b"X: y", b"Message-ID: <orig@x>", 1)
+    report = parse_report(first)
+    assert report is not None and report.original_message_id == "<orig@x>"
+
+
+def test_status_fields_with_a_flood_of_continuation_lines_are_read_fast() -> None:
+    text = "Final-Recipient: rfc822; a@b.example\nDiagnostic-Code: smtp; 550\n" + " more\n" * 200_000
+    blocks, took = timed(reports_mod._text_blocks, text)
+    assert took < BUDGET
+    assert blocks[0]["final-recipient"] == "rfc822; a@b.example"
+    assert blocks[0]["diagnostic-code"].startswith("smtp; 550 more more")
+    assert reports_mod._text_blocks("A: 1\n 2\nA: 3\n 4\n") == [{"a": "1 2 4"}]  # as before
+
+
 _HTML_PIECES = st.sampled_from([
     "</div>", "<div>", "</div >", " ", "\n", "<br>", "<br/>", "x", "</span>", "<", ">", "<div id=x>",
     "</td>", "@", "a", ",",
