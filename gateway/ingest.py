@@ -47,8 +47,9 @@ from gateway.mail.parse import ParsedMessage, parse_message
 from gateway.mail.reports import verp_queue_id
 from gateway.records import REPORT_KINDS, NewMessage, SourceRef
 
-#: Parse (and unwrap forwards) in a worker thread above this size (small messages parse in
-#: well under 1 ms; an 8.6 MB forward takes about 0.4 s to parse and 0.4 s to unwrap).
+#: A report from the null sender up to this size may skip the sender check (see
+#: `Ingest._unverified_report`). Parsing and unwrapping always run in a worker thread:
+#: a hostile message of any size must not stall the event loop.
 THREAD_PARSE_BYTES = 256 * 1024
 
 
@@ -107,22 +108,18 @@ class Ingest:
 
     async def accept(self, sub: IngestSubmission) -> IngestResult:
         cfg = self.cfg
-        large = len(sub.data) > THREAD_PARSE_BYTES
-        if large:
-            parsed = await asyncio.to_thread(parse_message, sub.data)
-        else:
-            parsed = parse_message(sub.data)
+        # Parsing, unwrapping and reading a report are CPU work on outside bytes: always
+        # in a worker thread, whatever the size (each is linear in it, but a few hundred
+        # KB still take milliseconds the SMTP and HTTP edges must not wait for).
+        parsed = await asyncio.to_thread(parse_message, sub.data)
         own = OwnAddresses.of(cfg)
         rp = cfg.delivery.return_path
         verp = next((q for r in sub.rcpts if (q := verp_queue_id(r, rp))), None)
         if sub.rcpts and not any(self.is_ingest_address(r) for r in sub.rcpts):
             return await self._accept_report(sub, parsed, verp)
-        if not sub.trusted and not self._unverified_report(sub, parsed):
+        if not sub.trusted and not await asyncio.to_thread(self._unverified_report, sub, parsed):
             await self._check_sender(sub, parsed, own)
-        if large:  # unwrapping parses the MIME tree and the original again: CPU work too
-            fwd = await asyncio.to_thread(unwrap_forward, sub.data, parsed)
-        else:
-            fwd = unwrap_forward(sub.data, parsed)
+        fwd = await asyncio.to_thread(unwrap_forward, sub.data, parsed)
         msg, raw = (fwd.original, fwd.raw) if fwd is not None else (parsed, sub.data)
         ingest_id = new_queue_id()
         sender = msg.from_addr.lower()
@@ -133,8 +130,9 @@ class Ingest:
         user, account = own.owner(sender) or own.owner(forwarder) or (sub.user, None)
         direction = "outbound" if own.is_user_address(sender) else "inbound"
         now = datetime.now(UTC)
-        new = NewMessage.from_parsed(msg, raw, direction=direction, user=user, account=account,
-                                     sources=[SourceRef("ingest", ingest_id, now, account=account)])
+        new = await asyncio.to_thread(
+            NewMessage.from_parsed, msg, raw, direction=direction, user=user, account=account,
+            sources=[SourceRef("ingest", ingest_id, now, account=account)])
         try:
             stored = await self.store.store_messages([new])
         except StoreError as exc:
@@ -151,7 +149,8 @@ class Ingest:
     def _unverified_report(sub: IngestSubmission, parsed: ParsedMessage) -> bool:
         """A report from the null sender naming one of the gateway's queue ids: taken
         without the sender check (a mailbox's redirect rule keeps the null sender), since
-        the store records it only against the copy it names, for that copy's recipients."""
+        the store records it only against the copy it names, for that copy's recipients.
+        Reads the report: call it in a worker thread."""
         if sub.mail_from or len(sub.data) > THREAD_PARSE_BYTES:
             return False
         new = NewMessage.from_parsed(parsed, sub.data, direction="inbound",
@@ -163,8 +162,9 @@ class Ingest:
         """Mail to the bounce address: a report is recorded on the copy it names (no sender
         check: reports come from any server, from the null sender); anything else is refused."""
         ingest_id = new_queue_id()
-        new = NewMessage.from_parsed(parsed, sub.data, direction="inbound",
-                                     sources=[SourceRef("ingest", ingest_id, datetime.now(UTC))])
+        new = await asyncio.to_thread(
+            NewMessage.from_parsed, parsed, sub.data, direction="inbound",
+            sources=[SourceRef("ingest", ingest_id, datetime.now(UTC))])
         if new.report is None or new.kind not in REPORT_KINDS:
             self.log.info("bounce_address_refused", ingest_id=ingest_id, kind=new.kind,
                           mail_from=sub.mail_from, peer=sub.client_ip)

@@ -105,6 +105,10 @@ _ALIASES: dict[str, str] = {
 _TEMPORARY_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "CONTACTADMIN"})
 _EVENT_KINDS = frozenset({"EXISTS", "EXPUNGE", "FETCH", "VANISHED"})
 _MAX_EVENTS = 1000
+SEARCH_LIMIT = 2_000_000
+"""The most UIDs one UID SEARCH answer may name (after clipping to the range asked for):
+a broken or hostile server's `* ESEARCH ... ALL 1:4294967295` raises `ProtocolError`
+instead of filling memory. Far above any folder the tailer syncs."""
 
 
 # -- values ------------------------------------------------------------------------------
@@ -421,7 +425,12 @@ class IMAPClient:
         return None
 
     def _untagged(self, resp: Response, handler: Handler | None) -> None:
-        if handler is not None and handler(resp):
+        try:
+            handled = handler is not None and handler(resp)
+        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            # A handler reading an answer it cannot make sense of: the server's fault.
+            raise ProtocolError(f"cannot read {resp.describe()[:80]!r}: {exc}") from exc
+        if handled:
             return
         if resp.tag == "*" and resp.kind in _EVENT_KINDS and self.selected is not None:
             self._events.append(IdleEvent(resp.kind, resp.number, tuple(resp.data)))
@@ -641,8 +650,11 @@ class IMAPClient:
                 info["exists"] = r.number
                 return True
             if r.kind == "OK" and r.code in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ"):
-                with contextlib.suppress(ValueError):
-                    info[r.code.lower()] = int(r.code_args.split()[0])
+                args = r.code_args.split()
+                if not args:   # `* OK [UIDVALIDITY] x`
+                    raise ProtocolError(f"EXAMINE {name}: [{r.code}] without a number")
+                limit = protocol.NUMBER_MAX if r.code == "HIGHESTMODSEQ" else protocol.UID_MAX
+                info[r.code.lower()] = protocol.parse_number(args[0], limit=limit, what=r.code)
                 return True
             return r.kind in ("FLAGS", "RECENT", "OK")
 
@@ -662,20 +674,37 @@ class IMAPClient:
         return state
 
     async def search(self, *criteria: str) -> list[int]:
-        """UID SEARCH with raw criteria; returns UIDs ascending (ESEARCH when offered)."""
+        """UID SEARCH with raw criteria; returns UIDs ascending (ESEARCH when offered).
+        An answer naming more than `SEARCH_LIMIT` UIDs, or anything but UIDs, raises
+        `AccountUnavailable` (a `ProtocolError` underneath)."""
+        return await self._search(criteria)
+
+    async def _search(self, criteria: Sequence[str], low: int = 1,
+                      high: int = protocol.UID_MAX) -> list[int]:
+        """`search`, keeping only the UIDs in [low, high]: an ESEARCH range is clipped to
+        them before it is counted against `SEARCH_LIMIT` and expanded."""
         self._need_selected("UID SEARCH")
         uids: list[int] = []
 
+        def room() -> int:
+            return SEARCH_LIMIT - len(uids)
+
         def on_search(r: Response) -> bool:
             if r.kind == "SEARCH":
-                uids.extend(int(x) for x in r.data if isinstance(x, str) and x.isdigit())
+                found = [protocol.parse_number(x, limit=protocol.UID_MAX, what="UID")
+                         for x in r.data if not isinstance(x, list)]   # (MODSEQ n) dropped
+                uids.extend(u for u in found if low <= u <= high)
+                if room() < 0:
+                    raise ProtocolError(f"UID SEARCH answered more than {SEARCH_LIMIT} UIDs")
                 return True
             if r.kind == "ESEARCH":
-                items = [x for x in r.data if not isinstance(x, list)]  # drop (TAG "...")
-                for i in range(len(items) - 1):
-                    key, value = items[i], items[i + 1]
-                    if isinstance(key, str) and key.upper() == "ALL" and isinstance(value, str):
-                        uids.extend(protocol.parse_uid_set(value))
+                items = r.data[1:] if r.data and isinstance(r.data[0], list) else r.data  # (TAG "x")
+                for i, key in enumerate(items):
+                    if isinstance(key, str) and key.upper() == "ALL":
+                        value = items[i + 1] if i + 1 < len(items) else None
+                        if not isinstance(value, str):
+                            raise ProtocolError("ESEARCH ALL without a sequence set")
+                        uids.extend(protocol.parse_uid_set(value, limit=room(), low=low, high=high))
                 return True
             return False
 
@@ -692,8 +721,8 @@ class IMAPClient:
     async def search_uids(self, first: int, last: int | None = None) -> list[int]:
         """UIDs that exist in [first, last] (last open: up to the newest message)."""
         upper = "*" if last is None else str(last)
-        uids = await self.search("UID", f"{first}:{upper}")
-        return [u for u in uids if u >= first and (last is None or u <= last)]
+        return await self._search(("UID", f"{first}:{upper}"), low=first,
+                                  high=protocol.UID_MAX if last is None else last)
 
     async def fetch_headers(self, uids: Sequence[int], *, fields: Sequence[str] = HEADER_FIELDS,
                             batch: int | None = None) -> AsyncIterator[MessageHeaders]:
@@ -882,8 +911,9 @@ class IMAPClient:
         resp = await self._run(words, what=f"APPEND {name}")
         if resp.code == "APPENDUID":
             parts = resp.code_args.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                return int(parts[1])
+            if len(parts) == 2:
+                with contextlib.suppress(ProtocolError):   # the UID is a hint: None
+                    return protocol.parse_number(parts[1], limit=protocol.UID_MAX, what="UID")
         return None
 
 
@@ -928,8 +958,10 @@ def _chunks(uids: Sequence[int], size: int) -> Iterable[list[int]]:
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+    """A number from a FETCH item (UID, RFC822.SIZE, MODSEQ); None when it is not ASCII
+    digits, `ProtocolError` when it is too long or too large for any IMAP number."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return protocol.parse_number(value)
     return None
 
 

@@ -13,6 +13,13 @@ response of any number of lines is parsed without recursion.
 Parsed values: atoms and quoted strings are `str`, literals are `bytes`, parenthesized
 lists are `list`, `NIL` is `None`. Section specifiers keep their brackets in the atom
 (`BODY[HEADER.FIELDS (FROM TO)]`).
+
+Hostile answers: everything here is linear in the bytes read, and whatever the server
+sends that we cannot read raises `ProtocolError` (never `ValueError` or `IndexError`).
+Numbers are read with `parse_number`: ASCII digits only (`str.isdigit` takes "²"), at
+most 20 of them and no larger than the bound of their kind (`NUMBER_MAX`, `UID_MAX`).
+A sequence set is counted before it is expanded (`uid_ranges`, `parse_uid_set(limit=)`),
+so `1:4294967295` costs nothing until someone asks for four billion numbers.
 """
 
 from __future__ import annotations
@@ -34,16 +41,38 @@ __all__ = [
     "format_internaldate",
     "format_search_date",
     "parse_internaldate",
+    "parse_number",
     "parse_response",
     "parse_uid_set",
     "quote_astring",
     "read_response",
+    "uid_ranges",
     "uid_set",
 ]
+
+NUMBER_MAX = 2**63 - 1
+"""The largest number we read (RFC 9051 number64; a mod-sequence is at most this)."""
+UID_MAX = 2**32 - 1
+"""The largest UID, sequence number or literal size (RFC 3501 nz-number / number)."""
 
 
 class ProtocolError(Exception):
     """The server sent something that is not IMAP (or exceeds our limits)."""
+
+
+def parse_number(text: str | bytes, *, limit: int = NUMBER_MAX, what: str = "number") -> int:
+    """ASCII digits -> int, at most `limit`; anything else raises `ProtocolError`.
+
+    `int()` alone would take "²" (`isdigit` is true for it, `int` then raises
+    ValueError), " 12", "1_000" and "+5", and raises ValueError past 4,300 digits."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
+        raise ProtocolError(f"not a {what}: {text[:40]!r}")
+    value = int(text)
+    if value > limit:
+        raise ProtocolError(f"{what} {text[:40]} is larger than {limit}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -100,7 +129,7 @@ async def read_response(reader: asyncio.StreamReader, *, max_literal: int = 64 *
         if m is None:
             chunks.append(line[:-2])
             return chunks
-        size = int(m.group(1))
+        size = parse_number(m.group(1), limit=UID_MAX, what="literal size")
         if size > max_literal:
             raise ProtocolError(f"literal of {size} bytes exceeds the limit of {max_literal}")
         chunks.append(line[:m.start()])
@@ -179,8 +208,8 @@ def parse_response(chunks: Sequence[bytes | bytearray]) -> Response:
     word_b, _, after = rest.partition(b" ")
     word = word_b.decode("ascii", "replace").upper()
     number: int | None = None
-    if tag == "*" and word.isdigit():
-        number = int(word)
+    if tag == "*" and word.isascii() and word.isdigit():
+        number = parse_number(word, limit=UID_MAX, what="message number")
         word_b, _, after = after.partition(b" ")
         word = word_b.decode("ascii", "replace").upper()
     if word in _STATUS:
@@ -228,24 +257,49 @@ def uid_set(uids: Iterable[int]) -> str:
     return ",".join(parts)
 
 
-def parse_uid_set(text: str, *, largest: int | None = None) -> list[int]:
-    """`1:3,5` -> [1, 2, 3, 5]; `*` needs `largest`."""
-    out: list[int] = []
+def uid_ranges(text: str, *, largest: int | None = None, low: int = 1,
+               high: int = UID_MAX) -> list[tuple[int, int]]:
+    """`1:3,5` -> [(1, 3), (5, 5)]: the ranges of a sequence set, each clipped to
+    [low, high] (ranges outside it are dropped), without expanding anything; `*` needs
+    `largest`. A member that is not a UID (0, > `UID_MAX`, not ASCII digits) raises
+    `ProtocolError`."""
+    out: list[tuple[int, int]] = []
+
+    def num(s: str) -> int:
+        if s == "*":
+            if largest is None:
+                raise ProtocolError("'*' in a UID set without a largest UID")
+            return largest
+        value = parse_number(s, limit=UID_MAX, what="UID")
+        if value == 0:
+            raise ProtocolError("UID 0 in a sequence set")
+        return value
+
     for part in text.split(","):
         if not part:
             continue
         a, _, b = part.partition(":")
-
-        def num(s: str) -> int:
-            if s == "*":
-                if largest is None:
-                    raise ProtocolError("'*' in a UID set without a largest UID")
-                return largest
-            return int(s)
-
         lo, hi = num(a), num(b) if b else num(a)
         if lo > hi:
             lo, hi = hi, lo
+        lo, hi = max(lo, low), min(hi, high)
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+def parse_uid_set(text: str, *, largest: int | None = None, limit: int | None = None,
+                  low: int = 1, high: int = UID_MAX) -> list[int]:
+    """`1:3,5` -> [1, 2, 3, 5] (members outside [low, high] left out); `*` needs
+    `largest`. More than `limit` members raises `ProtocolError` before anything is
+    expanded."""
+    ranges = uid_ranges(text, largest=largest, low=low, high=high)
+    if limit is not None:
+        total = sum(hi - lo + 1 for lo, hi in ranges)
+        if total > limit:
+            raise ProtocolError(f"a sequence set of {total} UIDs (more than {limit})")
+    out: list[int] = []
+    for lo, hi in ranges:
         out.extend(range(lo, hi + 1))
     return out
 

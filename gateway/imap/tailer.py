@@ -614,7 +614,8 @@ class AccountTailer:
         stored with the checkpoint that covers them. The store transaction runs while the
         next batch is fetched (`_commit_later`); `_settle()` waits for it."""
         heads: list[MessageHeaders] = [h async for h in imap.fetch_headers(uids, fields=HEADER_FIELDS)]
-        infos = [parse_headers(h.header) for h in heads]
+        # header blocks come from outside (up to a megabyte each): read them off the loop
+        infos = await asyncio.to_thread(lambda: [parse_headers(h.header) for h in heads])
         verdicts = await asyncio.wait_for(self.store.concerning(
             [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos]), STORE_TIMEOUT)
         counts.fetched += len(heads)

@@ -263,9 +263,11 @@ def _valid_block(fields: dict[str, str], *, bare: bool) -> bool:
 
 # --- addresses in blocks ------------------------------------------------------------
 
+# A bare address is only tried where a run of address characters starts: tried from
+# every character of a long run without "@", the scan would be quadratic.
 _HUMAN_ADDR_RE = re.compile(
     r"[<\[](?:mailto:)?(?P<br>[^\s<>\[\]@]+@[^\s<>\[\]]+?)[>\]]"
-    r"|(?P<bare>[^\s<>\[\],;:\"'()]+@[^\s<>\[\],;:\"'()]+)"
+    r"|(?<![^\s<>\[\],;:\"'()])(?P<bare>[^\s<>\[\],;:\"'()]+@[^\s<>\[\],;:\"'()]+)"
 )
 _MAILTO_DUP_RE = re.compile(r"<mailto:[^<>]*>")
 
@@ -317,23 +319,37 @@ _LEADING_CLOSE_RE = re.compile(
 )
 
 
+_LEADING_SPACE_RE = re.compile(r"(?:\s|<br\b[^<>]*>)+", re.I)
+_DIV_OPEN_RE = re.compile(r"<div\b", re.I)
+_DIV_CLOSE_RE = re.compile(r"</div\s*>", re.I)
+
+
 def _trim_unbalanced(fragment: str) -> str:
+    """`fragment` without the close tags (and blank lines) it starts with, and without
+    as many trailing `</div>` as it has more closes than opens. One pass each way:
+    cutting one tag at a time off a copy of the string was quadratic in the number of
+    tags (a megabyte of `</div>` took minutes)."""
     frag = fragment.strip()
-    while True:
-        m = _LEADING_CLOSE_RE.match(frag)
-        if m is None:
+    pos = 0
+    while (m := _LEADING_CLOSE_RE.match(frag, pos)) is not None:
+        pos = m.end()
+    lead = _LEADING_SPACE_RE.match(frag, pos)
+    if lead is not None:
+        pos = lead.end()
+    opens = sum(1 for _ in _DIV_OPEN_RE.finditer(frag, pos))
+    closes = sum(1 for _ in _DIV_CLOSE_RE.finditer(frag, pos))
+    end = len(frag)
+    while end > pos and frag[end - 1].isspace():
+        end -= 1
+    while closes > opens and end > pos and frag[end - 1] == ">":
+        lt = frag.rfind("<", pos, end)   # "</div >" holds no other "<"
+        if lt < 0 or _DIV_CLOSE_RE.fullmatch(frag, lt, end) is None:
             break
-        frag = frag[m.end() :]
-    frag = re.sub(r"^(?:\s|<br\b[^<>]*>)+", "", frag, flags=re.I)
-    opens = len(re.findall(r"<div\b", frag, re.I))
-    closes = len(re.findall(r"</div\s*>", frag, re.I))
-    while closes > opens:
-        m = re.search(r"</div\s*>\s*$", frag, re.I)
-        if m is None:
-            break
-        frag = frag[: m.start()].rstrip()
+        end = lt
+        while end > pos and frag[end - 1].isspace():
+            end -= 1
         closes -= 1
-    return frag.strip()
+    return frag[pos:end].strip()
 
 
 def _open_tag_before(html: str, pos: int, pattern: str) -> int | None:
@@ -541,7 +557,7 @@ def _from_attachment(raw: bytes, parsed: ParsedMessage, kind: str | None) -> For
         return None
     note_source = parsed.text_body if parsed.text_body.strip() else html_to_text(parsed.html_body)
     note = note_source.strip()
-    messages = attached_messages(raw)
+    messages = attached_messages(raw, limit=1)  # only the first one is the original
     if not messages:
         return None
     inner = messages[0]

@@ -36,8 +36,8 @@ from email.utils import getaddresses
 from typing import Literal
 
 from gateway.mail.dates import parse_rfc_date
-from gateway.mail.headers import body_start, fields, header_end
-from gateway.mail.mime import boundary_bytes, entity_at
+from gateway.mail.headers import body_start, fields, header_end, split_entity
+from gateway.mail.mime import boundary_bytes, cut_multipart
 from gateway.mail.text import (
     collapse_ws,
     decode_bytes,
@@ -295,7 +295,9 @@ def message_id_key(mid: str | None) -> str:
     return f"{local}@{domain.lower()}"
 
 
-_ADDR_RE = re.compile(r"[^\s<>(),;:\"\[\]]+@[^\s<>(),;:\"\[\]]+")
+# Only where a run of address characters starts: a findall from every character of a
+# long run without "@" would scan the rest of the run each time (quadratic).
+_ADDR_RE = re.compile(r"(?<![^\s<>(),;:\"\[\]])[^\s<>(),;:\"\[\]]+@[^\s<>(),;:\"\[\]]+")
 
 
 def _addresses(
@@ -579,10 +581,41 @@ def _boundary_of(header: bytes) -> bytes | None:
     return boundary_bytes(boundary) if boundary else None
 
 
-def _entity_at(raw: bytes, path: tuple[int, ...]) -> bytes | None:
-    """The exact bytes (headers and body) of the MIME entity at `path` (child indexes
-    from the top-level multipart down), or None when the bytes cannot be followed."""
-    return entity_at(raw, path, _boundary_of)
+class _Entities:
+    """The exact bytes of a message's MIME entities by path, each multipart cut once.
+
+    `entity(path)` is `gateway.mail.mime.entity_at(raw, path, ...)`, but the parts of
+    every multipart on the way are kept: walking a message of N sibling parts cuts
+    their parent once instead of N times (which made a message of thousands of
+    attached messages take minutes). The work is linear in the size of the message
+    times its nesting depth (capped at `MAX_DEPTH`)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._parts: dict[tuple[int, ...], list[bytes] | None] = {}
+
+    def _parts_of(self, path: tuple[int, ...]) -> list[bytes] | None:
+        if path in self._parts:
+            return self._parts[path]
+        entity = self.entity(path)
+        parts: list[bytes] | None = None
+        if entity is not None:
+            header, _, body = split_entity(entity)
+            boundary = _boundary_of(header)
+            if boundary is not None:
+                parts = cut_multipart(body, boundary)[0]
+        self._parts[path] = parts
+        return parts
+
+    def entity(self, path: tuple[int, ...]) -> bytes | None:
+        """The exact bytes (headers and body) of the MIME entity at `path` (child indexes
+        from the top-level multipart down), or None when the bytes cannot be followed."""
+        if not path:
+            return self.raw
+        parts = self._parts_of(path[:-1])
+        if parts is None or path[-1] >= len(parts):
+            return None
+        return parts[path[-1]]
 
 
 def _decode_transfer(data: bytes, cte: str | None) -> bytes:
@@ -600,10 +633,12 @@ def _decode_transfer(data: bytes, cte: str | None) -> bytes:
     return out if isinstance(out, bytes) else data
 
 
-def _attached_message_bytes(raw: bytes, part: Message, path: tuple[int, ...]) -> tuple[bytes, bool]:
+def _attached_message_bytes(
+    entities: _Entities, part: Message, path: tuple[int, ...]
+) -> tuple[bytes, bool]:
     """(the bytes of the message attached as `part`, exact?) — exact when they could be
-    cut out of `raw`, else the stdlib's re-serialisation of the parsed part."""
-    entity = _entity_at(raw, path)
+    cut out of the raw message, else the stdlib's re-serialisation of the parsed part."""
+    entity = entities.entity(path)
     payload = part.get_payload()
     if entity is not None:
         cte = (_part_header(part, "Content-Transfer-Encoding") or "").lower()
@@ -630,7 +665,7 @@ _MESSAGE_TYPES = ("message/rfc822", "message/global")
 
 @dataclass
 class _Walk:
-    raw: bytes
+    entities: _Entities
     text_limit: int
     texts: list[str] = field(default_factory=list)
     htmls: list[str] = field(default_factory=list)
@@ -673,7 +708,7 @@ def _walk_part(walk: _Walk, part: Message, path: tuple[int, ...], depth: int) ->
         walk.defects.append(type(defect).__name__)
     ctype = _content_type(part)
     if ctype.startswith("message/"):
-        data, exact = _attached_message_bytes(walk.raw, part, path)
+        data, exact = _attached_message_bytes(walk.entities, part, path)
         if not exact:
             walk.defects.append(f"{ctype} part measured on its re-serialisation, not its exact bytes")
         filename = _filename(part, walk.defects)
@@ -741,6 +776,67 @@ def _cleaned(raw: bytes) -> bytes:
     return raw if clean is head else clean + raw[end:]
 
 
+_BOUNDARY_PARAM_RE = re.compile(rb"boundary\s*=", re.I)
+
+
+def _head_kind(header: bytes) -> tuple[str, bytes | None, str]:
+    """(content type, boundary, transfer encoding) of an entity's header block."""
+    try:
+        msg = email.message_from_bytes(_clean_head(header), policy=_POLICY)
+        boundary = msg.get_boundary()
+        cte = str(msg.get("Content-Transfer-Encoding", "")).strip().lower()
+        return msg.get_content_type(), boundary_bytes(boundary) if boundary else None, cte
+    except Exception:
+        return "text/plain", None, ""
+
+
+def _shallow(entity: bytes, depth: int = 0) -> tuple[bytes, bool]:
+    """(`entity` with the bodies nothing walks emptied, whether any was): those of the
+    multiparts at `MAX_DEPTH` or deeper, and of messages attached at that depth.
+
+    The stdlib parser checks every line against every enclosing boundary, so a message
+    nested a thousand multiparts deep cost seconds per 100 KB (quadratic). Headers stay,
+    and so does every byte above `MAX_DEPTH`: the walk sees the same tree, and exact bytes
+    are still cut from the original. At most `MAX_DEPTH` passes over the message."""
+    header, blank, body = split_entity(entity)
+    if not body:
+        return entity, False
+    ctype, boundary, cte = _head_kind(header)
+    if ctype in _MESSAGE_TYPES and cte not in ("base64", "quoted-printable"):
+        if depth >= MAX_DEPTH:
+            inner_head, inner_blank, inner_body = split_entity(body)
+            return header + blank + inner_head + inner_blank, bool(inner_body)
+        inner, cut = _shallow(body, depth + 1)
+        return (header + blank + inner, True) if cut else (entity, False)
+    if boundary is None or not ctype.startswith("multipart/"):
+        return entity, False
+    if depth >= MAX_DEPTH:
+        return header + blank, True
+    parts, gaps = cut_multipart(body, boundary)
+    out: list[bytes] = []
+    cut_any = False
+    for gap, part in zip(gaps, parts, strict=False):
+        inner, cut = _shallow(part, depth + 1)
+        cut_any = cut_any or cut
+        out += (gap, inner)
+    if not cut_any:
+        return entity, False
+    return header + blank + b"".join(out) + gaps[-1], True
+
+
+def _tree(data: bytes, defects: list[str] | None = None) -> Message:
+    """The stdlib's MIME tree of a whole message (cleaned header block; nesting past
+    `MAX_DEPTH` emptied first when the message declares that many boundaries)."""
+    clean = _cleaned(data)
+    for declared, _ in enumerate(_BOUNDARY_PARAM_RE.finditer(clean), 1):
+        if declared > MAX_DEPTH:
+            clean, cut = _shallow(clean)
+            if cut and defects is not None:
+                defects.append(f"MIME nesting deeper than {MAX_DEPTH}; inner parts ignored")
+            break
+    return email.message_from_bytes(clean, policy=_POLICY)
+
+
 def parse_message(raw: bytes, *, text_limit: int = TEXT_LIMIT) -> ParsedMessage:
     """Parse a whole message. Never raises; every problem is listed in `defects`."""
     data = bytes(raw)
@@ -750,12 +846,12 @@ def parse_message(raw: bytes, *, text_limit: int = TEXT_LIMIT) -> ParsedMessage:
     except Exception as exc:  # pragma: no cover - the header scanner is total; belt and braces
         defects.append(f"header parse failed: {type(exc).__name__}")
         info = _header_info({}, defects)
-    walk = _Walk(raw=data, text_limit=text_limit, defects=defects)
+    walk = _Walk(entities=_Entities(data), text_limit=text_limit, defects=defects)
     if len(data) > PARSE_LIMIT:
         defects.append(f"message of {len(data)} bytes: body not parsed (limit {PARSE_LIMIT})")
     else:
         try:
-            tree = email.message_from_bytes(_cleaned(data), policy=_POLICY)
+            tree = _tree(data, defects)
             _walk_part(walk, tree, (), 0)
         except Exception as exc:  # RecursionError on absurd nesting, anything else in the stdlib
             defects.append(f"MIME parse failed: {type(exc).__name__}")
@@ -794,30 +890,43 @@ def _assemble(info: HeaderInfo, walk: _Walk, size: int) -> ParsedMessage:
     )
 
 
-def attached_messages(raw: bytes) -> list[bytes]:
+def attached_messages(raw: bytes, *, limit: int | None = None) -> list[bytes]:
     """The bytes of every message/rfc822 (or message/global) part of `raw` that is not
     inside another attached message nor inside a multipart/report (a bounce), in the
-    order `ParsedMessage.attachments` lists them; exact bytes where they can be cut out."""
-    if len(raw) > PARSE_LIMIT:
+    order `ParsedMessage.attachments` lists them; exact bytes where they can be cut out.
+
+    Capped like `parse_message`: at most `MAX_PARTS` parts are looked at (so at most
+    that many messages come back) and `MAX_DEPTH` levels; with `limit`, the walk stops
+    after that many messages. Linear in the size of `raw`."""
+    if len(raw) > PARSE_LIMIT or (limit is not None and limit <= 0):
         return []
     try:
-        tree = email.message_from_bytes(_cleaned(raw), policy=_POLICY)
+        tree = _tree(raw)
     except Exception:
         return []
+    entities = _Entities(raw)
     out: list[bytes] = []
+    seen = 0
+    wanted = MAX_PARTS if limit is None else min(limit, MAX_PARTS)
 
-    def visit(part: Message, path: tuple[int, ...], depth: int) -> None:
+    def visit(part: Message, path: tuple[int, ...], depth: int) -> bool:
+        """False once the walk must stop (a cap reached)."""
+        nonlocal seen
+        seen += 1
+        if seen > MAX_PARTS:
+            return False
         ctype = _content_type(part)
         if ctype in _MESSAGE_TYPES:
-            out.append(_attached_message_bytes(raw, part, path)[0])
-            return
+            out.append(_attached_message_bytes(entities, part, path)[0])
+            return len(out) < wanted
         if ctype == "multipart/report" or depth >= MAX_DEPTH:
-            return
+            return True
         payload = part.get_payload()
         if isinstance(payload, list) and not ctype.startswith("message/"):
             for index, sub in enumerate(payload):
-                if isinstance(sub, Message):
-                    visit(sub, (*path, index), depth + 1)
+                if isinstance(sub, Message) and not visit(sub, (*path, index), depth + 1):
+                    return False
+        return True
 
     try:
         visit(tree, (), 0)

@@ -53,12 +53,17 @@ ReportType = Literal["delivery", "read_receipt", "feedback"]
 ACTIONS: tuple[str, ...] = ("failed", "delayed", "delivered", "relayed", "expanded")
 MAX_ITEMS = 100
 TEXT_SCAN = 64 * 1024
+MAX_COPY_MARKERS = 5
+"""Copy markers ("--- returned message") tried for the returned message's headers."""
 DIAGNOSTIC_MAX = 500
 
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _SMTP_CODE = re.compile(r"(?<!\d)([45]\d\d)(?:[ :-]|$)")
 _ADDR = r"[^\s<>@\"(),;:]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
 _ADDR_RE = re.compile(_ADDR)
+#: `_ADDR` only where a run of local-part characters starts: a search with it never
+#: re-scans a long run without an "@" from each of its characters (see `_addresses_in`).
+_ADDR_AT_RUN_RE = re.compile(r"(?<![^\s<>@\"(),;:])" + _ADDR)
 _SYSTEM_LOCALS = ("mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon")
 #: plain-text phrasings that put the failed recipient after them (first match wins)
 _RECIPIENT_PHRASES = [
@@ -67,7 +72,10 @@ _RECIPIENT_PHRASES = [
         r"the following address(?:\(es\)|es)? failed:\s*\n\s*<?(" + _ADDR + ")",
         r"your message (?:wasn't|was not|could not be|couldn't be) delivered to <?(" + _ADDR + ")",
         r"your message to <?(" + _ADDR + r")>? (?:couldn't|could not|can't|cannot) be delivered",
-        r"the following recipient\(s\) (?:could not|cannot) be reached:\s*\n\s*\S*?[\"']?<?(" + _ADDR + ")",
+        # the address after any prefix ending in a non-address character ("Name"<a@b>,
+        # 'a@b', x:a@b); tried only there, so the scan of a long line stays linear
+        r"the following recipient\(s\) (?:could not|cannot) be reached:\s*\n\s*"
+        r"(?:\S*?[<>@\"(),;:'])??(" + _ADDR + ")",
         r"unable to deliver your message to the following address(?:es)?\.?\s*\n\s*<(" + _ADDR + ")>",
         r"delivery has failed to these recipients or groups:\s*\n\s*<?(" + _ADDR + ")",
         r"\n\s*<(" + _ADDR + r")>:\s*\n",
@@ -228,20 +236,22 @@ def _blocks(part: Message) -> list[dict[str, str]]:
 def _text_blocks(text: str) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for chunk in re.split(r"\r?\n[ \t]*\r?\n", text.strip()):
-        block: dict[str, str] = {}
+        # a field's value and its continuation lines, joined once at the end (adding each
+        # line to a growing string was quadratic in a flood of continuation lines)
+        block: dict[str, list[str]] = {}
         name = None
         for line in chunk.splitlines():
             if line[:1] in (" ", "\t") and name is not None:
-                block[name] += " " + line.strip()
+                block[name].append(line.strip())
                 continue
             key, sep, value = line.partition(":")
             if not sep or not key.strip() or " " in key.strip():
                 name = None
                 continue
             name = key.strip().lower()
-            block.setdefault(name, value.strip())
+            block.setdefault(name, [value.strip()])
         if block:
-            out.append({k: _clean(v) for k, v in block.items()})
+            out.append({k: _clean(" ".join(v)) for k, v in block.items()})
     return out
 
 
@@ -257,10 +267,30 @@ def _typed(value: str | None) -> str:
     return (rest if sep and " " not in kind.strip() else value).strip()
 
 
+def _addresses_in(text: str, limit: int | None = None) -> list[str]:
+    """What `_ADDR_RE.findall(text)` finds (the first `limit` of them), in linear time.
+
+    A plain search restarts at every character of a long run without an "@" and scans
+    the run again each time. A run that fails from its first character fails from any
+    later one (the local part cannot hold an "@"), so a match is only tried where a run
+    starts, or right where the previous match ended (findall would try there too)."""
+    out: list[str] = []
+    pos = 0
+    while limit is None or len(out) < limit:
+        m = _ADDR_RE.match(text, pos) if out else None
+        if m is None:
+            m = _ADDR_AT_RUN_RE.search(text, pos)
+        if m is None:
+            break
+        out.append(m.group(0))
+        pos = m.end()
+    return out
+
+
 def _address(value: str | None) -> str:
     text = _typed(value).strip().strip("<>").strip()
-    m = _ADDR_RE.search(text)
-    return m.group(0).lower() if m else ""
+    found = _addresses_in(text, 1)
+    return found[0].lower() if found else ""
 
 
 def _status_of(*texts: str | None) -> str | None:
@@ -308,9 +338,14 @@ def _returned(parts: list[Message], text: str) -> _Returned:
             _read_header(out, header)
             if out.message_id or out.queue_ids:
                 return out
-    for m in _COPY_MARKERS.finditer(text):
-        copy = text[m.end():].lstrip("\r\n")
-        header = email.message_from_string(copy[:TEXT_SCAN])
+    for tried, m in enumerate(_COPY_MARKERS.finditer(text)):
+        if tried >= MAX_COPY_MARKERS:
+            break
+        # only the copy's header block: reading the rest of the text again for every
+        # marker was quadratic (thousands of marker lines took seconds)
+        copy = text[m.end():m.end() + TEXT_SCAN].lstrip("\r\n")
+        blank = re.search(r"\r?\n[ \t]*\r?\n", copy)
+        header = email.message_from_string(copy[:blank.start() + 1] if blank else copy)
         _read_header(out, header)
         if out.message_id or out.queue_ids:
             return out
@@ -333,7 +368,7 @@ def _read_header(out: _Returned, header: Message) -> None:
             out.queue_ids.append(m.group(1))
     for name in ("to", "cc"):
         for v in header.get_all(name) or []:
-            out.to += [a.lower() for a in _ADDR_RE.findall(decode_words(str(v)))]
+            out.to += [a.lower() for a in _addresses_in(decode_words(str(v)))]
 
 
 # -- RFC 3464 -------------------------------------------------------------------------------
@@ -388,7 +423,7 @@ def _is_rcpt_block(b: dict[str, str]) -> bool:
 def _notice(msg: Message, parts: list[Message]) -> Report | None:
     sender = _address(msg.get("from", ""))
     failed_hdr = [a.lower() for v in msg.get_all("x-failed-recipients") or []
-                  for a in _ADDR_RE.findall(str(v))]
+                  for a in _addresses_in(str(v))]
     subject = decode_words(_clean(str(msg.get("subject", ""))))
     system = sender.split("@", 1)[0] in _SYSTEM_LOCALS
     if not failed_hdr and not system:
