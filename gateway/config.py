@@ -617,6 +617,9 @@ class Delivery(Model):
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
     connection_idle: Duration = 10.0
+    #: attempts of one queue entry whose processing may raise (a poison message) before
+    #: the entry is moved to hold/ with the error as its hold reason
+    max_crashes: int = Field(default=3, ge=1, le=1000)
     #: VERP return path for smarthost and MX delivery: each copy is sent with the envelope
     #: sender ``<local>+<queue id>@<domain>``, so asynchronous bounces come back to the
     #: ingest listener (which must receive mail for ``<domain>``) and name their copy.
