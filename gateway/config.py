@@ -617,6 +617,11 @@ class Delivery(Model):
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
     connection_idle: Duration = 10.0
+    #: an upstream connection is not reused once it is this old (Postfix
+    #: smtp_connection_reuse_time_limit) or has carried this many messages
+    #: (smtp_connection_reuse_count_limit); 0: no limit
+    connection_reuse_time: Duration = Field(default=300.0, ge=0)
+    connection_reuse_count: int = Field(default=100, ge=0)
     #: attempts of one queue entry whose processing may raise (a poison message) before
     #: the entry is moved to hold/ with the error as its hold reason
     max_crashes: int = Field(default=3, ge=1, le=1000)
