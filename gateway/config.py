@@ -763,6 +763,10 @@ class Sync(Model):
     max_connections: int = Field(default=20, ge=1, le=10000)
     #: how often folders other than INBOX (and INBOX on servers without IDLE) are checked
     poll_interval: Duration = Field(default=120.0, ge=1.0)
+    #: how often the folder list is read again (LIST), so that a configured folder created
+    #: after the connection listed them is found (and gets its initial sync); IDLE being
+    #: re-issued reads it too
+    list_interval: Duration = Field(default=120.0, ge=1.0)
     #: IDLE is re-issued after this long (servers drop it after 29-30 minutes)
     idle_interval: Duration = Field(default=25 * 60.0, ge=1.0, le=29 * 60.0)
     #: silence in IDLE after which the connection is probed (DONE must be answered)
