@@ -139,7 +139,9 @@ class App:
         transport = SMTPTransport(cfg.hostname, connect_timeout=d.connect_timeout,
                                   command_timeout=d.command_timeout,
                                   idle_timeout=d.connection_idle,
-                                  per_destination=d.per_destination)
+                                  per_destination=d.per_destination,
+                                  reuse_time=d.connection_reuse_time,
+                                  reuse_count=d.connection_reuse_count)
         nameservers = d.nameserver_addresses()
         resolver = self._resolver or MXResolver(
             nameservers=[ip for ip, _ in nameservers] or None,

@@ -617,6 +617,14 @@ class Delivery(Model):
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
     connection_idle: Duration = 10.0
+    #: an upstream connection is not reused once it is this old (Postfix
+    #: smtp_connection_reuse_time_limit) or has carried this many messages
+    #: (smtp_connection_reuse_count_limit); 0: no limit
+    connection_reuse_time: Duration = Field(default=300.0, ge=0)
+    connection_reuse_count: int = Field(default=100, ge=0)
+    #: attempts of one queue entry whose processing may raise (a poison message) before
+    #: the entry is moved to hold/ with the error as its hold reason
+    max_crashes: int = Field(default=3, ge=1, le=1000)
     #: VERP return path for smarthost and MX delivery: each copy is sent with the envelope
     #: sender ``<local>+<queue id>@<domain>``, so asynchronous bounces come back to the
     #: ingest listener (which must receive mail for ``<domain>``) and name their copy.
@@ -755,6 +763,10 @@ class Sync(Model):
     max_connections: int = Field(default=20, ge=1, le=10000)
     #: how often folders other than INBOX (and INBOX on servers without IDLE) are checked
     poll_interval: Duration = Field(default=120.0, ge=1.0)
+    #: how often the folder list is read again (LIST), so that a configured folder created
+    #: after the connection listed them is found (and gets its initial sync); IDLE being
+    #: re-issued reads it too
+    list_interval: Duration = Field(default=120.0, ge=1.0)
     #: IDLE is re-issued after this long (servers drop it after 29-30 minutes)
     idle_interval: Duration = Field(default=25 * 60.0, ge=1.0, le=29 * 60.0)
     #: silence in IDLE after which the connection is probed (DONE must be answered)

@@ -11,6 +11,8 @@ Metric names (all prefixed ``mailgw_``)::
     messages_accepted_total                    relay: messages spooled (a 250 given)
     deliveries_total{result}                   per recipient: delivered | deferred | bounced
     queue_messages{state}                      spool files per state (scrape time)
+    delivery_crashes_total                     attempts whose processing raised
+    queue_poison_total                         entries moved to hold/ after delivery.max_crashes
     store_write_failures_total                 failed store batches (the writer retries)
     webhook_deliveries_total{result}           POSTs: ok | failed | dead
     webhook_outbox_backlog                     outbox rows pending (scrape time)
@@ -50,6 +52,11 @@ class Metrics:
                                   ["result"], registry=r)
         self.queue_messages = Gauge("mailgw_queue_messages", "Spool files per state", ["state"],
                                     registry=r)
+        self.delivery_crashes = Counter("mailgw_delivery_crashes",
+                                        "Delivery attempts whose processing raised", registry=r)
+        self.queue_poison = Counter("mailgw_queue_poison",
+                                    "Queue entries held after crashing delivery.max_crashes times",
+                                    registry=r)
         self.store_write_failures = Counter("mailgw_store_write_failures",
                                             "Store write batches that failed (retried)", registry=r)
         self.webhook_deliveries = Counter("mailgw_webhook_deliveries", "Webhook POST outcomes",
@@ -88,6 +95,12 @@ class Metrics:
     def set_queue(self, counts: Mapping[str, int]) -> None:
         for state, n in counts.items():
             self.queue_messages.labels(state).set(n)
+
+    def delivery_crashed(self) -> None:
+        self.delivery_crashes.inc()
+
+    def queue_poisoned(self) -> None:
+        self.queue_poison.inc()
 
     def store_write_failed(self) -> None:
         self.store_write_failures.inc()

@@ -42,6 +42,7 @@ def _queue_entry(state: str, env: Any) -> dict[str, Any]:
         "next_attempt": ts(env.next_attempt) if state == "deferred" else None,
         "scheduled_for": ts(env.scheduled_for) if env.scheduled_for is not None else None,
         "bounce": env.is_bounce,
+        "crashes": env.crashes, "last_error": env.last_error, "hold_reason": env.hold_reason,
         "recipients": [{"address": r.addr, "status": r.status, "attempts": r.attempts,
                         "last_reply": r.last_reply, "remote": r.remote}
                        for r in env.recipients],
@@ -94,6 +95,10 @@ def _queue(args: argparse.Namespace) -> int:
                   f"<{r['sender']}>")
             if r["scheduled_for"] is not None:
                 print(f"        scheduled for {r['scheduled_for'][:19]}")
+            if r["hold_reason"]:
+                print(f"        held: {r['hold_reason']}")
+            elif r["crashes"]:
+                print(f"        crashed {r['crashes']} time(s): {r['last_error']}")
             for rc in r["recipients"]:
                 if rc["status"] == "pending":
                     reason = f"  ({rc['last_reply']})" if rc["last_reply"] else ""
@@ -155,7 +160,7 @@ def _queue(args: argparse.Namespace) -> int:
         state = spool.find(args.id)
         if state != "hold":
             raise UsageError(f"{args.id} is in {state}/, not on hold")
-        spool.move(args.id, "hold", "incoming")
+        spool.release(args.id)   # clears the crash count of a poison message
         print(f"{args.id} released")
         return EXIT_OK
     raise UsageError(f"unknown queue command {qc}")

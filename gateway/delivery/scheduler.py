@@ -27,6 +27,12 @@ Work comes from three places: the relay's `notify()` right after a 250, a scan o
 `incoming/` once a second (which also finds what `mailgw queue retry|release` moved
 there and what a crash left), and a timer heap of deferred entries. A crash at any
 point redelivers at most the entries that were in flight.
+
+An attempt that raises (a poison message: a bug meeting odd input) frees its worker at
+once: the crash is counted in the entry's envelope on disk (`Envelope.crashes`, kept
+across restarts), the entry is retried later on the retry schedule's backoff, and after
+`delivery.max_crashes` crashes it is moved to hold/ with the error as its hold reason
+(metric `mailgw_queue_poison_total`, log event `queue_poison`).
 """
 
 from __future__ import annotations
@@ -91,6 +97,9 @@ class LocalDelivery(Protocol):
         ...
 
 
+#: seconds an entry whose crash could not even be recorded on disk is left alone
+CRASH_PAUSE = 30.0
+
 #: how many submissions the scheduler remembers having sent a delay warning for
 DELAY_GROUPS_KEPT = 10000
 
@@ -149,6 +158,7 @@ class Scheduler:
         self._secrets: dict[str, str] = {}
         self._idle = asyncio.Event()
         self._delay_groups: dict[str, None] = {}   # submissions whose sender got a delay DSN
+        self._paused: dict[str, float] = {}   # incoming/ entries left alone until (monotonic)
 
     @property
     def cfg(self) -> Config:
@@ -202,8 +212,12 @@ class Scheduler:
         self._ready.put_nowait((state, qid))
 
     def _scan_incoming(self) -> None:
+        now = time.monotonic()
+        if self._paused:
+            self._paused = {q: t for q, t in self._paused.items() if t > now}
         for qid in self.spool.list_ids("incoming"):
-            self._enqueue("incoming", qid)
+            if qid not in self._paused:
+                self._enqueue("incoming", qid)
 
     def retry_now(self) -> None:
         """Make every deferred entry due now (the daemon's side of `queue retry`)."""
@@ -254,15 +268,56 @@ class Scheduler:
     async def _process_safely(self, state: str, qid: str) -> None:
         try:
             await self.process(state, qid)
-        except Exception:
+        except Exception as exc:
             self.log.exception("delivery_error", queue_id=qid)
-            # leave the file where it is; the scan or the timer brings it back
-            if state == "incoming":
-                await asyncio.sleep(5)
+            try:
+                await self._crashed(state, qid, exc)
+            except Exception:
+                # the crash could not be recorded (the disk is full, the envelope holds
+                # nonsense): keep the entry out of the scans for a while in memory instead
+                self.log.exception("delivery_crash_not_recorded", queue_id=qid)
+                self._pause(state, qid)
         finally:
             self._known.discard(qid)
             if not self._known:
                 self._idle.set()
+
+    async def _crashed(self, state: str, qid: str, exc: Exception) -> None:
+        """An attempt raised: count it in the entry's envelope on disk (so a restart keeps
+        the count), then retry later with the retry schedule's backoff, or after
+        `delivery.max_crashes` crashes move the entry to hold/ with the error as its hold
+        reason. The worker is free as soon as this returns."""
+        self.metrics.delivery_crashed()
+        try:
+            env, data = self.spool.read(state, qid)
+        except (NotFound, CorruptQueueFile):
+            return   # moved or deleted meanwhile (the scan or `queue` commands see to it)
+        error = reply_line(f"{type(exc).__name__}: {exc}")[:500]
+        env.crashes += 1
+        env.last_error = error
+        cfg = self.cfg
+        if env.crashes >= cfg.delivery.max_crashes:
+            env.hold_reason = f"delivery crashed {env.crashes} times, last: {error}"
+            if await self.spool.rewrite(env, data, state, "hold"):
+                self.metrics.queue_poisoned()
+                self.log.error("queue_poison", queue_id=qid, crashes=env.crashes, error=error,
+                               moved_to="hold")
+            return
+        sched = cfg.delivery.retry.schedule
+        env.next_attempt = self.clock() + sched[min(env.crashes - 1, len(sched) - 1)]
+        if await self.spool.rewrite(env, data, state, "deferred"):
+            heapq.heappush(self._heap, (env.next_attempt, qid))
+            self._wakeup.set()
+            self.log.warning("delivery_crash_deferred", queue_id=qid, crashes=env.crashes,
+                             error=error, next_attempt=_utc(env.next_attempt).isoformat())
+
+    def _pause(self, state: str, qid: str) -> None:
+        """Keep an entry whose crash could not be recorded out of the work for
+        CRASH_PAUSE seconds (not across restarts)."""
+        if state == "deferred":
+            heapq.heappush(self._heap, (self.clock() + CRASH_PAUSE, qid))
+        else:
+            self._paused[qid] = time.monotonic() + CRASH_PAUSE
 
     # -- one attempt ---------------------------------------------------------------
     async def process(self, state: str, qid: str) -> None:

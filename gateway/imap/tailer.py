@@ -54,7 +54,10 @@ what a handler raises into the transitions drawn above:
   resets the backoff.
 - TAIL (`_tail`, `_idle`): IDLE on INBOX (re-issued after sync.idle_interval < 29 min;
   liveness probe after sync.idle_liveness of silence) until new mail (-> SYNC) or the
-  next poll (-> SYNC every folder); without IDLE, sleep until the next poll. Accounts
+  next poll (-> SYNC every folder); without IDLE, sleep until the next poll. Before IDLE
+  is re-issued, and every sync.list_interval, the folders are LISTed again
+  (`_relist`): a configured folder created since joins the session (-> SYNC of it: its
+  initial sync), one deleted leaves it. Accounts
   waiting for a slot and this one held it a poll interval: give it up (LOGOUT) and
   queue again.
 - BACKOFF (`_wait_backoff`): the slot released, a capped exponential delay with full
@@ -168,6 +171,7 @@ class _Session:
     inbox: Folder | None = None        # TAIL: IDLE on it (None: no IDLE, poll every folder)
     held_since: float | None = None    # loop time tailing began (None: the first SYNC is due)
     next_poll: float = 0.0             # loop time of the next SYNC of every folder
+    next_list: float = 0.0             # loop time of the next LIST (new folders)
 
 
 # -- one mailbox ------------------------------------------------------------------------------
@@ -405,6 +409,8 @@ class AccountTailer:
             session.inbox = next((f for f in session.folders if f.name.upper() == "INBOX"), None) \
                 if imap.can_idle else None
         session.next_poll = loop.time() + session.sync.poll_interval
+        if not session.next_list:
+            session.next_list = loop.time() + session.sync.list_interval
         return TailState.TAIL
 
     async def _tail(self) -> TailState:
@@ -420,14 +426,40 @@ class AccountTailer:
         if self.slots.waiting and loop.time() - session.held_since >= s.poll_interval:
             self.log.info("imap_slot_yielded", waiting=self.slots.waiting)
             return TailState.WAIT_SLOT
+        if loop.time() >= session.next_list:
+            session.next_list = loop.time() + s.list_interval
+            added = await self._relist(session)
+            if added:   # their initial sync now; IDLE selects INBOX again afterwards
+                session.due = added
+                return TailState.SYNC
         if loop.time() >= session.next_poll:
             # INBOX last, so that it stays selected for IDLE
             session.due = sorted(session.folders, key=lambda f: f is session.inbox)
             return TailState.SYNC
         if session.inbox is None:
-            slept = await self._sleep(session.next_poll - loop.time())
+            slept = await self._sleep(min(session.next_poll, session.next_list) - loop.time())
             return TailState.TAIL if slept else TailState.STOPPED
         return await self._idle(session, session.inbox)
+
+    async def _relist(self, session: _Session) -> list[Folder]:
+        """LIST again: configured folders that exist now and did not before join the
+        session (returned, for their initial sync); folders gone from the list leave it.
+        An answer with no usable folder at all changes nothing (the next LIST may do better)."""
+        folders = await self._usable_folders(session.imap)
+        if not folders:
+            return []
+        known = {f.name: f for f in session.folders}
+        listed = [known.get(f.name, f) for f in folders]   # the same objects: `inbox` stays
+        added = [f for f in listed if f.name not in known]
+        gone = [name for name in known if name not in {f.name for f in listed}]
+        if session.inbox is not None and session.inbox.name in gone:
+            return []   # INBOX never goes away; a LIST without it is not to be believed
+        session.folders = listed
+        if added:
+            self.log.info("imap_folders_added", folders=[f.name for f in added])
+        if gone:
+            self.log.info("imap_folders_gone", folders=gone)
+        return added
 
     async def _idle(self, session: _Session, inbox: Folder) -> TailState:
         """IDLE on INBOX until it changes, the poll is due or `sync.idle_interval` passes."""
@@ -435,7 +467,8 @@ class AccountTailer:
         loop = asyncio.get_running_loop()
         if imap.selected is None or imap.selected.name != inbox.name:
             await self._sync_folder(imap, inbox)
-        interval = min(session.sync.idle_interval, max(0.5, session.next_poll - loop.time()))
+        interval = min(session.sync.idle_interval,
+                       max(0.5, min(session.next_poll, session.next_list) - loop.time()))
         self._folder = inbox.name
         self.stats.idles += 1
         done, result = await self._until_stopped(imap.idle(interval=interval))
@@ -444,6 +477,8 @@ class AccountTailer:
         if result.reason == "pending" or any(e.kind in ("EXISTS", "VANISHED") for e in result.events):
             session.inbox_changed = True
             return TailState.SYNC
+        if result.reason == "interval":
+            session.next_list = 0.0   # IDLE is about to be re-issued: LIST first (new folders)
         return TailState.TAIL
 
     async def _wait_backoff(self) -> TailState:

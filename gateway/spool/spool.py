@@ -5,7 +5,9 @@ Queue state is where a file is (Postfix qmgr, Mailman's switchboard)::
     tmp/        being written; never acknowledged; removed at start-up
     incoming/   accepted (the client got 250), not yet attempted
     deferred/   a temporary failure happened; waits for `next_attempt`
-    hold/       set aside by an admin (`mailgw queue hold`); not delivered until released
+    hold/       set aside by an admin (`mailgw queue hold`), or by the scheduler after
+                `delivery.max_crashes` attempts that raised (`hold_reason` says why);
+                not delivered until released
     corrupt/    could not be parsed; kept for a human, never deleted
 
 A queue file is one file named by the queue id::
@@ -85,6 +87,13 @@ class Envelope:
     #: scheduled send (`X-Mailgw-Send-At`, epoch seconds): not attempted before then, and
     #: the queue lifetime counts from then. None: at once. Older files read as None.
     scheduled_for: float | None = None
+    #: attempts whose processing raised (a poison message, like Mailman's replay count);
+    #: kept across restarts, cleared by `mailgw queue release`. Older files read as 0.
+    crashes: int = 0
+    #: the error of the last attempt that raised ("ValueError: ...")
+    last_error: str | None = None
+    #: why the entry is in hold/ when the scheduler put it there (None: `queue hold`)
+    hold_reason: str | None = None
 
     @property
     def started_at(self) -> float:
@@ -268,6 +277,21 @@ class Spool:
     def move(self, qid: str, src: str, dst: str) -> None:
         """Atomic rename between states (used by `mailgw queue` and recovery)."""
         self._queue.move(qid, src, dst)
+
+    def release(self, qid: str) -> None:
+        """Put a held entry back into incoming/ (admin action). An entry the scheduler
+        held after crashes gets its crash count cleared, so it has its full number of
+        attempts again; others are only renamed. NotFound if it is not in hold/."""
+        try:
+            env, data = self.read("hold", qid)
+        except CorruptQueueFile:
+            env = None
+        if env is None or not (env.crashes or env.hold_reason or env.last_error):
+            self._queue.move(qid, "hold", "incoming")
+            return
+        env.crashes, env.last_error, env.hold_reason = 0, None, None
+        if not self._queue.replace(qid, self._file(env, data), "hold", "incoming"):
+            raise NotFound(f"no queue file hold/{qid}")
 
     def delete(self, qid: str) -> str:
         """Delete a queued message wherever it is (admin action); returns its old state."""

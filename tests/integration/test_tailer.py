@@ -183,6 +183,51 @@ async def test_server_restarted_mid_idle_reconnects_and_loses_nothing(
         await tailers.stop()
 
 
+@pytest.mark.parametrize("sync", [{"list_interval": "1s"}, {"idle_interval": "1s"}],
+                         ids=["list-timer", "idle-reissued"])
+async def test_a_folder_created_while_idling_is_picked_up(
+        sqlite_store: Store, dovecot: Dovecot, user: str, tmp_path: Path,
+        sync: dict[str, str]) -> None:
+    """A configured folder that does not exist yet when the connection lists the folders
+    is found by a later LIST (on the sync.list_interval timer, or when IDLE is re-issued)
+    on the same connection, gets its initial sync, and its mail is stored. The poll is
+    a minute away, so only the new LIST can bring it in time."""
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    folder = f"Customers-{user.split('@')[0]}"
+    acct = account_dict(dovecot, user, tmp_path, sync={"folders": ["INBOX", folder]})
+    cfg = make_config(tmp_path, [acct], sync={"poll_interval": "60s", **sync})
+    tailers, spy = tailers_for(cfg, store)
+    await tailers.start()
+    try:
+        await wait_synced(tailers.accounts, "rep", ["INBOX"])
+        await running(tailers, "rep")
+        t = tailers.tailer("rep")
+        assert t is not None
+        await wait_until(lambda: t.stats.idles > 0, 10, "IDLE")
+        await asyncio.to_thread(dovecot.create_mailbox, user, folder)
+        await asyncio.to_thread(dovecot.append, user, folder, message(
+            "in the new folder", sender=LEAD, to=user, message_id="<new-folder@test>"))
+
+        async def stored() -> bool:
+            return "<new-folder@test>" in await stored_ids(store)
+
+        await wait_until(stored, 20, "the message in the new folder stored")
+        cps = await wait_synced(tailers.accounts, "rep", [folder])
+        assert cps[folder].last_uid >= 1
+        assert spy.logins == 1                          # the same connection all along
+        # and INBOX is still tailed through IDLE afterwards
+        await asyncio.to_thread(dovecot.append, user, "INBOX", message(
+            "inbox after", sender=LEAD, to=user, message_id="<inbox-after@test>"))
+
+        async def inbox_after() -> bool:
+            return "<inbox-after@test>" in await stored_ids(store)
+
+        await wait_until(inbox_after, 20, "INBOX mail after the new folder")
+    finally:
+        await tailers.stop()
+
+
 async def test_uidvalidity_change_resyncs_without_duplicates(
         store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
     await add_contacts(store, LEAD)

@@ -299,6 +299,23 @@ async def test_auth_535_is_temporary(transport: SMTPTransport) -> None:
         assert "535" in r.text
 
 
+async def test_a_refused_login_is_one_auth_attempt_per_connection_and_keeps_5_7_8(
+        transport: SMTPTransport) -> None:
+    """PLAIN refused with 535: no LOGIN after it (each try counts toward the provider's
+    lockout), and the upstream's own reply, enhanced code included, is what is recorded."""
+    async with Upstream(auth=("alice", "s3cret")) as up:
+        d = dest(up, username="alice", password="wrong")
+        for _ in range(3):
+            [res] = await transport.send(d, FROM, ["a@example.test"], MESSAGE)
+            assert res.code == 454 and res.status == "4.7.8", res
+            assert "535 5.7.8" in res.reply, res.reply
+            assert "AUTH PLAIN" in res.reply, res.reply
+        assert up.messages == []
+        assert up.connections == 3
+        assert up.password_attempts == [(1, "PLAIN"), (2, "PLAIN"), (3, "PLAIN")]
+        assert up.auth_failures == 3
+
+
 async def test_password_is_not_in_repr() -> None:
     d = Destination(host="smtp.example.test", port=587, tls="starttls", username="u",
                     password="hunter2")
@@ -411,6 +428,40 @@ async def test_idle_connections_close_after_idle_timeout() -> None:
             assert t.idle_connections == 0
     finally:
         await t.close()
+
+
+async def test_a_connection_carries_at_most_reuse_count_messages() -> None:
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=60,
+                      reuse_count=3)
+    try:
+        async with Upstream() as up:
+            for i in range(7):
+                [res] = await t.send(dest(up), FROM, ["a@example.test"], message(i))
+                assert res.ok, res
+            got = await up.wait_for(7)
+            # the worn-out connections are closed with QUIT, not left open
+            await up.wait_until(lambda: up.active == 1, what="worn-out connections closed")
+    finally:
+        await t.close()
+    assert up.connections == 3
+    assert [m.session for m in got] == [1, 1, 1, 2, 2, 2, 3]
+
+
+async def test_a_connection_is_not_reused_after_reuse_time() -> None:
+    now = [1000.0]
+    t = SMTPTransport("gw.test", connect_timeout=5, command_timeout=5, idle_timeout=600,
+                      reuse_time=300, reuse_count=0, clock=lambda: now[0])
+    try:
+        async with Upstream() as up:
+            for step in (0, 299, 1, 0):
+                now[0] += step
+                [res] = await t.send(dest(up), FROM, ["a@example.test"], MESSAGE)
+                assert res.ok, res
+            got = await up.wait_for(4)
+    finally:
+        await t.close()
+    # opened at 1000; reused at 1299; at 1300 it is 300 s old: a fresh one carries the rest
+    assert [m.session for m in got] == [1, 1, 2, 2]
 
 
 async def test_close_quits_pooled_connections() -> None:

@@ -36,7 +36,8 @@ Behaviours, all optional and combinable:
   default `Upstream.PIPELINING` (False), so a test module can run all its cases both ways.
 
 Counters: `connections` (accepted so far), `active` (open now), `max_active` (the
-most open at once), `auth_failures`. `drop_connections()` closes every open
+most open at once), `auth_failures`; `password_attempts` lists every PLAIN/LOGIN
+try as (connection number, mechanism). `drop_connections()` closes every open
 connection from the server side (to test a client's handling of dead pooled ones).
 """
 
@@ -185,6 +186,7 @@ class Upstream:
         self.max_active = 0
         self.data_commands = 0
         self.auth_failures = 0
+        self.password_attempts: list[tuple[int, str]] = []
         self._servers: set[_Server] = set()
         self._server: asyncio.AbstractServer | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -292,6 +294,8 @@ class Upstream:
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                       mechanism: str, auth_data: Any) -> AuthResult:
         assert self.auth is not None
+        self.password_attempts.append(
+            (server.number if isinstance(server, _Server) else 0, mechanism))
         if isinstance(auth_data, LoginPassword):
             user, password = self.auth
             if (auth_data.login.decode("utf-8", "replace") == user

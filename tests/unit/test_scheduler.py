@@ -14,6 +14,8 @@ never go by route `account`.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,13 @@ import pytest
 from gateway.config import Account, Config
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
-from gateway.delivery.transport import Destination
+from gateway.delivery.transport import Destination, RcptResult
 from gateway.directory import AccountDirectory
 from gateway.errors import AccountAuthError, AccountUnavailable, PermanentFailure
 from gateway.records import AcceptedMessage, EventRecord
 from gateway.spool import Envelope, Recipient, Spool, new_queue_id
 from tests.support.clock import FakeClock
-from tests.support.transport import MemoryTransport
+from tests.support.transport import MemoryTransport, Sent
 from tests.support.wait import wait_for
 
 SCAN = 0.01
@@ -883,3 +885,120 @@ async def test_expiry_of_a_scheduled_send_counts_from_its_time(tmp_path: Path) -
     finally:
         await h.scheduler.stop(timeout=5)
         h.spool.close()
+
+
+# -- poison messages: attempts that raise ------------------------------------------------
+
+class CrashingTransport(MemoryTransport):
+    """A MemoryTransport whose sends carrying a recipient in `poison` raise, as a bug
+    meeting odd input would."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.poison: set[str] = set()
+
+    async def send(self, dest: Destination, mail_from: str, rcpts: list[str],
+                   data: bytes) -> list[RcptResult]:
+        if self.poison.intersection(rcpts):
+            self.sends.append(Sent(mail_from, tuple(rcpts), data, self.clock(), dest=dest))
+            raise RuntimeError("transport bug: boom")
+        return await super().send(dest, mail_from, rcpts, data)
+
+
+@pytest.fixture
+async def crashy(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path / "state" / "spool",
+                      make_config([60.0, 300.0], give_up_after=86400.0, max_crashes=3))
+    transport = CrashingTransport(clock=harness.clock)
+    transport.poison = {"poison@example.test"}
+    harness.transport = transport
+    harness.scheduler = harness.new_scheduler()
+    await harness.scheduler.start()
+    try:
+        yield harness
+    finally:
+        await harness.scheduler.stop(timeout=5)
+        harness.spool.close()
+
+
+async def test_twenty_poison_messages_do_not_stop_a_good_one(crashy: Harness) -> None:
+    h = crashy
+    bad = [await h.queue("poison@example.test") for _ in range(20)]
+    good = await h.queue("a@example.test")
+    # two workers, twenty crashing entries ahead: each crash frees its worker at once
+    await wait_for(lambda: h.state(good) is None, timeout=5, what="the good message sent")
+    assert h.events.of("a@example.test") == ["sent"]
+    for qid in bad:
+        await h.wait_settled(qid, "deferred")
+        env = h.deferred(qid)
+        # counted on disk, retried with the schedule's backoff (not hot-looped)
+        assert env.crashes == 1 and env.last_error == "RuntimeError: transport bug: boom"
+        assert env.next_attempt == h.t0 + 60
+    await h.timer_tick()
+    assert len(h.transport.sent_to("poison@example.test")) == 20
+
+
+async def test_a_poison_message_is_held_after_max_crashes_and_a_restart_keeps_the_count(
+        crashy: Harness) -> None:
+    h = crashy
+    qid = await h.queue("poison@example.test")
+    await h.wait_settled(qid, "deferred")
+    assert h.deferred(qid).crashes == 1
+
+    # a restart keeps the count (it is in the queue file)
+    await h.scheduler.stop(timeout=5)
+    h.scheduler = h.new_scheduler()
+    await h.scheduler.start()
+    assert h.deferred(qid).crashes == 1
+    # a deferred entry that raises is rescheduled too, with the next backoff
+    h.clock.advance(60)
+    await h.wait_sends("poison@example.test", 2)
+    await wait_for(lambda: h.state(qid) == "deferred" and h.deferred(qid).crashes == 2
+                   and h.scheduler.busy == 0, what="the second crash counted")
+    assert h.deferred(qid).next_attempt == h.t0 + 60 + 300
+
+    h.clock.advance(300)
+    await h.wait_settled(qid, "hold")
+    env = h.spool.read_envelope("hold", qid)
+    assert env.crashes == 3
+    assert env.hold_reason == ("delivery crashed 3 times, last: RuntimeError: transport bug: "
+                               "boom")
+    assert b"mailgw_queue_poison_total 1.0" in await h.scheduler.metrics.collect()
+    # this scheduler (since the restart) saw two of the three crashes
+    assert b"mailgw_delivery_crashes_total 2.0" in await h.scheduler.metrics.collect()
+    # held means held: no more attempts
+    h.clock.advance(3600)
+    await h.timer_tick()
+    assert len(h.transport.sent_to("poison@example.test")) == 3
+
+    # `queue list` and `queue show` give the reason; `queue release` clears the count
+    cfg = h.spool.root.parent.parent / "gateway.yaml"
+    cfg.write_text(f"hostname: gw.test\nstate_dir: {h.spool.root.parent}\n")
+    listing = run_cli(cfg, "queue", "list")
+    assert f"{qid}  hold" in listing
+    assert "held: delivery crashed 3 times, last: RuntimeError: transport bug: boom" in listing
+    assert "hold_reason: delivery crashed 3 times" in run_cli(cfg, "queue", "show", qid)
+    assert isinstance(h.transport, CrashingTransport)
+    h.transport.poison.clear()   # the bug is fixed
+    run_cli(cfg, "queue", "release", qid)
+    await h.wait_settled(qid, None)
+    assert h.events.of("poison@example.test") == ["sent"]
+
+
+def run_cli(config: Path, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def test_release_clears_the_crash_count(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.setup()
+    env = Envelope(id=new_queue_id(), mail_from=SENDER, recipients=[Recipient("a@x.test")],
+                   crashes=3, last_error="E: x", hold_reason="delivery crashed 3 times")
+    await spool.put(env, DATA, state="hold")
+    spool.release(env.id)
+    back = spool.read_envelope("incoming", env.id)
+    assert (back.crashes, back.last_error, back.hold_reason) == (0, None, None)
+    spool.close()

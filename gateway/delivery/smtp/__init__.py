@@ -17,7 +17,9 @@ How failures are labelled::
     STARTTLS required but not offered ............. 451 4.7.4  every recipient
     TLS handshake or certificate failure .......... 451 4.7.5  every recipient
     AUTH rejected (535) or not offered ............ 454 4.7.8 / 4.7.0  (an admin fixes the
-                                                               credentials; nothing bounces)
+                                                               credentials; nothing bounces;
+                                                               the upstream's reply, e.g.
+                                                               "535 5.7.8 ...", in the text)
     OAuth token refused twice (535), grant refused  454 4.7.8  "<account> needs reconnecting"
                                                                (one fresh token in between;
                                                                see `connect`)
@@ -30,7 +32,9 @@ How failures are labelled::
 Connections are pooled per destination: after a transaction the connection goes
 idle; the next message to the same destination (every `Destination` field equal
 but `address` and `token`: host, port, TLS settings, credentials) reuses it, and an idle
-connection is closed (QUIT) after `idle_timeout`. At most `per_destination`
+connection is closed (QUIT) after `idle_timeout`. A connection is not reused once it
+is `reuse_time` seconds old or has carried `reuse_count` messages (Postfix's
+smtp_connection_reuse_time_limit / _count_limit). At most `per_destination`
 connections to one destination are open at any time; further senders wait. A
 reused connection that turns out dead before any recipient was answered is replaced
 once by a fresh one; a connection lost during or after DATA is never retried here:

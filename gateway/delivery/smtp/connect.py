@@ -39,11 +39,16 @@ from aiosmtplib import (
 from gateway.delivery.smtp.failures import Failure, TLSFailure, errno_text, tls_cause
 from gateway.delivery.smtp.pool import Counters, quit_smtp
 from gateway.delivery.smtp.tls import TLSContexts
-from gateway.delivery.transport import Destination, parse_reply, token_error_reply
+from gateway.delivery.transport import Destination, parse_reply, reply_line, token_error_reply
 from gateway.errors import AccountError
 from gateway.oauth.sasl import MECHANISMS, initial_response
 
 _log = logging.getLogger("gateway.delivery.transport")  # one logger for the whole client
+
+#: Password mechanisms in the order they are chosen; one of them is tried per connection.
+#: PLAIN first: every server that takes passwords has it, and over TLS it is as safe as
+#: any; CRAM-MD5 (historic, RFC 8314 recommends TLS + PLAIN) only when nothing else is.
+PASSWORD_MECHANISMS = ("plain", "login", "cram-md5")
 
 
 class Connector:
@@ -197,22 +202,36 @@ class Connector:
         await self.ehlo(smtp, remote)  # RFC 3207: forget what was said before TLS
 
     async def _login(self, smtp: SMTP, dest: Destination, remote: str) -> None:
+        """Log in with a password using one mechanism, the first of PASSWORD_MECHANISMS
+        the server offers. A refusal (535) ends it: trying the next mechanism with the
+        same password would only count one more failure toward the provider's lockout.
+        Only a server that turns out not to support the mechanism it offered (504, 534)
+        gets the next one. The upstream's reply, enhanced status code included, is kept
+        in the recorded reply."""
         user = dest.username or ""
         if not smtp.supports_extension("auth"):
             raise Failure(454, "4.7.0", f"host {remote} offers no AUTH (to log in as {user})",
                           remote=remote)
-        try:
-            await smtp.login(user, dest.password or "")
-        except SMTPResponseException as exc:
-            _, _, text = parse_reply(exc.code, exc.message)
-            status = "4.7.8" if isinstance(exc, SMTPAuthenticationError) else "4.7.0"
-            raise Failure(454, status, f"authentication as {user} failed at {remote}: "
-                          f"{exc.code} {text}", remote=remote) from None
-        except SMTPServerDisconnected:
-            raise
-        except SMTPException as exc:  # no common mechanism
-            raise Failure(454, "4.7.0", f"cannot log in as {user} at {remote}: {exc}",
-                          remote=remote) from None
+        offered = [m for m in PASSWORD_MECHANISMS if m in smtp.server_auth_methods]
+        if not offered:
+            shown = " ".join(m.upper() for m in smtp.server_auth_methods) or "nothing"
+            raise Failure(454, "4.7.0", f"cannot log in as {user} at {remote}: it offers no "
+                          f"password mechanism we use (it offers {shown})", remote=remote)
+        for i, mech in enumerate(offered):
+            method = getattr(smtp, f"auth_{mech.replace('-', '')}")
+            try:
+                await method(user, dest.password or "", timeout=self.command_timeout)
+                return
+            except SMTPResponseException as exc:
+                if exc.code in (504, 534) and i + 1 < len(offered) and smtp.is_connected:
+                    _log.info("%s does not take AUTH %s after all (%s %s); trying %s",
+                              remote, mech.upper(), exc.code, exc.message,
+                              offered[i + 1].upper())
+                    continue
+                status = "4.7.8" if isinstance(exc, SMTPAuthenticationError) else "4.7.0"
+                raise Failure(454, status, f"authentication as {user} (AUTH {mech.upper()}) "
+                              f"failed at {remote}: {_upstream_reply(exc)}",
+                              remote=remote) from None
 
     async def _oauth_login(self, smtp: SMTP, dest: Destination, remote: str) -> None:
         """AUTH XOAUTH2/OAUTHBEARER; one fresh token and one more try after a refusal."""
@@ -272,6 +291,12 @@ class Connector:
         why = "failed for now" if 400 <= code < 500 else "failed"
         raise Failure(454, "4.7.0", f"AUTH {mech} as {dest.username} {why} at {remote}: "
                       f"{reply}", remote=remote)
+
+
+def _upstream_reply(exc: SMTPResponseException) -> str:
+    """The server's reply as it gave it, on one line: "535 5.7.8 Authentication failed"
+    (the enhanced status code kept, none made up when it gave none)."""
+    return reply_line(f"{exc.code} {' '.join(exc.message.splitlines())}")
 
 
 def _helo_failure(remote: str, verb: str, exc: SMTPResponseException) -> Failure:

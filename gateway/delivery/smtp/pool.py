@@ -1,11 +1,19 @@
 """Pooled SMTP connections, per destination: at most `per_destination` in use at once,
 an idle one reused by the next message to the same destination (every `Destination`
 field equal but `address` and `token`, which takes no part in equality) and closed
-with QUIT after `idle_timeout`."""
+with QUIT after `idle_timeout`.
+
+Reuse is capped as Postfix's client caps it (smtp_connection_reuse_time_limit and
+smtp_connection_reuse_count_limit): a connection older than `reuse_time` seconds, or
+that has carried `reuse_count` transactions, is closed with QUIT instead of going back
+to the pool (0: no limit), so an upstream reload or a changed route is seen even under
+steady traffic."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from aiosmtplib import SMTP, SMTPException
@@ -27,6 +35,8 @@ class Conn:
     smtp: SMTP
     remote: str
     generation: int
+    opened_at: float = 0.0  # the pool clock's value when it was opened
+    uses: int = 0           # transactions it has carried
     expiry: asyncio.TimerHandle | None = None
     clean: bool = True  # no transaction left open: the next one needs no RSET
     keep: bool = False  # the last transaction left it fit for the pool
@@ -44,10 +54,14 @@ class Pools:
     older one are closed when their transaction ends instead of going idle."""
 
     def __init__(self, *, idle_timeout: float, per_destination: int,
-                 quit_timeout: float) -> None:
+                 quit_timeout: float, reuse_time: float = 0.0, reuse_count: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if per_destination < 1:
             raise ValueError("per_destination must be at least 1")
         self.idle_timeout = idle_timeout
+        self.reuse_time = reuse_time
+        self.reuse_count = reuse_count
+        self.clock = clock
         self.quit_timeout = quit_timeout
         self.per_destination = per_destination
         self.generation = 0
@@ -74,10 +88,16 @@ class Pools:
             if conn.expiry is not None:
                 conn.expiry.cancel()
                 conn.expiry = None
-            if conn.smtp.is_connected:
+            if conn.smtp.is_connected and not self.worn_out(conn):
                 return conn
-            conn.smtp.close()
+            self._quit_later(conn)
         return None
+
+    def worn_out(self, conn: Conn) -> bool:
+        """The connection has been used long enough or often enough: no more reuse."""
+        if self.reuse_count > 0 and conn.uses >= self.reuse_count:
+            return True
+        return self.reuse_time > 0 and self.clock() - conn.opened_at >= self.reuse_time
 
     def put_back(self, key: Destination, pool: Pool, conn: Conn) -> None:
         """After a transaction: idle when it left the connection fit (`conn.keep`), else
@@ -105,7 +125,8 @@ class Pools:
         return sum(len(p.idle) for p in self._pools.values())
 
     def _release(self, key: Destination, pool: Pool, conn: Conn) -> None:
-        if conn.generation != self.generation or self.idle_timeout <= 0:
+        if (conn.generation != self.generation or self.idle_timeout <= 0
+                or self.worn_out(conn)):
             self._quit_later(conn)
             return
         loop = asyncio.get_running_loop()

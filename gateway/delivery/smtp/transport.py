@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.smtp import transaction
@@ -26,10 +28,16 @@ class SMTPTransport:
     mx_address_limit = 10
 
     def __init__(self, helo: str, *, connect_timeout: float, command_timeout: float,
-                 idle_timeout: float = 10, per_destination: int = 10) -> None:
+                 idle_timeout: float = 10, per_destination: int = 10,
+                 reuse_time: float = 300.0, reuse_count: int = 100,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`reuse_time` / `reuse_count`: a connection is not reused once it is that many
+        seconds old or has carried that many messages (0: no limit); `clock` is what
+        its age is measured with."""
         self.counters = Counters()
         self._pools = Pools(idle_timeout=idle_timeout, per_destination=per_destination,
-                            quit_timeout=min(5.0, command_timeout))
+                            quit_timeout=min(5.0, command_timeout), reuse_time=reuse_time,
+                            reuse_count=reuse_count, clock=clock)
         self._connector = Connector(helo, connect_timeout=connect_timeout,
                                     command_timeout=command_timeout, counters=self.counters)
         self.helo = helo
@@ -153,12 +161,13 @@ class SMTPTransport:
 
     async def _open(self, dest: Destination, *, starttls: bool = True) -> Conn:
         smtp, remote = await self._connector.open(dest, starttls=starttls)
-        return Conn(smtp, remote, self._pools.generation)
+        return Conn(smtp, remote, self._pools.generation, opened_at=self._pools.clock())
 
     async def _transaction(self, key: Destination, pool: Pool, conn: Conn, mail_from: str,
                            rcpts: list[str], data: bytes, *, reused: bool) -> Outcome:
         """MAIL, RCPT..., DATA on an open connection; pool the connection when it is clean."""
         conn.keep = False
+        conn.uses += 1
         try:
             return await transaction.run(conn, mail_from, rcpts, data, reused=reused,
                                          timeout=self.command_timeout, counters=self.counters)
