@@ -187,3 +187,15 @@ def test_dkim_keygen_writes_the_key_the_config_names(tmp_path: Path) -> None:
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     after = mailgw("check", "-c", str(cfg), cwd=tmp_path)
     assert after.returncode == 0, after.stderr
+
+
+def test_duplicate_key_in_a_policy_file(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10-x.yaml").write_text("- name: one\n"
+                                        "  set: {track_opens: false}\n"
+                                        "  set: {track_clicks: false}\n")
+    cfg = write(tmp_path, policies_dir="./policies")
+    out = mailgw("check", "-c", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "10-x.yaml:3: [0].set: duplicate key 'set' (first given at line 2" in out.stderr, out.stderr
