@@ -20,7 +20,7 @@ import structlog
 from gateway.accounts.service import AccountService
 from gateway.api.http import AdminAPI
 from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
-from gateway.config import Config, load_config, read_secret
+from gateway.config import Config, generated_secret_path, load_config, read_secret
 from gateway.crm import outbox
 from gateway.crm.counters import SendCounts
 from gateway.crm.hits import StoreTracking
@@ -231,8 +231,13 @@ class App:
     @staticmethod
     def _load_token_signer(cfg: Config) -> TokenSigner:
         t = cfg.tracking
-        text = read_secret(t.secret_file, cfg.base_dir) if t.secret_file else \
-            load_or_create_secret(cfg.state_path / "tracking.key")
+        if not t.secret_file:
+            return TokenSigner.from_text(load_or_create_secret(cfg.state_path / "tracking.key"))
+        # a plain path that does not exist yet gets a new key, as the default file does
+        # (`mailgw check` says so); env: and credential: must already be there
+        path = generated_secret_path(t.secret_file, cfg.base_dir)
+        text = load_or_create_secret(path) if path is not None else \
+            read_secret(t.secret_file, cfg.base_dir)
         return TokenSigner.from_text(text)
 
     async def _start_tracking(self) -> None:

@@ -795,12 +795,46 @@ class Logging(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+#: Store URL schemes mailgw can open (the async driver is picked from the plain names).
+STORE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg")
+
+
 class Store(Model):
+    """`store:` the CRM database. A PostgreSQL password is a secret: `password_file`
+    (a file, env:NAME or credential:NAME), never inline in `url`."""
+
     url: str = ""
+    password_file: SecretRef | None = None
     #: where raw message bytes are kept: `disk` (content-addressed under raw_dir), `database`
     #: (table raw_messages), or `none` (only the parsed fields are stored)
     raw: Literal["disk", "database", "none"] = "disk"
     raw_dir: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v:
+            return v
+        from sqlalchemy.engine import make_url
+
+        try:
+            u = make_url(v)
+        except Exception as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
+        if u.drivername not in STORE_SCHEMES:
+            raise ValueError(f"unsupported store URL scheme {u.drivername}://: use "
+                             "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        if u.password is not None:
+            raise ValueError("the URL carries a password inline; secrets are never inline: put it "
+                             "in a file (mode 0600) and name it as store.password_file "
+                             "(or env:NAME, credential:NAME), and drop it from the URL")
+        return v
+
+    @model_validator(mode="after")
+    def _password_for_postgresql(self) -> Store:
+        if self.password_file and not self.url.startswith("postgres"):
+            raise ValueError("password_file only applies to a postgresql+asyncpg:// url")
+        return self
 
 
 class Company(Model):
@@ -876,6 +910,11 @@ class Config(Model):
         m = re.match(r"^(sqlite(?:\+\w+)?):///(?!/)(.+)$", url)
         if m and m.group(2) != ":memory:":
             url = f"{m.group(1)}:///{self.path(m.group(2))}"
+        if self.store.password_file:  # read when the store is opened; check has read it once
+            from sqlalchemy.engine import make_url
+
+            password = read_secret(self.store.password_file, self.base_dir).strip()
+            url = make_url(url).set(password=password).render_as_string(hide_password=False)
         return url
 
     def user(self, login: str) -> User | None:
@@ -980,8 +1019,36 @@ def _yaml_problem(file: str, exc: yaml.YAMLError) -> Problem:
     return Problem(file, line, "", f"YAML syntax error: {what}")
 
 
+def _duplicate_keys(file: str, node: yaml.Node) -> list[Problem]:
+    """Every mapping key given twice in the same mapping (YAML would silently keep the last)."""
+    problems: list[Problem] = []
+    stack: list[tuple[yaml.Node, str]] = [(node, "")]
+    while stack:
+        current, path = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in current.value:
+                if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                    stack.append((v, path))
+                    continue
+                key = f"{path}.{k.value}" if path else str(k.value)
+                line = k.start_mark.line + 1
+                if k.value in first:
+                    problems.append(Problem(file, line, key, f"duplicate key {k.value!r} (first given "
+                                                             f"at line {first[k.value]}; YAML "
+                                                             "would silently keep only the last)"))
+                else:
+                    first[k.value] = line
+                stack.append((v, key))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(current.value))
+    problems.sort(key=lambda q: q.line or 0)
+    return problems
+
+
 def load_yaml_with_nodes(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Parse a YAML file into (data, node tree); raise ConfigError naming the line on syntax errors."""
+    """Parse a YAML file into (data, node tree); raise ConfigError naming the line on syntax
+    errors and on a key given twice in one mapping."""
     file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -991,6 +1058,9 @@ def load_yaml_with_nodes(path: Path) -> tuple[Any, yaml.Node | None]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             return {}, None
+        duplicates = _duplicate_keys(file, node)
+        if duplicates:
+            raise ConfigError(duplicates)
         loader = yaml.SafeLoader("")
         data = loader.construct_document(node)
     except yaml.YAMLError as exc:
@@ -1014,7 +1084,8 @@ def validation_problems(file: str, exc: ValidationError, node: yaml.Node | None,
 
 
 def _semantic_problems(cfg: Config, node: yaml.Node | None,
-                       warnings: list[Problem] | None = None) -> Iterator[Problem]:
+                       warnings: list[Problem] | None = None, *,
+                       dkim_keys: bool = True) -> Iterator[Problem]:
     """Cross-key checks pydantic cannot do alone: references, files, duplicates.
 
     Problems are yielded; things that work but should be fixed go to `warnings`.
@@ -1115,7 +1186,10 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
             yield at(("webhooks", i, "url"), f"duplicate webhook url {w.url!r}")
         urls.add(w.url)
     yield from check_file(("token_key_file",), cfg.token_key_file, True)
-    yield from _dkim_problems(cfg, node, at, warnings)
+    yield from check_file(("store", "password_file"), cfg.store.password_file, True)
+    yield from _tracking_secret_problems(cfg, at, warnings)
+    if dkim_keys:
+        yield from _dkim_problems(cfg, node, at, warnings)
 
     ports: dict[tuple[str, int], str] = {}
     for name in ("submission", "ingest", "tracking", "admin"):
@@ -1127,6 +1201,36 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
             yield at(("listeners", name, "port"),
                      f"{lst.host}:{lst.port} is already used by listeners.{ports[key]}")
         ports[key] = name
+
+
+def generated_secret_path(ref: str, base_dir: Path) -> Path | None:
+    """The file a `*_file` value names when mailgw may create it there (a plain path);
+    None for env:NAME and credential:NAME, which only the administrator can provide."""
+    if ref.startswith(("env:", "credential:")):
+        return None
+    return _secret_path(ref, base_dir)
+
+
+def _tracking_secret_problems(cfg: Config, at: Any,
+                              warnings: list[Problem] | None) -> Iterator[Problem]:
+    """`tracking.secret_file`: readable, or a path where `run` generates a key (0600)."""
+    ref = cfg.tracking.secret_file
+    if not ref:
+        return
+    loc = ("tracking", "secret_file")
+    path = generated_secret_path(ref, cfg.base_dir)
+    if path is not None and not path.exists():
+        if warnings is not None:
+            warnings.append(at(loc, f"{ref} does not exist yet: `mailgw run` generates a new "
+                                    "key there (mode 0600)"))
+        return
+    try:
+        text = read_secret(ref, cfg.base_dir)
+    except (OSError, UnicodeDecodeError) as exc:
+        yield at(loc, f"cannot read {ref}: {getattr(exc, 'strerror', None) or exc}")
+        return
+    if not text.strip():
+        yield at(loc, f"{ref} is empty")
 
 
 def _sends_with_credentials(a: Account) -> bool:
@@ -1216,15 +1320,20 @@ def _dkim_problems(cfg: Config, node: yaml.Node | None, at: Any,
                 warnings.extend(at((*loc, "key_file"), f"{entry.key_file}: {w}") for w in warns)
 
 
-def load_config(path: str | Path | None = None, warnings: list[Problem] | None = None) -> Config:
+def load_config(path: str | Path | None = None, warnings: list[Problem] | None = None, *,
+                dkim_keys: bool = True) -> Config:
     """Read, validate and return the configuration; raise ConfigError with every problem.
 
     Pass a list as `warnings` to collect what works but should be fixed (`mailgw check`
-    prints them; the daemon logs them).
+    prints them; the daemon logs them). `dkim_keys=False` skips reading the DKIM key
+    files (`mailgw dkim keygen` writes one the config may already name).
     """
     p = find_config(path)
     data, node = load_yaml_with_nodes(p)
     file = str(p)
+    if node is None:
+        raise ConfigError([Problem(file, 1, "", "the file is empty (or only comments); "
+                                                "start from gateway.example.yaml")])
     if not isinstance(data, dict):
         raise ConfigError([Problem(file, 1, "", "the top level must be a mapping of keys")])
     try:
@@ -1232,7 +1341,7 @@ def load_config(path: str | Path | None = None, warnings: list[Problem] | None =
     except ValidationError as exc:
         raise ConfigError(validation_problems(file, exc, node)) from None
     found: list[Problem] = []
-    problems = list(_semantic_problems(cfg, node, found))
+    problems = list(_semantic_problems(cfg, node, found, dkim_keys=dkim_keys))
     if warnings is not None:
         warnings.extend(Problem(file, q.line, q.key, q.message) for q in found)
     if problems:

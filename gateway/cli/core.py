@@ -9,7 +9,7 @@ import ssl
 import sys
 
 from gateway.cli.common import EXIT_FAIL, EXIT_OK, Subparsers, config
-from gateway.config import find_config, load_config
+from gateway.config import Config, find_config, load_config
 from gateway.errors import ConfigError, GatewayError, Problem, UsageError
 
 
@@ -71,12 +71,7 @@ def _check(args: argparse.Namespace) -> int:
             except (ssl.SSLError, OSError) as exc:
                 problems.append(Problem(str(path), None, f"listeners.{name}.cert_file",
                                         f"certificate and key do not load together: {exc}"))
-    try:
-        from sqlalchemy.engine import make_url
-
-        make_url(cfg.store_url)
-    except Exception as exc:
-        problems.append(Problem(str(path), None, "store.url", f"not a database URL: {exc}"))
+    problems += _store_problems(cfg, str(path))
     if problems:
         raise ConfigError(problems)
     assert policies is not None
@@ -84,6 +79,41 @@ def _check(args: argparse.Namespace) -> int:
           f"route {cfg.delivery.route}, {len(policies)} policy rules in "
           f"{len(policies.files)} files, {len(policies.templates)} templates)")
     return EXIT_OK
+
+
+def _store_problems(cfg: Config, file: str) -> list[Problem]:
+    """A PostgreSQL store is opened as `run` opens it (connection, database, schema), so
+    check fails with the message run would give. SQLite is created by `run`; not touched."""
+    from gateway.crm.engine import parse_url
+    from gateway.crm.store import Store
+    from gateway.errors import StoreError
+
+    url = cfg.store_url
+    try:
+        if parse_url(url).get_backend_name() != "postgresql":
+            return []
+
+        async def probe() -> None:
+            store = await Store.open(url, auto_upgrade=False)
+            await store.close()
+
+        asyncio.run(probe())
+    except StoreError as exc:
+        line = _line_of(cfg, ("store", "url"))
+        return [Problem(file, line, "store.url", str(exc))]
+    return []
+
+
+def _line_of(cfg: Config, loc: tuple[str, ...]) -> int | None:
+    from pathlib import Path
+
+    from gateway.config import load_yaml_with_nodes, node_location
+
+    try:
+        _, node = load_yaml_with_nodes(Path(cfg.source))
+    except ConfigError:
+        return None
+    return node_location(node, loc)[0]
 
 
 def _users_hash(args: argparse.Namespace) -> int:

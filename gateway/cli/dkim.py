@@ -52,8 +52,7 @@ def _keygen(args: argparse.Namespace) -> int:
         raise UsageError(f"--selector {args.selector!r} is not a selector")
     if args.algorithm == "rsa-sha256" and not 1024 <= args.bits <= 8192:
         raise UsageError("--bits must be between 1024 and 8192 (2048 recommended)")
-    out = Path(args.out) if args.out else (
-        config(args).state_path / "dkim" / f"{domain}.{args.selector}.pem")
+    out = Path(args.out) if args.out else _default_out(args, domain, args.selector)
     if out.exists():
         print(f"mailgw: {out} exists; refusing to overwrite it (choose a new selector or --out)",
               file=sys.stderr)
@@ -81,6 +80,21 @@ def _keygen(args: argparse.Namespace) -> int:
           f"{domain} --selector {args.selector}` once DNS has it):\n")
     print(snippet, end="")
     return EXIT_OK
+
+
+def _default_out(args: argparse.Namespace, domain: str, selector: str) -> Path:
+    """Where keygen writes without --out: the key_file the config names for this domain
+    and selector (a plain path), else state_dir/dkim/DOMAIN.SELECTOR.pem. The config is
+    loaded without reading its DKIM keys: the one about to be written does not exist yet."""
+    from gateway.config import generated_secret_path, load_config
+
+    cfg = load_config(args.config, dkim_keys=False)
+    for entry in cfg.dkim.get(domain, []):
+        if entry.selector == selector:
+            path = generated_secret_path(entry.key_file, cfg.base_dir)
+            if path is not None:
+                return path
+    return cfg.state_path / "dkim" / f"{domain}.{selector}.pem"
 
 
 def lookup_txt(name: str, nameservers: list[tuple[str, int]], timeout: float) -> list[str]:

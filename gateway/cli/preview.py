@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, user_for_sender
-from gateway.config import read_secret
+from gateway.config import generated_secret_path, read_secret
 from gateway.errors import MailError, UsageError
 from gateway.ids import new_queue_id
 from gateway.pipeline.dkim import Signer
@@ -53,9 +53,12 @@ def _preview(args: argparse.Namespace) -> int:
     if args.user and user is None:
         raise UsageError(f"--user {args.user}: no such user in the config")
     note = ""
-    key_path = cfg.state_path / "tracking.key"
-    if cfg.tracking.secret_file:
-        tokens = TokenSigner.from_text(read_secret(cfg.tracking.secret_file, cfg.base_dir))
+    secret = cfg.tracking.secret_file
+    # a plain path is where `run` keeps (or generates) the key; env: and credential: are read
+    generated = generated_secret_path(secret, cfg.base_dir) if secret else None
+    key_path = generated or cfg.state_path / "tracking.key"
+    if secret and generated is None:
+        tokens = TokenSigner.from_text(read_secret(secret, cfg.base_dir))
     elif key_path.exists():
         tokens = TokenSigner.from_text(key_path.read_text(encoding="utf-8"))
     else:

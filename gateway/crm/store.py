@@ -37,6 +37,7 @@ the same transaction as the messages it covers). In one transaction a batch:
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,8 +129,13 @@ class Store:
                     await upgrade(url)
                     current, tables = await cls._inspect(engine)
             except (SQLAlchemyError, OSError) as exc:
-                raise StoreError(f"cannot open the store {safe_url(url)}: "
-                                 f"{describe_error(exc, url)}") from exc
+                reason = describe_error(exc, url)
+                if engine.dialect.name == "postgresql" and re.search(r'database ".*" does not exist',
+                                                                     reason):
+                    # say how to make the database, not only that it is not there
+                    reason += (f" (create it: createdb -O {engine.url.username or 'USER'} "
+                               f"{engine.url.database or 'DB'}, then `mailgw db upgrade`)")
+                raise StoreError(f"cannot open the store {safe_url(url)}: {reason}") from exc
             head = await head_revision()
             if current != head:
                 if current is not None and not await is_known_revision(current):

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 import yaml
 
 from gateway.app import App
@@ -58,6 +59,15 @@ def write_config(tmp_path: Path, *, upstream_port: int, port: int | None = None,
         "drain_timeout": "5s",
     }
     deep_update(data, extra)
+    store = data.get("store")
+    if isinstance(store, dict) and store.get("url"):
+        # a password (MAILGW_TEST_PG=postgresql://u:pw@...) goes to a file, never inline
+        url = sa.make_url(store["url"])
+        if url.password is not None:
+            secret = tmp_path / "store.password"
+            secret.write_text(str(url.password))
+            store["url"] = url.set(password=None).render_as_string(hide_password=False)
+            store["password_file"] = str(secret)
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

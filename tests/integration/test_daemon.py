@@ -118,7 +118,9 @@ def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink) -
     daemon = Daemon(cfg).start()
     try:
         good = cfg.read_text()
-        cfg.write_text(good + "\nlisteners: {submission: {port: not-a-port}}\n")
+        bad = yaml.safe_load(good)    # (a second listeners: key would be refused as a duplicate)
+        bad["listeners"]["submission"]["port"] = "not-a-port"
+        cfg.write_text(yaml.safe_dump(bad))
         daemon.signal(signal.SIGHUP)
         wait_for_sync(lambda: "reload_refused" in daemon.log(), 15, "the reload to be refused")
         assert "listeners.submission.port" in daemon.log()
