@@ -230,7 +230,7 @@ async def test_queue_delete_cancels_a_scheduled_send(env: Env) -> None:
     assert out.returncode == 2 and "scheduled send" in out.stderr
     assert "deleted" in await env.queue("delete", qid)
     # past the time, and a later message is delivered: the cancelled one never was
-    await wait_until(lambda: datetime.now(UTC) > send_at + timedelta(seconds=1), timeout=10,
+    await wait_until(lambda: datetime.now(UTC) > send_at + timedelta(seconds=1), timeout=20,
                      what="the scheduled time to pass")
     await env.submit(message(subject="after"))
     [got] = await env.upstream.wait_for(1)
