@@ -276,6 +276,9 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": _STR}
 
 
 def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    # an empty value is refused (400) like any bad one: leave the parameter out instead
+    if schema.get("type") == "string":
+        schema = {**schema, "minLength": 1}
     return {"name": name, "in": "query", "required": False, "schema": schema,
             "description": description}
 
