@@ -178,7 +178,9 @@ SCHEMAS: dict[str, Any] = {
                          "next_cursor": _nullable("string")}),
     "ContactInput": {"type": "object", "required": ["email"], "additionalProperties": False,
                      "properties": {"email": {"type": "string", "format": "email"},
-                                    **{k: {"type": "string", "maxLength": 1000} for k in (
+                                    **{k: {"type": ["string", "null"], "maxLength": 1000,
+                                           "description": "null or empty: keep the stored value"}
+                                       for k in (
                                         "first_name", "last_name", "company", "domain", "title",
                                         "phone")},
                                     "fields": {"type": "object",
