@@ -28,7 +28,8 @@ Pagination. Lists are newest first; ``next_cursor`` (also as ``Link: <...>; rel=
 is an opaque base64url token of the last row's (sort time, id), so pages never
 overlap or skip rows even when many share one time. ``limit`` defaults to 50 and is
 capped at 200. A bad parameter is 400 with ``{"error": ..., "parameter": NAME}``; any
-error is JSON.
+error is JSON. Query parameters are strict (:func:`check_query`): one the route does not
+document, one given twice or one given empty is a bad parameter; integers are ASCII digits.
 """
 
 from __future__ import annotations
@@ -182,9 +183,9 @@ def check_query(request: web.Request, known: Mapping[tuple[str, str], frozenset[
     allowed = known.get((request.method, resource.canonical)) if resource is not None else None
     if allowed is None:
         return   # not a documented route: the router answers 404/405
-    for name in set(request.query):
+    for name in dict.fromkeys(request.query):   # in request order: the first bad one is named
         if name not in allowed:
-            raise BadParameter(name or "(empty name)", "unknown parameter"
+            raise BadParameter(name[:100] or "(empty name)", "unknown parameter"
                                + (f" (this route takes: {', '.join(sorted(allowed))})"
                                   if allowed else " (this route takes none)"))
         if len(request.query.getall(name)) > 1:

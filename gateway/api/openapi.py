@@ -109,7 +109,10 @@ _ENGAGEMENT_ROW = _obj({
     "reply_rate": _RATE})
 
 SCHEMAS: dict[str, Any] = {
-    "Error": _obj({"error": _STR, "parameter": _STR}, required=["error"]),
+    "Error": _obj({"error": _STR, "parameter": _STR,
+                   "problems": {"type": "array", "description": "account routes: every problem",
+                                "items": _obj({"parameter": _STR, "message": _STR})}},
+                  required=["error"]),
     "Event": _obj({"type": {"enum": list(EVENT_TYPES)}, "at": _TIME, "recipient": _STR,
                    "machine": {"type": "boolean"},
                    "details": {"type": "object", "description": "URL, user agent, SMTP reply, ...; "
