@@ -186,6 +186,12 @@ class Relay:
             files.append((env, trace + p.data))
         await self.spool.put_all(files)  # all or nothing; SpoolError -> 451 4.3.0
         self.accepted += 1
+        # one line per spooled copy under the id the client got (`250 ... queued as <group>`):
+        # per-recipient copies have their own queue ids, which the delivery lines carry
+        for p in plans:
+            self.log.info("queued_copy", group=qid, queue_id=p.queue_id,
+                          message_id=message_id, rcpts=list(p.recipients),
+                          route=p.route or None)
         # From here on the message is queued: nothing may turn the 250 into an error (the
         # client would send it again), so what follows only logs its failures.
         try:

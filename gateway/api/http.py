@@ -28,7 +28,8 @@ Pagination. Lists are newest first; ``next_cursor`` (also as ``Link: <...>; rel=
 is an opaque base64url token of the last row's (sort time, id), so pages never
 overlap or skip rows even when many share one time. ``limit`` defaults to 50 and is
 capped at 200. A bad parameter is 400 with ``{"error": ..., "parameter": NAME}``; any
-error is JSON.
+error is JSON. Query parameters are strict (:func:`check_query`): one the route does not
+document, one given twice or one given empty is a bad parameter; integers are ASCII digits.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -72,6 +74,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SpoolCounts = Callable[[], Mapping[str, int]]
 HEALTH_TIMEOUT = 3.0
 _messages_id = Message.__table__.c.id
+#: the largest id a cursor may carry (the store's 64-bit integer keys)
+MAX_ID = 2**63 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 class BadParameter(Exception):
@@ -96,50 +101,101 @@ def decode_cursor(value: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         at, pk = json.loads(raw)
         t = datetime.fromisoformat(at)
-        if not isinstance(pk, int) or isinstance(pk, bool) or t.tzinfo is None:
+        if (not isinstance(pk, int) or isinstance(pk, bool) or not 0 <= pk <= MAX_ID
+                or t.tzinfo is None):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise BadParameter("cursor", "not a cursor returned by this API") from None
     return t, pk
 
 
+def _typed(q: Mapping[str, str], name: str) -> str | None:
+    """A parameter's value; None when absent. Present but empty (`?limit=`) is a bad
+    parameter, not the default (check_query refuses it first on /api routes)."""
+    value = q.get(name)
+    if value == "":
+        raise BadParameter(name, "empty value (leave the parameter out for the default)")
+    return value
+
+
+def _integer(name: str, value: str) -> int:
+    # int() would take Unicode digits ('١٢'), '1_000', blanks and 4,000 digits; an API
+    # integer is ASCII digits that fit a 64-bit column
+    if not _INTEGER.fullmatch(value):
+        raise BadParameter(name, f"{value[:40]!r} is not an integer")
+    return int(value)
+
+
 def _limit(q: Mapping[str, str]) -> int:
-    value = q.get("limit")
-    if value is None or value == "":
+    value = _typed(q, "limit")
+    if value is None:
         return openapi.DEFAULT_LIMIT
-    try:
-        n = int(value)
-    except ValueError:
-        raise BadParameter("limit", f"{value!r} is not an integer") from None
+    n = _integer("limit", value)
     if n < 1:
         raise BadParameter("limit", "must be at least 1")
     return min(n, openapi.MAX_LIMIT)
 
 
-def _since(value: str | None) -> datetime | None:
-    if not value:
+def _since(q: Mapping[str, str]) -> datetime | None:
+    value = _typed(q, "since")
+    if value is None:
         return None
     try:
         t = datetime.fromisoformat(value)
     except ValueError:
-        raise BadParameter("since", f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
+        raise BadParameter("since", f"{value[:40]!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def _choice(q: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
+    value = _typed(q, name)
+    if value is not None and value not in allowed:
+        raise BadParameter(name, f"{value[:40]!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
 def _int_param(q: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    value = q.get(name)
-    if value is None or value == "":
+    value = _typed(q, name)
+    if value is None:
         return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise BadParameter(name, f"{value!r} is not an integer") from None
+    n = _integer(name, value)
     if not low <= n <= high:
         raise BadParameter(name, f"must be between {low} and {high}")
     return n
 
 
+def _query_parameters(doc: Mapping[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """(METHOD, path template) → the query parameter names the OpenAPI document lists."""
+    out: dict[tuple[str, str], frozenset[str]] = {}
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            out[(method.upper(), path)] = frozenset(
+                p["name"] for p in op.get("parameters", []) if p["in"] == "query")
+    return out
+
+
+def check_query(request: web.Request, known: Mapping[tuple[str, str], frozenset[str]]) -> None:
+    """Refuse query parameters the route does not document, any given twice, and empty ones.
+
+    A typo (`?limt=10`), a repeated `?limit=1&limit=500` or an empty `?limit=` would
+    otherwise be silently ignored or half-read; each is 400 naming the parameter."""
+    resource = request.match_info.route.resource
+    allowed = known.get((request.method, resource.canonical)) if resource is not None else None
+    if allowed is None:
+        return   # not a documented route: the router answers 404/405
+    for name in dict.fromkeys(request.query):   # in request order: the first bad one is named
+        if name not in allowed:
+            raise BadParameter(name[:100] or "(empty name)", "unknown parameter"
+                               + (f" (this route takes: {', '.join(sorted(allowed))})"
+                                  if allowed else " (this route takes none)"))
+        if len(request.query.getall(name)) > 1:
+            raise BadParameter(name, "given more than once")
+        if request.query[name] == "":
+            raise BadParameter(name, "empty value (leave the parameter out for the default)")
+
+
 MAX_UPSERT = 1000
+MAX_DETAIL = 500   # SuppressionInput.detail
 _CONTACT_FIELDS = ("first_name", "last_name", "company", "domain", "title", "phone")
 
 
@@ -185,6 +241,7 @@ class AdminAPI:
         self.log = log or structlog.get_logger("mailgw.api")
         self._token: bytes | None = None
         self.set_token(token)
+        self._query_parameters = _query_parameters(openapi.document())
         self.app = self._build()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -267,6 +324,8 @@ class AdminAPI:
                 resp = _error(401, "a valid bearer token is required")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="mailgw"'
             else:
+                if request.path.startswith("/api/"):
+                    check_query(request, self._query_parameters)
                 resp = await handler(request)
         except BadParameter as exc:
             resp = _error(400, f"{exc.parameter}: {exc.message}", parameter=exc.parameter)
@@ -309,14 +368,14 @@ class AdminAPI:
     async def messages(self, request: web.Request) -> web.Response:
         q = request.query
         limit = _limit(q)
-        direction = q.get("direction") or None
-        if direction is not None and direction not in DIRECTIONS:
-            raise BadParameter("direction", f"{direction!r}: expected one of {', '.join(DIRECTIONS)}")
-        since = _since(q.get("since"))
+        direction = _choice(q, "direction", DIRECTIONS)
+        since = _since(q)
         before = decode_cursor(q["cursor"]) if q.get("cursor") else None
-        contact = (q.get("contact") or "").strip() or None
-        if contact is not None and "@" not in contact:
-            raise BadParameter("contact", f"{contact!r} is not an e-mail address")
+        contact = _typed(q, "contact")
+        if contact is not None:
+            contact = contact.strip()
+            if "@" not in contact:
+                raise BadParameter("contact", f"{contact[:40]!r} is not an e-mail address")
         rows = await self.store.list_messages(contact=contact, since=since,
                                               account=q.get("account") or None,
                                               direction=direction, before=before, limit=limit + 1)
@@ -325,7 +384,7 @@ class AdminAPI:
     async def message(self, request: web.Request) -> web.Response:
         ident = request.match_info["id"]
         row = None
-        if ident.isdigit() and len(ident) < 19:
+        if ident.isascii() and ident.isdigit() and len(ident) < 19:   # not '²
             row = await self.store.get_message(int(ident), bodies=True)
         if row is None:
             row = await self.store.get_message_by_queue_id(ident, bodies=True)
@@ -412,9 +471,7 @@ class AdminAPI:
     async def suppressions_list(self, request: web.Request) -> web.Response:
         q = request.query
         limit = _limit(q)
-        reason = q.get("reason") or None
-        if reason is not None and reason not in SUPPRESSION_REASONS:
-            raise BadParameter("reason", f"{reason!r}: expected one of {', '.join(SUPPRESSION_REASONS)}")
+        reason = _choice(q, "reason", SUPPRESSION_REASONS)
         rows = await SuppressionList(self.store).list(
             reason=reason, prefix=q.get("q") or None, after=q.get("cursor") or None,
             limit=limit + 1)
@@ -437,8 +494,8 @@ class AdminAPI:
         address, detail = body.get("address"), body.get("detail", "")
         if not isinstance(address, str) or not address.strip():
             raise BadParameter("address", "required: the e-mail address to suppress")
-        if not isinstance(detail, str):
-            raise BadParameter("detail", "must be a string")
+        if not isinstance(detail, str) or len(detail) > MAX_DETAIL:
+            raise BadParameter("detail", f"must be a string of at most {MAX_DETAIL} characters")
         unknown = sorted(set(body) - {"address", "detail"})
         if unknown:
             raise BadParameter(unknown[0], "unknown field (allowed: address, detail)")
@@ -458,9 +515,7 @@ class AdminAPI:
     async def engagement(self, request: web.Request) -> web.Response:
         q = request.query
         days = _int_param(q, "days", 30, 1, MAX_DAYS)
-        by = q.get("by") or None
-        if by is not None and by not in GROUPINGS:
-            raise BadParameter("by", f"{by!r}: expected one of {', '.join(GROUPINGS)}")
+        by = _choice(q, "by", GROUPINGS)
         return web.json_response(await engagement(self.store, days=days, by=by))
 
     async def webhooks(self, request: web.Request) -> web.Response:

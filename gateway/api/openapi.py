@@ -109,7 +109,10 @@ _ENGAGEMENT_ROW = _obj({
     "reply_rate": _RATE})
 
 SCHEMAS: dict[str, Any] = {
-    "Error": _obj({"error": _STR, "parameter": _STR}, required=["error"]),
+    "Error": _obj({"error": _STR, "parameter": _STR,
+                   "problems": {"type": "array", "description": "account routes: every problem",
+                                "items": _obj({"parameter": _STR, "message": _STR})}},
+                  required=["error"]),
     "Event": _obj({"type": {"enum": list(EVENT_TYPES)}, "at": _TIME, "recipient": _STR,
                    "machine": {"type": "boolean"},
                    "category": {"type": ["string", "null"], "description":
@@ -182,7 +185,9 @@ SCHEMAS: dict[str, Any] = {
                          "next_cursor": _nullable("string")}),
     "ContactInput": {"type": "object", "required": ["email"], "additionalProperties": False,
                      "properties": {"email": {"type": "string", "format": "email"},
-                                    **{k: {"type": "string", "maxLength": 1000} for k in (
+                                    **{k: {"type": ["string", "null"], "maxLength": 1000,
+                                           "description": "null or empty: keep the stored value"}
+                                       for k in (
                                         "first_name", "last_name", "company", "domain", "title",
                                         "phone")},
                                     "fields": {"type": "object",
@@ -280,6 +285,9 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": _STR}
 
 
 def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    # an empty value is refused (400) like any bad one: leave the parameter out instead
+    if schema.get("type") == "string":
+        schema = {**schema, "minLength": 1}
     return {"name": name, "in": "query", "required": False, "schema": schema,
             "description": description}
 

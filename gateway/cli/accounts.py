@@ -88,6 +88,10 @@ def _accounts(args: argparse.Namespace) -> int:
 
     cfg = config(args)
     setup_logging(cfg.logging)     # to stderr: stdout is the command's output (--json)
+    # read the secret before the event loop runs: Ctrl-C at this prompt is then a plain
+    # KeyboardInterrupt (exit 130), not a cancellation waiting for the blocked read
+    args.secret_line = (sys.stdin.readline() if args.accounts_cmd == "add" and args.secret_stdin
+                        else None)
     if args.accounts_cmd == "discover":
         return asyncio.run(_discover(cfg, args))
     return asyncio.run(_with_service(cfg, args))
@@ -176,7 +180,7 @@ async def _add(service: AccountService, args: argparse.Namespace) -> int:
         d["sync"] = sync
     if args.send_as:
         d["send_as"] = args.send_as
-    secret = sys.stdin.readline().rstrip("\r\n") if args.secret_stdin else None
+    secret = args.secret_line.rstrip("\r\n") if args.secret_line is not None else None
     try:
         acct = await service.registry.create(d, secret=secret or None)
     except InvalidAccount as exc:

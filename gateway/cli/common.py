@@ -12,6 +12,7 @@ from gateway.config import Config, User, load_config
 from gateway.errors import UsageError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141   # 128 + SIGINT, 128 + SIGPIPE, as shells report them
 
 #: argparse's sub-parsers action (its class is private).
 Subparsers = Any

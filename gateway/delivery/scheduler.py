@@ -366,8 +366,9 @@ class Scheduler:
                 self.stats.deferred += 1
                 self.metrics.deferred()
                 self._event(env, "deferred", rcpt.addr, now, details)
-            self.log.info("delivery", queue_id=qid, rcpt=rcpt.addr, status=rcpt.status,
-                          reply=res.reply, remote=res.remote, attempt=env.attempts)
+            self.log.info("delivery", queue_id=qid, group=env.group, message_id=env.message_id,
+                          rcpt=rcpt.addr, status=rcpt.status, reply=res.reply,
+                          remote=res.remote, attempt=env.attempts)
         if bounced:
             await self._send_dsn(env, data, bounced)
         held = [by_rcpt[r.addr] for r in pending

@@ -10,6 +10,19 @@ from gateway.config import Config, SMTPListenerBase, SubmissionListener
 from gateway.smtp.protocol import GatewaySMTP
 
 
+def auth_requires_tls(lst: SMTPListenerBase) -> bool:
+    """aiosmtpd's `auth_require_tls`: hide AUTH from EHLO and answer it `538 5.7.11` until
+    STARTTLS. Always on a STARTTLS listener (loopback too: where TLS is on offer a password
+    never crosses in clear); on a plain one unless it binds loopback only. Off with implicit
+    TLS: the session is encrypted from the first byte, and aiosmtpd's check looks at
+    STARTTLS alone, so it would refuse AUTH there."""
+    if lst.tls == "starttls":
+        return True
+    if lst.tls == "implicit":
+        return False
+    return not lst.loopback_only
+
+
 def server_tls_context(cfg: Config, lst: SMTPListenerBase) -> ssl.SSLContext | None:
     if lst.tls == "none":
         return None
@@ -48,7 +61,7 @@ class SMTPListener:
             require_starttls=lst.starttls_required,
             timeout=lst.timeout,
             auth_required=False,
-            auth_require_tls=not lst.loopback_only,
+            auth_require_tls=auth_requires_tls(lst),
             # AUTH is the submission listener's alone: elsewhere no mechanism is offered
             auth_exclude_mechanism=None if isinstance(lst, SubmissionListener) else ["LOGIN", "PLAIN"],
             command_call_limit=lst.max_commands,
@@ -80,7 +93,11 @@ class SMTPListener:
                 env = getattr(proto, "envelope", None)
                 idle = env is None or env.mail_from is None
                 if (idle or late) and isinstance(proto.transport, asyncio.WriteTransport):
-                    proto.transport.write(b"421 4.3.2 Service shutting down\r\n")
+                    if not proto.transport.is_closing():
+                        try:
+                            proto.transport.write(b"421 4.3.2 Service shutting down\r\n")
+                        except (AttributeError, OSError):
+                            pass   # a TLS session the client just left: its SSL layer is gone
                     proto.transport.close()
                     self.active.discard(proto)
             if late:

@@ -319,9 +319,9 @@ async def test_swaks_starttls_auth_login(tmp_path: Path, sink: Sink) -> None:
                  "--auth-password", PASSWORD, "--header", "Subject: via swaks", *extra],
                 capture_output=True, text=True, timeout=60)
 
-        plain = await asyncio.to_thread(run)          # no STARTTLS: refused
+        plain = await asyncio.to_thread(run)          # no STARTTLS: no AUTH offered
         assert plain.returncode != 0
-        assert "530" in plain.stdout
+        assert "did not advertise authentication" in plain.stderr, plain.stdout
         tls = await asyncio.to_thread(run, "--tls")
         assert tls.returncode == 0, tls.stdout + tls.stderr
         assert "250 2.0.0 Ok: queued as" in tls.stdout
@@ -347,3 +347,71 @@ async def test_spool_unwritable_gives_451(tmp_path: Path, sink: Sink) -> None:
             tmp.mkdir()
         await send(app.submission.port)
         await wait_until(lambda: len(sink.received) == 1)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_starttls_listener_offers_auth_only_after_tls(tmp_path: Path, sink: Sink,
+                                                            host: str) -> None:
+    """With `tls: starttls`, EHLO before STARTTLS lists no AUTH and AUTH gets `538 5.7.11`
+    (or 530 while STARTTLS is required), on loopback as elsewhere; after STARTTLS (a real
+    handshake, self-signed certificate) AUTH is listed and works."""
+    import ssl
+
+    from tests.support.tlscert import make_cert
+
+    files = make_cert(tmp_path)
+    cfg = write_config(tmp_path, upstream_port=sink.port,
+                       listeners={"submission": {"host": host, "tls": "starttls",
+                                                 "cert_file": str(files.cert_file),
+                                                 "key_file": str(files.key_file)}})
+    async with running_app(cfg) as app:
+        assert app.submission is not None
+        port = app.submission.port
+
+        def session() -> tuple[bool, tuple[int, bytes], bool, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                c.ehlo("client.test")
+                before = c.has_extn("auth")
+                token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+                refused = c.docmd("AUTH", f"PLAIN {token}")
+                ctx = ssl.create_default_context(cafile=str(files.cert_file))
+                ctx.check_hostname = False
+                c.starttls(context=ctx)
+                c.ehlo("client.test")
+                after = c.has_extn("auth")
+                accepted = c.docmd("AUTH", f"PLAIN {token}")
+                return before, refused, after, accepted
+
+        before, refused, after, accepted = await asyncio.to_thread(session)
+    assert not before
+    assert refused[0] in (538, 530), refused
+    assert refused[1].startswith((b"5.7.11", b"5.7.0")), refused
+    assert after and accepted[0] == 235, accepted
+
+
+async def test_implicit_tls_listener_takes_auth_off_loopback(tmp_path: Path, sink: Sink) -> None:
+    """aiosmtpd's auth_require_tls looks at STARTTLS only: on an implicit-TLS listener
+    bound beyond loopback it must be off, or AUTH would be refused inside TLS."""
+    import ssl
+
+    from tests.support.tlscert import make_cert
+
+    files = make_cert(tmp_path)
+    cfg = write_config(tmp_path, upstream_port=sink.port,
+                       listeners={"submission": {"host": "0.0.0.0", "tls": "implicit",
+                                                 "cert_file": str(files.cert_file),
+                                                 "key_file": str(files.key_file)}})
+    async with running_app(cfg) as app:
+        assert app.submission is not None
+        port = app.submission.port
+
+        def session() -> tuple[bool, tuple[int, bytes]]:
+            ctx = ssl.create_default_context(cafile=str(files.cert_file))
+            ctx.check_hostname = False
+            with smtplib.SMTP_SSL("127.0.0.1", port, timeout=30, context=ctx) as c:
+                c.ehlo("client.test")
+                token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+                return c.has_extn("auth"), c.docmd("AUTH", f"PLAIN {token}")
+
+        listed, reply = await asyncio.to_thread(session)
+    assert listed and reply[0] == 235, reply

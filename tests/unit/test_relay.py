@@ -141,3 +141,29 @@ async def test_policy_header_rules_still_match_the_control_headers(tmp_path: Pat
         spool.close()
     assert all(b"X-Mailgw" not in c for c in copies)
     assert sorted(b"t.example.com" in c for c in copies) == [False, True]
+
+
+async def test_every_copy_is_logged_under_the_id_the_client_got(tmp_path: Path) -> None:
+    """`250 ... queued as ID` must lead an operator to each per-recipient copy: one
+    queued_copy line per copy names the group (ID), the copy's queue id, the Message-ID
+    and its recipients."""
+    from structlog.testing import capture_logs
+
+    out = setup(tmp_path, {})                  # tracked: a copy per recipient
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    relay = Relay(spool, "gw.example.test", outbound=lambda: out)
+    try:
+        with capture_logs() as logs:
+            qid = await relay.accept(Submission(USER, ["a@acme.test", "b@acme.test"], HTML,
+                                                user=USER))
+        copies = spool.list_ids("incoming")
+        message_id = spool.read_envelope("incoming", copies[0]).message_id
+    finally:
+        spool.close()
+    lines = [x for x in logs if x["event"] == "queued_copy"]
+    assert len(copies) == 2 and qid in copies
+    assert sorted(x["queue_id"] for x in lines) == sorted(copies)
+    assert all(x["group"] == qid and x["message_id"] == message_id and message_id
+               for x in lines)
+    assert sorted(r for x in lines for r in x["rcpts"]) == ["a@acme.test", "b@acme.test"]

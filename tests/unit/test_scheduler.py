@@ -201,6 +201,18 @@ async def test_a_delivered_message_leaves_the_spool_with_a_sent_event(h: Harness
     assert h.dsns() == []
 
 
+async def test_the_delivery_line_names_the_group_and_message_id(h: Harness) -> None:
+    """A per-recipient copy's delivery is found from the id the client saw (its group)."""
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        qid = await h.queue("a@example.test", group="GROUP-1", message_id="<m1@example.com>")
+        await h.wait_settled(qid, None)
+    [line] = [x for x in logs if x["event"] == "delivery"]
+    assert (line["queue_id"], line["group"], line["message_id"], line["rcpt"], line["status"]) \
+        == (qid, "GROUP-1", "<m1@example.com>", "a@example.test", "sent")
+
+
 async def test_retries_follow_the_schedule_and_repeat_its_last_interval(h: Harness) -> None:
     rcpt = "a@example.test"
     h.transport.script(rcpt, "451 4.2.0 busy", "451 4.2.0 busy", "451 4.2.0 busy", "250 ok")
