@@ -94,6 +94,18 @@ class Envelope:
     last_error: str | None = None
     #: why the entry is in hold/ when the scheduler put it there (None: `queue hold`)
     hold_reason: str | None = None
+    #: what the relay's CRM record of this copy says, kept so that a record lost in a crash
+    #: can be rebuilt from the spool at start (`gateway.relay.record_unrecorded`): whether
+    #: the store records the copy at all (a policy's `store: false` says no), whether it is
+    #: a per-recipient tracked copy, and its tracked links. Older files read True/False/0
+    #: (and None for the two fields below).
+    crm_store: bool = True
+    tracked: bool = False
+    links: int = 0
+    #: the control headers X-Mailgw-Template and X-Mailgw-Campaign the relay read (they
+    #: are not in the spooled bytes), for the same rebuilt record
+    template: str | None = None
+    campaign: str | None = None
 
     @property
     def started_at(self) -> float:
