@@ -106,6 +106,11 @@ class Envelope:
     #: are not in the spooled bytes), for the same rebuilt record
     template: str | None = None
     campaign: str | None = None
+    #: the failed recipients (RcptResult fields) of a DSN that could not be spooled when
+    #: they bounced, and since when: the entry stays (its other recipients done) and the
+    #: DSN is tried again on the retry schedule, for up to `delivery.retry.give_up_after`
+    dsn_owed: list[dict[str, Any]] = field(default_factory=list)
+    dsn_owed_since: float | None = None
 
     @property
     def started_at(self) -> float:
