@@ -93,6 +93,7 @@ class App:
         self.tailers: Tailers | None = None
         self.policies = PolicySet.empty(cfg)
         self.metrics = Metrics()
+        self.spool.on_unsynced = self.metrics.spool_dir_fsync_failed
         self.admin: AdminAPI | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.accounts: AccountService | None = None
