@@ -632,7 +632,9 @@ class Scheduler:
         file, and the next attempt would deliver to them again. An owed DSN is retried
         with the entry on the retry schedule and given up (logged `dsn_given_up`) after
         `delivery.retry.give_up_after`."""
-        failed = [RcptResult(**d) for d in env.dsn_owed] + bounced
+        names = RcptResult.__dataclass_fields__   # owed entries are JSON from the queue file
+        failed = [RcptResult(**{k: v for k, v in d.items() if k in names})
+                  for d in env.dsn_owed] + bounced
         try:
             await self._send_dsn(env, data, failed)
         except Exception as exc:
