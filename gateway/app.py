@@ -43,7 +43,7 @@ from gateway.passwords import PasswordChecker
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.outbound import CopyPlan, Outbound
 from gateway.policy import PolicySet, policies_for
-from gateway.relay import Relay, Submission
+from gateway.relay import Relay, Submission, record_unrecorded
 from gateway.sdnotify import Notifier
 from gateway.smtp.ingest import IngestHandler
 from gateway.smtp.protocol import AuthLimiter
@@ -93,6 +93,7 @@ class App:
         self.tailers: Tailers | None = None
         self.policies = PolicySet.empty(cfg)
         self.metrics = Metrics()
+        self.spool.on_unsynced = self.metrics.spool_dir_fsync_failed
         self.admin: AdminAPI | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.accounts: AccountService | None = None
@@ -135,6 +136,7 @@ class App:
         self.writer = StoreWriter(self.store, log=self.log,
                                   on_failure=self.metrics.store_write_failed)
         await self.writer.start()
+        await self._recover_store_records()
         d = cfg.delivery
         transport = SMTPTransport(cfg.hostname, connect_timeout=d.connect_timeout,
                                   command_timeout=d.command_timeout,
@@ -178,6 +180,20 @@ class App:
         await self._start_api(cfg)
         self.notifier.ready(status="accepting mail")
         self.notifier.start_watchdog(healthy=self._healthy)
+
+    async def _recover_store_records(self) -> None:
+        """Records lost in a crash (inside the store writer's batching delay) of messages
+        still spooled, rebuilt from the spool before the scheduler starts. A store that
+        cannot answer now is logged: the mail itself is safe and is delivered anyway."""
+        assert self.store is not None and self.writer is not None
+        try:
+            n = await record_unrecorded(self.spool, self.store.known_relay_refs, self.writer,
+                                        log=self.log)
+        except StoreError as exc:
+            self.log.error("store_records_not_recovered", error=str(exc))
+            return
+        if n:
+            self.log.warning("store_records_recovered", count=n)
 
     async def _start_ingest(self) -> None:
         """The BCC / forward address's listener (`listeners.ingest`), when configured."""

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from gateway.errors import NotFound
 
-__all__ = ["DirQueue", "DirSync", "Fsync", "Pending"]
+__all__ = ["DirQueue", "DirSync", "Fsync", "Pending", "RenamedNotSynced"]
 
 T = TypeVar("T")
 #: fsync(fd): os.fsync, or a stand-in that tests inject
@@ -90,6 +90,12 @@ class DirSync:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+class RenamedNotSynced(OSError):
+    """The new entries are renamed into their state directory (they are queued: every
+    reader sees them), but the directory fsync after the rename failed, so a crash of the
+    machine now could still lose the directory entry. The owner decides what that means."""
 
 
 class Pending(NamedTuple):
@@ -309,7 +315,7 @@ class DirQueue:
         except BaseException:
             pending.path.unlink(missing_ok=True)
             raise
-        self.syncs[state].sync()
+        self._sync_renamed(state)
 
     def write(self, state: str, name: str, data: bytes) -> None:
         """Store one entry durably (`create_tmp` + `commit`), replacing any of that name."""
@@ -344,7 +350,17 @@ class DirQueue:
             for tmp, _ in written[len(renamed):]:
                 tmp.unlink(missing_ok=True)
             raise
-        self.syncs[state].sync()
+        self._sync_renamed(state)
+
+    def _sync_renamed(self, state: str) -> None:
+        """The directory fsync after new entries were renamed into `state`; its failure is
+        a RenamedNotSynced (the entries stay: taking them back could race a reader that
+        has already seen them)."""
+        try:
+            self.syncs[state].sync()
+        except OSError as exc:
+            raise RenamedNotSynced(exc.errno, f"fsync of {state}/ after the rename failed: "
+                                   f"{exc.strerror or exc}") from exc
 
     def replace(self, name: str, data: bytes, old_state: str, new_state: str) -> bool:
         """Replace an entry's file with `data` and move it to `new_state`, as one durable

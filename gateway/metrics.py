@@ -57,6 +57,9 @@ class Metrics:
         self.queue_poison = Counter("mailgw_queue_poison",
                                     "Queue entries held after crashing delivery.max_crashes times",
                                     registry=r)
+        self.spool_unsynced = Counter("mailgw_spool_dir_fsync_failures",
+                                      "Messages queued although the spool directory fsync "
+                                      "after their rename failed twice", registry=r)
         self.store_write_failures = Counter("mailgw_store_write_failures",
                                             "Store write batches that failed (retried)", registry=r)
         self.webhook_deliveries = Counter("mailgw_webhook_deliveries", "Webhook POST outcomes",
@@ -101,6 +104,9 @@ class Metrics:
 
     def queue_poisoned(self) -> None:
         self.queue_poison.inc()
+
+    def spool_dir_fsync_failed(self) -> None:
+        self.spool_unsynced.inc()
 
     def store_write_failed(self) -> None:
         self.store_write_failures.inc()

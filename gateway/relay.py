@@ -13,12 +13,15 @@ copy's own queue id) on top. A message no policy changes is spooled byte for byt
 received, plus the trace header. Recipients that are the gateway's own ingest
 addresses get a copy routed `ingest`: stored in the CRM by the scheduler, never
 delivered. The store learns of the message (with its original bytes, before any
-stage) right here, through the batching StoreWriter.
+stage) right here, through the batching StoreWriter; at start, `record_unrecorded`
+gives a message still spooled whose record a crash lost (inside the writer's batching
+delay) the same record, rebuilt from its queue files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from typing import Any
 import structlog
 
 from gateway.crm.counters import SendCounts
-from gateway.errors import PermanentFailure
+from gateway.errors import NotFound, PermanentFailure
 from gateway.ids import new_queue_id
 from gateway.mail.controls import NO_CONTROLS, Controls, parse_controls, strip_controls
 from gateway.mail.headers import (
@@ -40,7 +43,7 @@ from gateway.mail.headers import (
 )
 from gateway.pipeline.outbound import CopyPlan, Outbound
 from gateway.records import AcceptedMessage, Copy, EventSink
-from gateway.spool import Envelope, Recipient, Spool
+from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
 
 #: Plan (stages, DKIM) in a worker thread above this size, or for several recipients (each
 #: tracked recipient is a copy of its own: about 1 ms of stages and RSA each). One small
@@ -179,6 +182,8 @@ class Relay:
                 user=sub.user, account=sub.account, client_ip=sub.client_ip,
                 client_helo=sub.client_helo, message_id=message_id,
                 route=p.route or None, group=qid,
+                crm_store=p.store, tracked=p.tracked, links=p.links,
+                template=controls.template, campaign=controls.campaign,
                 # a scheduled copy waits (the scheduler defers it until then); the gateway's
                 # own ingest copy is stored at once
                 scheduled_for=send_at if p.route != "ingest" else None)
@@ -224,3 +229,109 @@ class Relay:
                     for p in stored],
             client_ip=sub.client_ip, raw=data, template=controls.template,
             campaign=controls.campaign, scheduled_at=controls.send_at))
+
+
+# -- the spool as the journal of the relay's store records ---------------------------------
+#: Spool states whose entries are accepted messages still waiting (corrupt/ is for a human).
+JOURNAL_STATES = ("incoming", "deferred", "hold")
+
+
+def strip_trace(data: bytes) -> bytes:
+    """A spooled copy's bytes without the trace header the relay put on top of them
+    (:func:`received_header`); other bytes are returned as they are."""
+    if not data.startswith(b"Received: "):
+        return data
+    end = 0
+    while True:  # the field and its continuation lines
+        nl = data.find(b"\n", end)
+        if nl < 0:
+            return data
+        end = nl + 1
+        if data[end:end + 1] not in (b" ", b"\t"):
+            break
+    return data[end:] if b"(mailgw) with " in data[:end] else data
+
+
+def _recorded_by_relay(env: Envelope) -> bool:
+    """Whether `Relay._record` records this copy: not the ingest copy (ingest stores it),
+    not a DSN the gateway wrote, not a copy a policy keeps out of the store."""
+    return env.crm_store and env.route != "ingest" and not env.is_bounce
+
+
+def accepted_from_spool(entries: list[tuple[Envelope, bytes]]) -> AcceptedMessage | None:
+    """The record `Relay._record` makes of a message, rebuilt from its spooled copies.
+
+    The copies of one message share `Envelope.group`; the record is named by its first
+    copy still spooled and carries every spooled recipient. Its bytes are an untracked
+    copy's (a per-recipient copy's otherwise) without the trace header: the message after
+    the policies' stages, where the relay's own record had the bytes from before them.
+    None when the relay records none of the copies."""
+    stored = sorted(((e, d) for e, d in entries if _recorded_by_relay(e)),
+                    key=lambda x: (x[0].id != (x[0].group or x[0].id), x[0].id))
+    if not stored:
+        return None
+    env = stored[0][0]
+    raw = strip_trace(next((d for e, d in stored if not e.tracked), stored[0][1]))
+    sched = env.scheduled_for
+    return AcceptedMessage(
+        queue_id=env.id, message_id=env.message_id or "", from_addr=env.mail_from,
+        to_addrs=[], cc_addrs=[], subject="", date=None, snippet="", size=len(raw),
+        recipients=[r.addr for e, _ in stored for r in e.recipients],
+        user=env.user, account=env.account, at=datetime.fromtimestamp(env.received_at, UTC),
+        copies=[Copy(e.id, e.recipients[0].addr if e.tracked and e.recipients else None,
+                     e.links) for e, _ in stored],
+        client_ip=env.client_ip, raw=raw, template=env.template, campaign=env.campaign,
+        scheduled_at=datetime.fromtimestamp(sched, UTC)
+        if sched is not None and sched > env.received_at else None)
+
+
+def _spooled_groups(spool: Spool) -> dict[str, list[tuple[str, str]]]:
+    """(state, queue id) of the copies the relay records, by message (`Envelope.group`)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for state in JOURNAL_STATES:
+        for qid in spool.list_ids(state):
+            try:
+                env = spool.read_envelope(state, qid)
+            except (NotFound, CorruptQueueFile):
+                continue   # gone meanwhile, or for the scheduler to move to corrupt/
+            if _recorded_by_relay(env):
+                groups.setdefault(env.group or env.id, []).append((state, qid))
+    return groups
+
+
+def _read_entries(spool: Spool, where: list[tuple[str, str]]) -> list[tuple[Envelope, bytes]]:
+    out = []
+    for state, qid in where:
+        with contextlib.suppress(NotFound, CorruptQueueFile):
+            out.append(spool.read(state, qid))
+    return out
+
+
+async def record_unrecorded(spool: Spool, known: Callable[[list[str]], Awaitable[set[str]]],
+                            sink: EventSink, log: Any = None) -> int:
+    """Give every spooled message the store has no record of the record the relay makes.
+
+    The spool is the journal of the store writer's batches: a message accepted just before
+    a crash (inside the writer's batching delay) is still spooled, and `known` (the
+    store's relay sources among the queue ids asked) says it has no record. Run at start,
+    before the scheduler delivers anything, so the `queued` events come before the
+    deliveries'. A message is skipped when any of its copies is known (the relay records
+    all copies of a message at once), so running it again adds nothing. Returns how many
+    records were handed to `sink`."""
+    log = log or structlog.get_logger("mailgw.relay")
+    groups = await asyncio.to_thread(_spooled_groups, spool)
+    if not groups:
+        return 0
+    have = await known([qid for where in groups.values() for _, qid in where])
+    count = 0
+    for where in groups.values():
+        if any(qid in have for _, qid in where):
+            continue
+        a = accepted_from_spool(await asyncio.to_thread(_read_entries, spool, where))
+        if a is None:
+            continue
+        sink.add_accepted(a)
+        count += 1
+        log.warning("store_record_recovered", queue_id=a.queue_id, message_id=a.message_id,
+                    copies=len(a.copies), recipients=len(a.recipients))
+    return count

@@ -687,6 +687,20 @@ class Store:
         rows = await self.fetch(sa.select(messages_table).where(messages_table.c.id == id), bodies=bodies)
         return rows[0] if rows else None
 
+    async def known_relay_refs(self, refs: Sequence[str]) -> set[str]:
+        """The queue ids among `refs` the store has a relay record of (a message source)."""
+        known: set[str] = set()
+        try:
+            async with self.engine.connect() as conn:
+                for chunk in chunks(sorted(set(refs))):
+                    found = await conn.execute(
+                        sa.select(sources_table.c.ref).where(sources_table.c.source == "relay",
+                                                             sources_table.c.ref.in_(chunk)))
+                    known.update(found.scalars())
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error("store read failed", exc) from exc
+        return known
+
     async def get_message_by_queue_id(self, queue_id: str, *,
                                       bodies: bool = False) -> dict[str, Any] | None:
         q = sa.select(messages_table).where(messages_table.c.id.in_(

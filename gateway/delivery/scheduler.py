@@ -334,8 +334,10 @@ class Scheduler:
             await self._wait_for_schedule(state, env, data)
             return
         pending = env.pending
-        results = await self._deliver(env, [r.addr for r in pending], data)
-        self.stats.attempts += 1
+        # no recipient left but a DSN owed (it could not be spooled): only the DSN is tried
+        results = await self._deliver(env, [r.addr for r in pending], data) if pending else []
+        if pending:
+            self.stats.attempts += 1
         env.attempts += 1
         by_rcpt = {r.rcpt: r for r in results}
         bounced: list[RcptResult] = []
@@ -369,8 +371,8 @@ class Scheduler:
             self.log.info("delivery", queue_id=qid, group=env.group, message_id=env.message_id,
                           rcpt=rcpt.addr, status=rcpt.status, reply=res.reply,
                           remote=res.remote, attempt=env.attempts)
-        if bounced:
-            await self._send_dsn(env, data, bounced)
+        if bounced or env.dsn_owed:
+            await self._final_dsn(env, data, bounced, now)
         held = [by_rcpt[r.addr] for r in pending
                 if r.status == "pending" and by_rcpt[r.addr].credentials is not None]
         if held and not env.delay_notified:
@@ -381,9 +383,19 @@ class Scheduler:
                     self._delay_groups[env.group] = None
                     while len(self._delay_groups) > DELAY_GROUPS_KEPT:
                         self._delay_groups.pop(next(iter(self._delay_groups)))
-                await self._send_delay_dsn(env, data, held)
-            env.delay_notified = True
-        if env.pending:
+                try:
+                    await self._send_delay_dsn(env, data, held)
+                except Exception:
+                    # a warning only: the next attempt tries again; what was delivered
+                    # above stays delivered (the entry is rewritten below all the same)
+                    self.log.exception("dsn_not_queued", queue_id=qid, action="delayed")
+                    if env.group is not None:
+                        self._delay_groups.pop(env.group, None)
+                else:
+                    env.delay_notified = True
+            else:
+                env.delay_notified = True
+        if env.pending or env.dsn_owed:
             sched = cfg.delivery.retry.schedule
             env.next_attempt = now + sched[min(env.attempts - 1, len(sched) - 1)]
             if await self.spool.rewrite(env, data, state, "deferred"):
@@ -610,6 +622,36 @@ class Scheduler:
                       action="failed" if final else "delayed")
         self.notify(bounce.id)
         return True
+
+    async def _final_dsn(self, env: Envelope, data: bytes, bounced: list[RcptResult],
+                         now: float) -> None:
+        """The DSN about `bounced` and any the entry still owes (`Envelope.dsn_owed`).
+
+        When it cannot be spooled (the disk is full, building it raised) the failure is
+        logged and the DSN owed in the envelope, which the caller rewrites with the
+        recipients just delivered marked sent: an exception here would leave the old
+        file, and the next attempt would deliver to them again. An owed DSN is retried
+        with the entry on the retry schedule and given up (logged `dsn_given_up`) after
+        `delivery.retry.give_up_after`."""
+        names = RcptResult.__dataclass_fields__   # owed entries are JSON from the queue file
+        failed = [RcptResult(**{k: v for k, v in d.items() if k in names})
+                  for d in env.dsn_owed] + bounced
+        try:
+            await self._send_dsn(env, data, failed)
+        except Exception as exc:
+            since = env.dsn_owed_since if env.dsn_owed_since is not None else now
+            rcpts = [r.rcpt for r in failed]
+            if now - since >= self.cfg.delivery.retry.give_up_after:
+                self.log.error("dsn_given_up", queue_id=env.id, to=env.mail_from,
+                               recipients=rcpts, error=f"{type(exc).__name__}: {exc}")
+                env.dsn_owed, env.dsn_owed_since = [], None
+                return
+            self.log.exception("dsn_not_queued", queue_id=env.id, to=env.mail_from,
+                               recipients=rcpts, action="failed", retried=True)
+            env.dsn_owed = [dataclasses.asdict(r) for r in failed]
+            env.dsn_owed_since = since
+            return
+        env.dsn_owed, env.dsn_owed_since = [], None
 
     async def _send_delay_dsn(self, env: Envelope, data: bytes,
                               held: list[RcptResult]) -> None:

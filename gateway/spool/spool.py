@@ -36,12 +36,14 @@ from __future__ import annotations
 import errno
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.dirqueue import DirQueue, DirSync
+import structlog
+
+from gateway.dirqueue import DirQueue, DirSync, RenamedNotSynced
 from gateway.errors import NotFound, SpoolError
 
 MAGIC = b"MAILGW-SPOOL 1\n"
@@ -94,6 +96,23 @@ class Envelope:
     last_error: str | None = None
     #: why the entry is in hold/ when the scheduler put it there (None: `queue hold`)
     hold_reason: str | None = None
+    #: what the relay's CRM record of this copy says, kept so that a record lost in a crash
+    #: can be rebuilt from the spool at start (`gateway.relay.record_unrecorded`): whether
+    #: the store records the copy at all (a policy's `store: false` says no), whether it is
+    #: a per-recipient tracked copy, and its tracked links. Older files read True/False/0
+    #: (and None for the two fields below).
+    crm_store: bool = True
+    tracked: bool = False
+    links: int = 0
+    #: the control headers X-Mailgw-Template and X-Mailgw-Campaign the relay read (they
+    #: are not in the spooled bytes), for the same rebuilt record
+    template: str | None = None
+    campaign: str | None = None
+    #: the failed recipients (RcptResult fields) of a DSN that could not be spooled when
+    #: they bounced, and since when: the entry stays (its other recipients done) and the
+    #: DSN is tried again on the retry schedule, for up to `delivery.retry.give_up_after`
+    dsn_owed: list[dict[str, Any]] = field(default_factory=list)
+    dsn_owed_since: float | None = None
 
     @property
     def started_at(self) -> float:
@@ -151,6 +170,12 @@ class Spool:
                                keep_dirs_open=True, threads=self.io_threads,
                                thread_name="spool")
         self.tmp = self._queue.tmp
+        self.log = structlog.get_logger("mailgw.spool")
+        #: new messages queued although the directory fsync after their rename failed
+        #: (`_renamed_not_synced`)
+        self.unsynced = 0
+        #: called for each of them (the daemon counts them in a metric)
+        self.on_unsynced: Callable[[], None] | None = None
 
     @property
     def _dirsync(self) -> dict[str, DirSync]:
@@ -239,6 +264,8 @@ class Spool:
                 await q.run(lambda: q.commit(pending, state))
             else:
                 await q.run(lambda: q.write(state, env.id, self._file(env, data)))
+        except RenamedNotSynced as exc:
+            await self._renamed_not_synced(state, [env.id], exc)
         except OSError as exc:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
 
@@ -255,8 +282,30 @@ class Spool:
         files = ((env.id, self._file(env, data)) for env, data in items)  # built one by one
         try:
             await q.run(lambda: q.write_all(state, files))
+        except RenamedNotSynced as exc:
+            await self._renamed_not_synced(state, [env.id for env, _ in items], exc)
         except OSError as exc:
             raise SpoolError(_os_reason(exc), status="4.3.0") from exc
+
+    async def _renamed_not_synced(self, state: str, ids: list[str], exc: OSError) -> None:
+        """New files are renamed into `state` but the directory fsync after it failed.
+
+        They are queued all the same: the scheduler sees them and delivers them, so a 451
+        now would make the client send the message again and the recipients get it
+        twice. The fsync is tried once more; if it fails again the put still succeeds
+        (250), logged as an error and counted in `unsynced`: only a crash of the machine
+        before the directory reaches the disk could lose these entries."""
+        q = self._queue
+        try:
+            await q.run(self._dirsync[state].sync)
+        except OSError as again:
+            self.unsynced += 1
+            if self.on_unsynced is not None:
+                self.on_unsynced()
+            self.log.error("spool_dir_fsync_failed", state=state, queue_ids=ids,
+                           error=str(exc), retry_error=str(again), queued=True)
+            return
+        self.log.warning("spool_dir_fsync_retried", state=state, queue_ids=ids, error=str(exc))
 
     async def rewrite(self, env: Envelope, data: bytes, old_state: str, new_state: str) -> bool:
         """Replace the queue file (new envelope) and move it to `new_state`.

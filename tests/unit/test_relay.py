@@ -167,3 +167,33 @@ async def test_every_copy_is_logged_under_the_id_the_client_got(tmp_path: Path) 
     assert all(x["group"] == qid and x["message_id"] == message_id and message_id
                for x in lines)
     assert sorted(r for x in lines for r in x["rcpts"]) == ["a@acme.test", "b@acme.test"]
+
+
+async def test_the_record_rebuilt_from_the_spool_is_the_relays(tmp_path: Path) -> None:
+    """A record lost in a crash is rebuilt from the queue files (`accepted_from_spool`):
+    the same copies, recipients, sender, template and campaign as the relay's own."""
+    from gateway.relay import accepted_from_spool
+
+    out = setup(tmp_path, {})                  # tracked: one copy per recipient
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    sink = Sink()
+    relay = Relay(spool, "gw.example.test", outbound=lambda: out, events=sink)
+    data = with_controls("X-Mailgw-Template: offer-1", "X-Mailgw-Campaign: Q4")
+    try:
+        await relay.accept(Submission(USER, ["a@acme.test", "b@acme.test"], data, user=USER,
+                                      client_ip="192.0.2.7"))
+        entries = [spool.read("incoming", q) for q in spool.list_ids("incoming")]
+    finally:
+        spool.close()
+    [recorded] = sink.accepted
+    rebuilt = accepted_from_spool(entries)
+    assert rebuilt is not None
+    fields = ("queue_id", "message_id", "from_addr", "user", "account", "client_ip",
+              "template", "campaign", "scheduled_at", "at")
+    assert {f: getattr(rebuilt, f) for f in fields} == {f: getattr(recorded, f) for f in fields}
+    assert sorted(rebuilt.recipients) == sorted(recorded.recipients)
+    assert sorted(rebuilt.copies, key=lambda c: c.queue_id) == \
+        sorted(recorded.copies, key=lambda c: c.queue_id)
+    assert rebuilt.raw is not None and not rebuilt.raw.startswith(b"Received:")
+    assert b"X-Mailgw-" not in rebuilt.raw

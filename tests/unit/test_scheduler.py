@@ -1014,3 +1014,60 @@ async def test_release_clears_the_crash_count(tmp_path: Path) -> None:
     back = spool.read_envelope("incoming", env.id)
     assert (back.crashes, back.last_error, back.hold_reason) == (0, None, None)
     spool.close()
+
+
+class DsnSpoolFails:
+    """Wraps `Spool.put` so that spooling a DSN (a bounce envelope) raises SpoolError while
+    `failing` is set; every other write goes through."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.real = spool.put
+        self.failing = True
+        self.refused = 0
+
+    async def __call__(self, env: Envelope, data: bytes, state: str = "incoming") -> None:
+        from gateway.errors import SpoolError
+
+        if env.is_bounce and self.failing:
+            self.refused += 1
+            raise SpoolError("Insufficient disk space in the spool, try again later")
+        await self.real(env, data, state)
+
+
+@pytest.mark.parametrize("recovers", [True, False])
+async def test_a_dsn_that_cannot_be_spooled_never_resends_to_delivered_recipients(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recovers: bool) -> None:
+    """A partial delivery whose DSN cannot be spooled: the delivered recipient is recorded
+    as sent (it is never sent the message again), the DSN is owed in the envelope and
+    retried on the schedule, and given up after give_up_after."""
+    h = Harness(tmp_path / "spool", make_config([60.0], give_up_after=3600.0))
+    put = DsnSpoolFails(h.spool)
+    monkeypatch.setattr(h.spool, "put", put)
+    await h.scheduler.start()
+    try:
+        ok, refused = "a@example.test", "b@example.test"
+        h.transport.script(refused, "550 5.1.1 no such user")
+        qid = await h.queue(ok, refused)
+        await h.wait_settled(qid, "deferred")
+        assert put.refused == 1
+        env = h.deferred(qid)
+        assert {r.addr: r.status for r in env.recipients} == {ok: "sent", refused: "bounced"}
+        assert [d["rcpt"] for d in env.dsn_owed] == [refused] and env.crashes == 0
+        put.failing = not recovers
+        h.clock.advance(60)
+        await wait_for(lambda: put.refused == 2 or h.state(qid) is None, what="the DSN retry")
+        if recovers:
+            await h.wait_settled(qid, None)
+            await wait_for(lambda: len(h.dsns()) == 1, what="the DSN delivered")
+            [dsn] = h.dsns()
+            assert re.findall(rb"Final-Recipient: rfc822; *(\S+)", dsn) == [refused.encode()]
+        else:
+            await h.wait_settled(qid, "deferred")
+            h.clock.advance(3600)   # past give_up_after since the DSN was first owed
+            await h.wait_settled(qid, None)
+            assert h.dsns() == []
+        assert len(h.transport.sent_to(ok)) == 1 and len(h.transport.sent_to(refused)) == 1
+        assert h.events.of(ok) == ["sent"] and h.events.of(refused) == ["bounced"]
+    finally:
+        await h.scheduler.stop(timeout=5)
+        h.spool.close()

@@ -150,3 +150,50 @@ async def test_move_find_delete(spool: Spool) -> None:
     assert spool.delete(e.id) == "hold"
     with pytest.raises(NotFound):
         spool.find(e.id)
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+@pytest.mark.parametrize("fails", [1, 2])
+async def test_a_failed_directory_fsync_after_the_rename_still_queues(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, copies: int, fails: int) -> None:
+    """Once renamed into incoming/ the message is queued (the scheduler delivers it): a
+    failed directory fsync then must not answer 451, or the client sends it again and the
+    recipients get it twice. The fsync is retried once; failing again is logged, counted
+    and the put still succeeds."""
+    left = [fails]
+
+    def failing(self: _DirSync) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_DirSync, "_fsync", failing)
+    items = [(env(), b"Subject: x\r\n\r\nbody\r\n") for _ in range(copies)]
+    await spool.put_all(items)   # no SpoolError
+    assert sorted(spool.list_ids("incoming")) == sorted(e.id for e, _ in items)
+    assert spool.unsynced == (1 if fails == 2 else 0)
+
+
+async def test_the_unsynced_count_reaches_the_metric(spool: Spool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.metrics import Metrics
+
+    def failing(self: _DirSync) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    m = Metrics()
+    spool.on_unsynced = m.spool_dir_fsync_failed
+    monkeypatch.setattr(_DirSync, "_fsync", failing)
+    await spool.put(env(), b"Subject: x\r\n\r\nbody\r\n")
+    assert m.spool_unsynced._value.get() == 1
+
+
+async def test_a_failed_file_fsync_before_the_rename_is_still_451(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool._queue, "_fsync", failing)   # the file's fsync in tmp/
+    with pytest.raises(SpoolError):
+        await spool.put(env(), b"Subject: x\r\n\r\nbody\r\n")
+    assert spool.list_ids("incoming") == [] and os.listdir(spool.tmp) == []

@@ -265,6 +265,15 @@ async def test_record_is_idempotent_per_queue_id(store: Store) -> None:
     assert [(e["type"], e["recipient"]) for e in rows[0]["events"]] == [("queued", "bob@example.net")]
 
 
+async def test_known_relay_refs_names_the_recorded_copies(store: Store) -> None:
+    """What the start-up recovery from the spool asks (`gateway.relay.record_unrecorded`)."""
+    from gateway.records import Copy
+
+    await store.record([msg("Q1", copies=[Copy("Q1", "bob@example.net"), Copy("Q2")])], [])
+    assert await store.known_relay_refs(["Q1", "Q2", "Q3", "Q1"]) == {"Q1", "Q2"}
+    assert await store.known_relay_refs([]) == set()
+
+
 async def test_events_attach_to_the_right_message(store: Store) -> None:
     log = Log()
     store.log = log
