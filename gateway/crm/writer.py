@@ -60,6 +60,10 @@ class StoreWriter:
         self._stop_event = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        #: copies (queue ids) whose relay record is not written yet, and a pulse after
+        #: every written batch: the scheduler waits on it (see :meth:`wait_recorded`)
+        self._unrecorded: set[str] = set()
+        self._written = asyncio.Event()
 
     @property
     def pending(self) -> int:
@@ -86,7 +90,29 @@ class StoreWriter:
                 a.raw = None
             else:
                 self._raw_bytes += len(a.raw)
+        self._unrecorded.update(_copy_ids(a))
         self._add(a)
+
+    async def wait_recorded(self, queue_id: str, timeout: float) -> bool:
+        """Wait until the relay record of copy `queue_id` is written (True at once for a copy
+        this writer was never given), or `timeout` seconds (False).
+
+        The scheduler delivers a copy only once its record is in the store, so a ``kill
+        -9`` can never leave a delivered message without its CRM record: a copy not yet
+        recorded is still in the spool, and the next start rebuilds its record from there
+        (the spool is the store's journal). When the store is down the wait ends after
+        `timeout` and mail flows anyway."""
+        if queue_id not in self._unrecorded:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while queue_id in self._unrecorded:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._written.wait(), left)
+        return True
 
     def add_event(self, e: EventRecord) -> None:
         self._add(e)
@@ -174,8 +200,12 @@ class StoreWriter:
                 continue
             for _ in chunk:
                 item = self._items.popleft()
-                if isinstance(item, AcceptedMessage) and item.raw is not None:
-                    self._raw_bytes -= len(item.raw)
+                if isinstance(item, AcceptedMessage):
+                    self._unrecorded.difference_update(_copy_ids(item))
+                    if item.raw is not None:
+                        self._raw_bytes -= len(item.raw)
+            self._written.set()     # wake the waiters of this batch's copies, then re-arm
+            self._written = asyncio.Event()
             self.written += len(chunk)
             if backoff > BACKOFF_MIN:
                 self.log.info("store_write_recovered", written=len(chunk), pending=len(self._items))
@@ -183,6 +213,10 @@ class StoreWriter:
             elapsed = loop.time() - started
             if elapsed > 1.0:
                 self.log.warning("store_write_slow", seconds=round(elapsed, 3), items=len(chunk))
+
+
+def _copy_ids(a: AcceptedMessage) -> list[str]:
+    return [c.queue_id for c in a.copies] or [a.queue_id]
 
 
 def _parse_all(items: list[AcceptedMessage]) -> None:

@@ -99,6 +99,9 @@ class LocalDelivery(Protocol):
 
 #: seconds an entry whose crash could not even be recorded on disk is left alone
 CRASH_PAUSE = 30.0
+#: seconds a first delivery waits for its copy's CRM record to be written (the store
+#: writer batches every 50 ms; when the store is down, mail goes out after this anyway)
+RECORD_WAIT = 10.0
 
 #: how many submissions the scheduler remembers having sent a delay warning for
 DELAY_GROUPS_KEPT = 10000
@@ -334,6 +337,12 @@ class Scheduler:
             await self._wait_for_schedule(state, env, data)
             return
         pending = env.pending
+        # the copy's CRM record first (the store writer batches it): delivered before it is
+        # written, a kill -9 would leave the message without its record and out of the spool
+        wait_recorded = getattr(self.events, "wait_recorded", None)
+        if pending and not env.attempts and wait_recorded is not None \
+                and not await wait_recorded(qid, RECORD_WAIT):
+            self.log.warning("delivery_before_store_record", queue_id=qid, waited=RECORD_WAIT)
         # no recipient left but a DSN owed (it could not be spooled): only the DSN is tried
         results = await self._deliver(env, [r.addr for r in pending], data) if pending else []
         if pending:

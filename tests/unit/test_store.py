@@ -457,6 +457,27 @@ async def test_writer_flushes_in_batches(store: Store) -> None:
     assert len(await store.list_messages(limit=1000)) == 450
 
 
+async def test_wait_recorded_holds_a_copy_until_its_record_is_written(store: Store,
+                                                                     fast_backoff: None) -> None:
+    """The scheduler delivers a copy only once its relay record is in the store
+    (StoreWriter.wait_recorded): a copy never given is recorded at once; a copy whose
+    record cannot be written (the store is down) times out; once written, it is released."""
+    from gateway.records import Copy
+
+    rec = Recording(store, fail=3)
+    w = StoreWriter(rec.install(), batch=50, max_delay=0.01)
+    assert await w.wait_recorded("NEVER-GIVEN", 0.01)
+    w.add_accepted(msg("WR1", copies=[Copy("WR1", recipient="bob@example.net"),
+                                      Copy("WR1-b", recipient="carol@example.net")]))
+    assert not await w.wait_recorded("WR1-b", 0.0)
+    await w.start()
+    waiter = asyncio.ensure_future(w.wait_recorded("WR1-b", 10.0))
+    assert await w.wait_recorded("WR1", 10.0) and await waiter
+    assert rec.errors == 3                       # it waited through the outage
+    assert await store.get_message_by_queue_id("WR1-b") is not None
+    assert await w.stop(timeout=5) == 0
+
+
 async def test_writer_retries_after_failures_without_losing_items(store: Store,
                                                                   fast_backoff: None) -> None:
     log = Log()
