@@ -45,7 +45,7 @@ from gateway.mail.forward import unwrap_forward
 from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import ParsedMessage, parse_message
 from gateway.mail.reports import verp_queue_id
-from gateway.records import REPORT_KINDS, NewMessage, SourceRef
+from gateway.records import REPORT_KINDS, NewMessage, SourceRef, Stored
 
 #: A report from the null sender up to this size may skip the sender check (see
 #: `Ingest._unverified_report`). Parsing and unwrapping always run in a worker thread:
@@ -133,17 +133,20 @@ class Ingest:
         new = await asyncio.to_thread(
             NewMessage.from_parsed, msg, raw, direction=direction, user=user, account=account,
             sources=[SourceRef("ingest", ingest_id, now, account=account)])
-        try:
-            stored = await self.store.store_messages([new])
-        except StoreError as exc:
-            self.log.error("ingest_store_failed", ingest_id=ingest_id, error=str(exc))
-            raise TemporaryFailure("CRM store unavailable, try again later", code=451,
-                                   status="4.3.0") from exc
-        r = stored[0]
+        r = await self._store(new, ingest_id)
         self.log.info("ingested", ingest_id=ingest_id, message=r.id, new=r.created,
                       direction=direction, sender=sender, forwarded=fwd.style if fwd else None,
                       by=forwarder)
         return IngestResult(ingest_id, r.id, r.created, fwd.style if fwd else None)
+
+    async def _store(self, new: NewMessage, ingest_id: str) -> Stored:
+        """Store one message synchronously; the store down is ``451 4.3.0`` (the sender retries)."""
+        try:
+            return (await self.store.store_messages([new]))[0]
+        except StoreError as exc:
+            self.log.error("ingest_store_failed", ingest_id=ingest_id, error=str(exc))
+            raise TemporaryFailure("CRM store unavailable, try again later", code=451,
+                                   status="4.3.0") from exc
 
     @staticmethod
     def _unverified_report(sub: IngestSubmission, parsed: ParsedMessage) -> bool:
@@ -171,13 +174,7 @@ class Ingest:
             raise PermanentFailure("This address only takes delivery reports", code=550,
                                    status="5.7.1")
         new.bounce_queue_id = queue_id
-        try:
-            stored = await self.store.store_messages([new])
-        except StoreError as exc:
-            self.log.error("ingest_store_failed", ingest_id=ingest_id, error=str(exc))
-            raise TemporaryFailure("CRM store unavailable, try again later", code=451,
-                                   status="4.3.0") from exc
-        r = stored[0]
+        r = await self._store(new, ingest_id)
         self.log.info("report_ingested", ingest_id=ingest_id, report=new.report.type,
                       queue_id=queue_id, message=r.id or None)
         return IngestResult(ingest_id, r.id or None, False, None)

@@ -75,7 +75,8 @@ async def _copies(conn: AsyncConnection, refs: Sequence[str]) -> dict[str, tuple
     return out
 
 
-async def _by_message_id(conn: AsyncConnection, keys: Sequence[str]) -> dict[str, int]:
+async def outbound_by_message_id(conn: AsyncConnection, keys: Sequence[str]) -> dict[str, int]:
+    """Message-ID key -> pk of the outbound message with that Message-ID (replies use it too)."""
     out: dict[str, int] = {}
     wanted = sorted({f"mid:{k}" for k in keys if k})
     for chunk in chunks(wanted):
@@ -86,7 +87,8 @@ async def _by_message_id(conn: AsyncConnection, keys: Sequence[str]) -> dict[str
     return out
 
 
-async def _recipients(conn: AsyncConnection, pks: Sequence[int]) -> dict[int, set[str]]:
+async def recipients_of(conn: AsyncConnection, pks: Sequence[int]) -> dict[int, set[str]]:
+    """The recipients of these messages: To and Cc addresses, and ``queued`` envelope recipients."""
     out: dict[int, set[str]] = {pk: set() for pk in pks}
     for chunk in chunks(sorted(set(pks))):
         rows = await conn.execute(sa.select(addresses_table.c.message_pk, addresses_table.c.address)
@@ -149,7 +151,7 @@ async def apply_reports(conn: AsyncConnection, dialect: str,
     for i, (m, r) in enumerate(reports):
         qids[i] = [q for q in (m.bounce_queue_id, *r.queue_ids, r.envelope_id) if q]
     copies = await _copies(conn, [q for qs in qids.values() for q in qs])
-    by_mid = await _by_message_id(conn, [r.message_id_key for _, r in reports])
+    by_mid = await outbound_by_message_id(conn, [r.message_id_key for _, r in reports])
     targets: dict[int, tuple[int, str] | None] = {}
     for i, (_, r) in enumerate(reports):
         hit = next((copies[q] for q in qids[i] if q in copies), None)
@@ -157,7 +159,7 @@ async def apply_reports(conn: AsyncConnection, dialect: str,
             hit = (by_mid[r.message_id_key], "")
         targets[i] = hit
     pks = [t[0] for t in targets.values() if t is not None]
-    known = await _recipients(conn, pks)
+    known = await recipients_of(conn, pks)
     bounced = await _bounced_already(conn, pks)
 
     out: dict[int, Applied] = {}

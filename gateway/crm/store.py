@@ -425,14 +425,9 @@ class Store:
                 asked[pk] = parents
         if not asked:
             return
-        wanted = sorted({f"mid:{p}" for ps in asked.values() for p in ps})
-        outbound: dict[str, int] = {}
-        for chunk in chunks(wanted):
-            rows = await conn.execute(sa.select(messages_table.c.dedupe_key, messages_table.c.id)
-                                      .where(messages_table.c.dedupe_key.in_(chunk),
-                                             messages_table.c.direction == "outbound"))
-            outbound.update({k[4:]: pk for k, pk in rows.all()})
-        recipients = await self._recipients(conn, sorted(set(outbound.values())))
+        outbound = await bounces.outbound_by_message_id(
+            conn, sorted({p for ps in asked.values() for p in ps}))
+        recipients = await bounces.recipients_of(conn, sorted(set(outbound.values())))
         hooks: list[tuple[str, dict[str, Any]]] = []
         for pk, parents in asked.items():
             m = new[pk]
@@ -459,23 +454,6 @@ class Store:
                                                     "recipient": sender, "machine": machine,
                                                     "details": details}}))
         await self.enqueue_webhooks(conn, hooks, now)
-
-    async def _recipients(self, conn: AsyncConnection, pks: Sequence[int]) -> dict[int, set[str]]:
-        """The recipients of these messages: To and Cc addresses, and ``queued`` envelope recipients."""
-        out: dict[int, set[str]] = {pk: set() for pk in pks}
-        for chunk in chunks(pks):
-            rows = await conn.execute(
-                sa.select(addresses_table.c.message_pk, addresses_table.c.address)
-                .where(addresses_table.c.message_pk.in_(chunk),
-                       addresses_table.c.role.in_(("to", "cc"))))
-            for pk, addr in rows.all():
-                out[pk].add(addr)
-            rows = await conn.execute(
-                sa.select(events_table.c.message_pk, events_table.c.recipient)
-                .where(events_table.c.message_pk.in_(chunk), events_table.c.type == "queued"))
-            for pk, addr in rows.all():
-                out[pk].add(clean_text(addr).strip().lower())
-        return out
 
     async def _contact_ids(self, conn: AsyncConnection, emails: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}
