@@ -398,6 +398,10 @@ class App:
             self.ingest_listener.lst = n_ing
         if self.scheduler is not None:
             self.scheduler.config_changed()
+            if isinstance(self.scheduler.transport, SMTPTransport):
+                d = new.delivery
+                self.scheduler.transport.set_reuse_limits(d.connection_reuse_time,
+                                                          d.connection_reuse_count)
         self._reload_api(new)
         if self.tailers is not None:
             self.tailers.reload()

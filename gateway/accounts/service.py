@@ -33,6 +33,7 @@ from gateway.accounts.tokens import TokenService
 from gateway.config import Account, Config, read_secret
 from gateway.crm.accounts import DBTokenStore
 from gateway.crm.store import Store
+from gateway.delivery.smtp.connect import NoPasswordMechanism, PasswordRefused, password_login
 from gateway.errors import AccountAuthError, AccountError, FolderError, NotFound, StoreError
 from gateway.imap.account import open_account
 from gateway.oauth import sasl
@@ -205,6 +206,8 @@ class AccountService:
         user = (s.username if s else None) or account.auth.username or account.email
         try:
             await client.connect()
+            if client.last_ehlo_response is None:   # connect() says EHLO only around STARTTLS
+                await client.ehlo()
             out["tls"] = ep.tls != "none"
             out["extensions"] = sorted(client.esmtp_extensions)
             await self._smtp_auth(client, account, user, out)
@@ -246,8 +249,15 @@ class AccountService:
         else:
             out["auth"] = None
             return
-        await client.login(user, password)
-        out["auth"] = "PLAIN/LOGIN"
+        try:   # one mechanism: a second try would count toward the provider's lockout
+            out["auth"] = await password_login(client, user, password,
+                                               timeout=cfg.delivery.command_timeout,
+                                               remote=f"{client.hostname}:{client.port}")
+        except NoPasswordMechanism as exc:
+            raise AccountError(f"cannot log in to the SMTP server: {exc}") from None
+        except PasswordRefused as exc:
+            out["auth"] = exc.mechanism
+            raise exc.response from None
 
 
 async def _auth_initial(client: aiosmtplib.SMTP, mechanism: str, blob: bytes) -> None:

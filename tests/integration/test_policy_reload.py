@@ -101,3 +101,42 @@ async def test_app_reload_swaps_policy_set(tmp_path: Path, sink: Sink) -> None:
         assert await app.reload(cfg) is True
         assert cap() == 20
         assert app.get_policies().cfg is app.get_config()
+
+
+async def test_reload_applies_new_connection_reuse_limits(tmp_path: Path) -> None:
+    """`delivery.connection_reuse_count` changed by a SIGHUP-style reload takes effect on
+    the pooled upstream connection at once, without a restart."""
+    import asyncio
+
+    from tests.integration.harness import USER, running_app, wait_until
+    from tests.support.upstream import Upstream
+
+    async with Upstream() as up:
+        cfg = write_config(tmp_path, upstream_port=up.port,
+                           delivery={"connection_reuse_count": 0, "connection_idle": "1m"})
+        async with running_app(cfg) as app:
+            assert app.submission is not None
+            port = app.submission.port
+
+            def send(n: int) -> None:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                    c.login(USER, PASSWORD)
+                    for i in range(n):
+                        c.sendmail(USER, ["bob@acme.test"],
+                                   f"Subject: m{i}\r\nFrom: {USER}\r\n\r\nbody\r\n".encode())
+
+            async def delivered(total: int) -> None:
+                await wait_until(lambda: len(up.messages) >= total, 20, f"{total} delivered")
+
+            for i in range(3):   # one after the other: each reuses the pooled connection
+                await asyncio.to_thread(send, 1)
+                await delivered(i + 1)
+            assert up.connections == 1
+            data = yaml.safe_load(cfg.read_text())
+            data["delivery"]["connection_reuse_count"] = 1
+            cfg.write_text(yaml.safe_dump(data))
+            assert await app.reload(cfg) is True
+            for i in range(2):   # the pooled connection is worn out now: one per message
+                await asyncio.to_thread(send, 1)
+                await delivered(4 + i)
+            assert up.connections == 3, up.connections

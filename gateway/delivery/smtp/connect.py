@@ -51,6 +51,46 @@ _log = logging.getLogger("gateway.delivery.transport")  # one logger for the who
 PASSWORD_MECHANISMS = ("plain", "login", "cram-md5")
 
 
+class NoPasswordMechanism(Exception):
+    """The server offers no password mechanism of PASSWORD_MECHANISMS."""
+
+
+class PasswordRefused(Exception):
+    """The server refused the login: its reply (`response`) to AUTH `mechanism`."""
+
+    def __init__(self, mechanism: str, response: SMTPResponseException) -> None:
+        super().__init__(f"AUTH {mechanism}: {response.code} {response.message}")
+        self.mechanism = mechanism
+        self.response = response
+
+
+async def password_login(smtp: SMTP, user: str, password: str, *, timeout: float | None,
+                         remote: str = "") -> str:
+    """Log in with a password using one mechanism, the first of PASSWORD_MECHANISMS the
+    server offers, and return it ("PLAIN"). A refusal (535) ends it: trying the next
+    mechanism with the same password would only count one more failure toward the
+    provider's lockout (aiosmtplib's ``login()`` tries them all). Only a server that turns
+    out not to support the mechanism it offered (504, 534) gets the next one.
+
+    Raises :class:`NoPasswordMechanism` or :class:`PasswordRefused`."""
+    offered = [m for m in PASSWORD_MECHANISMS if m in smtp.server_auth_methods]
+    if not offered:
+        shown = " ".join(m.upper() for m in smtp.server_auth_methods) or "nothing"
+        raise NoPasswordMechanism(f"it offers no password mechanism we use (it offers {shown})")
+    for i, mech in enumerate(offered):
+        method = getattr(smtp, f"auth_{mech.replace('-', '')}")
+        try:
+            await method(user, password, timeout=timeout)
+            return mech.upper()
+        except SMTPResponseException as exc:
+            if exc.code in (504, 534) and i + 1 < len(offered) and smtp.is_connected:
+                _log.info("%s does not take AUTH %s after all (%s %s); trying %s",
+                          remote, mech.upper(), exc.code, exc.message, offered[i + 1].upper())
+                continue
+            raise PasswordRefused(mech.upper(), exc) from None
+    raise AssertionError("unreachable: the last mechanism returns or raises")
+
+
 class Connector:
     """Opens connections for the transport; `open()` returns the session and the
     "host[ip]:port" it reached."""
@@ -202,36 +242,23 @@ class Connector:
         await self.ehlo(smtp, remote)  # RFC 3207: forget what was said before TLS
 
     async def _login(self, smtp: SMTP, dest: Destination, remote: str) -> None:
-        """Log in with a password using one mechanism, the first of PASSWORD_MECHANISMS
-        the server offers. A refusal (535) ends it: trying the next mechanism with the
-        same password would only count one more failure toward the provider's lockout.
-        Only a server that turns out not to support the mechanism it offered (504, 534)
-        gets the next one. The upstream's reply, enhanced status code included, is kept
-        in the recorded reply."""
+        """Log in with a password (:func:`password_login`: one mechanism). The upstream's
+        reply, enhanced status code included, is kept in the recorded reply."""
         user = dest.username or ""
         if not smtp.supports_extension("auth"):
             raise Failure(454, "4.7.0", f"host {remote} offers no AUTH (to log in as {user})",
                           remote=remote)
-        offered = [m for m in PASSWORD_MECHANISMS if m in smtp.server_auth_methods]
-        if not offered:
-            shown = " ".join(m.upper() for m in smtp.server_auth_methods) or "nothing"
-            raise Failure(454, "4.7.0", f"cannot log in as {user} at {remote}: it offers no "
-                          f"password mechanism we use (it offers {shown})", remote=remote)
-        for i, mech in enumerate(offered):
-            method = getattr(smtp, f"auth_{mech.replace('-', '')}")
-            try:
-                await method(user, dest.password or "", timeout=self.command_timeout)
-                return
-            except SMTPResponseException as exc:
-                if exc.code in (504, 534) and i + 1 < len(offered) and smtp.is_connected:
-                    _log.info("%s does not take AUTH %s after all (%s %s); trying %s",
-                              remote, mech.upper(), exc.code, exc.message,
-                              offered[i + 1].upper())
-                    continue
-                status = "4.7.8" if isinstance(exc, SMTPAuthenticationError) else "4.7.0"
-                raise Failure(454, status, f"authentication as {user} (AUTH {mech.upper()}) "
-                              f"failed at {remote}: {_upstream_reply(exc)}",
-                              remote=remote) from None
+        try:
+            await password_login(smtp, user, dest.password or "", timeout=self.command_timeout,
+                                 remote=remote)
+        except NoPasswordMechanism as exc:
+            raise Failure(454, "4.7.0", f"cannot log in as {user} at {remote}: {exc}",
+                          remote=remote) from None
+        except PasswordRefused as exc:
+            status = "4.7.8" if isinstance(exc.response, SMTPAuthenticationError) else "4.7.0"
+            raise Failure(454, status, f"authentication as {user} (AUTH {exc.mechanism}) "
+                          f"failed at {remote}: {_upstream_reply(exc.response)}",
+                          remote=remote) from None
 
     async def _oauth_login(self, smtp: SMTP, dest: Destination, remote: str) -> None:
         """AUTH XOAUTH2/OAUTHBEARER; one fresh token and one more try after a refusal."""

@@ -46,6 +46,12 @@ class SMTPTransport:
         self.idle_timeout = idle_timeout
         self.per_destination = per_destination
 
+    def set_reuse_limits(self, reuse_time: float, reuse_count: int) -> None:
+        """New `reuse_time` / `reuse_count` (a reload): pooled connections are checked
+        against them the next time they would be reused."""
+        self._pools.reuse_time = reuse_time
+        self._pools.reuse_count = reuse_count
+
     # -- the Transport protocol --------------------------------------------------------
     async def send(self, dest: Destination, mail_from: str, rcpts: list[str],
                    data: bytes) -> list[RcptResult]:
