@@ -11,6 +11,7 @@ Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json
     GET /api/v1/suppressions?reason=&q=&limit=&cursor=   the suppression list
     GET|DELETE /api/v1/suppressions/{address}, POST /api/v1/suppressions {address, detail}
     GET /api/v1/webhooks                       webhooks and their outbox counts
+    GET /api/v1/nodes                          nodes heard from, and the mailboxes each tails
     GET /api/v1/openapi.json                   no token needed
     GET /healthz                               no token; 503 when the store is unreachable
     GET /metrics                               no token; Prometheus text format
@@ -298,6 +299,7 @@ class AdminAPI:
         r.add_get("/api/v1/suppressions/{address}", self.suppression)
         r.add_delete("/api/v1/suppressions/{address}", self.suppression_delete)
         r.add_get("/api/v1/webhooks", self.webhooks)
+        r.add_get("/api/v1/nodes", self.nodes)
         r.add_get("/api/v1/openapi.json", self.openapi_doc)
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.metrics_text)
@@ -527,6 +529,13 @@ class AdminAPI:
         out += [{"url": url, "events": [], "configured": False, **c}
                 for url, c in sorted(counts.items())]
         return web.json_response({"webhooks": out})
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        ttl = self.get_config().sync.lease_ttl
+        rows = await Accounts(self.store).nodes()
+        for r in rows:
+            r["live"] = r["heartbeat_age"] <= ttl
+        return web.json_response({"nodes": rows, "lease_ttl": ttl})
 
     async def openapi_doc(self, request: web.Request) -> web.Response:
         return web.json_response(openapi.document())

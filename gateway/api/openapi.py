@@ -261,6 +261,14 @@ SCHEMAS: dict[str, Any] = {
                      "pending": _COUNT, "delivered": _COUNT, "dead": _COUNT,
                      "oldest_pending_at": _TIME_OR_NULL, "last_error": _nullable("string")}),
     "WebhookList": _obj({"webhooks": {"type": "array", "items": _ref("Webhook")}}),
+    "Node": _obj({"id": _STR, "hostname": _STR, "pid": _COUNT, "started_at": _TIME,
+                  "heartbeat_at": _TIME,
+                  "heartbeat_age": {"type": "number", "description": "seconds since it"},
+                  "live": {"type": "boolean", "description": "heard from within sync.lease_ttl: "
+                                                            "mailboxes are placed on it"},
+                  "accounts": {**_STRS, "description": "the mailboxes whose lease it holds"}}),
+    "NodeList": _obj({"nodes": {"type": "array", "items": _ref("Node")},
+                      "lease_ttl": {"type": "number"}}),
     "Health": _obj({"status": {"enum": ["ok", "unavailable"]},
                     "store": _obj({"ok": {"type": "boolean"}, "error": _STR}, required=["ok"]),
                     "spool": {"oneOf": [{"type": "null"},
@@ -489,6 +497,9 @@ def document() -> dict[str, Any]:
             "/api/v1/webhooks": {"get": {
                 "summary": "Configured webhooks and their outbox: pending, delivered, dead",
                 "responses": {"200": _json("WebhookList"), **_ERRORS}}},
+            "/api/v1/nodes": {"get": {
+                "summary": "The nodes (daemons) heard from and the mailboxes each tails now",
+                "responses": {"200": _json("NodeList"), **_ERRORS}}},
             "/api/v1/openapi.json": {"get": {
                 "summary": "This document", "security": [],
                 "responses": {"200": {"description": "OpenAPI 3.1",

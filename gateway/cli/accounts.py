@@ -268,6 +268,9 @@ def _print_list(rows: list[dict[str, Any]]) -> None:
               f"{when_ago(r['last_sync_at']):<28} {r['messages']:>6}  {', '.join(r['folders']) or '-'}")
         if r["reason"] and r["status"] != "active":
             print(f"{'':<16} reason: {r['reason']}")
+        until = r.get("lease_expires_at")
+        if r.get("lease_owner") and until and datetime.fromisoformat(until) > datetime.now(UTC):
+            print(f"{'':<16} tailed by node {r['lease_owner']}")
         last = r.get("last_run")
         if last and last["status"] == "error":
             print(f"{'':<16} last error ({last['kind']}{' ' + last['folder'] if last['folder'] else ''}"

@@ -1,4 +1,5 @@
-"""`mailgw sync status [ID]`: per account and folder the last sync, totals and recent runs with errors."""
+"""`mailgw sync status [ID]`: per account and folder the last sync, totals and recent runs with
+errors; `mailgw sync nodes`: the nodes heard from and the mailboxes each tails."""
 
 from __future__ import annotations
 
@@ -22,6 +23,40 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                     help="recent runs to show (default 20 for one account, 5 for all)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_sync)
+    nd = cmds.add_parser("nodes", parents=[common],
+                         help="the nodes (daemons) heard from and the mailboxes each tails")
+    nd.add_argument("--json", action="store_true")
+    nd.set_defaults(func=_nodes)
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    return asyncio.run(_list_nodes(config(args), args))
+
+
+async def _list_nodes(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.crm.accounts import Accounts
+    from gateway.crm.store import Store
+
+    store = await Store.from_config(cfg)
+    try:
+        rows = await Accounts(store).nodes()
+    finally:
+        await store.close()
+    ttl = cfg.sync.lease_ttl
+    for r in rows:
+        r["live"] = r["heartbeat_age"] <= ttl
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no node has run (a daemon records its heartbeat while it runs)")
+        return EXIT_OK
+    print(f"{'NODE':<40} {'STATE':<6} {'HEARTBEAT':<28} {'MAILBOXES':>9}  ACCOUNTS")
+    for r in rows:
+        state = "live" if r["live"] else "gone"
+        print(f"{r['id']:<40} {state:<6} {when_ago(r['heartbeat_at']):<28} "
+              f"{len(r['accounts']):>9}  {', '.join(r['accounts']) or '-'}")
+    return EXIT_OK
 
 
 def _sync(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from gateway.crm.models import (
     accounts_table,
     connect_links_table,
     messages_table,
+    nodes_table,
     raw_table,
     sources_table,
     sync_runs_table,
@@ -124,6 +125,10 @@ class PurgeResult:
     messages: int
     checkpoints: int
     raw_blobs: list[str]
+
+
+#: a node row not renewed for this long is deleted (a restarted node has a new id)
+NODE_ROWS_KEPT = timedelta(days=1)
 
 
 def _now() -> datetime:
@@ -584,6 +589,56 @@ class Accounts:
                 lease_owner=None, lease_expires_at=None))
 
         await self._tx(run, f"cannot release the lease on {account_id}")
+
+    # -- nodes ----------------------------------------------------------------------------
+    async def heartbeat(self, node_id: str, *, hostname: str, pid: int, within: float) -> list[str]:
+        """Say this node is alive, and return the ids of the nodes heard from within
+        `within` seconds (this one included), by the database's clock on PostgreSQL so that
+        the nodes' own clocks do not matter."""
+        async def run(conn: AsyncConnection) -> list[str]:
+            now = await self._db_now(conn)
+            stmt = self.store.insert(nodes_table).values(id=node_id, hostname=hostname, pid=pid,
+                                                         started_at=now, heartbeat_at=now)
+            await conn.execute(stmt.on_conflict_do_update(index_elements=[nodes_table.c.id],
+                                                          set_={"heartbeat_at": now}))
+            rows = await conn.execute(sa.select(nodes_table.c.id).where(
+                nodes_table.c.heartbeat_at >= now - timedelta(seconds=within)))
+            # nodes not heard from for a day are gone for good (each start is a new id)
+            await conn.execute(sa.delete(nodes_table).where(
+                nodes_table.c.heartbeat_at < now - NODE_ROWS_KEPT))
+            return sorted({node_id, *rows.scalars()})
+
+        return cast(list[str], await self._tx(run, "cannot record the node's heartbeat"))
+
+    async def forget_node(self, node_id: str) -> None:
+        """A clean stop: the node's row goes, so the others take its mailboxes at once."""
+        await self._tx(lambda conn: conn.execute(sa.delete(nodes_table).where(
+            nodes_table.c.id == node_id)), "cannot remove the node's heartbeat")
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every node row, with the mailboxes whose lease it holds now."""
+        async def run(conn: AsyncConnection) -> list[dict[str, Any]]:
+            now = await self._db_now(conn)
+            held: dict[str, list[str]] = {}
+            for aid, owner in (await conn.execute(
+                    sa.select(accounts_table.c.id, accounts_table.c.lease_owner).where(
+                        accounts_table.c.lease_owner.is_not(None),
+                        accounts_table.c.lease_expires_at >= now)
+                    .order_by(accounts_table.c.id))).all():
+                held.setdefault(owner, []).append(aid)
+            rows = (await conn.execute(sa.select(nodes_table).order_by(nodes_table.c.id))).mappings()
+            return [{"id": r["id"], "hostname": r["hostname"], "pid": r["pid"],
+                     "started_at": iso(r["started_at"]), "heartbeat_at": iso(r["heartbeat_at"]),
+                     "heartbeat_age": round((now - r["heartbeat_at"]).total_seconds(), 1),
+                     "accounts": held.get(r["id"], [])} for r in rows]
+
+        return cast(list[dict[str, Any]], await self._tx(run, "cannot read the nodes"))
+
+    async def _db_now(self, conn: AsyncConnection) -> datetime:
+        if not self._pg:
+            return _now()
+        t = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
+        return t.astimezone(UTC)
 
     # -- purge ----------------------------------------------------------------------------
     async def purge(self, account_id: str) -> PurgeResult:

@@ -430,6 +430,19 @@ class Suppression(Base):
     created_at: Mapped[datetime] = mapped_column()
 
 
+class Node(Base):
+    """A running daemon (a node of the cluster) and when it last said it was alive: the
+    IMAP tailers spread the mailboxes over the nodes heard from within `sync.lease_ttl`."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    hostname: Mapped[str] = mapped_column(sa.String, default="", server_default="")
+    pid: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    started_at: Mapped[datetime] = mapped_column()
+    heartbeat_at: Mapped[datetime] = mapped_column()
+
+
 class SendCounter(Base):
     """Messages accepted from one sender on one UTC day (``max_per_day``)."""
 
@@ -465,3 +478,4 @@ sync_state_table = cast(sa.Table, SyncState.__table__)
 sync_runs_table = cast(sa.Table, SyncRun.__table__)
 outbox_table = cast(sa.Table, WebhookDelivery.__table__)                # webhook_outbox
 send_counters_table = cast(sa.Table, SendCounter.__table__)
+nodes_table = cast(sa.Table, Node.__table__)

@@ -37,6 +37,7 @@ from gateway.directory import SecretSource, TokenSource
 from gateway.errors import StoreError
 from gateway.imap.account import open_account
 from gateway.imap.client import IMAPClient
+from gateway.imap.placement import place
 from gateway.imap.sent import SentCopies
 from gateway.imap.slots import ConnectionSlots
 from gateway.imap.tailer import AccountTailer, Opener
@@ -83,6 +84,7 @@ class Tailers:
         self.on_stored = on_stored   # (account id, messages) after each commit: benchmarks, tests
         self.metrics = metrics       # imap_messages_stored_total and imap_errors_total per account
         self.running: dict[str, _Running] = {}
+        self._draining: dict[str, _Running] = {}   # stopping: popped from running, not ended
         self._retry: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -90,7 +92,10 @@ class Tailers:
         self._last_prune = 0.0
         self._warned_cap = False
         self.ticks = 0
-        self._not_before: dict[str, float] = {}   # no lease attempt before (held elsewhere, crash)
+        self._not_before: dict[str, float] = {}   # no lease attempt before (after a crash)
+        self._elsewhere: dict[str, float] = {}    # held by another node: look again after
+        #: the nodes heard from within sync.lease_ttl at the last look (this one included)
+        self.live_nodes: list[str] = [self.node_id]
         self._crashes: dict[str, int] = {}
         self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
                                self.accounts, log=self.log)
@@ -140,6 +145,8 @@ class Tailers:
         for aid in ids:
             with contextlib.suppress(StoreError):
                 await self.accounts.release_lease(aid, self.node_id)
+        with contextlib.suppress(StoreError):   # the other nodes take its mailboxes at once
+            await self.accounts.forget_node(self.node_id)
         await self.sent.stop(timeout)
 
     async def abort(self) -> None:
@@ -149,9 +156,10 @@ class Tailers:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        for r in list(self.running.values()):
+        runs = [*self.running.values(), *self._draining.values()]
+        for r in runs:
             r.task.cancel()
-        for r in list(self.running.values()):
+        for r in runs:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await r.task
         self.running.clear()
@@ -161,14 +169,26 @@ class Tailers:
         runs = [self.running.pop(i) for i in ids if i in self.running]
         for r in runs:
             r.tailer.stop()
+            self._draining[r.tailer.id] = r
         if not runs:
             return
-        _, late = await asyncio.wait([r.task for r in runs], timeout=timeout)
-        for t in late:
-            t.cancel()
-        for r in runs:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await r.task
+        try:
+            _, late = await asyncio.wait([r.task for r in runs], timeout=timeout)
+            for t in late:
+                t.cancel()
+            for r in runs:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await r.task
+        finally:
+            for r in runs:
+                if self._draining.get(r.tailer.id) is r:
+                    del self._draining[r.tailer.id]
+
+    def tailing(self) -> set[str]:
+        """The accounts whose tailer task is alive on this node, those stopping included
+        (a mailbox is tailed until its task has ended, and only then is its lease let go)."""
+        return {aid for aid, r in self.running.items() if not r.task.done()} | {
+            aid for aid, r in self._draining.items() if not r.task.done()}
 
     # -- the control loop -------------------------------------------------------------------
     async def _control(self) -> None:
@@ -224,26 +244,29 @@ class Tailers:
             await self.accounts.ensure(cfg.accounts)
             known = await self.accounts.statuses()
         self._retry &= {aid for aid, status in known.items() if status == "needs_reconnect"}
-        wanted = self._wanted(cfg, known)
+        ttl = cfg.sync.lease_ttl
+        mine = await self._placement(cfg, known, ttl)
+        wanted = {aid: a for aid, a in self._wanted(cfg, known).items() if aid in mine}
         gone = [aid for aid, r in self.running.items()
                 if aid not in wanted or r.tailer.account != wanted[aid]
                 or loop.time() >= r.lease_until]
         if gone:
             for aid in gone:
                 r = self.running[aid]
-                why = "lease expired" if loop.time() >= r.lease_until else "not wanted"
+                why = ("lease expired" if loop.time() >= r.lease_until
+                       else "placed on another node" if aid not in mine else "not wanted")
                 self.log.info("tailer_stopping", account=aid, why=why)
             await self._stop_tailers(gone, cfg.drain_timeout)
             for aid in gone:
                 with contextlib.suppress(StoreError):
                     await self.accounts.release_lease(aid, self.node_id)
-        ttl = cfg.sync.lease_ttl
         for aid, a in wanted.items():
             cur = self.running.get(aid)
             now = loop.time()
             if cur is not None and now < cur.renew_at:
                 continue
-            if cur is None and now < self._not_before.get(aid, 0.0):
+            if cur is None and now < max(self._not_before.get(aid, 0.0),
+                                         self._elsewhere.get(aid, 0.0)):
                 continue
             try:
                 got = await self.accounts.acquire_lease(aid, self.node_id, ttl)
@@ -258,7 +281,9 @@ class Tailers:
                     await self._stop_tailers([aid], cfg.drain_timeout)
                 continue
             if not got:
-                self._not_before[aid] = now + ttl / 3     # another node tails it: look again later
+                # another node still tails it (say, the one it was placed on before a node
+                # joined, until that one lets go): look again soon
+                self._elsewhere[aid] = now + min(ttl / 3, max(1.0, cfg.sync.check_interval))
             elif not self._stopping:
                 self._start(cfg, a, now, ttl, retrying=known.get(aid) == "needs_reconnect")
         if len(self.running) > self.slots.limit and not self._warned_cap:
@@ -269,6 +294,21 @@ class Tailers:
         if loop.time() - self._last_prune > 3600:
             self._last_prune = loop.time()
             await self.accounts.prune_runs(RUN_HISTORY)
+
+    async def _placement(self, cfg: Config, known: dict[str, str], ttl: float) -> set[str]:
+        """The accounts this node should tail: its share of the tailed, active (or
+        reconnecting) accounts over the nodes heard from within `ttl` seconds
+        (:func:`gateway.imap.placement.place`). The heartbeat that says this node is alive
+        is written here. With the store unreadable the last view of the nodes stands."""
+        try:
+            self.live_nodes = await self.accounts.heartbeat(
+                self.node_id, hostname=socket.gethostname(), pid=os.getpid(), within=ttl)
+        except StoreError as exc:
+            self.log.warning("node_heartbeat_failed", error=str(exc))
+        ids = [a.id for a in cfg.accounts
+               if a.tailed and known.get(a.id, "active") in ("active", "needs_reconnect")]
+        placed = place(ids, self.live_nodes)
+        return {aid for aid, node in placed.items() if node == self.node_id}
 
     def _start(self, cfg: Config, a: Account, now: float, ttl: float, *, retrying: bool) -> None:
         self._retry.discard(a.id)

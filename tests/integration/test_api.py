@@ -459,3 +459,25 @@ async def test_app_serves_api_delivers_webhooks_and_reloads_token(
         await asyncio.sleep(0)
     finally:
         await receiver.stop()
+
+
+async def test_nodes_lists_heartbeats_and_the_mailboxes_each_tails(
+        store: Store, api: tuple[AdminAPI, Client]) -> None:
+    from gateway.crm.accounts import Accounts
+
+    _, c = api
+    accounts = Accounts(store)
+    assert await accounts.heartbeat("node-a", hostname="h1", pid=11, within=60) == ["node-a"]
+    assert await accounts.heartbeat("node-b", hostname="h2", pid=22, within=60) == \
+        ["node-a", "node-b"]
+    await accounts.ensure(cfg().accounts)
+    assert await accounts.acquire_lease("alice", "node-b", 60)
+    status, body, _ = await c.get("/api/v1/nodes")
+    assert status == 200, body
+    check(body, "NodeList")
+    nodes = {n["id"]: n for n in body["nodes"]}
+    assert nodes["node-a"]["accounts"] == [] and nodes["node-b"]["accounts"] == ["alice"]
+    assert nodes["node-b"]["live"] is True and nodes["node-b"]["pid"] == 22
+    await accounts.forget_node("node-a")
+    status, body, _ = await c.get("/api/v1/nodes")
+    assert [n["id"] for n in body["nodes"]] == ["node-b"]

@@ -98,6 +98,13 @@ def test_accounts_and_sync_status_against_a_running_daemon(dovecot: Dovecot, tmp
         assert r.returncode == 0
         assert "needs_reconnect" in r.stdout and "AUTHENTICATIONFAILED" in r.stdout, r.stdout
         assert "INBOX, Sent" in r.stdout
+        assert re.search(r"tailed by node \S+", r.stdout), r.stdout
+        r = mailgw(cfg, "sync", "nodes", "--json")      # the daemon is the one live node
+        assert r.returncode == 0, r.stderr
+        [node] = json.loads(r.stdout)
+        assert node["live"] is True and node["accounts"] == ["rep"], node
+        r = mailgw(cfg, "sync", "nodes")
+        assert r.returncode == 0 and node["id"] in r.stdout and " live " in r.stdout, r.stdout
 
         r = mailgw(cfg, "accounts", "test", "rep")
         assert r.returncode == 0, r.stdout + r.stderr

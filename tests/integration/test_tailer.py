@@ -526,44 +526,83 @@ async def test_sent_copies_survive_a_restart_and_permanent_failures_are_kept(
 
 # -- leases between nodes ----------------------------------------------------------------------
 
-async def test_two_nodes_one_tails_and_the_other_takes_over(
-        pg_url: str, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+async def test_nodes_share_the_mailboxes_and_take_over_a_dead_ones_never_two_at_once(
+        pg_url: str, dovecot: Dovecot, tmp_path: Path) -> None:
+    """Five mailboxes, two nodes on one PostgreSQL: leases 3 : 2; node a killed (leases and
+    heartbeat left behind) -> b tails all five within 2 x lease_ttl and stores new mail; a
+    new node joins -> 3 : 2 again; a clean stop hands over at once. A sampler checks all
+    along that no mailbox is tailed by two nodes at the same moment."""
     from gateway.crm.migrate import upgrade
 
     await upgrade(pg_url)
-    store_a, store_b = await Store.open(pg_url), await Store.open(pg_url)
-    await add_contacts(store_a, LEAD)
-    cfg = make_config(tmp_path, [account_dict(dovecot, user, tmp_path)],
-                      sync={"lease_ttl": 1.5, "poll_interval": "60s"})
-    a, _ = tailers_for(cfg, store_a, node_id="node-a")
-    b, _ = tailers_for(cfg, store_b, node_id="node-b")
+    users = [new_user(dovecot) for _ in range(5)]
+    stores = [await Store.open(pg_url) for _ in range(3)]
+    await add_contacts(stores[0], LEAD)
+    ttl = 2.0
+    cfg = make_config(tmp_path, [account_dict(dovecot, u, tmp_path, aid=f"m{i}",
+                                              sync={"folders": ["INBOX"]})
+                                 for i, u in enumerate(users)],
+                      sync={"lease_ttl": ttl, "check_interval": 0.1, "poll_interval": "60s"})
+    a, _ = tailers_for(cfg, stores[0], node_id="node-a")
+    b, _ = tailers_for(cfg, stores[1], node_id="node-b")
+    c, _ = tailers_for(cfg, stores[2], node_id="node-c")
+    nodes = [a, b, c]
+    overlaps: list[set[str]] = []
+
+    async def sample() -> None:
+        while True:
+            tailing = [n.tailing() for n in nodes]
+            for i, x in enumerate(tailing):
+                for y in tailing[i + 1:]:
+                    if x & y:
+                        overlaps.append(x & y)
+            await asyncio.sleep(0.01)
+
+    async def leases() -> list[int]:
+        rows = await Accounts(stores[0]).nodes()
+        return sorted(len(r["accounts"]) for r in rows if r["accounts"])
+
+    sampler = asyncio.create_task(sample())
     try:
         await a.start()
-        await running(a, "rep")
+        await wait_until(lambda: len(a.tailing()) == 5, 20, "node a tails all five alone")
         await b.start()
-        ticks = b.ticks
-        await wait_until(lambda: b.ticks >= ticks + 40, 15, "node b looked 40 times")
-        assert b.tailer("rep") is None and a.tailer("rep") is not None
-        row = await Accounts(store_b).get("rep")
-        assert row is not None and row["lease_owner"] == "node-a"
+        await wait_until(lambda: sorted([len(a.tailing()), len(b.tailing())]) == [2, 3], 20,
+                         "the mailboxes spread 3 : 2 over two nodes")
+        assert await leases() == [2, 3]
+        shown = {r["id"]: r for r in await Accounts(stores[1]).nodes()}
+        assert set(shown) == {"node-a", "node-b"}
+        assert sorted(shown["node-a"]["accounts"] + shown["node-b"]["accounts"]) == \
+            [f"m{i}" for i in range(5)]
 
-        await a.abort()                                     # node a dies: its lease is not released
-        await running(b, "rep")
-        row = await Accounts(store_b).get("rep")
-        assert row is not None and row["lease_owner"] == "node-b"
-        await asyncio.to_thread(dovecot.append, user, "INBOX", message(
-            "after takeover", sender=LEAD, to=user, message_id="<takeover@test>"))
+        await a.abort()                       # node a dies: leases and heartbeat stay behind
+        loop = asyncio.get_running_loop()
+        died = loop.time()
+        await wait_until(lambda: len(b.tailing()) == 5, 2 * ttl + 2, "node b takes over all five")
+        took = loop.time() - died
+        assert took <= 2 * ttl + 2, took
+        owners = {r["id"]: r["accounts"] for r in await Accounts(stores[1]).nodes()}
+        assert owners.get("node-b") == [f"m{i}" for i in range(5)], owners
+        await asyncio.to_thread(dovecot.append, users[0], "INBOX", message(
+            "after takeover", sender=LEAD, to=users[0], message_id="<takeover@test>"))
 
         async def stored() -> bool:
-            return "<takeover@test>" in await stored_ids(store_b)
+            return "<takeover@test>" in await stored_ids(stores[1])
 
-        await wait_until(stored, 15, "node b stores new mail")
-        assert b.tailer("rep").stats.stored >= 1  # type: ignore[union-attr]
+        await wait_until(stored, 20, "node b stores new mail of a taken-over mailbox")
+
+        await c.start()                       # a new node joins: 3 : 2 again
+        await wait_until(lambda: sorted([len(b.tailing()), len(c.tailing())]) == [2, 3], 20,
+                         "the mailboxes spread over b and the new node c")
+        await b.stop()                        # a clean stop: c takes b's share at once
+        await wait_until(lambda: len(c.tailing()) == 5, ttl, "node c takes over without waiting")
+        assert overlaps == [], overlaps[:5]
     finally:
-        await a.abort()
-        await b.stop()
-        await store_a.close()
-        await store_b.close()
+        sampler.cancel()
+        for n in nodes:
+            await n.abort()
+        for st in stores:
+            await st.close()
 
 
 async def test_more_accounts_than_connections_take_turns(
@@ -592,6 +631,9 @@ async def test_more_accounts_than_connections_take_turns(
         await asyncio.to_thread(dovecot.append, users[0], "INBOX", message(
             "later", sender=LEAD, to=users[0], message_id="<turn-later@test>"))
         await wait_until(lambda: all_stored({"<turn-later@test>"}), 30, "new mail on a shared slot")
-        assert most == 1 and spy.logins > 3                     # one connection at a time, in turns
+        # the turns go on (the later message may have come in on the turn of the account
+        # holding the slot then, so the logins are waited for, not expected at once)
+        await wait_until(lambda: spy.logins > 3, 30, "more logins than accounts: turns")
+        assert most == 1                                        # one connection at a time
     finally:
         await tailers.stop()
