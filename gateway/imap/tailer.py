@@ -774,4 +774,5 @@ class AccountTailer:
             sources=[self._source(folder, uidvalidity, h.uid)], in_reply_to=i.in_reply_to,
             references=list(i.references), size=h.size, account=self.id, user=self._user,
             snippet=f"(message of {h.size} bytes: body not imported)",
-            kind=kind_of(i.headers, subject=i.subject, from_addr=i.from_addr))
+            kind=kind_of(i.headers, subject=i.subject, from_addr=i.from_addr),
+            display_names=dict(i.display_names))
