@@ -4,6 +4,7 @@ meeting invitations' attendees; on SQLite and PostgreSQL, and the parsers fuzzed
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from gateway.mail.parse import parse_message
 from gateway.records import AcceptedMessage, NewMessage, SourceRef, bcc_of
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
-OWN = dict(own_addresses=frozenset({"alice@example.com"}), own_domains=frozenset({"example.com"}))
+OWN = LinkRules(own_addresses=frozenset({"alice@example.com"}), own_domains=frozenset({"example.com"}))
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -203,7 +204,7 @@ async def contact_names(store: Store) -> dict[str, tuple[str, str, str]]:
 
 
 async def test_auto_created_contacts_take_the_display_name(store: Store) -> None:
-    store.configure(LinkRules(auto_create_contacts=True, **OWN))
+    store.configure(replace(OWN, auto_create_contacts=True))
     await upsert_contacts(store, [ContactInput("erin@fox.test", first_name="Erin",
                                                last_name="Imported")])
     await store.store_messages([imap_msg(
@@ -243,7 +244,7 @@ def test_bcc_is_the_envelope_minus_to_and_cc() -> None:
 
 
 async def test_bcc_recipients_of_relayed_mail_are_linked_and_created(store: Store) -> None:
-    store.configure(LinkRules(auto_create_contacts=True, **OWN))
+    store.configure(replace(OWN, auto_create_contacts=True))
     await upsert_contacts(store, [ContactInput("boss@acme.test", first_name="Bo", last_name="Ss")])
     await store.record([relay_msg("Q1", "<b1@example.com>", to=["carol@acme.test"],
                                   recipients=["carol@acme.test", "boss@acme.test",
@@ -263,7 +264,7 @@ async def test_bcc_recipients_of_relayed_mail_are_linked_and_created(store: Stor
 
 
 async def test_bcc_of_a_message_stored_first_from_ingest_is_added_by_the_relay(store: Store) -> None:
-    store.configure(LinkRules(**OWN))
+    store.configure(OWN)
     await upsert_contacts(store, [ContactInput("boss@acme.test"), ContactInput("carol@acme.test")])
     first = NewMessage(message_id="<i1@example.com>", from_addr="alice@example.com",
                        to_addrs=["carol@acme.test"], cc_addrs=[], subject="Offer", date=T0,
@@ -285,7 +286,7 @@ async def test_bcc_of_a_message_stored_first_from_ingest_is_added_by_the_relay(s
 
 
 async def test_link_by_name_adds_the_address_to_the_one_contact_of_that_name(store: Store) -> None:
-    store.configure(LinkRules(link_by_name=True, **OWN))
+    store.configure(replace(OWN, link_by_name=True))
     await upsert_contacts(store, [ContactInput("carol@acme.test", first_name="Carol",
                                                last_name="Smith")])
     # stored before: from an address no contact has, and no name given
@@ -311,7 +312,7 @@ async def test_link_by_name_adds_the_address_to_the_one_contact_of_that_name(sto
 
 
 async def test_link_by_name_leaves_an_ambiguous_name_unlinked_and_lists_it(store: Store) -> None:
-    store.configure(LinkRules(link_by_name=True, auto_create_contacts=True, **OWN))
+    store.configure(replace(OWN, link_by_name=True, auto_create_contacts=True))
     await upsert_contacts(store, [
         ContactInput("john@acme.test", first_name="John", last_name="Doe"),
         ContactInput("jdoe@beta.test", first_name="JOHN", last_name="Doe"),
@@ -356,7 +357,7 @@ INVITE_MAIL = (
 
 
 async def test_an_invitation_adds_its_three_attendees_as_correspondents(store: Store) -> None:
-    store.configure(LinkRules(auto_create_contacts=True, **OWN))
+    store.configure(replace(OWN, auto_create_contacts=True))
     p = parse_message(INVITE_MAIL)
     assert p.attendees == ["carol@acme.test", "alice@example.com", "dave@acme.test",
                            "oyvind@fjord.test", "priya@gmail.com"]
