@@ -62,6 +62,22 @@ async def contact_ids(conn: AsyncConnection, emails: Sequence[str]) -> dict[str,
     return out
 
 
+def name_keys(names: Mapping[str, str], addresses: Sequence[str]) -> set[str]:
+    """The name keys of the plain display names of `addresses` (`names`: lower-cased
+    address -> display name), as `link_by: name` would look them up."""
+    return {k for a in addresses if (k := name_key(*split_name(names.get(a, ""), a)))}
+
+
+async def known_names(conn: AsyncConnection, keys: Sequence[str]) -> set[str]:
+    """The name keys among `keys` that some contact has."""
+    out: set[str] = set()
+    for chunk in chunks(list(keys)):
+        rows = await conn.execute(sa.select(contacts_table.c.name_key).distinct()
+                                  .where(contacts_table.c.name_key.in_(chunk)))
+        out.update(rows.scalars())
+    return out
+
+
 async def resolve(conn: AsyncConnection, dialect: str, rules: LinkRules, names: Mapping[str, str],
                   now: datetime, company_ids: CompanyIds, *,
                   counts: Mapping[str, int] | None = None,

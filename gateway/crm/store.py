@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -639,13 +639,16 @@ class Store:
         return await outbox.enqueue(conn, self.webhooks, events, now)
 
     # -- filtering (IMAP header-first, ingest) ------------------------------------------
-    async def concerning(self, messages: Sequence[Sequence[str]]) -> list[bool]:
+    async def concerning(self, messages: Sequence[Sequence[str]],
+                         names: Sequence[Mapping[str, str]] = ()) -> list[bool]:
         """For each message (its From, To and Cc addresses): does it concern the CRM?
 
         Yes when one of its linkable addresses (not ours, not excluded) is a contact, or
-        has a known company's domain (`link_by: domain`), or, with
-        `crm.auto_create_contacts`, exists at all. A message whose sender (the first
-        address) is excluded never does. One query per batch, whatever its size.
+        has a known company's domain (`link_by: domain`), or, with `link_by: name`, has
+        a display name (`names`: per message, lower-cased address -> name) that is a
+        contact's full name, or, with `crm.auto_create_contacts`, exists at all. A
+        message whose sender (the first address) is excluded never does. One query per
+        batch, whatever its size.
         """
         rules = self.rules
         linkable = [[a.strip().lower() for a in addrs if a and rules.linkable(a)]
@@ -655,15 +658,19 @@ class Store:
             return [ok and bool(la) for ok, la in zip(out, linkable, strict=True)]
         emails = sorted({a for la in linkable for a in la})
         domains = sorted({d for la in linkable for a in la if (d := rules.company_domain(a))})
+        keys = [identify.name_keys(n, la) if rules.link_by_name else set()
+                for n, la in zip(names or [{}] * len(linkable), linkable, strict=True)]
         try:
             async with self.engine.connect() as conn:
                 known = set((await self._contact_ids(conn, emails)).keys()) if emails else set()
                 companies = set((await self._company_ids(conn, domains)).keys()) if domains \
                     else set()
+                named = await identify.known_names(conn, sorted(set().union(*keys)))
         except (SQLAlchemyError, OSError) as exc:
             raise self.error("store read failed", exc) from exc
-        return [ok and any(a in known or rules.company_domain(a) in companies for a in la)
-                for ok, la in zip(out, linkable, strict=True)]
+        return [ok and (any(a in known or rules.company_domain(a) in companies for a in la)
+                        or bool(k & named))
+                for ok, la, k in zip(out, linkable, keys, strict=True)]
 
     # -- reading ------------------------------------------------------------------------
     async def list_messages(self, *, contact: str | None = None, since: datetime | None = None,

@@ -652,7 +652,8 @@ class AccountTailer:
         # header blocks come from outside (up to a megabyte each): read them off the loop
         infos = await asyncio.to_thread(lambda: [parse_headers(h.header) for h in heads])
         verdicts = await asyncio.wait_for(self.store.concerning(
-            [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos]), STORE_TIMEOUT)
+            [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos],
+            [i.display_names for i in infos]), STORE_TIMEOUT)
         counts.fetched += len(heads)
         # delivery reports, read receipts and feedback reports come from machines no
         # contact rule matches: fetched anyway, the store reads them as events

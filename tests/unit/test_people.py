@@ -373,3 +373,17 @@ async def test_an_invitation_adds_its_three_attendees_as_correspondents(store: S
         ("priya@gmail.com", "Priya Patel", "attendee")]
     assert [x["id"] for x in await store.list_messages(contact="oyvind@fjord.test")] == [row["id"]]
     assert row["to"] == ["alice@example.com"] and row["bcc"] == []
+
+
+async def test_imap_header_filter_lets_through_mail_from_a_contacts_other_address(
+        store: Store) -> None:
+    store.configure(OWN)
+    await upsert_contacts(store, [ContactInput("carol@acme.test", first_name="Carol",
+                                               last_name="Smith")])
+    mail = [["carol.personal@gmail.com", "alice@example.com"]]
+    names = [{"carol.personal@gmail.com": "Carol Smith"}]
+    assert await store.concerning(mail, names) == [False]      # link_by: address only
+    store.configure(replace(OWN, link_by_name=True))
+    assert await store.concerning(mail, names) == [True]
+    assert await store.concerning(mail, [{"carol.personal@gmail.com": "Carol Jones"}]) == [False]
+    assert await store.concerning(mail) == [False]
