@@ -335,8 +335,9 @@ class Store:
         new = {k: first[k] for k in created}
         if new:
             await self._index_new(conn, {created[k]: m for k, m in new.items()}, now)
+        made = set(created.values())
         await self._late_bcc(conn, [(pk, m) for pk, m in relayed
-                                    if m.bcc_addrs and pk not in created.values()], now)
+                                    if m.bcc_addrs and pk not in made], now)
         # a message seen again on a new path: bump updated_at (API consumers poll by it)
         seen_again = new_sources - set(created.values())
         for chunk in chunks(sorted(seen_again)):

@@ -387,3 +387,16 @@ async def test_imap_header_filter_lets_through_mail_from_a_contacts_other_addres
     assert await store.concerning(mail, names) == [True]
     assert await store.concerning(mail, [{"carol.personal@gmail.com": "Carol Jones"}]) == [False]
     assert await store.concerning(mail) == [False]
+
+
+async def test_encoded_display_names_are_decoded_before_the_split(store: Store) -> None:
+    store.configure(replace(OWN, auto_create_contacts=True))
+    raw = (b"From: =?utf-8?q?=C3=81lvarez=2C_Jos=C3=A9?= <jose@acme.test>\r\n"
+           b"To: alice@example.com, =?iso-8859-1?b?Sm/rbCBCcmFu?= <joel@acme.test>\r\n"
+           b"Subject: Hola\r\nMessage-ID: <e1@acme.test>\r\n\r\nhi\r\n")
+    m = NewMessage.from_parsed(parse_message(raw), raw, direction="inbound",
+                               sources=[SourceRef("ingest", "ING1", T0)])
+    await store.store_messages([m])
+    names = await contact_names(store)
+    assert names["jose@acme.test"] == ("José", "Álvarez", "auto")
+    assert names["joel@acme.test"] == ("Joël", "Bran", "auto")
