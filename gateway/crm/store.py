@@ -23,12 +23,14 @@ the same transaction as the messages it covers). In one transaction a batch:
    row; its thread is found by :func:`gateway.crm.threads.assign_threads`;
 2. records every path in ``message_sources`` (unique per source and ref, so a
    replayed batch adds nothing);
-3. for new messages: addresses, links to contacts and companies (:mod:`linking`),
-   ``replied`` (or ``auto_replied``) on the outbound message an inbound reply answers,
-   and ``message.stored`` / ``message.replied`` / ``message.auto_replied`` webhook
-   deliveries in the outbox;
+3. for new messages: addresses (From, To, Cc, the relay's Bcc, invitation attendees),
+   links to contacts and companies (:mod:`linking`; which contact an address is, or
+   becomes, :mod:`identify`), ``replied`` (or ``auto_replied``) on the outbound message
+   an inbound reply answers, and ``message.stored`` / ``message.replied`` /
+   ``message.auto_replied`` webhook deliveries in the outbox;
 4. ``queued`` events for relay recipients, also when the relay's record comes after
-   the message was stored from ingest or IMAP (keyed, so recorded once);
+   the message was stored from ingest or IMAP (keyed, so recorded once), and then the
+   relay's Bcc on it;
 5. events (delivery, tracking) for queue ids of this or earlier batches, and their
    webhooks; ``message.opened`` / ``message.clicked`` carry the message's tracking
    summary (:mod:`gateway.crm.summary`) as of this transaction, from one query over its

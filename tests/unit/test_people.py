@@ -4,6 +4,7 @@ meeting invitations' attendees; on SQLite and PostgreSQL, and the parsers fuzzed
 from __future__ import annotations
 
 import importlib.util
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +142,20 @@ def test_attendees_of_an_invitation() -> None:
 def test_attendees_are_capped() -> None:
     many = "".join(f"ATTENDEE:mailto:p{i}@x.test\n" for i in range(MAX_ATTENDEES + 50))
     assert len(attendees(many)) == MAX_ATTENDEES
+
+
+@pytest.mark.parametrize("text", [
+    "ATTENDEE" + ";" * (1 << 20),                                  # no value at all
+    'ATTENDEE;CN="' + '"' * (1 << 20),                             # quotes that never close
+    "ATTENDEE;CN=" + "\r\n a" * 350_000 + ":mailto:a@b.test",     # one line folded 350k times
+    "\r\n" * (1 << 19),                                           # nothing but line breaks
+    "ATTENDEE:\n" * 100_000,                                       # 100k properties, no address
+    "x" * (4 << 20),                                               # past MAX_BYTES
+], ids=["semicolons", "quotes", "folds", "breaks", "properties", "large"])
+def test_hostile_calendars_are_read_in_bounded_time(text: str) -> None:
+    start = time.perf_counter()
+    attendees(text)
+    assert time.perf_counter() - start < 2.0     # linear code: 0.03-0.2 s on a busy machine
 
 
 _ICAL_PIECES = st.sampled_from([
