@@ -18,14 +18,17 @@ from hypothesis import strategies as st
 import gateway.crm.migrations
 from gateway.config import load_config
 from gateway.crm.contacts import ContactInput, contact_timeline, get_contact, upsert_contacts
+from gateway.crm.engine import make_engine
 from gateway.crm.identify import list_ambiguous
 from gateway.crm.linking import LinkRules
+from gateway.crm.migrate import upgrade
 from gateway.crm.people import name_key, split_name
 from gateway.crm.store import Store
 from gateway.errors import ConfigError
 from gateway.mail.calendar import MAX_ATTENDEES, attendees
 from gateway.mail.parse import parse_message
 from gateway.records import AcceptedMessage, NewMessage, SourceRef, bcc_of
+from tests.unit.test_store import _downgrade as downgrade
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 OWN = LinkRules(own_addresses=frozenset({"alice@example.com"}), own_domains=frozenset({"example.com"}))
@@ -415,3 +418,38 @@ async def test_encoded_display_names_are_decoded_before_the_split(store: Store) 
     names = await contact_names(store)
     assert names["jose@acme.test"] == ("José", "Álvarez", "auto")
     assert names["joel@acme.test"] == ("Joël", "Bran", "auto")
+
+
+async def test_upgrade_from_0004_keys_the_contacts_there_and_downgrade_returns(url: str) -> None:
+    await upgrade(url, "0004")
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(
+                "INSERT INTO contacts (email, first_name, last_name, title, phone, fields, source, "
+                "created_at, updated_at) VALUES (:e, :f, :l, '', '', '{}', 'import', :t, :t)"),
+                [{"e": "carol@acme.test", "f": "Carol", "l": "Smith", "t": T0},
+                 {"e": "solo@acme.test", "f": "Solo", "l": "", "t": T0}])
+    finally:
+        await engine.dispose()
+    await upgrade(url)
+    s = await Store.open(url)
+    try:
+        s.configure(replace(OWN, link_by_name=True))
+        await s.store_messages([imap_msg("<u1@gmail.com>", frm="cs@gmail.com",
+                                         names={"cs@gmail.com": "Carol Smith"})])
+        contact = await get_contact(s, "cs@gmail.com")
+        assert contact is not None and contact["email"] == "carol@acme.test"
+    finally:
+        await s.close()
+    await downgrade(url, "0004")
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert "contact_addresses" not in tables and "contact_ambiguities" not in tables
+            roles = (await conn.execute(sa.text("SELECT role FROM message_addresses"))).scalars()
+            assert set(roles) == {"from", "to"}
+    finally:
+        await engine.dispose()
+    await upgrade(url)
