@@ -713,7 +713,9 @@ class Ingest(Model):
 
 class CRM(Model):
     auto_create_contacts: bool = False
-    link_by: list[Literal["address", "domain"]] = ["address", "domain"]
+    #: name: a new address whose display name is one contact's full name becomes that
+    #: contact's further address (gateway.crm.identify)
+    link_by: list[Literal["address", "domain", "name"]] = ["address", "domain"]
     exclude: list[str] = []
 
 

@@ -63,6 +63,8 @@ class AcceptedMessage:
     from_name: str = ""
     raw: bytes | None = None
     parsed: bool = False             # the fields below `raw` were filled from it
+    display_names: dict[str, str] = field(default_factory=dict)
+    attendees: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -81,6 +83,7 @@ def fill_from_parsed(a: AcceptedMessage, p: ParsedMessage) -> None:
     a.template = a.template or p.headers.x_mailgw_template
     a.campaign = a.campaign or p.headers.x_mailgw_campaign
     a.message_id = a.message_id or p.message_id
+    a.display_names, a.attendees = dict(p.display_names), list(p.attendees)
     a.parsed = True
 
 
@@ -172,6 +175,13 @@ class NewMessage:
     #: ingest only: the queue id the VERP bounce address it came to names
     #: (:func:`gateway.mail.reports.verp_queue_id`)
     bounce_queue_id: str | None = None
+    #: relay only: the envelope recipients not in To or Cc (:func:`bcc_of`); stored,
+    #: never put in anything delivered
+    bcc_addrs: list[str] = field(default_factory=list)
+    #: lower-cased address -> display name (header fields, else an attendee's CN)
+    display_names: dict[str, str] = field(default_factory=dict)
+    #: ATTENDEE / ORGANIZER addresses of its meeting invitations (text/calendar parts)
+    attendees: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -196,7 +206,8 @@ class NewMessage:
             size=p.size if raw is None else len(raw), dedupe_hash=p.dedupe_hash, raw=raw,
             account=account, user=user, template=p.headers.x_mailgw_template,
             campaign=p.headers.x_mailgw_campaign, sources=sources,
-            kind=kind.kind, return_date=kind.return_date, report=report)
+            kind=kind.kind, return_date=kind.return_date, report=report,
+            display_names=dict(p.display_names), attendees=list(p.attendees))
 
     @functools.cached_property
     def raw_sha256(self) -> str | None:
@@ -262,6 +273,21 @@ def attachment_dict(a: Attachment) -> dict[str, Any]:
             "sha256": a.sha256, "content_id": a.content_id, "inline": a.inline}
 
 
+def bcc_of(a: AcceptedMessage) -> list[str]:
+    """The envelope recipients of a relayed message that its To and Cc do not name (its
+    Bcc, which the relay removed from the bytes it delivers), once each, in envelope
+    order; none while its header fields are unknown (neither parsed nor given)."""
+    if not (a.parsed or a.to_addrs or a.cc_addrs):
+        return []
+    shown = {x.strip().lower() for x in (*a.to_addrs, *a.cc_addrs)}
+    out: dict[str, str] = {}
+    for r in a.recipients:
+        key = r.strip().lower()
+        if key and key not in shown:
+            out.setdefault(key, r.strip())
+    return list(out.values())
+
+
 def accepted_to_new(a: AcceptedMessage) -> NewMessage:
     """The relay's AcceptedMessage as the store's NewMessage (one relay source per copy)."""
     copies = a.copies or [Copy(a.queue_id)]
@@ -273,6 +299,8 @@ def accepted_to_new(a: AcceptedMessage) -> NewMessage:
         template=a.template, campaign=a.campaign, scheduled_at=a.scheduled_at, raw=a.raw,
         in_reply_to=a.in_reply_to, references=a.references,
         queued_recipients=a.recipients,
+        bcc_addrs=bcc_of(a) if a.source == "relay" else [],
+        display_names=a.display_names, attendees=a.attendees,
         sources=[SourceRef(source=a.source, ref=c.queue_id, at=a.at, account=a.account,
                            recipient=c.recipient, client_ip=a.client_ip,
                            links=c.links if c.recipient else None) for c in copies])

@@ -5,6 +5,7 @@ Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json
     GET /api/v1/messages?contact=&account=&direction=&since=&limit=&cursor=
     GET /api/v1/messages/{id}                  bodies, sources, events; 404 if unknown
     GET /api/v1/contacts/{email}/timeline?limit=&cursor=
+    GET /api/v1/ambiguous-contacts?limit=&cursor=   addresses link_by: name left unlinked
     GET /api/v1/accounts                       connected mailboxes (declared and runtime) + state
     POST/PATCH/DELETE /api/v1/accounts..., /api/v1/connect-links   see gateway.api.accounts
     GET /api/v1/stats/engagement?days=&by=     see gateway.crm.reports
@@ -64,6 +65,7 @@ from gateway.crm.contacts import (
     upsert_contacts,
     valid_email,
 )
+from gateway.crm.identify import list_ambiguous
 from gateway.crm.models import DIRECTIONS, SUPPRESSION_REASONS, Message, sort_at
 from gateway.crm.reports import GROUPINGS, MAX_DAYS, engagement
 from gateway.crm.store import Store
@@ -289,6 +291,7 @@ class AdminAPI:
         r.add_get("/api/v1/contacts/{email}", self.contact)
         r.add_put("/api/v1/contacts/{email}", self.contact_put)
         r.add_get("/api/v1/contacts/{email}/timeline", self.timeline)
+        r.add_get("/api/v1/ambiguous-contacts", self.ambiguous)
         r.add_get("/api/v1/accounts", self.accounts)
         r.add_get("/api/v1/accounts/{id}/sync", self.account_sync)
         if self.account_service is not None:
@@ -428,6 +431,17 @@ class AdminAPI:
                                    after=q.get("cursor") or None, limit=limit + 1)
         cursor = rows[limit - 1]["email"] if len(rows) > limit else None
         resp = web.json_response({"contacts": rows[:limit], "next_cursor": cursor})
+        if cursor is not None:
+            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
+        return resp
+
+    async def ambiguous(self, request: web.Request) -> web.Response:
+        """Addresses `crm.link_by: name` left unlinked (gateway.crm.identify)."""
+        q = request.query
+        limit = _limit(q)
+        rows = await list_ambiguous(self.store, after=q.get("cursor") or None, limit=limit + 1)
+        cursor = rows[limit - 1]["address"] if len(rows) > limit else None
+        resp = web.json_response({"ambiguous": rows[:limit], "next_cursor": cursor})
         if cursor is not None:
             resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
         return resp

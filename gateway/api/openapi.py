@@ -11,6 +11,7 @@ from typing import Any
 from gateway import __version__
 from gateway.crm.models import (
     ACCOUNT_STATUSES,
+    ADDRESS_ROLES,
     DIRECTIONS,
     EVENT_TYPES,
     SOURCES,
@@ -52,6 +53,8 @@ _SUMMARY_PROPS: dict[str, Any] = {
     "from": _STR,
     "to": _STRS,
     "cc": _STRS,
+    "bcc": {**_STRS, "description": "relayed mail: the envelope recipients not in To or Cc "
+                                    "(never in what was delivered); [] otherwise"},
     "subject": _STR,
     "date": _TIME_OR_NULL,
     "snippet": _STR,
@@ -128,13 +131,21 @@ SCHEMAS: dict[str, Any] = {
         "total": _ref("TrackingTotals"),
         "recipients": {"type": "array", "items": _ref("TrackingRecipient"),
                        "description": "every recipient with an event, in address order"}}),
-    "ContactLink": _obj({"email": _STR, "name": _STR, "role": {"enum": ["from", "to", "cc"]}}),
+    "ContactLink": _obj({"email": _STR, "name": _STR, "role": {"enum": list(ADDRESS_ROLES)}}),
     "MessageSummary": _obj(_SUMMARY_PROPS),
     "MessageDetail": _obj(_DETAIL_PROPS),
     "MessagePage": _obj({"messages": {"type": "array", "items": _ref("MessageSummary")},
                          "next_cursor": _nullable("string", description="pass as ?cursor= for "
                                                   "the next page; null on the last page")}),
-    "Contact": _obj({"email": _STR, "first_name": _STR, "last_name": _STR, "name": _STR,
+    "Ambiguous": _obj({"address": _STR, "name": _STR,
+                       "candidates": {**_STRS, "description": "the contacts with that name"},
+                       "messages": _COUNT, "first_seen_at": _TIME, "last_seen_at": _TIME}),
+    "AmbiguousList": _obj({"ambiguous": {"type": "array", "items": _ref("Ambiguous")},
+                           "next_cursor": _nullable("string")}),
+    "Contact": _obj({"email": _STR,
+                     "emails": {**_STRS, "description": "its own address first, then those "
+                                                        "linked by name"},
+                     "first_name": _STR, "last_name": _STR, "name": _STR,
                      "title": _STR, "phone": _STR, "company": _STR,
                      "company_domain": _nullable("string"), "fields": {"type": "object"},
                      "source": _STR, "created_at": _TIME_OR_NULL, "updated_at": _TIME_OR_NULL}),
@@ -384,6 +395,12 @@ def document() -> dict[str, Any]:
                                   _obj({"contacts": {"type": "array",
                                                      "items": _ref("ContactInput")}})]}}}},
                     "responses": {"200": _json("UpsertResult"), **_BAD, **_ERRORS}}},
+            "/api/v1/ambiguous-contacts": {"get": {
+                "summary": "Addresses `crm.link_by: name` left unlinked: several contacts have "
+                           "their display name",
+                "parameters": _PAGE_PARAMS,
+                "responses": {"200": {**_json("AmbiguousList"), "headers": _NEXT_LINK},
+                              **_BAD, **_ERRORS}}},
             "/api/v1/suppressions": {
                 "get": {
                     "summary": "The suppression list in address order (hard bounces, complaints, "

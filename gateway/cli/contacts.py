@@ -1,4 +1,4 @@
-"""`mailgw contacts import FILE.csv` and `mailgw contacts list`: the contacts mail is linked to."""
+"""`mailgw contacts import FILE.csv`, `list` and `ambiguous`: the contacts mail is linked to."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
 from gateway.config import Config
 from gateway.crm.contacts import ContactInput, list_contacts, read_csv_file, upsert_contacts
+from gateway.crm.identify import list_ambiguous
 from gateway.crm.store import Store
 
 
@@ -25,6 +26,12 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     lst.add_argument("--limit", type=int, default=100)
     lst.add_argument("--after", metavar="EMAIL", help="start after this e-mail (paging)")
     lst.add_argument("--json", action="store_true")
+    amb = cs.add_parser("ambiguous", parents=[common],
+                        help="addresses `crm.link_by: name` left unlinked (several contacts "
+                             "have their name)")
+    amb.add_argument("--limit", type=int, default=100)
+    amb.add_argument("--after", metavar="ADDRESS", help="start after this address (paging)")
+    amb.add_argument("--json", action="store_true")
 
 
 def _contacts(args: argparse.Namespace) -> int:
@@ -35,6 +42,8 @@ def _contacts(args: argparse.Namespace) -> int:
             print(f"{args.file}: {len(rows)} contact(s), no errors")
             return EXIT_OK
         return asyncio.run(_import(cfg, args, rows))
+    if args.contacts_cmd == "ambiguous":
+        return asyncio.run(_ambiguous(cfg, args))
     return asyncio.run(_list(cfg, args))
 
 
@@ -61,4 +70,20 @@ async def _list(cfg: Config, args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['email']:<36} {r['name'][:28]:<28} {r['company'][:24]:<24} {r['title'][:20]}")
     print(f"-- {len(rows)} contact(s)")
+    return EXIT_OK
+
+
+async def _ambiguous(cfg: Config, args: argparse.Namespace) -> int:
+    store = await Store.from_config(cfg)
+    try:
+        rows = await list_ambiguous(store, after=args.after, limit=args.limit)
+    finally:
+        await store.close()
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    for r in rows:
+        print(f"{r['address']:<36} {r['name'][:28]:<28} {r['messages']:>5}  "
+              f"{', '.join(r['candidates'])}")
+    print(f"-- {len(rows)} ambiguous address(es)")
     return EXIT_OK

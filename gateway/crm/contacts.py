@@ -22,16 +22,19 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.crm.identify import contact_addresses, contact_ids
 from gateway.crm.linking import FREEMAIL_DOMAINS
 from gateway.crm.models import (
     addresses_table,
     companies_table,
+    contact_addresses_table,
     contacts_table,
     message_companies_table,
     message_contacts_table,
     messages_table,
     sort_at,
 )
+from gateway.crm.people import name_key
 from gateway.crm.sql import chunks, iso, utc
 from gateway.crm.store import Store
 from gateway.errors import ConfigError, Problem
@@ -206,10 +209,14 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 old = existing.get(email)
                 if old is None:
                     new_rows.append({"email": email, **values, "company_pk": company_pk,
+                                     "name_key": name_key(c.first_name, c.last_name),
                                      "fields": dict(c.fields), "source": source,
                                      "created_at": now, "updated_at": now})
                     continue
                 change: dict[str, Any] = {k: v for k, v in values.items() if v and v != old[k]}
+                if "first_name" in change or "last_name" in change:
+                    change["name_key"] = name_key(change.get("first_name", old["first_name"]),
+                                                  change.get("last_name", old["last_name"]))
                 if company_pk is not None and company_pk != old["company_pk"]:
                     change["company_pk"] = company_pk
                 fields = {**(old["fields"] or {}), **c.fields}
@@ -218,7 +225,7 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 if not change:
                     unchanged += 1
                     continue
-                keep = {k: old[k] for k in (*values, "company_pk", "fields")}
+                keep = {k: old[k] for k in (*values, "name_key", "company_pk", "fields")}
                 changed_rows.append({**keep, **change, "updated_at": now, "_id": old["id"]})
             if changed_rows:   # one executemany, not a statement per contact
                 await conn.execute(sa.update(contacts_table)
@@ -232,6 +239,10 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 for chunk in chunks(new_rows):
                     result = await conn.execute(stmt, list(chunk))
                     created_ids.update({e: pk for pk, e in result.all()})
+                # an address `link_by: name` gave another contact is this new contact's now
+                for chunk in chunks(sorted(created_ids)):
+                    await conn.execute(sa.delete(contact_addresses_table)
+                                       .where(contact_addresses_table.c.address.in_(chunk)))
                 linked += await _link_history_contacts(store, conn, created_ids)
             new_domains = {d: pk for d, pk in company_ids.items() if d in companies_created}
             linked += await _link_history_companies(store, conn, new_domains)
@@ -315,8 +326,9 @@ async def _link_history_companies(store: Store, conn: AsyncConnection, ids: dict
     return linked
 
 
-def _contact_dict(r: Any) -> dict[str, Any]:
-    return {"email": r["email"], "first_name": r["first_name"], "last_name": r["last_name"],
+def _contact_dict(r: Any, extra: list[str]) -> dict[str, Any]:
+    return {"email": r["email"], "emails": [r["email"], *extra], "first_name": r["first_name"],
+            "last_name": r["last_name"],
             "name": f"{r['first_name']} {r['last_name']}".strip(), "title": r["title"],
             "phone": r["phone"], "company": r["company_name"] or "",
             "company_domain": r["company_domain"], "fields": r["fields"] or {},
@@ -344,26 +356,35 @@ async def list_contacts(store: Store, *, search: str | None = None, after: str |
     try:
         async with store.engine.connect() as conn:
             rows = (await conn.execute(q.limit(max(0, limit)))).mappings().all()
+            extra = await contact_addresses(conn, [r["id"] for r in rows])
     except SQLAlchemyError as exc:
         raise store.error("store read failed", exc) from exc
-    return [_contact_dict(r) for r in rows]
+    return [_contact_dict(r, extra[r["id"]]) for r in rows]
 
 
 async def get_contact(store: Store, email: str) -> dict[str, Any] | None:
+    """The contact with this address, its own or one of its further ones (``emails``)."""
+    addr = email.strip().lower()
     try:
         async with store.engine.connect() as conn:
-            row = (await conn.execute(_contact_select().where(
-                contacts_table.c.email == email.strip().lower()))).mappings().first()
+            pk = (await contact_ids(conn, [addr])).get(addr)
+            row = None if pk is None else (await conn.execute(_contact_select().where(
+                contacts_table.c.id == pk))).mappings().first()
+            extra = await contact_addresses(conn, [pk]) if row is not None and pk else {}
     except SQLAlchemyError as exc:
         raise store.error("store read failed", exc) from exc
-    return _contact_dict(row) if row is not None else None
+    return _contact_dict(row, extra[row["id"]]) if row is not None else None
 
 
 async def contact_timeline(store: Store, email: str, *, before: tuple[datetime, int] | None = None,
                            limit: int = 50) -> list[dict[str, Any]]:
-    """The messages from, to or copying an address (a contact's or not), newest first."""
+    """The messages from, to or copying an address, newest first: for a contact's address,
+    those of all its addresses (``emails``)."""
     addr = email.strip().lower()
-    with_address = sa.select(addresses_table.c.message_pk).where(addresses_table.c.address == addr)
+    contact = await get_contact(store, addr)
+    addrs = contact["emails"] if contact is not None else [addr]
+    with_address = (sa.select(addresses_table.c.message_pk)
+                    .where(addresses_table.c.address.in_(addrs)))
     order = (sort_at.desc(), messages_table.c.id.desc())
     # the page's ids first, then their rows: the sort then moves ids, not whole messages
     # (about 3x faster on SQLite for a contact with thousands of messages)

@@ -33,6 +33,9 @@ class LinkRules:
     auto_create_contacts: bool = False
     link_by_address: bool = True
     link_by_domain: bool = True
+    #: `link_by: name`: an unknown address whose display name is exactly one contact's
+    #: full name is linked to that contact (gateway.crm.identify)
+    link_by_name: bool = False
     exclude: tuple[str, ...] = ()
     own_addresses: frozenset[str] = frozenset()
     own_domains: frozenset[str] = frozenset()
@@ -50,6 +53,7 @@ class LinkRules:
             auto_create_contacts=cfg.crm.auto_create_contacts,
             link_by_address="address" in cfg.crm.link_by,
             link_by_domain="domain" in cfg.crm.link_by,
+            link_by_name="name" in cfg.crm.link_by,
             exclude=tuple(cfg.crm.exclude),
             own_addresses=own.ours,
             own_domains=own.domains,
@@ -57,9 +61,10 @@ class LinkRules:
 
     @property
     def links_contacts(self) -> bool:
-        """Are messages linked to contacts by address (`link_by: address`, or contacts are
-        made automatically)? The same answer for new mail and for history at import."""
-        return self.link_by_address or self.auto_create_contacts
+        """Are messages linked to contacts by address (`link_by: address` or `name`, or
+        contacts are made automatically)? The same answer for new mail and for history
+        at import."""
+        return self.link_by_address or self.link_by_name or self.auto_create_contacts
 
     def excluded(self, address: str) -> bool:
         """True for an address matching a `crm.exclude` glob (never linked, never stored)."""

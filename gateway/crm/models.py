@@ -20,7 +20,9 @@ Tables:
     this address" that JSON columns cannot give portably.
 ``companies``, ``contacts``
     the CRM's people, a company per e-mail domain; ``message_contacts`` and
-    ``message_companies`` link messages to them.
+    ``message_companies`` link messages to them. ``contact_addresses`` holds a
+    contact's further addresses, ``contact_ambiguities`` the addresses `link_by: name`
+    left unlinked because several contacts have their name.
 ``raw_messages``
     raw message bytes by SHA-256 when ``store.raw: database`` (else they live on disk,
     content-addressed, and only ``messages.raw_sha256`` is kept here).
@@ -67,7 +69,9 @@ NAMING_CONVENTION: dict[str, str] = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
-ADDRESS_ROLES: tuple[str, ...] = ("from", "to", "cc")
+#: bcc: an envelope recipient of a relayed message not in its To or Cc; attendee: an
+#: ATTENDEE or ORGANIZER of a text/calendar part (a meeting invitation)
+ADDRESS_ROLES: tuple[str, ...] = ("from", "to", "cc", "bcc", "attendee")
 CONTACT_SOURCES: tuple[str, ...] = ("import", "api", "auto")
 ACCOUNT_STATUSES: tuple[str, ...] = ("active", "disabled", "needs_reconnect", "deleted")
 SYNC_STATUSES: tuple[str, ...] = ("running", "ok", "error")
@@ -136,6 +140,8 @@ class Message(Base):
     from_name: Mapped[str] = mapped_column(sa.String, default="")
     to_addrs: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
     cc_addrs: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    #: relayed messages: the envelope recipients not in To or Cc (never in what is delivered)
+    bcc_addrs: Mapped[list[str] | None] = mapped_column(sa.JSON, default=list)
     subject: Mapped[str] = mapped_column(sa.String, default="")
     #: the subject without reply/forward prefixes, lower-cased: the threading fallback
     subject_key: Mapped[str] = mapped_column(sa.String, index=True, default="")
@@ -250,6 +256,37 @@ class Contact(Base):
     source: Mapped[str] = mapped_column(sa.String(8), default="import")
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    #: the full name normalised for `crm.link_by: name` (:func:`gateway.crm.people.name_key`);
+    #: "" when the name has fewer than two words
+    name_key: Mapped[str] = mapped_column(sa.String, default="", server_default="", index=True)
+
+
+class ContactAddress(Base):
+    """A contact's further address (the first is ``contacts.email``), e.g. linked by name."""
+
+    __tablename__ = "contact_addresses"
+
+    #: lower-cased; an address belongs to one contact at most
+    address: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    contact_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    #: how it was added: ``name`` (`crm.link_by: name`)
+    source: Mapped[str] = mapped_column(sa.String(8), default="name")
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class ContactAmbiguity(Base):
+    """An address left unlinked because its display name is the full name of several contacts."""
+
+    __tablename__ = "contact_ambiguities"
+
+    address: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String, default="")
+    #: the e-mail addresses of the contacts with that name, when last seen
+    candidates: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    messages: Mapped[int] = mapped_column(sa.Integer, default=1)
+    first_seen_at: Mapped[datetime] = mapped_column()
+    last_seen_at: Mapped[datetime] = mapped_column()
 
 
 class MessageContact(Base):
@@ -469,6 +506,8 @@ suppressions_table = cast(sa.Table, Suppression.__table__)
 addresses_table = cast(sa.Table, MessageAddress.__table__)              # message_addresses
 companies_table = cast(sa.Table, Company.__table__)
 contacts_table = cast(sa.Table, Contact.__table__)
+contact_addresses_table = cast(sa.Table, ContactAddress.__table__)
+ambiguities_table = cast(sa.Table, ContactAmbiguity.__table__)        # contact_ambiguities
 message_contacts_table = cast(sa.Table, MessageContact.__table__)
 message_companies_table = cast(sa.Table, MessageCompany.__table__)
 raw_table = cast(sa.Table, RawMessage.__table__)                        # raw_messages

@@ -23,12 +23,14 @@ the same transaction as the messages it covers). In one transaction a batch:
    row; its thread is found by :func:`gateway.crm.threads.assign_threads`;
 2. records every path in ``message_sources`` (unique per source and ref, so a
    replayed batch adds nothing);
-3. for new messages: addresses, links to contacts and companies (:mod:`linking`),
-   ``replied`` (or ``auto_replied``) on the outbound message an inbound reply answers,
-   and ``message.stored`` / ``message.replied`` / ``message.auto_replied`` webhook
-   deliveries in the outbox;
+3. for new messages: addresses (From, To, Cc, the relay's Bcc, invitation attendees),
+   links to contacts and companies (:mod:`linking`; which contact an address is, or
+   becomes, :mod:`identify`), ``replied`` (or ``auto_replied``) on the outbound message
+   an inbound reply answers, and ``message.stored`` / ``message.replied`` /
+   ``message.auto_replied`` webhook deliveries in the outbox;
 4. ``queued`` events for relay recipients, also when the relay's record comes after
-   the message was stored from ingest or IMAP (keyed, so recorded once);
+   the message was stored from ingest or IMAP (keyed, so recorded once), and then the
+   relay's Bcc on it;
 5. events (delivery, tracking) for queue ids of this or earlier batches, and their
    webhooks; ``message.opened`` / ``message.clicked`` carry the message's tracking
    summary (:mod:`gateway.crm.summary`) as of this transaction, from one query over its
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.config import Config
-from gateway.crm import bounces, outbox, suppression
+from gateway.crm import bounces, identify, outbox, suppression
 from gateway.crm.blobs import RawStore
 from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
@@ -91,6 +93,37 @@ from gateway.records import (
     message_id_key,
     subject_key,
 )
+
+
+def _unique(values: Sequence[str]) -> list[str]:
+    """Lower-cased, stripped, storable addresses, once each, in order."""
+    return [a for a in dict.fromkeys(clean_text(v).strip().lower() for v in values) if a]
+
+
+def _correspondents(m: NewMessage) -> list[tuple[str, str]]:
+    """(role, address) of a message's correspondents: From, To, Cc, the relay's Bcc and
+    the attendees of its invitations not named in those (role ``attendee``)."""
+    out: list[tuple[str, str]] = []
+    named: set[str] = set()
+    for role, values in (("from", [m.from_addr]), ("to", m.to_addrs), ("cc", m.cc_addrs),
+                         ("bcc", m.bcc_addrs)):
+        for addr in _unique(values):
+            out.append((role, addr))
+            named.add(addr)
+    out += [("attendee", a) for a in _unique(m.attendees) if a not in named]
+    return sorted(set(out))
+
+
+def _display_names(messages: Iterable[NewMessage]) -> dict[str, str]:
+    """Lower-cased address -> display name over `messages` (the first one given wins)."""
+    names: dict[str, str] = {}
+    for m in messages:
+        if m.from_name and m.from_addr:
+            names.setdefault(clean_text(m.from_addr).strip().lower(), m.from_name)
+        for addr, name in m.display_names.items():
+            if name:
+                names.setdefault(addr, name)
+    return names
 
 
 class Store:
@@ -252,6 +285,7 @@ class Store:
                 "account": clean_opt_text(m.account), "user": clean_opt_text(m.user),
                 "from_addr": clean_text(m.from_addr), "from_name": clean_text(m.from_name),
                 "to_addrs": clean_addrs(m.to_addrs), "cc_addrs": clean_addrs(m.cc_addrs),
+                "bcc_addrs": clean_addrs(m.bcc_addrs),
                 "subject": clean_text(m.subject), "subject_key": skey, "date": m.date,
                 "snippet": clean_text(m.snippet, SNIPPET_MAX), "text_body": clean_text(m.text_body),
                 "html_body": clean_text(m.html_body), "attachments": clean_json(m.attachments),
@@ -303,6 +337,9 @@ class Store:
         new = {k: first[k] for k in created}
         if new:
             await self._index_new(conn, {created[k]: m for k, m in new.items()}, now)
+        made = set(created.values())
+        await self._late_bcc(conn, [(pk, m) for pk, m in relayed
+                                    if m.bcc_addrs and pk not in made], now)
         # a message seen again on a new path: bump updated_at (API consumers poll by it)
         seen_again = new_sources - set(created.values())
         for chunk in chunks(sorted(seen_again)):
@@ -314,31 +351,47 @@ class Store:
     async def _index_new(self, conn: AsyncConnection, new: dict[int, NewMessage],
                          now: datetime) -> None:
         """Addresses, contact and company links, queued/replied events, webhooks of new messages."""
-        rules = self.rules
-        address_rows: list[dict[str, Any]] = []
-        by_pk_addrs: dict[int, list[tuple[str, str]]] = {}
-        for pk, m in new.items():
-            seen: set[tuple[str, str]] = set()
-            for role, values in (("from", [m.from_addr]), ("to", m.to_addrs), ("cc", m.cc_addrs)):
-                for v in values:
-                    addr = clean_text(v).strip().lower()
-                    if addr and (role, addr) not in seen:
-                        seen.add((role, addr))
-                        address_rows.append({"message_pk": pk, "role": role, "address": addr,
-                                             "domain": domain_of(addr)})
-            by_pk_addrs[pk] = sorted(seen)
-        for chunk in chunks(address_rows):
-            await conn.execute(sa.insert(addresses_table), list(chunk))
+        await self._link_correspondents(conn, {pk: _correspondents(m) for pk, m in new.items()},
+                                        _display_names(new.values()), now)
+        await self._replies(conn, new, now)
+        await self.enqueue_webhooks(conn, [("message.stored", {"message": summary_payload(pk, m)})
+                                           for pk, m in new.items()], now)
 
-        linkable = sorted({a for pairs in by_pk_addrs.values() for _, a in pairs
-                           if rules.linkable(a)})
-        contacts: dict[str, int] = {}
-        if rules.links_contacts:
-            contacts = await self._contact_ids(conn, linkable)
-            if rules.auto_create_contacts:
-                missing = [a for a in linkable if a not in contacts]
-                if missing:
-                    contacts.update(await self._create_contacts(conn, missing, now))
+    async def _late_bcc(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]],
+                        now: datetime) -> None:
+        """The relay's Bcc of a message stored first from another path (the ingest address
+        in Bcc, IMAP Sent): its ``bcc_addrs``, addresses and links added now."""
+        for pk, m in relayed:
+            await conn.execute(sa.update(messages_table).where(messages_table.c.id == pk)
+                               .values(bcc_addrs=clean_addrs(m.bcc_addrs)))
+        if relayed:
+            await self._link_correspondents(
+                conn, {pk: [("bcc", a) for a in _unique(m.bcc_addrs)] for pk, m in relayed},
+                _display_names(m for _, m in relayed), now, existing=True)
+
+    async def _link_correspondents(self, conn: AsyncConnection,
+                                   by_pk_addrs: dict[int, list[tuple[str, str]]],
+                                   names: dict[str, str], now: datetime, *,
+                                   existing: bool = False) -> None:
+        """``message_addresses`` rows and contact and company links of (role, address)
+        pairs by message; `existing`: the messages may have some already."""
+        rules = self.rules
+        address_rows = [{"message_pk": pk, "role": role, "address": addr, "domain": domain_of(addr)}
+                        for pk, pairs in by_pk_addrs.items() for role, addr in pairs]
+        astmt: Any = sa.insert(addresses_table)
+        if existing:
+            astmt = self.insert(addresses_table).on_conflict_do_nothing()
+        for chunk in chunks(address_rows):
+            await conn.execute(astmt, list(chunk))
+
+        counts: dict[str, int] = {}
+        for pairs in by_pk_addrs.values():
+            for a in {a for _, a in pairs if rules.linkable(a)}:
+                counts[a] = counts.get(a, 0) + 1
+        linkable = sorted(counts)
+        contacts = await identify.resolve(
+            conn, self.dialect, rules, {a: names.get(a, "") for a in linkable}, now,
+            self._company_ids, counts=counts, batch=sorted(by_pk_addrs))
         domains = sorted({d for a in linkable if (d := rules.company_domain(a))})
         companies = await self._company_ids(conn, domains) if domains else {}
         contact_rows: list[dict[str, Any]] = []
@@ -350,15 +403,16 @@ class Store:
                 d = rules.company_domain(addr)
                 if d and d in companies:
                     company_rows.add((pk, companies[d]))
+        cstmt: Any = sa.insert(message_contacts_table)
+        mstmt: Any = sa.insert(message_companies_table)
+        if existing:
+            cstmt = self.insert(message_contacts_table).on_conflict_do_nothing()
+            mstmt = self.insert(message_companies_table).on_conflict_do_nothing()
         for chunk in chunks(contact_rows):
-            await conn.execute(sa.insert(message_contacts_table), list(chunk))
+            await conn.execute(cstmt, list(chunk))
         crows = [{"message_pk": m, "company_pk": c} for m, c in sorted(company_rows)]
         for chunk in chunks(crows):
-            await conn.execute(sa.insert(message_companies_table), list(chunk))
-
-        await self._replies(conn, new, now)
-        await self.enqueue_webhooks(conn, [("message.stored", {"message": summary_payload(pk, m)})
-                                           for pk, m in new.items()], now)
+            await conn.execute(mstmt, list(chunk))
 
     async def _queued(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]], *,
                       created: set[int], now: datetime) -> None:
@@ -456,12 +510,8 @@ class Store:
         await self.enqueue_webhooks(conn, hooks, now)
 
     async def _contact_ids(self, conn: AsyncConnection, emails: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for chunk in chunks(emails):
-            rows = await conn.execute(sa.select(contacts_table.c.email, contacts_table.c.id)
-                                      .where(contacts_table.c.email.in_(chunk)))
-            out.update({e: pk for e, pk in rows.all()})
-        return out
+        """Address -> contact pk, by any of a contact's addresses (:mod:`gateway.crm.identify`)."""
+        return await identify.contact_ids(conn, emails)
 
     async def _company_ids(self, conn: AsyncConnection, domains: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -470,20 +520,6 @@ class Store:
                                       .where(companies_table.c.domain.in_(chunk)))
             out.update({d: pk for d, pk in rows.all()})
         return out
-
-    async def _create_contacts(self, conn: AsyncConnection, emails: Sequence[str],
-                               now: datetime) -> dict[str, int]:
-        """Contacts made automatically (`crm.auto_create_contacts`) for addresses not known yet."""
-        domains = sorted({d for e in emails if (d := self.rules.company_domain(e))})
-        companies = await self._company_ids(conn, domains) if domains else {}
-        rows: list[dict[str, Any]] = [
-            {"email": e, "first_name": "", "last_name": "", "title": "", "phone": "",
-                 "company_pk": companies.get(domain_of(e)), "fields": {}, "source": "auto",
-                 "created_at": now, "updated_at": now} for e in emails]
-        stmt = self.insert(contacts_table).on_conflict_do_nothing(index_elements=[contacts_table.c.email])
-        for chunk in chunks(rows):
-            await conn.execute(stmt, list(chunk))
-        return await self._contact_ids(conn, emails)
 
     async def _add_events(self, conn: AsyncConnection,
                           events: list[EventRecord]) -> list[EventRecord]:
@@ -606,13 +642,16 @@ class Store:
         return await outbox.enqueue(conn, self.webhooks, events, now)
 
     # -- filtering (IMAP header-first, ingest) ------------------------------------------
-    async def concerning(self, messages: Sequence[Sequence[str]]) -> list[bool]:
+    async def concerning(self, messages: Sequence[Sequence[str]],
+                         names: Sequence[Mapping[str, str]] = ()) -> list[bool]:
         """For each message (its From, To and Cc addresses): does it concern the CRM?
 
         Yes when one of its linkable addresses (not ours, not excluded) is a contact, or
-        has a known company's domain (`link_by: domain`), or, with
-        `crm.auto_create_contacts`, exists at all. A message whose sender (the first
-        address) is excluded never does. One query per batch, whatever its size.
+        has a known company's domain (`link_by: domain`), or, with `link_by: name`, has
+        a display name (`names`: per message, lower-cased address -> name) that is a
+        contact's full name, or, with `crm.auto_create_contacts`, exists at all. A
+        message whose sender (the first address) is excluded never does. One query per
+        batch, whatever its size.
         """
         rules = self.rules
         linkable = [[a.strip().lower() for a in addrs if a and rules.linkable(a)]
@@ -622,15 +661,19 @@ class Store:
             return [ok and bool(la) for ok, la in zip(out, linkable, strict=True)]
         emails = sorted({a for la in linkable for a in la})
         domains = sorted({d for la in linkable for a in la if (d := rules.company_domain(a))})
+        keys = [identify.name_keys(n, la) if rules.link_by_name else set()
+                for n, la in zip(names or [{}] * len(linkable), linkable, strict=True)]
         try:
             async with self.engine.connect() as conn:
                 known = set((await self._contact_ids(conn, emails)).keys()) if emails else set()
                 companies = set((await self._company_ids(conn, domains)).keys()) if domains \
                     else set()
+                named = await identify.known_names(conn, sorted(set().union(*keys)))
         except (SQLAlchemyError, OSError) as exc:
             raise self.error("store read failed", exc) from exc
-        return [ok and any(a in known or rules.company_domain(a) in companies for a in la)
-                for ok, la in zip(out, linkable, strict=True)]
+        return [ok and (any(a in known or rules.company_domain(a) in companies for a in la)
+                        or bool(k & named))
+                for ok, la, k in zip(out, linkable, keys, strict=True)]
 
     # -- reading ------------------------------------------------------------------------
     async def list_messages(self, *, contact: str | None = None, since: datetime | None = None,

@@ -35,7 +35,8 @@ def summary_payload(pk: int, m: NewMessage) -> dict[str, Any]:
     """The message as webhooks announce it when it is stored (no bodies)."""
     return {"id": pk, "message_id": m.message_id, "direction": m.direction, "account": m.account,
             "from": m.from_addr, "to": list(m.to_addrs), "cc": list(m.cc_addrs),
-            "subject": m.subject, "date": iso(m.date), "snippet": m.snippet[:SNIPPET_MAX],
+            "bcc": list(m.bcc_addrs), "subject": m.subject, "date": iso(m.date),
+            "snippet": m.snippet[:SNIPPET_MAX],
             "sources": sorted({s.source for s in m.sources})}
 
 
@@ -50,6 +51,7 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         "id": m["id"], "message_id": m["message_id"], "thread_id": m["thread_id"],
         "direction": m["direction"], "account": m["account"], "user": m["user"],
         "from": m["from_addr"], "to": list(m["to_addrs"] or []), "cc": list(m["cc_addrs"] or []),
+        "bcc": list(m["bcc_addrs"] or []),   # the relay's envelope recipients not in To/Cc
         "subject": m["subject"], "date": iso(m["date"]), "snippet": m["snippet"],
         "size": m["size"], "sources": list(dict.fromkeys(s["source"] for s in sources)),
         "queue_id": relay[0] if relay else None,

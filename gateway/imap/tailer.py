@@ -652,7 +652,8 @@ class AccountTailer:
         # header blocks come from outside (up to a megabyte each): read them off the loop
         infos = await asyncio.to_thread(lambda: [parse_headers(h.header) for h in heads])
         verdicts = await asyncio.wait_for(self.store.concerning(
-            [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos]), STORE_TIMEOUT)
+            [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos],
+            [i.display_names for i in infos]), STORE_TIMEOUT)
         counts.fetched += len(heads)
         # delivery reports, read receipts and feedback reports come from machines no
         # contact rule matches: fetched anyway, the store reads them as events
@@ -774,4 +775,5 @@ class AccountTailer:
             sources=[self._source(folder, uidvalidity, h.uid)], in_reply_to=i.in_reply_to,
             references=list(i.references), size=h.size, account=self.id, user=self._user,
             snippet=f"(message of {h.size} bytes: body not imported)",
-            kind=kind_of(i.headers, subject=i.subject, from_addr=i.from_addr))
+            kind=kind_of(i.headers, subject=i.subject, from_addr=i.from_addr),
+            display_names=dict(i.display_names))

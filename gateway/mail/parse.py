@@ -35,6 +35,7 @@ from email.policy import Compat32
 from email.utils import getaddresses
 from typing import Literal
 
+from gateway.mail.calendar import attendees as calendar_attendees
 from gateway.mail.dates import parse_rfc_date
 from gateway.mail.headers import body_start, fields, header_end, split_entity
 from gateway.mail.mime import boundary_bytes, cut_multipart
@@ -57,6 +58,9 @@ HEADER_VALUE_LIMIT = 64 * 1024
 MAX_PARTS = 1000
 MAX_DEPTH = 40
 MAX_DEFECTS = 50
+MAX_CALENDARS = 10
+MAX_CAL_BYTES = 1024 * 1024
+"""text/calendar parts read for attendees (each capped by `gateway.mail.calendar`)."""
 SNIPPET_MAX = 200
 
 HEADER_FIELDS: tuple[str, ...] = (
@@ -163,8 +167,12 @@ class ParsedMessage:
     dedupe_hash: str
     """Hex sha256, see `dedupe_hash_of`."""
     display_names: dict[str, str] = field(default_factory=dict)
-    """Lower-cased address -> decoded display name, for From/To/Cc/Bcc/Reply-To."""
+    """Lower-cased address -> decoded display name, for From/To/Cc/Bcc/Reply-To (and the
+    CN of an attendee, where the header fields give the address no name)."""
     defects: list[str] = field(default_factory=list)
+    attendees: list[str] = field(default_factory=list)
+    """ATTENDEE and ORGANIZER addresses of the text/calendar parts of this message (not
+    of attached messages), see `gateway.mail.calendar`; without duplicates."""
 
 
 # --- the header block ---------------------------------------------------------------
@@ -672,6 +680,8 @@ class _Walk:
     attachments: list[Attachment] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     parts: int = 0
+    attendees: list[tuple[str, str]] = field(default_factory=list)
+    calendars: int = 0
 
 
 def _canonical(part: Message, data: bytes) -> bytes:
@@ -746,7 +756,22 @@ def _walk_part(walk: _Walk, part: Message, path: tuple[int, ...], depth: int) ->
         if text:
             (walk.texts if ctype == "text/plain" else walk.htmls).append(text)
         return
-    _attachment(walk, part, ctype, _payload_bytes(part), filename)
+    data = _payload_bytes(part)
+    if ctype in _CALENDAR_TYPES:
+        _calendar(walk, part, data)
+    _attachment(walk, part, ctype, data, filename)
+
+
+_CALENDAR_TYPES = ("text/calendar", "application/ics")
+
+
+def _calendar(walk: _Walk, part: Message, data: bytes) -> None:
+    """A meeting invitation's attendees (the part stays an attachment too)."""
+    walk.calendars += 1
+    if walk.calendars > MAX_CALENDARS:
+        return
+    text = decode_bytes(data[:MAX_CAL_BYTES], _charset(part), walk.defects)
+    walk.attendees.extend(calendar_attendees(text))
 
 
 def _snippet(text: str) -> str:
@@ -864,6 +889,13 @@ def _assemble(info: HeaderInfo, walk: _Walk, size: int) -> ParsedMessage:
     body_text = text_body
     if not text_body.strip() and html_body:
         body_text = html_to_text(html_body)
+    names = dict(info.display_names)
+    attendees: dict[str, str] = {}
+    for address, name in walk.attendees:
+        key = address.lower()
+        attendees.setdefault(key, address)
+        if name and name.lower() != key:
+            names.setdefault(key, name)
     return ParsedMessage(
         message_id=info.message_id,
         in_reply_to=info.in_reply_to,
@@ -885,8 +917,9 @@ def _assemble(info: HeaderInfo, walk: _Walk, size: int) -> ParsedMessage:
         dedupe_hash=dedupe_hash_of(
             info.from_addr, info.to_addrs, info.cc_addrs, info.subject, info.date, body_text
         ),
-        display_names=info.display_names,
+        display_names=names,
         defects=_dedupe_defects(walk.defects),
+        attendees=list(attendees.values()),
     )
 
 

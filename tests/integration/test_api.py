@@ -19,6 +19,7 @@ from gateway.api.http import AdminAPI, encode_cursor
 from gateway.config import Config
 from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.engine import make_engine
+from gateway.crm.linking import LinkRules
 from gateway.crm.models import AccountState
 from gateway.crm.reports import engagement
 from gateway.crm.store import Store
@@ -375,6 +376,37 @@ async def test_contacts_upsert_list_get_and_history_links(store: Store,
     assert status == 401
     status, body, _ = await c.get("/api/v1/contacts", search="beta")
     assert [x["email"] for x in body["contacts"]] == ["erin@beta.test"]
+
+
+async def test_link_by_name_shows_in_contacts_and_ambiguous_names_are_listed(
+        store: Store, api: tuple[AdminAPI, Client]) -> None:
+    _, c = api
+    store.configure(LinkRules(link_by_name=True, own_addresses=frozenset({"alice@example.com"})))
+    status, _ = await c.send("POST", "/api/v1/contacts", [
+        {"email": "carol@acme.test", "first_name": "Carol", "last_name": "Smith"},
+        {"email": "john@a.test", "first_name": "John", "last_name": "Doe"},
+        {"email": "jd@b.test", "first_name": "John", "last_name": "Doe"}])
+    assert status == 200
+    for i, (addr, name) in enumerate([("carol.personal@gmail.com", "Carol Smith"),
+                                      ("john.doe@gmail.com", "Doe, John"),
+                                      ("j.doe@gmail.com", "John Doe")]):
+        await store.store_messages([NewMessage(
+            message_id=f"<n{i}@gmail.com>", from_addr=addr, from_name=name,
+            to_addrs=["alice@example.com"], cc_addrs=[], subject="Hi", date=None,
+            direction="inbound", sources=[SourceRef("ingest", f"ING{i}", datetime.now(UTC))])])
+    status, body, _ = await c.get("/api/v1/contacts/carol.personal@gmail.com")
+    assert status == 200 and body["emails"] == ["carol@acme.test", "carol.personal@gmail.com"]
+    check(body, "Contact")
+    status, body, _ = await c.get("/api/v1/contacts/carol@acme.test/timeline")
+    assert [m["message_id"] for m in body["messages"]] == ["<n0@gmail.com>"]
+    status, body, resp = await c.get("/api/v1/ambiguous-contacts", limit=1)
+    assert status == 200 and [x["address"] for x in body["ambiguous"]] == ["j.doe@gmail.com"]
+    assert body["ambiguous"][0]["candidates"] == ["jd@b.test", "john@a.test"]
+    check(body, "AmbiguousList")
+    status, body, _ = await c.get(resp.headers["Link"].split(">")[0][1:])
+    assert [x["address"] for x in body["ambiguous"]] == ["john.doe@gmail.com"]
+    status, body, _ = await c.get("/api/v1/ambiguous-contacts", search="x")
+    assert (status, body["parameter"]) == (400, "search")
 
 
 async def test_openapi_document_covers_every_route(api: tuple[AdminAPI, Client]) -> None:

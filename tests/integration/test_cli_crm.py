@@ -131,3 +131,38 @@ def test_messages_show_is_readable_text_with_the_tracking_summary(cfg: Path) -> 
     assert ("  2026-12-01 12:01:00 UTC  clicked      bob@acme.test  human https://acme.test/offer"
             in lines)
     assert any(ln.startswith("seen: source=relay ref=S1") for ln in lines)
+
+
+def test_contacts_ambiguous_lists_names_link_by_name_left_unlinked(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "hostname": "gw.example.test", "state_dir": str(tmp_path / "state"),
+        "delivery": {"route": "mx"}, "users": [], "crm": {"link_by": ["address", "name"]}}))
+    people = tmp_path / "people.csv"
+    people.write_text("email,name\njohn@a.test,John Doe\njd@b.test,John Doe\n"
+                      "carol@acme.test,Carol Smith\n")
+    assert mailgw(cfg, "contacts", "import", str(people)).returncode == 0
+
+    async def seed() -> None:
+        store = await Store.from_config(load_config(cfg))
+        try:
+            at = datetime(2026, 11, 2, tzinfo=UTC)
+            await store.store_messages([NewMessage(
+                message_id=f"<n{i}@gmail.com>", from_addr=addr, from_name=name,
+                to_addrs=["rep@example.test"], cc_addrs=[], subject="Hello", date=at,
+                direction="inbound", sources=[SourceRef("ingest", f"I{i}", at)])
+                for i, (addr, name) in enumerate([("john.doe@gmail.com", "John Doe"),
+                                                  ("carol.p@gmail.com", "Smith, Carol")])])
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    r = mailgw(cfg, "contacts", "ambiguous")
+    assert r.returncode == 0, r.stderr
+    assert "john.doe@gmail.com" in r.stdout and "jd@b.test, john@a.test" in r.stdout
+    assert "1 ambiguous address(es)" in r.stdout and "carol" not in r.stdout
+    r = mailgw(cfg, "contacts", "ambiguous", "--json")
+    assert [x["address"] for x in json.loads(r.stdout)] == ["john.doe@gmail.com"]
+    r = mailgw(cfg, "contacts", "list", "--json")
+    carol = next(x for x in json.loads(r.stdout) if x["email"] == "carol@acme.test")
+    assert carol["emails"] == ["carol@acme.test", "carol.p@gmail.com"]

@@ -175,6 +175,30 @@ async def test_bcc_then_sent_folder_then_forward_is_one_message_with_its_events(
     assert total["replied"] == 0 and total["reply_rate"] == 0.0, total
 
 
+async def test_a_bcc_recipient_is_linked_and_named_in_no_delivered_copy(env: Env) -> None:
+    boss = "boss@acme.test"
+    await add_contacts(env.store, boss)
+    raw = offer(env.rep, make_msgid(domain="example.test")).replace(
+        b"Subject: Our offer", b"Bcc: The Boss <boss@acme.test>\r\nSubject: Our offer")
+    await env.submit(raw, [CUSTOMER, boss, CRM])     # boss and the ingest address in Bcc
+    await wait_until(lambda: sum(len(m.rcpt_tos) for m in env.upstream.messages) == 2,
+                     timeout=20, what="delivered to both recipients")
+    for m in env.upstream.messages:
+        if CUSTOMER in m.rcpt_tos:
+            assert boss.encode() not in m.data and b"\nBcc:" not in m.data
+
+    async def linked() -> dict[str, Any] | None:
+        row = await only_message(env.store, {"relay", "ingest"})
+        return row if row is not None and row["bcc"] == [boss] and any(
+            c["email"] == boss for c in row["contacts"]) else None
+
+    await wait_until(linked, timeout=30, what="the Bcc recipient on the stored message")
+    row = await linked()
+    assert row is not None and row["to"] == [CUSTOMER]
+    assert sorted((c["email"], c["role"]) for c in row["contacts"]) == [
+        (CUSTOMER, "to"), (boss, "bcc")]
+
+
 CAROL = "carol@acme.test"
 DAN = "dan@beta.test"
 EVE = "eve@elsewhere.test"

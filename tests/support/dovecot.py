@@ -111,7 +111,7 @@ class Dovecot:
 
     def __init__(self, workdir: Path | None = None, *, tls: bool = False,
                  tokeninfo_url: str | None = None, oauth2_scope: str | None = None,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, max_clients: int | None = None) -> None:
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="mailgw-dovecot-"))
             self._own_dir = True
@@ -129,6 +129,9 @@ class Dovecot:
         self.certs: CertFiles | None = make_cert(self.dir / "tls") if tls else None
         self.tokeninfo_url = tokeninfo_url
         self.oauth2_scope = oauth2_scope
+        #: IMAP sessions open at once beyond Dovecot's default process limit (100), e.g.
+        #: a benchmark with a thousand mailboxes in IDLE
+        self.max_clients = max_clients
         self.users: dict[str, str] = {}
         self.ids = _ids()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -249,6 +252,9 @@ service stats {{
   }}
 }}
 """
+        if self.max_clients:
+            conf += (f"default_client_limit = {self.max_clients * 2 + 100}\n"
+                     f"service imap {{\n  process_limit = {self.max_clients + 50}\n}}\n")
         self.config_path.write_text(conf)
 
     def add_user(self, name: str, password: str) -> None:

@@ -4,7 +4,7 @@
 ``sync.check_interval`` and deleted on a clean stop; the IMAP tailers place the mailboxes
 on the nodes heard from within ``sync.lease_ttl`` (``gateway.imap.placement``).
 
-Revision ID: 0005_nodes
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-03
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_nodes"
+revision = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | None = None
 depends_on: str | None = None
