@@ -80,7 +80,10 @@ def matching(dialect: str, terms: Sequence[str]) -> sa.ColumnElement[bool]:
     fts = sa.table(FTS_TABLE, sa.column("rowid"))
     hits = (sa.select(fts.c.rowid)
             .where(sa.literal_column(FTS_TABLE).op("MATCH")(fts5_match(terms))))
-    return messages_table.c.id.in_(hits)
+    # `id + 0`: not the primary key, so SQLite walks messages newest first (the sort_at index)
+    # and stops at the page's end, probing the hits; on `id IN` it would fetch and sort every
+    # hit first (a word in most messages: 0.6 s at 20,000 messages, 15 ms this way)
+    return (messages_table.c.id + 0).in_(hits)
 
 
 def terms_query(terms: Sequence[str]) -> sa.ColumnElement[str]:
