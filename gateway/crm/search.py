@@ -33,7 +33,8 @@ from gateway.records import clean_text
 
 #: The text search configuration on PostgreSQL.
 PG_CONFIG = "english"
-#: How much of a body is indexed (PostgreSQL refuses a tsvector over 1 MB).
+#: How much of a body is indexed (PostgreSQL refuses a tsvector over 1 MB): the value
+#: migration 0005_search builds the index with (a change needs a migration).
 BODY_CHARS = 200_000
 #: Limits on a query: beyond them it is refused (400), not cut.
 MAX_QUERY_CHARS = 500
