@@ -2,7 +2,7 @@
 
 Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json``)::
 
-    GET /api/v1/messages?contact=&account=&direction=&since=&limit=&cursor=
+    GET /api/v1/messages?q=&contact=&account=&direction=&since=&limit=&cursor=   q: search
     GET /api/v1/messages/{id}                  bodies, sources, events; 404 if unknown
     GET /api/v1/contacts/{email}/timeline?limit=&cursor=
     GET /api/v1/ambiguous-contacts?limit=&cursor=   addresses link_by: name left unlinked
@@ -55,7 +55,7 @@ from gateway.accounts.service import AccountService
 from gateway.api import openapi
 from gateway.api.accounts import AccountRoutes
 from gateway.config import Config
-from gateway.crm import outbox
+from gateway.crm import outbox, search
 from gateway.crm.accounts import Accounts
 from gateway.crm.contacts import (
     ContactInput,
@@ -381,9 +381,14 @@ class AdminAPI:
             contact = contact.strip()
             if "@" not in contact:
                 raise BadParameter("contact", f"{contact[:40]!r} is not an e-mail address")
-        rows = await self.store.list_messages(contact=contact, since=since,
-                                              account=q.get("account") or None,
-                                              direction=direction, before=before, limit=limit + 1)
+        query = _typed(q, "q")
+        try:
+            rows = await self.store.list_messages(contact=contact, since=since,
+                                                  account=q.get("account") or None,
+                                                  direction=direction, before=before,
+                                                  limit=limit + 1, query=query)
+        except search.BadQuery as exc:
+            raise BadParameter("q", str(exc)) from None
         return await self._page(request, rows, limit, {})
 
     async def message(self, request: web.Request) -> web.Response:

@@ -366,6 +366,10 @@ def document() -> dict[str, Any]:
             "/api/v1/messages": {"get": {
                 "summary": "Stored messages, newest first (by Date, else when stored)",
                 "parameters": [
+                    _q("q", {"type": "string", "maxLength": 500},
+                       "search: words, \"quoted phrases\" and addresses, all of them in the "
+                       "subject, sender's name, From/To/Cc or body (stems: pricing finds "
+                       "prices; acme.test: every address at the domain)"),
                     _q("contact", {"type": "string", "format": "email"},
                        "an address among From, To and Cc"),
                     _q("account", _STR, "stored for, or seen in the mailbox of, this account"),

@@ -1,4 +1,6 @@
-"""`mailgw messages list|show`: stored mail with its links and events, from the CRM store.
+"""`mailgw messages list|search|show`: stored mail with its links and events, from the CRM store.
+
+``search QUERY`` is ``list`` of the messages matching a search (gateway.crm.search).
 
 ``show`` prints readable text (:func:`format_message`): lists joined with commas, times
 as ``YYYY-MM-DD HH:MM UTC``, the tracking summary as sentences; never a Python repr.
@@ -14,7 +16,7 @@ from typing import Any
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, parse_since, print_json
 from gateway.config import Config
-from gateway.errors import NotFound
+from gateway.errors import NotFound, UsageError
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -28,6 +30,15 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     mlist.add_argument("--direction", choices=("inbound", "outbound"))
     mlist.add_argument("--limit", type=int, default=50)
     mlist.add_argument("--json", action="store_true")
+    msearch = ms.add_parser("search", parents=[common],
+                            help='words, "quoted phrases" and addresses, all of them; newest first')
+    msearch.add_argument("query", metavar="QUERY")
+    msearch.add_argument("--contact", metavar="EMAIL")
+    msearch.add_argument("--since", metavar="DATE", help="YYYY-MM-DD or ISO 8601")
+    msearch.add_argument("--account", metavar="ID", help="stored for, or seen in, this account")
+    msearch.add_argument("--direction", choices=("inbound", "outbound"))
+    msearch.add_argument("--limit", type=int, default=50)
+    msearch.add_argument("--json", action="store_true")
     mshow = ms.add_parser("show", parents=[common])
     mshow.add_argument("id", help="message id, or a queue id")
     mshow.add_argument("--json", action="store_true")
@@ -38,14 +49,20 @@ def _messages(args: argparse.Namespace) -> int:
 
 
 async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.crm.search import BadQuery
     from gateway.crm.store import Store
 
     store = await Store.from_config(cfg)
     try:
-        if args.messages_cmd == "list":
-            rows = await store.list_messages(contact=args.contact, since=parse_since(args.since),
-                                             account=args.account, direction=args.direction,
-                                             limit=args.limit)
+        if args.messages_cmd in ("list", "search"):
+            query = args.query if args.messages_cmd == "search" else None
+            try:
+                rows = await store.list_messages(contact=args.contact,
+                                                 since=parse_since(args.since),
+                                                 account=args.account, direction=args.direction,
+                                                 limit=args.limit, query=query)
+            except BadQuery as exc:
+                raise UsageError(f"QUERY: {exc}") from None
             if args.json:
                 print_json(rows)
                 return EXIT_OK

@@ -36,6 +36,11 @@ Tables:
 ``send_counters``
     messages per sender and UTC day, for the ``max_per_day`` policy.
 
+The search index is not a model: migration ``0007`` (0007_search.py) makes it per backend (SQLite:
+the FTS5 table ``messages_fts`` and its triggers; PostgreSQL: the generated column
+``messages.search_vector`` and its GIN index) and :mod:`gateway.crm.search` queries it.
+:func:`in_models` tells Alembic's comparison to leave those objects out.
+
 Each table is also exported as a Core :class:`sqlalchemy.Table` (``messages_table``,
 ``sources_table``, ... at the end of this module): the store and its siblings build their
 queries on those names.
@@ -47,6 +52,7 @@ convention on :data:`metadata`) so later migrations can alter them in SQLite bat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -496,6 +502,22 @@ sort_at = sa.func.coalesce(Message.date, Message.created_at)
 sa.Index("ix_messages_sort_at", sort_at)
 sa.Index("ix_message_addresses_address", MessageAddress.address, MessageAddress.message_pk)
 sa.Index("ix_message_addresses_domain", MessageAddress.domain, MessageAddress.message_pk)
+
+
+#: The search index (migration 0007): SQLite's FTS5 table (its shadow tables are
+#: ``messages_fts_*``), PostgreSQL's tsvector column on ``messages`` and its GIN index.
+FTS_TABLE = "messages_fts"
+VECTOR_COLUMN = "search_vector"
+VECTOR_INDEX = "ix_messages_search_vector"
+
+
+def in_models(name: str | None, type_: Any, parent_names: Mapping[Any, str | None]) -> bool:
+    """Alembic ``include_name``: False for the search index, which these models leave out."""
+    if type_ == "table":
+        return not (name or "").startswith(FTS_TABLE)
+    if type_ == "column":
+        return not (parent_names.get("table_name") == "messages" and name == VECTOR_COLUMN)
+    return name != VECTOR_INDEX
 
 
 # -- the tables, for SQLAlchemy Core queries --------------------------------------------------

@@ -51,7 +51,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.config import Config
-from gateway.crm import bounces, identify, outbox, suppression
+from gateway.crm import bounces, identify, outbox, search, suppression
 from gateway.crm.blobs import RawStore
 from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
@@ -679,15 +679,20 @@ class Store:
     async def list_messages(self, *, contact: str | None = None, since: datetime | None = None,
                             account: str | None = None, direction: str | None = None,
                             before: tuple[datetime, int] | None = None,
-                            limit: int = 100) -> list[dict[str, Any]]:
+                            limit: int = 100, query: str | None = None) -> list[dict[str, Any]]:
         """Newest first (by Date header, else by when it was stored), each with its events.
 
+        `query`: a search (:func:`gateway.crm.search.parse_query`: words, "phrases" and
+        addresses, every one in the subject, sender's name, addresses or body; raises
+        :class:`gateway.crm.search.BadQuery` when it has nothing to search for).
         `contact`: an address among From, To and Cc (whole address, case-insensitive).
         `since`: only messages dated at or after it (a naive datetime is taken as UTC).
         `account`: stored for, or seen in the mailbox of, this account.
         `before`: a cursor, (sort time, id) of the last message of the previous page.
         """
         q = sa.select(messages_table).order_by(sort_at.desc(), messages_table.c.id.desc())
+        if query is not None:
+            q = q.where(search.matching(self.dialect, search.parse_query(query)))
         if since is not None:
             q = q.where(sort_at >= utc(since))
         if contact:

@@ -25,7 +25,7 @@ from alembic.runtime.migration import MigrationContext
 from gateway.crm import writer as writer_mod
 from gateway.crm.engine import make_engine
 from gateway.crm.migrate import current_revision, head_revision, upgrade
-from gateway.crm.models import metadata
+from gateway.crm.models import in_models, metadata
 from gateway.crm.store import Store
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
@@ -126,7 +126,8 @@ async def test_migrations_match_the_models(url: str) -> None:
     try:
         async with engine.connect() as conn:
             def compare(sync_conn: sa.Connection) -> list[Any]:
-                ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+                ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True,
+                                                                  "include_name": in_models})
                 with warnings.catch_warnings():  # expression indexes cannot be reflected on SQLite
                     warnings.simplefilter("ignore")
                     return list(compare_metadata(ctx, metadata))

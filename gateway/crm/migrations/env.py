@@ -16,11 +16,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SAWarning
 
 from gateway.crm.engine import make_engine
-from gateway.crm.models import metadata
+from gateway.crm.models import in_models, metadata
 
 
 def do_run_migrations(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=metadata,
+    context.configure(connection=connection, target_metadata=metadata, include_name=in_models,
                       render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
     with warnings.catch_warnings():
         # SQLite batch mode cannot reflect the expression index ix_messages_sort_at; the
