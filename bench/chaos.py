@@ -409,7 +409,9 @@ async def run_imap(args: argparse.Namespace) -> dict[str, Any]:
 
     import sqlalchemy as sa
 
+    from gateway.config import Logging
     from gateway.crm.store import Store
+    from gateway.log import setup_logging
     from tests.integration.tailer_support import (
         LEAD,
         account_dict,
@@ -424,6 +426,7 @@ async def run_imap(args: argparse.Namespace) -> dict[str, Any]:
 
     if _shutil.which("dovecot") is None:
         return {"scenario": "imap", "skipped": "no dovecot binary"}
+    setup_logging(Logging(format="console", level="warning"))   # stderr: stdout is the figures
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="mailgw-chaos-imap-"))
     n = args.messages

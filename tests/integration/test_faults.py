@@ -2,6 +2,7 @@
 
 - the spool on a full file system (a small tmpfs): 452 4.3.1, never 250 for a message not
   on disk, no half-written queue file, mail accepted and delivered again once space is back;
+  and the disk filling as a partial delivery ends: the delivered recipient never gets a second copy;
 - the CRM store (a private PostgreSQL) crashing mid-batch under load and coming back: every
   accepted message delivered once and recorded once;
 - the upstream resetting the connection mid-DATA: deferred (451 4.4.2), retried, delivered once;
@@ -142,6 +143,42 @@ async def test_full_spool_answers_452_4_3_1_and_keeps_no_half_written_file(
         await wait_until(lambda: queued() == [], 10, "an empty spool")
     # nothing refused was ever delivered, nothing delivered twice
     assert dict(upstream.received) == {"<before@fault.test>": 1, "<after@fault.test>": 1}
+
+
+async def test_full_spool_after_a_partial_delivery_never_resends_to_the_delivered(
+        tmp_path: Path, small_fs: Tmpfs, upstream: ResettingUpstream) -> None:
+    """bob@ gets 250 and carol@ 451 in one transaction, and the disk fills at that moment:
+    the queue file cannot be rewritten to say bob@ is done. The retry must still not send
+    to bob@ again."""
+    cfg = write_config(tmp_path, upstream_port=upstream.port,
+                       store={"url": f"sqlite+aiosqlite:///{tmp_path}/crm.db"})
+    upstream.rcpt_replies["carol@example.net"] = "451 4.2.1 Mailbox busy, try later"
+    upstream.on_message = small_fs.fill       # the disk is full as the 250 comes
+    async with running_app(cfg) as app:
+        assert app.submission is not None
+        code = await asyncio.to_thread(_send_two, app.submission.port)
+        assert code == {}
+        await wait_until(lambda: len(upstream.messages) == 1, 15, "the first attempt")
+        await asyncio.sleep(0)
+        upstream.on_message = None
+        # a retry or two while the disk is still full
+        await wait_until(lambda: upstream.sessions >= 2, 15, "a retry on the full disk")
+        small_fs.unfill()
+        upstream.rcpt_replies.clear()
+        await wait_until(lambda: ["carol@example.net"] in upstream.rcpts, 30,
+                         "carol's delivery once the upstream takes it")
+        await wait_until(lambda: not app.spool.list_ids("deferred")
+                         and not app.spool.list_ids("incoming"), 15, "an empty spool")
+        assert app.spool.list_ids("hold") == []   # a full disk is no poison message
+    assert [r for rs in upstream.rcpts for r in rs].count("bob@example.net") == 1, upstream.rcpts
+
+
+def _send_two(port: int) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.example.com")
+        c.login(USER, PASSWORD)
+        return c.sendmail(USER, ["bob@example.net", "carol@example.net"],
+                          message("partial@fault.test"))
 
 
 # -- the upstream resetting mid-DATA ---------------------------------------------------------

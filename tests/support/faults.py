@@ -189,6 +189,12 @@ class ResettingUpstream:
                  resets_first: int = 0) -> None:
         self._left = resets_first
         self.should_reset = should_reset or self._first_n
+        #: answers to RCPT by address (e.g. "451 4.2.1 try later"); others get 250
+        self.rcpt_replies: dict[str, str] = {}
+        #: called when a message has been received, before the 250 is sent
+        self.on_message: Callable[[], object] | None = None
+        #: the recipients each complete message was accepted for, in arrival order
+        self.rcpts: list[list[str]] = []
         self.resets = 0
         self.received: Counter[str] = Counter()
         self.messages: list[bytes] = []
@@ -234,6 +240,7 @@ class ResettingUpstream:
         def say(line: bytes) -> None:
             writer.write(line + b"\r\n")
 
+        rcpts: list[str] = []
         try:
             say(b"220 reset.upstream.test ESMTP")
             while True:
@@ -243,7 +250,16 @@ class ResettingUpstream:
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
                     say(b"250-reset.upstream.test\r\n250-8BITMIME\r\n250 SIZE 50000000")
-                elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                elif verb == b"RCPT":
+                    addr = line.split(b"<", 1)[-1].split(b">", 1)[0].decode(errors="replace")
+                    refusal = self.rcpt_replies.get(addr)
+                    if refusal is None:
+                        rcpts.append(addr)
+                    say((refusal or "250 2.1.5 OK").encode())
+                elif verb in (b"MAIL", b"RSET"):
+                    rcpts = []
+                    say(b"250 2.0.0 OK")
+                elif verb == b"NOOP":
                     say(b"250 2.0.0 OK")
                 elif verb == b"QUIT":
                     say(b"221 2.0.0 Bye")
@@ -261,6 +277,9 @@ class ResettingUpstream:
                     m = _MID.search(data)
                     self.received[m.group(1).decode() if m else "?"] += 1
                     self.messages.append(data)
+                    self.rcpts.append(rcpts)
+                    if self.on_message is not None:
+                        self.on_message()
                     say(b"250 2.0.0 OK queued")
                 else:
                     say(b"502 5.5.2 Command not implemented")
