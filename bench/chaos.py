@@ -241,7 +241,8 @@ class StoreCrash(Setup):
 
         bindir = pg_bindir()
         if bindir is None:
-            raise Skip("no PostgreSQL server binaries (initdb, pg_ctl) under /usr/lib/postgresql")
+            raise Skip("no PostgreSQL server binaries (initdb, pg_ctl) under /usr/lib/postgresql "
+                       "or, as root, no postgres user to run them as")
         self.pg = PrivatePostgres(bindir).start()
         self.store_url = self.pg.url
         await upgrade(self.pg.url)

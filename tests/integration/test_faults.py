@@ -212,7 +212,7 @@ async def test_upstream_reset_mid_data_defers_retries_and_delivers_once(
 @pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
     bindir = pg_bindir()
-    require(bindir is not None, "PostgreSQL server binaries (initdb, pg_ctl)")
+    require(bindir is not None, "PostgreSQL server binaries (initdb, pg_ctl) and a postgres user")
     assert bindir is not None
     pg = PrivatePostgres(bindir).start()
     try:

@@ -100,7 +100,13 @@ class Tmpfs:
 
 
 def pg_bindir() -> Path | None:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and pg_ctl, or None."""
+    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and pg_ctl, or None
+    (None too when we are root and there is no ``postgres`` user to run them as)."""
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return None
     found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")
              if (Path(p).parent / "pg_ctl").exists()]
 
