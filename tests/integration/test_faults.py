@@ -162,7 +162,7 @@ async def test_full_spool_after_a_partial_delivery_never_resends_to_the_delivere
         await asyncio.sleep(0)
         upstream.on_message = None
         # a retry or two while the disk is still full
-        await wait_until(lambda: upstream.sessions >= 2, 15, "a retry on the full disk")
+        await wait_until(lambda: upstream.transactions >= 2, 15, "a retry on the full disk")
         small_fs.unfill()
         upstream.rcpt_replies.clear()
         await wait_until(lambda: ["carol@example.net"] in upstream.rcpts, 30,

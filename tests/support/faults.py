@@ -187,7 +187,8 @@ _MID = re.compile(rb"(?im)^Message-ID:[ \t]*(<[^>\r\n]*>)")
 class ResettingUpstream:
     """An SMTP server on 127.0.0.1 that resets the connection mid-DATA while `should_reset()`.
 
-    `resets` counts the cut transactions, `received` counts complete messages by Message-ID
+    `resets` counts the cut transactions, `transactions` the MAIL commands, `sessions` the
+    connections, `received` counts complete messages by Message-ID
     (a value above 1 is a duplicate delivery), `messages` keeps the bytes in arrival order.
     """
 
@@ -205,6 +206,7 @@ class ResettingUpstream:
         self.received: Counter[str] = Counter()
         self.messages: list[bytes] = []
         self.sessions = 0
+        self.transactions = 0      # MAIL commands
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -264,6 +266,7 @@ class ResettingUpstream:
                     say((refusal or "250 2.1.5 OK").encode())
                 elif verb in (b"MAIL", b"RSET"):
                     rcpts = []
+                    self.transactions += verb == b"MAIL"
                     say(b"250 2.0.0 OK")
                 elif verb == b"NOOP":
                     say(b"250 2.0.0 OK")
