@@ -189,7 +189,7 @@ class Relay:
                 scheduled_for=send_at if p.route != "ingest" else None)
             trace = received_header(sub, self.hostname, p.queue_id, now, p.recipients)
             files.append((env, trace + p.data))
-        await self.spool.put_all(files)  # all or nothing; SpoolError -> 451 4.3.0
+        await self.spool.put_all(files)  # all or nothing; SpoolError -> 452 4.3.1 (disk full) or 451 4.3.0
         self.accepted += 1
         # one line per spooled copy under the id the client got (`250 ... queued as <group>`):
         # per-recipient copies have their own queue ids, which the delivery lines carry

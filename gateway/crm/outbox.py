@@ -76,14 +76,17 @@ class Claimed:
 
 async def claim(store: Database, webhooks: Sequence[str], *, limit: int, lease: float,
                 now: datetime | None = None) -> list[Claimed]:
-    """Lease up to `limit` due pending deliveries to the given webhooks (oldest due first)."""
+    """Lease up to `limit` due pending deliveries to the given webhooks, oldest event first.
+
+    Among the rows that are due, the order is the events' (the row id), not the jittered
+    retry times: after an outage the backlog goes out in the order the events happened."""
     if limit <= 0 or not webhooks:
         return []
     now = now or datetime.now(UTC)
     pick = (sa.select(outbox_table.c.id)
             .where(outbox_table.c.status == "pending", outbox_table.c.next_attempt_at <= now,
                    outbox_table.c.webhook.in_(list(webhooks)))
-            .order_by(outbox_table.c.next_attempt_at, outbox_table.c.id)
+            .order_by(outbox_table.c.id)
             .limit(limit))
     if store.dialect == "postgresql":
         pick = pick.with_for_update(skip_locked=True)

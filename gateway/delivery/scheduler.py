@@ -33,6 +33,11 @@ once: the crash is counted in the entry's envelope on disk (`Envelope.crashes`, 
 across restarts), the entry is retried later on the retry schedule's backoff, and after
 `delivery.max_crashes` crashes it is moved to hold/ with the error as its hold reason
 (metric `mailgw_queue_poison_total`, log event `queue_poison`).
+
+A full or failing spool disk is no poison: when the entry cannot be rewritten after an
+attempt (log event `queue_rewrite_failed`), the recipients that attempt delivered are
+remembered in memory, so the retries of this process never send to them again, and the
+entry is tried again on the retry schedule without a crash counted.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ from gateway.directory import (
     SecretSource,
     TokenSource,
 )
-from gateway.errors import AccountAuthError, AccountUnavailable, MailError, NotFound
+from gateway.errors import AccountAuthError, AccountUnavailable, MailError, NotFound, SpoolError
 from gateway.ids import new_queue_id
 from gateway.mail.addresses import domain_of
 from gateway.mail.reports import verp_address
@@ -162,6 +167,9 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._delay_groups: dict[str, None] = {}   # submissions whose sender got a delay DSN
         self._paused: dict[str, float] = {}   # incoming/ entries left alone until (monotonic)
+        #: recipients delivered whose queue file could not be rewritten to say so (a full
+        #: disk), by queue id: never sent to again by this process
+        self._sent_unrecorded: dict[str, set[str]] = {}
 
     @property
     def cfg(self) -> Config:
@@ -314,13 +322,14 @@ class Scheduler:
             self.log.warning("delivery_crash_deferred", queue_id=qid, crashes=env.crashes,
                              error=error, next_attempt=_utc(env.next_attempt).isoformat())
 
-    def _pause(self, state: str, qid: str) -> None:
-        """Keep an entry whose crash could not be recorded out of the work for
-        CRASH_PAUSE seconds (not across restarts)."""
+    def _pause(self, state: str, qid: str, seconds: float = CRASH_PAUSE) -> None:
+        """Keep an entry whose crash (or attempt) could not be recorded out of the work
+        for `seconds` (in memory: not across restarts)."""
         if state == "deferred":
-            heapq.heappush(self._heap, (self.clock() + CRASH_PAUSE, qid))
+            heapq.heappush(self._heap, (self.clock() + seconds, qid))
+            self._wakeup.set()
         else:
-            self._paused[qid] = time.monotonic() + CRASH_PAUSE
+            self._paused[qid] = time.monotonic() + seconds
 
     # -- one attempt ---------------------------------------------------------------
     async def process(self, state: str, qid: str) -> None:
@@ -336,6 +345,11 @@ class Scheduler:
         if env.scheduled_for is not None and env.scheduled_for > now and not env.attempts:
             await self._wait_for_schedule(state, env, data)
             return
+        done = self._sent_unrecorded.get(qid)
+        if done:
+            for r in env.recipients:
+                if r.status == "pending" and r.addr in done:
+                    r.status = "sent"
         pending = env.pending
         # the copy's CRM record first (the store writer batches it): delivered before it is
         # written, a kill -9 would leave the message without its record and out of the spool
@@ -406,12 +420,24 @@ class Scheduler:
                 env.delay_notified = True
         if env.pending or env.dsn_owed:
             sched = cfg.delivery.retry.schedule
-            env.next_attempt = now + sched[min(env.attempts - 1, len(sched) - 1)]
-            if await self.spool.rewrite(env, data, state, "deferred"):
+            delay = sched[min(env.attempts - 1, len(sched) - 1)]
+            env.next_attempt = now + delay
+            try:
+                rewritten = await self.spool.rewrite(env, data, state, "deferred")
+            except SpoolError as exc:
+                sent = {r.addr for r in env.recipients if r.status != "pending"}
+                self._sent_unrecorded[qid] = sent
+                self.log.error("queue_rewrite_failed", queue_id=qid, error=str(exc),
+                               done=sorted(sent), retry_in=delay)
+                self._pause(state, qid, delay)
+                return
+            self._sent_unrecorded.pop(qid, None)
+            if rewritten:
                 heapq.heappush(self._heap, (env.next_attempt, qid))
                 self._wakeup.set()
         else:
             await self.spool.remove(state, qid)
+            self._sent_unrecorded.pop(qid, None)
 
     async def _wait_for_schedule(self, state: str, env: Envelope, data: bytes) -> None:
         """A scheduled send (`X-Mailgw-Send-At`) before its time: into deferred/ with its

@@ -251,7 +251,7 @@ class Spool:
         return b"".join((MAGIC, env.to_json(), b"\n", data))
 
     async def put(self, env: Envelope, data: bytes, state: str = "incoming") -> None:
-        """Store a new message durably; SpoolError (451 4.3.0) if that is impossible.
+        """Store a new message durably; SpoolError (:func:`spool_error`) if that is impossible.
 
         The file is written into tmp/ on the loop when it is small (the page cache takes it
         at once); the fsyncs and the rename run on the spool's threads. A large message is
@@ -267,12 +267,12 @@ class Spool:
         except RenamedNotSynced as exc:
             await self._renamed_not_synced(state, [env.id], exc)
         except OSError as exc:
-            raise SpoolError(_os_reason(exc), status="4.3.0") from exc
+            raise spool_error(exc) from exc
 
     async def put_all(self, items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:
         """Store the copies of one message durably, all or none: every file is written and
-        fsynced in tmp/ before the first is renamed into `state`; SpoolError (451 4.3.0) if
-        that is impossible, and then nothing is queued."""
+        fsynced in tmp/ before the first is renamed into `state`; SpoolError (:func:`spool_error`)
+        if that is impossible, and then nothing is queued."""
         if len(items) == 1:
             await self.put(*items[0], state=state)
             return
@@ -285,7 +285,7 @@ class Spool:
         except RenamedNotSynced as exc:
             await self._renamed_not_synced(state, [env.id for env, _ in items], exc)
         except OSError as exc:
-            raise SpoolError(_os_reason(exc), status="4.3.0") from exc
+            raise spool_error(exc) from exc
 
     async def _renamed_not_synced(self, state: str, ids: list[str], exc: OSError) -> None:
         """New files are renamed into `state` but the directory fsync after it failed.
@@ -317,7 +317,7 @@ class Spool:
             return await q.run(lambda: q.replace(env.id, self._file(env, data),
                                                  old_state, new_state))
         except OSError as exc:
-            raise SpoolError(_os_reason(exc)) from exc
+            raise spool_error(exc) from exc
 
     async def remove(self, state: str, qid: str) -> None:
         q = self._queue
@@ -349,9 +349,14 @@ class Spool:
         return state
 
 
-def _os_reason(exc: OSError) -> str:
+def spool_error(exc: OSError) -> SpoolError:
+    """The reply for a spool write that failed: a full disk or quota is ``452 4.3.1``
+    (RFC 5321 4.2.2 "insufficient system storage", RFC 3463 X.3.1 "mail system full",
+    as Postfix answers), anything else ``451 4.3.0`` (RFC 3463 X.3.0, other mail system
+    status). Both are temporary: the client keeps the message and tries again."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "Insufficient disk space in the spool, try again later"
+        return SpoolError("Insufficient system storage in the spool, try again later",
+                          code=452, status="4.3.1")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "Spool not writable, try again later"
-    return "Local error writing the spool, try again later"
+        return SpoolError("Spool not writable, try again later", code=451, status="4.3.0")
+    return SpoolError("Local error writing the spool, try again later", code=451, status="4.3.0")

@@ -68,7 +68,7 @@ class Receiver:
         app.router.add_post("/hook", self.handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()  # 0: any free port
         self.port = int(self._runner.addresses[0][1])
         return self
 

@@ -112,7 +112,7 @@ async def test_disk_full_is_a_temporary_spool_error(spool: Spool,
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(SpoolError) as ei:
         await spool.put(env(), b"S: x\r\n\r\nb\r\n")
-    assert ei.value.smtp_reply().startswith("451 4.3.0 Insufficient disk space")
+    assert ei.value.smtp_reply().startswith("452 4.3.1 Insufficient system storage")
     monkeypatch.undo()
     assert spool.list_ids("incoming") == [] and list(spool.tmp.iterdir()) == []
 
@@ -120,7 +120,7 @@ async def test_disk_full_is_a_temporary_spool_error(spool: Spool,
 async def test_put_all_is_all_or_nothing_when_a_rename_fails(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk can refuse the directory entry itself (rename), after every copy was
-    written and fsynced: then no copy may stay queued, since the client is told 451."""
+    written and fsynced: then no copy may stay queued, since the client is told 452."""
     items = [(env(), b"S: x\r\n\r\ncopy %d\r\n" % i) for i in range(3)]
     real = os.rename
     calls = 0
@@ -135,7 +135,7 @@ async def test_put_all_is_all_or_nothing_when_a_rename_fails(
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(SpoolError) as ei:
         await spool.put_all(items)
-    assert ei.value.smtp_reply().startswith("451 4.3.0 Insufficient disk space")
+    assert ei.value.smtp_reply().startswith("452 4.3.1 Insufficient system storage")
     monkeypatch.undo()
     assert spool.list_ids("incoming") == [] and list(spool.tmp.iterdir()) == []
     await spool.put_all(items)
