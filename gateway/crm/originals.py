@@ -6,7 +6,8 @@ the message as accepted, after the gateway added a missing Message-ID or Date an
 Bcc and the control headers (``X-Mailgw-*``), before any outbound stage (tracking, footer,
 DKIM) and without the trace header; rebuilt from the spool after a crash, an untracked
 copy as spooled (after the stages). For IMAP, the bytes fetched (``BODY[]``); for ingest,
-the message ingested (for a forward that was unwrapped, the original message it carried).
+the message ingested (for an unwrapped forward, the attached original's exact bytes, or for
+an inline forward the message rebuilt from the quoted block, :mod:`gateway.mail.forward`).
 Nothing is kept with ``store.raw: none``.
 
 An attachment is addressed by its index in the message JSON's ``attachments`` list: the
