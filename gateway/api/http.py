@@ -509,10 +509,9 @@ class AdminAPI:
         domain = self._domain(request)
         limit = _limit(request.query)
         before = decode_cursor(request.query["cursor"]) if request.query.get("cursor") else None
-        company = await get_company(self.store, domain)
+        company = await get_company(self.store, domain, contacts=False)
         if company is None:
             return _error(404, f"no company {domain}")
-        company.pop("contacts")
         rows = await company_timeline(self.store, domain, before=before, limit=limit + 1)
         return await self._page(request, rows, limit, {"domain": domain, "company": company})
 

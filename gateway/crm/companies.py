@@ -87,9 +87,10 @@ async def list_companies(store: Store, *, search: str | None = None, after: str 
     return [_company_dict(r, stats[r["id"]]) for r in rows]
 
 
-async def get_company(store: Store, domain: str) -> dict[str, Any] | None:
-    """One company with its counts and its first :data:`COMPANY_CONTACTS` contacts (in
-    e-mail order); None when no company has this domain."""
+async def get_company(store: Store, domain: str, *,
+                      contacts: bool = True) -> dict[str, Any] | None:
+    """One company with its counts and (with `contacts`) its first :data:`COMPANY_CONTACTS`
+    contacts in e-mail order; None when no company has this domain."""
     try:
         async with store.engine.connect() as conn:
             row = (await conn.execute(sa.select(companies_table).where(
@@ -97,12 +98,17 @@ async def get_company(store: Store, domain: str) -> dict[str, Any] | None:
             if row is None:
                 return None
             stats = await _stats(conn, [row["id"]])
-            people = (await conn.execute(
-                _contact_select().where(contacts_table.c.company_pk == row["id"])
-                .order_by(contacts_table.c.email).limit(COMPANY_CONTACTS))).mappings().all()
+            people = None
+            if contacts:
+                people = (await conn.execute(
+                    _contact_select().where(contacts_table.c.company_pk == row["id"])
+                    .order_by(contacts_table.c.email).limit(COMPANY_CONTACTS))).mappings().all()
     except (SQLAlchemyError, OSError) as exc:
         raise store.error("store read failed", exc) from exc
-    return {**_company_dict(row, stats[row["id"]]), "contacts": [_contact_dict(c) for c in people]}
+    out = _company_dict(row, stats[row["id"]])
+    if people is not None:
+        out["contacts"] = [_contact_dict(c) for c in people]
+    return out
 
 
 async def company_timeline(store: Store, domain: str, *,
