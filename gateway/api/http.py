@@ -4,8 +4,11 @@ Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json
 
     GET /api/v1/messages?q=&contact=&account=&direction=&since=&limit=&cursor=   q: search
     GET /api/v1/messages/{id}                  bodies, sources, events; 404 if unknown
+    GET /api/v1/messages/{id}/raw              the original bytes (message/rfc822); 404 if not kept
+    GET /api/v1/messages/{id}/attachments/{n}  attachment n of the message's list, decoded
     GET /api/v1/contacts/{email}/timeline?limit=&cursor=
     GET /api/v1/ambiguous-contacts?limit=&cursor=   addresses link_by: name left unlinked
+    GET /api/v1/companies?search=&limit=&cursor=, /companies/{domain}, /companies/{domain}/timeline
     GET /api/v1/accounts                       connected mailboxes (declared and runtime) + state
     POST/PATCH/DELETE /api/v1/accounts..., /api/v1/connect-links   see gateway.api.accounts
     GET /api/v1/stats/engagement?days=&by=     see gateway.crm.reports
@@ -46,6 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 import structlog
@@ -55,8 +59,9 @@ from gateway.accounts.service import AccountService
 from gateway.api import openapi
 from gateway.api.accounts import AccountRoutes
 from gateway.config import Config
-from gateway.crm import outbox, search
+from gateway.crm import originals, outbox, search
 from gateway.crm.accounts import Accounts
+from gateway.crm.companies import company_timeline, get_company, list_companies, normalize_domain
 from gateway.crm.contacts import (
     ContactInput,
     contact_timeline,
@@ -70,7 +75,9 @@ from gateway.crm.models import DIRECTIONS, SUPPRESSION_REASONS, Message, sort_at
 from gateway.crm.reports import GROUPINGS, MAX_DAYS, engagement
 from gateway.crm.store import Store
 from gateway.crm.suppression import SuppressionList
+from gateway.crm.views import RAW_NOT_KEPT
 from gateway.errors import GatewayError, NotFound, StoreError
+from gateway.mail.parse import AttachmentData
 from gateway.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -230,6 +237,31 @@ def contact_input(obj: Any, where: str) -> ContactInput:
                         phone=values["phone"], fields=dict(fields))
 
 
+_MIME_TOKEN = re.compile(r"[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}")
+_CHARSET = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.-]{1,40}")
+
+
+def attachment_headers(part: AttachmentData) -> dict[str, str]:
+    """Content-Type and Content-Disposition for an attachment's bytes, from what the
+    message said but never more: a type that is no plain ``type/subtype`` token is served
+    as application/octet-stream, the file name goes out percent-encoded
+    (``filename*=UTF-8''…``, RFC 6266) with an ASCII ``filename=`` fallback, so no header
+    can be split or extended by what the sender wrote."""
+    a = part.attachment
+    ctype = a.content_type if _MIME_TOKEN.fullmatch(a.content_type) else "application/octet-stream"
+    if ctype.startswith("text/") and part.charset and _CHARSET.fullmatch(part.charset):
+        ctype += f"; charset={part.charset}"
+    name = a.filename or "attachment"
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\%;' else "_"
+                       for c in name)
+    disposition = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        disposition += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return {"Content-Type": ctype, "Content-Disposition": disposition,
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
 class AdminAPI:
     """The admin listener's aiohttp application and its server."""
 
@@ -245,6 +277,7 @@ class AdminAPI:
         self._token: bytes | None = None
         self.set_token(token)
         self._query_parameters = _query_parameters(openapi.document())
+        self._parse_slots = asyncio.Semaphore(originals.PARSE_SLOTS)   # attachment parses
         self.app = self._build()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -286,6 +319,11 @@ class AdminAPI:
         r = app.router
         r.add_get("/api/v1/messages", self.messages)
         r.add_get("/api/v1/messages/{id}", self.message)
+        r.add_get("/api/v1/messages/{id}/raw", self.message_raw)
+        r.add_get("/api/v1/messages/{id}/attachments/{n}", self.message_attachment)
+        r.add_get("/api/v1/companies", self.companies)
+        r.add_get("/api/v1/companies/{domain}", self.company)
+        r.add_get("/api/v1/companies/{domain}/timeline", self.company_timeline)
         r.add_get("/api/v1/contacts", self.contacts)
         r.add_post("/api/v1/contacts", self.contacts_upsert)
         r.add_get("/api/v1/contacts/{email}", self.contact)
@@ -411,6 +449,81 @@ class AdminAPI:
         rows = await contact_timeline(self.store, email, before=before, limit=limit + 1)
         contact = await get_contact(self.store, email)
         return await self._page(request, rows, limit, {"email": email, "contact": contact})
+
+    # -- the original bytes and companies (README "Read API, metrics and webhooks") --------
+    async def _original(self, request: web.Request) -> originals.Original | web.Response:
+        """The message the path names with its raw bytes kept, else the 404 to answer."""
+        ident = request.match_info["id"]
+        found = await originals.locate(self.store, ident)
+        if found is None:
+            return _error(404, f"no message {ident}")
+        if found.digest is None:
+            return _error(404, f"message {found.id}: raw bytes {RAW_NOT_KEPT}")
+        return found
+
+    async def message_raw(self, request: web.Request) -> web.StreamResponse:
+        found = await self._original(request)
+        if isinstance(found, web.Response):
+            return found
+        headers = {"Content-Type": "message/rfc822", "X-Content-Type-Options": "nosniff",
+                   "Content-Disposition": f'attachment; filename="message-{found.id}.eml"'}
+        path = originals.raw_file(self.store, found)
+        if path is not None:   # streamed from the file, never read whole
+            return web.FileResponse(path, headers=headers)
+        data = await originals.read_raw(self.store, found)
+        if data is None:
+            return _error(404, f"message {found.id}: its raw bytes are not in the raw store "
+                               f"(removed, or store.raw changed since)")
+        return web.Response(body=data, headers=headers)
+
+    async def message_attachment(self, request: web.Request) -> web.StreamResponse:
+        value = request.match_info["n"]
+        n = _integer("n", value)
+        if n < 0:
+            raise BadParameter("n", "must be at least 0 (the attachment's index in the list)")
+        found = await self._original(request)
+        if isinstance(found, web.Response):
+            return found
+        if n >= len(found.attachments):
+            return _error(404, f"message {found.id} has no attachment {n} "
+                               f"({len(found.attachments)} listed, numbered from 0)")
+        part = await originals.read_attachment(self.store, found, n, self._parse_slots)
+        if part is None:
+            return _error(404, f"message {found.id}: attachment {n} is not in its raw bytes")
+        return web.Response(body=part.data, headers=attachment_headers(part))
+
+    async def companies(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = _limit(q)
+        rows = await list_companies(self.store, search=q.get("search") or None,
+                                    after=q.get("cursor") or None, limit=limit + 1)
+        cursor = rows[limit - 1]["domain"] if len(rows) > limit else None
+        resp = web.json_response({"companies": rows[:limit], "next_cursor": cursor})
+        if cursor is not None:
+            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
+        return resp
+
+    def _domain(self, request: web.Request) -> str:
+        value = request.match_info["domain"]
+        domain = normalize_domain(value)
+        if domain is None:
+            raise BadParameter("domain", f"{value[:60]!r} is not a domain")
+        return domain
+
+    async def company(self, request: web.Request) -> web.Response:
+        domain = self._domain(request)
+        row = await get_company(self.store, domain)
+        return web.json_response(row) if row is not None else _error(404, f"no company {domain}")
+
+    async def company_timeline(self, request: web.Request) -> web.Response:
+        domain = self._domain(request)
+        limit = _limit(request.query)
+        before = decode_cursor(request.query["cursor"]) if request.query.get("cursor") else None
+        company = await get_company(self.store, domain, contacts=False)
+        if company is None:
+            return _error(404, f"no company {domain}")
+        rows = await company_timeline(self.store, domain, before=before, limit=limit + 1)
+        return await self._page(request, rows, limit, {"domain": domain, "company": company})
 
     async def accounts(self, request: web.Request) -> web.Response:
         if self.account_service is not None:

@@ -62,6 +62,9 @@ _SUMMARY_PROPS: dict[str, Any] = {
     "sources": {"type": "array", "items": {"enum": list(SOURCES)}},
     "queue_id": _nullable("string", description="the first relay copy's queue id"),
     "contacts": {"type": "array", "items": _ref("ContactLink")},
+    "companies": {"type": "array", "items": _ref("CompanyLink"),
+                  "description": "the companies linked by the domains of its addresses"},
+    "raw": _ref("RawInfo"),
     "events": {"type": "array", "items": _ref("Event")},
 }
 _N: dict[str, Any] = {"type": "integer", "minimum": 0}
@@ -92,7 +95,7 @@ _DETAIL_PROPS: dict[str, Any] = {
     "references": _STRS,
     "text_body": _STR,
     "html_body": _STR,
-    "attachments": {"type": "array", "items": {"type": "object"}},
+    "attachments": {"type": "array", "items": _ref("Attachment")},
     "template": _nullable("string", description="X-Mailgw-Template"),
     "campaign": _nullable("string", description="X-Mailgw-Campaign"),
     "scheduled_at": _nullable("string", format="date-time",
@@ -110,6 +113,14 @@ _ENGAGEMENT_ROW = _obj({
     "machine_opens": _COUNT, "machine_clicks": _COUNT,
     "delivery_rate": _RATE, "bounce_rate": _RATE, "open_rate": _RATE, "click_rate": _RATE,
     "reply_rate": _RATE})
+
+_COMPANY_PROPS: dict[str, Any] = {
+    "domain": _STR, "name": _STR,
+    "contact_count": _COUNT, "message_count": {**_COUNT, "description": "messages linked to it"},
+    "last_activity": _nullable("string", format="date-time",
+                               description="the newest linked message (Date, else when stored)"),
+    "created_at": _TIME_OR_NULL, "updated_at": _TIME_OR_NULL,
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR, "parameter": _STR,
@@ -132,6 +143,20 @@ SCHEMAS: dict[str, Any] = {
         "recipients": {"type": "array", "items": _ref("TrackingRecipient"),
                        "description": "every recipient with an event, in address order"}}),
     "ContactLink": _obj({"email": _STR, "name": _STR, "role": {"enum": list(ADDRESS_ROLES)}}),
+    "CompanyLink": _obj({"domain": _STR, "name": _STR}),
+    "RawInfo": _obj({
+        "kept": {"type": "boolean", "description": "the original bytes were kept (store.raw "
+                 "disk or database when the message was stored)"},
+        "size": _nullable("integer"), "sha256": _nullable("string"),
+        "url": _nullable("string", description="where GET serves them (message/rfc822)"),
+        "reason": _nullable("string", description="why not kept")}),
+    "Attachment": _obj({
+        "filename": _STR, "content_type": _STR,
+        "size": {"type": "integer", "description": "decoded bytes"},
+        "sha256": _STR, "content_id": _nullable("string"), "inline": {"type": "boolean"},
+        "url": _nullable("string", description="GET serves the decoded part here; null "
+                         "when the raw bytes were not kept")},
+        required=["filename", "content_type", "size", "sha256", "url"], extra=True),
     "MessageSummary": _obj(_SUMMARY_PROPS),
     "MessageDetail": _obj(_DETAIL_PROPS),
     "MessagePage": _obj({"messages": {"type": "array", "items": _ref("MessageSummary")},
@@ -194,6 +219,15 @@ SCHEMAS: dict[str, Any] = {
                                         "detail": {"type": "string", "maxLength": 500}}},
     "ContactList": _obj({"contacts": {"type": "array", "items": _ref("Contact")},
                          "next_cursor": _nullable("string")}),
+    "Company": _obj(_COMPANY_PROPS),
+    "CompanyDetail": _obj({**_COMPANY_PROPS, "contacts": {
+        "type": "array", "items": _ref("Contact"),
+        "description": "its first 200 contacts in e-mail order (contact_count has them all)"}}),
+    "CompanyList": _obj({"companies": {"type": "array", "items": _ref("Company")},
+                         "next_cursor": _nullable("string")}),
+    "CompanyTimeline": _obj({"domain": _STR, "company": _ref("Company"),
+                             "messages": {"type": "array", "items": _ref("MessageSummary")},
+                             "next_cursor": _nullable("string")}),
     "ContactInput": {"type": "object", "required": ["email"], "additionalProperties": False,
                      "properties": {"email": {"type": "string", "format": "email"},
                                     **{k: {"type": ["string", "null"], "maxLength": 1000,
@@ -301,6 +335,11 @@ _BAD = {"400": _json("Error", "a bad parameter (named in `parameter`)")}
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": _STR}
+_MESSAGE_ID = {"name": "id", "in": "path", "required": True, "schema": _STR,
+               "description": "message id, or a relay/ingest queue id"}
+_DOMAIN = {"name": "domain", "in": "path", "required": True, "schema": _STR,
+           "description": "the company's e-mail domain (a malformed one is a 400)"}
+_BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
 
 
 def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -384,6 +423,43 @@ def document() -> dict[str, Any]:
                                 "description": "message id, or a relay/ingest queue id"}],
                 "responses": {"200": _json("MessageDetail"), "404": _json("Error", "no such message"),
                               **_ERRORS}}},
+            "/api/v1/messages/{id}/raw": {"get": {
+                "summary": "The message's original bytes, as relayed, fetched or ingested",
+                "parameters": [_MESSAGE_ID],
+                "responses": {"200": {"description": "the raw message (Content-Disposition: "
+                                                     "attachment)",
+                                      "content": {"message/rfc822": {"schema": _BINARY}}},
+                              "404": _json("Error", "no such message, or its raw bytes were not "
+                                           "kept (store.raw: none)"), **_ERRORS}}},
+            "/api/v1/messages/{id}/attachments/{n}": {"get": {
+                "summary": "Attachment n (its index in the message's `attachments`), decoded, "
+                           "with its type and file name",
+                "parameters": [_MESSAGE_ID,
+                               {"name": "n", "in": "path", "required": True,
+                                "schema": {"type": "integer", "minimum": 0},
+                                "description": "index in `attachments`, from 0"}],
+                "responses": {"200": {"description": "the decoded part (Content-Type as the "
+                                                     "message says; Content-Disposition: "
+                                                     "attachment with its file name)",
+                                      "content": {"*/*": {"schema": _BINARY}}},
+                              **_BAD,
+                              "404": _json("Error", "no such message or attachment, or its raw "
+                                           "bytes were not kept"), **_ERRORS}}},
+            "/api/v1/companies": {"get": {
+                "summary": "Companies in domain order, with contact and message counts",
+                "parameters": [_q("search", _STR, "part of a domain or name"), *_PAGE_PARAMS],
+                "responses": {"200": {**_json("CompanyList"), "headers": _NEXT_LINK},
+                              **_BAD, **_ERRORS}}},
+            "/api/v1/companies/{domain}": {"get": {
+                "summary": "One company with its counts and contacts",
+                "parameters": [_DOMAIN],
+                "responses": {"200": _json("CompanyDetail"), **_BAD,
+                              "404": _json("Error", "no such company"), **_ERRORS}}},
+            "/api/v1/companies/{domain}/timeline": {"get": {
+                "summary": "The messages linked to a company, newest first",
+                "parameters": [_DOMAIN, *_PAGE_PARAMS],
+                "responses": {"200": {**_json("CompanyTimeline"), "headers": _NEXT_LINK}, **_BAD,
+                              "404": _json("Error", "no such company"), **_ERRORS}}},
             "/api/v1/contacts": {
                 "get": {
                     "summary": "Contacts in e-mail order",

@@ -24,7 +24,7 @@ from gateway.errors import ConfigError, GatewayError, NotFound, UsageError
 
 #: Command-group modules under gateway.cli, in the order `mailgw --help` lists them.
 GROUPS: tuple[str, ...] = ("core", "policy", "preview", "dkim", "queue", "messages", "contacts",
-                           "accounts", "sync", "report", "suppressions", "db")
+                           "companies", "accounts", "sync", "report", "suppressions", "db")
 
 
 def _parser() -> argparse.ArgumentParser:

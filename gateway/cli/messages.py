@@ -92,7 +92,8 @@ async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
 _FIELDS = ("id", "message_id", "thread_id", "direction", "account", "user", "from", "from_name",
            "to", "cc", "subject", "date", "snippet", "size", "sources", "queue_id", "in_reply_to",
            "references", "template")
-_OWN_LINES = {"events", "text_body", "html_body", "contacts", "seen", "attachments", "tracking"}
+_OWN_LINES = {"events", "text_body", "html_body", "contacts", "seen", "attachments", "tracking",
+              "companies", "raw"}
 
 
 def _when(value: Any, seconds: bool = False) -> str:
@@ -160,6 +161,12 @@ def format_message(row: Mapping[str, Any]) -> str:
                    f"{a.get('size', 0)} bytes{inline})")
     for c in row.get("contacts") or []:
         out.append(f"contact: {c['email']} ({c['role']}) {c['name']}".rstrip())
+    for co in row.get("companies") or []:
+        out.append(f"company: {co['domain']} {co['name']}".rstrip())
+    raw = row.get("raw")
+    if raw is not None:
+        out.append(f"raw: {raw['size']} bytes kept, sha256 {raw['sha256']}" if raw["kept"]
+                   else f"raw: {raw['reason']}")
     for s in row.get("seen") or []:
         out.append("seen: " + " ".join(f"{k}={_when(v) if k == 'at' else _text(v)}"
                                        for k, v in s.items()))

@@ -751,7 +751,7 @@ class Store:
 
     async def fetch(self, query: sa.Select[Any], *, bodies: bool = False) -> list[dict[str, Any]]:
         """The messages `query` selects (rows of ``messages``), in its order, as JSON with
-        their events, sources and contacts (and, with `bodies`, everything stored)."""
+        their events, sources, contacts and companies (and, with `bodies`, everything stored)."""
         try:
             async with self.engine.connect() as conn:
                 messages = (await conn.execute(query)).mappings().all()
@@ -759,6 +759,7 @@ class Store:
                 events: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
                 sources: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
                 contacts: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
+                companies: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
                 for chunk in chunks(pks):
                     rows = await conn.execute(
                         sa.select(events_table).where(events_table.c.message_pk.in_(chunk))
@@ -781,7 +782,18 @@ class Store:
                         name = f"{c['first_name']} {c['last_name']}".strip()
                         contacts[c["message_pk"]].append(
                             {"email": c["email"], "name": name, "role": c["role"]})
+                    rows = await conn.execute(
+                        sa.select(message_companies_table.c.message_pk, companies_table.c.domain,
+                                  companies_table.c.name)
+                        .join(companies_table,
+                              companies_table.c.id == message_companies_table.c.company_pk)
+                        .where(message_companies_table.c.message_pk.in_(chunk))
+                        .order_by(message_companies_table.c.message_pk, companies_table.c.domain))
+                    for co in rows.mappings():
+                        companies[co["message_pk"]].append({"domain": co["domain"],
+                                                            "name": co["name"]})
         except (SQLAlchemyError, OSError) as exc:
             raise self.error("store read failed", exc) from exc
-        return [message_dict(m, events[m["id"]], sources[m["id"]], contacts[m["id"]], bodies)
+        return [message_dict(m, events[m["id"]], sources[m["id"]], contacts[m["id"]], bodies,
+                             companies[m["id"]])
                 for m in messages]

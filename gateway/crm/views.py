@@ -1,7 +1,8 @@
 """The CRM's JSON views: stored rows as the read API and the webhooks show them.
 
 Pure functions over rows already read (nothing here queries): a message with its
-events, sources and contacts, and in the detail view its tracking summary
+events, sources, contacts and companies, where its raw bytes are served, and in the
+detail view its tracking summary
 (:func:`message_dict`), one event (:func:`event_payload`),
 and a newly stored message as ``message.stored`` announces it (:func:`summary_payload`).
 Times are ISO 8601 in UTC (:func:`gateway.crm.sql.iso`).
@@ -40,12 +41,33 @@ def summary_payload(pk: int, m: NewMessage) -> dict[str, Any]:
             "sources": sorted({s.source for s in m.sources})}
 
 
+#: why a message has no raw bytes to serve (``raw.reason`` in its JSON)
+RAW_NOT_KEPT = "not kept: store.raw was none when the message was stored"
+
+
+def raw_info(m: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the original bytes of a ``messages`` row were kept, and where the API serves them."""
+    if not m["raw_sha256"]:
+        return {"kept": False, "size": None, "sha256": None, "url": None, "reason": RAW_NOT_KEPT}
+    return {"kept": True, "size": m["size"], "sha256": m["raw_sha256"],
+            "url": f"/api/v1/messages/{m['id']}/raw", "reason": None}
+
+
+def attachments_with_urls(m: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The row's attachments, each with ``url`` (its bytes at
+    ``/api/v1/messages/ID/attachments/N``, N its index here; null without raw bytes)."""
+    kept = bool(m["raw_sha256"])
+    return [{**a, "url": f"/api/v1/messages/{m['id']}/attachments/{n}" if kept else None}
+            for n, a in enumerate(m["attachments"] or [])]
+
+
 def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: list[dict[str, Any]],
-                  contacts: list[dict[str, Any]], bodies: bool) -> dict[str, Any]:
-    """A ``messages`` row with its events, sources and contacts, as the read API shows it
-    (README "Read API, metrics and webhooks"); `bodies` adds the bodies, attachments and
-    every path the message was seen on, and its ``tracking`` summary
-    (:func:`gateway.crm.summary.summarize`)."""
+                  contacts: list[dict[str, Any]], bodies: bool,
+                  companies: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ``messages`` row with its events, sources, contacts and companies, as the read API
+    shows it (README "Read API, metrics and webhooks"), and whether its raw bytes were kept
+    (:func:`raw_info`); `bodies` adds the bodies, attachments and every path the message
+    was seen on, and its ``tracking`` summary (:func:`gateway.crm.summary.summarize`)."""
     relay = [s["ref"] for s in sources if s["source"] == "relay"]
     out = {
         "id": m["id"], "message_id": m["message_id"], "thread_id": m["thread_id"],
@@ -55,7 +77,8 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         "subject": m["subject"], "date": iso(m["date"]), "snippet": m["snippet"],
         "size": m["size"], "sources": list(dict.fromkeys(s["source"] for s in sources)),
         "queue_id": relay[0] if relay else None,
-        "contacts": contacts, "events": events,
+        "contacts": contacts, "companies": companies or [], "raw": raw_info(m),
+        "events": events,
     }
     if bodies:
         out["from_name"] = m["from_name"]
@@ -63,7 +86,7 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         out["references"] = list(m["reference_ids"] or [])
         out["text_body"] = m["text_body"]
         out["html_body"] = m["html_body"]
-        out["attachments"] = list(m["attachments"] or [])
+        out["attachments"] = attachments_with_urls(m)
         out["template"] = m["template"]
         out["campaign"] = m["campaign"]
         out["scheduled_at"] = iso(m["scheduled_at"])

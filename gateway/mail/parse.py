@@ -13,7 +13,8 @@ How the work is capped (so one hostile message cannot stall a worker):
   header values handed back raw so that we decode them ourselves); the exact bytes of an
   attached message are cut out with the MIME walker of `gateway.mail.mime`;
 - a text/plain or text/html part larger than `text_limit` encoded bytes is not decoded
-  for text (a defect says so); attachments are only measured (decoded size, sha256);
+  for text (a defect says so); attachments are only measured (decoded size, sha256),
+  and `attachment_data` walks a message again for the bytes of one of them;
 - at most `MAX_PARTS` parts and `MAX_DEPTH` levels of nesting are walked; a message
   larger than `PARSE_LIMIT` bytes gets its headers read and its body skipped.
 
@@ -682,6 +683,10 @@ class _Walk:
     parts: int = 0
     attendees: list[tuple[str, str]] = field(default_factory=list)
     calendars: int = 0
+    #: `attachment_data`: the index of the attachment whose bytes to keep, and its bytes
+    #: and charset once found (the walk stops there)
+    keep: int | None = None
+    kept: tuple[bytes, str | None] | None = None
 
 
 def _canonical(part: Message, data: bytes) -> bytes:
@@ -693,6 +698,8 @@ def _canonical(part: Message, data: bytes) -> bytes:
 
 def _attachment(walk: _Walk, part: Message, ctype: str, data: bytes, filename: str) -> None:
     data = _canonical(part, data)
+    if walk.keep == len(walk.attachments):
+        walk.kept = (data, _charset(part))
     disp = _disposition(part)
     cid = _part_header(part, "Content-ID")
     cid = cid.strip().strip("<>").strip() if cid else None
@@ -709,6 +716,8 @@ def _attachment(walk: _Walk, part: Message, ctype: str, data: bytes, filename: s
 
 
 def _walk_part(walk: _Walk, part: Message, path: tuple[int, ...], depth: int) -> None:
+    if walk.kept is not None:
+        return   # attachment_data has its part: nothing after it matters
     walk.parts += 1
     if walk.parts > MAX_PARTS:
         if walk.parts == MAX_PARTS + 1:
@@ -921,6 +930,37 @@ def _assemble(info: HeaderInfo, walk: _Walk, size: int) -> ParsedMessage:
         defects=_dedupe_defects(walk.defects),
         attendees=list(attendees.values()),
     )
+
+
+@dataclass(frozen=True)
+class AttachmentData:
+    """One attachment of a message with its content (see :func:`attachment_data`)."""
+
+    attachment: Attachment
+    data: bytes
+    """The bytes `attachment.size` and `attachment.sha256` measure: the part decoded from
+    its transfer encoding (text not sent in base64 with CRLF line endings; an attached
+    message's exact bytes)."""
+    charset: str | None
+    """The part's charset parameter, if any."""
+
+
+def attachment_data(raw: bytes, index: int) -> AttachmentData | None:
+    """Attachment number `index` (0-based) of `raw`, in the order
+    `parse_message(raw).attachments` lists them, with its decoded bytes; None when `raw`
+    has no such attachment. The same walk and caps as `parse_message` (`MAX_PARTS`,
+    `MAX_DEPTH`, `PARSE_LIMIT`), stopped at the part wanted; never raises."""
+    if index < 0 or len(raw) > PARSE_LIMIT:
+        return None
+    data = bytes(raw)
+    walk = _Walk(entities=_Entities(data), text_limit=TEXT_LIMIT, keep=index)
+    try:
+        _walk_part(walk, _tree(data), (), 0)
+    except Exception:
+        return None
+    if walk.kept is None or len(walk.attachments) <= index:
+        return None
+    return AttachmentData(walk.attachments[index], *walk.kept)
 
 
 def attached_messages(raw: bytes, *, limit: int | None = None) -> list[bytes]:

@@ -28,8 +28,9 @@ from gateway.config import Config
 from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.store import Store
 from gateway.crm.suppression import SuppressionList
+from gateway.mail.parse import parse_message
 from gateway.metrics import Metrics
-from gateway.records import AcceptedMessage
+from gateway.records import AcceptedMessage, fill_from_parsed
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -39,6 +40,12 @@ TOKEN = "fuzz-token-0123456789"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EXAMPLES = 40
 T = TypeVar("T")
+RAW = (b"From: alice@example.com\r\nTo: bob@acme.test\r\nSubject: about Q0000\r\n"
+       b"Message-ID: <Q0000@example.com>\r\nMIME-Version: 1.0\r\n"
+       b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+       b"Content-Type: text/plain\r\n\r\nbody\r\n--b\r\n"
+       b'Content-Type: application/pdf\r\nContent-Disposition: attachment; filename="o.pdf"\r\n'
+       b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--b--\r\n")
 
 #: operations not fuzzed: they dial IMAP/SMTP servers
 SKIPPED = {"POST /api/v1/accounts/{id}/test", "POST /api/v1/accounts/{id}/reconnect"}
@@ -59,16 +66,20 @@ class Server:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     async def _start(self) -> int:
-        self.store = await Store.open(f"sqlite+aiosqlite:///{self.state}/crm.db")
+        self.store = await Store.open(f"sqlite+aiosqlite:///{self.state}/crm.db",
+                                      raw_dir=self.state / "raw")
+        await upsert_contacts(self.store, [ContactInput(email="bob@acme.test", first_name="Bob",
+                                                        company="Acme")], source="api")
         for i in range(3):
             qid = f"Q{i:04d}"
-            await self.store.record([AcceptedMessage(
+            a = AcceptedMessage(
                 queue_id=qid, message_id=f"<{qid}@example.com>", from_addr="alice@example.com",
                 to_addrs=["bob@acme.test"], cc_addrs=[], subject=f"about {qid}", date=T0,
                 snippet="hi", size=10, recipients=["bob@acme.test"], user="alice@example.com",
-                account=None, at=T0, text_body="body")], [])
-        await upsert_contacts(self.store, [ContactInput(email="bob@acme.test", first_name="Bob")],
-                              source="api")
+                account=None, at=T0, text_body="body", raw=RAW if i == 0 else None)
+            if a.raw is not None:   # raw bytes kept, with an attachment to serve
+                fill_from_parsed(a, parse_message(a.raw))
+            await self.store.record([a], [])
         await SuppressionList(self.store).add("gone@acme.test", detail="", created_by="test")
         config = Config.model_validate({"state_dir": str(self.state)})
         self.accounts = AccountService(lambda: config, self.store)
@@ -182,6 +193,13 @@ def test_generated_requests_get_documented_answers(base_url: str, session: Any, 
     ("/api/v1/messages?limit=%D9%A1%D9%A2", "limit"),
     ("/api/v1/stats/engagement?days=", "days"),
     ("/api/v1/stats/engagement?days=%C2%B2", "days"),
+    ("/api/v1/messages/1/attachments/%C2%B2", "n"),
+    ("/api/v1/messages/1/attachments/-1", "n"),
+    ("/api/v1/messages/Q0000/attachments/1", None),   # one attachment: index 0 only
+    ("/api/v1/companies/a%20b", "domain"),
+    ("/api/v1/companies/a..b/timeline", "domain"),
+    ("/api/v1/companies/nobody.test", None),
+    ("/api/v1/companies?search=", "search"),
 ])
 def test_hostile_parameters_are_4xx_naming_the_parameter(base_url: str, path: str,
                                                          parameter: str | None) -> None:
@@ -199,3 +217,27 @@ def test_hostile_parameters_are_4xx_naming_the_parameter(base_url: str, path: st
     else:
         assert status == 400, body
         assert body["parameter"] == parameter
+
+
+@pytest.mark.parametrize("path, params, body", [
+    ("/api/v1/messages/{id}/raw", {"id": "Q0000"}, RAW),
+    ("/api/v1/messages/{id}/attachments/{n}", {"id": "Q0000", "n": 0}, b"%PDF-"),
+    ("/api/v1/companies/{domain}", {"domain": "acme.test"}, None),
+    ("/api/v1/companies/{domain}/timeline", {"domain": "acme.test"}, None),
+])
+def test_served_bytes_and_companies_as_documented(base_url: str, session: Any, path: str,
+                                                  params: dict[str, Any],
+                                                  body: bytes | None) -> None:
+    from schemathesis.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+    case = SCHEMA[path]["GET"].Case(path_parameters=params)
+    response = case.call(base_url=base_url, session=session,
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    if body is not None:
+        assert response.content == body
+    case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                             response_schema_conformance])
