@@ -563,6 +563,15 @@ class Accounts:
     # -- leases ---------------------------------------------------------------------------
     async def acquire_lease(self, account_id: str, owner: str, ttl: float) -> bool:
         """Take or renew this node's lease on the mailbox; False when another node holds it."""
+        return account_id in await self.acquire_leases([account_id], owner, ttl)
+
+    async def acquire_leases(self, account_ids: Sequence[str], owner: str,
+                             ttl: float) -> set[str]:
+        """Take or renew this node's leases on these mailboxes, one atomic UPDATE per
+        chunk of ids (a node with a thousand mailboxes renews them in a few statements, not
+        a thousand transactions); returns the ids this node holds now."""
+        if not account_ids:
+            return set()
         if self._pg:
             now: Any = sa.func.now()
             until: Any = sa.func.now() + sa.literal(timedelta(seconds=ttl), sa.Interval())
@@ -570,16 +579,21 @@ class Accounts:
             t = _now()
             now = sa.literal(t, accounts_table.c.lease_expires_at.type)
             until = t + timedelta(seconds=ttl)
-        stmt = sa.update(accounts_table).where(
-            accounts_table.c.id == account_id,
-            sa.or_(accounts_table.c.lease_owner == owner, accounts_table.c.lease_owner.is_(None),
-                   accounts_table.c.lease_expires_at.is_(None), accounts_table.c.lease_expires_at < now),
-        ).values(lease_owner=owner, lease_expires_at=until)
+        free = sa.or_(accounts_table.c.lease_owner == owner, accounts_table.c.lease_owner.is_(None),
+                      accounts_table.c.lease_expires_at.is_(None),
+                      accounts_table.c.lease_expires_at < now)
 
-        async def run(conn: AsyncConnection) -> bool:
-            return bool((await conn.execute(stmt)).rowcount == 1)
+        async def run(conn: AsyncConnection) -> set[str]:
+            got: set[str] = set()
+            for chunk in chunks(sorted(set(account_ids))):
+                res = await conn.execute(
+                    sa.update(accounts_table).where(accounts_table.c.id.in_(chunk), free)
+                    .values(lease_owner=owner, lease_expires_at=until)
+                    .returning(accounts_table.c.id))
+                got.update(res.scalars())
+            return got
 
-        return cast(bool, await self._tx(run, f"cannot take the lease on {account_id}"))
+        return cast(set[str], await self._tx(run, f"cannot take leases for {owner}"))
 
     async def release_lease(self, account_id: str, owner: str) -> None:
         """Give the lease up at once (a clean stop), so another node may take over."""

@@ -260,19 +260,20 @@ class Tailers:
             for aid in gone:
                 with contextlib.suppress(StoreError):
                     await self.accounts.release_lease(aid, self.node_id)
-        for aid, a in wanted.items():
+        now = loop.time()
+        due = [aid for aid in wanted
+               if ((cur := self.running.get(aid)) is not None and now >= cur.renew_at)
+               or (cur is None and now >= max(self._not_before.get(aid, 0.0),
+                                              self._elsewhere.get(aid, 0.0)))]
+        try:   # every renewal and new lease of this look in one statement per chunk
+            held = await self.accounts.acquire_leases(due, self.node_id, ttl)
+        except StoreError as exc:
+            self.log.warning("lease_failed", accounts=len(due), error=str(exc))
+            due = []
+        for aid in due:
+            a = wanted[aid]
             cur = self.running.get(aid)
-            now = loop.time()
-            if cur is not None and now < cur.renew_at:
-                continue
-            if cur is None and now < max(self._not_before.get(aid, 0.0),
-                                         self._elsewhere.get(aid, 0.0)):
-                continue
-            try:
-                got = await self.accounts.acquire_lease(aid, self.node_id, ttl)
-            except StoreError as exc:
-                self.log.warning("lease_failed", account=aid, error=str(exc))
-                continue
+            got = aid in held
             if cur is not None:
                 if got:
                     cur.lease_until, cur.renew_at = now + ttl, now + ttl / 3
