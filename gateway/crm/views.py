@@ -54,6 +54,8 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         "size": m["size"], "sources": list(dict.fromkeys(s["source"] for s in sources)),
         "queue_id": relay[0] if relay else None,
         "contacts": contacts, "events": events,
+        # shared mailboxes: the rep it is assigned to and the rule that chose them
+        "assigned_to": m["assigned_to"], "assigned_rule": m["assigned_rule"],
     }
     if bodies:
         out["from_name"] = m["from_name"]
