@@ -512,6 +512,8 @@ class AdminAPI:
                 raise BadParameter("owner", f"no user with login {str(owner)[:100]!r} in users:")
             owner = user.login
         domain = request.match_info["domain"]
+        if "\x00" in domain or len(domain) > 255:    # no company has such a domain
+            return _error(404, f"no company {domain[:100]!r}")
         row = await set_company_owner(self.store, domain, owner)
         return web.json_response(row) if row is not None else _error(404, f"no company {domain}")
 
