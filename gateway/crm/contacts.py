@@ -6,6 +6,8 @@ the stored one, an empty one keeps it. A company is known by its e-mail domain: 
 ``domain`` column, else the contact's own domain (never a free-mail domain). A
 contact or company that is new gets the messages already stored for its address or
 domain linked at once, so importing contacts after mail arrived loses no history.
+A contact and a company may have an ``owner``, a user login (checked against
+``users:`` by :func:`resolve_owners` and the API): shared mailboxes route mail by it.
 """
 
 from __future__ import annotations
