@@ -492,6 +492,24 @@ def _provider_name(value: Any) -> Any:
 ProviderName = Annotated[str, BeforeValidator(_provider_name)]
 
 
+class AccountAssign(Model):
+    """How a shared mailbox (`shared: true`) assigns inbound mail nobody owns (README
+    "Shared mailboxes"): `round_robin` over `users` (logins under `users:`), or `none`."""
+
+    fallback: Literal["round_robin", "none"] = "none"
+    users: list[str] = []
+
+    @model_validator(mode="after")
+    def _users(self) -> AccountAssign:
+        if self.fallback == "round_robin" and not self.users:
+            raise ValueError("fallback: round_robin needs users (logins under users:)")
+        low = [u.lower() for u in self.users]
+        dupes = sorted({u for u in low if low.count(u) > 1})
+        if dupes:
+            raise ValueError(f"{dupes[0]} appears more than once in users")
+        return self
+
+
 class Account(Model):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     email: str
@@ -503,6 +521,9 @@ class Account(Model):
 
     #: logins of submission users who may send as this account (besides `users[].account`)
     send_as: list[str] = []
+    #: a team mailbox (sales@, support@): each inbound message is assigned to a rep
+    shared: bool = False
+    assign: AccountAssign = AccountAssign()
     #: "config" for accounts declared here, "runtime" for accounts the store keeps (set by
     #: the account registry, never by the file: credentials of those live in the store)
     origin: Literal["config", "runtime"] = Field(default="config", exclude=True)
@@ -723,13 +744,13 @@ class CRM(Model):
 WEBHOOK_EVENTS: tuple[str, ...] = (
     "message.stored", "message.sent", "message.deferred", "message.bounced", "message.opened",
     "message.clicked", "message.replied", "message.auto_replied", "message.delayed",
-    "message.read_receipt", "message.complained", "account.connected",
+    "message.read_receipt", "message.complained", "message.assigned", "account.connected",
     "account.needs_reconnect", "account.deleted")
 WebhookEvent = Literal["message.stored", "message.sent", "message.deferred", "message.bounced",
                        "message.opened", "message.clicked", "message.replied",
                        "message.auto_replied", "message.delayed", "message.read_receipt",
-                       "message.complained", "account.connected", "account.needs_reconnect",
-                       "account.deleted"]
+                       "message.complained", "message.assigned", "account.connected",
+                       "account.needs_reconnect", "account.deleted"]
 
 
 class Webhook(Model):
@@ -1136,6 +1157,13 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
         for j, login in enumerate(a.send_as):
             if cfg.user(login) is None:
                 yield at(("accounts", i, "send_as", j), f"no user with login {login!r} in users:")
+        for j, login in enumerate(a.assign.users):
+            if cfg.user(login) is None:
+                yield at(("accounts", i, "assign", "users", j),
+                         f"no user with login {login!r} in users:")
+        if not a.shared and (a.assign.fallback != "none" or a.assign.users) and warnings is not None:
+            warnings.append(at(("accounts", i, "assign"), "assign only applies to an account "
+                                                          "with shared: true"))
 
     def check_file(loc: Sequence[int | str], ref: str | None, secret: bool) -> Iterator[Problem]:
         if not ref:

@@ -44,7 +44,7 @@ from gateway.keys.tokens import TokenCipher
 __all__ = ["AccountRegistry", "InvalidAccount", "credential_label"]
 
 #: the keys of an account definition that a PATCH may change
-PATCHABLE = frozenset({"sync", "send_as", "imap", "smtp", "provider", "email"})
+PATCHABLE = frozenset({"sync", "send_as", "imap", "smtp", "provider", "email", "shared", "assign"})
 
 
 class InvalidAccount(ValueError):
@@ -312,6 +312,9 @@ class AccountRegistry:
         for i, login in enumerate(acct.send_as):
             if cfg.user(login) is None:
                 problems.append((f"send_as.{i}", f"no user with login {login!r} in users:"))
+        for i, login in enumerate(acct.assign.users):
+            if cfg.user(login) is None:
+                problems.append((f"assign.users.{i}", f"no user with login {login!r} in users:"))
         if problems:
             raise InvalidAccount(problems)
         return acct

@@ -2,13 +2,14 @@
 
 Routes (``gateway.api.openapi`` documents them, served at ``/api/v1/openapi.json``)::
 
-    GET /api/v1/messages?q=&contact=&account=&direction=&since=&limit=&cursor=   q: search
+    GET /api/v1/messages?q=&contact=&account=&direction=&since=&assigned_to=&limit=&cursor=   q: search
     GET /api/v1/messages/{id}                  bodies, sources, events; 404 if unknown
     GET /api/v1/messages/{id}/raw              the original bytes (message/rfc822); 404 if not kept
     GET /api/v1/messages/{id}/attachments/{n}  attachment n of the message's list, decoded
     GET /api/v1/contacts/{email}/timeline?limit=&cursor=
     GET /api/v1/ambiguous-contacts?limit=&cursor=   addresses link_by: name left unlinked
     GET /api/v1/companies?search=&limit=&cursor=, /companies/{domain}, /companies/{domain}/timeline
+    PUT /api/v1/companies/{domain}/owner       {"owner": login | null}: shared-mailbox routing
     GET /api/v1/accounts                       connected mailboxes (declared and runtime) + state
     POST/PATCH/DELETE /api/v1/accounts..., /api/v1/connect-links   see gateway.api.accounts
     GET /api/v1/stats/engagement?days=&by=     see gateway.crm.reports
@@ -64,9 +65,11 @@ from gateway.crm.accounts import Accounts
 from gateway.crm.companies import company_timeline, get_company, list_companies, normalize_domain
 from gateway.crm.contacts import (
     ContactInput,
+    company_domain_for,
     contact_timeline,
     get_contact,
     list_contacts,
+    set_company_owner,
     upsert_contacts,
     valid_email,
 )
@@ -206,7 +209,8 @@ def check_query(request: web.Request, known: Mapping[tuple[str, str], frozenset[
 
 MAX_UPSERT = 1000
 MAX_DETAIL = 500   # SuppressionInput.detail
-_CONTACT_FIELDS = ("first_name", "last_name", "company", "domain", "title", "phone")
+_CONTACT_FIELDS = ("first_name", "last_name", "company", "domain", "title", "phone", "owner",
+                   "company_owner")
 
 
 def contact_input(obj: Any, where: str) -> ContactInput:
@@ -231,10 +235,27 @@ def contact_input(obj: Any, where: str) -> ContactInput:
     unknown = set(obj) - {"email", "fields", *_CONTACT_FIELDS}
     if unknown:
         raise BadParameter(f"{where}.{sorted(unknown)[0]}", "unknown field")
-    return ContactInput(email=email, first_name=values["first_name"],
-                        last_name=values["last_name"], company=values["company"],
-                        domain=values["domain"].lower(), title=values["title"],
-                        phone=values["phone"], fields=dict(fields))
+    c = ContactInput(email=email, first_name=values["first_name"],
+                     last_name=values["last_name"], company=values["company"],
+                     domain=values["domain"].lower(), title=values["title"],
+                     phone=values["phone"], fields=dict(fields), owner=values["owner"],
+                     company_owner=values["company_owner"])
+    if c.company_owner and company_domain_for(c) is None:
+        raise BadParameter(f"{where}.company_owner", "needs a company: a domain, or a company "
+                                                     "name with a company e-mail address")
+    return c
+
+
+def resolve_owner_logins(cfg: Config, inputs: list[ContactInput], wheres: list[str]) -> None:
+    """Owners must be logins under ``users:`` (400 naming the field); spelled as configured."""
+    for c, where in zip(inputs, wheres, strict=True):
+        for key in ("owner", "company_owner"):
+            login = getattr(c, key)
+            if login:
+                user = cfg.user(login)
+                if user is None:
+                    raise BadParameter(f"{where}.{key}", f"no user with login {login!r} in users:")
+                setattr(c, key, user.login)
 
 
 _MIME_TOKEN = re.compile(r"[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}")
@@ -330,6 +351,7 @@ class AdminAPI:
         r.add_put("/api/v1/contacts/{email}", self.contact_put)
         r.add_get("/api/v1/contacts/{email}/timeline", self.timeline)
         r.add_get("/api/v1/ambiguous-contacts", self.ambiguous)
+        r.add_put("/api/v1/companies/{domain}/owner", self.company_owner)
         r.add_get("/api/v1/accounts", self.accounts)
         r.add_get("/api/v1/accounts/{id}/sync", self.account_sync)
         if self.account_service is not None:
@@ -420,11 +442,18 @@ class AdminAPI:
             if "@" not in contact:
                 raise BadParameter("contact", f"{contact[:40]!r} is not an e-mail address")
         query = _typed(q, "q")
+        assigned_to = _typed(q, "assigned_to")
+        if assigned_to is not None:
+            user = self.get_config().user(assigned_to)
+            if user is None:
+                raise BadParameter("assigned_to", f"no user with login {assigned_to[:100]!r} in users:")
+            assigned_to = user.login
         try:
             rows = await self.store.list_messages(contact=contact, since=since,
                                                   account=q.get("account") or None,
                                                   direction=direction, before=before,
-                                                  limit=limit + 1, query=query)
+                                                  limit=limit + 1, query=query,
+                                                  assigned_to=assigned_to)
         except search.BadQuery as exc:
             raise BadParameter("q", str(exc)) from None
         return await self._page(request, rows, limit, {})
@@ -580,7 +609,9 @@ class AdminAPI:
         if not isinstance(body, dict):
             raise BadParameter("body", "expected a JSON object")
         body = {**body, "email": request.match_info["email"]}
-        result = await upsert_contacts(self.store, [contact_input(body, "body")], source="api")
+        one = contact_input(body, "body")
+        resolve_owner_logins(self.get_config(), [one], ["body"])
+        result = await upsert_contacts(self.store, [one], source="api")
         row = await get_contact(self.store, body["email"])
         return web.json_response(row, status=201 if result.created else 200)
 
@@ -590,6 +621,7 @@ class AdminAPI:
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_UPSERT:
             raise BadParameter("contacts", f"expected a list of 1 to {MAX_UPSERT} contacts")
         inputs = [contact_input(x, f"contacts[{i}]") for i, x in enumerate(items)]
+        resolve_owner_logins(self.get_config(), inputs, [f"contacts[{i}]" for i in range(len(inputs))])
         seen: set[str] = set()
         for i, c in enumerate(inputs):
             if c.email in seen:
@@ -600,6 +632,24 @@ class AdminAPI:
                                   "unchanged": r.unchanged,
                                   "companies_created": r.companies_created,
                                   "messages_linked": r.messages_linked})
+
+    async def company_owner(self, request: web.Request) -> web.Response:
+        """PUT /api/v1/companies/{domain}/owner {"owner": LOGIN | null}: a shared mailbox
+        assigns mail from the company's people (who have no owner) to this user."""
+        body = await self._body(request)
+        if not isinstance(body, dict) or set(body) != {"owner"}:
+            raise BadParameter("body", 'expected {"owner": "<login>"} or {"owner": null}')
+        owner = body["owner"]
+        if owner is not None:
+            user = self.get_config().user(owner) if isinstance(owner, str) else None
+            if user is None:
+                raise BadParameter("owner", f"no user with login {str(owner)[:100]!r} in users:")
+            owner = user.login
+        domain = request.match_info["domain"]
+        if "\x00" in domain or len(domain) > 255:    # no company has such a domain
+            return _error(404, f"no company {domain[:100]!r}")
+        row = await set_company_owner(self.store, domain, owner)
+        return web.json_response(row) if row is not None else _error(404, f"no company {domain}")
 
     # -- the suppression list ------------------------------------------------------------
     async def suppressions_list(self, request: web.Request) -> web.Response:

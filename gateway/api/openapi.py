@@ -66,6 +66,10 @@ _SUMMARY_PROPS: dict[str, Any] = {
                   "description": "the companies linked by the domains of its addresses"},
     "raw": _ref("RawInfo"),
     "events": {"type": "array", "items": _ref("Event")},
+    "assigned_to": _nullable("string", description="shared mailboxes: the user login the "
+                             "message is assigned to"),
+    "assigned_rule": {"enum": ["contact_owner", "company_owner", "sticky", "round_robin", None],
+                      "description": "the rule that chose `assigned_to`"},
 }
 _N: dict[str, Any] = {"type": "integer", "minimum": 0}
 _BY_CATEGORY: dict[str, Any] = {"type": "object", "additionalProperties": _N,
@@ -173,7 +177,14 @@ SCHEMAS: dict[str, Any] = {
                      "first_name": _STR, "last_name": _STR, "name": _STR,
                      "title": _STR, "phone": _STR, "company": _STR,
                      "company_domain": _nullable("string"), "fields": {"type": "object"},
-                     "source": _STR, "created_at": _TIME_OR_NULL, "updated_at": _TIME_OR_NULL}),
+                     "source": _STR, "created_at": _TIME_OR_NULL, "updated_at": _TIME_OR_NULL,
+                     "owner": _nullable("string", description="the user login owning the contact"),
+                     "company_owner": _nullable("string", description="the user login owning "
+                                                "its company")}),
+    "CompanyOwner": _obj({"domain": _STR, "name": _STR, "owner": _nullable("string")}),
+    "CompanyOwnerInput": {"type": "object", "required": ["owner"], "additionalProperties": False,
+                          "properties": {"owner": {"type": ["string", "null"], "description":
+                                                   "a login under users:, or null to clear"}}},
     "Timeline": _obj({"email": _STR, "contact": {"oneOf": [_ref("Contact"), {"type": "null"}]},
                       "messages": {"type": "array", "items": _ref("MessageSummary")},
                       "next_cursor": _nullable("string")}),
@@ -201,12 +212,24 @@ SCHEMAS: dict[str, Any] = {
         "status_at": _TIME_OR_NULL, "last_sync_at": _TIME_OR_NULL,
         "lease_owner": _nullable("string"), "lease_expires_at": _TIME_OR_NULL,
         "messages": _COUNT,
-        "last_run": {"oneOf": [{"type": "null"}, _ref("SyncRun")]}}),
+        "last_run": {"oneOf": [{"type": "null"}, _ref("SyncRun")]},
+        "shared": {"type": "boolean", "description": "a team mailbox: inbound mail is assigned "
+                                                     "to reps"},
+        "assign": {"oneOf": [{"type": "null"}, _obj({
+            "fallback": {"enum": ["round_robin", "none"]}, "users": _STRS})]},
+        "today": _ref("DailyFigures")}),
+    "DailyFigures": _obj({
+        "date": {"type": "string", "format": "date", "description": "today, UTC"},
+        "synced": {**_COUNT, "description": "messages the sync stored or saw in the mailbox today"},
+        "linked": {**_COUNT, "description": "of those, linked to at least one contact"},
+        "sent": {**_COUNT, "description": "outbound messages of the account dated today"},
+        "received": {**_COUNT, "description": "inbound messages of the account dated today"}}),
     "SyncStatus": {"type": "object", "description": "`mailgw sync status ID --json`: the Account "
                    "fields, plus `folders_synced` (per folder its checkpoint: uidvalidity, last_uid, "
                    "highestmodseq, initial_done; last sync, stored messages, last run), `totals`, "
-                   "`recent_runs` and `recent_errors` (SyncRun objects)",
-                   "required": ["id", "status", "folders_synced", "totals", "recent_runs"]},
+                   "`recent_runs` and `recent_errors` (SyncRun objects), `today` (DailyFigures)",
+                   "required": ["id", "status", "folders_synced", "totals", "recent_runs", "today"],
+                   "properties": {"today": _ref("DailyFigures")}},
     "Suppression": _obj({"address": _STR, "reason": {"enum": list(SUPPRESSION_REASONS)},
                          "detail": _STR,
                          "message_id": _nullable("integer", description="the message whose "
@@ -235,6 +258,10 @@ SCHEMAS: dict[str, Any] = {
                                        for k in (
                                         "first_name", "last_name", "company", "domain", "title",
                                         "phone")},
+                                    **{k: {"type": ["string", "null"], "description":
+                                           "a login under users: (400 otherwise); null or "
+                                           "empty: keep the stored value"}
+                                       for k in ("owner", "company_owner")},
                                     "fields": {"type": "object",
                                                "additionalProperties": {"type": "string"}}}},
     "UpsertResult": _obj({"created": _COUNT, "updated": _COUNT, "unchanged": _COUNT,
@@ -258,13 +285,17 @@ SCHEMAS: dict[str, Any] = {
                 "oauth_provider": _STR, "service_account": _STR,
                 "mechanism": {"enum": ["xoauth2", "oauthbearer"]}}},
             "sync": _ref("SyncSettings"),
-            "send_as": _STRS}},
+            "send_as": _STRS, "shared": {"type": "boolean"}, "assign": _ref("AssignSettings")}},
+    "AssignSettings": {"type": "object", "additionalProperties": False, "properties": {
+        "fallback": {"enum": ["round_robin", "none"]},
+        "users": {**_STRS, "description": "logins under users: (round_robin takes turns)"}}},
     "SyncSettings": {"type": "object", "additionalProperties": False, "properties": {
         "direction": {"enum": ["two-way", "one-way"]}, "folders": _STRS,
         "history_days": {"type": "integer", "minimum": 0}, "enabled": {"type": "boolean"}}},
     "AccountPatch": {"type": "object", "description": "What to change; flat sync keys are "
                      "accepted too (folders, direction, history_days, enabled).",
                      "properties": {"sync": _ref("SyncSettings"), "send_as": _STRS,
+                                    "shared": {"type": "boolean"}, "assign": _ref("AssignSettings"),
                                     "folders": _STRS, "direction": {"enum": ["two-way", "one-way"]},
                                     "history_days": {"type": "integer"}, "enabled": {"type": "boolean"},
                                     "imap": {"type": "object"}, "smtp": {"type": "object"},
@@ -414,6 +445,8 @@ def document() -> dict[str, Any]:
                     _q("account", _STR, "stored for, or seen in the mailbox of, this account"),
                     _q("direction", {"enum": list(DIRECTIONS)}, "inbound or outbound"),
                     _q("since", _STR, "YYYY-MM-DD or ISO 8601 (UTC without a zone)"),
+                    _q("assigned_to", _STR, "assigned to this user (a login under users:) by a "
+                                            "shared mailbox"),
                     *_PAGE_PARAMS],
                 "responses": {"200": {**_json("MessagePage"), "headers": _NEXT_LINK},
                               **_BAD, **_ERRORS}}},
@@ -532,6 +565,14 @@ def document() -> dict[str, Any]:
                                *_PAGE_PARAMS],
                 "responses": {"200": {**_json("Timeline"), "headers": _NEXT_LINK}, **_BAD,
                               **_ERRORS}}},
+            "/api/v1/companies/{domain}/owner": {"put": {
+                "summary": "Set or clear the owner of a company (shared mailboxes assign its "
+                           "people's mail to them)",
+                "parameters": [{"name": "domain", "in": "path", "required": True, "schema": _STR}],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": _ref("CompanyOwnerInput")}}},
+                "responses": {"200": _json("CompanyOwner"), **_BAD,
+                              "404": _json("Error", "no such company"), **_ERRORS}}},
             "/api/v1/accounts": {"get": {
                 "summary": "Connected mailboxes (declared and created at run time) with their state",
                 "responses": {"200": _json("AccountList"), **_ERRORS}},

@@ -254,8 +254,11 @@ def _print_list(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no accounts (add them under accounts: in the configuration)")
         return
+    day = rows[0].get("today", {}).get("date", "")
+    print(f"today ({day}, UTC): SYNCED stored by the sync, LINKED of those linked to a contact, "
+          "SENT and RECEIVED dated today")
     print(f"{'ID':<16} {'EMAIL':<32} {'PROVIDER':<12} {'STATUS':<16} {'LAST SYNC':<28} "
-          f"{'MSGS':>6}  FOLDERS")
+          f"{'MSGS':>6} {'SYNCED':>6} {'LINKED':>6} {'SENT':>5} {'RECEIVED':>8}  FOLDERS")
     for r in rows:
         status = r["status"]
         if r["configured"] and not r["enabled"]:
@@ -264,8 +267,15 @@ def _print_list(rows: list[dict[str, Any]]) -> None:
             status += " (one-way)"
         elif not r["configured"]:
             status += " (not in config)"
+        t = r.get("today") or {}
         print(f"{r['id']:<16} {r['email']:<32} {r['provider'] or '-':<12} {status:<16} "
-              f"{when_ago(r['last_sync_at']):<28} {r['messages']:>6}  {', '.join(r['folders']) or '-'}")
+              f"{when_ago(r['last_sync_at']):<28} {r['messages']:>6} {t.get('synced', 0):>6} "
+              f"{t.get('linked', 0):>6} {t.get('sent', 0):>5} {t.get('received', 0):>8}  "
+              f"{', '.join(r['folders']) or '-'}")
+        if r.get("shared"):
+            a = r.get("assign") or {}
+            users = ", ".join(a.get("users") or []) or "-"
+            print(f"{'':<16} shared: unowned mail -> {a.get('fallback', 'none')} ({users})")
         if r["reason"] and r["status"] != "active":
             print(f"{'':<16} reason: {r['reason']}")
         until = r.get("lease_expires_at")

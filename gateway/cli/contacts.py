@@ -8,7 +8,13 @@ from pathlib import Path
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
 from gateway.config import Config
-from gateway.crm.contacts import ContactInput, list_contacts, read_csv_file, upsert_contacts
+from gateway.crm.contacts import (
+    ContactInput,
+    list_contacts,
+    read_csv_file,
+    resolve_owners,
+    upsert_contacts,
+)
 from gateway.crm.identify import list_ambiguous
 from gateway.crm.store import Store
 
@@ -38,6 +44,7 @@ def _contacts(args: argparse.Namespace) -> int:
     cfg = config(args)
     if args.contacts_cmd == "import":
         rows = read_csv_file(args.file)   # ConfigError (exit 2) lists every bad line
+        resolve_owners(rows, cfg, str(args.file))   # owners must be users: exit 2 otherwise
         if args.dry_run:
             print(f"{args.file}: {len(rows)} contact(s), no errors")
             return EXIT_OK

@@ -28,6 +28,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     mlist.add_argument("--since", metavar="DATE", help="YYYY-MM-DD or ISO 8601")
     mlist.add_argument("--account", metavar="ID", help="stored for, or seen in, this account")
     mlist.add_argument("--direction", choices=("inbound", "outbound"))
+    mlist.add_argument("--assigned-to", metavar="LOGIN",
+                       help="assigned to this user by a shared mailbox (a login under users:)")
     mlist.add_argument("--limit", type=int, default=50)
     mlist.add_argument("--json", action="store_true")
     msearch = ms.add_parser("search", parents=[common],
@@ -37,6 +39,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     msearch.add_argument("--since", metavar="DATE", help="YYYY-MM-DD or ISO 8601")
     msearch.add_argument("--account", metavar="ID", help="stored for, or seen in, this account")
     msearch.add_argument("--direction", choices=("inbound", "outbound"))
+    msearch.add_argument("--assigned-to", metavar="LOGIN",
+                         help="assigned to this user by a shared mailbox (a login under users:)")
     msearch.add_argument("--limit", type=int, default=50)
     msearch.add_argument("--json", action="store_true")
     mshow = ms.add_parser("show", parents=[common])
@@ -52,6 +56,13 @@ async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
     from gateway.crm.search import BadQuery
     from gateway.crm.store import Store
 
+    assigned_to = None
+    if args.messages_cmd in ("list", "search") and args.assigned_to is not None:
+        user = cfg.user(args.assigned_to)
+        if user is None:
+            raise UsageError(f"--assigned-to {args.assigned_to!r}: no user with that login in "
+                             f"users: of {cfg.source}")
+        assigned_to = user.login
     store = await Store.from_config(cfg)
     try:
         if args.messages_cmd in ("list", "search"):
@@ -60,7 +71,8 @@ async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
                 rows = await store.list_messages(contact=args.contact,
                                                  since=parse_since(args.since),
                                                  account=args.account, direction=args.direction,
-                                                 limit=args.limit, query=query)
+                                                 limit=args.limit, query=query,
+                                                 assigned_to=assigned_to)
             except BadQuery as exc:
                 raise UsageError(f"QUERY: {exc}") from None
             if args.json:
@@ -91,7 +103,7 @@ async def _amessages(cfg: Config, args: argparse.Namespace) -> int:
 #: fields `show` prints as "name: value" lines, in this order (the rest have their own lines)
 _FIELDS = ("id", "message_id", "thread_id", "direction", "account", "user", "from", "from_name",
            "to", "cc", "subject", "date", "snippet", "size", "sources", "queue_id", "in_reply_to",
-           "references", "template")
+           "references", "template", "assigned_to", "assigned_rule")
 _OWN_LINES = {"events", "text_body", "html_body", "contacts", "seen", "attachments", "tracking",
               "companies", "raw"}
 

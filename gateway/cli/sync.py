@@ -112,6 +112,9 @@ def _print(i: dict[str, Any]) -> None:
     t = i["totals"]
     print(f"  totals: {t['messages']} message(s) stored; {t['runs']} run(s): {t['fetched']} looked at, "
           f"{t['stored']} stored, {t['skipped']} skipped, {t['errors']} error(s)")
+    d = i["today"]
+    print(f"  today ({d['date']}, UTC): {d['synced']} synced, {d['linked']} linked to contacts, "
+          f"{d['sent']} sent, {d['received']} received")
     if i["recent_runs"]:
         print("  recent runs:")
         for r in i["recent_runs"]:

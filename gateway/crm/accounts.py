@@ -47,9 +47,11 @@ from gateway.crm.models import (
     ACCOUNT_STATUSES,
     accounts_table,
     connect_links_table,
+    message_contacts_table,
     messages_table,
     nodes_table,
     raw_table,
+    sort_at,
     sources_table,
     sync_runs_table,
     sync_state_table,
@@ -703,6 +705,7 @@ class Accounts:
         rows = await self.rows()
         counts = await self._message_counts()
         last = await self._last_runs()
+        today = await self.daily_figures()
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
         for a in configured:
@@ -712,6 +715,52 @@ class Accounts:
             out.append(_account_dict(None, rows[aid], counts.get(aid, 0)))
         for d in out:
             d["last_run"] = last.get(d["id"])
+            d["today"] = today.get(d["id"]) or _no_figures(today)
+        return out
+
+    async def daily_figures(self, ids: Sequence[str] | None = None, *,
+                            now: datetime | None = None) -> dict[str, dict[str, Any]]:
+        """Today's figures per account, as a sync dashboard shows them, from one grouped
+        query for every account: ``synced`` (messages the sync stored or saw in the mailbox
+        today), ``linked`` (of those, the ones linked to a contact), ``sent`` and ``received``
+        (outbound and inbound messages of the account dated today: by Date header, else by
+        when stored). "Today" is the UTC day of `now` (mailgw has no time zone setting).
+        Accounts with nothing today are left out; ``{"date": ...}`` is under ``""``."""
+        now = now or _now()
+        start = datetime(now.year, now.month, now.day, tzinfo=UTC)
+        end = start + timedelta(days=1)
+        s, m = sources_table.c, messages_table.c
+        dated = sa.and_(sort_at >= start, sort_at < end)
+        seen_today = sa.and_(s.at >= start, s.at < end)
+        synced = sa.case((sa.and_(s.source == "imap", seen_today), 1), else_=0)
+        # (account, message) pairs that can count today: seen today, or dated today
+        pairs = sa.union_all(
+            sa.select(s.account.label("account"), s.message_pk.label("pk"), synced.label("synced"))
+            .where(s.account.is_not(None), sa.or_(seen_today, s.message_pk.in_(
+                sa.select(m.id).where(dated)))),
+            sa.select(m.account, m.id, sa.literal(0, sa.Integer))
+            .where(m.account.is_not(None), dated)).subquery()
+        linked = sa.exists().where(message_contacts_table.c.message_pk == pairs.c.pk)
+        q = (sa.select(
+            pairs.c.account,
+            sa.func.count(sa.distinct(sa.case((pairs.c.synced == 1, pairs.c.pk)))),
+            sa.func.count(sa.distinct(sa.case((sa.and_(pairs.c.synced == 1, linked), pairs.c.pk)))),
+            sa.func.count(sa.distinct(sa.case((sa.and_(m.direction == "outbound", dated), pairs.c.pk)))),
+            sa.func.count(sa.distinct(sa.case((sa.and_(m.direction == "inbound", dated), pairs.c.pk)))))
+            .select_from(pairs.join(messages_table, m.id == pairs.c.pk))
+            .group_by(pairs.c.account))
+        if ids is not None:
+            q = q.where(pairs.c.account.in_(list(ids)))
+        try:
+            async with self.store.engine.connect() as conn:
+                rows = (await conn.execute(q)).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.store.error("cannot count today's messages", exc) from exc
+        day = start.date().isoformat()
+        out: dict[str, dict[str, Any]] = {"": {"date": day}}
+        for account, n_synced, n_linked, n_sent, n_received in rows:
+            out[account] = {"date": day, "synced": int(n_synced), "linked": int(n_linked),
+                            "sent": int(n_sent), "received": int(n_received)}
         return out
 
     async def _last_runs(self) -> dict[str, dict[str, Any]]:
@@ -787,6 +836,8 @@ class Accounts:
                           "errors": int(totals[4]), "messages": int(total_msgs or 0)}
         info["recent_runs"] = [_run_dict(r) for r in recent]
         info["recent_errors"] = [_run_dict(r) for r in errors]
+        today = await self.daily_figures([account_id])
+        info["today"] = today.get(account_id) or _no_figures(today)
         return info
 
     async def _message_counts(self) -> dict[str, int]:
@@ -798,6 +849,11 @@ class Accounts:
                 return {a: int(n) for a, n in rows.all() if a is not None}
         except (SQLAlchemyError, OSError) as exc:
             raise self.store.error("cannot count messages", exc) from exc
+
+
+def _no_figures(today: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The daily figures of an account with nothing today."""
+    return {"date": today[""]["date"], "synced": 0, "linked": 0, "sent": 0, "received": 0}
 
 
 def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) -> dict[str, Any]:
@@ -819,6 +875,8 @@ def _account_dict(a: Account | None, row: dict[str, Any] | None, messages: int) 
         "folders": list(a.sync.folders) if a is not None else [],
         "history_days": a.sync.history_days if a is not None else None,
         "send_as": list(a.send_as) if a is not None else [],
+        "shared": a.shared if a is not None else False,
+        "assign": a.assign.model_dump(mode="json") if a is not None and a.shared else None,
         # runtime state; an account the daemon has not seen yet is "active" (as it will be)
         "status": r.get("status") or "active",
         "reason": r.get("status_reason"),

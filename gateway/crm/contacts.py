@@ -6,6 +6,8 @@ the stored one, an empty one keeps it. A company is known by its e-mail domain: 
 ``domain`` column, else the contact's own domain (never a free-mail domain). A
 contact or company that is new gets the messages already stored for its address or
 domain linked at once, so importing contacts after mail arrived loses no history.
+A contact and a company may have an ``owner``, a user login (checked against
+``users:`` by :func:`resolve_owners` and the API): shared mailboxes route mail by it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.config import Config
 from gateway.crm.identify import contact_addresses, contact_ids
 from gateway.crm.linking import FREEMAIL_DOMAINS
 from gateway.crm.models import (
@@ -41,7 +44,8 @@ from gateway.errors import ConfigError, Problem
 from gateway.mail.addresses import domain_of
 from gateway.records import clean_text
 
-KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone")
+KNOWN_COLUMNS = ("email", "first_name", "last_name", "name", "company", "domain", "title", "phone",
+                 "owner", "company_owner")
 _ALIASES = {"e-mail": "email", "email address": "email", "mail": "email",
             "first name": "first_name", "firstname": "first_name", "given name": "first_name",
             "last name": "last_name", "lastname": "last_name", "surname": "last_name",
@@ -65,6 +69,9 @@ class ContactInput:
     phone: str = ""
     fields: dict[str, str] = field(default_factory=dict)
     line: int | None = None     # where it came from, for messages
+    #: user logins (``users:``) owning the contact and its company; empty keeps the stored one
+    owner: str = ""
+    company_owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,15 +159,40 @@ def parse_csv(text: str, source: str = "<csv>") -> list[ContactInput]:
                 problems.append(Problem(source, line, "domain", f"{domain!r} is not a domain"))
                 continue
             extra = {k: v for k, v in values.items() if k not in KNOWN_COLUMNS and v}
-            out.append(ContactInput(email=email, first_name=first, last_name=last,
-                                    company=values.get("company", ""), domain=domain,
-                                    title=values.get("title", ""), phone=values.get("phone", ""),
-                                    fields=extra, line=line))
+            c = ContactInput(email=email, first_name=first, last_name=last,
+                             company=values.get("company", ""), domain=domain,
+                             title=values.get("title", ""), phone=values.get("phone", ""),
+                             fields=extra, line=line, owner=values.get("owner", ""),
+                             company_owner=values.get("company_owner", ""))
+            if c.company_owner and company_domain_for(c) is None:
+                problems.append(Problem(source, line, "company_owner", "needs a company: a domain, "
+                                        "or a company name with a company e-mail address"))
+                continue
+            out.append(c)
     except csv.Error as exc:
         problems.append(Problem(source, reader.line_num, "", f"not CSV: {exc}"))
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def resolve_owners(contacts: Sequence[ContactInput], cfg: Config, source: str) -> None:
+    """Check `owner` and `company_owner` name users under ``users:`` (case-insensitive) and
+    spell them as configured; ConfigError lists every unknown login by line (exit 2)."""
+    problems: list[Problem] = []
+    for c in contacts:
+        for key in ("owner", "company_owner"):
+            login = getattr(c, key)
+            if not login:
+                continue
+            user = cfg.user(login)
+            if user is None:
+                problems.append(Problem(source, c.line, key,
+                                        f"no user with login {login!r} in users: of {cfg.source}"))
+            else:
+                setattr(c, key, user.login)
+    if problems:
+        raise ConfigError(problems)
 
 
 def read_csv_file(path: Path) -> list[ContactInput]:
@@ -205,7 +237,7 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
                 d = company_domain_for(c)
                 company_pk = company_ids.get(d) if d else None
                 values = {"first_name": c.first_name, "last_name": c.last_name, "title": c.title,
-                          "phone": c.phone}
+                          "phone": c.phone, "owner": c.owner or None}
                 old = existing.get(email)
                 if old is None:
                     new_rows.append({"email": email, **values, "company_pk": company_pk,
@@ -255,10 +287,13 @@ async def upsert_contacts(store: Store, contacts: Sequence[ContactInput],
 async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Sequence[ContactInput],
                             now: datetime) -> tuple[set[str], dict[str, int]]:
     names: dict[str, str] = {}
+    owners: dict[str, str] = {}
     for c in contacts:
         d = company_domain_for(c)
         if d:
             names[d] = c.company or names.get(d, "")
+            if c.company_owner:
+                owners[d] = c.company_owner
     if not names:
         return set(), {}
     ids: dict[str, int] = {}
@@ -274,8 +309,11 @@ async def _upsert_companies(store: Store, conn: AsyncConnection, contacts: Seque
         if d in ids and name and name != existing[d]:
             await conn.execute(sa.update(companies_table).where(companies_table.c.id == ids[d])
                                .values(name=name, updated_at=now))
-    missing = [{"domain": d, "name": names[d], "created_at": now, "updated_at": now}
-               for d in sorted(names) if d not in ids]
+        if d in ids and d in owners:
+            await conn.execute(sa.update(companies_table).where(companies_table.c.id == ids[d])
+                               .values(owner=owners[d], updated_at=now))
+    missing = [{"domain": d, "name": names[d], "owner": owners.get(d), "created_at": now,
+                "updated_at": now} for d in sorted(names) if d not in ids]
     created: set[str] = set()
     if missing:
         stmt = (store.insert(companies_table)
@@ -333,12 +371,14 @@ def _contact_dict(r: Any, extra: list[str]) -> dict[str, Any]:
             "phone": r["phone"], "company": r["company_name"] or "",
             "company_domain": r["company_domain"], "fields": r["fields"] or {},
             "source": r["source"], "created_at": iso(r["created_at"]),
-            "updated_at": iso(r["updated_at"])}
+            "updated_at": iso(r["updated_at"]), "owner": r["owner"],
+            "company_owner": r["company_owner"]}
 
 
 def _contact_select() -> sa.Select[Any]:
     return (sa.select(contacts_table, companies_table.c.name.label("company_name"),
-                      companies_table.c.domain.label("company_domain"))
+                      companies_table.c.domain.label("company_domain"),
+                      companies_table.c.owner.label("company_owner"))
             .outerjoin(companies_table, companies_table.c.id == contacts_table.c.company_pk))
 
 
@@ -394,3 +434,19 @@ async def contact_timeline(store: Store, email: str, *, before: tuple[datetime, 
         page = page.where(sa.or_(sort_at < utc(t), sa.and_(sort_at == utc(t), messages_table.c.id < pk)))
     q = sa.select(messages_table).where(messages_table.c.id.in_(page.limit(max(0, limit)).scalar_subquery()))
     return await store.fetch(q.order_by(*order))
+
+
+async def set_company_owner(store: Store, domain: str, owner: str | None) -> dict[str, Any] | None:
+    """Set (or, with None, clear) the owner of the company at `domain`; the company as
+    ``{"domain", "name", "owner"}``, None when there is no such company."""
+    d = domain.strip().lower()
+    try:
+        async with store.engine.begin() as conn:
+            row = (await conn.execute(
+                sa.update(companies_table).where(companies_table.c.domain == d)
+                .values(owner=owner, updated_at=datetime.now(UTC))
+                .returning(companies_table.c.domain, companies_table.c.name,
+                           companies_table.c.owner))).first()
+    except SQLAlchemyError as exc:
+        raise store.error("store write failed", exc) from exc
+    return {"domain": row[0], "name": row[1], "owner": row[2]} if row is not None else None

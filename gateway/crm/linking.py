@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from gateway.config import Config
+from gateway.crm.assign import SharedPolicy, policies_from_config
 from gateway.mail.addresses import domain_of
 from gateway.mail.own import OwnAddresses
 
@@ -39,6 +40,8 @@ class LinkRules:
     exclude: tuple[str, ...] = ()
     own_addresses: frozenset[str] = frozenset()
     own_domains: frozenset[str] = frozenset()
+    #: the shared mailboxes (`shared: true`) and how they assign inbound mail
+    shared: tuple[SharedPolicy, ...] = ()
     _exclude_re: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +60,7 @@ class LinkRules:
             exclude=tuple(cfg.crm.exclude),
             own_addresses=own.ours,
             own_domains=own.domains,
+            shared=policies_from_config(cfg),
         )
 
     @property

@@ -35,6 +35,9 @@ Tables:
     addresses later mail must not reach (hard bounces, complaints, added by hand).
 ``send_counters``
     messages per sender and UTC day, for the ``max_per_day`` policy.
+``contact_assignments``, ``assignment_cursors``
+    shared mailboxes (``shared: true``): the rep a contact's mail went to by round robin
+    (sticky per account and contact), and each account's round-robin position.
 
 The search index is not a model: migration ``0007`` (0007_search.py) makes it per backend (SQLite:
 the FTS5 table ``messages_fts`` and its triggers; PostgreSQL: the generated column
@@ -163,6 +166,10 @@ class Message(Base):
     campaign: Mapped[str | None] = mapped_column(sa.String, index=True)
     #: ``X-Mailgw-Send-At``: when a scheduled message is due (None: sent at once)
     scheduled_at: Mapped[datetime | None] = mapped_column()
+    #: shared mailboxes: the user login the message is assigned to, and the rule that chose
+    #: it (contact_owner, company_owner, sticky, round_robin)
+    assigned_to: Mapped[str | None] = mapped_column(sa.String, index=True)
+    assigned_rule: Mapped[str | None] = mapped_column(sa.String(16))
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 
@@ -237,6 +244,8 @@ class Company(Base):
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     domain: Mapped[str] = mapped_column(sa.String, unique=True)
     name: Mapped[str] = mapped_column(sa.String, default="")
+    #: the user login who owns the company (shared mailboxes assign its mail to them)
+    owner: Mapped[str | None] = mapped_column(sa.String)
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 
@@ -260,6 +269,8 @@ class Contact(Base):
         BigID, sa.ForeignKey("companies.id", ondelete="SET NULL"), index=True)
     fields: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
     source: Mapped[str] = mapped_column(sa.String(8), default="import")
+    #: the user login who owns the contact (shared mailboxes assign its mail to them)
+    owner: Mapped[str | None] = mapped_column(sa.String)
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     #: the full name normalised for `crm.link_by: name` (:func:`gateway.crm.people.name_key`);
@@ -496,12 +507,36 @@ class SendCounter(Base):
     count: Mapped[int] = mapped_column(sa.Integer, default=0)
 
 
+class ContactAssignment(Base):
+    """The rep a shared mailbox's round robin gave a contact: its later mail goes there too."""
+
+    __tablename__ = "contact_assignments"
+
+    account: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    contact_pk: Mapped[int] = mapped_column(
+        BigID, sa.ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    user: Mapped[str] = mapped_column(sa.String)
+    at: Mapped[datetime] = mapped_column()
+
+
+class AssignmentCursor(Base):
+    """A shared mailbox's round-robin position: how many picks it has made."""
+
+    __tablename__ = "assignment_cursors"
+
+    account: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    position: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column()
+
+
 #: The time a message sorts and filters by: its Date header, else when it was stored.
 sort_at = sa.func.coalesce(Message.date, Message.created_at)
 
 sa.Index("ix_messages_sort_at", sort_at)
 sa.Index("ix_message_addresses_address", MessageAddress.address, MessageAddress.message_pk)
 sa.Index("ix_message_addresses_domain", MessageAddress.domain, MessageAddress.message_pk)
+# the daily figures per account (`accounts list`): what the sync stored today
+sa.Index("ix_message_sources_at", MessageSource.at)
 
 
 #: The search index (migration 0007): SQLite's FTS5 table (its shadow tables are
@@ -540,3 +575,5 @@ sync_runs_table = cast(sa.Table, SyncRun.__table__)
 outbox_table = cast(sa.Table, WebhookDelivery.__table__)                # webhook_outbox
 send_counters_table = cast(sa.Table, SendCounter.__table__)
 nodes_table = cast(sa.Table, Node.__table__)
+contact_assignments_table = cast(sa.Table, ContactAssignment.__table__)
+assignment_cursors_table = cast(sa.Table, AssignmentCursor.__table__)

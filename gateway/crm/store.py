@@ -34,7 +34,9 @@ the same transaction as the messages it covers). In one transaction a batch:
 5. events (delivery, tracking) for queue ids of this or earlier batches, and their
    webhooks; ``message.opened`` / ``message.clicked`` carry the message's tracking
    summary (:mod:`gateway.crm.summary`) as of this transaction, from one query over its
-   hit events.
+   hit events;
+6. inbound mail newly seen in a shared mailbox (``shared: true``) is assigned to a rep
+   (:mod:`gateway.crm.assign`), announced by ``message.assigned``.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.config import Config
-from gateway.crm import bounces, identify, outbox, search, suppression
+from gateway.crm import assign, bounces, identify, outbox, search, suppression
 from gateway.crm.blobs import RawStore
 from gateway.crm.engine import describe_error, make_engine, safe_url
 from gateway.crm.linking import LinkRules
@@ -314,15 +316,19 @@ class Store:
                        for k, m in zip(keys, items, strict=True) for s in m.sources]
         new_sources: set[int] = set()
         new_relay_refs: set[str] = set()      # relay copies (queue ids) first seen now
+        seen_in: list[tuple[int, str]] = []   # (message, account) of new mailbox sources
         sstmt = (self.insert(sources_table)
                  .on_conflict_do_nothing(index_elements=[sources_table.c.source, sources_table.c.ref])
-                 .returning(sources_table.c.message_pk, sources_table.c.source, sources_table.c.ref))
+                 .returning(sources_table.c.message_pk, sources_table.c.source, sources_table.c.ref,
+                            sources_table.c.account))
         for chunk in chunks(source_rows):
             result = await conn.execute(sstmt, list(chunk))
-            for pk, source, ref in result.all():
+            for pk, source, ref, account in result.all():
                 new_sources.add(pk)
                 if source == "relay":
                     new_relay_refs.add(ref)
+                elif account:
+                    seen_in.append((pk, account))
 
         if self.raw.in_database:
             blobs = {r["raw_sha256"]: first[r["dedupe_key"]].raw for r in rows
@@ -340,6 +346,8 @@ class Store:
         made = set(created.values())
         await self._late_bcc(conn, [(pk, m) for pk, m in relayed
                                     if m.bcc_addrs and pk not in made], now)
+        if seen_in and self.rules.shared:
+            await self._assign(conn, seen_in, now)
         # a message seen again on a new path: bump updated_at (API consumers poll by it)
         seen_again = new_sources - set(created.values())
         for chunk in chunks(sorted(seen_again)):
@@ -413,6 +421,16 @@ class Store:
         crows = [{"message_pk": m, "company_pk": c} for m, c in sorted(company_rows)]
         for chunk in chunks(crows):
             await conn.execute(mstmt, list(chunk))
+
+    async def _assign(self, conn: AsyncConnection, seen_in: list[tuple[int, str]],
+                      now: datetime) -> None:
+        """Inbound mail newly seen in a shared mailbox goes to a rep (:mod:`gateway.crm.assign`),
+        announced by ``message.assigned``."""
+        done = await assign.assign_messages(conn, self.dialect,
+                                            {p.account: p for p in self.rules.shared}, seen_in, now)
+        await self.enqueue_webhooks(conn, [("message.assigned", {
+            "message_id": a.message_pk, "account": a.account, "assigned_to": a.user,
+            "rule": a.rule, "contact": a.contact}) for a in done if a.user], now)
 
     async def _queued(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]], *,
                       created: set[int], now: datetime) -> None:
@@ -679,7 +697,8 @@ class Store:
     async def list_messages(self, *, contact: str | None = None, since: datetime | None = None,
                             account: str | None = None, direction: str | None = None,
                             before: tuple[datetime, int] | None = None,
-                            limit: int = 100, query: str | None = None) -> list[dict[str, Any]]:
+                            limit: int = 100, query: str | None = None,
+                            assigned_to: str | None = None) -> list[dict[str, Any]]:
         """Newest first (by Date header, else by when it was stored), each with its events.
 
         `query`: a search (:func:`gateway.crm.search.parse_query`: words, "phrases" and
@@ -689,6 +708,7 @@ class Store:
         `since`: only messages dated at or after it (a naive datetime is taken as UTC).
         `account`: stored for, or seen in the mailbox of, this account.
         `before`: a cursor, (sort time, id) of the last message of the previous page.
+        `assigned_to`: assigned to this user login by a shared mailbox (as configured).
         """
         q = sa.select(messages_table).order_by(sort_at.desc(), messages_table.c.id.desc())
         if query is not None:
@@ -704,6 +724,8 @@ class Store:
                 sa.select(sources_table.c.message_pk).where(sources_table.c.account == account))))
         if direction:
             q = q.where(messages_table.c.direction == direction)
+        if assigned_to:
+            q = q.where(messages_table.c.assigned_to == assigned_to.strip())
         if before is not None:
             t, pk = before
             q = q.where(sa.or_(sort_at < utc(t), sa.and_(sort_at == utc(t), messages_table.c.id < pk)))

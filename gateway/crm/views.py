@@ -79,6 +79,8 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         "queue_id": relay[0] if relay else None,
         "contacts": contacts, "companies": companies or [], "raw": raw_info(m),
         "events": events,
+        # shared mailboxes: the rep it is assigned to and the rule that chose them
+        "assigned_to": m["assigned_to"], "assigned_rule": m["assigned_rule"],
     }
     if bodies:
         out["from_name"] = m["from_name"]

@@ -305,7 +305,7 @@ async def test_events_attach_to_the_right_message(store: Store) -> None:
     # the JSON shape of the read API's MessageSummary (gateway/api/openapi.py)
     assert set(q1) == {"id", "message_id", "thread_id", "direction", "account", "user", "from",
                        "to", "cc", "bcc", "subject", "date", "snippet", "size", "sources", "queue_id",
-                       "contacts", "companies", "raw", "events"}
+                       "contacts", "companies", "raw", "events", "assigned_to", "assigned_rule"}
     assert q1["sources"] == ["relay"] and q1["direction"] == "outbound" and q1["contacts"] == []
     assert set(q1["events"][0]) == {"type", "at", "recipient", "machine", "category",
                                     "details"}
