@@ -3,7 +3,9 @@
 Store fixtures: ``url`` is an empty database, once an SQLite file in tmp_path and once
 the session's PostgreSQL database (``mailgw_test_<random>`` next to the database
 ``test`` at 127.0.0.1:5432, dropped at the end; change the admin DSN with
-``MAILGW_TEST_PG``); ``store`` is a :class:`gateway.crm.store.Store` open on it.
+``MAILGW_TEST_PG``); ``store`` is a :class:`gateway.crm.store.Store` open on it, at the
+newest revision: a copy of a template migrated once per session (an SQLite file copied,
+or ``CREATE DATABASE … TEMPLATE``), not every migration run again for each test.
 """
 
 from __future__ import annotations
@@ -112,10 +114,70 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite store at the newest revision, made once per session: `store` copies it
+    (running every migration for each test's new file was most of a store test's setup)."""
+    path = tmp_path_factory.mktemp("store-template") / "crm.db"
+
+    async def make() -> None:
+        s = await Store.open(f"sqlite+aiosqlite:///{path}")
+        await s.close()
+
+    asyncio.run(make())
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_database: str | None) -> Iterator[str | None]:
+    """A PostgreSQL database at the newest revision, made once per session: `store` makes
+    the session's database a copy of it (CREATE DATABASE … TEMPLATE) instead of migrating."""
+    if pg_database is None:
+        yield None
+        return
+    name = f"{pg_database}_tmpl"
+
+    async def make() -> None:
+        admin = await _pg_admin()
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        await upgrade(_pg_url(name))
+
+    async def drop() -> None:
+        admin = await _pg_admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(make())
+    yield name
+    asyncio.run(drop())
+
+
+def _copy_template(template: Path, url: str) -> None:
+    path = Path(str(sa.make_url(url).database))
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+
+
 @pytest.fixture
-async def store(url: str) -> AsyncIterator[Store]:
+async def store(url: str, sqlite_template: Path, pg_template: str | None) -> AsyncIterator[Store]:
+    """A store at the newest revision on `url`, copied from the session's template."""
     if url.startswith("postgresql"):
-        await upgrade(url)
+        assert pg_template is not None
+        database = sa.make_url(url).database
+        admin = await _pg_admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{database}" TEMPLATE "{pg_template}"')
+        finally:
+            await admin.close()
+    else:
+        await asyncio.to_thread(_copy_template, sqlite_template, url)
     s = await Store.open(url)
     try:
         yield s
