@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import secrets
 import time
@@ -250,13 +251,18 @@ class Connect:
             row["opened_at"].timestamp() + FLOW_TTL > now else None
         if flow is None:    # a new attempt; one in progress is reused, so that a mail scanner
             # opening the link before the rep does not invalidate the rep's sign-in
-            flow = {"v": new_verifier(), "n": new_nonce(), "a": secrets.token_hex(8)}
+            flow = {"v": new_verifier(), "n": new_nonce(), "a": secrets.token_hex(8),
+                    "t": math.floor(now)}
             if not await self.registry.state.open_link(link_id, self.registry.cipher.seal(
                     f"connect-flow:{link_id}", json.dumps(flow).encode())):
                 return None, Outcome("used", "This link has been used already, or has just expired.")
         verifier, nonce, attempt = str(flow["v"]), str(flow["n"]), str(flow["a"])
+        # the state lives as long as its attempt (from when the attempt began, not from this
+        # opening), so every opening of one attempt hands out the same state
+        started = flow.get("t")
+        began = float(started) if isinstance(started, int) else now
         state = self.signer.sign("connect-state", {"l": link_id, "a": attempt},
-                                 min(now + FLOW_TTL, row["expires_at"].timestamp() + FLOW_TTL))
+                                 min(began + FLOW_TTL, row["expires_at"].timestamp() + FLOW_TTL))
         url = authorization_url(provider, client.client_id, redirect_uri=self.redirect_uri(),
                                 state=state, code_challenge=challenge(verifier), nonce=nonce,
                                 login_hint=row["email"])
