@@ -18,26 +18,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import secrets
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.store import database  # a scratch SQLite file or PostgreSQL database
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
 from gateway.records import NewMessage, SourceRef
 
-PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _WORDS = ("pricing proposal renewal contract meeting quote invoice demo roadmap discount timeline "
           "security review onboarding integration budget approval schedule legal procurement "
@@ -74,23 +70,6 @@ def message(i: int, rnd: random.Random) -> NewMessage:
         text_body=" ".join(words), sources=[SourceRef("imap", f"bench/INBOX/1/{i}", at,
                                                       account="bench", folder="INBOX",
                                                       uidvalidity=1, uid=i)])
-
-
-@asynccontextmanager
-async def database(backend: str, tmp: Path) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp}/crm.db"
-        return
-    import asyncpg
-
-    name = f"mailgw_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def ms(values: list[float], q: float) -> float:

@@ -430,6 +430,17 @@ class AdminAPI:
             resp.headers["Link"] = f'<{nxt}>; rel="next"'
         return resp
 
+    @staticmethod
+    def _key_page(request: web.Request, rows: list[dict[str, Any]], limit: int, key: str,
+                  field: str) -> web.Response:
+        """A page of a list ordered by one unique column (`field`): its last value is the
+        cursor of the next page."""
+        cursor = rows[limit - 1][field] if len(rows) > limit else None
+        resp = web.json_response({key: rows[:limit], "next_cursor": cursor})
+        if cursor is not None:
+            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
+        return resp
+
     async def messages(self, request: web.Request) -> web.Response:
         q = request.query
         limit = _limit(q)
@@ -526,11 +537,7 @@ class AdminAPI:
         limit = _limit(q)
         rows = await list_companies(self.store, search=q.get("search") or None,
                                     after=q.get("cursor") or None, limit=limit + 1)
-        cursor = rows[limit - 1]["domain"] if len(rows) > limit else None
-        resp = web.json_response({"companies": rows[:limit], "next_cursor": cursor})
-        if cursor is not None:
-            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
-        return resp
+        return self._key_page(request, rows, limit, "companies", "domain")
 
     def _domain(self, request: web.Request) -> str:
         value = request.match_info["domain"]
@@ -576,22 +583,14 @@ class AdminAPI:
         limit = _limit(q)
         rows = await list_contacts(self.store, search=q.get("search") or None,
                                    after=q.get("cursor") or None, limit=limit + 1)
-        cursor = rows[limit - 1]["email"] if len(rows) > limit else None
-        resp = web.json_response({"contacts": rows[:limit], "next_cursor": cursor})
-        if cursor is not None:
-            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
-        return resp
+        return self._key_page(request, rows, limit, "contacts", "email")
 
     async def ambiguous(self, request: web.Request) -> web.Response:
         """Addresses `crm.link_by: name` left unlinked (gateway.crm.identify)."""
         q = request.query
         limit = _limit(q)
         rows = await list_ambiguous(self.store, after=q.get("cursor") or None, limit=limit + 1)
-        cursor = rows[limit - 1]["address"] if len(rows) > limit else None
-        resp = web.json_response({"ambiguous": rows[:limit], "next_cursor": cursor})
-        if cursor is not None:
-            resp.headers["Link"] = f'<{request.rel_url.update_query(cursor=cursor)}>; rel="next"'
-        return resp
+        return self._key_page(request, rows, limit, "ambiguous", "address")
 
     async def contact(self, request: web.Request) -> web.Response:
         email = request.match_info["email"].strip().lower()

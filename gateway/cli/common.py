@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.config import Config, User, load_config
 from gateway.errors import UsageError
+
+if TYPE_CHECKING:
+    from gateway.crm.store import Store
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 141   # 128 + SIGINT, 128 + SIGPIPE, as shells report them
@@ -31,6 +37,29 @@ def config(args: argparse.Namespace) -> Config:
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
+
+
+async def with_store(cfg: Config, read: Callable[[Store], Awaitable[T]]) -> T:
+    """`read` on the configured store, closed afterwards whatever happens."""
+    from gateway.crm.store import Store
+
+    store = await Store.from_config(cfg)
+    try:
+        return await read(store)
+    finally:
+        await store.close()
+
+
+def print_rows(rows: Sequence[dict[str, Any]], as_json: bool, line: Callable[[dict[str, Any]], str],
+               total: str) -> int:
+    """A listing: `rows` as JSON, or one `line` each and a closing ``-- total`` line."""
+    if as_json:
+        print_json(rows)
+        return EXIT_OK
+    for r in rows:
+        print(line(r))
+    print(f"-- {total}")
+    return EXIT_OK
 
 
 def ts(t: float | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
+from gateway.cli.common import EXIT_OK, Subparsers, config, print_json, print_rows, with_store
 from gateway.config import Config
 from gateway.crm.companies import get_company, list_companies, normalize_domain
 from gateway.crm.store import Store
@@ -41,19 +41,12 @@ def _companies(args: argparse.Namespace) -> int:
 
 
 async def _list(cfg: Config, args: argparse.Namespace) -> int:
-    store = await Store.from_config(cfg)
-    try:
-        rows = await list_companies(store, search=args.search, after=args.after, limit=args.limit)
-    finally:
-        await store.close()
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    for r in rows:
-        print(f"{r['domain']:<32} {r['name'][:28]:<28} {r['contact_count']:>5} contact(s) "
-              f"{r['message_count']:>6} message(s)  last {_day(r['last_activity'])}")
-    print(f"-- {len(rows)} compan{'y' if len(rows) == 1 else 'ies'}")
-    return EXIT_OK
+    rows = await with_store(cfg, lambda store: list_companies(
+        store, search=args.search, after=args.after, limit=args.limit))
+    return print_rows(rows, args.json, lambda r: (
+        f"{r['domain']:<32} {r['name'][:28]:<28} {r['contact_count']:>5} contact(s) "
+        f"{r['message_count']:>6} message(s)  last {_day(r['last_activity'])}"),
+        f"{len(rows)} compan{'y' if len(rows) == 1 else 'ies'}")
 
 
 async def _show(cfg: Config, domain: str, as_json: bool) -> int:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
+from gateway.cli.common import EXIT_OK, Subparsers, config, print_rows, with_store
 from gateway.config import Config
 from gateway.crm.contacts import (
     ContactInput,
@@ -66,31 +66,15 @@ async def _import(cfg: Config, args: argparse.Namespace, rows: list[ContactInput
 
 
 async def _list(cfg: Config, args: argparse.Namespace) -> int:
-    store = await Store.from_config(cfg)
-    try:
-        rows = await list_contacts(store, search=args.search, after=args.after, limit=args.limit)
-    finally:
-        await store.close()
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    for r in rows:
-        print(f"{r['email']:<36} {r['name'][:28]:<28} {r['company'][:24]:<24} {r['title'][:20]}")
-    print(f"-- {len(rows)} contact(s)")
-    return EXIT_OK
+    rows = await with_store(cfg, lambda store: list_contacts(
+        store, search=args.search, after=args.after, limit=args.limit))
+    return print_rows(rows, args.json, lambda r: (
+        f"{r['email']:<36} {r['name'][:28]:<28} {r['company'][:24]:<24} {r['title'][:20]}"),
+        f"{len(rows)} contact(s)")
 
 
 async def _ambiguous(cfg: Config, args: argparse.Namespace) -> int:
-    store = await Store.from_config(cfg)
-    try:
-        rows = await list_ambiguous(store, after=args.after, limit=args.limit)
-    finally:
-        await store.close()
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    for r in rows:
-        print(f"{r['address']:<36} {r['name'][:28]:<28} {r['messages']:>5}  "
-              f"{', '.join(r['candidates'])}")
-    print(f"-- {len(rows)} ambiguous address(es)")
-    return EXIT_OK
+    rows = await with_store(cfg, lambda store: list_ambiguous(store, after=args.after, limit=args.limit))
+    return print_rows(rows, args.json, lambda r: (
+        f"{r['address']:<36} {r['name'][:28]:<28} {r['messages']:>5}  {', '.join(r['candidates'])}"),
+        f"{len(rows)} ambiguous address(es)")

@@ -25,7 +25,7 @@ from gateway.crm.models import (
     messages_table,
     sort_at,
 )
-from gateway.crm.sql import chunks, iso, utc
+from gateway.crm.sql import chunks, iso
 from gateway.crm.store import Store
 
 #: a domain as companies are known by: dot-separated labels of letters, digits, ``-`` or
@@ -122,10 +122,4 @@ async def company_timeline(store: Store, domain: str, *,
     linked = (sa.select(message_companies_table.c.message_pk)
               .join(companies_table, companies_table.c.id == message_companies_table.c.company_pk)
               .where(companies_table.c.domain == domain.strip().lower()))
-    order = (sort_at.desc(), messages_table.c.id.desc())
-    page = sa.select(messages_table.c.id).where(messages_table.c.id.in_(linked)).order_by(*order)
-    if before is not None:
-        t, pk = before
-        page = page.where(sa.or_(sort_at < utc(t), sa.and_(sort_at == utc(t), messages_table.c.id < pk)))
-    q = sa.select(messages_table).where(messages_table.c.id.in_(page.limit(max(0, limit)).scalar_subquery()))
-    return await store.fetch(q.order_by(*order))
+    return await store.timeline(linked, before=before, limit=limit)

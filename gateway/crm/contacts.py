@@ -34,11 +34,9 @@ from gateway.crm.models import (
     contacts_table,
     message_companies_table,
     message_contacts_table,
-    messages_table,
-    sort_at,
 )
 from gateway.crm.people import name_key
-from gateway.crm.sql import chunks, iso, utc
+from gateway.crm.sql import chunks, iso
 from gateway.crm.store import Store
 from gateway.errors import ConfigError, Problem
 from gateway.mail.addresses import domain_of
@@ -425,15 +423,7 @@ async def contact_timeline(store: Store, email: str, *, before: tuple[datetime, 
     addrs = contact["emails"] if contact is not None else [addr]
     with_address = (sa.select(addresses_table.c.message_pk)
                     .where(addresses_table.c.address.in_(addrs)))
-    order = (sort_at.desc(), messages_table.c.id.desc())
-    # the page's ids first, then their rows: the sort then moves ids, not whole messages
-    # (about 3x faster on SQLite for a contact with thousands of messages)
-    page = sa.select(messages_table.c.id).where(messages_table.c.id.in_(with_address)).order_by(*order)
-    if before is not None:
-        t, pk = before
-        page = page.where(sa.or_(sort_at < utc(t), sa.and_(sort_at == utc(t), messages_table.c.id < pk)))
-    q = sa.select(messages_table).where(messages_table.c.id.in_(page.limit(max(0, limit)).scalar_subquery()))
-    return await store.fetch(q.order_by(*order))
+    return await store.timeline(with_address, before=before, limit=limit)
 
 
 async def set_company_owner(store: Store, domain: str, owner: str | None) -> dict[str, Any] | None:
