@@ -211,9 +211,19 @@ class HitRecorder:
             while len(batch) < self.BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._in_flight += len(batch)
+            try:
+                # one lookup for the batch's copies: hits on many different copies (a
+                # campaign's opens) would otherwise wait on one store round trip each
+                copies = await self._copy_infos([item.obs.copy_id for item in batch],
+                                                time.monotonic())
+            except Exception:  # never let one batch kill the worker
+                log.exception("tracking_lookup_failed", copies=len(batch))
+                copies = {}
+            if self.lookup is not None:   # hits classified without what the store knows
+                self.stats.lookup_failed += sum(item.obs.copy_id not in copies for item in batch)
             for item in batch:
                 try:
-                    await self._process(item)
+                    await self._process(item, copies.get(item.obs.copy_id))
                 except Exception:  # never let one hit kill the worker
                     self.stats.failed += 1
                     log.exception("tracking_record_failed", copy_id=item.obs.copy_id)
@@ -221,29 +231,40 @@ class HitRecorder:
                     self._in_flight -= 1
                     self._queue.task_done()
 
-    async def _copy_info(self, copy_id: str, now: float) -> CopyInfo | None:
-        """The lookup, cached briefly: every hit of a busy copy need not ask the store."""
+    async def _copy_infos(self, copy_ids: Sequence[str], now: float) -> dict[str, CopyInfo | None]:
+        """The copies' lookups, cached briefly (every hit of a busy copy need not ask the
+        store); those not cached are looked up in one call. A failed lookup leaves its
+        copies out (their hits are classified without what the store knows)."""
+        found: dict[str, CopyInfo | None] = {}
         if self.lookup is None:
-            return None
-        cached = self._copies.get(copy_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+            return found
+        missing: list[str] = []
+        for copy_id in dict.fromkeys(copy_ids):
+            cached = self._copies.get(copy_id)
+            if cached is not None and cached[0] > now:
+                found[copy_id] = cached[1]
+            else:
+                missing.append(copy_id)
+        if not missing:
+            return found
         try:
-            copy = await asyncio.wait_for(self.lookup.copy_info(copy_id), self._lookup_timeout)
+            looked = await asyncio.wait_for(self.lookup.copy_infos(missing), self._lookup_timeout)
         except Exception as exc:
-            self.stats.lookup_failed += 1
-            log.warning("tracking_lookup_failed", copy_id=copy_id, error=str(exc) or repr(exc))
-            return None
-        ttl = self.COPY_TTL if copy is not None else self.MISSING_TTL
-        self._copies[copy_id] = (now + ttl, copy)
-        self._copies.move_to_end(copy_id)
+            log.warning("tracking_lookup_failed", copy_id=missing[0], copies=len(missing),
+                        error=str(exc) or repr(exc))
+            return found
+        for copy_id in missing:
+            copy = looked.get(copy_id)
+            found[copy_id] = copy
+            ttl = self.COPY_TTL if copy is not None else self.MISSING_TTL
+            self._copies[copy_id] = (now + ttl, copy)
+            self._copies.move_to_end(copy_id)
         while len(self._copies) > self.COPY_CACHE:
             self._copies.popitem(last=False)
-        return copy
+        return found
 
-    async def _process(self, item: _Pending) -> None:
+    async def _process(self, item: _Pending, copy: CopyInfo | None) -> None:
         obs = item.obs
-        copy = await self._copy_info(obs.copy_id, time.monotonic())
         prior = [p for p in self.recent.get(obs.copy_id) if p.id != item.id]
         verdict = classify(obs, copy, prior, self.settings)
         hit = Hit(id=item.id, kind=obs.kind, copy_id=obs.copy_id, link=obs.link, url=item.token.url,

@@ -8,7 +8,7 @@ serve the tests and benchmarks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -49,9 +49,12 @@ class HitSink(Protocol):
 
 
 class CopyLookup(Protocol):
-    """What the store knows about a copy: recipient, sender, delivery time, links, hits."""
+    """What the store knows about copies: recipient, sender, delivery time, links, hits.
 
-    async def copy_info(self, copy_id: str) -> CopyInfo | None: ...
+    One call answers for many copies (the endpoint looks up a batch of hits at once);
+    an unknown copy is None or missing from the answer."""
+
+    async def copy_infos(self, copy_ids: Sequence[str]) -> Mapping[str, CopyInfo | None]: ...
 
 
 # -- in-memory implementations (tests, benchmarks) ------------------------------------------
@@ -82,7 +85,7 @@ class MemoryCopyLookup:
     def add(self, copy: CopyInfo) -> None:
         self.copies[copy.copy_id] = copy
 
-    async def copy_info(self, copy_id: str) -> CopyInfo | None:
+    async def copy_infos(self, copy_ids: Sequence[str]) -> Mapping[str, CopyInfo | None]:
         if self.fail:
             raise RuntimeError("store is down")
-        return self.copies.get(copy_id)
+        return {c: self.copies.get(c) for c in copy_ids}
