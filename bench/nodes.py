@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -78,6 +79,11 @@ async def node_main(node: str, url: str, port: int, n: int, ttl: float, out_dir:
     from gateway.imap.manager import Tailers
 
     quiet_logs()
+    import structlog
+
+    # stdout carries the one JSON line the parent reads; logs go to stderr (a file), or a
+    # full pipe would block the node on its first screenful of warnings
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     out = Path(out_dir)
     cfg = node_config(out, url, port, n, ttl)
     store = await open_bench_store(cfg)
@@ -135,6 +141,7 @@ async def parent(args: argparse.Namespace) -> dict[str, Any]:
     base = args.pg_admin.rsplit("/", 1)[0]
     url = f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
     procs: list[subprocess.Popen[bytes]] = []
+    logs = contextlib.ExitStack()
     try:
         t0 = time.perf_counter()
         for i in range(args.mailboxes):
@@ -152,7 +159,7 @@ async def parent(args: argparse.Namespace) -> dict[str, Any]:
                 [sys.executable, __file__, "--node", f"node-{k}", "--url", url,
                  "--port", str(dovecot.port), "--mailboxes", str(args.mailboxes),
                  "--lease-ttl", str(args.lease_ttl), "--out", str(tmp)],
-                stdout=subprocess.PIPE))
+                stdout=subprocess.PIPE, stderr=logs.enter_context((tmp / f"node-{k}.log").open("w"))))
         base_rss = [json.loads(p.stdout.readline())["base_rss_kb"] if p.stdout else 0
                     for p in procs]
         n, per = args.mailboxes, args.nodes
@@ -185,8 +192,10 @@ async def parent(args: argparse.Namespace) -> dict[str, Any]:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        logs.close()
         dovecot.stop()
         await pg_database(args.pg_admin, drop=name)
+    warnings = sum(1 for k in range(per) for _ in (tmp / f"node-{k}.log").open())
     return {"mailboxes": n, "nodes": per, "messages_per_mailbox": args.messages,
             "lease_ttl": args.lease_ttl, "fill_seconds": round(filled, 1),
             "initial_sync_seconds": round(synced_s, 1), "stored": stored,
@@ -194,7 +203,7 @@ async def parent(args: argparse.Namespace) -> dict[str, Any]:
             "rss": rss, "rss_per_mailbox_kb": round(
                 sum(r["rss_kb"] - r["base_kb"] for r in rss.values()) / n, 1),
             "takeover_seconds": None if takeover_s is None else round(takeover_s, 1),
-            "leases_after_kill": after}
+            "leases_after_kill": after, "node_log_lines": warnings, "node_logs": str(tmp)}
 
 
 def main() -> int:
@@ -228,6 +237,7 @@ def main() -> int:
     for node, m in r["rss"].items():
         print(f"  {node}: {m['mailboxes']} mailboxes in IDLE, RSS {m['rss_kb'] / 1024:.1f} MiB "
               f"(before tailing {m['base_kb'] / 1024:.1f} MiB), peak {m['peak_kb'] / 1024:.1f} MiB")
+    print(f"  warnings and errors logged by the nodes: {r['node_log_lines']} (in {r['node_logs']})")
     print(f"  RSS per tailed mailbox (above each node's own start): {r['rss_per_mailbox_kb']} KiB")
     if r["takeover_seconds"] is not None:
         print(f"  node-0 killed (SIGKILL): the others hold every lease after "
