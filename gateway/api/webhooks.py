@@ -51,6 +51,7 @@ import aiohttp
 import structlog
 
 from gateway import __version__
+from gateway.aio import wait_event
 from gateway.config import Config, read_secret
 from gateway.crm import outbox
 from gateway.crm.outbox import Claimed
@@ -237,8 +238,7 @@ class WebhookDispatcher:
             if claimed and len(claimed) == free:
                 continue  # more may be due: claim again as soon as a slot is free
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            await wait_event(self._wake, self.poll_interval)
 
     def _done_callback(self, pk: int) -> Callable[[asyncio.Task[None]], None]:
         def done(_task: asyncio.Task[None]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from gateway.aio import wait_event
 from gateway.crm.store import Store
 from gateway.mail.headers import split_message
 from gateway.mail.parse import parse_headers, parse_message
@@ -110,8 +111,7 @@ class StoreWriter:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._written.wait(), left)
+            await wait_event(self._written, left)
         return True
 
     def add_event(self, e: EventRecord) -> None:
@@ -173,8 +173,7 @@ class StoreWriter:
             if len(self._items) < self.batch and not self._stopping:
                 # let a batch gather, but never hold an item longer than max_delay
                 self._full.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self.max_delay)
+                await wait_event(self._full, self.max_delay)
             chunk = list(itertools.islice(self._items, self.batch))
             accepted = [x for x in chunk if isinstance(x, AcceptedMessage)]
             unparsed = [a for a in accepted if a.raw is not None and not a.parsed]
@@ -194,8 +193,7 @@ class StoreWriter:
                 if self._stopping:  # draining: retry often until stop()'s deadline
                     await asyncio.sleep(BACKOFF_MIN)
                     continue
-                with contextlib.suppress(TimeoutError):  # a stop() cuts the wait short
-                    await asyncio.wait_for(self._stop_event.wait(), backoff)
+                await wait_event(self._stop_event, backoff)   # a stop() cuts the wait short
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             for _ in chunk:

@@ -54,6 +54,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from gateway.aio import wait_event
 from gateway.config import Account, Config, read_secret
 from gateway.delivery.dsn import build_dsn, is_bounce
 from gateway.delivery.mx import MXResolver
@@ -248,7 +249,7 @@ class Scheduler:
     # -- loops ---------------------------------------------------------------------
     async def _timer(self) -> None:
         last_scan = 0.0
-        while True:
+        while not self._stopping:
             now = self.clock()
             while self._heap and self._heap[0][0] <= now:
                 _, qid = heapq.heappop(self._heap)
@@ -261,10 +262,7 @@ class Scheduler:
             if self._heap:
                 delay = max(0.0, min(delay, self._heap[0][0] - now))
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await wait_event(self._wakeup, delay)
 
     async def _worker(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gateway.aio import wait_event
 from gateway.config import Account, Config
 from gateway.crm.accounts import Accounts
 from gateway.crm.store import Store
@@ -203,8 +204,7 @@ class Tailers:
                 self.log.exception("tailers_check_crashed")
             self.ticks += 1
             interval = self.get_config().sync.check_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_event(self._wake, interval)
             self._wake.clear()
 
     def _wanted(self, cfg: Config, statuses: dict[str, str]) -> dict[str, Account]:

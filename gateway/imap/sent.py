@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gateway.aio import wait_event
 from gateway.config import Account, Config
 from gateway.dirqueue import DirQueue
 from gateway.errors import (
@@ -203,8 +204,7 @@ class SentCopies:
                                            name=f"sent-copies-{account_id}")
                 self._busy[account_id] = task
                 task.add_done_callback(self._done_draining)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, wait))
+            await wait_event(self._wake, max(0.05, wait))
             self._wake.clear()
 
     def _done_draining(self, task: asyncio.Task[None]) -> None:
