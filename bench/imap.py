@@ -222,12 +222,38 @@ async def tailer_run(port: int, url: str, out_dir: str) -> dict[str, Any]:
         info = await tailers.accounts.sync_info("bench")
         t = tailers.tailer("bench")
         bodies = t.stats.bodies_fetched if t is not None else -1
+        server_cpu = await pg_backends_cpu(store) if url.startswith("postgresql") else 0.0
     finally:
         await tailers.stop()
         await store.close()
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"stored": info["totals"]["messages"], "looked_at": info["totals"]["fetched"],
             "skipped": info["totals"]["skipped"], "bodies_fetched": bodies, "seconds": elapsed,
-            "base_rss_kb": base_rss, "peak_rss_kb": vm_hwm_kb("self")}
+            "base_rss_kb": base_rss, "peak_rss_kb": vm_hwm_kb("self"),
+            "cpu_main_s": me.ru_utime + me.ru_stime, "cpu_workers_s": kids.ru_utime + kids.ru_stime,
+            "cpu_server_s": server_cpu}
+
+
+async def pg_backends_cpu(store: Any) -> float:
+    """CPU seconds the PostgreSQL backends serving this bench's database have used so far
+    (their /proc stat: the server is local)."""
+    import sqlalchemy as sa
+
+    async with store.engine.connect() as conn:
+        pids = (await conn.execute(sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))).scalars().all()
+    return sum(proc_cpu_s(pid) for pid in pids)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc/<pid>/stat; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 async def latency_run(port: int, url: str, out_dir: str, n_accounts: int, n_messages: int
