@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from gateway.crm.accounts import Accounts
 from gateway.crm.store import Store
+from gateway.imap import tailer as tailer_mod
 from gateway.imap.client import Folder, MessageBody
 from gateway.imap.manager import Tailers
 from gateway.imap.parsing import Parsers
@@ -436,7 +437,9 @@ async def test_oauth2_through_dovecots_oauth2_passdb(sqlite_store: Store, doveco
 # -- checkpoints ------------------------------------------------------------------------------
 
 async def test_killed_mid_sync_resumes_from_the_committed_checkpoint(
-        store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+        store: Store, dovecot: Dovecot, user: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tailer_mod, "BULK_BATCH", 200)     # 450 messages: three batches
     await add_contacts(store, LEAD)
     n = 450
     # in arrival order (UIDs ascending): bulk0 is the newest, delivered last
