@@ -106,6 +106,7 @@ from gateway.imap.backoff import Backoff
 from gateway.imap.client import HEADER_FIELDS as CLIENT_HEADER_FIELDS
 from gateway.imap.client import Folder, IMAPClient, MailboxState, MessageBody, MessageHeaders
 from gateway.imap.parsing import BodyJob, Parsers
+from gateway.imap.protocol import uid_set
 from gateway.imap.slots import ConnectionSlots
 from gateway.mail.autoreply import kind_of
 from gateway.mail.own import OwnAddresses
@@ -138,6 +139,8 @@ FLUSH_BYTES = 16 * 1024 * 1024
 #: most this many bytes, unless one message alone is larger
 BODY_FETCH_COUNT = 200
 BODY_FETCH_BYTES = 4 * 1024 * 1024
+#: the longest UID set a header FETCH of a whole batch may send (else BATCH UIDs a FETCH)
+MAX_SET_CHARS = 4000
 #: messages larger than this are stored from their headers only (never held in memory)
 MAX_BODY = 32 * 1024 * 1024
 #: one store call (a batch with its checkpoint) must finish within this
@@ -664,8 +667,11 @@ class AccountTailer:
         becomes one parse job, started as soon as it arrives, while the next FETCH is
         read. The store transaction waits for its batch's jobs and runs while the next
         batch is fetched (`_commit_later`); `_settle()` waits for it."""
+        # one FETCH for the batch, unless its UID set is long (scattered UIDs): servers
+        # need only take commands of 8,000 octets (RFC 7162), so 200 UIDs a FETCH then
+        one = len(uid_set(uids)) <= MAX_SET_CHARS if uids else True
         heads: list[MessageHeaders] = [h async for h in imap.fetch_headers(
-            uids, fields=HEADER_FIELDS, batch=len(uids))]
+            uids, fields=HEADER_FIELDS, batch=len(uids) if one else BATCH)]
         # header blocks come from outside (up to a megabyte each): read them off the loop
         infos = await self.parsers.headers([h.header for h in heads])
         verdicts = await asyncio.wait_for(self.store.concerning(
