@@ -8,7 +8,9 @@ another node can take the mailbox over, README "Connected mailboxes (IMAP sync)"
 and starts and stops one `AccountTailer` (`gateway.imap.tailer`) per account it holds.
 It owns what the tailers share: the connection slots (`sync.max_connections`), the
 opener (TLS, password or OAuth2 tokens kept encrypted in the store), the `SentCopies`
-appender, and the per-account metrics.
+appender, the parse workers (`gateway.imap.parsing`, `sync.parse_workers`, started at
+start when the configuration tails a mailbox, else on first use; stopped last), and the
+per-account metrics.
 
 SIGHUP (`reload`) restarts tailers whose account configuration changed and retries,
 once, accounts that need reconnecting. SIGTERM (`stop`) lets batches in flight commit,

@@ -47,7 +47,7 @@ what a handler raises into the transitions drawn above:
 - SYNC (`_sync`): every due folder is EXAMINEd (read-only) and compared with its
   checkpoint: UIDVALIDITY changed -> checkpoint reset, a "resync" run; not initial_done
   -> INITIAL: catch up above last_uid, then the history window (history_days), newest
-  first, 200 UIDs a batch, checkpoint `backfill_uid` moving down; initial_done ->
+  first, in bulk (below), checkpoint `backfill_uid` moving down; initial_done ->
   CATCH_UP: UIDs above last_uid, ascending. Due are all folders after RESOLVE, and
   every sync.poll_interval (INBOX last, so that it stays selected for IDLE); after IDLE
   saw new mail, only INBOX's UIDs above last_uid (no EXAMINE). The session's first SYNC
@@ -66,18 +66,23 @@ what a handler raises into the transitions drawn above:
 - NEEDS_RECONNECT (`_needs_reconnect`): the status with the server's words (and its
   webhook, `account.needs_reconnect`); no retry until SIGHUP or `accounts enable`.
 
-Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for at most 200
-UIDs, the addresses go to `Store.concerning` (contacts, company domains, `crm.exclude`,
-`auto_create_contacts`), and only the messages that will be stored, and delivery
-reports, read receipts and feedback reports (which the store records as events on the
-message they are about, never as conversations), get `BODY.PEEK[]`
-(nothing is ever marked \\Seen: EXAMINE and PEEK only). Bodies are parsed off the event
-loop, become `NewMessage`s (outbound when From is the account's or its user's address,
-or the folder is the \\Sent one; else inbound) and go to `Store.store_messages` with the
-folder's new checkpoint as the `then` callback: the messages and the checkpoint that
-covers them commit together, so a crash or kill at any point resumes from the last
-commit without storing anything twice (the store's dedupe by Message-ID and the source
-ref `account/folder/uidvalidity/uid` make replays harmless anyway).
+Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for the batch
+(BATCH, 200 UIDs, while tailing; BULK_BATCH, 1,000, when more than 200 are to be read:
+the initial sync and large catch-ups), the addresses go to `Store.concerning` (contacts,
+company domains, `crm.exclude`, `auto_create_contacts`), and only the messages that will
+be stored, and delivery reports, read receipts and feedback reports (which the store
+records as events on the message they are about, never as conversations), get
+`BODY.PEEK[]` (nothing is ever marked \\Seen: EXAMINE and PEEK only), in FETCHes of at
+most BODY_FETCH_COUNT messages and BODY_FETCH_BYTES. Header blocks and bodies are parsed
+by the node's parse workers (`gateway.imap.parsing`: processes, off the event loop; each
+body FETCH one job, started as it arrives), become `NewMessage`s (outbound when From is
+the account's or its user's address, or the folder is the \\Sent one; else inbound) and
+go to `Store.store_messages` with the folder's new checkpoint as the `then` callback:
+the messages and the checkpoint that covers them commit together (the commit waits for
+its batch's parse jobs; one that raised fails it), so a crash or kill at any point
+resumes from the last commit without storing anything twice (the store's dedupe by
+Message-ID and the source ref `account/folder/uidvalidity/uid` make replays harmless
+anyway). At most two batches are held: the one being fetched and the one committing.
 """
 
 from __future__ import annotations
