@@ -23,9 +23,14 @@ Then the IMAP tailer (`gateway.imap.manager` and `gateway.imap.tailer`), end to 
 
 * **tailer initial sync**: a second mailbox of N messages, half of them from CRM
   contacts, synced by a real `Tailers` manager (history_days 30, header-first, bodies of
-  the contacts' half only, parse, store with the checkpoint) into SQLite and into
-  PostgreSQL (a fresh database on `--pg-admin`, dropped afterwards): messages stored per
-  second, messages looked at per second, the child process's peak RSS;
+  the contacts' half only, parsed in the worker pool, stored with the checkpoint) into
+  SQLite and into PostgreSQL (a fresh database on `--pg-admin`, dropped afterwards):
+  messages stored per second, messages looked at per second, the child process's peak
+  RSS, and the CPU per stored message of the tailer's process, of its parse workers and
+  of the PostgreSQL backends serving it. `--parse-workers auto,0` gives a row for each
+  setting; `--baseline TREE` adds rows of the mailgw checked out in TREE (a worktree of
+  another commit), interleaved with this tree's (`--rounds` times), so that before and
+  after share one run of a shared machine;
 * **new-mail latency**: `--accounts` (50) mailboxes tailed at once by one manager, all in
   IDLE; then `--latency-messages` (200) messages APPENDed one at a time, round robin,
   timed from the start of the APPEND to the commit of the message in the store: p50,
@@ -42,6 +47,7 @@ than expected. Run it from the repository root:
     python3 bench/imap.py --messages 2000 --json
     python3 bench/imap.py --skip-fetch --skip-latency --stores sqlite
     python3 bench/imap.py --skip-mbsync --keep-temp
+    python3 bench/imap.py --skip-latency --baseline ../wt-main --rounds 2
 """
 
 from __future__ import annotations
@@ -195,14 +201,15 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
-async def tailer_run(port: int, url: str, out_dir: str) -> dict[str, Any]:
+async def tailer_run(port: int, url: str, out_dir: str, parse_workers: str = "") -> dict[str, Any]:
     """The initial sync of TAILER_USER's INBOX through the real tailer into the store."""
     from gateway.crm.contacts import ContactInput, upsert_contacts
     from gateway.imap.manager import Tailers
 
     quiet_logs()
     out = Path(out_dir)
-    cfg = bench_config(out, url, [imap_account("bench", TAILER_USER, port, history_days=30)])
+    sync: dict[str, Any] = {"parse_workers": parse_workers} if parse_workers else {}
+    cfg = bench_config(out, url, [imap_account("bench", TAILER_USER, port, history_days=30)], **sync)
     store = await open_bench_store(cfg)
     await upsert_contacts(store, [ContactInput(email=e) for e in CONTACTS])
     base_rss = vm_hwm_kb("self")
@@ -222,12 +229,38 @@ async def tailer_run(port: int, url: str, out_dir: str) -> dict[str, Any]:
         info = await tailers.accounts.sync_info("bench")
         t = tailers.tailer("bench")
         bodies = t.stats.bodies_fetched if t is not None else -1
+        server_cpu = await pg_backends_cpu(store) if url.startswith("postgresql") else 0.0
     finally:
         await tailers.stop()
         await store.close()
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"stored": info["totals"]["messages"], "looked_at": info["totals"]["fetched"],
             "skipped": info["totals"]["skipped"], "bodies_fetched": bodies, "seconds": elapsed,
-            "base_rss_kb": base_rss, "peak_rss_kb": vm_hwm_kb("self")}
+            "base_rss_kb": base_rss, "peak_rss_kb": vm_hwm_kb("self"),
+            "cpu_main_s": me.ru_utime + me.ru_stime, "cpu_workers_s": kids.ru_utime + kids.ru_stime,
+            "cpu_server_s": server_cpu}
+
+
+async def pg_backends_cpu(store: Any) -> float:
+    """CPU seconds the PostgreSQL backends serving this bench's database have used so far
+    (their /proc stat: the server is local)."""
+    import sqlalchemy as sa
+
+    async with store.engine.connect() as conn:
+        pids = (await conn.execute(sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))).scalars().all()
+    return sum(proc_cpu_s(pid) for pid in pids)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc/<pid>/stat; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 async def latency_run(port: int, url: str, out_dir: str, n_accounts: int, n_messages: int
@@ -453,6 +486,13 @@ def main() -> int:
                                                         "postgresql://postgres@127.0.0.1:5432/test"))
     ap.add_argument("--accounts", type=int, default=50, help="accounts tailed at once (latency)")
     ap.add_argument("--latency-messages", type=int, default=200)
+    ap.add_argument("--parse-workers", default="auto",
+                    help="sync.parse_workers of the tailer rows; a comma list gives a row for each "
+                         "(default: auto)")
+    ap.add_argument("--baseline", metavar="TREE",
+                    help="also run the tailer rows with the mailgw in TREE (a worktree of another "
+                         "commit), interleaved with this one's: before/after in one run")
+    ap.add_argument("--rounds", type=int, default=1, help="tailer rows: runs of each, interleaved")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep-temp", action="store_true")
     ap.add_argument("--client", choices=["headers", "bodies", "bodies-maildir", "tailer", "latency"],
@@ -460,12 +500,14 @@ def main() -> int:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--repo", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.client in ("tailer", "latency"):
-        sys.path.insert(0, str(REPO))
+        sys.path.insert(0, args.repo or str(REPO))
         if args.client == "tailer":
-            res = asyncio.run(tailer_run(args.port, args.url, args.out))
+            res = asyncio.run(tailer_run(args.port, args.url, args.out,
+                                         "" if args.repo else args.parse_workers))
         else:
             res = asyncio.run(latency_run(args.port, args.url, args.out, args.accounts,
                                           args.latency_messages))
@@ -551,23 +593,39 @@ def main() -> int:
             conn.select("INBOX", readonly=True)
             conn.uid("FETCH", "1:*", "(FLAGS)")
             conn.logout()
-            for kind in stores:
-                url = new_store_url(kind, tmp, args.pg_admin, databases)
-                out_dir = tmp / f"tailer-{kind}"
-                out_dir.mkdir()
-                print(f"running the tailer's initial sync into {kind} ...", file=sys.stderr)
-                out, wall, rss_kb, cpu = run_child(
-                    [sys.executable, __file__, "--client", "tailer", "--port", str(dc.port),
-                     "--url", url, "--out", str(out_dir)], env)
-                res = json.loads(out)
-                tailer_rows.append({"store": kind, "mailbox": n, "stored": res["stored"],
-                                    "looked_at": res["looked_at"], "bodies": res["bodies_fetched"],
-                                    "seconds": res["seconds"],
-                                    "stored_per_s": res["stored"] / res["seconds"],
-                                    "looked_at_per_s": res["looked_at"] / res["seconds"],
-                                    "peak_rss_mb": max(rss_kb, res["peak_rss_kb"]) / 1024,
-                                    "rss_after_imports_mb": res["base_rss_kb"] / 1024, "cpu_s": cpu})
-                failed |= res["stored"] != (n + 1) // 2 or res["bodies_fetched"] != (n + 1) // 2
+            variants: list[tuple[str, str | None, str]] = [
+                (f"mailgw, parse_workers {w}", None, w)
+                for w in (x.strip() for x in args.parse_workers.split(",")) if w]
+            if args.baseline:
+                variants.append((f"baseline {Path(args.baseline).name}", args.baseline, ""))
+            for round_ in range(args.rounds):
+                for kind in stores:
+                    for label, repo, workers in variants:   # interleaved: the machine is shared
+                        url = new_store_url(kind, tmp, args.pg_admin, databases)
+                        out_dir = tmp / f"tailer-{kind}-{len(tailer_rows)}"
+                        out_dir.mkdir()
+                        print(f"running the tailer's initial sync into {kind} ({label}, round "
+                              f"{round_ + 1}) ...", file=sys.stderr)
+                        cmd = [sys.executable, __file__, "--client", "tailer", "--port", str(dc.port),
+                               "--url", url, "--out", str(out_dir), "--parse-workers", workers]
+                        child_env = env
+                        if repo:
+                            cmd += ["--repo", repo]
+                            child_env = {**env, "PYTHONPATH": repo}
+                        out, wall, rss_kb, cpu = run_child(cmd, child_env)
+                        res = json.loads(out)
+                        stored = max(1, res["stored"])
+                        tailer_rows.append({
+                            "store": kind, "run": label, "mailbox": n, "stored": res["stored"],
+                            "looked_at": res["looked_at"], "bodies": res["bodies_fetched"],
+                            "seconds": res["seconds"], "stored_per_s": res["stored"] / res["seconds"],
+                            "looked_at_per_s": res["looked_at"] / res["seconds"],
+                            "peak_rss_mb": max(rss_kb, res["peak_rss_kb"]) / 1024,
+                            "rss_after_imports_mb": res["base_rss_kb"] / 1024, "cpu_s": cpu,
+                            "cpu_ms_main": res.get("cpu_main_s", cpu) * 1000 / stored,
+                            "cpu_ms_workers": res.get("cpu_workers_s", 0.0) * 1000 / stored,
+                            "cpu_ms_server": res.get("cpu_server_s", 0.0) * 1000 / stored})
+                        failed |= res["stored"] != (n + 1) // 2 or res["bodies_fetched"] != (n + 1) // 2
 
         if not args.skip_latency:
             for i in range(args.accounts):
@@ -619,12 +677,21 @@ def main() -> int:
     if tailer_rows:
         print("\ninitial sync through the tailer into the store (half of the mailbox from contacts; "
               "header-first, bodies only of what is stored):")
-        print(f"{'store':<12}{'mailbox':>8}{'stored':>8}{'seconds':>9}{'stored/s':>10}"
-              f"{'looked at/s':>13}{'peak RSS MB':>13}{'CPU s':>8}")
+        print(f"{'store':<12}{'run':<30}{'mailbox':>8}{'stored':>7}{'seconds':>8}{'stored/s':>9}"
+              f"{'looked at/s':>12}{'peak RSS MB':>12}  CPU ms per stored: main workers server")
         for r in tailer_rows:
-            print(f"{r['store']:<12}{r['mailbox']:>8}{r['stored']:>8}{r['seconds']:>9.2f}"
-                  f"{r['stored_per_s']:>10.0f}{r['looked_at_per_s']:>13.0f}{r['peak_rss_mb']:>13.1f}"
-                  f"{r['cpu_s']:>8.2f}")
+            print(f"{r['store']:<12}{r['run']:<30}{r['mailbox']:>8}{r['stored']:>7}{r['seconds']:>8.2f}"
+                  f"{r['stored_per_s']:>9.0f}{r['looked_at_per_s']:>12.0f}{r['peak_rss_mb']:>12.1f}"
+                  f"{r['cpu_ms_main']:>26.2f}{r['cpu_ms_workers']:>8.2f}{r['cpu_ms_server']:>7.2f}")
+        print("CPU per stored message: main = the tailer's process (start-up and imports "
+              "included), workers = its parse workers, server = the PostgreSQL backends of its "
+              "connections; peak RSS: the tailer's process alone")
+        fetch = {r["run"]: r["msgs_per_s"] for r in rows}
+        if fetch:
+            beside = ", ".join(f"{k} {v:,.0f} msg/s" for k, v in fetch.items()
+                               if k in ("mailgw bodies", "mbsync (isync) pull"))
+            print(f"beside it, the same client's raw fetch and mbsync of a mailbox of the same "
+                  f"size: {beside}")
     if latency_rows:
         print(f"\nnew mail, APPEND to committed in the store, {args.accounts} accounts in IDLE at once "
               "(one message at a time, round robin):")

@@ -805,6 +805,17 @@ class Sync(Model):
     check_interval: Duration = Field(default=2.0, ge=0.05)
     #: this node's name in leases (default: host name and process id)
     node_id: str | None = None
+    #: worker processes that parse fetched mail (MIME) off the event loop, shared by the
+    #: node's tailers: `auto` one per core (at most 4), 0 parses in a thread of the
+    #: daemon's process instead (README "Connected mailboxes (IMAP sync)")
+    parse_workers: int | Literal["auto"] = Field(default="auto")
+
+    @field_validator("parse_workers")
+    @classmethod
+    def _parse_workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 64:
+            raise ValueError("parse_workers must be auto or between 0 and 64")
+        return v
 
     @model_validator(mode="after")
     def _bounds(self) -> Sync:

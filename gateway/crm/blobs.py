@@ -10,15 +10,13 @@ a transaction that then failed is harmless: the same bytes find it next time.
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.crm import rawfiles
 from gateway.crm.models import raw_table
 from gateway.crm.sql import insert
 from gateway.errors import StoreError
@@ -43,37 +41,12 @@ class RawStore:
 
     def path(self, digest: str) -> Path:
         assert self.directory is not None
-        return self.directory / digest[:2] / digest[2:4] / digest
+        return rawfiles.path(self.directory, digest)
 
     def write_files(self, blobs: Mapping[str, bytes]) -> None:
-        """Write each blob not on disk yet (tmp, fsync, rename): never twice, never half.
-
-        The fsyncs of a batch run side by side (the filesystem's journal commits them
-        together), so a batch costs about one disk flush, not one per message."""
-        pending: list[tuple[Path, Path, int]] = []
-        try:
-            for digest, data in blobs.items():
-                final = self.path(digest)
-                if final.exists():
-                    continue
-                final.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-                tmp = final.with_name(f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                pending.append((tmp, final, fd))
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            if len(pending) > 1:
-                with ThreadPoolExecutor(min(16, len(pending))) as pool:
-                    list(pool.map(os.fsync, [fd for _, _, fd in pending]))
-            elif pending:
-                os.fsync(pending[0][2])
-            for tmp, final, _ in pending:
-                os.replace(tmp, final)
-        finally:
-            for tmp, _, fd in pending:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)   # only left over when something failed
+        """Write each blob not on disk yet (:func:`gateway.crm.rawfiles.write_files`)."""
+        assert self.directory is not None
+        rawfiles.write_files(self.directory, blobs)
 
     def read_file(self, digest: str) -> bytes | None:
         try:

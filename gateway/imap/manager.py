@@ -8,7 +8,9 @@ another node can take the mailbox over, README "Connected mailboxes (IMAP sync)"
 and starts and stops one `AccountTailer` (`gateway.imap.tailer`) per account it holds.
 It owns what the tailers share: the connection slots (`sync.max_connections`), the
 opener (TLS, password or OAuth2 tokens kept encrypted in the store), the `SentCopies`
-appender, and the per-account metrics.
+appender, the parse workers (`gateway.imap.parsing`, `sync.parse_workers`, started at
+start when the configuration tails a mailbox, else on first use; stopped last), and the
+per-account metrics.
 
 SIGHUP (`reload`) restarts tailers whose account configuration changed and retries,
 once, accounts that need reconnecting. SIGTERM (`stop`) lets batches in flight commit,
@@ -38,6 +40,7 @@ from gateway.directory import SecretSource, TokenSource
 from gateway.errors import StoreError
 from gateway.imap.account import open_account
 from gateway.imap.client import IMAPClient
+from gateway.imap.parsing import Parsers, workers_for
 from gateway.imap.placement import place
 from gateway.imap.sent import SentCopies
 from gateway.imap.slots import ConnectionSlots
@@ -98,8 +101,11 @@ class Tailers:
         #: the nodes heard from within sync.lease_ttl at the last look (this one included)
         self.live_nodes: list[str] = [self.node_id]
         self._crashes: dict[str, int] = {}
+        self._warming: asyncio.Task[None] | None = None
         self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
                                self.accounts, log=self.log)
+        #: MIME parsing off the event loop, shared by this node's tailers (sync.parse_workers)
+        self.parsers = Parsers(workers_for(cfg.sync.parse_workers), log=self.log)
 
     # -- connections ------------------------------------------------------------------------
     async def _open(self, account: Account) -> IMAPClient:
@@ -117,7 +123,15 @@ class Tailers:
         except StoreError as exc:
             self.log.error("accounts_not_recorded", error=str(exc))
         await self.sent.start()
+        if any(a.tailed for a in cfg.accounts):   # the workers import while the leases are taken
+            self._warming = asyncio.create_task(self._warm_parsers(), name="imap-parsers")
         self._task = asyncio.create_task(self._control(), name="imap-tailers")
+
+    async def _warm_parsers(self) -> None:
+        try:
+            await self.parsers.start()
+        except Exception as exc:    # the first batch starts them again, and says why it cannot
+            self.log.warning("imap_parsers_not_started", error=str(exc) or type(exc).__name__)
 
     def wake(self) -> None:
         """Look at the accounts now (one was created, changed or deleted at run time)."""
@@ -149,6 +163,7 @@ class Tailers:
         with contextlib.suppress(StoreError):   # the other nodes take its mailboxes at once
             await self.accounts.forget_node(self.node_id)
         await self.sent.stop(timeout)
+        await self._close_parsers()
 
     async def abort(self) -> None:
         """Stop at once without releasing leases (what a crashed node leaves behind; tests)."""
@@ -165,6 +180,7 @@ class Tailers:
                 await r.task
         self.running.clear()
         await self.sent.stop(0.1)
+        await self._close_parsers()
 
     async def _stop_tailers(self, ids: Sequence[str], timeout: float) -> None:
         runs = [self.running.pop(i) for i in ids if i in self.running]
@@ -317,10 +333,18 @@ class Tailers:
         t = AccountTailer(a, get_config=self.get_config, store=self.store, accounts=self.accounts,
                           slots=self.slots, opener=self.opener, log=self.log, retrying=retrying,
                           on_stored=None if hook is None else functools.partial(hook, a.id),
-                          metrics=self.metrics)
+                          metrics=self.metrics, parsers=self.parsers)
         task = asyncio.create_task(t.run(), name=f"imap-tailer-{a.id}")
         self.running[a.id] = _Running(t, task, now + ttl, now + ttl / 3)
         self.log.info("tailer_started", account=a.id, node=self.node_id, retrying=retrying)
+
+    async def _close_parsers(self) -> None:
+        task, self._warming = self._warming, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.parsers.close()
 
     def tailer(self, account_id: str) -> AccountTailer | None:
         r = self.running.get(account_id)

@@ -47,7 +47,7 @@ what a handler raises into the transitions drawn above:
 - SYNC (`_sync`): every due folder is EXAMINEd (read-only) and compared with its
   checkpoint: UIDVALIDITY changed -> checkpoint reset, a "resync" run; not initial_done
   -> INITIAL: catch up above last_uid, then the history window (history_days), newest
-  first, 200 UIDs a batch, checkpoint `backfill_uid` moving down; initial_done ->
+  first, in bulk (below), checkpoint `backfill_uid` moving down; initial_done ->
   CATCH_UP: UIDs above last_uid, ascending. Due are all folders after RESOLVE, and
   every sync.poll_interval (INBOX last, so that it stays selected for IDLE); after IDLE
   saw new mail, only INBOX's UIDs above last_uid (no EXAMINE). The session's first SYNC
@@ -66,18 +66,23 @@ what a handler raises into the transitions drawn above:
 - NEEDS_RECONNECT (`_needs_reconnect`): the status with the server's words (and its
   webhook, `account.needs_reconnect`); no retry until SIGHUP or `accounts enable`.
 
-Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for at most 200
-UIDs, the addresses go to `Store.concerning` (contacts, company domains, `crm.exclude`,
-`auto_create_contacts`), and only the messages that will be stored, and delivery
-reports, read receipts and feedback reports (which the store records as events on the
-message they are about, never as conversations), get `BODY.PEEK[]`
-(nothing is ever marked \\Seen: EXAMINE and PEEK only). Bodies are parsed off the event
-loop, become `NewMessage`s (outbound when From is the account's or its user's address,
-or the folder is the \\Sent one; else inbound) and go to `Store.store_messages` with the
-folder's new checkpoint as the `then` callback: the messages and the checkpoint that
-covers them commit together, so a crash or kill at any point resumes from the last
-commit without storing anything twice (the store's dedupe by Message-ID and the source
-ref `account/folder/uidvalidity/uid` make replays harmless anyway).
+Every batch is header-first: `UID FETCH (BODY.PEEK[HEADER.FIELDS (...)])` for the batch
+(BATCH, 200 UIDs, while tailing; BULK_BATCH, 1,000, when more than 200 are to be read:
+the initial sync and large catch-ups), the addresses go to `Store.concerning` (contacts,
+company domains, `crm.exclude`, `auto_create_contacts`), and only the messages that will
+be stored, and delivery reports, read receipts and feedback reports (which the store
+records as events on the message they are about, never as conversations), get
+`BODY.PEEK[]` (nothing is ever marked \\Seen: EXAMINE and PEEK only), in FETCHes of at
+most BODY_FETCH_COUNT messages and BODY_FETCH_BYTES. Header blocks and bodies are parsed
+by the node's parse workers (`gateway.imap.parsing`: processes, off the event loop; each
+body FETCH one job, started as it arrives), become `NewMessage`s (outbound when From is
+the account's or its user's address, or the folder is the \\Sent one; else inbound) and
+go to `Store.store_messages` with the folder's new checkpoint as the `then` callback:
+the messages and the checkpoint that covers them commit together (the commit waits for
+its batch's parse jobs; one that raised fails it), so a crash or kill at any point
+resumes from the last commit without storing anything twice (the store's dedupe by
+Message-ID and the source ref `account/folder/uidvalidity/uid` make replays harmless
+anyway). At most two batches are held: the one being fetched and the one committing.
 """
 
 from __future__ import annotations
@@ -105,11 +110,13 @@ from gateway.errors import (
 from gateway.imap.backoff import Backoff
 from gateway.imap.client import HEADER_FIELDS as CLIENT_HEADER_FIELDS
 from gateway.imap.client import Folder, IMAPClient, MailboxState, MessageBody, MessageHeaders
+from gateway.imap.parsing import BodyJob, Parsers
+from gateway.imap.protocol import uid_set
 from gateway.imap.slots import ConnectionSlots
 from gateway.mail.autoreply import kind_of
 from gateway.mail.own import OwnAddresses
 from gateway.mail.parse import HEADER_FIELDS as PARSE_HEADER_FIELDS
-from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
+from gateway.mail.parse import HeaderInfo
 from gateway.records import REPORT_KINDS, NewMessage, SourceRef
 
 if TYPE_CHECKING:
@@ -126,10 +133,19 @@ T = TypeVar("T")
 
 #: header fields of the header-first pass: what the client and the parser each look at
 HEADER_FIELDS: tuple[str, ...] = tuple(dict.fromkeys([*CLIENT_HEADER_FIELDS, *PARSE_HEADER_FIELDS]))
-#: UIDs per header FETCH (and per store transaction)
+#: UIDs per header FETCH (and per store transaction) while tailing
 BATCH = 200
+#: UIDs per header FETCH (and per store transaction) when there are more than BATCH to
+#: read: the initial sync and any large catch-up
+BULK_BATCH = 1000
 #: raw bytes gathered before a store transaction, whatever the count
 FLUSH_BYTES = 16 * 1024 * 1024
+#: one body FETCH asks for at most this many messages, and (by their RFC822.SIZE) at
+#: most this many bytes, unless one message alone is larger
+BODY_FETCH_COUNT = 200
+BODY_FETCH_BYTES = 4 * 1024 * 1024
+#: the longest UID set a header FETCH of a whole batch may send (else BATCH UIDs a FETCH)
+MAX_SET_CHARS = 4000
 #: messages larger than this are stored from their headers only (never held in memory)
 MAX_BODY = 32 * 1024 * 1024
 #: one store call (a batch with its checkpoint) must finish within this
@@ -195,7 +211,7 @@ class AccountTailer:
     def __init__(self, account: Account, *, get_config: Callable[[], Config], store: Store,
                  accounts: Accounts, slots: ConnectionSlots, opener: Opener, log: Any = None,
                  retrying: bool = False, on_stored: Callable[[list[NewMessage]], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, parsers: Parsers | None = None) -> None:
         self.account = account
         self.get_config = get_config
         self.store = store
@@ -206,6 +222,7 @@ class AccountTailer:
         self.retrying = retrying        # status is needs_reconnect: this is the one retry
         self.on_stored = on_stored
         self.metrics = metrics
+        self.parsers = parsers or Parsers(0)     # the node's pool (gateway.imap.parsing)
         self.state = TailState.WAIT_SLOT
         self.stats = TailerStats()
         self._stop = asyncio.Event()
@@ -579,9 +596,10 @@ class AccountTailer:
                 since = (datetime.now(UTC) - timedelta(days=days)).date()
                 low = cp.backfill_uid
                 uids = sorted((u for u in await imap.search_since(since) if u < low), reverse=True)
-                for i in range(0, len(uids), BATCH):
+                step = _batch_size(len(uids))
+                for i in range(0, len(uids), step):
                     self._check_stop()
-                    await self._batch(imap, folder, uids[i:i + BATCH], descending=True,
+                    await self._batch(imap, folder, uids[i:i + step], descending=True,
                                       counts=counts, run_id=run_id)
                 await self._settle()
             cp = dataclasses.replace(self._cps[folder.name], initial_done=True)
@@ -625,9 +643,10 @@ class AccountTailer:
         started = datetime.now(UTC)
         error: str | None = None
         try:
-            for i in range(0, len(uids), BATCH):
+            step = _batch_size(len(uids))
+            for i in range(0, len(uids), step):
                 self._check_stop()
-                await self._batch(imap, folder, uids[i:i + BATCH], descending=False,
+                await self._batch(imap, folder, uids[i:i + step], descending=False,
                                   counts=counts, run_id=run_id)
             await self._settle()
             cp = self._cps[folder.name]
@@ -645,12 +664,21 @@ class AccountTailer:
 
     async def _batch(self, imap: IMAPClient, folder: Folder, uids: list[int], *, descending: bool,
                      counts: RunCounts, run_id: int | None) -> None:
-        """Header-first for up to 200 UIDs (in the order given), bodies of the wanted ones,
-        stored with the checkpoint that covers them. The store transaction runs while the
-        next batch is fetched (`_commit_later`); `_settle()` waits for it."""
-        heads: list[MessageHeaders] = [h async for h in imap.fetch_headers(uids, fields=HEADER_FIELDS)]
+        """Header-first for a batch of UIDs (in the order given), bodies of the wanted ones,
+        stored with the checkpoint that covers them.
+
+        The header blocks and the bodies are parsed by the node's `Parsers` (worker
+        processes): each body FETCH (at most BODY_FETCH_COUNT messages, BODY_FETCH_BYTES)
+        becomes one parse job, started as soon as it arrives, while the next FETCH is
+        read. The store transaction waits for its batch's jobs and runs while the next
+        batch is fetched (`_commit_later`); `_settle()` waits for it."""
+        # one FETCH for the batch, unless its UID set is long (scattered UIDs): servers
+        # need only take commands of 8,000 octets (RFC 7162), so 200 UIDs a FETCH then
+        one = len(uid_set(uids)) <= MAX_SET_CHARS if uids else True
+        heads: list[MessageHeaders] = [h async for h in imap.fetch_headers(
+            uids, fields=HEADER_FIELDS, batch=len(uids) if one else BATCH)]
         # header blocks come from outside (up to a megabyte each): read them off the loop
-        infos = await asyncio.to_thread(lambda: [parse_headers(h.header) for h in heads])
+        infos = await self.parsers.headers([h.header for h in heads])
         verdicts = await asyncio.wait_for(self.store.concerning(
             [[i.from_addr, *i.to_addrs, *i.cc_addrs, *i.bcc_addrs] for i in infos],
             [i.display_names for i in infos]), STORE_TIMEOUT)
@@ -672,29 +700,55 @@ class AccountTailer:
             return dataclasses.replace(cp, last_uid=max(cp.last_uid, uid))
 
         large = [(h, i) for h, i in wanted if h.size > MAX_BODY]
-        small = [h.uid for h, _ in wanted if h.size <= MAX_BODY]
+        small = [h for h, _ in wanted if h.size <= MAX_BODY]
         pending: list[NewMessage] = [self._from_headers(folder, uidvalidity, h, i) for h, i in large]
-        bodies: list[MessageBody] = []
+        jobs: list[asyncio.Future[list[NewMessage]]] = []
         size = 0
-        async for body in imap.fetch_bodies(small):
-            self.stats.bodies_fetched += 1
-            bodies.append(body)
-            size += len(body.raw)
-            if size >= FLUSH_BYTES:
-                pending += await asyncio.to_thread(self._parse, folder, uidvalidity, bodies)
-                await self._commit_later(folder, pending, covered(body.uid), run_id, counts)
-                pending, bodies, size = [], [], 0
-                self._check_stop()
-        if bodies:
-            pending += await asyncio.to_thread(self._parse, folder, uidvalidity, bodies)
-        await self._commit_later(folder, pending, covered(uids[-1]), run_id, counts)
+        try:
+            for chunk in _body_chunks(small):
+                bodies = [b async for b in imap.fetch_bodies(chunk, batch=len(chunk))]
+                self.stats.bodies_fetched += len(bodies)
+                if bodies:
+                    jobs.append(asyncio.ensure_future(
+                        self.parsers.bodies(self._job(folder, uidvalidity, bodies))))
+                size += sum(len(b.raw) for b in bodies)
+                if size >= FLUSH_BYTES and bodies:
+                    batch_jobs, jobs = jobs, []
+                    await self._commit_later(folder, pending, covered(bodies[-1].uid), run_id,
+                                             counts, batch_jobs)
+                    pending, size = [], 0
+                    self._check_stop()
+        except BaseException:
+            _discard(jobs)
+            raise
+        await self._commit_later(folder, pending, covered(uids[-1]), run_id, counts, jobs)
 
     async def _commit_later(self, folder: Folder, items: list[NewMessage], cp: Checkpoint,
-                            run_id: int | None, counts: RunCounts | None) -> None:
+                            run_id: int | None, counts: RunCounts | None,
+                            jobs: Sequence[asyncio.Future[list[NewMessage]]] = ()) -> None:
         """Start this commit once the previous one is done (commits stay in order; a failed
-        one raises here), and return without waiting for it."""
-        await self._settle()
-        self._inflight = asyncio.create_task(self._commit(folder, items, cp, run_id, counts))
+        one raises here), and return without waiting for it. The commit first waits for
+        the parse `jobs` of its messages (in order, after `items`); a job that raises
+        fails the commit: nothing of it is stored, the checkpoint stays."""
+        try:
+            await self._settle()
+        except BaseException:
+            _discard(jobs)
+            raise
+        self._inflight = asyncio.create_task(
+            self._commit_parsed(folder, items, jobs, cp, run_id, counts))
+
+    async def _commit_parsed(self, folder: Folder, items: list[NewMessage],
+                             jobs: Sequence[asyncio.Future[list[NewMessage]]], cp: Checkpoint,
+                             run_id: int | None, counts: RunCounts | None) -> Checkpoint:
+        if jobs:
+            try:
+                done = await asyncio.gather(*jobs)
+            except BaseException:
+                _discard(jobs)
+                raise
+            items = [*items, *(m for ms in done for m in ms)]
+        return await self._commit(folder, items, cp, run_id, counts)
 
     async def _settle(self) -> None:
         """Wait for the commit in flight, if any (its failure raises here)."""
@@ -752,18 +806,18 @@ class AccountTailer:
                          at=datetime.now(UTC), account=self.id, folder=folder.name,
                          uidvalidity=uidvalidity, uid=uid)
 
-    def _parse(self, folder: Folder, uidvalidity: int, bodies: Sequence[MessageBody]) -> list[NewMessage]:
-        """Bodies -> NewMessages (runs in a worker thread: parsing is CPU work)."""
-        out = []
-        for b in bodies:
-            p = parse_message(b.raw)
-            m = NewMessage.from_parsed(p, b.raw, direction=self._direction(folder, p.from_addr),
-                                       sources=[self._source(folder, uidvalidity, b.uid)],
-                                       account=self.id, user=self._user)
-            if m.date is None:   # no readable Date header: when the server received it
-                m.date = b.internaldate
-            out.append(m)
-        return out
+    def _job(self, folder: Folder, uidvalidity: int, bodies: Sequence[MessageBody]) -> BodyJob:
+        """One parse job (plain values: it goes to a worker process) for fetched bodies.
+
+        With `store.raw: disk` the worker writes the raw files itself and the bytes do not
+        come back; with `none` they are dropped there."""
+        raw = self.store.raw
+        return BodyJob(account=self.id, folder=folder.name, sent_folder=folder.special_use == "\\Sent",
+                       own=self._own.account_addresses(self.id), user=self._user,
+                       uidvalidity=uidvalidity,
+                       bodies=[(b.uid, b.raw, b.internaldate) for b in bodies],
+                       raw_dir=str(raw.directory) if raw.on_disk and raw.directory else None,
+                       keep_raw=raw.in_database)
 
     def _from_headers(self, folder: Folder, uidvalidity: int, h: MessageHeaders,
                       i: HeaderInfo) -> NewMessage:
@@ -777,3 +831,32 @@ class AccountTailer:
             snippet=f"(message of {h.size} bytes: body not imported)",
             kind=kind_of(i.headers, subject=i.subject, from_addr=i.from_addr),
             display_names=dict(i.display_names))
+
+
+def _batch_size(n: int) -> int:
+    """UIDs a batch: BATCH while tailing, BULK_BATCH when there are more than BATCH to read."""
+    return BULK_BATCH if n > BATCH else BATCH
+
+
+def _body_chunks(heads: Sequence[MessageHeaders]) -> list[list[int]]:
+    """The UIDs of `heads` in body FETCHes of at most BODY_FETCH_COUNT messages and (by
+    RFC822.SIZE) BODY_FETCH_BYTES bytes, a larger message alone; in order."""
+    out: list[list[int]] = []
+    chunk: list[int] = []
+    size = 0
+    for h in heads:
+        if chunk and (len(chunk) >= BODY_FETCH_COUNT or size + h.size > BODY_FETCH_BYTES):
+            out.append(chunk)
+            chunk, size = [], 0
+        chunk.append(h.uid)
+        size += h.size
+    if chunk:
+        out.append(chunk)
+    return out
+
+
+def _discard(jobs: Sequence[asyncio.Future[Any]]) -> None:
+    """Parse jobs whose batch will not be committed: cancelled, their failures read (not logged)."""
+    for job in jobs:
+        job.cancel()
+        job.add_done_callback(lambda f: None if f.cancelled() else f.exception())

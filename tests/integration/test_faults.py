@@ -31,6 +31,7 @@ from gateway.api.webhooks import JITTER, Endpoint, WebhookDispatcher, targets
 from gateway.config import Account
 from gateway.crm import outbox
 from gateway.crm.store import Store
+from gateway.imap import tailer as tailer_mod
 from gateway.imap.client import IMAPClient
 from gateway.metrics import Metrics
 from gateway.records import AcceptedMessage
@@ -305,9 +306,12 @@ async def _count(store: Store) -> int:
     return len(await stored_ids(store))
 
 
-async def test_imap_server_killed_mid_fetch_stores_every_message_once(tmp_path: Path) -> None:
+async def test_imap_server_killed_mid_fetch_stores_every_message_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_tool("dovecot")
     n = 450                                  # batches of 200 UIDs, bodies 50 a FETCH
+    monkeypatch.setattr(tailer_mod, "BULK_BATCH", 200)
+    monkeypatch.setattr(tailer_mod, "BODY_FETCH_COUNT", 50)
     with Dovecot() as dovecot:
         user = new_user(dovecot)
         now = datetime.now(UTC)

@@ -9,7 +9,7 @@ checkpoint committed with the messages, one-way accounts, leases between two nod
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,8 +18,10 @@ import sqlalchemy as sa
 
 from gateway.crm.accounts import Accounts
 from gateway.crm.store import Store
+from gateway.imap import tailer as tailer_mod
 from gateway.imap.client import Folder, MessageBody
 from gateway.imap.manager import Tailers
+from gateway.imap.parsing import Parsers
 from gateway.imap.slots import ConnectionSlots
 from gateway.imap.tailer import AccountTailer, TailState
 from gateway.mail.parse import parse_message
@@ -73,6 +75,10 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
 
 def now_minus(**kw: float) -> datetime:
     return datetime.now(UTC) - timedelta(**kw)
+
+
+async def _has(runs: Awaitable[set[tuple[str, str, str]]], run: tuple[str, str, str]) -> bool:
+    return run in await runs
 
 
 async def running(t: Tailers, aid: str, state: TailState = TailState.TAIL) -> None:
@@ -137,10 +143,15 @@ async def test_initial_sync_filters_header_first_and_idle_brings_new_mail(
         await wait_until(arrived, 20, "the new message stored through IDLE")
         assert skipped_uid not in {u for _, u in spy.body_uids}
         assert spy.logins == 1                                         # one connection all along
-        info = await tailers.accounts.sync_info("rep")
-        kinds = {(r["folder"], r["kind"], r["status"]) for r in info["recent_runs"]}
+
+        async def runs() -> set[tuple[str, str, str]]:
+            info = await tailers.accounts.sync_info("rep")
+            return {(r["folder"], r["kind"], r["status"]) for r in info["recent_runs"]}
+
+        # the tail pass records its run right after the commit the wait above saw
+        await wait_until(lambda: _has(runs(), ("INBOX", "tail", "ok")), 10, "the tail run")
+        kinds = await runs()
         assert ("INBOX", "initial", "ok") in kinds and ("Sent Items", "initial", "ok") in kinds
-        assert ("INBOX", "tail", "ok") in kinds
     finally:
         await tailers.stop()
     row = await tailers.accounts.get("rep")
@@ -262,28 +273,40 @@ async def test_uidvalidity_change_resyncs_without_duplicates(
         await tailers.stop()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
 async def test_fetched_bodies_become_messages_as_on_every_other_path(
-        sqlite_store: Store, tmp_path: Path) -> None:
-    # no server needed: the parse step of a batch, on bodies as fetch_bodies yields them
+        tmp_path: Path, workers: int) -> None:
+    # no server needed: the parse step of a batch, on bodies as fetch_bodies yields them,
+    # in a thread (parse_workers: 0) and in a worker process, which writes the raw files
     cfg = make_config(tmp_path, [{"id": "rep", "email": "rep@example.test",
                                   "imap": {"host": "127.0.0.1", "port": 1, "tls": "none"},
                                   "sync": {"enabled": False}}])
-    tailer = AccountTailer(cfg.accounts[0], get_config=lambda: cfg, store=sqlite_store,
-                           accounts=Accounts(sqlite_store), slots=ConnectionSlots(1),
-                           opener=None)  # type: ignore[arg-type]
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/crm.db", raw_dir=tmp_path / "raw")
+    parsers = Parsers(workers, pool_min=1)
+    tailer = AccountTailer(cfg.accounts[0], get_config=lambda: cfg, store=store,
+                           accounts=Accounts(store), slots=ConnectionSlots(1),
+                           opener=None, parsers=parsers)  # type: ignore[arg-type]
     received = datetime(2026, 5, 4, 3, 2, 1, tzinfo=UTC)
     dated = message("dated", sender=LEAD, to="rep@example.test", message_id="<d@test>",
                     date=received - timedelta(days=1))
     undated = dated.replace(b"Date: ", b"X-Old-Date: ").replace(b"<d@test>", b"<u@test>")
     bodies = [MessageBody(uid=uid, raw=raw, flags=frozenset(), internaldate=received)
               for uid, raw in ((1, dated), (2, undated))]
-    got = tailer._parse(Folder("INBOX"), 7, bodies)
+    try:
+        got = await parsers.bodies(tailer._job(Folder("INBOX"), 7, bodies))
+    finally:
+        await parsers.close()
+        await store.close()
+    assert parsers.jobs == (1 if workers else 0)
     for m, raw in zip(got, (dated, undated), strict=True):
         want = NewMessage.from_parsed(parse_message(raw), raw, direction="inbound",
                                       sources=m.sources, account="rep")
         assert m.date is not None and want.date in (m.date, None)
-        assert (m.message_id, m.dedupe_hash, m.attachments, m.size, m.raw) == \
-            (want.message_id, want.dedupe_hash, want.attachments, want.size, raw)
+        assert (m.message_id, m.dedupe_hash, m.attachments, m.size, m.text_body) == \
+            (want.message_id, want.dedupe_hash, want.attachments, want.size, want.text_body)
+        # store.raw: disk: the file is written before the messages come back, without the bytes
+        assert m.raw is None and m.raw_sha256 == want.raw_sha256
+        assert store.raw.read_file(want.raw_sha256 or "") == raw
     assert [m.date for m in got] == [received - timedelta(days=1), received]
     assert [(s.ref, s.uidvalidity, s.uid) for m in got for s in m.sources] == [
         ("rep/INBOX/7/1", 7, 1), ("rep/INBOX/7/2", 7, 2)]
@@ -414,7 +437,9 @@ async def test_oauth2_through_dovecots_oauth2_passdb(sqlite_store: Store, doveco
 # -- checkpoints ------------------------------------------------------------------------------
 
 async def test_killed_mid_sync_resumes_from_the_committed_checkpoint(
-        store: Store, dovecot: Dovecot, user: str, tmp_path: Path) -> None:
+        store: Store, dovecot: Dovecot, user: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tailer_mod, "BULK_BATCH", 200)     # 450 messages: three batches
     await add_contacts(store, LEAD)
     n = 450
     # in arrival order (UIDs ascending): bulk0 is the newest, delivered last

@@ -133,3 +133,22 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_duration() -> None:
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize(("value", "workers"), [("auto", None), ("0", 0), ("3", 3)])
+def test_parse_workers(tmp_path: Path, value: str, workers: int | None) -> None:
+    from gateway.imap.parsing import MAX_AUTO_WORKERS, workers_for
+
+    cfg = load_config(write(tmp_path, f"hostname: gw.example.com\nsync:\n  parse_workers: {value}\n"))
+    got = workers_for(cfg.sync.parse_workers)
+    if workers is None:
+        assert 1 <= got <= MAX_AUTO_WORKERS
+    else:
+        assert got == workers
+
+
+@pytest.mark.parametrize("value", ["-1", "65", "many"])
+def test_parse_workers_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, f"hostname: gw.example.com\nsync:\n  parse_workers: {value}\n"))
+    assert any("sync.parse_workers" in str(p) for p in ei.value.problems)
