@@ -809,6 +809,10 @@ class Sync(Model):
     #: node's tailers: `auto` one per core (at most 4), 0 parses in a thread of the
     #: daemon's process instead (README "Connected mailboxes (IMAP sync)")
     parse_workers: int | Literal["auto"] = Field(default="auto")
+    #: folders in their initial sync at once on this node; the others wait their turn
+    #: (with a thousand new mailboxes, all at once would hold every store connection and
+    #: parse buffer: checkpoint reads and lease renewals timed out)
+    initial_syncs: int = Field(default=8, ge=1, le=1000)
 
     @field_validator("parse_workers")
     @classmethod

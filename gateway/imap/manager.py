@@ -106,6 +106,8 @@ class Tailers:
                                self.accounts, log=self.log)
         #: MIME parsing off the event loop, shared by this node's tailers (sync.parse_workers)
         self.parsers = Parsers(workers_for(cfg.sync.parse_workers), log=self.log)
+        #: folders in their initial sync at once (sync.initial_syncs; read at start)
+        self.initial_slots = asyncio.Semaphore(cfg.sync.initial_syncs)
 
     # -- connections ------------------------------------------------------------------------
     async def _open(self, account: Account) -> IMAPClient:
@@ -333,7 +335,8 @@ class Tailers:
         t = AccountTailer(a, get_config=self.get_config, store=self.store, accounts=self.accounts,
                           slots=self.slots, opener=self.opener, log=self.log, retrying=retrying,
                           on_stored=None if hook is None else functools.partial(hook, a.id),
-                          metrics=self.metrics, parsers=self.parsers)
+                          metrics=self.metrics, parsers=self.parsers,
+                          initial_slots=self.initial_slots)
         task = asyncio.create_task(t.run(), name=f"imap-tailer-{a.id}")
         self.running[a.id] = _Running(t, task, now + ttl, now + ttl / 3)
         self.log.info("tailer_started", account=a.id, node=self.node_id, retrying=retrying)

@@ -146,6 +146,8 @@ BODY_FETCH_COUNT = 200
 BODY_FETCH_BYTES = 4 * 1024 * 1024
 #: the longest UID set a header FETCH of a whole batch may send (else BATCH UIDs a FETCH)
 MAX_SET_CHARS = 4000
+#: while a folder waits for an initial-sync slot, a NOOP this often keeps its connection
+INITIAL_SLOT_NOOP = 240.0
 #: messages larger than this are stored from their headers only (never held in memory)
 MAX_BODY = 32 * 1024 * 1024
 #: one store call (a batch with its checkpoint) must finish within this
@@ -211,7 +213,8 @@ class AccountTailer:
     def __init__(self, account: Account, *, get_config: Callable[[], Config], store: Store,
                  accounts: Accounts, slots: ConnectionSlots, opener: Opener, log: Any = None,
                  retrying: bool = False, on_stored: Callable[[list[NewMessage]], None] | None = None,
-                 metrics: Metrics | None = None, parsers: Parsers | None = None) -> None:
+                 metrics: Metrics | None = None, parsers: Parsers | None = None,
+                 initial_slots: asyncio.Semaphore | None = None) -> None:
         self.account = account
         self.get_config = get_config
         self.store = store
@@ -223,6 +226,9 @@ class AccountTailer:
         self.on_stored = on_stored
         self.metrics = metrics
         self.parsers = parsers or Parsers(0)     # the node's pool (gateway.imap.parsing)
+        #: the node's initial syncs at once (sync.initial_syncs): a folder's initial sync
+        #: takes one; tailing and catching up do not
+        self.initial_slots = initial_slots or asyncio.Semaphore(1)
         self.state = TailState.WAIT_SLOT
         self.stats = TailerStats()
         self._stop = asyncio.Event()
@@ -572,9 +578,52 @@ class AccountTailer:
             kind = "resync"
         self._cps[folder.name] = cp
         if not cp.initial_done:
-            await self._initial(imap, folder, state, cp, "initial" if kind == "tail" else kind)
+            if await self._initial_slot(imap, folder):
+                try:   # the folder as it is now, not as it was before the wait
+                    state = await imap.examine(folder)
+                    if state.uidvalidity != cp.uidvalidity:
+                        cp = Checkpoint(folder=folder.name, uidvalidity=state.uidvalidity)
+                        self._cps[folder.name] = cp
+                        kind = "resync"
+                except BaseException:
+                    self.initial_slots.release()
+                    raise
+            try:
+                await self._initial(imap, folder, state, cp, "initial" if kind == "tail" else kind)
+            finally:
+                self.initial_slots.release()
         else:
             await self._catch_up(imap, folder, state, uidnext=state.uidnext)
+
+    async def _initial_slot(self, imap: IMAPClient, folder: Folder) -> bool:
+        """Take one of the node's initial-sync slots (`sync.initial_syncs`), keeping the
+        connection alive while waiting (a NOOP every few minutes: servers log out idle
+        clients after 30); True when it had to wait. Raises _Stopped when stopped first."""
+        if not self.initial_slots.locked():
+            await self.initial_slots.acquire()
+            return False
+        self.log.info("imap_initial_sync_waiting", folder=folder.name)
+        acquire = asyncio.ensure_future(self.initial_slots.acquire())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        taken = False
+        try:
+            while True:
+                await asyncio.wait({acquire, stopper}, timeout=INITIAL_SLOT_NOOP,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if acquire.done():
+                    taken = True
+                    return True
+                if stopper.done():
+                    raise _Stopped()
+                await imap.noop()
+        finally:
+            stopper.cancel()
+            if not taken:
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+                if acquire.done() and not acquire.cancelled():
+                    self.initial_slots.release()   # granted just as we gave up: hand it on
 
     async def _initial(self, imap: IMAPClient, folder: Folder, state: MailboxState, cp: Checkpoint,
                        kind: str) -> None:

@@ -662,3 +662,54 @@ async def test_more_accounts_than_connections_take_turns(
         assert most == 1                                        # one connection at a time
     finally:
         await tailers.stop()
+
+
+async def test_initial_syncs_take_turns_and_all_finish(
+        sqlite_store: Store, dovecot: Dovecot, tmp_path: Path) -> None:
+    """`sync.initial_syncs` bounds the initial syncs running at once on a node (a thousand
+    new mailboxes would otherwise hold every store connection); every mailbox still gets
+    its turn, and a mailbox whose initial sync is done tails new mail meanwhile."""
+    store = sqlite_store
+    await add_contacts(store, LEAD)
+    users = [new_user(dovecot) for _ in range(4)]
+    for i, u in enumerate(users):
+        for j in range(3):
+            dovecot.append(u, "INBOX", message(f"to {i}.{j}", sender=LEAD, to=u,
+                                               message_id=f"<slot{i}.{j}@test>"))
+    cfg = make_config(tmp_path, [account_dict(dovecot, u, tmp_path, aid=f"s{i}",
+                                              sync={"folders": ["INBOX"]})
+                                 for i, u in enumerate(users)],
+                      sync={"initial_syncs": 1})
+    tailers, _ = tailers_for(cfg, store)
+    syncing: set[str] = set()
+    most = 0
+    real_initial = AccountTailer._initial
+
+    async def counted(self: AccountTailer, *args: object, **kw: object) -> None:
+        nonlocal most
+        syncing.add(self.id)
+        most = max(most, len(syncing))
+        try:
+            await asyncio.sleep(0.2)   # long enough for the others to be waiting
+            await real_initial(self, *args, **kw)  # type: ignore[arg-type]
+        finally:
+            syncing.discard(self.id)
+
+    accounts = Accounts(store)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AccountTailer, "_initial", counted)
+        await tailers.start()
+        try:
+            for i in range(4):
+                await wait_synced(accounts, f"s{i}", ["INBOX"], timeout=30)
+            assert {f"<slot{i}.{j}@test>" for i in range(4) for j in range(3)} <= await stored_ids(store)
+            assert most == 1                       # one initial sync at a time
+            await asyncio.to_thread(dovecot.append, users[0], "INBOX", message(
+                "later", sender=LEAD, to=users[0], message_id="<slot-later@test>"))
+            await wait_until(lambda: _stored(store, "<slot-later@test>"), 30, "new mail tailed")
+        finally:
+            await tailers.stop()
+
+
+async def _stored(store: Store, message_id: str) -> bool:
+    return message_id in await stored_ids(store)
