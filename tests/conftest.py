@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -55,7 +56,34 @@ def require_tool(name: str) -> str:
     return path
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_RANDOM = random.Random()   # seeded from os.urandom: each worker and session its own order
+
+
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a test starts.
+
+    Picked at random below the kernel's ephemeral range: a port bind(0) hands out is one
+    that any outgoing connection on the machine (other workers, other test runs, their
+    PostgreSQL clients) may take between this check and the server's bind.
+    """
+    low, _high = _ephemeral_ports()
+    if low > 12000:
+        for _ in range(200):
+            port = _RANDOM.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
