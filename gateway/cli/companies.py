@@ -7,8 +7,6 @@ import asyncio
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_json, print_rows, with_store
 from gateway.config import Config
-from gateway.crm.companies import get_company, list_companies, normalize_domain
-from gateway.crm.store import Store
 from gateway.errors import NotFound, UsageError
 
 
@@ -29,6 +27,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _companies(args: argparse.Namespace) -> int:
+    from gateway.crm.companies import normalize_domain
+
     cfg = config(args)
     if args.companies_cmd == "show":
         domain = normalize_domain(args.domain)
@@ -41,6 +41,8 @@ def _companies(args: argparse.Namespace) -> int:
 
 
 async def _list(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.crm.companies import list_companies
+
     rows = await with_store(cfg, lambda store: list_companies(
         store, search=args.search, after=args.after, limit=args.limit))
     return print_rows(rows, args.json, lambda r: (
@@ -50,6 +52,9 @@ async def _list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _show(cfg: Config, domain: str, as_json: bool) -> int:
+    from gateway.crm.companies import get_company
+    from gateway.crm.store import Store
+
     store = await Store.from_config(cfg)
     try:
         row = await get_company(store, domain)

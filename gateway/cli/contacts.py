@@ -5,18 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_rows, with_store
 from gateway.config import Config
-from gateway.crm.contacts import (
-    ContactInput,
-    list_contacts,
-    read_csv_file,
-    resolve_owners,
-    upsert_contacts,
-)
-from gateway.crm.identify import list_ambiguous
-from gateway.crm.store import Store
+
+if TYPE_CHECKING:   # the store is imported by the handlers: other commands start faster
+    from gateway.crm.contacts import ContactInput
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -41,6 +36,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _contacts(args: argparse.Namespace) -> int:
+    from gateway.crm.contacts import read_csv_file, resolve_owners
+
     cfg = config(args)
     if args.contacts_cmd == "import":
         rows = read_csv_file(args.file)   # ConfigError (exit 2) lists every bad line
@@ -55,6 +52,9 @@ def _contacts(args: argparse.Namespace) -> int:
 
 
 async def _import(cfg: Config, args: argparse.Namespace, rows: list[ContactInput]) -> int:
+    from gateway.crm.contacts import upsert_contacts
+    from gateway.crm.store import Store
+
     store = await Store.from_config(cfg)
     try:
         r = await upsert_contacts(store, rows)
@@ -66,6 +66,8 @@ async def _import(cfg: Config, args: argparse.Namespace, rows: list[ContactInput
 
 
 async def _list(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.crm.contacts import list_contacts
+
     rows = await with_store(cfg, lambda store: list_contacts(
         store, search=args.search, after=args.after, limit=args.limit))
     return print_rows(rows, args.json, lambda r: (
@@ -74,6 +76,8 @@ async def _list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _ambiguous(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.crm.identify import list_ambiguous
+
     rows = await with_store(cfg, lambda store: list_ambiguous(store, after=args.after, limit=args.limit))
     return print_rows(rows, args.json, lambda r: (
         f"{r['address']:<36} {r['name'][:28]:<28} {r['messages']:>5}  {', '.join(r['candidates'])}"),

@@ -22,11 +22,6 @@ from gateway.cli.common import EXIT_OK, Subparsers, config, user_for_sender
 from gateway.config import generated_secret_path, read_secret
 from gateway.errors import MailError, UsageError
 from gateway.ids import new_queue_id
-from gateway.pipeline.dkim import Signer
-from gateway.pipeline.outbound import Outbound
-from gateway.policy import policies_for
-from gateway.relay import Submission, prepare, received_header, take_controls
-from gateway.tracking.tokens import TokenSigner
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -42,6 +37,14 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    # the pipeline and the relay (which loads the store) are imported here, not at the top:
+    # every other command starts without them
+    from gateway.pipeline.dkim import Signer
+    from gateway.pipeline.outbound import Outbound
+    from gateway.policy import policies_for
+    from gateway.relay import Submission, prepare, received_header, take_controls
+    from gateway.tracking.tokens import TokenSigner
+
     cfg = config(args)
     policies = policies_for(cfg)
     try:

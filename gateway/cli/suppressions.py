@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Iterator
 
 from gateway.cli.common import EXIT_OK, Subparsers, config, print_json
 from gateway.config import Config
-from gateway.crm.models import SUPPRESSION_REASONS
-from gateway.crm.store import Store
-from gateway.crm.suppression import SuppressionList
 from gateway.errors import NotFound, UsageError
+
+
+class _Reasons:
+    """gateway.crm.models.SUPPRESSION_REASONS as argparse's `choices`, read when argparse
+    first looks (a --reason value, the command's help): the models (and SQLAlchemy) are
+    not imported when the parser is built, so other commands start faster."""
+
+    @staticmethod
+    def _values() -> tuple[str, ...]:
+        from gateway.crm.models import SUPPRESSION_REASONS
+
+        return SUPPRESSION_REASONS
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -19,7 +35,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=_suppressions)
     ss = s.add_subparsers(dest="suppressions_cmd", required=True, parser_class=type(common))
     lst = ss.add_parser("list", parents=[common], help="suppressed addresses in address order")
-    lst.add_argument("--reason", choices=SUPPRESSION_REASONS)
+    # set after add_argument, which formats the choices once (and so would import the models)
+    lst.add_argument("--reason").choices = _Reasons()
     lst.add_argument("--prefix", metavar="TEXT", help="addresses starting with TEXT")
     lst.add_argument("--limit", type=int, default=100)
     lst.add_argument("--after", metavar="ADDRESS", help="start after this address (paging)")
@@ -37,6 +54,9 @@ def _suppressions(args: argparse.Namespace) -> int:
 
 
 async def _run(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.crm.store import Store
+    from gateway.crm.suppression import SuppressionList
+
     store = await Store.from_config(cfg)
     try:
         sl = SuppressionList(store)

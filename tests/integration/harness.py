@@ -20,6 +20,7 @@ from gateway.app import App
 from gateway.config import load_config
 from gateway.passwords import hash_password
 from tests.conftest import free_port
+from tests.support.cli import mailgw_in_process
 from tests.support.wait import wait_for
 
 USER = "alice@example.com"
@@ -151,6 +152,13 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`mailgw ARGS -c CONFIG` in this process (tests/support/cli.py): the daemon is the
+        subprocess here; use it only from a plain (not async) test. The daemon's extra
+        environment is not the CLI's: a command that needs it runs with `cli_process`."""
+        return mailgw_in_process([*args, "-c", str(self.config_path)])
+
+    def cli_process(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`python -m gateway ARGS -c CONFIG` as a real subprocess, in the daemon's environment."""
         return subprocess.run([sys.executable, "-m", "gateway", *args, "-c",
                                str(self.config_path)], capture_output=True, text=True,
                               env=self.env, timeout=60)

@@ -1,5 +1,6 @@
-"""`mailgw companies list|show` as a user runs them (subprocesses), and the company and raw
-lines of `mailgw messages show`."""
+"""`mailgw companies list|show` as a user runs them (in this process, `companies list` once
+as the real subprocess; see test_cli_crm), and the company and raw lines of
+`mailgw messages show`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from gateway.config import load_config
 from gateway.crm.store import Store
 from gateway.records import NewMessage, SourceRef
-from tests.integration.test_cli_crm import cfg, mailgw
+from tests.integration.test_cli_crm import cfg, mailgw, mailgw_subprocess
 
 pytestmark = pytest.mark.integration
 __all__ = ["cfg"]   # the fixture, shared with test_cli_crm
@@ -40,7 +41,7 @@ def test_companies_list_show_and_message_lines(cfg: Path, tmp_path: Path) -> Non
             await store.close()
 
     mid = asyncio.run(seed())
-    r = mailgw(cfg, "companies", "list")
+    r = mailgw_subprocess(cfg, "companies", "list")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:2] == ["acme.test", "Acme"] and "2 contact(s)" in lines[0]

@@ -1,11 +1,12 @@
-"""`mailgw contacts import|list` and `mailgw messages list|show` as a user runs them (subprocesses)."""
+"""`mailgw contacts import|list` and `mailgw messages list|show` as a user runs them: most
+commands through `gateway.cli.main` in this process (tests/support/cli.py), one of each
+family as the real subprocess (entry point, exit code, output through the pipe)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,13 +16,19 @@ import yaml
 from gateway.config import load_config
 from gateway.crm.store import Store
 from gateway.records import NewMessage, SourceRef
+from tests.support.cli import mailgw_in_process, mailgw_process
 
 pytestmark = pytest.mark.integration
 
 
 def mailgw(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
+    """`mailgw ARGS -c CFG` in this process."""
+    return mailgw_in_process([*args, "-c", str(cfg)])
+
+
+def mailgw_subprocess(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS -c CFG`, the real subprocess."""
+    return mailgw_process([*args, "-c", str(cfg)])
 
 
 @pytest.fixture
@@ -36,7 +43,7 @@ def cfg(tmp_path: Path) -> Path:
 def test_contacts_import_list_and_linked_messages(cfg: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("email,first_name\ncarol@acme.test,Carol\nnope,X\n")
-    r = mailgw(cfg, "contacts", "import", str(bad))
+    r = mailgw_subprocess(cfg, "contacts", "import", str(bad))
     assert r.returncode == 2 and f"{bad}:3: email: 'nope' is not an e-mail address" in r.stderr
 
     async def seed() -> None:
@@ -62,13 +69,13 @@ def test_contacts_import_list_and_linked_messages(cfg: Path, tmp_path: Path) -> 
     rows = json.loads(r.stdout)
     assert [(c["email"], c["name"], c["company"]) for c in rows] == [
         ("carol@acme.test", "Carol Ng", "Acme")]
-    r = mailgw(cfg, "messages", "list", "--contact", "carol@acme.test", "--json")
+    r = mailgw_subprocess(cfg, "messages", "list", "--contact", "carol@acme.test", "--json")
     msgs = json.loads(r.stdout)
     assert len(msgs) == 1 and msgs[0]["contacts"][0]["email"] == "carol@acme.test"
     r = mailgw(cfg, "messages", "show", str(msgs[0]["id"]), "--json")
     shown = json.loads(r.stdout)
     assert shown["text_body"] == "hi there" and shown["sources"] == ["ingest"]
-    r = mailgw(cfg, "messages", "show", "999")
+    r = mailgw_subprocess(cfg, "messages", "show", "999")
     assert r.returncode == 1 and "no message 999" in r.stderr
 
 

@@ -1,4 +1,5 @@
-"""`mailgw messages search QUERY` as a user runs it (subprocesses): hits printed like
+"""`mailgw messages search QUERY` as a user runs it (in this process, the first search as the
+real subprocess; see test_cli_crm): hits printed like
 `messages list`, the filters, --json, and a query with nothing to search for exits 2."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.crm.store import Store
-from tests.integration.test_cli_crm import cfg, mailgw
+from tests.integration.test_cli_crm import cfg, mailgw, mailgw_subprocess
 from tests.unit.test_search import inbound
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,7 @@ def test_messages_search(cfg: Path) -> None:
             await store.close()
 
     asyncio.run(seed())
-    r = mailgw(cfg, "messages", "search", "price")
+    r = mailgw_subprocess(cfg, "messages", "search", "price")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "Price list" in lines[0] and "Pricing for 2027" in lines[1]

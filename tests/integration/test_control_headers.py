@@ -222,7 +222,12 @@ async def test_send_at_waits_until_then_and_timing_counts_from_delivery(env: Env
 
 
 async def test_queue_delete_cancels_a_scheduled_send(env: Env) -> None:
-    send_at = datetime.now(UTC) + timedelta(seconds=12)  # time for two CLI runs before it
+    # the two CLI runs (real subprocesses) must both come before the send time: give them
+    # 12 s, or four times what one run takes now on a loaded machine (it failed with 12 s)
+    started = time.monotonic()
+    assert await env.queue("list", "--json") == []
+    budget = max(12.0, 4 * (time.monotonic() - started))
+    send_at = datetime.now(UTC) + timedelta(seconds=budget)
     qid = await env.submit_qid(message(f"X-Mailgw-Send-At: {send_at.isoformat()}"))
     await wait_until(lambda: (env.app.spool.dir("deferred") / qid).exists(), timeout=10,
                      what="the scheduled copy in deferred/")
@@ -230,8 +235,8 @@ async def test_queue_delete_cancels_a_scheduled_send(env: Env) -> None:
     assert out.returncode == 2 and "scheduled send" in out.stderr
     assert "deleted" in await env.queue("delete", qid)
     # past the time, and a later message is delivered: the cancelled one never was
-    await wait_until(lambda: datetime.now(UTC) > send_at + timedelta(seconds=1), timeout=20,
-                     what="the scheduled time to pass")
+    await wait_until(lambda: datetime.now(UTC) > send_at + timedelta(seconds=1),
+                     timeout=budget + 10, what="the scheduled time to pass")
     await env.submit(message(subject="after"))
     [got] = await env.upstream.wait_for(1)
     assert b"Subject: after" in got.data

@@ -196,8 +196,8 @@ def test_queue_commands(tmp_path: Path) -> None:
         assert rc["status"] == "pending" and rc["last_reply"].startswith("4")
         show = daemon.cli("queue", "show", qid)
         assert show.returncode == 0 and "Subject: queued-1" in show.stdout
-        assert daemon.cli("queue", "hold", qid2).returncode == 0
-        assert daemon.cli("queue", "delete", "01NOSUCHQUEUEIDNOSUCHQUEU").returncode == 1
+        assert daemon.cli_process("queue", "hold", qid2).returncode == 0   # the real entry point
+        assert daemon.cli_process("queue", "delete", "01NOSUCHQUEUEIDNOSUCHQUEU").returncode == 1
         # the upstream comes back; retry delivers now instead of in an hour
         sink = Sink()
         sink.port = down

@@ -17,6 +17,7 @@ from gateway.app import App
 from tests.conftest import free_port, require_tool
 from tests.integration.harness import PASSWORD, password_hash
 from tests.integration.tailer_support import FAST_SYNC, add_contacts, new_user
+from tests.support.cli import mailgw_in_process
 from tests.support.dovecot import Dovecot, message
 from tests.support.oauth_server import TokenServer
 from tests.support.upstream import Upstream
@@ -335,9 +336,9 @@ def test_the_shell_adds_accounts_and_connects_one_with_the_device_flow(
                 "client_secret_file": "client-secret", "scopes": ["mail", "openid", "email"],
                 "mail_provider": "imap", "imap": imap(dovecot)}}}}))
 
-        def mailgw(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(cfg_path)],
-                                  input=stdin, capture_output=True, text=True, timeout=60)
+        def mailgw(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            # in this process (tests/support/cli.py); `accounts connect` below is the real one
+            return mailgw_in_process([*args, "-c", str(cfg_path)], stdin=stdin)
 
         added = mailgw("accounts", "add", "--id", "pw1", "--email", rep, "--imap-host", dovecot.host,
                        "--imap-port", str(dovecot.port), "--imap-tls", "none", "--secret-stdin",

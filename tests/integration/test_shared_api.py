@@ -5,9 +5,7 @@ line), `today` on accounts, a runtime account made shared through the API."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ from gateway.crm.store import Store
 from gateway.metrics import Metrics
 from gateway.records import NewMessage, SourceRef
 from tests.integration.test_api import TOKEN, Client, check
+from tests.support.cli import mailgw_in_process, mailgw_process
 
 pytestmark = pytest.mark.integration
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g"
@@ -127,9 +126,14 @@ async def test_owners_assignment_and_figures_through_the_api(api: tuple[Store, C
 
 
 def mailgw(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args, "-c",
-                           str(tmp_path / "gateway.yaml")], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    """`mailgw ARGS -c tmp_path/gateway.yaml` in this process (tests/support/cli.py)."""
+    return mailgw_in_process([*args, "-c", str(tmp_path / "gateway.yaml")])
+
+
+def mailgw_subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same as the real subprocess, `python -m gateway` of this tree."""
+    return mailgw_process([*args, "-c", str(tmp_path / "gateway.yaml")],
+                          env={"PYTHONPATH": str(Path(__file__).parents[2])})
 
 
 def test_cli_refuses_unknown_owners_and_shows_figures(tmp_path: Path) -> None:
@@ -165,7 +169,7 @@ accounts:
     assert r.returncode == 2 and "--assigned-to" in r.stderr, r
     r = mailgw(tmp_path, "messages", "list", "--assigned-to", "alice@ours.test")
     assert r.returncode == 0 and "-- 0 message(s)" in r.stdout, r
-    r = mailgw(tmp_path, "accounts", "list")
+    r = mailgw_subprocess(tmp_path, "accounts", "list")
     assert r.returncode == 0 and "SYNCED" in r.stdout and "RECEIVED" in r.stdout, r
     assert "shared: unowned mail -> round_robin (alice@ours.test)" in r.stdout, r.stdout
     r = mailgw(tmp_path, "sync", "status", "sales")

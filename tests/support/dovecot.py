@@ -205,6 +205,10 @@ mail_fsync = never
 maildir_very_dirty_syncs = no
 mail_max_userip_connections = 200
 imap_idle_notify_interval = 1 secs
+# IDLE learns of new mail by inotify; without an inotify instance (the mail user's
+# fs.inotify.max_user_instances used up, e.g. by other Dovecots on the machine) it looks
+# every mailbox_idle_check_interval, 30 s by default: longer than the tests wait
+mailbox_idle_check_interval = 1 secs
 shutdown_clients = yes
 
 namespace inbox {{

@@ -1,14 +1,15 @@
-"""`mailgw policy explain` and `mailgw check` (policies, TLS files), through `python -m gateway`."""
+"""`mailgw policy explain` and `mailgw check` (policies, TLS files), through `gateway.cli.main`
+in this process (tests/support/cli.py), and each through `python -m gateway` too (the text
+explanation, the example config's check, a daemon refusing bad policies)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.support.cli import mailgw_in_process, mailgw_process
 from tests.support.tlscert import make_cert
 from tests.unit.test_policy_engine import setup
 
@@ -17,13 +18,17 @@ EXAMPLE = ROOT / "gateway.example.yaml"
 
 
 def mailgw(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=60)
+    """`mailgw ARGS` run in this process from `cwd`."""
+    return mailgw_in_process(args, cwd=cwd)
+
+
+def mailgw_subprocess(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` of this tree, run from `cwd`."""
+    return mailgw_process(args, cwd=cwd, env={"PYTHONPATH": str(ROOT)})
 
 
 def test_explain_text() -> None:
-    out = mailgw("policy", "explain", "-c", str(EXAMPLE), "--from", "rep@sales.example.test",
+    out = mailgw_subprocess("policy", "explain", "-c", str(EXAMPLE), "--from", "rep@sales.example.test",
                  "--to", "lawyer@counsel.example.test", "--subject", "Contract")
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -90,7 +95,7 @@ def test_check_and_explain_report_bad_policies(tmp_path: Path) -> None:
     assert f"{bad}:3: [0].set.track_opens: Input should be a valid boolean" in out.stderr
     out = mailgw("policy", "explain", "-c", str(cfg), "--from", "a@b.test", "--to", "c@d.test")
     assert out.returncode == 2 and f"{bad}:3:" in out.stderr
-    out = mailgw("run", "-c", str(cfg))           # the daemon refuses to start: exit 2
+    out = mailgw_subprocess("run", "-c", str(cfg))   # the daemon refuses to start: exit 2
     assert out.returncode == 2 and f"{bad}:3:" in out.stderr
     bad.write_text("- name: fixed\n  set: {track_opens: false}\n")
     out = mailgw("check", "-c", str(cfg))
@@ -99,7 +104,7 @@ def test_check_and_explain_report_bad_policies(tmp_path: Path) -> None:
 
 
 def test_check_example_config() -> None:
-    out = mailgw("check", "-c", str(EXAMPLE))
+    out = mailgw_subprocess("check", "-c", str(EXAMPLE))
     assert out.returncode == 0, out.stderr
     assert "8 policy rules in 4 files, 2 templates" in out.stdout
 

@@ -16,6 +16,7 @@ import yaml
 from gateway.crm.reports import engagement, format_table
 from gateway.crm.store import Store
 from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
+from tests.support.cli import mailgw_in_process
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 T = NOW - timedelta(days=2)
@@ -171,10 +172,12 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "store": {"url": url}}))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway", "report", "engagement", *args,
-                               "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+        """In this process (tests/support/cli.py); the first run is the real subprocess."""
+        return mailgw_in_process(["report", "engagement", *args, "-c", str(cfg)])
 
-    out = run("--days", "7", "--by", "template", "--json")
+    out = subprocess.run([sys.executable, "-m", "gateway", "report", "engagement", "--days", "7",
+                          "--by", "template", "--json", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)                              # JSON only on stdout
     # a human click with no pixel hit at all: the person opened it (images blocked)

@@ -17,7 +17,8 @@ They arrive in random orders and random batchings through the real entry points
   delivered + bounced = recipients, delivered <= sent, every rate <= 1, replied only
   from recipients whose reply came after an outbound copy was stored.
 
-Runs on SQLite (a new file per example). ``MAILGW_HYPOTHESIS_EXAMPLES`` sets the
+Runs on SQLite (a new file per example, a copy of the session's migrated template:
+tests/conftest.py `sqlite_template`). ``MAILGW_HYPOTHESIS_EXAMPLES`` sets the
 number of examples (default 60).
 """
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -151,8 +154,9 @@ async def feed(store: Store, batches: list[list[Arrival]]) -> None:
             await store.store_messages([v for _, v in batch])
 
 
-async def check(sc: Scenario, batches: list[list[Arrival]]) -> None:
+async def check(template: Path, sc: Scenario, batches: list[list[Arrival]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(template, f"{tmp}/crm.db")
         store = await Store.open(f"sqlite+aiosqlite:///{tmp}/crm.db")
         try:
             await feed(store, batches)
@@ -201,5 +205,5 @@ def cases(draw: st.DrawFn) -> tuple[Scenario, list[list[Arrival]]]:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_one_message_exact_events_and_a_sane_report_in_any_arrival_order(
-        case: tuple[Scenario, list[list[Arrival]]]) -> None:
-    asyncio.run(check(*case))
+        sqlite_template: Path, case: tuple[Scenario, list[list[Arrival]]]) -> None:
+    asyncio.run(check(sqlite_template, *case))
