@@ -158,6 +158,9 @@ class Dovecot:
         mailboxes = "\n".join(
             f"  mailbox {_quote(name)} {{\n    auto = subscribe\n    special_use = {flag}\n  }}"
             for name, flag in SPECIAL_USE.items())
+        # many clients at once (benchmarks): logins in high-performance mode, one process for
+        # many connections, instead of a process per login (process_limit 100 by default)
+        login_mode = "  service_count = 0\n" if self.max_clients else ""
         tls_listener = ""
         ssl = "ssl = no"
         if self.certs is not None:
@@ -243,7 +246,7 @@ service imap-login {{
   }}
 {tls_listener}
   process_min_avail = 1
-}}
+{login_mode}}}
 service anvil {{
   chroot =
   unix_listener anvil-auth-penalty {{
