@@ -26,6 +26,7 @@ import socket
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -69,7 +70,7 @@ class Tailers:
                  opener: Opener | None = None, node_id: str | None = None,
                  tokens: TokenSource | None = None, secrets: SecretSource | None = None,
                  on_stored: Callable[[str, list[NewMessage]], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, sent_dir: Path | None = None) -> None:
         cfg = get_config()
         self.get_config = get_config
         self.store = store
@@ -97,8 +98,8 @@ class Tailers:
         #: the nodes heard from within sync.lease_ttl at the last look (this one included)
         self.live_nodes: list[str] = [self.node_id]
         self._crashes: dict[str, int] = {}
-        self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
-                               self.accounts, log=self.log)
+        self.sent = SentCopies(sent_dir or cfg.state_path / "sent-copies", get_config,
+                               self.opener, self.slots, self.accounts, log=self.log)
 
     # -- connections ------------------------------------------------------------------------
     async def _open(self, account: Account) -> IMAPClient:
