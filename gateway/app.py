@@ -29,6 +29,7 @@ from gateway.api.http import AdminAPI
 from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
 from gateway.config import Config, generated_secret_path, load_config, read_secret
 from gateway.crm import outbox
+from gateway.crm.authlimit import StoreAuthLimiter
 from gateway.crm.counters import SendCounts
 from gateway.crm.hits import StoreTracking
 from gateway.crm.linking import LinkRules
@@ -219,8 +220,12 @@ class App:
         await self.tailers.start()
         sub = cfg.listeners.submission
         if sub is not None:
-            handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(),
-                                        AuthLimiter(sub.auth_failures, sub.auth_failure_window),
+            # failed AUTH attempts are counted in the store: the lockout holds on every
+            # worker and node; the local count stays in force if the store cannot answer
+            limiter = StoreAuthLimiter(self.store, sub.auth_failures, sub.auth_failure_window,
+                                       local=AuthLimiter(sub.auth_failures,
+                                                         sub.auth_failure_window), log=self.log)
+            handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(), limiter,
                                         log=self.log, policies=self.get_policies,
                                         counts=self.counts, suppressions=self.suppressions)
             self.submission = SMTPListener("submission", cfg, sub, handler,

@@ -69,6 +69,7 @@ class _Child:
     proc: asyncio.subprocess.Process | None = None
     started: float = 0.0
     ready: bool = False
+    up: bool = False                  # READY=1 seen since this process was started
     ever_ready: bool = False
     last_ping: float = 0.0
     status: str = ""
@@ -139,10 +140,12 @@ class Supervisor:
             if fields.get("READY") == "1":
                 child.ready = True
                 child.last_ping = time.monotonic()
-                if not child.ever_ready:
-                    child.ever_ready = True
+                if not child.up:
+                    child.up = True
                     self.log.info("worker_ready", worker=child.index,
-                                  pid=child.proc.pid if child.proc else None)
+                                  pid=child.proc.pid if child.proc else None,
+                                  restarted=child.ever_ready)
+                    child.ever_ready = True
                 child.ready_event.set()
                 self._maybe_ready()
             if fields.get("STOPPING") == "1":
@@ -158,7 +161,7 @@ class Supervisor:
         return env
 
     async def _spawn(self, child: _Child) -> None:
-        child.ready = False
+        child.ready = child.up = False
         child.ready_event.clear()
         child.started = time.monotonic()
         child.proc = await asyncio.create_subprocess_exec(
@@ -171,6 +174,9 @@ class Supervisor:
         while not self._stopping.is_set():
             await self._spawn(child)
             assert child.proc is not None
+            if self._stopping.is_set():   # stopped while it was being started: drain it too
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
             code = await child.proc.wait()
             pid = child.proc.pid
             child.ready = False
