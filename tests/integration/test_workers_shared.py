@@ -80,3 +80,36 @@ async def test_daily_count_of_one_worker_is_seen_by_the_other(tmp_path: Path) ->
         assert await second.today("alice@example.com") == 5
     finally:
         await store.close()
+
+
+async def test_fewer_workers_take_over_the_spools_of_the_others(tmp_path: Path) -> None:
+    from tests.integration.harness import PASSWORD
+    from tests.support.wait import wait_for
+
+    sink = Sink()                      # down: what worker 2 accepts stays in its spool
+    async with two_workers(tmp_path, sink) as (_, b):
+        assert b.submission is not None
+        port = b.submission.port
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                c.login(USER, PASSWORD)
+                c.sendmail(USER, ["bob@example.net"], b"Subject: orphan\r\n\r\nbody\r\n")
+
+        await asyncio.to_thread(send)
+        assert b.spool_counts()["incoming"] + b.spool_counts()["deferred"] == 1
+    state = tmp_path / "state"
+    assert any((state / "spool-2" / s).iterdir() for s in ("incoming", "deferred"))
+    sink.start()
+    try:
+        # `workers: 1` again: the single process adopts spool-2 and delivers it
+        app = App(load_config(tmp_path / "w1" / "gateway.yaml"))
+        await app.start()
+        try:
+            await wait_for(lambda: len(sink.received) == 1, 30, "the orphan delivered")
+        finally:
+            await app.stop()
+        assert not any((state / "spool-2" / s).exists() and any((state / "spool-2" / s).iterdir())
+                       for s in ("incoming", "deferred"))
+    finally:
+        sink.stop()

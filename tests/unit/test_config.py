@@ -133,3 +133,24 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_duration() -> None:
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize("value", ["0", "many", "true", "1.5", "300"])
+def test_workers_must_be_auto_or_a_count(tmp_path: Path, value: str) -> None:
+    p = write(tmp_path, f"hostname: gw.example.com\nworkers: {value}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    (problem,) = [str(x) for x in ei.value.problems]
+    assert problem.startswith(f"{p}:2: workers: ") and "`auto` or a number" in problem
+
+
+def test_workers_auto_is_the_usable_cores_and_one_is_the_default(tmp_path: Path) -> None:
+    import os
+
+    assert load_config(write(tmp_path, "hostname: gw.example.com\n")).worker_count == 1
+    cfg = load_config(write(tmp_path, "hostname: gw.example.com\nworkers: auto\n"))
+    assert cfg.worker_count == len(os.sched_getaffinity(0))
+    cfg = load_config(write(tmp_path, "hostname: gw.example.com\nworkers: 3\n"))
+    assert cfg.worker_count == 3
+    assert cfg.worker_spool_path(1) == cfg.spool_path == cfg.state_path / "spool"
+    assert cfg.worker_spool_path(3) == cfg.state_path / "spool-3"
