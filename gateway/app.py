@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.smtp import SMTPTransport
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError, SpoolError, StoreError
 from gateway.http.connect import add_connect_routes
 from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.manager import Tailers
@@ -142,6 +143,7 @@ class App:
         self.webhooks: WebhookDispatcher | None = None
         self.accounts: AccountService | None = None
         self._stopped = asyncio.Event()
+        self._spool_lock: int | None = None
 
     def get_config(self) -> Config:
         """The configuration in force: the file's, with the accounts created at run time."""
@@ -172,6 +174,8 @@ class App:
         cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
         if self.worker is None:   # a single process takes over what workers left queued
             await asyncio.to_thread(adopt_worker_queues, cfg, 1, self.log)
+        else:                     # a worker of an earlier supervisor may still be draining
+            await asyncio.to_thread(self._lock_spool, cfg.drain_timeout + 30.0)
         counts = self.spool.recover()
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
         self.store = await Store.from_config(cfg)
@@ -238,6 +242,31 @@ class App:
         await self._start_api(cfg)
         self.notifier.ready(status="accepting mail")
         self.notifier.start_watchdog(healthy=self._healthy)
+
+    def _lock_spool(self, wait: float) -> None:
+        """Hold `spool/.lock` (flock) for this worker's life: a worker left draining by a
+        supervisor that was killed must finish before a new one works on its spool."""
+        import fcntl
+        import time
+
+        self.spool.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.spool.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._spool_lock = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise SpoolError(f"the spool {self.spool.root} is in use by another "
+                                     f"process (still after {wait:.0f} s)") from None
+                if not logged:
+                    self.log.warning("spool_busy_waiting", path=str(self.spool.root))
+                    logged = True
+                time.sleep(0.1)
 
     async def _recover_store_records(self) -> None:
         """Records lost in a crash (inside the store writer's batching delay) of messages
@@ -512,6 +541,9 @@ class App:
         if self.store is not None:
             await self.store.close()
         await asyncio.to_thread(self.spool.close)
+        if self._spool_lock is not None:
+            os.close(self._spool_lock)
+            self._spool_lock = None
         self.log.info("stopped")
 
 
@@ -530,14 +562,17 @@ async def run_daemon(cfg: Config, config_path: str | Path, worker: Worker | None
         reloads.add(t)
         t.add_done_callback(reloads.discard)
 
+    # SIGTERM while starting (a supervisor stopping, or systemd) stops once started: drained
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
     except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await app.stop()
         raise
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     log.info("started", config=str(config_path))
     await stop.wait()
