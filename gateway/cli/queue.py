@@ -100,12 +100,12 @@ def _queue(args: argparse.Namespace) -> int:
     spool = _holder(spools, qid_arg) if qid_arg else spools[0]
     if qc == "list":
         rows: list[dict[str, Any]] = []
-        for state, qid in ((st, q) for sp in spools for st, q in sp.iter_all()):
+        for sp, state, qid in ((s, st, q) for s in spools for st, q in s.iter_all()):
             if state == "corrupt":
                 rows.append({"id": qid, "state": "corrupt"})
                 continue
             try:
-                rows.append(_queue_entry(state, spool.read_envelope(state, qid)))
+                rows.append(_queue_entry(state, sp.read_envelope(state, qid)))
             except (CorruptQueueFile, NotFound):
                 continue
         if args.json:
