@@ -74,6 +74,8 @@ class _Child:
     last_ping: float = 0.0
     status: str = ""
     failures: int = 0
+    #: a SIGHUP came while this worker was starting: sent to it once it is ready
+    reload_pending: bool = False
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -146,6 +148,11 @@ class Supervisor:
                                   pid=child.proc.pid if child.proc else None,
                                   restarted=child.ever_ready)
                     child.ever_ready = True
+                    if child.reload_pending and child.proc is not None:
+                        # it may have read the file before the reload: it reloads now
+                        child.reload_pending = False
+                        with contextlib.suppress(ProcessLookupError):
+                            child.proc.send_signal(signal.SIGHUP)
                 child.ready_event.set()
                 self._maybe_ready()
             if fields.get("STOPPING") == "1":
@@ -164,9 +171,13 @@ class Supervisor:
         child.ready = child.up = False
         child.ready_event.clear()
         child.started = time.monotonic()
+        child.reload_pending = False
+        # started with SIGHUP ignored (inherited through exec) until its event loop takes
+        # it over: a reload while it starts must not kill it (it is sent again when ready)
         child.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", "-c", self.config_path,
-            "--worker", f"{child.index}/{self.count}", env=self._env(child))
+            "--worker", f"{child.index}/{self.count}", env=self._env(child),
+            preexec_fn=_ignore_sighup)
         self.log.info("worker_started", worker=child.index, pid=child.proc.pid)
 
     async def _keep(self, child: _Child) -> None:
@@ -246,10 +257,15 @@ class Supervisor:
             if new.worker_count != self.count or new.state_dir != self.cfg.state_dir:
                 self.log.warning("reload_partial", needs_restart=["workers"],
                                  running=self.count, configured=new.worker_count)
-            live = [c for c in self.children if c.alive]
+            live = [c for c in self.children if c.alive and c.up]
+            for c in self.children:
+                if c.alive and not c.up:     # still starting: told once it is ready
+                    c.reload_pending = True
             for c in live:
                 c.ready_event.clear()
-            self._signal_all(signal.SIGHUP)
+                assert c.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(signal.SIGHUP)
             waits = [asyncio.create_task(c.ready_event.wait()) for c in live]
             _, pending = await asyncio.wait(waits, timeout=RELOAD_TIMEOUT) if waits else ((), ())
             for t in pending:
@@ -315,6 +331,11 @@ class Supervisor:
             await asyncio.wait(pending, timeout=10)
         codes = [c.proc.returncode for c in self.children if c.proc is not None]
         return 0 if all(rc == 0 for rc in codes) else 1
+
+
+def _ignore_sighup() -> None:
+    """In the forked child before exec: SIGHUP ignored (exec keeps an ignored signal)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def die_with_parent() -> None:

@@ -231,3 +231,24 @@ def test_systemd_ready_after_all_workers_and_watchdog(tmp_path: Path, sink: Sink
     finally:
         assert daemon.stop(timeout=30) == 0
     sock.close()
+
+
+def test_sighup_while_a_worker_starts_kills_none_and_reloads_it_once_ready(
+        tmp_path: Path, sink: Sink) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port, workers=2)
+    daemon = Daemon(cfg)
+    assert daemon.proc is None
+    daemon.start()                # returns once the first worker listens
+    try:
+        data = yaml.safe_load(cfg.read_text())
+        data["users"][0]["name"] = "Alice Reloaded"
+        cfg.write_text(yaml.safe_dump(data))
+        daemon.signal(signal.SIGHUP)
+        wait_for_sync(lambda: len(events(daemon, "worker_ready")) >= 2, 60, "both workers ready")
+        wait_for_sync(lambda: {e["worker"] for e in events(daemon, "reloaded")
+                               if "worker" in e} == {1, 2}, 30, "both workers reloaded")
+        assert not events(daemon, "worker_died"), "a starting worker was killed by SIGHUP"
+        send(daemon.port, "after-early-hup")
+        wait_for_sync(lambda: "after-early-hup" in subjects(sink), 15, "delivery")
+    finally:
+        assert daemon.stop(timeout=30) == 0
