@@ -16,7 +16,7 @@ the workers. The supervisor itself serves no mail:
   its scheduler and tailers are healthy);
 - a worker that dies (even kill -9) is started again after a backoff (0.5 s doubling
   to 30 s while it keeps dying young); the new one recovers its spool and delivers
-  what it holds. A worker that fails before the first READY fails `mailgw run`;
+  what it holds. Workers failing before any of them is ready fail `mailgw run`;
 - SIGTERM/SIGINT: SIGTERM to every worker, which drain as a single process does;
 - SIGHUP: the new config and policies are validated here first; when invalid, no
   worker is told and every problem is logged (`reload_refused`); else every worker
@@ -76,6 +76,8 @@ class _Child:
     failures: int = 0
     #: a SIGHUP came while this worker was starting: sent to it once it is ready
     reload_pending: bool = False
+    #: still starting when the supervisor stopped (a SIGTERM may end it before its loop runs)
+    killed_starting: bool = False
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -200,8 +202,9 @@ class Supervisor:
             how = f"signal {-code}" if code < 0 else f"exit {code}"
             self.log.error("worker_died", worker=child.index, pid=pid, status=how,
                            lived=round(lived, 1))
-            if not child.ever_ready and not self._all_ever_ready():
-                # failing at start (a port taken, the store down): `mailgw run` fails
+            if not any(c.ever_ready for c in self.children):
+                # failing before any worker serves (a port taken, the store down):
+                # `mailgw run` fails; once one serves, a failing worker is retried
                 self._failed = code if code > 0 else 1
                 self._stopping.set()
                 return
@@ -212,9 +215,6 @@ class Supervisor:
             child.failures += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-
-    def _all_ever_ready(self) -> bool:
-        return bool(self.children) and all(c.ever_ready for c in self.children)
 
     def _maybe_ready(self) -> None:
         if all(c.ready for c in self.children) and not self._stopping.is_set():
@@ -306,6 +306,9 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             self.notifier.stopping()
             self.log.info("stopping", workers=self.count)
+            for c in self.children:       # not started yet: its interpreter may still be
+                c.killed_starting = c.alive and not c.up   # loading, SIGTERM ends it
+
             self._signal_all(signal.SIGTERM)
             code = await self._wait_workers(keepers)
             if watchdog is not None:
@@ -329,8 +332,10 @@ class Supervisor:
                            after=grace)
             self._signal_all(signal.SIGKILL)
             await asyncio.wait(pending, timeout=10)
-        codes = [c.proc.returncode for c in self.children if c.proc is not None]
-        return 0 if all(rc == 0 for rc in codes) else 1
+        ok = [c.proc.returncode == 0 or
+              (c.killed_starting and c.proc.returncode == -signal.SIGTERM)
+              for c in self.children if c.proc is not None]
+        return 0 if all(ok) else 1
 
 
 def _ignore_sighup() -> None:
