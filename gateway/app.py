@@ -557,23 +557,36 @@ async def run_daemon(cfg: Config, config_path: str | Path, worker: Worker | None
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
 
+    started = False
+    hup_while_starting = False
+
     def on_hup() -> None:
+        nonlocal hup_while_starting
+        if not started:
+            hup_while_starting = True
+            return
         t = loop.create_task(app.reload(config_path))
         reloads.add(t)
         t.add_done_callback(reloads.discard)
 
-    # SIGTERM while starting (a supervisor stopping, or systemd) stops once started: drained
+    # SIGTERM while starting (a supervisor stopping, or systemd) stops once started: drained.
+    # A worker's SIGHUP while starting (READY=1 is its last step) reloads once started.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await app.start()
     except BaseException:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await app.stop()
         raise
+    started = True
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if hup_while_starting:
+        on_hup()
     log.info("started", config=str(config_path))
     await stop.wait()
     log.info("stopping")

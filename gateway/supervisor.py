@@ -78,6 +78,8 @@ class _Child:
     reload_pending: bool = False
     #: still starting when the supervisor stopped (a SIGTERM may end it before its loop runs)
     killed_starting: bool = False
+    #: alive when the supervisor stopped: its exit status is the drain's
+    draining: bool = False
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -308,6 +310,7 @@ class Supervisor:
             self.log.info("stopping", workers=self.count)
             for c in self.children:       # not started yet: its interpreter may still be
                 c.killed_starting = c.alive and not c.up   # loading, SIGTERM ends it
+                c.draining = c.alive      # one dead (waiting to be restarted) has no say
 
             self._signal_all(signal.SIGTERM)
             code = await self._wait_workers(keepers)
@@ -334,7 +337,7 @@ class Supervisor:
             await asyncio.wait(pending, timeout=10)
         ok = [c.proc.returncode == 0 or
               (c.killed_starting and c.proc.returncode == -signal.SIGTERM)
-              for c in self.children if c.proc is not None]
+              for c in self.children if c.proc is not None and c.draining]
         return 0 if all(ok) else 1
 
 
