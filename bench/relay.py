@@ -700,7 +700,8 @@ def _yaml_str(s: str) -> str:
 
 
 def gateway_config(tmp: Path, port: int, sink_port: int, password_hash: str, auth: bool,
-                   concurrency: int, tracking: bool = False, dkim: bool = False) -> Path:
+                   concurrency: int, tracking: bool = False, dkim: bool = False,
+                   workers: int = 1) -> Path:
     trusted = "[]" if auth else "[127.0.0.0/8]"
     extra = ""
     if tracking:  # opens and clicks tracked: every recipient gets a copy with its own tokens
@@ -738,6 +739,7 @@ delivery:
   concurrency: {concurrency}
   per_destination: {concurrency}
 logging: {{format: json, level: warning}}
+workers: {workers}
 {dkim_section}"""
     path = tmp / "gateway.yaml"
     path.write_text(text, encoding="utf-8")
@@ -767,6 +769,18 @@ def summarize_json_log(path: Path, res: RunResult) -> None:
     res.log_samples = samples
 
 
+def _wait_ready(sock: socket.socket, deadline: float) -> bool:
+    """Block until a READY=1 datagram arrives on `sock`, or the deadline passes."""
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if b"READY=1" in sock.recv(4096):
+                return True
+        except TimeoutError:
+            return False
+    return False
+
+
 def start_gateway(cfg: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`python -m gateway run -c cfg` in its own session, stdout and stderr into `log_path`."""
     with open(log_path, "wb") as log:
@@ -786,9 +800,13 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
         return res
     port = free_port()
     cfg = gateway_config(tmp, port, sink.port, hash_password(PASSWORD), args.auth, args.sessions,
-                         tracking=args.tracking, dkim=args.dkim)
+                         tracking=args.tracking, dkim=args.dkim, workers=args.workers)
     log_path = tmp / "gateway.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    # READY=1 (sd_notify) comes once every worker listens, not only the first one
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify.sock"))
+    cleanup.append(notify.close)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify.sock"), PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = await asyncio.to_thread(start_gateway, cfg, log_path, env)
 
@@ -806,6 +824,10 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
                        f"{START_TIMEOUT:.0f} s (exit status {proc.returncode}); last log lines:\n    "
                        + "\n    ".join(tail))
         return res
+    if not await asyncio.to_thread(_wait_ready, notify, time.monotonic() + START_TIMEOUT):
+        kill()
+        res.skipped = f"no READY=1 from the daemon within {START_TIMEOUT:.0f} s"
+        return res
     sampler = MemorySampler(lambda: proc.pid)
     sampler.start()
     try:
@@ -814,6 +836,7 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
     finally:
         await sampler.stop()
     measured.extra["auth"] = args.auth
+    measured.extra["workers"] = args.workers
     hwm = proc_status_kb(proc.pid, "VmHWM")
     if hwm is not None:
         measured.peak_rss_mb = hwm / 1024
@@ -1072,7 +1095,8 @@ def render_table(results: list[RunResult], ratio: dict[str, float | None],
            f"{context['cpus']} CPUs, temp dir on {context['tmp_fs']}, {context['sink']} sink"
            + (", AUTH PLAIN to the gateway" if context["auth"] else "")
            + (", gateway tracking opens and clicks" if context.get("tracking") else "")
-           + (", gateway DKIM-signing (rsa-sha256 2048)" if context.get("dkim") else ""),
+           + (", gateway DKIM-signing (rsa-sha256 2048)" if context.get("dkim") else "")
+           + (f", gateway workers: {context['workers']}" if context.get("workers", 1) > 1 else ""),
            ""]
     if context["concurrent_benchmarks"]:
         out[1:1] = [f"WARNING: other benchmark processes ran at the same time "
@@ -1219,6 +1243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sink implementation: a minimal asyncio SMTP receiver (default, ~0.15 ms "
                         "CPU per message) or aiosmtpd (~1.3 ms, competes with the relay for CPU)")
     p.add_argument("--skip-postfix", action="store_true", help="no Postfix run")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="the gateway's `workers` (1: one process; N: a supervisor and N workers)")
     p.add_argument("--gateway-only", action="store_true",
                    help="only the gateway run (no Postfix, no direct client->sink baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -1275,7 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = ratios(results)
     others = sorted(set(others) | set(other_benchmarks()))
     context = {"messages": args.messages, "sessions": args.sessions, "size": args.size,
-               "tracking": args.tracking, "dkim": args.dkim,
+               "tracking": args.tracking, "dkim": args.dkim, "workers": args.workers,
                "auth": args.auth, "sink": args.sink, "cpus": os.cpu_count(), "tmp_fs": fs_type(tmp.parent),
                "python": sys.version.split()[0], "concurrent_benchmarks": others}
     if args.json:

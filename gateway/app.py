@@ -5,23 +5,32 @@ writer flushes) and `mailgw run` exits 0. SIGHUP reloads the configuration and t
 policies together: if either does not validate, both are refused with every problem
 logged and the old ones stay in force. Changing listener addresses, `state_dir` or
 `store` needs a restart.
+
+An App is either the whole daemon (`workers: 1`) or one worker of a supervisor
+(:class:`Worker`, `gateway.supervisor`): then it has its own spool, its own node id in the
+store, binds its listeners with SO_REUSEPORT and writes its metrics where every worker's
+are summed; its sd_notify messages go to the supervisor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from gateway import dirqueue
 from gateway.accounts.service import AccountService
 from gateway.api.http import AdminAPI
 from gateway.api.webhooks import WebhookDispatcher, endpoints_from_config, targets
 from gateway.config import Config, generated_secret_path, load_config, read_secret
 from gateway.crm import outbox
+from gateway.crm.authlimit import StoreAuthLimiter
 from gateway.crm.counters import SendCounts
 from gateway.crm.hits import StoreTracking
 from gateway.crm.linking import LinkRules
@@ -31,7 +40,7 @@ from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.smtp import SMTPTransport
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError, SpoolError, StoreError
 from gateway.http.connect import add_connect_routes
 from gateway.http.tracking import TrackingServer, settings_from_config
 from gateway.imap.manager import Tailers
@@ -68,16 +77,52 @@ class IngestDelivery:
         return result.id
 
 
+@dataclass(frozen=True)
+class Worker:
+    """Which worker of a supervisor an App is: `index` of `count` (1-based)."""
+
+    index: int
+    count: int
+    #: prometheus-client's multiprocess directory, created by the supervisor
+    metrics_dir: str | None = None
+
+    def node_id(self, cfg: Config) -> str | None:
+        """`sync.node_id` plus the worker index; None: the default (host:pid:random)."""
+        return f"{cfg.sync.node_id}-w{self.index}" if cfg.sync.node_id else None
+
+
+#: The per-worker directories of `state_dir` (worker 1's is the single process's).
+WORKER_QUEUES = ("spool", "sent-copies")
+
+
+def adopt_worker_queues(cfg: Config, keep: int, log: Any) -> int:
+    """Hand the queues of workers above `keep` (left by a run with more `workers`) to
+    worker 1's, so that nothing spooled is orphaned. Nothing may be running on them."""
+    total = 0
+    for name in WORKER_QUEUES:
+        for d in sorted(cfg.state_path.glob(f"{name}-*")):
+            suffix = d.name[len(name) + 1:]
+            if not suffix.isdigit() or int(suffix) <= keep or not d.is_dir():
+                continue
+            n = dirqueue.adopt(d, cfg.worker_state_path(name, 1))
+            if n:
+                log.warning("worker_queue_adopted", queue=name, source=str(d), entries=n)
+            total += n
+    return total
+
+
 class App:
     """The running daemon: spool, store writer, scheduler, SMTP listeners."""
 
     def __init__(self, cfg: Config, *, notifier: Notifier | None = None,
-                 resolver: MXResolver | None = None, log: Any = None) -> None:
+                 resolver: MXResolver | None = None, log: Any = None,
+                 worker: Worker | None = None) -> None:
         self.cfg = cfg
+        self.worker = worker
         self.notifier = notifier or Notifier()
         self.log = log or structlog.get_logger("mailgw")
         self._resolver = resolver
-        self.spool = Spool(cfg.spool_path)
+        self.spool = Spool(cfg.worker_spool_path(worker.index) if worker else cfg.spool_path)
         self.store: Store | None = None
         self.writer: StoreWriter | None = None
         self.scheduler: Scheduler | None = None
@@ -92,12 +137,13 @@ class App:
         self._signer: TokenSigner | None = None
         self.tailers: Tailers | None = None
         self.policies = PolicySet.empty(cfg)
-        self.metrics = Metrics()
+        self.metrics = Metrics(worker.metrics_dir if worker else None)
         self.spool.on_unsynced = self.metrics.spool_dir_fsync_failed
         self.admin: AdminAPI | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.accounts: AccountService | None = None
         self._stopped = asyncio.Event()
+        self._spool_lock: int | None = None
 
     def get_config(self) -> Config:
         """The configuration in force: the file's, with the accounts created at run time."""
@@ -126,6 +172,10 @@ class App:
         self.policies = policies_for(cfg)  # ConfigError before anything starts
         self._policies_loaded(self.policies)
         cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if self.worker is None:   # a single process takes over what workers left queued
+            await asyncio.to_thread(adopt_worker_queues, cfg, 1, self.log)
+        else:                     # a worker of an earlier supervisor may still be draining
+            await asyncio.to_thread(self._lock_spool, cfg.drain_timeout + 30.0)
         counts = self.spool.recover()
         self.log.info("spool_recovered", path=str(self.spool.root), **counts)
         self.store = await Store.from_config(cfg)
@@ -154,7 +204,11 @@ class App:
                                    log=self.log, local=IngestDelivery(self.ingest),
                                    metrics=self.metrics, tokens=self.accounts.tokens,
                                    status=self.accounts, secrets=self.accounts)
-        self.counts = SendCounts(self.store, log=self.log)
+        # with several workers a sender's sessions land in any of them: read the shared
+        # count at every check instead of a cache another worker's mail does not update
+        worker = self.worker
+        self.counts = SendCounts(self.store, log=self.log,
+                                 refresh=0.0 if worker and worker.count > 1 else None)
         self.suppressions = SuppressionList(self.store)
         self.outbound = self._outbound(cfg, self.policies)
         self.relay = Relay(self.spool, cfg.hostname, on_queued=self.scheduler.notify,
@@ -163,15 +217,23 @@ class App:
                            on_accepted=self._accepted, log=self.log)
         await self.scheduler.start()
         self.tailers = Tailers(self.get_config, self.store, log=self.log, metrics=self.metrics,
-                               tokens=self.accounts.tokens, secrets=self.accounts)
+                               tokens=self.accounts.tokens, secrets=self.accounts,
+                               node_id=worker.node_id(cfg) if worker else None,
+                               sent_dir=cfg.worker_state_path("sent-copies", worker.index)
+                               if worker else None)
         await self.tailers.start()
         sub = cfg.listeners.submission
         if sub is not None:
-            handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(),
-                                        AuthLimiter(sub.auth_failures, sub.auth_failure_window),
+            # failed AUTH attempts are counted in the store: the lockout holds on every
+            # worker and node; the local count stays in force if the store cannot answer
+            limiter = StoreAuthLimiter(self.store, sub.auth_failures, sub.auth_failure_window,
+                                       local=AuthLimiter(sub.auth_failures,
+                                                         sub.auth_failure_window), log=self.log)
+            handler = SubmissionHandler(self.get_config, self.relay, PasswordChecker(), limiter,
                                         log=self.log, policies=self.get_policies,
                                         counts=self.counts, suppressions=self.suppressions)
-            self.submission = SMTPListener("submission", cfg, sub, handler)
+            self.submission = SMTPListener("submission", cfg, sub, handler,
+                                           reuse_port=self.reuse_port)
             await self.submission.start()
             self.log.info("listening", listener="submission", host=sub.host,
                           port=self.submission.port, tls=sub.tls)
@@ -180,6 +242,31 @@ class App:
         await self._start_api(cfg)
         self.notifier.ready(status="accepting mail")
         self.notifier.start_watchdog(healthy=self._healthy)
+
+    def _lock_spool(self, wait: float) -> None:
+        """Hold `spool/.lock` (flock) for this worker's life: a worker left draining by a
+        supervisor that was killed must finish before a new one works on its spool."""
+        import fcntl
+        import time
+
+        self.spool.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.spool.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._spool_lock = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise SpoolError(f"the spool {self.spool.root} is in use by another "
+                                     f"process (still after {wait:.0f} s)") from None
+                if not logged:
+                    self.log.warning("spool_busy_waiting", path=str(self.spool.root))
+                    logged = True
+                time.sleep(0.1)
 
     async def _recover_store_records(self) -> None:
         """Records lost in a crash (inside the store writer's batching delay) of messages
@@ -202,7 +289,8 @@ class App:
             return
         assert self.ingest is not None
         handler = IngestHandler(self.ingest, max_recipients=lst.max_recipients, log=self.log)
-        self.ingest_listener = SMTPListener("ingest", self.cfg, lst, handler)
+        self.ingest_listener = SMTPListener("ingest", self.cfg, lst, handler,
+                                            reuse_port=self.reuse_port)
         await self.ingest_listener.start()
         self.log.info("listening", listener="ingest", host=lst.host,
                       port=self.ingest_listener.port, tls=lst.tls,
@@ -266,7 +354,8 @@ class App:
         connect = self.accounts.connect if self.accounts is not None else None
         self.tracking = TrackingServer(
             lst, self.token_signer(), sink, sink, settings=settings_from_config(self.cfg),
-            routes=(lambda app: add_connect_routes(app, connect, log=self.log)) if connect else None)
+            routes=(lambda app: add_connect_routes(app, connect, log=self.log)) if connect else None,
+            reuse_port=self.reuse_port)
         await self.tracking.start()
         self.log.info("listening", listener="tracking", host=lst.host, port=self.tracking.port,
                       base_url=lst.base_url)
@@ -286,8 +375,23 @@ class App:
         assert self.store is not None
         self.store.configure(LinkRules.from_config(cfg), targets(endpoints_from_config(cfg)))
 
+    @property
+    def reuse_port(self) -> bool:
+        """Listeners bind with SO_REUSEPORT: every worker accepts on the same ports."""
+        return self.worker is not None
+
     def spool_counts(self) -> dict[str, int]:
-        return {state: len(self.spool.list_ids(state)) for state in STATES}
+        """Queue files per state on this node (a worker counts every worker's spool)."""
+        if self.worker is None:
+            return {state: len(self.spool.list_ids(state)) for state in STATES}
+        counts = dict.fromkeys(STATES, 0)
+        for i in range(1, self.worker.count + 1):
+            root = self.cfg.worker_spool_path(i)
+            for state in STATES:
+                with contextlib.suppress(OSError):
+                    counts[state] += sum(1 for p in (root / state).iterdir()
+                                         if not p.name.startswith("."))
+        return counts
 
     async def _start_api(self, cfg: Config) -> None:
         assert self.store is not None
@@ -307,7 +411,8 @@ class App:
             self.admin = AdminAPI(store, get_config=self.get_config, metrics=self.metrics,
                                   token=token, spool_counts=self.spool_counts, log=self.log,
                                   accounts=self.accounts)
-            await self.admin.start(admin.host, admin.port, loopback_only=admin.loopback_only)
+            await self.admin.start(admin.host, admin.port, loopback_only=admin.loopback_only,
+                                   reuse_port=self.reuse_port)
             self.log.info("listening", listener="admin", host=admin.host, port=self.admin.port,
                           auth="bearer" if token else "none (loopback only)")
 
@@ -348,7 +453,7 @@ class App:
             self.notifier.ready(status="reload refused: invalid config or policies; old ones kept")
             return False
         old = self.cfg
-        restart_needed = [k for k in ("state_dir", "store", "hostname")
+        restart_needed = [k for k in ("state_dir", "store", "hostname", "workers")
                           if getattr(old, k) != getattr(new, k)]
         for name in ("submission", "ingest", "tracking", "admin"):
             o, n = getattr(old.listeners, name), getattr(new.listeners, name)
@@ -436,31 +541,52 @@ class App:
         if self.store is not None:
             await self.store.close()
         await asyncio.to_thread(self.spool.close)
+        if self._spool_lock is not None:
+            os.close(self._spool_lock)
+            self._spool_lock = None
         self.log.info("stopped")
 
 
-async def run_daemon(cfg: Config, config_path: str | Path) -> int:
-    """`mailgw run`: start, serve until SIGTERM/SIGINT, reload on SIGHUP."""
+async def run_daemon(cfg: Config, config_path: str | Path, worker: Worker | None = None) -> int:
+    """`mailgw run` (or one worker of it): start, serve until SIGTERM/SIGINT, reload on SIGHUP."""
     log = structlog.get_logger("mailgw")
-    app = App(cfg, log=log)
+    if worker is not None:
+        log = log.bind(worker=worker.index)
+    app = App(cfg, log=log, worker=worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
 
+    started = False
+    hup_while_starting = False
+
     def on_hup() -> None:
+        nonlocal hup_while_starting
+        if not started:
+            hup_while_starting = True
+            return
         t = loop.create_task(app.reload(config_path))
         reloads.add(t)
         t.add_done_callback(reloads.discard)
 
+    # SIGTERM while starting (a supervisor stopping, or systemd) stops once started: drained.
+    # A worker's SIGHUP while starting (READY=1 is its last step) reloads once started.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await app.start()
     except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await app.stop()
         raise
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    started = True
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if hup_while_starting:
+        on_hup()
     log.info("started", config=str(config_path))
     await stop.wait()
     log.info("stopping")

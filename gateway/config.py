@@ -905,6 +905,9 @@ class Config(Model):
     token_key_file: SecretRef | None = None
     oauth: OAuth = OAuth()
     service_accounts: list[ServiceAccount] = []
+    #: processes that accept and transform mail: `auto` (one per usable core) or a number;
+    #: 1 is a single process (no supervisor). See `worker_count`.
+    workers: Literal["auto"] | int = 1
 
     # Set by the loader, not by the file.
     source: str = Field(default="<memory>", exclude=True)
@@ -915,6 +918,13 @@ class Config(Model):
         if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", v):
             raise ValueError(f"{v!r} is not a host name")
         return v
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256):
+            return v
+        raise ValueError(f"{v!r} is not `auto` or a number of processes from 1 to 256")
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -932,7 +942,24 @@ class Config(Model):
 
     @property
     def spool_path(self) -> Path:
+        """Worker 1's spool (and the single process's): `state_dir/spool`."""
         return self.state_path / "spool"
+
+    def worker_spool_path(self, index: int) -> Path:
+        """Worker `index`'s spool: worker 1 keeps `state_dir/spool`, so going from one process
+        to several loses nothing; worker N (N > 1) has `state_dir/spool-N`."""
+        return self.worker_state_path("spool", index)
+
+    def worker_state_path(self, name: str, index: int) -> Path:
+        """A per-worker directory of `state_dir` (`spool`, `sent-copies`): worker 1 keeps
+        `state_dir/NAME`, so going from one process to several loses nothing; worker N
+        (N > 1) has `state_dir/NAME-N`."""
+        return self.state_path / (name if index <= 1 else f"{name}-{index}")
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` as a number: `auto` is the cores this process may run on."""
+        return usable_cores() if self.workers == "auto" else self.workers
 
     @property
     def raw_path(self) -> Path | None:
@@ -973,6 +1000,14 @@ class Config(Model):
             if sa.id == sa_id:
                 return sa
         return None
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, so a cgroup/taskset limit counts)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from gateway.errors import NotFound
 
-__all__ = ["DirQueue", "DirSync", "Fsync", "Pending", "RenamedNotSynced"]
+__all__ = ["DirQueue", "DirSync", "Fsync", "Pending", "RenamedNotSynced", "adopt"]
 
 T = TypeVar("T")
 #: fsync(fd): os.fsync, or a stand-in that tests inject
@@ -397,3 +397,39 @@ class DirQueue:
     def quarantine(self, state: str, name: str) -> None:
         """Move an entry that cannot be parsed to the corrupt state (durably)."""
         self.move(name, state, self.corrupt)
+
+
+def adopt(src: Path, dst: Path) -> int:
+    """Move every entry of the queue at `src` into the same state of the queue at `dst`
+    (neither may be in use): how a worker's queue is handed on when `workers` is lowered.
+
+    tmp/ is left (never acknowledged); an entry whose name `dst` already has stays in `src`.
+    Each destination directory is fsynced, then each source directory, so a crash leaves
+    every entry in one queue or the other. Returns the number moved.
+    """
+    moved = 0
+    try:
+        states = sorted(p.name for p in src.iterdir() if p.is_dir() and p.name != "tmp")
+    except FileNotFoundError:
+        return 0
+    for state in states:
+        names = [n for n in os.listdir(src / state) if not n.startswith(".")]
+        if not names:
+            continue
+        (dst / state).mkdir(parents=True, exist_ok=True, mode=0o700)
+        n = 0
+        for name in names:
+            target = dst / state / name
+            if target.exists():
+                continue
+            os.rename(src / state / name, target)
+            n += 1
+        if n:
+            for d in (dst / state, src / state):
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        moved += n
+    return moved

@@ -35,7 +35,9 @@ def setup_logging(cfg: Logging, stream: TextIO | None = None) -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # one write per line (message and newline together): several worker processes
+        # share one stderr, and a line must not be split by another's
+        logger_factory=structlog.WriteLoggerFactory(stream),
         # set up once per process (SIGHUP does not change logging): each logger resolves
         # its processors on first use, not on every call
         cache_logger_on_first_use=True,

@@ -6,6 +6,13 @@ object and call its small methods; values that are cheaper to read when scraped 
 to track (queue files per state, webhook outbox backlog) are registered as collect
 hooks, which the ``/metrics`` handler awaits before rendering.
 
+With several worker processes (``workers``), each worker's Metrics is built with the
+``multiprocess_dir`` the supervisor created fresh (prometheus-client's multiprocess
+mode: every process writes its values to its own files there), and a scrape of any
+worker renders the sum over all of them, dead workers' counters included, so a
+counter never goes back when a worker is restarted. The gauges read at scrape time
+are computed over the whole node by whichever worker is scraped (most recent wins).
+
 Metric names (all prefixed ``mailgw_``)::
 
     messages_accepted_total                    relay: messages spooled (a 250 given)
@@ -31,8 +38,9 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 #: A hook run before each scrape; may be sync or async.
 CollectHook = Callable[[], Awaitable[None] | None]
@@ -44,14 +52,20 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        #: the supervisor's directory of every worker's values (None: this process alone)
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None and values.ValueClass is values.MutexValue:
+            # prometheus-client picks its value class when imported, from
+            # $PROMETHEUS_MULTIPROC_DIR; a worker is started with it set, this is the fallback
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         r = self.registry = CollectorRegistry()
         self.messages_accepted = Counter("mailgw_messages_accepted", "Messages accepted into the spool",
                                          registry=r)
         self.deliveries = Counter("mailgw_deliveries", "Delivery outcomes per recipient",
                                   ["result"], registry=r)
         self.queue_messages = Gauge("mailgw_queue_messages", "Spool files per state", ["state"],
-                                    registry=r)
+                                    registry=r, multiprocess_mode="mostrecent")
         self.delivery_crashes = Counter("mailgw_delivery_crashes",
                                         "Delivery attempts whose processing raised", registry=r)
         self.queue_poison = Counter("mailgw_queue_poison",
@@ -65,7 +79,8 @@ class Metrics:
         self.webhook_deliveries = Counter("mailgw_webhook_deliveries", "Webhook POST outcomes",
                                           ["result"], registry=r)
         self.webhook_backlog = Gauge("mailgw_webhook_outbox_backlog",
-                                     "Webhook deliveries pending in the outbox", registry=r)
+                                     "Webhook deliveries pending in the outbox", registry=r,
+                                     multiprocess_mode="mostrecent")
         self.tracking_hits = Counter("mailgw_tracking_hits", "Open pixel and click redirect hits",
                                      ["kind", "machine"], registry=r)
         self.imap_stored = Counter("mailgw_imap_messages_stored", "Messages stored by IMAP sync",
@@ -138,4 +153,8 @@ class Metrics:
                 result: Any = hook()
                 if inspect.isawaitable(result):
                     await asyncio.wait_for(result, HOOK_TIMEOUT)
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

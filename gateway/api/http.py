@@ -310,8 +310,9 @@ class AdminAPI:
 
     # -- server -------------------------------------------------------------------------
     async def start(self, host: str, port: int, *, loopback_only: bool,
-                    shutdown_timeout: float = 5.0) -> None:
-        """Listen on host:port (port 0: any free port, then in :attr:`port`).
+                    shutdown_timeout: float = 5.0, reuse_port: bool = False) -> None:
+        """Listen on host:port (port 0: any free port, then in :attr:`port`); with
+        `reuse_port` (SO_REUSEPORT) every worker process binds the same port.
 
         Requests in flight get `shutdown_timeout` seconds to finish when stopping."""
         if self._token is None and not loopback_only:
@@ -321,7 +322,8 @@ class AdminAPI:
                                shutdown_timeout=shutdown_timeout)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await web.TCPSite(runner, host, port, reuse_address=True,
+                              reuse_port=reuse_port or None).start()
         except BaseException:
             await runner.cleanup()
             raise

@@ -14,7 +14,10 @@ from gateway.errors import ConfigError, GatewayError, Problem, UsageError
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=_run)
+    run = sub.add_parser("run", parents=[common], help="run the daemon")
+    # started by the supervisor (`workers` > 1): "I/N", this process is worker I of N
+    run.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)
+    run.set_defaults(func=_run)
     sub.add_parser("check", parents=[common],
                    help="validate the configuration, policies, templates and key files"
                    ).set_defaults(func=_check)
@@ -25,14 +28,40 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                   ).set_defaults(func=_users_hash)
 
 
+def _worker(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--worker {value!r}: expected I/N") from None
+    if not 1 <= i <= n:
+        raise UsageError(f"--worker {value!r}: expected 1 <= I <= N")
+    return i, n
+
+
 def _run(args: argparse.Namespace) -> int:
-    from gateway.app import run_daemon
+    import os
+
+    from gateway.app import Worker, run_daemon
     from gateway.log import setup_logging
 
     cfg = config(args)
     setup_logging(cfg.logging)
     path = find_config(args.config)
     try:
+        if args.worker:
+            from gateway.supervisor import die_with_parent
+
+            index, count = _worker(args.worker)
+            parent = os.getppid()
+            die_with_parent()
+            if os.getppid() != parent:   # the supervisor died before the line above
+                return EXIT_FAIL
+            worker = Worker(index, count, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+            return asyncio.run(run_daemon(cfg, path, worker))
+        if cfg.worker_count > 1:
+            from gateway.supervisor import run_supervisor
+
+            return asyncio.run(run_supervisor(cfg, path))
         return asyncio.run(run_daemon(cfg, path))
     except ConfigError:
         raise  # invalid policies at start: every problem listed, exit 2

@@ -62,23 +62,50 @@ def _scheduled(spool: Any, state: str, qid: str) -> float | None:
     return float(env.scheduled_for)
 
 
+def _spools(cfg: Any) -> list[Any]:
+    """Every worker's spool of this node: `state_dir/spool` (worker 1, or the single
+    process), then `state_dir/spool-N` of the other workers (`workers`)."""
+    from gateway.spool import Spool
+
+    others = sorted((p for p in cfg.state_path.glob("spool-*")
+                     if p.name[len("spool-"):].isdigit() and p.is_dir()),
+                    key=lambda p: int(p.name[len("spool-"):]))
+    roots = [cfg.spool_path, *others]
+    if not cfg.spool_path.exists():
+        raise NotFound(f"no spool at {cfg.spool_path} (has the daemon run with this config?)")
+    spools = [Spool(root) for root in roots if root.exists()]
+    for s in spools:
+        s.setup()
+    return spools
+
+
+def _holder(spools: list[Any], qid: str) -> Any:
+    """The spool (of whichever worker) holding `qid`; NotFound if none does."""
+    for s in spools:
+        try:
+            s.find(qid)
+        except NotFound:
+            continue
+        return s
+    raise NotFound(f"no queue file with id {qid}")
+
+
 def _queue(args: argparse.Namespace) -> int:
     cfg = config(args)
-    from gateway.spool import CorruptQueueFile, Spool
+    from gateway.spool import CorruptQueueFile
 
-    spool = Spool(cfg.spool_path)
-    if not spool.root.exists():
-        raise NotFound(f"no spool at {spool.root} (has the daemon run with this config?)")
-    spool.setup()
+    spools = _spools(cfg)
     qc = args.queue_cmd
+    qid_arg = getattr(args, "id", None)
+    spool = _holder(spools, qid_arg) if qid_arg else spools[0]
     if qc == "list":
         rows: list[dict[str, Any]] = []
-        for state, qid in spool.iter_all():
+        for sp, state, qid in ((s, st, q) for s in spools for st, q in s.iter_all()):
             if state == "corrupt":
                 rows.append({"id": qid, "state": "corrupt"})
                 continue
             try:
-                rows.append(_queue_entry(state, spool.read_envelope(state, qid)))
+                rows.append(_queue_entry(state, sp.read_envelope(state, qid)))
             except (CorruptQueueFile, NotFound):
                 continue
         if args.json:
@@ -131,9 +158,11 @@ def _queue(args: argparse.Namespace) -> int:
         return EXIT_OK
     if qc == "retry":
         # a scheduled send is not retried: it waits for its time (`queue delete` cancels it)
-        ids = [args.id] if args.id else [q for q in spool.list_ids("deferred")
-                                         if not _scheduled(spool, "deferred", q)]
-        for qid in ids:
+        todo = [(spool, args.id)] if args.id else [
+            (sp, q) for sp in spools for q in sp.list_ids("deferred")
+            if not _scheduled(sp, "deferred", q)]
+        ids = [q for _, q in todo]
+        for spool, qid in todo:
             state = spool.find(qid)
             if state not in ("deferred", "incoming"):
                 raise UsageError(f"{qid} is in {state}/, not deferred (use `queue release`)")

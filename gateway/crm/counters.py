@@ -6,6 +6,9 @@ envelope address on the current UTC day. Counts live in the store's
 cache that it writes through (every accepted message adds its recipients at once in
 memory, and in the database from a background task) and re-reads from the database
 at most every :data:`REFRESH` seconds, so other nodes' mail counts within that time.
+Worker processes of one node (`workers`) share a sender's sessions, which the kernel
+hands to any of them: there the cache is read through at every check (`refresh=0`), so
+another worker's mail counts as soon as its write is committed.
 When the store cannot be read, the check answers "unknown" and the caller refuses
 with a temporary error: a cap is never silently ignored.
 """
@@ -37,8 +40,10 @@ class SendCounts:
     """Today's recipients per sender: a write-through cache over ``send_counters``."""
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
-                 log: Any = None) -> None:
+                 log: Any = None, refresh: float | None = None) -> None:
         self.store = store
+        #: how long a count read from the store is trusted (default :data:`REFRESH`)
+        self.refresh = REFRESH if refresh is None else refresh
         self.clock = clock
         self.log = log or structlog.get_logger("mailgw.limits")
         self._cache: dict[tuple[str, str], tuple[int, float]] = {}   # -> (count, read at)
@@ -50,7 +55,7 @@ class SendCounts:
         now = self.clock()
         key = (sender.lower(), utc_day(now))
         hit = self._cache.get(key)
-        if hit is not None and now - hit[1] < REFRESH:
+        if hit is not None and now - hit[1] < self.refresh:
             return hit[0]
         try:
             async with self.store.engine.connect() as conn:

@@ -507,6 +507,18 @@ class SendCounter(Base):
     count: Mapped[int] = mapped_column(sa.Integer, default=0)
 
 
+class AuthFailure(Base):
+    """One failed SMTP AUTH attempt from a client IP (the lockout every node and worker sees)."""
+
+    __tablename__ = "auth_failures"
+    __table_args__ = (sa.Index("ix_auth_failures_ip_at", "ip", "at"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    ip: Mapped[str] = mapped_column(sa.String)
+    #: seconds since the epoch
+    at: Mapped[float] = mapped_column(sa.Float)
+
+
 class ContactAssignment(Base):
     """The rep a shared mailbox's round robin gave a contact: its later mail goes there too."""
 
@@ -575,5 +587,6 @@ sync_runs_table = cast(sa.Table, SyncRun.__table__)
 outbox_table = cast(sa.Table, WebhookDelivery.__table__)                # webhook_outbox
 send_counters_table = cast(sa.Table, SendCounter.__table__)
 nodes_table = cast(sa.Table, Node.__table__)
+auth_failures_table = cast(sa.Table, AuthFailure.__table__)
 contact_assignments_table = cast(sa.Table, ContactAssignment.__table__)
 assignment_cursors_table = cast(sa.Table, AssignmentCursor.__table__)

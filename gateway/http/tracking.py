@@ -440,8 +440,10 @@ class TrackingServer:
     def __init__(self, listener: TrackingListener, signer: TokenSigner, sink: HitSink,
                  lookup: CopyLookup | None = None, *, settings: Settings | None = None,
                  clock: Callable[[], float] = time.time,
-                 routes: Callable[[web.Application], None] | None = None) -> None:
+                 routes: Callable[[web.Application], None] | None = None,
+                 reuse_port: bool = False) -> None:
         self.listener = listener
+        self.reuse_port = reuse_port  # SO_REUSEPORT: one listener per worker process
         self.signer = signer      # replaced on reload (key rotation)
         self.recorder = HitRecorder(sink, lookup, settings=settings, queue_size=listener.queue_size)
         self.app = make_app(lambda: self.signer, self.recorder,
@@ -456,7 +458,8 @@ class TrackingServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.listener.host, self.listener.port,
-                                 reuse_address=True, backlog=1024)
+                                 reuse_address=True, reuse_port=self.reuse_port or None,
+                                 backlog=1024)
         await self._site.start()
 
     @property

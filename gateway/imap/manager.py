@@ -28,6 +28,7 @@ import socket
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -73,7 +74,7 @@ class Tailers:
                  opener: Opener | None = None, node_id: str | None = None,
                  tokens: TokenSource | None = None, secrets: SecretSource | None = None,
                  on_stored: Callable[[str, list[NewMessage]], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, sent_dir: Path | None = None) -> None:
         cfg = get_config()
         self.get_config = get_config
         self.store = store
@@ -102,10 +103,12 @@ class Tailers:
         self.live_nodes: list[str] = [self.node_id]
         self._crashes: dict[str, int] = {}
         self._warming: asyncio.Task[None] | None = None
-        self.sent = SentCopies(cfg.state_path / "sent-copies", get_config, self.opener, self.slots,
-                               self.accounts, log=self.log)
-        #: MIME parsing off the event loop, shared by this node's tailers (sync.parse_workers)
-        self.parsers = Parsers(workers_for(cfg.sync.parse_workers), log=self.log)
+        self.sent = SentCopies(sent_dir or cfg.state_path / "sent-copies", get_config,
+                               self.opener, self.slots, self.accounts, log=self.log)
+        #: MIME parsing off the event loop, shared by this node's tailers (sync.parse_workers;
+        #: `auto` shares the cores among the daemon's worker processes)
+        self.parsers = Parsers(workers_for(cfg.sync.parse_workers, processes=cfg.worker_count),
+                               log=self.log)
         #: folders in their initial sync at once (sync.initial_syncs; read at start)
         self.initial_slots = asyncio.Semaphore(cfg.sync.initial_syncs)
 

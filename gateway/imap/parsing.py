@@ -62,10 +62,13 @@ POOL_MIN = 8
 MAX_AUTO_WORKERS = 4
 
 
-def workers_for(setting: int | str) -> int:
-    """The number of worker processes `sync.parse_workers` asks for (0: parse in a thread)."""
+def workers_for(setting: int | str, processes: int = 1) -> int:
+    """The number of parse processes `sync.parse_workers` asks for (0: parse in a thread),
+    for each of the daemon's `processes` (`workers`): `auto` shares the usable cores
+    among them, one each at least."""
     if setting == "auto":
-        return max(1, min(MAX_AUTO_WORKERS, os.cpu_count() or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(MAX_AUTO_WORKERS, cores // max(1, processes)))
     return int(setting)
 
 

@@ -18,7 +18,7 @@ import asyncio
 import re
 import time
 from collections import defaultdict, deque
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 from aiosmtpd.smtp import log as aiosmtpd_log
@@ -167,6 +167,14 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
     return DATA_OK, raw
 
 
+class Limiter(Protocol):
+    """What the submission handler asks about failed AUTH attempts per client IP."""
+
+    async def is_blocked(self, ip: str) -> bool: ...
+    async def record_failure(self, ip: str) -> None: ...
+    async def record_success(self, ip: str) -> None: ...
+
+
 class AuthLimiter:
     """Counts failed AUTH attempts per client IP in a sliding window."""
 
@@ -196,6 +204,16 @@ class AuthLimiter:
 
     def succeeded(self, ip: str) -> None:
         self._fails.pop(ip, None)
+
+    # the interface the submission handler awaits (the store-backed limiter's, too)
+    async def is_blocked(self, ip: str) -> bool:
+        return self.blocked(ip)
+
+    async def record_failure(self, ip: str) -> None:
+        self.failed(ip)
+
+    async def record_success(self, ip: str) -> None:
+        self.succeeded(ip)
 
 
 class GatewaySMTP(PathReadingSMTP):
@@ -310,4 +328,4 @@ class GatewaySMTP(PathReadingSMTP):
             self._in_ehlo = False
 
 
-__all__ = ["AuthLimiter", "AuthResult", "GatewaySMTP", "LoginPassword", "add_enhanced_code"]
+__all__ = ["AuthLimiter", "AuthResult", "GatewaySMTP", "Limiter", "LoginPassword", "add_enhanced_code"]

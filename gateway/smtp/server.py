@@ -36,8 +36,11 @@ def server_tls_context(cfg: Config, lst: SMTPListenerBase) -> ssl.SSLContext | N
 class SMTPListener:
     """Binds host:port and serves `handler` with GatewaySMTP sessions."""
 
-    def __init__(self, name: str, cfg: Config, lst: SMTPListenerBase, handler: Any) -> None:
+    def __init__(self, name: str, cfg: Config, lst: SMTPListenerBase, handler: Any, *,
+                 reuse_port: bool = False) -> None:
         self.name = name
+        #: SO_REUSEPORT: every worker process binds the same port, the kernel spreads accepts
+        self.reuse_port = reuse_port
         self.cfg = cfg
         self.lst = lst
         self.handler = handler
@@ -72,7 +75,7 @@ class SMTPListener:
         self.server = await loop.create_server(
             self._factory, host=self.lst.host, port=self.lst.port,
             ssl=self.tls if self.lst.tls == "implicit" else None,
-            reuse_address=True, start_serving=True)
+            reuse_address=True, reuse_port=self.reuse_port or None, start_serving=True)
 
     @property
     def port(self) -> int:

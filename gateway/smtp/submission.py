@@ -25,7 +25,7 @@ from gateway.passwords import PasswordChecker
 from gateway.policy import PolicySet
 from gateway.relay import Relay, Submission
 from gateway.smtp.aiosmtpd_compat import tls_active
-from gateway.smtp.protocol import AuthLimiter, AuthResult, LoginPassword
+from gateway.smtp.protocol import AuthResult, Limiter, LoginPassword
 from gateway.smtp.session import BARE_NEWLINE_REPLY, ehlo_reply, has_bare_newline, peer_ip
 
 
@@ -33,7 +33,7 @@ class SubmissionHandler:
     """aiosmtpd handler for the submission listener."""
 
     def __init__(self, get_config: Callable[[], Config], relay: Relay,
-                 passwords: PasswordChecker, limiter: AuthLimiter,
+                 passwords: PasswordChecker, limiter: Limiter,
                  log: Any = None, *, policies: Callable[[], PolicySet] | None = None,
                  counts: SendCounts | None = None,
                  suppressions: SuppressionList | None = None) -> None:
@@ -75,7 +75,7 @@ class SubmissionHandler:
     async def _authenticate(self, server: Any, login_b: bytes, password_b: bytes,
                             mechanism: str) -> AuthResult:
         ip = peer_ip(server.session)
-        if self.limiter.blocked(ip):
+        if await self.limiter.is_blocked(ip):
             self.log.warning("auth_blocked", peer=ip, mechanism=mechanism)
             await server.push("421 4.7.0 Too many failed authentication attempts, try later")
             if server.transport is not None:
@@ -87,11 +87,11 @@ class SubmissionHandler:
         ok = await self.passwords.check(login, password,
                                         user.password_hash if user else None)
         if ok and user is not None:
-            self.limiter.succeeded(ip)
+            await self.limiter.record_success(ip)
             self.log.info("auth_ok", peer=ip, user=user.login, mechanism=mechanism)
             return AuthResult(success=True, auth_data=LoginPassword(user.login.encode(),
                                                                     b""))
-        self.limiter.failed(ip)
+        await self.limiter.record_failure(ip)
         self.log.warning("auth_failed", peer=ip, login=login[:100], mechanism=mechanism)
         return AuthResult(success=False, handled=False)
 
@@ -119,7 +119,7 @@ class SubmissionHandler:
         authzid, login, password = parts
         if authzid and authzid != login:
             await server.push("535 5.7.8 Authorization identity not permitted")
-            self.limiter.failed(peer_ip(server.session))
+            await self.limiter.record_failure(peer_ip(server.session))
             return AuthResult(success=False, handled=True)
         return await self._authenticate(server, login, password, "PLAIN")
 

@@ -267,7 +267,7 @@ class Spool:
         except RenamedNotSynced as exc:
             await self._renamed_not_synced(state, [env.id], exc)
         except OSError as exc:
-            raise spool_error(exc) from exc
+            raise self._write_failed(exc) from exc
 
     async def put_all(self, items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:
         """Store the copies of one message durably, all or none: every file is written and
@@ -285,7 +285,13 @@ class Spool:
         except RenamedNotSynced as exc:
             await self._renamed_not_synced(state, [env.id for env, _ in items], exc)
         except OSError as exc:
-            raise spool_error(exc) from exc
+            raise self._write_failed(exc) from exc
+
+    def _write_failed(self, exc: OSError) -> SpoolError:
+        """The SpoolError for a failed write, logged with its cause (the client sees 45x)."""
+        self.log.error("spool_write_failed", path=str(self.root), error=str(exc),
+                       errno=errno.errorcode.get(exc.errno or 0, exc.errno))
+        return spool_error(exc)
 
     async def _renamed_not_synced(self, state: str, ids: list[str], exc: OSError) -> None:
         """New files are renamed into `state` but the directory fsync after it failed.
@@ -317,7 +323,7 @@ class Spool:
             return await q.run(lambda: q.replace(env.id, self._file(env, data),
                                                  old_state, new_state))
         except OSError as exc:
-            raise spool_error(exc) from exc
+            raise self._write_failed(exc) from exc
 
     async def remove(self, state: str, qid: str) -> None:
         q = self._queue

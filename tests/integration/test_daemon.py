@@ -18,7 +18,8 @@ from tests.conftest import free_port
 from tests.integration.harness import PASSWORD, USER, Daemon, Sink, password_hash, write_config
 from tests.support.wait import wait_for_sync
 
-pytestmark = pytest.mark.integration
+#: every test runs with one process and with a supervisor and two workers (`workers: 2`)
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("workers", [1, 2])]
 
 
 def message(tag: str) -> bytes:
@@ -43,8 +44,9 @@ def sink() -> Iterator[Sink]:
     s.stop()
 
 
-def test_kill_9_loses_no_accepted_message(tmp_path: Path, sink: Sink) -> None:
-    cfg = write_config(tmp_path, upstream_port=sink.port, logging={"level": "warning"})
+def test_kill_9_loses_no_accepted_message(tmp_path: Path, sink: Sink, workers: int) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port, logging={"level": "warning"},
+                       workers=workers)
     daemon = Daemon(cfg).start()
     accepted: list[str] = []
     lock = threading.Lock()
@@ -92,8 +94,8 @@ def test_kill_9_loses_no_accepted_message(tmp_path: Path, sink: Sink) -> None:
         assert daemon.stop() == 0
 
 
-def test_sigterm_drains_and_exits_0(tmp_path: Path, sink: Sink) -> None:
-    cfg = write_config(tmp_path, upstream_port=sink.port)
+def test_sigterm_drains_and_exits_0(tmp_path: Path, sink: Sink, workers: int) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port, workers=workers)
     daemon = Daemon(cfg).start()
     send_one(daemon.port, "before-term")
     wait_for_sync(lambda: len(sink.received) == 1, 15, "delivery")
@@ -113,8 +115,8 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, sink: Sink) -> None:
     assert '"event": "stopped"' in daemon.log()
 
 
-def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink) -> None:
-    cfg = write_config(tmp_path, upstream_port=sink.port)
+def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink, workers: int) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port, workers=workers)
     daemon = Daemon(cfg).start()
     try:
         good = cfg.read_text()
@@ -136,8 +138,8 @@ def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink) -
         assert daemon.stop() == 0
 
 
-def test_systemd_notify(tmp_path: Path, sink: Sink) -> None:
-    cfg = write_config(tmp_path, upstream_port=sink.port)
+def test_systemd_notify(tmp_path: Path, sink: Sink, workers: int) -> None:
+    cfg = write_config(tmp_path, upstream_port=sink.port, workers=workers)
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -173,9 +175,10 @@ def test_systemd_notify(tmp_path: Path, sink: Sink) -> None:
     sock.close()
 
 
-def test_queue_commands(tmp_path: Path) -> None:
+def test_queue_commands(tmp_path: Path, workers: int) -> None:
+    """With two workers the messages are in either worker's spool: the commands see both."""
     down = free_port()  # nothing listens here yet: deliveries are deferred
-    cfg = write_config(tmp_path, upstream_port=down,
+    cfg = write_config(tmp_path, upstream_port=down, workers=workers,
                        delivery={"retry": {"schedule": ["1h"]}})
     daemon = Daemon(cfg).start()
     sink = None

@@ -152,3 +152,36 @@ def test_parse_workers_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError) as ei:
         load_config(write(tmp_path, f"hostname: gw.example.com\nsync:\n  parse_workers: {value}\n"))
     assert any("sync.parse_workers" in str(p) for p in ei.value.problems)
+
+
+@pytest.mark.parametrize("value", ["0", "many", "true", "1.5", "300"])
+def test_workers_must_be_auto_or_a_count(tmp_path: Path, value: str) -> None:
+    p = write(tmp_path, f"hostname: gw.example.com\nworkers: {value}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    (problem,) = [str(x) for x in ei.value.problems]
+    assert problem.startswith(f"{p}:2: workers: ") and "`auto` or a number" in problem
+
+
+def test_workers_auto_is_the_usable_cores_and_one_is_the_default(tmp_path: Path) -> None:
+    import os
+
+    assert load_config(write(tmp_path, "hostname: gw.example.com\n")).worker_count == 1
+    cfg = load_config(write(tmp_path, "hostname: gw.example.com\nworkers: auto\n"))
+    assert cfg.worker_count == len(os.sched_getaffinity(0))
+    cfg = load_config(write(tmp_path, "hostname: gw.example.com\nworkers: 3\n"))
+    assert cfg.worker_count == 3
+    assert cfg.worker_spool_path(1) == cfg.spool_path == cfg.state_path / "spool"
+    assert cfg.worker_spool_path(3) == cfg.state_path / "spool-3"
+
+
+def test_parse_workers_auto_shares_the_cores_among_the_daemons_workers() -> None:
+    import os
+
+    from gateway.imap.parsing import MAX_AUTO_WORKERS, workers_for
+
+    cores = len(os.sched_getaffinity(0))
+    assert workers_for("auto", processes=1) == max(1, min(MAX_AUTO_WORKERS, cores))
+    assert workers_for("auto", processes=cores) == 1
+    assert workers_for("auto", processes=cores * 4) == 1     # one each at least
+    assert workers_for(3, processes=8) == 3                  # a number is taken as given

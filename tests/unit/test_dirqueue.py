@@ -208,3 +208,22 @@ async def test_run_uses_the_queues_threads_and_group_commits(tmp_path: Path) -> 
             await q.run(lambda: q.read("new", "missing"))
     finally:
         q.close()
+
+
+def test_adopt_moves_every_entry_but_tmp_and_keeps_name_clashes(tmp_path: Path) -> None:
+    from gateway.dirqueue import adopt
+
+    src, dst = tmp_path / "spool-2", tmp_path / "spool"
+    for state, name in (("incoming", "A"), ("deferred", "B"), ("hold", "C"), ("tmp", "T"),
+                        ("incoming", "CLASH")):
+        (src / state).mkdir(parents=True, exist_ok=True)
+        (src / state / name).write_bytes(name.encode())
+    (dst / "incoming").mkdir(parents=True)
+    (dst / "incoming" / "CLASH").write_bytes(b"theirs")
+    assert adopt(src, dst) == 3
+    assert (dst / "incoming" / "A").read_bytes() == b"A"
+    assert (dst / "deferred" / "B").exists() and (dst / "hold" / "C").exists()
+    assert (src / "tmp" / "T").exists() and not (dst / "tmp").exists()
+    assert (src / "incoming" / "CLASH").exists()            # never overwritten
+    assert (dst / "incoming" / "CLASH").read_bytes() == b"theirs"
+    assert adopt(tmp_path / "missing", dst) == 0
