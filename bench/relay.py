@@ -211,7 +211,7 @@ class CpuSplitSampler:
 
     def __init__(self, root_pid: Callable[[], int | None]) -> None:
         self._root_pid = root_pid
-        self._first: dict[tuple[int, int], float] = {}
+        self._first: dict[tuple[int, int], float] = {}  # CPU seconds at the first sample
         self._last: dict[tuple[int, int], tuple[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._started = False
@@ -269,9 +269,9 @@ class CpuSplitSampler:
         self.sample()
 
     def split(self) -> dict[str, float]:
-        out: Counter[str] = Counter()
+        out: dict[str, float] = {}
         for key, (name, last) in self._last.items():
-            out[name] += max(0.0, last - self._first.get(key, 0.0))
+            out[name] = out.get(name, 0.0) + max(0.0, last - self._first.get(key, 0.0))
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -347,9 +347,9 @@ def stage_of(stack: str) -> str:
 def stage_shares(stacks: dict[str, int]) -> dict[str, float]:
     """Each stage's share of the samples (summing to 1), largest first."""
     total = sum(stacks.values()) or 1
-    out: Counter[str] = Counter()
+    out: dict[str, int] = {}
     for stack, n in stacks.items():
-        out[stage_of(stack)] += n
+        out[stage_of(stack)] = out.get(stage_of(stack), 0) + n
     return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
@@ -1313,13 +1313,13 @@ def render_table(results: list[RunResult], ratio: dict[str, dict[str, float | No
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("")
-    for name, r in ratio.items():
-        if r.get("delivered_per_s") is None:
+    for name, q in ratio.items():
+        if q.get("delivered_per_s") is None:
             continue
-        out.append(f"ratio {name}/postfix: delivered/s {r['delivered_per_s']:.2f}, "
-                   f"accepted/s {_fmt(r.get('accepted_per_s'), '.2f')}, "
-                   f"p50 latency {_fmt(r.get('p50_ms'), '.2f')}")
-    if not any(r.get("delivered_per_s") is not None for r in ratio.values()):
+        out.append(f"ratio {name}/postfix: delivered/s {q['delivered_per_s']:.2f}, "
+                   f"accepted/s {_fmt(q.get('accepted_per_s'), '.2f')}, "
+                   f"p50 latency {_fmt(q.get('p50_ms'), '.2f')}")
+    if not any(q.get("delivered_per_s") is not None for q in ratio.values()):
         out.append("ratio mailgw/postfix: - (needs both runs)")
     for r in results:
         notes = []

@@ -143,6 +143,9 @@ class Entity:
         self.children: list[Entity] = []
         self._segments: list[bytes | Entity] = []
         self._text: str | None = None          # replaced text, encoded on serialize()
+        #: (text, offset): where the open pixel goes in `text`, known by the links stage from
+        #: its own tokenizing; the pixel stage uses it while the part's text is that text
+        self.pixel_at: tuple[str, int] | None = None
         self._decoded: str | None = None
         self._implicit_utf8 = False             # unlabelled 8-bit text that is valid UTF-8
         self.notes: list[str] = []
