@@ -97,7 +97,8 @@ def _b64_encode(data: bytes, nl: bytes) -> bytes:
 def _long_line(data: bytes) -> bool:
     if len(data) <= MAX_LINE:
         return False
-    return any(len(line) > MAX_LINE for line in re.split(rb"\r\n|\n|\r", data))
+    # bytes.splitlines breaks at CRLF, LF and CR only: the line ends of RFC 5322 and bare ones
+    return max(map(len, data.splitlines())) > MAX_LINE
 
 
 def _bare_line_break(data: bytes, nl: bytes) -> bool:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from email.message import EmailMessage
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.pipeline import mime
 from gateway.pipeline.mime import MimeError, MimeTree
 
 
@@ -264,3 +268,10 @@ def test_serialize_twice_is_stable_and_headers_without_line_end() -> None:
     cut = MimeTree(b"Subject: no line end")
     cut.body_parts()[0].replace_text("sig")
     assert cut.serialize() == b"Subject: no line end\r\n\r\nsig"
+
+
+@given(st.lists(st.sampled_from([b"a" * 500, b"b" * 999, b"c", b"\r\n", b"\n", b"\r", b"\x0b", b"\x0c",
+                                 b"\x85", b"\x1c"]), max_size=8).map(b"".join))
+def test_long_line_splits_at_crlf_lf_and_cr_only(data: bytes) -> None:
+    lines = re.split(rb"\r\n|\n|\r", data)
+    assert mime._long_line(data) == any(len(line) > mime.MAX_LINE for line in lines)
