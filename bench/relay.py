@@ -3,9 +3,11 @@
 
 Its one job: push N ~10 KB HTML messages (multipart/alternative, one recipient) over
 20 concurrent SMTP sessions through the gateway (`python -m gateway run`) to a
-counting aiosmtpd sink in its own process, and print accepted/s, delivered/s end to
-end, p50/p99 accept latency and the daemon's peak RSS; then the same load through a
-private Postfix instance relaying to the same sink, and the ratio gateway/Postfix.
+counting sink in its own process, and print accepted/s, delivered/s end to end, p50/p99
+accept latency, CPU per message (split by process, and with --profile by pipeline stage)
+and the daemon's peak RSS; first with the full outbound pipeline (tracking with five
+links, pixel, DKIM, CRM record), then as a plain relay; then the same load through a
+private Postfix instance relaying to the same sink, and the ratios gateway/Postfix.
 A third row, the client talking to the sink directly, shows the ceiling the client
 and sink impose on this machine.
 
