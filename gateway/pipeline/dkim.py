@@ -70,6 +70,9 @@ OVERSIGNED_FIELDS: frozenset[str] = frozenset({
     "from", "to", "cc", "subject", "date", "message-id", "reply-to",
     "list-unsubscribe", "list-unsubscribe-post"})
 
+#: The names as dkimpy's relaxed canonicalisation writes them, to pick the fields worth it.
+_SIGNED_NAMES: frozenset[bytes] = frozenset(f.encode() for f in SIGNED_FIELDS)
+
 _POLICY = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _FOLD_AT = 76          # soft line length for the tag list
 _B64_LINE = 72         # b= and bh= are wrapped onto lines of this many characters
@@ -248,7 +251,11 @@ class Signer:
         if not keys:
             return []
         names = header_list(n for n, _ in headers)
-        canon_headers = _POLICY.canonicalize_headers(headers)
+        # only fields named in h= are ever hashed (dkimpy selects by canonical name, each
+        # instance searched from the bottom among fields of that name), so the others
+        # need no canonicalising
+        canon_headers = _POLICY.canonicalize_headers(
+            [h for h in headers if bytes(h[0]).lower().rstrip() in _SIGNED_NAMES])
         bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         now = int(self._clock())
         return [self._one(k, canon_headers, names, bh, now) for k in keys]
