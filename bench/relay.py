@@ -3,9 +3,11 @@
 
 Its one job: push N ~10 KB HTML messages (multipart/alternative, one recipient) over
 20 concurrent SMTP sessions through the gateway (`python -m gateway run`) to a
-counting aiosmtpd sink in its own process, and print accepted/s, delivered/s end to
-end, p50/p99 accept latency and the daemon's peak RSS; then the same load through a
-private Postfix instance relaying to the same sink, and the ratio gateway/Postfix.
+counting sink in its own process, and print accepted/s, delivered/s end to end, p50/p99
+accept latency, CPU per message (split by process, and with --profile by pipeline stage)
+and the daemon's peak RSS; first with the full outbound pipeline (tracking with five
+links, pixel, DKIM, CRM record), then as a plain relay; then the same load through a
+private Postfix instance relaying to the same sink, and the ratios gateway/Postfix.
 A third row, the client talking to the sink directly, shows the ceiling the client
 and sink impose on this machine.
 
@@ -58,6 +60,7 @@ REPLY_TIMEOUT = 60.0          # one SMTP reply from the server under test
 START_TIMEOUT = 30.0          # a daemon's port must accept connections by then
 STOP_TIMEOUT = 15.0           # SIGTERM -> exit
 SAMPLE_EVERY = 0.25           # memory sampling interval (seconds)
+PROFILE_RATE = 199            # py-spy samples per second (--profile)
 
 
 # ----------------------------------------------------------------------------------
@@ -199,6 +202,160 @@ class MemorySampler:
         self.sample()
 
 
+class CpuSplitSampler:
+    """CPU per process (and, within one process, per thread) of a tree, by name.
+
+    Every thread of every process in the tree is sampled every SAMPLE_EVERY seconds;
+    a thread's CPU is its last sample minus its first (0 for one born after `start`).
+    Postfix's short-lived children count up to their last sample. Names are the
+    process's `comm` (``smtpd``, ``cleanup``, ``qmgr`` ...) and, for threads other than
+    a process's main one, ``comm/thread-comm`` (``python3/asyncio_0``)."""
+
+    def __init__(self, root_pid: Callable[[], int | None]) -> None:
+        self._root_pid = root_pid
+        self._first: dict[tuple[int, int], float] = {}  # CPU seconds at the first sample
+        self._last: dict[tuple[int, int], tuple[str, float]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+
+    @staticmethod
+    def _read(path: str) -> tuple[str, float] | None:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2:].split()
+        try:
+            return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (ValueError, IndexError):
+            return None
+
+    def sample(self) -> None:
+        root = self._root_pid()
+        if root is None:
+            return
+        for pid in process_tree(root):
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            main = self._read(f"/proc/{pid}/stat")
+            for tid in tids:
+                got = self._read(f"/proc/{pid}/task/{tid}/stat")
+                if got is None or main is None:
+                    continue
+                name = main[0] if tid == pid else f"{main[0]}/{got[0]}"
+                key = (pid, tid)
+                if key not in self._first:
+                    self._first[key] = got[1] if not self._started else 0.0
+                self._last[key] = (name, got[1])
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    def start(self) -> None:
+        self.sample()
+        self._started = True
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.sample()
+
+    def split(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, (name, last) in self._last.items():
+            out[name] = out.get(name, 0.0) + max(0.0, last - self._first.get(key, 0.0))
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+class Profiler:
+    """`py-spy record` (collapsed stacks) of a running process until `stop`."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.log = out.with_suffix(".log")
+        exe = shutil.which("py-spy")
+        self.proc: subprocess.Popen[bytes] | None = None
+        if exe is None:
+            self.log.write_text("py-spy not found (pip install py-spy)")
+            return
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [exe, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "--format", "raw",
+                 "--gil", "--nonblocking", "--output", str(out)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> dict[str, int]:
+        """Stop sampling; the collapsed stacks (frames root first) and their sample counts."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        stacks: dict[str, int] = {}
+        with contextlib.suppress(OSError), open(self.out, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                stack, _, n = line.rstrip("\n").rpartition(" ")
+                if stack and n.isdigit():
+                    stacks[stack] = stacks.get(stack, 0) + int(n)
+        return stacks
+
+    def error(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace").strip()[-300:]
+        return "?"
+
+
+#: Stage of a sampled stack: the first (stage, markers) whose marker is in one of its
+#: frames, searched from the leaf up, so a stack inside DKIM signing inside the planner is
+#: DKIM's. A frame is ``function (path/to/file.py:line)``.
+STAGE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("dkim sign", ("gateway/pipeline/dkim.py", "dkim/__init__.py", "gateway/keys/dkim.py")),
+    ("stages: tokens (HMAC)", ("tracking/tokens.py",)),
+    ("stages: MIME parse+serialize", ("gateway/pipeline/mime.py",)),
+    ("stages: links", ("links_stage", "gateway/pipeline/links.py")),
+    ("stages: pixel", ("pixel_stage", "gateway/pipeline/pixel.py")),
+    ("stages: other", ("gateway/pipeline/stages.py",)),
+    ("policy", ("gateway/policy/",)),
+    ("spool write+fsync", ("gateway/spool/",)),
+    ("CRM record: parse", ("gateway/mail/parse.py",)),
+    ("CRM record: store", ("gateway/crm/", "gateway/records.py", "sqlalchemy", "aiosqlite")),
+    ("delivery (queue, SMTP client)", ("gateway/delivery/", "aiosmtplib")),
+    ("relay accept (prepare, plan)", ("gateway/relay.py", "gateway/pipeline/outbound.py")),
+    ("SMTP server", ("gateway/smtp/", "aiosmtpd")),
+    ("logging", ("structlog", "logging/")),
+)
+
+
+def stage_of(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for stage, markers in STAGE_MARKERS:
+            if any(m in frame for m in markers):
+                return stage
+    return "event loop, other"
+
+
+def stage_shares(stacks: dict[str, int]) -> dict[str, float]:
+    """Each stage's share of the samples (summing to 1), largest first."""
+    total = sum(stacks.values()) or 1
+    out: dict[str, int] = {}
+    for stack, n in stacks.items():
+        out[stage_of(stack)] = out.get(stage_of(stack), 0) + n
+    return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 # ----------------------------------------------------------------------------------
 # the messages
 
@@ -208,8 +365,9 @@ _WORDS = ["pipeline", "quarterly", "renewal", "forecast", "onboarding", "discoun
           "signature", "demo", "trial"]
 
 
-def make_message(run: str, i: int, size: int, date: str) -> bytes:
-    """One realistic multipart/alternative (text + HTML) message of about `size` bytes.
+def make_message(run: str, i: int, size: int, date: str, links: int = 0) -> bytes:
+    """One realistic multipart/alternative (text + HTML) message of about `size` bytes,
+    with `links` distinct `<a href>` links in its HTML part (and their URLs in the text).
 
     Returned ready for DATA: CRLF line ends, no line starting with a dot, and the
     terminating `<CRLF>.<CRLF>` appended.
@@ -240,7 +398,12 @@ def make_message(run: str, i: int, size: int, date: str) -> bytes:
                   "</head><body>", "<p>Hello Recipient,</p>",
                   f"<p>following up on our <b>{words[2]}</b> call about the "
                   f"<i>{words[3]} {words[4]}</i>.</p>",
-                  "<table>"]
+                  ]
+    for k in range(links):
+        url = f"https://www.example.com/offer/{k + 1}?deal=4711&amp;ref=bench{i}"
+        html_lines.append(f"<p><a href=\"{url}\">{words[k % 12].title()} offer {k + 1}</a></p>")
+        text_lines.append(f"{words[k % 12].title()} offer {k + 1}: {url.replace('&amp;', '&')}")
+    html_lines.append("<table>")
     tail_text = ["", "Best regards,", "Bench Sender", "Account Executive, Example Org"]
     tail_html = ["</table>", "<p>Best regards,<br>Bench Sender<br>"
                  "<span style=\"color:#888\">Account Executive, Example Org</span></p>",
@@ -275,9 +438,9 @@ def make_message(run: str, i: int, size: int, date: str) -> bytes:
     return body + b".\r\n"
 
 
-def make_messages(run: str, n: int, size: int) -> list[bytes]:
+def make_messages(run: str, n: int, size: int, links: int = 0) -> list[bytes]:
     date = formatdate(usegmt=True)
-    return [make_message(run, i, size, date) for i in range(n)]
+    return [make_message(run, i, size, date, links) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------
@@ -643,21 +806,31 @@ async def wait_delivered(sink: Sink, run: str, want: int, deadline: float) -> di
 
 
 async def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, *,
-                  auth: bool = False,
-                  cpu: Callable[[], tuple[float, float]] | None = None) -> RunResult:
+                  auth: bool = False, links: int = 0,
+                  cpu: Callable[[], tuple[float, float]] | None = None,
+                  root: Callable[[], int | None] | None = None,
+                  profile: Path | None = None) -> RunResult:
     """Send the load to `port` and wait for the sink; fill in everything but memory.
 
     `cpu()` (the relay's user and system CPU seconds so far) is read before and after,
-    for CPU per message.
+    for CPU per message; `root()` (the relay's first process) is sampled for the split by
+    process (and thread); with `profile` (a file to write), py-spy samples it meanwhile.
     """
     run = f"{name[:2]}{uuid.uuid4().hex[:8]}"
     res = RunResult(name=name, messages=args.messages)
-    messages = await asyncio.to_thread(make_messages, run, args.messages, args.size)
+    messages = await asyncio.to_thread(make_messages, run, args.messages, args.size, links)
     cpu0 = (0.0, 0.0)
+    split = CpuSplitSampler(root) if root is not None else None
+    spy: Profiler | None = None
 
     def on_go() -> None:
-        nonlocal cpu0
+        nonlocal cpu0, spy
         cpu0 = cpu() if cpu else (0.0, 0.0)
+        if split is not None:
+            split.start()
+        pid = root() if root is not None else None
+        if profile is not None and pid is not None:
+            spy = Profiler(pid, profile)
 
     load = await run_load(port, messages, args.sessions, auth, args.timeout, on_go)
     res.accepted = load.accepted
@@ -671,11 +844,26 @@ async def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, *,
         res.p99_ms = p99 * 1000 if p99 is not None else None
     st = await wait_delivered(sink, run, load.accepted, time.monotonic() + args.deadline)
     res.delivered, res.duplicates = st["count"], st["dups"]
+    if split is not None:
+        await split.stop()
+    if spy is not None:
+        stacks = await asyncio.to_thread(spy.stop)
     if cpu is not None and res.delivered:
         user, system = (b - a for a, b in zip(cpu0, cpu(), strict=True))
         res.extra["cpu_ms_per_message"] = round((user + system) * 1000 / res.delivered, 2)
         res.extra["cpu_user_ms_per_message"] = round(user * 1000 / res.delivered, 2)
         res.extra["cpu_system_ms_per_message"] = round(system * 1000 / res.delivered, 2)
+        if split is not None:
+            res.extra["cpu_ms_per_message_by_process"] = {
+                k: round(v * 1000 / res.delivered, 3) for k, v in split.split().items()}
+        if spy is not None:
+            if stacks:
+                total = (user + system) * 1000 / res.delivered
+                res.extra["cpu_ms_per_message_by_stage"] = {
+                    k: round(v * total, 3) for k, v in stage_shares(stacks).items()}
+                res.extra["profile_samples"] = sum(stacks.values())
+            else:
+                res.problems.append(f"py-spy gave no samples: {spy.error()}")
     times = sorted(st.get("times", []))
     if times and load.t0:
         res.deliver_seconds = times[-1] - load.t0
@@ -741,6 +929,8 @@ delivery:
 logging: {{format: json, level: warning}}
 workers: {workers}
 {dkim_section}"""
+    if workers == 1:   # the key left out: a --baseline-repo tree may predate it
+        text = text.replace("workers: 1\n", "", 1)
     path = tmp / "gateway.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -789,9 +979,37 @@ def start_gateway(cfg: Path, log_path: Path, env: dict[str, str]) -> subprocess.
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@dataclass(frozen=True)
+class GatewayRun:
+    """One gateway row: its name, what the daemon does to each message, and which tree runs."""
+
+    name: str
+    tracking: bool
+    dkim: bool
+    links: int
+    repo: Path
+
+
+def gateway_runs(args: argparse.Namespace) -> list[GatewayRun]:
+    """The gateway rows, in order: for each mode, this tree, then `--baseline-repo`'s."""
+    runs = []
+    for mode in args.modes:
+        if mode == "full":
+            spec = ("mailgw full", True, True, args.links)
+        else:
+            spec = ("mailgw" if mode == "plain" else f"mailgw {mode}", args.tracking, args.dkim,
+                    args.links if args.tracking else 0)
+        name, tracking, dkim, links = spec
+        runs.append(GatewayRun(name, tracking, dkim, links, REPO))
+        if args.baseline_repo is not None:
+            runs.append(GatewayRun(f"{name} @baseline", tracking, dkim, links, args.baseline_repo))
+    return runs
+
+
 async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
-                      cleanup: list[Callable[[], None]]) -> RunResult:
-    res = RunResult(name="mailgw", messages=args.messages)
+                      cleanup: list[Callable[[], None]], spec: GatewayRun | None = None) -> RunResult:
+    spec = spec or GatewayRun("mailgw", args.tracking, args.dkim, 0, REPO)
+    res = RunResult(name=spec.name, messages=args.messages)
     sys.path.insert(0, str(REPO))
     try:
         from gateway.passwords import hash_password
@@ -800,14 +1018,14 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
         return res
     port = free_port()
     cfg = gateway_config(tmp, port, sink.port, hash_password(PASSWORD), args.auth, args.sessions,
-                         tracking=args.tracking, dkim=args.dkim, workers=args.workers)
+                         tracking=spec.tracking, dkim=spec.dkim, workers=args.workers)
     log_path = tmp / "gateway.log"
     # READY=1 (sd_notify) comes once every worker listens, not only the first one
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify.sock"))
     cleanup.append(notify.close)
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify.sock"), PYTHONPATH=os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        [str(spec.repo), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = await asyncio.to_thread(start_gateway, cfg, log_path, env)
 
     def kill() -> None:
@@ -831,12 +1049,13 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
     sampler = MemorySampler(lambda: proc.pid)
     sampler.start()
     try:
-        measured = await measure("mailgw", port, sink, args, auth=args.auth,
-                                 cpu=lambda: tree_cpu_seconds(proc.pid))
+        measured = await measure(spec.name, port, sink, args, auth=args.auth, links=spec.links,
+                                 cpu=lambda: tree_cpu_seconds(proc.pid), root=lambda: proc.pid,
+                                 profile=tmp / "profile.txt" if args.profile else None)
     finally:
         await sampler.stop()
-    measured.extra["auth"] = args.auth
-    measured.extra["workers"] = args.workers
+    measured.extra.update(auth=args.auth, tracking=spec.tracking, dkim=spec.dkim,
+                          links=spec.links, repo=str(spec.repo), workers=args.workers)
     hwm = proc_status_kb(proc.pid, "VmHWM")
     if hwm is not None:
         measured.peak_rss_mb = hwm / 1024
@@ -1061,7 +1280,7 @@ async def run_postfix(sink: Sink, args: argparse.Namespace, tmp: Path,
     sampler.start()
     try:
         res = await measure("postfix", pf.port, sink, args,
-                            cpu=lambda: tree_cpu_seconds(pf.master_pid()))
+                            cpu=lambda: tree_cpu_seconds(pf.master_pid()), root=pf.master_pid)
     finally:
         await sampler.stop()
         await asyncio.to_thread(pf.stop)
@@ -1088,14 +1307,17 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def render_table(results: list[RunResult], ratio: dict[str, float | None],
+def render_table(results: list[RunResult], ratio: dict[str, dict[str, float | None]],
                  context: dict[str, Any]) -> str:
     out = [f"relay benchmark: {context['messages']} messages of ~{context['size']} bytes "
            f"(multipart/alternative HTML), {context['sessions']} sessions, 1 recipient each; "
            f"{context['cpus']} CPUs, temp dir on {context['tmp_fs']}, {context['sink']} sink"
            + (", AUTH PLAIN to the gateway" if context["auth"] else "")
-           + (", gateway tracking opens and clicks" if context.get("tracking") else "")
-           + (", gateway DKIM-signing (rsa-sha256 2048)" if context.get("dkim") else "")
+           + ("; `mailgw full`: tracking of opens and clicks with "
+              f"{context['links']} links, pixel, DKIM rsa-sha256 2048, fsync, CRM record"
+              if "full" in context["modes"] else "")
+           + ("; `mailgw`: tracking opens and clicks" if context.get("tracking") else "")
+           + (", DKIM-signing (rsa-sha256 2048)" if context.get("dkim") else "")
            + (f", gateway workers: {context['workers']}" if context.get("workers", 1) > 1 else ""),
            ""]
     if context["concurrent_benchmarks"]:
@@ -1119,11 +1341,13 @@ def render_table(results: list[RunResult], ratio: dict[str, float | None],
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("")
-    if ratio.get("delivered_per_s") is not None:
-        out.append(f"ratio mailgw/postfix: delivered/s {ratio['delivered_per_s']:.2f}, "
-                   f"accepted/s {_fmt(ratio.get('accepted_per_s'), '.2f')}, "
-                   f"p50 latency {_fmt(ratio.get('p50_ms'), '.2f')}")
-    else:
+    for name, q in ratio.items():
+        if q.get("delivered_per_s") is None:
+            continue
+        out.append(f"ratio {name}/postfix: delivered/s {q['delivered_per_s']:.2f}, "
+                   f"accepted/s {_fmt(q.get('accepted_per_s'), '.2f')}, "
+                   f"p50 latency {_fmt(q.get('p50_ms'), '.2f')}")
+    if not any(q.get("delivered_per_s") is not None for q in ratio.values()):
         out.append("ratio mailgw/postfix: - (needs both runs)")
     for r in results:
         notes = []
@@ -1135,6 +1359,14 @@ def render_table(results: list[RunResult], ratio: dict[str, float | None],
             notes.append(f"CPU: {r.extra['cpu_ms_per_message']} ms per message (user "
                          f"{r.extra.get('cpu_user_ms_per_message', '?')} + system "
                          f"{r.extra.get('cpu_system_ms_per_message', '?')}, accept to delivery)")
+        if r.extra.get("cpu_ms_per_message_by_process"):
+            notes.append("CPU ms per message by process: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r.extra["cpu_ms_per_message_by_process"].items()
+                if v >= 0.005))
+        if r.extra.get("cpu_ms_per_message_by_stage"):
+            notes.append(f"CPU ms per message by stage (py-spy, {r.extra['profile_samples']} "
+                         "samples): " + ", ".join(
+                             f"{k} {v:.2f}" for k, v in r.extra["cpu_ms_per_message_by_stage"].items()))
         if r.accept_seconds is not None:
             notes.append(f"all 250s after {r.accept_seconds:.2f} s, last message at the sink after "
                          f"{_fmt(r.deliver_seconds, '.2f')} s")
@@ -1201,24 +1433,48 @@ async def bench(args: argparse.Namespace, tmp: Path,
     if not args.gateway_only:
         progress(f"[bench] client -> sink (127.0.0.1:{sink.port}) ...")
         results.append(await run_direct(sink, args))
-    progress("[bench] mailgw ...")
-    gw_tmp = tmp / "mailgw"
-    gw_tmp.mkdir()
-    results.append(await run_gateway(sink, args, gw_tmp, cleanup))
-    if not (args.skip_postfix or args.gateway_only):
-        progress("[bench] postfix ...")
-        results.append(await run_postfix(sink, args, tmp / "postfix", cleanup))
+    postfix = not (args.skip_postfix or args.gateway_only)
+    for rnd in range(args.rounds):
+        for k, spec in enumerate(gateway_runs(args)):
+            progress(f"[bench] {spec.name} ({spec.repo}) ...")
+            gw_tmp = tmp / f"mailgw-{rnd}-{k}"
+            gw_tmp.mkdir()
+            results.append(await run_gateway(sink, args, gw_tmp, cleanup, spec))
+        if postfix:
+            progress("[bench] postfix ...")
+            results.append(await run_postfix(sink, args, tmp / f"postfix-{rnd}", cleanup))
     return results
 
 
-def ratios(results: list[RunResult]) -> dict[str, float | None]:
+def ratios(results: list[RunResult], gateway: str = "mailgw") -> dict[str, float | None]:
+    """`gateway` row over the Postfix row (the last of each name: with --rounds, the last round)."""
     by = {r.name: r for r in results if not r.skipped}
-    gw, pf = by.get("mailgw"), by.get("postfix")
+    gw, pf = by.get(gateway), by.get("postfix")
     out: dict[str, float | None] = {}
     for key in ("delivered_per_s", "accepted_per_s", "p50_ms", "p99_ms", "peak_rss_mb"):
         a = getattr(gw, key) if gw else None
         b = getattr(pf, key) if pf else None
         out[key] = a / b if a is not None and b else None
+    return out
+
+
+def all_ratios(results: list[RunResult]) -> dict[str, dict[str, float | None]]:
+    """Every gateway row over the Postfix row of its round, by row name (`name #2` for the
+    second round's, and so on)."""
+    out: dict[str, dict[str, float | None]] = {}
+    rnd: list[RunResult] = []
+    for r in results:
+        if r.name == "client->sink":
+            continue
+        rnd.append(r)
+        if r.name == "postfix":
+            for g in rnd[:-1]:
+                ratio = ratios([g, r], g.name)
+                key, n = g.name, 2
+                while key in out:
+                    key, n = f"{g.name} #{n}", n + 1
+                out[key] = ratio
+            rnd = []
     return out
 
 
@@ -1239,6 +1495,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the gateway tracks opens and clicks (a tokenised copy per recipient)")
     p.add_argument("--dkim", action="store_true",
                    help="the gateway DKIM-signs every copy (rsa-sha256, 2048 bits)")
+    p.add_argument("--modes", default="full,plain", type=lambda v: [m for m in v.split(",") if m],
+                   metavar="LIST",
+                   help="gateway rows, in order (full,plain): full = tracking of opens and clicks, "
+                        "DKIM, --links links per message; plain = --tracking/--dkim as given")
+    p.add_argument("--links", type=int, default=5, metavar="N",
+                   help="links in each message's HTML for tracked rows (5)")
+    p.add_argument("--baseline-repo", type=Path, metavar="DIR",
+                   help="after each gateway row, the same row with the daemon from DIR (another "
+                        "checkout, e.g. a worktree of main): before/after in one run")
+    p.add_argument("--rounds", type=int, default=1, metavar="K",
+                   help="repeat the gateway rows and Postfix K times, interleaved (1)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy samples each gateway during its window: CPU per message by stage")
     p.add_argument("--sink", choices=("raw", "aiosmtpd"), default="raw",
                    help="sink implementation: a minimal asyncio SMTP receiver (default, ~0.15 ms "
                         "CPU per message) or aiosmtpd (~1.3 ms, competes with the relay for CPU)")
@@ -1255,8 +1524,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-temp", action="store_true",
                    help="keep the temp dir (configs, logs, spool) and print its path")
     args = p.parse_args(argv)
-    if args.messages < 1 or args.sessions < 1 or args.size < 1024:
-        p.error("--messages and --sessions must be >= 1, --size >= 1024")
+    if args.messages < 1 or args.sessions < 1 or args.size < 1024 or args.rounds < 1:
+        p.error("--messages, --sessions and --rounds must be >= 1, --size >= 1024")
+    if bad := [m for m in args.modes if m not in ("full", "plain")]:
+        p.error(f"--modes: unknown {bad} (full, plain)")
     return args
 
 
@@ -1298,10 +1569,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    ratio = ratios(results)
+    ratio = all_ratios(results)
     others = sorted(set(others) | set(other_benchmarks()))
     context = {"messages": args.messages, "sessions": args.sessions, "size": args.size,
-               "tracking": args.tracking, "dkim": args.dkim, "workers": args.workers,
+               "tracking": args.tracking, "dkim": args.dkim, "modes": args.modes,
+               "links": args.links, "rounds": args.rounds, "workers": args.workers,
+               "baseline_repo": str(args.baseline_repo) if args.baseline_repo else None,
                "auth": args.auth, "sink": args.sink, "cpus": os.cpu_count(), "tmp_fs": fs_type(tmp.parent),
                "python": sys.version.split()[0], "concurrent_benchmarks": others}
     if args.json:

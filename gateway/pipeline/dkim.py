@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,9 +70,10 @@ OVERSIGNED_FIELDS: frozenset[str] = frozenset({
     "from", "to", "cc", "subject", "date", "message-id", "reply-to",
     "list-unsubscribe", "list-unsubscribe-post"})
 
+#: The names as dkimpy's relaxed canonicalisation writes them, to pick the fields worth it.
+_SIGNED_NAMES: frozenset[bytes] = frozenset(f.encode() for f in SIGNED_FIELDS)
+
 _POLICY = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
-_WSP_RUNS = re.compile(rb"[\t ]{2,}|\t")
 _FOLD_AT = 76          # soft line length for the tag list
 _B64_LINE = 72         # b= and bh= are wrapped onto lines of this many characters
 
@@ -130,14 +130,18 @@ def parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 §3.4.4 relaxed body canonicalisation; equal to dkimpy's ``Relaxed``.
 
-    dkimpy runs its two regular expressions over the whole body even when they change
-    nothing (about 0.4 ms for 10 KB of text); here each runs only when the body holds
-    what it would replace, and dkimpy's own helpers finish the job.
+    dkimpy runs two regular expressions over the whole body (about 0.6 ms for 10 KB of
+    text with runs of spaces); here runs of SP and HTAB become one SP by `bytes.replace`
+    passes (each run halves per pass, so a few passes over the body in C), after which
+    whitespace at a line end is a single SP before CRLF and goes by one more replace;
+    dkimpy's own helpers finish the job.
     """
-    if b" \r\n" in body or b"\t\r\n" in body:
-        body = _TRAILING_WSP.sub(b"\r\n", body)
-    if b"\t" in body or b"  " in body:
-        body = _WSP_RUNS.sub(b" ", body)
+    if b"\t" in body:
+        body = body.replace(b"\t", b" ")
+    while b"  " in body:
+        body = body.replace(b"  ", b" ")
+    if b" \r\n" in body:
+        body = body.replace(b" \r\n", b"\r\n")
     result: bytes = correct_empty_body(strip_trailing_lines(body))
     return result
 
@@ -247,7 +251,11 @@ class Signer:
         if not keys:
             return []
         names = header_list(n for n, _ in headers)
-        canon_headers = _POLICY.canonicalize_headers(headers)
+        # only fields named in h= are ever hashed (dkimpy selects by canonical name, each
+        # instance searched from the bottom among fields of that name), so the others
+        # need no canonicalising
+        canon_headers = _POLICY.canonicalize_headers(
+            [h for h in headers if bytes(h[0]).lower().rstrip() in _SIGNED_NAMES])
         bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         now = int(self._clock())
         return [self._one(k, canon_headers, names, bh, now) for k in keys]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from html.entities import html5
 from urllib.parse import urlsplit
 
-from gateway.pipeline.htmltok import body_start, tokenize
+from gateway.pipeline.htmltok import body_start, insertion_point, tokenize
 from gateway.policy.rules import url_skipped
 from gateway.tracking.tokens import TokenSigner
 
@@ -50,7 +50,7 @@ _CHARREF_RE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};
 _URL_WS_RE = re.compile(r"[\t\n\r]")
 _URL_STRIP = "".join(chr(c) for c in range(0x21))   # C0 controls and space (WHATWG URL)
 _LIST_UNSUB_RE = re.compile(r"<([^>]*)>")
-_LINK_TAGS = frozenset({"a", "area", "body"})
+_LINK_TAGS = frozenset({"a", "area", "body", "html"})  # body, html: the pixel's place too
 
 
 def _replace_charref(m: re.Match[str]) -> str:
@@ -113,6 +113,9 @@ class Rewritten:
     text: str
     links: dict[int, str] = field(default_factory=dict)    # link number -> original URL
     honeypot: bool = False
+    #: where `htmltok.insertion_point` is in `text` (so the pixel stage need not tokenize
+    #: the document again); None when nothing was rewritten
+    insertion_point: int | None = None
 
 
 def _skipped(url: str, tag_has_notrack: bool, policy: LinkPolicy) -> bool:
@@ -180,10 +183,15 @@ def rewrite_links(doc: str, policy: LinkPolicy) -> Rewritten:
         out.honeypot = True
     pieces: list[str] = []
     pos = 0
+    at = insertion_point(doc, tags)  # edits change no tag boundary: it moves by their growth
+    shift = 0
     for start, end, new in edits:
         pieces.append(doc[pos:start])
         pieces.append(new)
         pos = end
+        if end <= at:
+            shift += len(new) - (end - start)
     pieces.append(doc[pos:])
     out.text = "".join(pieces)
+    out.insertion_point = at + shift
     return out

@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import Any
 
 from gateway.mail.headers import field_span, set_field, split_entity
 from gateway.mail.mime import boundary_bytes, cut_multipart
@@ -97,7 +98,8 @@ def _b64_encode(data: bytes, nl: bytes) -> bytes:
 def _long_line(data: bytes) -> bool:
     if len(data) <= MAX_LINE:
         return False
-    return any(len(line) > MAX_LINE for line in re.split(rb"\r\n|\n|\r", data))
+    # bytes.splitlines breaks at CRLF, LF and CR only: the line ends of RFC 5322 and bare ones
+    return max(map(len, data.splitlines())) > MAX_LINE
 
 
 def _bare_line_break(data: bytes, nl: bytes) -> bool:
@@ -106,6 +108,25 @@ def _bare_line_break(data: bytes, nl: bytes) -> bool:
         rest = data.replace(b"\r\n", b"")
         return b"\r" in rest or b"\n" in rest
     return b"\r" in data
+
+
+_NO_FIELD = object()
+
+
+class _Header(Message):
+    """A parsed header block whose parameter lists are parsed once per field.
+
+    `Message` parses a field's parameters again for every ``get_param`` (an entity asks
+    for charset, boundary, name and filename, some twice); an entity's header block
+    never changes once parsed, so the parse is kept. Each call gets its own list."""
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        cache: dict[str, Any] = self.__dict__.setdefault("_mailgw_params", {})
+        key = header.lower()
+        params = cache.get(key)
+        if params is None:
+            params = cache[key] = super()._get_params_preserve(_NO_FIELD, header)  # type: ignore[misc]
+        return failobj if params is _NO_FIELD else list(params)
 
 
 class Entity:
@@ -117,7 +138,7 @@ class Entity:
         self.nl = nl
         self.path = path                       # "" for the message, "1", "1.2", ... for parts
         self.header, self.sep, self.body = split_entity(raw)
-        self._msg: Message = BytesHeaderParser(policy=compat32).parsebytes(self.header)
+        self._msg: Message = BytesHeaderParser(_Header, policy=compat32).parsebytes(self.header)
         if default_type != "text/plain":
             self._msg.set_default_type(default_type)
         self.content_type: str = self._msg.get_content_type()
@@ -143,6 +164,9 @@ class Entity:
         self.children: list[Entity] = []
         self._segments: list[bytes | Entity] = []
         self._text: str | None = None          # replaced text, encoded on serialize()
+        #: (text, offset): where the open pixel goes in `text`, known by the links stage from
+        #: its own tokenizing; the pixel stage uses it while the part's text is that text
+        self.pixel_at: tuple[str, int] | None = None
         self._decoded: str | None = None
         self._implicit_utf8 = False             # unlabelled 8-bit text that is valid UTF-8
         self.notes: list[str] = []

@@ -29,7 +29,7 @@ from gateway.ids import new_queue_id
 from gateway.mail.headers import split_message
 from gateway.pipeline.dkim import Signer
 from gateway.pipeline.stages import CopyContext, StageReport, StageSettings, transform
-from gateway.policy import Decision, Headers, PolicySet
+from gateway.policy import Decision, Headers, PolicySet, Settings
 from gateway.tracking.tokens import TokenSigner
 
 
@@ -111,12 +111,15 @@ class Outbound:
         ids = iter([first_id] if first_id else [])
         signer: TokenSigner | None = None
         done: dict[_Group, tuple[bytes, StageReport]] = {}
+        resolved: dict[Settings, StageSettings] = {}  # templates rendered once per message
         shared: dict[tuple[bytes, bool, str, bool], CopyPlan] = {}
         plans: list[CopyPlan] = []
         for r in recipients:
             d = self.policies.decide(sender, r, user, account, headers)
-            key = _Group(self._stage_settings(d, user, no_track), d.settings.dkim, d.settings.route,
-                         d.settings.store)
+            stages = resolved.get(d.settings)
+            if stages is None:
+                stages = resolved[d.settings] = self._stage_settings(d, user, no_track)
+            key = _Group(stages, d.settings.dkim, d.settings.route, d.settings.store)
             qid = next(ids, None) or new_queue_id()
             if key in done:              # the same settings gave a copy without tokens before
                 body, report = done[key]

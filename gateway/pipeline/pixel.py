@@ -15,9 +15,11 @@ def pixel_markup(url: str) -> str:
     return f'<img src="{safe}" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}">'
 
 
-def insert_pixel(doc: str, url: str) -> str:
+def insert_pixel(doc: str, url: str, at: int | None = None) -> str:
     """`doc` with the pixel before the last ``</body>`` (case-insensitive; comments, scripts
     and styles do not count), else before the last ``</html>``, else at the end of the
-    document before any trailing whitespace."""
-    at = insertion_point(doc)
+    document before any trailing whitespace. `at` is that place when the caller knows it
+    already (the links stage does, for the text it returns)."""
+    if at is None:
+        at = insertion_point(doc)
     return doc[:at] + pixel_markup(url) + doc[at:]

@@ -186,6 +186,8 @@ def links_stage(tree: MimeTree, ctx: CopyContext, report: StageReport) -> bool:
         result = rewrite_links(text, policy)
         if result.links:
             part.replace_text(result.text)
+            if result.insertion_point is not None:
+                part.pixel_at = (result.text, result.insertion_point)
             report.links.update(result.links)
             report.honeypot = report.honeypot or result.honeypot
             number = max(result.links) + 1
@@ -203,7 +205,8 @@ def pixel_stage(tree: MimeTree, ctx: CopyContext, report: StageReport) -> bool:
         text = _text_of(part, report)
         if text is None:
             continue
-        part.replace_text(insert_pixel(text, url))
+        hint = part.pixel_at
+        part.replace_text(insert_pixel(text, url, hint[1] if hint and hint[0] is text else None))
         report.pixels += 1
     return report.pixels > 0
 

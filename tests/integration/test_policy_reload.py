@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 import yaml
 
-from tests.integration.harness import PASSWORD, Daemon, Sink, password_hash, write_config
+from gateway.keys import dkim as dkimkeys
+from tests.integration.harness import PASSWORD, USER, Daemon, Sink, password_hash, write_config
 from tests.support.wait import wait_for_sync
 
 pytestmark = pytest.mark.integration
@@ -140,3 +142,38 @@ async def test_reload_applies_new_connection_reuse_limits(tmp_path: Path) -> Non
                 await asyncio.to_thread(send, 1)
                 await delivered(4 + i)
             assert up.connections == 3, up.connections
+
+
+def test_sighup_signs_with_the_rotated_dkim_key(tmp_path: Path, sink: Sink) -> None:
+    """Keys are parsed once per config (not per signature): a key file rewritten and a
+    SIGHUP, and the next message is signed with the new key, not the one kept from before."""
+    old, new = dkimkeys.generate("rsa-sha256", 1024), dkimkeys.generate("rsa-sha256", 1024)
+    key_file = tmp_path / "dkim.pem"
+    key_file.write_bytes(dkimkeys.private_pem(old))
+    cfg = write_config(tmp_path, upstream_port=sink.port,
+                       dkim={"example.com": {"selector": "s1", "key_file": str(key_file)}})
+
+    def send(n: int) -> bytes:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as c:
+            c.login(USER, PASSWORD)
+            c.sendmail(USER, ["bob@example.net"],
+                       f"From: {USER}\r\nTo: bob@example.net\r\nSubject: rotation {n}\r\n"
+                       f"Message-ID: <rot{n}@example.com>\r\n\r\nbody {n}\r\n".encode())
+        wait_for_sync(lambda: len(sink.received) >= n, 15, f"message {n} at the sink")
+        return sink.received[n - 1][2]
+
+    def verifies(raw: bytes, key: dkimkeys.PrivateKey) -> bool:
+        record = dkimkeys.dns_record(key).encode()
+        return bool(dkim.verify(raw, dnsfunc=lambda name, timeout=5: record))
+
+    daemon = Daemon(cfg).start()
+    try:
+        first = send(1)
+        assert verifies(first, old) and not verifies(first, new)
+        key_file.write_bytes(dkimkeys.private_pem(new))
+        daemon.signal(signal.SIGHUP)
+        wait_for_sync(lambda: events(daemon, "reloaded"), 15, "the reload")
+        second = send(2)
+        assert verifies(second, new) and not verifies(second, old)
+    finally:
+        assert daemon.stop() == 0

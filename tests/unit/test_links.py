@@ -6,7 +6,10 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from gateway.pipeline.htmltok import insertion_point
 from gateway.pipeline.links import (
     LinkPolicy,
     clean_url,
@@ -15,6 +18,7 @@ from gateway.pipeline.links import (
     rewrite_links,
     unescape_attr,
 )
+from gateway.pipeline.pixel import insert_pixel
 from gateway.tracking.tokens import TokenSigner
 
 SIGNER = TokenSigner([b"l" * 32])
@@ -110,3 +114,28 @@ def test_rewritten_value_is_safe_in_every_quoting() -> None:
                         policy(honeypot=False))
     assert re.fullmatch(r"<a href=https://t\.example\.test/c/[\w.-]+>x</a><a href='https://t\.example\.test/c/"
                         r"[\w.-]+'>y</a>", out.text)
+
+
+# -- the pixel's place, known from the links stage's own tokenizing ------------------------
+
+_DOC_ATOMS = st.sampled_from([
+    "text ", "<p>", "</p>", '<a href="https://x.example.test/a?b=1&amp;c=2">x</a>',
+    "<a href=https://u.example.test/unquoted>u</a>", "<A HREF='https://y.example.test/'>y</A>",
+    '<area href="https://z.example.test/">', '<a href="mailto:m@example.test">m</a>',
+    "<body>", '<body class="x">', "</body>", "</BODY >", "<html>", "</html>", "</HTML>",
+    "<!-- </body> -->", "<!--", "-->", "<script></body></script>", "<script>",
+    "<style>a{}</style>", "<title></body></title>", "<textarea></body></textarea>",
+    "<![CDATA[ </body> ]]>", "<?pi </body>?>", "< /body>", "</body", "\n", "  ", "\t"])
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_DOC_ATOMS, max_size=30).map("".join), st.booleans())
+def test_insertion_point_of_the_rewritten_text_is_the_pixel_place(doc: str, honeypot: bool) -> None:
+    """A wrong offset would put the pixel somewhere else than `insert_pixel` alone does."""
+    out = rewrite_links(doc, policy(honeypot=honeypot))
+    if not out.links:
+        assert out.insertion_point is None
+        return
+    assert out.insertion_point == insertion_point(out.text)
+    url = f"{BASE}/o/tok"
+    assert insert_pixel(out.text, url, out.insertion_point) == insert_pixel(out.text, url)

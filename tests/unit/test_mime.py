@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from email.message import EmailMessage
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.pipeline import mime
 from gateway.pipeline.mime import MimeError, MimeTree
 
 
@@ -264,3 +268,37 @@ def test_serialize_twice_is_stable_and_headers_without_line_end() -> None:
     cut = MimeTree(b"Subject: no line end")
     cut.body_parts()[0].replace_text("sig")
     assert cut.serialize() == b"Subject: no line end\r\n\r\nsig"
+
+
+@given(st.lists(st.sampled_from([b"a" * 500, b"b" * 999, b"c", b"\r\n", b"\n", b"\r", b"\x0b", b"\x0c",
+                                 b"\x85", b"\x1c"]), max_size=8).map(b"".join))
+def test_long_line_splits_at_crlf_lf_and_cr_only(data: bytes) -> None:
+    lines = re.split(rb"\r\n|\n|\r", data)
+    assert mime._long_line(data) == any(len(line) > mime.MAX_LINE for line in lines)
+
+
+@pytest.mark.parametrize("header", [
+    b"Content-Type: text/plain; charset=\"ISO-8859-1\"; name=a.txt\r\n"
+    b"Content-Disposition: attachment; filename*=utf-8''%C3%A9t%C3%A9.txt\r\n",
+    b"Content-Type: multipart/mixed; boundary=\"=_b\"; CHARSET=utf-8\r\n",
+    b"Content-Type: text/html; charset*0=us-; charset*1=ascii; name=\"x y.html\"\r\n",
+    b"Content-Type: text/plain\r\nContent-Disposition: inline\r\n",
+    b"Subject: no content type\r\n",
+])
+def test_parsed_parameters_kept_per_field_read_as_the_stdlib_reads_them(header: bytes) -> None:
+    """The entity's header keeps each field's parsed parameters; every read still gives
+    what a fresh `email` parse gives, and a caller changing a returned list changes nothing."""
+    raw = header + b"\r\nbody\r\n"
+    entity = MimeTree(raw).root
+    fresh = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for _ in range(2):
+        for name in ("charset", "boundary", "name", "filename", "nothere"):
+            for field in ("content-type", "content-disposition", "x-missing"):
+                assert entity._msg.get_param(name, header=field) == fresh.get_param(name, header=field)
+        assert entity._msg.get_filename() == fresh.get_filename()
+        assert entity._msg.get_content_charset() == fresh.get_content_charset()
+        assert entity._msg.get_boundary() == fresh.get_boundary()
+        got = entity._msg.get_params(unquote=False)
+        assert got == fresh.get_params(unquote=False)
+        if got:
+            got.clear()

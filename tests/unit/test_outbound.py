@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import dkim
+import pytest
 import yaml
 
 from gateway.config import load_config
@@ -147,3 +149,33 @@ def test_subdomain_sender_is_signed_by_default_with_the_parent_key(tmp_path: Pat
     assert b"d=example.com" in plans[0].data.split(b"\r\n\r\n", 1)[0]
     record = dkimkeys.dns_record(key).encode()
     assert dkim.verify(plans[0].data, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_settings_resolved_once_per_message_and_per_distinct_decision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Templates are rendered once per message and decision, not per recipient copy; two
+    decisions (a signature per recipient domain) still give each recipient its own."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "acme.txt").write_text("For Acme: {user.name}\n")
+    (tmp_path / "policies" / "other.txt").write_text("For others: {user.name}\n")
+    out = setup(tmp_path, {"10.yaml": "- name: all\n  set: {signature: other.txt}\n"
+                                      "- name: acme\n  match: {recipient_domain: [acme.test]}\n"
+                                      "  set: {signature: acme.txt}\n"})
+    calls = []
+    real = Outbound._stage_settings
+
+    def counting(self: Outbound, *a: Any, **kw: Any) -> Any:
+        calls.append(a)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Outbound, "_stage_settings", counting)
+    rcpts = ["a@acme.test", "x@example.net", "b@acme.test", "y@example.net", "c@acme.test"]
+    plans = out.plan(HTML, sender="alice@example.com", recipients=rcpts,
+                     user="alice@example.com", account=None)
+    assert len(calls) == 2
+    by = {p.recipients[0]: p.data for p in plans}
+    assert len(plans) == 5 and all(p.tracked for p in plans)
+    for r in rcpts:
+        want, other = (b"For Acme: Alice A", b"For others") if r.endswith("acme.test") \
+            else (b"For others: Alice A", b"For Acme")
+        assert want in by[r] and other not in by[r]

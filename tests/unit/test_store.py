@@ -27,9 +27,10 @@ from gateway.crm.engine import make_engine
 from gateway.crm.migrate import current_revision, head_revision, upgrade
 from gateway.crm.models import in_models, metadata
 from gateway.crm.store import Store
+from gateway.crm.threads import thread_by_subject, threads_by_subject
 from gateway.crm.writer import StoreWriter
 from gateway.errors import StoreError
-from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
+from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef, subject_key
 from tests.conftest import free_port
 from tests.support.wait import wait_for
 
@@ -605,3 +606,45 @@ async def test_late_relay_record_brings_campaign_and_schedule(store: Store) -> N
     assert full is not None and full["direction"] == "outbound"
     assert (full["template"], full["campaign"]) == ("offer", "q4")
     assert datetime.fromisoformat(full["scheduled_at"].replace("Z", "+00:00")) == at
+
+
+async def test_subject_threads_of_a_batch_are_those_asked_one_by_one(store: Store) -> None:
+    """The batch's one subject query picks, for every reply without references, the thread
+    the per-message query picks: same subject key, a shared participant, the newest within
+    the window (threads by time, ties by the newer row), none outside it."""
+    def new(mid: str, subject: str, at: datetime, frm: str, to: list[str],
+            date: datetime | None = None) -> NewMessage:
+        return NewMessage(message_id=mid, from_addr=frm, to_addrs=to, cc_addrs=[], subject=subject,
+                          date=date, direction="inbound", sources=[SourceRef("ingest", mid, at)])
+
+    earlier = [
+        new("<a1@x>", "Pricing", T0, "alice@example.com", ["bob@example.net"]),
+        new("<a2@x>", "Pricing", T0 + timedelta(days=2), "carol@example.org", ["alice@example.com"]),
+        new("<a3@x>", "pricing", T0 + timedelta(days=3), "dave@example.org", ["erin@example.org"]),
+        new("<b1@x>", "Renewal", T0 - timedelta(days=40), "bob@example.net", ["alice@example.com"]),
+        new("<c1@x>", "Seats", T0, "bob@example.net", ["frank@example.org"]),
+        new("<c2@x>", "Seats", T0, "frank@example.org", ["bob@example.net"],
+            date=T0 + timedelta(hours=1)),
+    ]
+    await store.store_messages(earlier)
+    later = T0 + timedelta(days=5)
+    batch = [
+        new("<r1@x>", "Re: Pricing", later, "bob@example.net", ["alice@example.com"]),   # a2 (alice)
+        new("<r2@x>", "RE: pricing", later, "erin@example.org", []),                     # a3
+        new("<r3@x>", "Re: Pricing", later, "zoe@example.org", []),                      # nobody shared
+        new("<r4@x>", "Re: Renewal", later, "alice@example.com", []),                    # outside window
+        new("<r5@x>", "Re: Renewal", T0 - timedelta(days=35), "alice@example.com", []),  # inside its own
+        new("<r6@x>", "Re: Seats", later, "BOB@example.net", []),                        # c2 (newer date)
+        new("<r7@x>", "Re: Pricing", later + timedelta(days=29), "bob@example.net", []),  # a1 is old
+    ]
+    async with store.engine.begin() as conn:
+        one_by_one = {}
+        for m in batch:
+            skey, _ = subject_key(m.subject)
+            one_by_one[m.message_id] = await thread_by_subject(conn, m, skey)
+        batched = await threads_by_subject(conn, [(m, subject_key(m.subject)[0]) for m in batch])
+    assert {m.message_id: batched.get(id(m)) for m in batch} == one_by_one
+    threads = {m["message_id"]: m["thread_id"] for m in await store.list_messages()}
+    assert one_by_one == {"<r1@x>": threads["<a2@x>"], "<r2@x>": threads["<a3@x>"], "<r3@x>": None,
+                          "<r4@x>": None, "<r5@x>": threads["<b1@x>"], "<r6@x>": threads["<c2@x>"],
+                          "<r7@x>": None}
