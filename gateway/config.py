@@ -905,9 +905,9 @@ class Config(Model):
     token_key_file: SecretRef | None = None
     oauth: OAuth = OAuth()
     service_accounts: list[ServiceAccount] = []
-    #: processes that accept and transform mail: `auto` (one per usable core) or a number;
-    #: 1 is a single process (no supervisor). See `worker_count`.
-    workers: Literal["auto"] | int = 1
+    #: processes that accept and transform mail: `auto` (one per usable core, the default)
+    #: or a number; 1 is a single process (no supervisor). See `worker_count`.
+    workers: Literal["auto"] | int = "auto"
 
     # Set by the loader, not by the file.
     source: str = Field(default="<memory>", exclude=True)

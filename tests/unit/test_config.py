@@ -163,10 +163,12 @@ def test_workers_must_be_auto_or_a_count(tmp_path: Path, value: str) -> None:
     assert problem.startswith(f"{p}:2: workers: ") and "`auto` or a number" in problem
 
 
-def test_workers_auto_is_the_usable_cores_and_one_is_the_default(tmp_path: Path) -> None:
+def test_workers_auto_is_the_usable_cores_and_the_default(tmp_path: Path) -> None:
     import os
 
-    assert load_config(write(tmp_path, "hostname: gw.example.com\n")).worker_count == 1
+    cores = len(os.sched_getaffinity(0))
+    assert load_config(write(tmp_path, "hostname: gw.example.com\n")).worker_count == cores
+    assert load_config(write(tmp_path, "hostname: gw.example.com\nworkers: 1\n")).worker_count == 1
     cfg = load_config(write(tmp_path, "hostname: gw.example.com\nworkers: auto\n"))
     assert cfg.worker_count == len(os.sched_getaffinity(0))
     cfg = load_config(write(tmp_path, "hostname: gw.example.com\nworkers: 3\n"))
