@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.cli import main
+from gateway.config import load_config
 from tests.conftest import free_port, require_tool
 from tests.integration.harness import Daemon, write_config
 from tests.integration.tailer_support import FAST_SYNC, LEAD, account_dict, new_user
@@ -99,10 +100,13 @@ def test_accounts_and_sync_status_against_a_running_daemon(dovecot: Dovecot, tmp
         assert "needs_reconnect" in r.stdout and "AUTHENTICATIONFAILED" in r.stdout, r.stdout
         assert "INBOX, Sent" in r.stdout
         assert re.search(r"tailed by node \S+", r.stdout), r.stdout
-        r = mailgw(cfg, "sync", "nodes", "--json")      # the daemon is the one live node
+        r = mailgw(cfg, "sync", "nodes", "--json")      # the daemon's workers: a live node each
         assert r.returncode == 0, r.stderr
-        [node] = json.loads(r.stdout)
-        assert node["live"] is True and node["accounts"] == ["rep"], node
+        nodes = json.loads(r.stdout)
+        assert len(nodes) == load_config(cfg).worker_count, nodes
+        assert all(n["live"] is True for n in nodes), nodes
+        [node] = [n for n in nodes if n["accounts"]]    # one of them tails the mailbox
+        assert node["accounts"] == ["rep"], nodes
         r = mailgw(cfg, "sync", "nodes")
         assert r.returncode == 0 and node["id"] in r.stdout and " live " in r.stdout, r.stdout
 
