@@ -277,7 +277,13 @@ class Tailers:
                 why = ("lease expired" if loop.time() >= r.lease_until
                        else "placed on another node" if aid not in mine else "not wanted")
                 self.log.info("tailer_stopping", account=aid, why=why)
-            await self._stop_tailers(gone, cfg.drain_timeout)
+            # a tailer must have ended before its lease can run out (another node may take
+            # the mailbox then), and this look must go on to renew the others': a drain gets
+            # at most a third of the lease, one whose lease is over none
+            over = [aid for aid in gone if loop.time() >= self.running[aid].lease_until]
+            await self._stop_tailers(over, 0)
+            await self._stop_tailers([aid for aid in gone if aid not in over],
+                                     min(cfg.drain_timeout, ttl / 3))
             for aid in gone:
                 with contextlib.suppress(StoreError):
                     await self.accounts.release_lease(aid, self.node_id)
@@ -300,7 +306,7 @@ class Tailers:
                     cur.lease_until, cur.renew_at = now + ttl, now + ttl / 3
                 else:
                     self.log.warning("lease_lost", account=aid)
-                    await self._stop_tailers([aid], cfg.drain_timeout)
+                    await self._stop_tailers([aid], 0)   # another node may be tailing it now
                 continue
             if not got:
                 # another node still tails it (say, the one it was placed on before a node
