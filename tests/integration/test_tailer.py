@@ -630,6 +630,54 @@ async def test_nodes_share_the_mailboxes_and_take_over_a_dead_ones_never_two_at_
             await st.close()
 
 
+async def test_a_tailer_slow_to_drain_does_not_stall_its_node_into_an_overlap(
+        pg_url: str, dovecot: Dovecot, tmp_path: Path) -> None:
+    """Tailers that do not end when asked (a drain slower than the lease): the node giving
+    them up still renews its other leases and heartbeat (a drain in the look gets a third
+    of the lease, then the tailer is cancelled), so the joining node takes only its share
+    and no mailbox is ever tailed by both."""
+    from gateway.crm.migrate import upgrade
+
+    await upgrade(pg_url)
+    users = [new_user(dovecot) for _ in range(4)]
+    stores = [await Store.open(pg_url) for _ in range(2)]
+    await add_contacts(stores[0], LEAD)
+    ttl = 2.0
+    cfg = make_config(tmp_path, [account_dict(dovecot, u, tmp_path, aid=f"d{i}",
+                                              sync={"folders": ["INBOX"]})
+                                 for i, u in enumerate(users)],
+                      sync={"lease_ttl": ttl, "check_interval": 0.1, "poll_interval": "60s"},
+                      drain_timeout=10)
+    a, _ = tailers_for(cfg, stores[0], node_id="node-a")
+    b, _ = tailers_for(cfg, stores[1], node_id="node-b")
+    overlaps: list[set[str]] = []
+
+    async def sample() -> None:
+        while True:
+            if both := a.tailing() & b.tailing():
+                overlaps.append(both)
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(AccountTailer, "stop", lambda self: None)   # deaf: only a cancel ends it
+            await a.start()
+            await wait_until(lambda: len(a.tailing()) == 4, 20, "node a tails all four alone")
+            await b.start()
+            await wait_until(lambda: sorted([len(a.tailing()), len(b.tailing())]) == [2, 2],
+                             4 * ttl, "the mailboxes spread 2 : 2 although a's drains hang")
+            await asyncio.sleep(ttl)          # and it stays so: a kept renewing its two
+            assert sorted([len(a.tailing()), len(b.tailing())]) == [2, 2]
+            assert overlaps == [], overlaps[:5]
+    finally:
+        sampler.cancel()
+        for n in (a, b):
+            await n.abort()
+        for st in stores:
+            await st.close()
+
+
 async def test_more_accounts_than_connections_take_turns(
         sqlite_store: Store, dovecot: Dovecot, tmp_path: Path) -> None:
     store = sqlite_store
