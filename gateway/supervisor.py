@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -58,7 +57,6 @@ WORKER_SILENCE = 4 * WORKER_PING
 BACKOFF_MIN, BACKOFF_MAX, BACKOFF_RESET = 0.5, 30.0, 60.0
 #: How long to wait for every worker's READY after a SIGHUP.
 RELOAD_TIMEOUT = 60.0
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -344,13 +342,6 @@ class Supervisor:
 def _ignore_sighup() -> None:
     """In the forked child before exec: SIGHUP ignored (exec keeps an ignored signal)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
-def die_with_parent() -> None:
-    """A worker gets SIGTERM (and drains) if its supervisor dies, even by kill -9 (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 async def run_supervisor(cfg: Config, config_path: str | Path) -> int:

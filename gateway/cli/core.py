@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     try:
         if args.worker:
-            from gateway.supervisor import die_with_parent
+            from gateway.procs import die_with_parent
 
             index, count = _worker(args.worker)
             parent = os.getppid()

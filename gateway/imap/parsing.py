@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -42,6 +43,7 @@ from typing import Any, TypeVar
 from gateway.crm import rawfiles
 from gateway.errors import StoreError
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
+from gateway.procs import die_with_parent
 from gateway.records import NewMessage, SourceRef
 
 __all__ = [
@@ -138,8 +140,11 @@ class Parsers:
     def _executor(self) -> Executor:
         if self._pool is None:
             # spawn: a fresh interpreter, never a fork of a process with an event loop and threads
-            self._pool = ProcessPoolExecutor(self.workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
+            # initializer: a worker dies with this process, even when it is killed -9
+            # (they would otherwise be left running, one pool per killed daemon)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
         return self._pool
 
     async def start(self) -> None:
