@@ -25,6 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -32,6 +33,9 @@ import sqlalchemy as sa
 
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
+
+if TYPE_CHECKING:
+    from tests.support.dovecot import Dovecot
 
 PG_ADMIN = os.environ.get("MAILGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -54,6 +58,17 @@ def require_tool(name: str) -> str:
     require(path is not None, f"the {name} command")
     assert path is not None
     return path
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Dovecot]:
+    """A private Dovecot per test module (a module that needs another kind, e.g. with an
+    OAuth token endpoint, defines its own `dovecot`)."""
+    from tests.support.dovecot import Dovecot  # it imports this module
+
+    require_tool("dovecot")
+    with Dovecot() as dc:
+        yield dc
 
 
 def _ephemeral_ports() -> tuple[int, int]:

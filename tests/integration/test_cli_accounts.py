@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +19,13 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_config
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port
 from tests.integration.harness import Daemon, write_config
 from tests.integration.tailer_support import FAST_SYNC, LEAD, account_dict, new_user
 from tests.support.dovecot import Dovecot, message
 from tests.support.wait import wait_for_sync
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    require_tool("dovecot")
-    with Dovecot() as dc:
-        yield dc
 
 
 def mailgw(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -26,7 +26,7 @@ from gateway.crm.migrate import upgrade
 from gateway.crm.reports import engagement
 from gateway.crm.store import Store
 from gateway.passwords import hash_password
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port
 from tests.integration.harness import running_app, wait_until, write_config
 from tests.integration.tailer_support import FAST_SYNC, account_dict, add_contacts, new_user
 from tests.support.dovecot import Dovecot
@@ -35,13 +35,6 @@ from tests.support.upstream import Upstream
 pytestmark = pytest.mark.integration
 CRM = "crm@gw.example.test"
 CUSTOMER = "bob@acme.test"
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    require_tool("dovecot")
-    with Dovecot() as dc:
-        yield dc
 
 
 @dataclass

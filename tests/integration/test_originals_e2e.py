@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -23,7 +23,7 @@ from gateway.app import App
 from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port
 from tests.integration.harness import running_app, wait_until, write_config
 from tests.integration.tailer_support import FAST_SYNC, account_dict, new_user
 from tests.integration.test_engagement_e2e import password_hash_for
@@ -34,13 +34,6 @@ pytestmark = pytest.mark.integration
 CUSTOMER = "bob@acme.test"
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
 CSV = "name;amount\r\nMüller;12.400 €\r\n".encode()
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    require_tool("dovecot")
-    with Dovecot() as dc:
-        yield dc
 
 
 @dataclass

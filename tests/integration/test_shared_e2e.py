@@ -11,7 +11,7 @@ rotation continuing where it was. support@ (`fallback: none`) leaves unowned mai
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from gateway.config import Config
 from gateway.crm.contacts import ContactInput, upsert_contacts
 from gateway.crm.migrate import upgrade
 from gateway.crm.store import Store
-from tests.conftest import require_tool
 from tests.integration.harness import wait_until
 from tests.integration.tailer_support import account_dict, make_config, new_user, tailers_for, wait_synced
 from tests.support.dovecot import Dovecot, message
@@ -33,13 +32,6 @@ pytestmark = pytest.mark.integration
 SECRET = b"shared-mailbox-hook"
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g"
 ALICE, BOB, CAROL = "alice@ours.test", "bob@ours.test", "carol@ours.test"
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    require_tool("dovecot")
-    with Dovecot() as dc:
-        yield dc
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from gateway.crm.store import Store
 from gateway.imap import parsing, tailer
 from gateway.imap.parsing import BodyJob, parse_bodies
 from gateway.records import NewMessage
-from tests.conftest import require_tool
 from tests.integration.harness import wait_until
 from tests.integration.tailer_support import (
     LEAD,
@@ -43,13 +41,6 @@ pytestmark = pytest.mark.integration
 
 N = 25            # UIDs 1..25, bulk0 the newest (UID 25); batches of 10, newest first
 POISON = b"<bulk12@test>"
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    require_tool("dovecot")
-    with Dovecot() as dc:
-        yield dc
 
 
 @pytest.fixture
