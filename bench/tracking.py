@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -124,13 +123,27 @@ def run_wrk(url: str, duration: float, connections: int, threads: int) -> dict[s
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--latency",
          "-H", f"User-Agent: {CHROME}", url],
         capture_output=True, text=True, timeout=duration + 60, check=True).stdout
-    rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
-    p50 = _ms(_wrk_figure(r"\s50%\s+(\S+)", out))
-    p99 = _ms(_wrk_figure(r"\s99%\s+(\S+)", out))
-    total = int(_wrk_figure(r"(\d+) requests in", out))
+    return wrk_report(out)
+
+
+def wrk_report(out: str) -> dict[str, Any]:
+    """Requests/s, p50/p99, requests and non-2xx/3xx answers from wrk's `--latency` report."""
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total,
+    return {"rps": float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out)),
+            "p50_ms": _ms(_wrk_figure(r"\s50%\s+(\S+)", out)),
+            "p99_ms": _ms(_wrk_figure(r"\s99%\s+(\S+)", out)),
+            "requests": int(_wrk_figure(r"(\d+) requests in", out)),
             "bad_status": int(errors.group(1)) if errors else 0}
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int, timeout: float) -> None:
+    """`sig` to `proc`, then SIGKILL if it has not ended within `timeout` seconds."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def run_aiohttp(url: str, duration: float, connections: int) -> dict[str, Any]:
@@ -212,12 +225,7 @@ def wrk_paths(url: str, paths: list[str], duration: float, connections: int, thr
          "-s", str(lua), "-H", f"User-Agent: {CHROME}", url],
         capture_output=True, text=True, timeout=duration + 60, check=True,
         env={**os.environ, "MAILGW_BENCH_PATHS": str(listing)}).stdout
-    rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": _ms(_wrk_figure(r"\s50%\s+(\S+)", out)),
-            "p99_ms": _ms(_wrk_figure(r"\s99%\s+(\S+)", out)),
-            "requests": int(_wrk_figure(r"(\d+) requests in", out)),
-            "bad_status": int(errors.group(1)) if errors else 0}
+    return wrk_report(out)
 
 
 def daemon_config(tmp: Path, url: str, ports: dict[str, int], workers: str | None) -> Path:
@@ -382,11 +390,7 @@ def run_daemon_mode(args: argparse.Namespace) -> dict[str, Any]:
                     report["results"][f"mailgw {name}"] = r
                 report["daemon_rss_kb"] = _tree_rss_kb(proc.pid)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc, signal.SIGTERM, 60)
                 log.close()
                 if proc.returncode not in (0, -signal.SIGTERM):
                     print((tmp / "daemon.log").read_text()[-3000:], file=sys.stderr)
@@ -404,11 +408,7 @@ def run_daemon_mode(args: argparse.Namespace) -> dict[str, Any]:
                             f"http://127.0.0.1:{port}", paths[name], args.duration,
                             args.connections, args.threads, tmp)
                 finally:
-                    ng.send_signal(signal.SIGQUIT)
-                    try:
-                        ng.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        ng.kill()
+                    stop_process(ng, signal.SIGQUIT, 20)
         finally:
             if pg_name:
                 asyncio.run(pg_database(args.pg_admin, drop=pg_name))
@@ -416,22 +416,10 @@ def run_daemon_mode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tree_rss_kb(pid: int) -> int:
-    """The resident set of `pid` and its children (the workers), in KiB."""
-    total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
+    """The resident set of `pid` and its descendants (the workers, their parse pools), KiB."""
+    from bench.relay import proc_status_kb, process_tree
+
+    return sum(proc_status_kb(p, "VmRSS") or 0 for p in process_tree(pid))
 
 
 def print_daemon_report(r: dict[str, Any]) -> None:
@@ -522,11 +510,7 @@ def main() -> int:
                     break
                 time.sleep(0.5)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
-            if proc.poll() is None:
-                proc.kill()
+            stop_process(proc, signal.SIGTERM, 20)
     report = {"client": client, "connections": args.connections, "duration_s": args.duration,
               "results": results, "server": health}
     if args.json:
