@@ -164,7 +164,33 @@ def tree_cpu_seconds(root: int | None) -> tuple[float, float]:
     return user / tick, system / tick
 
 
-class MemorySampler:
+class PeriodicSampler:
+    """Calls :meth:`sample` every SAMPLE_EVERY seconds between start() and stop() (and
+    once more at stop)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.sample()
+
+
+class MemorySampler(PeriodicSampler):
     """Samples the summed RSS and PSS of a process tree every SAMPLE_EVERY seconds; keeps the peaks."""
 
     def __init__(self, root_pid: Callable[[], int | None]) -> None:
@@ -185,24 +211,9 @@ class MemorySampler:
         self.peak_pss_kb = max(self.peak_pss_kb, pss)
         self.peak_processes = max(self.peak_processes, len(pids))
 
-    async def _loop(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_EVERY)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.sample()
 
 
-class CpuSplitSampler:
+class CpuSplitSampler(PeriodicSampler):
     """CPU per process (and, within one process, per thread) of a tree, by name.
 
     Every thread of every process in the tree is sampled every SAMPLE_EVERY seconds;
@@ -252,23 +263,10 @@ class CpuSplitSampler:
                     self._first[key] = got[1] if not self._started else 0.0
                 self._last[key] = (name, got[1])
 
-    async def _loop(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_EVERY)
-
     def start(self) -> None:
         self.sample()
         self._started = True
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.sample()
+        super().start()
 
     def split(self) -> dict[str, float]:
         out: dict[str, float] = {}
