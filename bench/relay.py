@@ -885,9 +885,19 @@ def _yaml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid YAML scalar
 
 
+def knows_workers(repo: Path) -> bool:
+    """Whether the checkout at `repo` has the `workers` key (a --baseline-repo may not;
+    its daemon is then one process, and the key would be refused)."""
+    try:
+        return "workers:" in (repo / "gateway" / "config.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
 def gateway_config(tmp: Path, port: int, sink_port: int, password_hash: str, auth: bool,
                    concurrency: int, tracking: bool = False, dkim: bool = False,
-                   workers: int = 1) -> Path:
+                   workers: int | None = 1) -> Path:
+    """The gateway's config; `workers` None leaves the key out (a tree that predates it)."""
     trusted = "[]" if auth else "[127.0.0.0/8]"
     extra = ""
     if tracking:  # opens and clicks tracked: every recipient gets a copy with its own tokens
@@ -927,8 +937,8 @@ delivery:
 logging: {{format: json, level: warning}}
 workers: {workers}
 {dkim_section}"""
-    if workers == 1:   # the key left out: a --baseline-repo tree may predate it
-        text = text.replace("workers: 1\n", "", 1)
+    if workers is None:
+        text = text.replace("workers: None\n", "", 1)
     path = tmp / "gateway.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -1016,7 +1026,8 @@ async def run_gateway(sink: Sink, args: argparse.Namespace, tmp: Path,
         return res
     port = free_port()
     cfg = gateway_config(tmp, port, sink.port, hash_password(PASSWORD), args.auth, args.sessions,
-                         tracking=spec.tracking, dkim=spec.dkim, workers=args.workers)
+                         tracking=spec.tracking, dkim=spec.dkim,
+                         workers=args.workers if knows_workers(spec.repo) else None)
     log_path = tmp / "gateway.log"
     # READY=1 (sd_notify) comes once every worker listens, not only the first one
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
