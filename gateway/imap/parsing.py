@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.config import usable_cores
 from gateway.crm import rawfiles
 from gateway.errors import StoreError
 from gateway.mail.parse import HeaderInfo, parse_headers, parse_message
@@ -69,8 +70,7 @@ def workers_for(setting: int | str, processes: int = 1) -> int:
     for each of the daemon's `processes` (`workers`): `auto` shares the usable cores
     among them, one each at least."""
     if setting == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(MAX_AUTO_WORKERS, cores // max(1, processes)))
+        return max(1, min(MAX_AUTO_WORKERS, usable_cores() // max(1, processes)))
     return int(setting)
 
 
