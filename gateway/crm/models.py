@@ -41,7 +41,8 @@ Tables:
 
 The search index is not a model: migration ``0007`` (0007_search.py) makes it per backend (SQLite:
 the FTS5 table ``messages_fts`` and its triggers; PostgreSQL: the generated column
-``messages.search_vector`` and its GIN index) and :mod:`gateway.crm.search` queries it.
+``messages.search_vector`` and its GIN index), ``0010`` (0010_search_bcc.py) makes it again with
+the Bcc and attendee addresses, and :mod:`gateway.crm.search` queries it.
 :func:`in_models` tells Alembic's comparison to leave those objects out.
 
 Each table is also exported as a Core :class:`sqlalchemy.Table` (``messages_table``,
@@ -151,6 +152,9 @@ class Message(Base):
     cc_addrs: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
     #: relayed messages: the envelope recipients not in To or Cc (never in what is delivered)
     bcc_addrs: Mapped[list[str] | None] = mapped_column(sa.JSON, default=list)
+    #: the attendees of its meeting invitations not in From/To/Cc/Bcc (role ``attendee``
+    #: in ``message_addresses``), here for the search index (migration 0010)
+    attendee_addrs: Mapped[list[str] | None] = mapped_column(sa.JSON, default=list)
     subject: Mapped[str] = mapped_column(sa.String, default="")
     #: the subject without reply/forward prefixes, lower-cased: the threading fallback
     subject_key: Mapped[str] = mapped_column(sa.String, index=True, default="")
@@ -551,7 +555,7 @@ sa.Index("ix_message_addresses_domain", MessageAddress.domain, MessageAddress.me
 sa.Index("ix_message_sources_at", MessageSource.at)
 
 
-#: The search index (migration 0007): SQLite's FTS5 table (its shadow tables are
+#: The search index (migrations 0007, 0010): SQLite's FTS5 table (its shadow tables are
 #: ``messages_fts_*``), PostgreSQL's tsvector column on ``messages`` and its GIN index.
 FTS_TABLE = "messages_fts"
 VECTOR_COLUMN = "search_vector"

@@ -1,8 +1,8 @@
 """Full-text search of stored messages: a user's query as terms, and the SQL that matches them.
 
-The index itself is the database's (migration ``0007`` (0007_search.py); both backends keep it in
-step with every write and delete of a ``messages`` row by themselves, in the same
-transaction):
+The index itself is the database's (migration ``0007`` (0007_search.py), made again with the
+Bcc and attendee addresses by ``0010`` (0010_search_bcc.py); both backends keep it in step
+with every write and delete of a ``messages`` row by themselves, in the same transaction):
 
 - SQLite: ``messages_fts``, a contentless FTS5 table (rowid = ``messages.id``; tokenizer
   ``porter unicode61 remove_diacritics 2``: word stems, accents folded) filled by triggers
@@ -11,8 +11,10 @@ transaction):
   ``english``: word stems) with a GIN index; every address is indexed whole and also by its
   domain.
 
-What is indexed: the subject, the sender's name, the From/To/Cc addresses and the body text
-(the HTML body where a message has no text part), the first :data:`BODY_CHARS` characters.
+What is indexed: the subject, the sender's name, the From/To/Cc addresses, the relay's Bcc
+(``bcc_addrs``: relayed mail only), the attendees of its meeting invitations
+(``attendee_addrs``) and the body text (the HTML body where a message has no text part), the
+first :data:`BODY_CHARS` characters.
 
 A query (:func:`parse_query`) is words, ``"quoted phrases"`` and addresses, separated by
 blanks; every term must match (AND). Each term reaches the database as one quoted FTS5
@@ -34,7 +36,7 @@ from gateway.records import clean_text
 #: The text search configuration on PostgreSQL.
 PG_CONFIG = "english"
 #: How much of a body is indexed (PostgreSQL refuses a tsvector over 1 MB): the value
-#: migration 0007 builds the index with (a change needs a migration).
+#: migrations 0007 and 0010 build the index with (a change needs a migration).
 BODY_CHARS = 200_000
 #: Limits on a query: beyond them it is refused (400), not cut.
 MAX_QUERY_CHARS = 500

@@ -299,6 +299,7 @@ class Store:
                 "from_addr": clean_text(m.from_addr), "from_name": clean_text(m.from_name),
                 "to_addrs": clean_addrs(m.to_addrs), "cc_addrs": clean_addrs(m.cc_addrs),
                 "bcc_addrs": clean_addrs(m.bcc_addrs),
+                "attendee_addrs": [a for role, a in _correspondents(m) if role == "attendee"],
                 "subject": clean_text(m.subject), "subject_key": skey, "date": m.date,
                 "snippet": clean_text(m.snippet, SNIPPET_MAX), "text_body": clean_text(m.text_body),
                 "html_body": clean_text(m.html_body), "attachments": clean_json(m.attachments),

@@ -77,3 +77,14 @@ def test_frozen_time_column_has_the_models_ddl(revision: ModuleType, backend: st
     dialect = sa.create_mock_engine(f"{backend}://", executor=print).dialect
     frozen = cast(Callable[[], sa.DateTime], revision.UTCDateTime)()
     assert frozen.compile(dialect=dialect) == UTCDateTime().compile(dialect=dialect)
+
+
+R0007 = _revision("0007_search")
+R0010 = _revision("0010_search_bcc")
+
+
+def test_0010_downgrade_restores_the_index_of_0007() -> None:
+    """0010's downgrade builds 0007's triggers and generated column: the same DDL."""
+    assert R0010.sqlite_triggers(R0010.ADDRESSES_0007) == R0007.sqlite_triggers()
+    assert R0010.pg_document(R0010.ADDRESSES_0007) == R0007._pg_document()
+    assert R0010.sqlite_triggers() != R0007.sqlite_triggers()

@@ -1,7 +1,7 @@
-"""Message search (gateway.crm.search, migration 0007) on SQLite and PostgreSQL.
+"""Message search (gateway.crm.search, migrations 0007 and 0010) on SQLite and PostgreSQL.
 
 Every test runs on both backends (the ``store`` fixture): word stems, addresses whole and
-by domain, phrases, the HTML body of a message without text, the existing filters, and the
+by domain (Bcc recipients and invitation attendees too), phrases, the HTML body of a message without text, the existing filters, and the
 index kept in step by every write: the relay and ingest/IMAP batches, an update of a
 message's body, a purge, and the migration's backfill of messages stored before it.
 A property test feeds arbitrary queries: each is searched or refused (BadQuery), never an
@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.crm.accounts import Accounts
+from gateway.crm.engine import make_engine
 from gateway.crm.migrate import upgrade
 from gateway.crm.models import FTS_TABLE, messages_table
-from gateway.crm.search import MAX_QUERY_CHARS, BadQuery, fts5_match, parse_query
+from gateway.crm.search import MAX_QUERY_CHARS, BadQuery, fts5_match, matching, parse_query
 from gateway.crm.store import Store
 from gateway.records import AcceptedMessage, NewMessage, SourceRef
 from tests.unit.test_store import _downgrade
@@ -215,3 +216,81 @@ async def test_the_index_objects_exist_at_head(store: Store) -> None:
             found = set((await conn.execute(sa.text(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'"))).scalars())
             assert "ix_messages_search_vector" in found
+
+
+# -- Bcc recipients and invitation attendees (migration 0010) ----------------------------------
+def invitation(n: int, *, attendees: list[str]) -> NewMessage:
+    m = inbound(n, subject="Kick-off", body="Join us.")
+    return NewMessage(**{**m.__dict__, "attendees": attendees})
+
+
+async def test_bcc_recipients_and_attendees_are_searchable(store: Store) -> None:
+    # relayed with a Bcc recipient; the To is shown, dave only known to the relay
+    await store.record([AcceptedMessage(
+        queue_id="QB", message_id="<QB@ours.test>", from_addr="rep@ours.test",
+        to_addrs=["dan@beta.test"], cc_addrs=[], subject="Offer", date=T0, snippet="", size=10,
+        recipients=["dan@beta.test", "dave@beta.test"], user="rep@ours.test", account=None,
+        at=T0, text_body="hi")], [])
+    relay = await store.get_message_by_queue_id("QB")
+    assert relay is not None and relay["bcc"] == ["dave@beta.test"]
+    assert await ids(store, "dave@beta.test") == [relay["id"]]
+    assert await ids(store, "dave@beta.test") == await ids(store, "offer", contact="dave@beta.test")
+    # stored first from ingest (no Bcc known), then the relay's record adds it: re-indexed
+    [first] = await store.store_messages([NewMessage(
+        message_id="<QL@ours.test>", from_addr="rep@ours.test", to_addrs=["dan@beta.test"],
+        cc_addrs=[], subject="Later", date=T0 + timedelta(hours=1), direction="outbound",
+        sources=[SourceRef("ingest", "ING1", T0)])])
+    assert await ids(store, "gina@delta.test") == []
+    await store.record([AcceptedMessage(
+        queue_id="QL", message_id="<QL@ours.test>", from_addr="rep@ours.test",
+        to_addrs=["dan@beta.test"], cc_addrs=[], subject="Later", date=T0, snippet="", size=10,
+        recipients=["dan@beta.test", "gina@delta.test"], user="rep@ours.test", account=None,
+        at=T0)], [])
+    assert await ids(store, "gina@delta.test") == [first.id]
+    assert await ids(store, "delta.test") == [first.id]
+    # an invitation's attendee not named in the header fields
+    [inv] = await store.store_messages([invitation(7, attendees=["oyvind@fjord.test",
+                                                                 "carol@acme.test"])])
+    assert await ids(store, "oyvind@fjord.test") == [inv.id]
+    assert await ids(store, "fjord.test kick-off") == [inv.id]
+    await _integrity(store)
+
+
+async def test_the_bcc_index_of_messages_stored_before_0010(url: str) -> None:
+    if url.startswith("postgresql"):
+        await upgrade(url)
+    s = await Store.open(url)
+    try:
+        await s.record([relayed("Q7", subject="Offer", body="hi")], [])
+        [inv] = await s.store_messages([invitation(8, attendees=["oyvind@fjord.test"])])
+        async with s.engine.begin() as conn:   # a Bcc recipient, as a record before 0010 stored it
+            await conn.execute(sa.update(messages_table).where(messages_table.c.id != inv.id)
+                               .values(bcc_addrs=["dave@beta.test"]))
+        relay = await s.get_message_by_queue_id("Q7")
+        assert relay is not None
+    finally:
+        await s.close()
+    await _downgrade(url, "0009")            # 0007's index again: neither address in it
+    assert await _raw_hits(url, "dave@beta.test") == [] == await _raw_hits(url, "fjord.test")
+    assert await _raw_hits(url, "dan@beta.test") == [relay["id"]]
+    await upgrade(url)
+    s = await Store.open(url)
+    try:
+        assert await ids(s, "dave@beta.test") == [relay["id"]]
+        assert await ids(s, "oyvind@fjord.test") == [inv.id]
+        await _integrity(s)
+    finally:
+        await s.close()
+
+
+async def _raw_hits(url: str, term: str) -> list[int]:
+    """The ids the index holds for `term`, read without a Store (at any revision)."""
+    engine = make_engine(url, migrations=True)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(sa.select(messages_table.c.id)
+                                      .where(matching(engine.dialect.name, [term]))
+                                      .order_by(messages_table.c.id))
+            return list(rows.scalars())
+    finally:
+        await engine.dispose()
