@@ -739,6 +739,12 @@ class CRM(Model):
     link_by: list[Literal["address", "domain", "name"]] = ["address", "domain"]
     exclude: list[str] = []
 
+    @field_validator("link_by", mode="before")
+    @classmethod
+    def _one_link_by(cls, v: Any) -> Any:
+        # `link_by: name` is the one-item list [name] (README "Contacts and companies")
+        return [v] if isinstance(v, str) else v
+
 
 #: Event types a webhook may subscribe to (``events: []`` subscribes to all of them).
 WEBHOOK_EVENTS: tuple[str, ...] = (
@@ -1214,6 +1220,9 @@ def _semantic_problems(cfg: Config, node: yaml.Node | None,
         if not a.shared and (a.assign.fallback != "none" or a.assign.users) and warnings is not None:
             warnings.append(at(("accounts", i, "assign"), "assign only applies to an account "
                                                           "with shared: true"))
+    if cfg.crm.link_by == ["name"] and warnings is not None:
+        warnings.append(at(("crm", "link_by"), "[name] links contacts by address and name but no "
+                           "company by domain: write [address, domain, name] to keep companies"))
 
     def check_file(loc: Sequence[int | str], ref: str | None, secret: bool) -> Iterator[Problem]:
         if not ref:

@@ -121,6 +121,33 @@ def test_link_by_name_is_a_setting_and_a_bad_value_names_file_line_key(tmp_path:
     assert str(ei.value.problems[0]).startswith(f"{p}:3: crm.link_by[1]: ")
 
 
+@pytest.mark.parametrize(("written", "address", "domain", "name", "warned"), [
+    ("name", True, False, True, True),          # as the issue writes it: the list [name]
+    ("[name]", True, False, True, True),
+    ("address", True, False, False, False),
+    ("[address, domain]", True, True, False, False),   # SPEC's
+    ("[address, domain, name]", True, True, True, False),
+])
+def test_link_by_takes_a_single_value_as_a_one_item_list(
+        tmp_path: Path, written: str, address: bool, domain: bool, name: bool,
+        warned: bool) -> None:
+    p = tmp_path / "gateway.yaml"
+    p.write_text(f"hostname: gw.example.com\ncrm:\n  link_by: {written}\n")
+    warnings: list[Any] = []
+    rules = LinkRules.from_config(load_config(p, warnings))
+    # `name` implies linking by address (identify.resolve); it never turns addresses off
+    assert (rules.links_contacts, rules.link_by_domain, rules.link_by_name) == (
+        address, domain, name)
+    assert [str(w) for w in warnings] == ([
+        f"{p}:3: crm.link_by: [name] links contacts by address and name but no company by "
+        "domain: write [address, domain, name] to keep companies"] if warned else [])
+    p.write_text("hostname: gw.example.com\ncrm:\n  link_by: nmae\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert [str(q) for q in ei.value.problems] == [
+        f"{p}:3: crm.link_by: Input should be 'address', 'domain' or 'name'"]
+
+
 # -- iCalendar attendees -----------------------------------------------------------------------
 INVITE = (
     "BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\n"
