@@ -65,6 +65,9 @@ class AcceptedMessage:
     parsed: bool = False             # the fields below `raw` were filled from it
     display_names: dict[str, str] = field(default_factory=dict)
     attendees: list[str] = field(default_factory=list)
+    #: lower-cased address -> display name from the submitted Bcc field, read before the
+    #: relay removed it from `raw` (what the Bcc recipients' contacts are named after)
+    bcc_names: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -300,7 +303,7 @@ def accepted_to_new(a: AcceptedMessage) -> NewMessage:
         in_reply_to=a.in_reply_to, references=a.references,
         queued_recipients=a.recipients,
         bcc_addrs=bcc_of(a) if a.source == "relay" else [],
-        display_names=a.display_names, attendees=a.attendees,
+        display_names={**a.bcc_names, **a.display_names}, attendees=a.attendees,
         sources=[SourceRef(source=a.source, ref=c.queue_id, at=a.at, account=a.account,
                            recipient=c.recipient, client_ip=a.client_ip,
                            links=c.links if c.recipient else None) for c in copies])

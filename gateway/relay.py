@@ -3,7 +3,8 @@
 The SMTP handler calls `Relay.accept()` after DATA; it returns the queue id only
 once every copy of the message is fsynced into the spool, and raises a MailError
 (with its reply code) otherwise. Here the message gets a `Message-ID:` and `Date:`
-when the client left them out (RFC 6409 §8) and loses its `Bcc:` field and the CRM's
+when the client left them out (RFC 6409 §8) and loses its `Bcc:` field (its display
+names are kept for the store's record, :func:`bcc_names`) and the CRM's
 control headers (:mod:`gateway.mail.controls`: read here, refused with 554 5.6.0 when
 invalid, removed before any stage so DKIM never signs them; No-Track turns tracking off
 for the message, Send-At makes each remote copy wait in the queue); then the
@@ -41,6 +42,7 @@ from gateway.mail.headers import (
     split_entity,
     strip_fields,
 )
+from gateway.mail.parse import parse_headers
 from gateway.pipeline.outbound import CopyPlan, Outbound
 from gateway.records import AcceptedMessage, Copy, EventSink
 from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
@@ -108,6 +110,17 @@ def prepare(sub: Submission, hostname: str, qid: str, now: float,
     return added + header + blank + body, message_id.strip()
 
 
+def bcc_names(data: bytes) -> dict[str, str]:
+    """Lower-cased address -> decoded display name of the message's ``Bcc:`` field (which
+    :func:`prepare` removes): what its Bcc recipients' contacts are named after."""
+    header = split_entity(data)[0]
+    if b"bcc" not in header.lower():
+        return {}
+    info = parse_headers(header)
+    return {key: info.display_names[key] for a in info.bcc_addrs
+            if (key := a.lower()) in info.display_names}
+
+
 def take_controls(data: bytes, now: float) -> tuple[Controls, bytes, bytes | None]:
     """The message's control headers (README "Control headers") and its bytes without them.
 
@@ -160,6 +173,7 @@ class Relay:
     async def accept(self, sub: Submission) -> str:
         now = time.time()
         qid = new_queue_id(now)
+        names = bcc_names(sub.data) if self.events is not None else {}
         data, message_id = prepare(sub, self.hostname, qid, now, trace=False)
         controls, data, with_controls = take_controls(data, now)  # bad: 554 5.6.0
         send_at = controls.send_at.timestamp() if controls.send_at is not None else None
@@ -200,7 +214,7 @@ class Relay:
         # From here on the message is queued: nothing may turn the 250 into an error (the
         # client would send it again), so what follows only logs its failures.
         try:
-            self._record(sub, data, message_id, plans, now, controls)
+            self._record(sub, data, message_id, plans, now, controls, names)
             if self.counts is not None and remote and ob is not None \
                     and ob.policies.has_daily_caps:
                 self.counts.add(sub.mail_from, len(remote))
@@ -214,8 +228,10 @@ class Relay:
         return qid
 
     def _record(self, sub: Submission, data: bytes, message_id: str, plans: list[CopyPlan],
-                now: float, controls: Controls = NO_CONTROLS) -> None:
-        """Tell the store about the message (original bytes; parsed by the writer off the loop)."""
+                now: float, controls: Controls = NO_CONTROLS,
+                names: dict[str, str] | None = None) -> None:
+        """Tell the store about the message (original bytes; parsed by the writer off the loop;
+        `names`: the display names of the Bcc field it no longer has, :func:`bcc_names`)."""
         stored = [p for p in plans if p.store and p.route != "ingest"]
         if self.events is None or not stored:  # to the ingest address alone: ingest stores it
             return
@@ -228,7 +244,7 @@ class Relay:
             copies=[Copy(p.queue_id, p.recipients[0] if p.tracked else None, p.links)
                     for p in stored],
             client_ip=sub.client_ip, raw=data, template=controls.template,
-            campaign=controls.campaign, scheduled_at=controls.send_at))
+            campaign=controls.campaign, scheduled_at=controls.send_at, bcc_names=names or {}))
 
 
 # -- the spool as the journal of the relay's store records ---------------------------------

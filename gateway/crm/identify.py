@@ -13,8 +13,13 @@ attendees) and their display names. In order, for each address:
    contacts have that name, nothing is linked or made and the address is listed in
    ``contact_ambiguities`` (:func:`list_ambiguous`) until a contact has it;
 3. with ``crm.auto_create_contacts``, any other address becomes a contact named after
-   its display name (:func:`gateway.crm.people.split_name`; the names of a contact
-   that exists are never touched: imported data wins).
+   its display name (:func:`gateway.crm.people.split_name`), and its domain a company
+   (:func:`_make_companies`) unless free mail or ours.
+
+The names of a contact that exists are never changed (imported data wins); only a
+contact made automatically with neither name (its first mail gave none: a Bcc recipient,
+a role address) takes them from a later plain display name of its own address
+(:func:`_fill_names`).
 
 Names are matched against the contacts that existed before the batch: two new
 addresses of one new person in the same batch make two contacts.
@@ -34,11 +39,13 @@ from gateway.crm.linking import LinkRules
 from gateway.crm.models import (
     addresses_table,
     ambiguities_table,
+    companies_table,
     contact_addresses_table,
     contacts_table,
+    message_companies_table,
     message_contacts_table,
 )
-from gateway.crm.people import name_key, split_name
+from gateway.crm.people import name_key, role_address, split_name
 from gateway.crm.sql import Database, chunks, insert, iso
 from gateway.mail.addresses import domain_of
 from gateway.records import clean_text
@@ -89,6 +96,7 @@ async def resolve(conn: AsyncConnection, dialect: str, rules: LinkRules, names: 
     if not rules.links_contacts or not names:
         return {}
     found = await contact_ids(conn, sorted(names))
+    await _fill_names(conn, names, found, now)
     missing = [a for a in names if a not in found]
     ambiguous: set[str] = set()
     if rules.link_by_name and missing:
@@ -96,9 +104,39 @@ async def resolve(conn: AsyncConnection, dialect: str, rules: LinkRules, names: 
     if rules.auto_create_contacts:
         rest = [a for a in missing if a not in found and a not in ambiguous]
         if rest:
-            await _create(conn, dialect, rules, names, rest, now, company_ids)
+            await _create(conn, dialect, rules, names, rest, now, company_ids, batch)
             found.update(await contact_ids(conn, rest))
     return found
+
+
+async def _fill_names(conn: AsyncConnection, names: Mapping[str, str], found: Mapping[str, int],
+                      now: datetime) -> None:
+    """A contact made automatically without names (its first mail gave none, e.g. a Bcc
+    recipient) takes them from a later display name of its own address: never a contact
+    with a name, never an imported or API one."""
+    named = {pk: (a, first, last) for a, pk in found.items()
+             if names.get(a) and not role_address(a)
+             for first, last in [split_name(names[a], a)] if first}
+    if not named:
+        return
+    c = contacts_table.c
+    rows: list[dict[str, Any]] = []
+    for chunk in chunks(sorted(named)):
+        nameless = await conn.execute(
+            sa.select(c.id, c.email).where(c.id.in_(chunk), c.source == "auto",
+                                           c.first_name == "", c.last_name == ""))
+        for pk, email in nameless.all():
+            a, first, last = named[pk]
+            if email == a:
+                first, last = clean_text(first)[:200], clean_text(last)[:200]
+                rows.append({"_id": pk, "first_name": first, "last_name": last,
+                             "name_key": name_key(first, last), "updated_at": now})
+    if rows:
+        # the conditions again: what a concurrent writer named first stays
+        await conn.execute(
+            sa.update(contacts_table)
+            .where(c.id == sa.bindparam("_id"), c.source == "auto", c.first_name == "",
+                   c.last_name == ""), rows)
 
 
 async def _by_name(conn: AsyncConnection, dialect: str, names: Mapping[str, str],
@@ -172,10 +210,16 @@ async def _list_ambiguous(conn: AsyncConnection, dialect: str, names: Mapping[st
 
 
 async def _create(conn: AsyncConnection, dialect: str, rules: LinkRules, names: Mapping[str, str],
-                  emails: list[str], now: datetime, company_ids: CompanyIds) -> None:
-    """Contacts made automatically (`crm.auto_create_contacts`), named after their display name."""
+                  emails: list[str], now: datetime, company_ids: CompanyIds,
+                  batch: Sequence[int]) -> None:
+    """Contacts made automatically (`crm.auto_create_contacts`), named after their display
+    name, each with the company of its domain (made now where there is none)."""
     domains = sorted({d for e in emails if (d := rules.company_domain(e))})
     companies = await company_ids(conn, domains) if domains else {}
+    if len(companies) < len(domains):
+        await _make_companies(conn, dialect, [d for d in domains if d not in companies], now,
+                              batch)
+        companies = await company_ids(conn, domains)
     rows: list[dict[str, Any]] = []
     for e in emails:
         first, last = split_name(names.get(e, ""), e)
@@ -188,6 +232,30 @@ async def _create(conn: AsyncConnection, dialect: str, rules: LinkRules, names: 
         index_elements=[contacts_table.c.email])
     for chunk in chunks(rows):
         await conn.execute(stmt, list(chunk))
+
+
+async def _make_companies(conn: AsyncConnection, dialect: str, domains: list[str],
+                          now: datetime, batch: Sequence[int]) -> None:
+    """The companies of `domains` (company domains: not free mail, not ours), named after
+    their domain, made for contacts made automatically; the mail stored earlier with an
+    address at one of them is linked to it, as an import does."""
+    rows = [{"domain": d, "name": d, "owner": None, "created_at": now, "updated_at": now}
+            for d in domains]
+    stmt = (insert(dialect, companies_table)
+            .on_conflict_do_nothing(index_elements=[companies_table.c.domain])
+            .returning(companies_table.c.id))
+    made: list[int] = []
+    for chunk in chunks(rows):
+        made += (await conn.execute(stmt, list(chunk))).scalars().all()
+    for chunk in chunks(made):     # only those made here: a concurrent writer links its own
+        sel = (sa.select(addresses_table.c.message_pk, companies_table.c.id)
+               .join(companies_table, companies_table.c.domain == addresses_table.c.domain)
+               .where(companies_table.c.id.in_(chunk)).distinct())
+        if batch:
+            sel = sel.where(addresses_table.c.message_pk.not_in(list(batch)))
+        link = insert(dialect, message_companies_table).from_select(
+            ["message_pk", "company_pk"], sel)
+        await conn.execute(link.on_conflict_do_nothing())
 
 
 async def list_ambiguous(db: Database, *, after: str | None = None,

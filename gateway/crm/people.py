@@ -21,6 +21,9 @@ contact is never called "Sales Team" or "noreply". The rules, in order:
 
 Case is kept as written (``CAROL SMITH`` stays upper case: guessing case is worse).
 
+:func:`role_address` says whether an address's local part is a role (``sales@``): a
+nameless contact made for one is never named after whoever writes from it later.
+
 :func:`name_key` is what `crm.link_by: name` compares: the full name case-folded, with
 diacritics, dots and commas removed and whitespace collapsed; "" for fewer than two
 words (a first name alone never links two addresses). A frozen copy lives in
@@ -94,6 +97,13 @@ def split_name(display: str, address: str = "") -> tuple[str, str]:
         return word, ""
     cut = next((i for i in range(1, len(words) - 1) if words[i] in PARTICLES), len(words) - 1)
     return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def role_address(address: str) -> bool:
+    """Is the address's local part a role or a machine (``sales@``, ``no-reply@``,
+    ``support.emea@``: a word of :data:`ROLE_WORDS`)? Whoever signs its mail is not it."""
+    local = address.rpartition("@")[0].casefold()
+    return local in ROLE_WORDS or any(w in ROLE_WORDS for w in re.split(r"[._+\-]", local))
 
 
 def name_key(first: str, last: str) -> str:

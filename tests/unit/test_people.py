@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import gateway.crm.migrations
 from gateway.config import load_config
+from gateway.crm.companies import list_companies
 from gateway.crm.contacts import ContactInput, contact_timeline, get_contact, upsert_contacts
 from gateway.crm.engine import make_engine
 from gateway.crm.identify import list_ambiguous
@@ -267,6 +268,64 @@ async def test_auto_created_contacts_take_the_display_name(store: Store) -> None
     }
     [m] = await store.list_messages()
     assert {c["email"]: c["name"] for c in m["contacts"]}["carol@acme.test"] == "Carol Smith"
+
+
+async def test_a_nameless_auto_contact_takes_a_later_display_name(store: Store) -> None:
+    store.configure(replace(OWN, auto_create_contacts=True, link_by_name=True))
+    await upsert_contacts(store, [ContactInput("erin@fox.test")])      # imported, no names
+    # a Bcc recipient (the envelope has no names), a named one, a role address
+    await store.record([relay_msg("Q1", "<n1@example.com>", to=["carol@acme.test"],
+                                  recipients=["carol@acme.test", "dave@beta.test"])], [])
+    await store.store_messages([imap_msg(
+        "<n0@acme.test>", frm="carol@acme.test", cc=("sales@acme.test",), uid=1,
+        names={"carol@acme.test": "Carol Smith", "sales@acme.test": "Acme Sales"})])
+    assert await contact_names(store) == {
+        "dave@beta.test": ("", "", "auto"), "carol@acme.test": ("Carol", "Smith", "auto"),
+        "sales@acme.test": ("", "", "auto"), "erin@fox.test": ("", "", "import")}
+    await store.store_messages([imap_msg(
+        "<n2@beta.test>", frm="dave@beta.test", uid=2,
+        cc=("carol@acme.test", "sales@acme.test", "erin@fox.test"),
+        names={"dave@beta.test": '"Dave Jones"', "carol@acme.test": "Caroline Smythe",
+               "sales@acme.test": "Gina Rossi", "erin@fox.test": "Erin Fox"})])
+    assert await contact_names(store) == {
+        "dave@beta.test": ("Dave", "Jones", "auto"),      # filled from the later mail
+        "carol@acme.test": ("Carol", "Smith", "auto"),    # a name is never replaced
+        "sales@acme.test": ("", "", "auto"),              # a role: not whoever writes from it
+        "erin@fox.test": ("", "", "import")}              # imported data is never touched
+    # the name key came with the names: link_by: name finds dave by them now
+    await store.store_messages([imap_msg("<n3@gmail.com>", frm="dave.j@gmail.com", uid=3,
+                                         names={"dave.j@gmail.com": "Dave Jones"})])
+    contact = await get_contact(store, "dave.j@gmail.com")
+    assert contact is not None and contact["emails"] == ["dave@beta.test", "dave.j@gmail.com"]
+
+
+async def test_auto_created_contacts_make_the_company_of_their_domain(store: Store) -> None:
+    store.configure(OWN)                     # no contacts made: mail stored before
+    await store.store_messages([imap_msg("<c0@acme.test>", frm="carol@acme.test", uid=1)])
+    store.configure(replace(OWN, auto_create_contacts=True))
+    await store.store_messages([imap_msg(
+        "<c1@acme.test>", frm="dave@acme.test", uid=2, cc=("priya@gmail.com", "bob@example.com"),
+        names={"dave@acme.test": "Dave Jones"})])
+    [acme] = await list_companies(store)     # never gmail.com (free mail) nor example.com (ours)
+    assert (acme["domain"], acme["name"]) == ("acme.test", "acme.test")
+    dave = await get_contact(store, "dave@acme.test")
+    priya = await get_contact(store, "priya@gmail.com")
+    assert dave is not None and dave["company_domain"] == "acme.test"
+    assert priya is not None and priya["company_domain"] is None
+    # the new message and the one stored earlier with an address at the domain
+    for m in await store.list_messages():
+        assert [c["domain"] for c in m["companies"]] == ["acme.test"], m["message_id"]
+    # an import names it; a contact made later joins it, and no second company is made
+    await upsert_contacts(store, [ContactInput("dave@acme.test", company="Acme Inc")])
+    await store.store_messages([imap_msg("<c2@acme.test>", frm="erin@acme.test", uid=3)])
+    [acme] = await list_companies(store)
+    assert acme["name"] == "Acme Inc"
+    erin = await get_contact(store, "erin@acme.test")
+    assert erin is not None and erin["company"] == "Acme Inc"
+    # without link_by: domain no company is made
+    store.configure(replace(OWN, auto_create_contacts=True, link_by_domain=False))
+    await store.store_messages([imap_msg("<c3@beta.test>", frm="zed@beta.test", uid=4)])
+    assert [c["domain"] for c in await list_companies(store)] == ["acme.test"]
 
 
 def relay_msg(qid: str, mid: str, *, to: list[str], recipients: list[str],

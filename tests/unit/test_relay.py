@@ -1,4 +1,5 @@
-"""Relay.accept: where the outbound planning runs (the event loop must stay free for big work)."""
+"""Relay.accept: where the outbound planning runs (the event loop must stay free for big work),
+what it records (control headers, the Bcc field's display names)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from typing import Any
 
 import pytest
 
+from gateway.crm.linking import LinkRules
+from gateway.crm.store import Store
+from gateway.mail.parse import parse_message
 from gateway.pipeline.outbound import CopyPlan, Outbound
+from gateway.records import fill_from_parsed
 from gateway.relay import Relay, Submission
 from gateway.spool import Spool
 from tests.unit.test_outbound import HTML, setup
@@ -199,3 +204,35 @@ async def test_the_record_rebuilt_from_the_spool_is_the_relays(tmp_path: Path) -
         sorted(recorded.copies, key=lambda c: c.queue_id)
     assert rebuilt.raw is not None and not rebuilt.raw.startswith(b"Received:")
     assert b"X-Mailgw-" not in rebuilt.raw
+
+
+async def test_the_bcc_fields_display_names_name_the_bcc_contacts(tmp_path: Path,
+                                                                  store: Store) -> None:
+    """The relay removes the Bcc field from what it spools and records, but the names in it
+    still name the contacts its recipients become."""
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    sink = Sink()
+    relay = Relay(spool, "gw.example.test", events=sink)
+    data = HTML.replace(b"Subject: Offer\r\n", b'Subject: Offer\r\nBcc: "Gina Rossi" '
+                        b"<Gina@Delta.test>, =?utf-8?q?Jos=C3=A9_=C3=81lvarez?= <jose@eps.test>,"
+                        b"\r\n plain@zeta.test\r\n")
+    rcpts = ["a@acme.test", "gina@delta.test", "jose@eps.test", "plain@zeta.test"]
+    try:
+        await relay.accept(Submission(USER, rcpts, data, user=USER))
+        [only] = spool.list_ids("incoming")
+        _, spooled = spool.read("incoming", only)
+    finally:
+        spool.close()
+    [a] = sink.accepted
+    assert a.raw is not None and b"Bcc:" not in a.raw and b"Gina" not in a.raw
+    assert b"Gina" not in spooled
+    assert a.bcc_names == {"gina@delta.test": "Gina Rossi", "jose@eps.test": "José Álvarez"}
+    fill_from_parsed(a, parse_message(a.raw))        # what the store writer does
+    store.configure(LinkRules(auto_create_contacts=True,
+                              own_addresses=frozenset({USER}), own_domains=frozenset({"example.com"})))
+    await store.record([a], [])
+    [m] = await store.list_messages()
+    assert m["bcc"] == ["gina@delta.test", "jose@eps.test", "plain@zeta.test"]
+    assert {c["email"]: c["name"] for c in m["contacts"] if c["role"] == "bcc"} == {
+        "gina@delta.test": "Gina Rossi", "jose@eps.test": "José Álvarez", "plain@zeta.test": ""}
