@@ -1,9 +1,10 @@
 """Message search (gateway.crm.search, migrations 0007 and 0010) on SQLite and PostgreSQL.
 
 Every test runs on both backends (the ``store`` fixture): word stems, addresses whole and
-by domain (Bcc recipients and invitation attendees too), phrases, the HTML body of a message without text, the existing filters, and the
-index kept in step by every write: the relay and ingest/IMAP batches, an update of a
-message's body, a purge, and the migration's backfill of messages stored before it.
+by domain (Bcc recipients and invitation attendees too), phrases, the HTML body of a
+message without text, the existing filters, and the index kept in step by every write:
+the relay and ingest/IMAP batches, an update of a message's body, a purge, and the
+migrations' backfill of messages stored before them.
 A property test feeds arbitrary queries: each is searched or refused (BadQuery), never an
 SQL error.
 """
