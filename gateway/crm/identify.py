@@ -17,9 +17,9 @@ attendees) and their display names. In order, for each address:
    (:func:`_make_companies`) unless free mail or ours.
 
 The names of a contact that exists are never changed (imported data wins); only a
-contact made automatically with neither name (its first mail gave none: a Bcc recipient,
-a role address) takes them from a later plain display name of its own address
-(:func:`_fill_names`).
+contact made automatically with neither name (its first mail gave none, as for a Bcc
+recipient) takes them from a later plain display name of its own address, unless the
+address is a role's (:func:`gateway.crm.people.role_address`: ``sales@``) (:func:`_fill_names`).
 
 Names are matched against the contacts that existed before the batch: two new
 addresses of one new person in the same batch make two contacts.
@@ -114,23 +114,20 @@ async def _fill_names(conn: AsyncConnection, names: Mapping[str, str], found: Ma
     """A contact made automatically without names (its first mail gave none, e.g. a Bcc
     recipient) takes them from a later display name of its own address: never a contact
     with a name, never an imported or API one."""
-    named = {pk: (a, first, last) for a, pk in found.items()
-             if names.get(a) and not role_address(a)
+    named = {a: (first, last) for a in found if names.get(a) and not role_address(a)
              for first, last in [split_name(names[a], a)] if first}
     if not named:
         return
     c = contacts_table.c
     rows: list[dict[str, Any]] = []
     for chunk in chunks(sorted(named)):
-        nameless = await conn.execute(
-            sa.select(c.id, c.email).where(c.id.in_(chunk), c.source == "auto",
+        nameless = await conn.execute(   # by its own address, not a further one
+            sa.select(c.id, c.email).where(c.email.in_(chunk), c.source == "auto",
                                            c.first_name == "", c.last_name == ""))
         for pk, email in nameless.all():
-            a, first, last = named[pk]
-            if email == a:
-                first, last = clean_text(first)[:200], clean_text(last)[:200]
-                rows.append({"_id": pk, "first_name": first, "last_name": last,
-                             "name_key": name_key(first, last), "updated_at": now})
+            first, last = (clean_text(x)[:200] for x in named[email])
+            rows.append({"_id": pk, "first_name": first, "last_name": last,
+                         "name_key": name_key(first, last), "updated_at": now})
     if rows:
         # the conditions again: what a concurrent writer named first stays
         await conn.execute(
