@@ -37,6 +37,7 @@ from gateway.errors import NotFound, PermanentFailure
 from gateway.ids import new_queue_id
 from gateway.mail.controls import NO_CONTROLS, Controls, parse_controls, strip_controls
 from gateway.mail.headers import (
+    fields,
     get_header,
     make_message_id,
     split_entity,
@@ -116,7 +117,12 @@ def bcc_names(data: bytes) -> dict[str, str]:
     header = split_entity(data)[0]
     if b"bcc" not in header.lower():
         return {}
-    info = parse_headers(header)
+    # only the Bcc fields are parsed here, on the event loop: a cheap linear scan finds
+    # them, and the rest of the header (parsed by the store writer off the loop) is skipped
+    bcc = b"".join(f.raw for f in fields(header) if f.key == b"bcc")
+    if not bcc:
+        return {}
+    info = parse_headers(bcc)
     return {key: info.display_names[key] for a in info.bcc_addrs
             if (key := a.lower()) in info.display_names}
 
