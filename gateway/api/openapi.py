@@ -120,6 +120,9 @@ _ENGAGEMENT_ROW = _obj({
 
 _COMPANY_PROPS: dict[str, Any] = {
     "domain": _STR, "name": _STR,
+    "owner": _nullable("string", description="the user login owning the company (shared "
+                       "mailboxes assign mail from its people who have no owner to them); "
+                       "PUT /api/v1/companies/{domain}/owner sets it"),
     "contact_count": _COUNT, "message_count": {**_COUNT, "description": "messages linked to it"},
     "last_activity": _nullable("string", format="date-time",
                                description="the newest linked message (Date, else when stored)"),
