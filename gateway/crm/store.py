@@ -37,6 +37,13 @@ the same transaction as the messages it covers). In one transaction a batch:
    hit events;
 6. inbound mail newly seen in a shared mailbox (``shared: true``) is assigned to a rep
    (:mod:`gateway.crm.assign`), announced by ``message.assigned``.
+
+Webhooks about a message carry its JSON as ``data.message``, as the transaction leaves it
+(:meth:`Store._announce`, last in the batch): ``message.stored`` the detail view, the same
+JSON as ``GET /api/v1/messages/{id}``; the event webhooks and ``message.assigned`` the
+list view less its events. A batch's JSON is read in a few queries per chunk of messages
+(:func:`_load`, as :meth:`Store.fetch` reads the API's), and not at all for an event
+type nobody subscribes to.
 """
 from __future__ import annotations
 

@@ -130,9 +130,9 @@ async def test_owner_then_company_then_sticky_round_robin_surviving_a_new_store(
         async with store.engine.connect() as conn:
             order = (await conn.execute(sa.select(outbox_table.c.event_type, outbox_table.c.payload)
                                         .order_by(outbox_table.c.id))).all()
-        first_told = {}
+        first_told: dict[int, tuple[str, dict[str, Any]]] = {}
         for t, payload in order:
-            first_told.setdefault((payload["data"]["message"]["id"]), (t, payload["data"]))
+            first_told.setdefault(payload["data"]["message"]["id"], (t, payload["data"]))
         for h in hooks:
             t, data = first_told[h["data"]["message"]["id"]]
             assert t == "message.stored" and data["message"]["assigned_to"] == h["data"]["assigned_to"]
