@@ -120,6 +120,9 @@ _ENGAGEMENT_ROW = _obj({
 
 _COMPANY_PROPS: dict[str, Any] = {
     "domain": _STR, "name": _STR,
+    "owner": _nullable("string", description="the user login owning the company (shared "
+                       "mailboxes assign mail from its people who have no owner to them); "
+                       "PUT /api/v1/companies/{domain}/owner sets it"),
     "contact_count": _COUNT, "message_count": {**_COUNT, "description": "messages linked to it"},
     "last_activity": _nullable("string", format="date-time",
                                description="the newest linked message (Date, else when stored)"),
@@ -345,6 +348,28 @@ SCHEMAS: dict[str, Any] = {
                   "accounts": {**_STRS, "description": "the mailboxes whose lease it holds"}}),
     "NodeList": _obj({"nodes": {"type": "array", "items": _ref("Node")},
                       "lease_ttl": {"type": "number"}}),
+    # -- webhook payloads (the document's `webhooks`; README "Read API, metrics and webhooks")
+    "WebhookMessage": {**_obj({k: v for k, v in _SUMMARY_PROPS.items() if k != "events"}),
+                       "description": "a message as GET /api/v1/messages lists it, less "
+                                      "`events`: `id` is the store's id, `message_id` the "
+                                      "Message-ID header"},
+    "MessageStoredData": _obj({"message": {**_ref("MessageDetail"), "description":
+                                           "the message as GET /api/v1/messages/{id} returns "
+                                           "it when it was stored"}}),
+    "MessageEventData": _obj({
+        "message": _ref("WebhookMessage"), "event": _ref("Event"),
+        "tracking": {**_obj({"recipient": _ref("TrackingRecipient"),
+                             "total": _ref("TrackingTotals")}),
+                     "description": "message.opened and message.clicked: the tracking summary "
+                                    "of the recipient and of the message, this hit included"}},
+        required=["message", "event"]),
+    "MessageAssignedData": _obj({
+        "message": _ref("WebhookMessage"), "account": _STR, "assigned_to": _STR,
+        "rule": {"enum": ["contact_owner", "company_owner", "sticky", "round_robin"]},
+        "contact": _nullable("string", description="the sender's contact address")}),
+    "AccountEventData": _obj({"account": {"type": "object", "required": ["id", "email", "status"],
+                                          "properties": {"id": _STR, "email": _STR,
+                                                         "status": _STR}}}),
     "Health": _obj({"status": {"enum": ["ok", "unavailable"]},
                     "store": _obj({"ok": {"type": "boolean"}, "error": _STR}, required=["ok"]),
                     "spool": {"oneOf": [{"type": "null"},
@@ -355,6 +380,33 @@ SCHEMAS: dict[str, Any] = {
 
 def _json(schema: str, description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+#: event types by the schema of their `data` (gateway.config.WEBHOOK_EVENTS has them all)
+WEBHOOK_DATA: dict[str, tuple[str, ...]] = {
+    "MessageStoredData": ("message.stored",),
+    "MessageEventData": tuple(f"message.{t}" for t in (
+        "sent", "deferred", "bounced", "delayed", "opened", "clicked", "replied",
+        "auto_replied", "read_receipt", "complained")),
+    "MessageAssignedData": ("message.assigned",),
+    "AccountEventData": ("account.connected", "account.needs_reconnect", "account.deleted"),
+}
+
+
+def _webhook(event_type: str, data: str) -> dict[str, Any]:
+    body = {"type": "object", "required": ["id", "type", "created_at", "data"],
+            "additionalProperties": False,
+            "properties": {"id": {**_STR, "description": "the event id (X-Mailgw-Delivery)"},
+                           "type": {"const": event_type}, "created_at": _TIME,
+                           "data": _ref(data)}}
+    return {"post": {
+        "summary": f"{event_type}, POSTed to each webhook subscribed to it",
+        "description": "Signed: X-Mailgw-Signature is sha256=<hex HMAC-SHA256 of "
+                       "\"<X-Mailgw-Timestamp>.<body>\">; X-Mailgw-Event is the type.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"2XX": {"description": "delivered"},
+                      "410": {"description": "never retried"},
+                      "default": {"description": "retried with backoff until max_age"}}}}
 
 
 _ERRORS: dict[str, Any] = {
@@ -432,6 +484,8 @@ def document() -> dict[str, Any]:
             "schemas": SCHEMAS,
         },
         "security": [{"bearer": []}],
+        "webhooks": {t: _webhook(t, data) for data, types in WEBHOOK_DATA.items()
+                     for t in types},
         "paths": {
             "/api/v1/messages": {"get": {
                 "summary": "Stored messages, newest first (by Date, else when stored)",

@@ -16,7 +16,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     c.set_defaults(func=_companies)
     cs = c.add_subparsers(dest="companies_cmd", required=True, parser_class=type(common))
     lst = cs.add_parser("list", parents=[common],
-                        help="companies in domain order, with contacts, messages, last activity")
+                        help="companies in domain order, with owner, contacts, messages, "
+                             "last activity")
     lst.add_argument("--search", metavar="TEXT", help="part of a domain or name")
     lst.add_argument("--limit", type=int, default=100)
     lst.add_argument("--after", metavar="DOMAIN", help="start after this domain (paging)")
@@ -46,8 +47,9 @@ async def _list(cfg: Config, args: argparse.Namespace) -> int:
     rows = await with_store(cfg, lambda store: list_companies(
         store, search=args.search, after=args.after, limit=args.limit))
     return print_rows(rows, args.json, lambda r: (
-        f"{r['domain']:<32} {r['name'][:28]:<28} {r['contact_count']:>5} contact(s) "
-        f"{r['message_count']:>6} message(s)  last {_day(r['last_activity'])}"),
+        f"{r['domain']:<32} {r['name'][:28]:<28} {(r['owner'] or '-')[:20]:<20} "
+        f"{r['contact_count']:>5} contact(s) {r['message_count']:>6} message(s)  "
+        f"last {_day(r['last_activity'])}"),
         f"{len(rows)} compan{'y' if len(rows) == 1 else 'ies'}")
 
 
@@ -65,7 +67,7 @@ async def _show(cfg: Config, domain: str, as_json: bool) -> int:
     if as_json:
         print_json(row)
         return EXIT_OK
-    print(f"domain: {row['domain']}\nname: {row['name'] or '-'}\n"
+    print(f"domain: {row['domain']}\nname: {row['name'] or '-'}\nowner: {row['owner'] or '-'}\n"
           f"contacts: {row['contact_count']}\nmessages: {row['message_count']}\n"
           f"last activity: {_day(row['last_activity'])}")
     for c in row["contacts"]:

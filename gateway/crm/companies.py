@@ -43,9 +43,12 @@ def normalize_domain(value: str) -> str | None:
 
 
 def _company_dict(r: Any, stats: tuple[int, int, datetime | None]) -> dict[str, Any]:
+    """A ``companies`` row as the API and ``companies list/show --json`` show it: its domain,
+    name, owner (the user login shared mailboxes assign its people's mail to, or None),
+    its counts and the time of its newest linked message."""
     contacts, messages, last = stats
-    return {"domain": r["domain"], "name": r["name"], "contact_count": contacts,
-            "message_count": messages, "last_activity": iso(last),
+    return {"domain": r["domain"], "name": r["name"], "owner": r["owner"],
+            "contact_count": contacts, "message_count": messages, "last_activity": iso(last),
             "created_at": iso(r["created_at"]), "updated_at": iso(r["updated_at"])}
 
 

@@ -37,6 +37,13 @@ the same transaction as the messages it covers). In one transaction a batch:
    hit events;
 6. inbound mail newly seen in a shared mailbox (``shared: true``) is assigned to a rep
    (:mod:`gateway.crm.assign`), announced by ``message.assigned``.
+
+Webhooks about a message carry its JSON as ``data.message``, as the transaction leaves it
+(:meth:`Store._announce`, last in the batch): ``message.stored`` the detail view, the same
+JSON as ``GET /api/v1/messages/{id}``; the event webhooks and ``message.assigned`` the
+list view less its events. A batch's JSON is read in a few queries per chunk of messages
+(:func:`_load`, as :meth:`Store.fetch` reads the API's), and not at all for an event
+type nobody subscribes to.
 """
 from __future__ import annotations
 
@@ -81,7 +88,7 @@ from gateway.crm.sql import (
 )
 from gateway.crm.summary import HIT_TYPES, recipient_summary, summarize
 from gateway.crm.threads import assign_threads
-from gateway.crm.views import event_payload, message_dict, summary_payload
+from gateway.crm.views import brief_message, event_payload, message_dict
 from gateway.errors import StoreError
 from gateway.mail.addresses import domain_of
 from gateway.records import (
@@ -127,6 +134,9 @@ def _display_names(messages: Iterable[NewMessage]) -> dict[str, str]:
                 names.setdefault(addr, name)
     return names
 
+
+#: a webhook about a message: (event type, message id, data beside the message's JSON)
+_About = tuple[str, int, dict[str, Any]]
 
 #: Newest first: by Date header, else when stored; the id breaks ties (the cursor's order).
 NEWEST_FIRST = (sort_at.desc(), messages_table.c.id.desc())
@@ -352,14 +362,18 @@ class Store:
                    and any(s.source == "relay" and clean_text(s.ref) in new_relay_refs
                            for s in m.sources)]
         await self._queued(conn, relayed, created=set(created.values()), now=now)
-        new = {k: first[k] for k in created}
+        new = {created[k]: m for k, m in first.items() if k in created}   # in batch order
+        about: list[_About] = []
         if new:
-            await self._index_new(conn, {created[k]: m for k, m in new.items()}, now)
+            about += await self._index_new(conn, new, now)
         made = set(created.values())
         await self._late_bcc(conn, [(pk, m) for pk, m in relayed
                                     if m.bcc_addrs and pk not in made], now)
         if seen_in and self.rules.shared:
-            await self._assign(conn, seen_in, now)
+            about += await self._assign(conn, seen_in, now)
+        # announced last, so that each message's JSON is as this transaction leaves it
+        # (its links, queued events and assignment included)
+        await self._announce(conn, list(new), about, now)
         # a message seen again on a new path: bump updated_at (API consumers poll by it)
         seen_again = new_sources - set(created.values())
         for chunk in chunks(sorted(seen_again)):
@@ -369,13 +383,12 @@ class Store:
                 for k, m in zip(keys, items, strict=True)]
 
     async def _index_new(self, conn: AsyncConnection, new: dict[int, NewMessage],
-                         now: datetime) -> None:
-        """Addresses, contact and company links, queued/replied events, webhooks of new messages."""
+                         now: datetime) -> list[_About]:
+        """Addresses, contact and company links, replied events of new messages; the
+        replies' webhooks to announce."""
         await self._link_correspondents(conn, {pk: _correspondents(m) for pk, m in new.items()},
                                         _display_names(new.values()), now)
-        await self._replies(conn, new, now)
-        await self.enqueue_webhooks(conn, [("message.stored", {"message": summary_payload(pk, m)})
-                                           for pk, m in new.items()], now)
+        return await self._replies(conn, new, now)
 
     async def _late_bcc(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]],
                         now: datetime) -> None:
@@ -435,14 +448,32 @@ class Store:
             await conn.execute(mstmt, list(chunk))
 
     async def _assign(self, conn: AsyncConnection, seen_in: list[tuple[int, str]],
-                      now: datetime) -> None:
+                      now: datetime) -> list[_About]:
         """Inbound mail newly seen in a shared mailbox goes to a rep (:mod:`gateway.crm.assign`),
-        announced by ``message.assigned``."""
+        announced by ``message.assigned`` (returned)."""
         done = await assign.assign_messages(conn, self.dialect,
                                             {p.account: p for p in self.rules.shared}, seen_in, now)
-        await self.enqueue_webhooks(conn, [("message.assigned", {
-            "message_id": a.message_pk, "account": a.account, "assigned_to": a.user,
-            "rule": a.rule, "contact": a.contact}) for a in done if a.user], now)
+        return [("message.assigned", a.message_pk, {
+            "account": a.account, "assigned_to": a.user, "rule": a.rule, "contact": a.contact})
+            for a in done if a.user]
+
+    def _wanted(self, event_type: str) -> bool:
+        return any(w.wants(event_type) for w in self.webhooks)
+
+    async def _announce(self, conn: AsyncConnection, stored: Sequence[int],
+                        about: Sequence[_About], now: datetime) -> None:
+        """Queue ``message.stored`` for the messages `stored`, then the webhooks `about`
+        messages (type, message id, data), each with its message's JSON as ``message``
+        (:meth:`_webhook_messages`: as this transaction has it, a few queries for the
+        whole batch, none for an event nobody subscribes to)."""
+        stored = list(stored) if self._wanted("message.stored") else []
+        about = [a for a in about if self._wanted(a[0])]
+        if not stored and not about:
+            return
+        details, briefs = await self._webhook_messages(conn, stored, {pk for _, pk, _ in about})
+        await self.enqueue_webhooks(
+            conn, [("message.stored", {"message": details[pk]}) for pk in stored]
+            + [(t, {"message": briefs[pk], **data}) for t, pk, data in about], now)
 
     async def _queued(self, conn: AsyncConnection, relayed: list[tuple[int, NewMessage]], *,
                       created: set[int], now: datetime) -> None:
@@ -489,7 +520,7 @@ class Store:
                     updated_at=now))
 
     async def _replies(self, conn: AsyncConnection, new: dict[int, NewMessage],
-                       now: datetime) -> None:
+                       now: datetime) -> list[_About]:
         """An inbound answer to an outbound message, from one of its recipients, records on it
         ``replied`` (a person's ``message``) or ``auto_replied`` (an ``auto_reply``).
 
@@ -508,11 +539,11 @@ class Store:
             if parents:
                 asked[pk] = parents
         if not asked:
-            return
+            return []
         outbound = await bounces.outbound_by_message_id(
             conn, sorted({p for ps in asked.values() for p in ps}))
         recipients = await bounces.recipients_of(conn, sorted(set(outbound.values())))
-        hooks: list[tuple[str, dict[str, Any]]] = []
+        hooks: list[_About] = []
         for pk, parents in asked.items():
             m = new[pk]
             sender = clean_text(m.from_addr).strip().lower()
@@ -533,11 +564,10 @@ class Store:
                 [{"message_pk": target, "type": kind, "at": at, "recipient": sender,
                   "machine": machine, "details": clean_json(details), "key": f"{kind}:{pk}"}])
             if result.first() is not None:
-                hooks.append((f"message.{kind}", {
-                    "message_id": target, "event": {"type": kind, "at": iso(at),
-                                                    "recipient": sender, "machine": machine,
-                                                    "details": details}}))
-        await self.enqueue_webhooks(conn, hooks, now)
+                hooks.append((f"message.{kind}", target, {
+                    "event": {"type": kind, "at": iso(at), "recipient": sender,
+                              "machine": machine, "category": None, "details": details}}))
+        return hooks
 
     async def _contact_ids(self, conn: AsyncConnection, emails: Sequence[str]) -> dict[str, int]:
         """Address -> contact pk, by any of a contact's addresses (:mod:`gateway.crm.identify`)."""
@@ -599,15 +629,15 @@ class Store:
                 announced.append(row)
         summaries = await self._tracking_summaries(
             conn, {r["message_pk"] for r in announced if r["type"] in HIT_TYPES})
-        hooks: list[tuple[str, dict[str, Any]]] = []
+        hooks: list[_About] = []
         for row in announced:
-            data = {"message_id": row["message_pk"], "event": event_payload(row)}
+            data: dict[str, Any] = {"event": event_payload(row)}
             if row["type"] in HIT_TYPES:
                 summary = summaries[row["message_pk"]]
                 data["tracking"] = {"recipient": recipient_summary(summary, row["recipient"]),
                                     "total": summary["total"]}
-            hooks.append((f"message.{row['type']}", data))
-        await self.enqueue_webhooks(conn, hooks, datetime.now(UTC))
+            hooks.append((f"message.{row['type']}", row["message_pk"], data))
+        await self._announce(conn, [], hooks, datetime.now(UTC))
         return unknown
 
     async def _reports(self, conn: AsyncConnection,
@@ -617,9 +647,8 @@ class Store:
         applied = await bounces.apply_reports(conn, self.dialect, reports)
         rows = [row for a in applied for row in a.rows]
         await self._suppress(conn, rows)
-        await self.enqueue_webhooks(conn, [(f"message.{row['type']}", {
-            "message_id": row["message_pk"], "event": event_payload(row)}) for row in rows],
-            datetime.now(UTC))
+        await self._announce(conn, [], [(f"message.{row['type']}", row["message_pk"], {
+            "event": event_payload(row)}) for row in rows], datetime.now(UTC))
         for m, a in zip(reports, applied, strict=True):
             self.log.info("report_recorded" if a.rows else "report_ignored",
                           report=m.report.type if m.report else None,
@@ -800,46 +829,80 @@ class Store:
         their events, sources, contacts and companies (and, with `bodies`, everything stored)."""
         try:
             async with self.engine.connect() as conn:
-                messages = (await conn.execute(query)).mappings().all()
-                pks = [m["id"] for m in messages]
-                events: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
-                sources: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
-                contacts: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
-                companies: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
-                for chunk in chunks(pks):
-                    rows = await conn.execute(
-                        sa.select(events_table).where(events_table.c.message_pk.in_(chunk))
-                        .order_by(events_table.c.message_pk, events_table.c.at, events_table.c.id))
-                    for e in rows.mappings():
-                        events[e["message_pk"]].append(event_payload(e))
-                    rows = await conn.execute(
-                        sa.select(sources_table).where(sources_table.c.message_pk.in_(chunk))
-                        .order_by(sources_table.c.id))
-                    for s in rows.mappings():
-                        sources[s["message_pk"]].append(dict(s))
-                    rows = await conn.execute(
-                        sa.select(message_contacts_table.c.message_pk, message_contacts_table.c.role,
-                                  contacts_table.c.email, contacts_table.c.first_name,
-                                  contacts_table.c.last_name)
-                        .join(contacts_table, contacts_table.c.id == message_contacts_table.c.contact_pk)
-                        .where(message_contacts_table.c.message_pk.in_(chunk))
-                        .order_by(message_contacts_table.c.message_pk, contacts_table.c.email))
-                    for c in rows.mappings():
-                        name = f"{c['first_name']} {c['last_name']}".strip()
-                        contacts[c["message_pk"]].append(
-                            {"email": c["email"], "name": name, "role": c["role"]})
-                    rows = await conn.execute(
-                        sa.select(message_companies_table.c.message_pk, companies_table.c.domain,
-                                  companies_table.c.name)
-                        .join(companies_table,
-                              companies_table.c.id == message_companies_table.c.company_pk)
-                        .where(message_companies_table.c.message_pk.in_(chunk))
-                        .order_by(message_companies_table.c.message_pk, companies_table.c.domain))
-                    for co in rows.mappings():
-                        companies[co["message_pk"]].append({"domain": co["domain"],
-                                                            "name": co["name"]})
+                loaded = await _load(conn, query)
         except (SQLAlchemyError, OSError) as exc:
             raise self.error("store read failed", exc) from exc
-        return [message_dict(m, events[m["id"]], sources[m["id"]], contacts[m["id"]], bodies,
-                             companies[m["id"]])
-                for m in messages]
+        return [message_dict(*parts, bodies=bodies) for parts in loaded]
+
+    async def _webhook_messages(self, conn: AsyncConnection, detail: Iterable[int],
+                                brief: Iterable[int] = ()
+                                ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+        """The message JSON webhooks carry, as of the caller's transaction, in a few queries
+        per :data:`~gateway.crm.sql.CHUNK` messages (never one per message).
+
+        `detail`: as ``GET /api/v1/messages/{id}`` shows it (``message.stored``);
+        `brief`: as ``GET /api/v1/messages`` lists it, less ``events``
+        (:func:`~gateway.crm.views.brief_message`; the event webhooks, whose event is
+        beside it). Returns (detail JSON by id, brief JSON by id)."""
+        full, short = set(detail), set(brief)
+        details: dict[int, dict[str, Any]] = {}
+        briefs: dict[int, dict[str, Any]] = {}
+        for pks, with_events in ((full, True), (short - full, False)):
+            for chunk in chunks(sorted(pks)):
+                query = sa.select(messages_table).where(messages_table.c.id.in_(chunk))
+                for parts in await _load(conn, query, events=with_events):
+                    pk = parts[0]["id"]
+                    if pk in full:
+                        details[pk] = message_dict(*parts, bodies=True)
+                    if pk in short:
+                        briefs[pk] = brief_message(message_dict(*parts, bodies=False))
+        return details, briefs
+
+
+_Loaded = tuple[Mapping[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
+                list[dict[str, Any]]]
+
+
+async def _load(conn: AsyncConnection, query: sa.Select[Any], *,
+                events: bool = True) -> list[_Loaded]:
+    """The rows of ``messages`` `query` selects, in its order, each with its events (unless
+    not `events`: then none), sources, contacts and companies, as :func:`message_dict`
+    takes them: four queries per :data:`~gateway.crm.sql.CHUNK` messages."""
+    messages: Sequence[Mapping[str, Any]] = (await conn.execute(query)).mappings().all()
+    pks = [m["id"] for m in messages]
+    evs: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
+    sources: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
+    contacts: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
+    companies: dict[int, list[dict[str, Any]]] = {pk: [] for pk in pks}
+    for chunk in chunks(pks):
+        if events:
+            rows = await conn.execute(
+                sa.select(events_table).where(events_table.c.message_pk.in_(chunk))
+                .order_by(events_table.c.message_pk, events_table.c.at, events_table.c.id))
+            for e in rows.mappings():
+                evs[e["message_pk"]].append(event_payload(e))
+        rows = await conn.execute(
+            sa.select(sources_table).where(sources_table.c.message_pk.in_(chunk))
+            .order_by(sources_table.c.id))
+        for s in rows.mappings():
+            sources[s["message_pk"]].append(dict(s))
+        rows = await conn.execute(
+            sa.select(message_contacts_table.c.message_pk, message_contacts_table.c.role,
+                      contacts_table.c.email, contacts_table.c.first_name,
+                      contacts_table.c.last_name)
+            .join(contacts_table, contacts_table.c.id == message_contacts_table.c.contact_pk)
+            .where(message_contacts_table.c.message_pk.in_(chunk))
+            .order_by(message_contacts_table.c.message_pk, contacts_table.c.email))
+        for c in rows.mappings():
+            name = f"{c['first_name']} {c['last_name']}".strip()
+            contacts[c["message_pk"]].append({"email": c["email"], "name": name, "role": c["role"]})
+        rows = await conn.execute(
+            sa.select(message_companies_table.c.message_pk, companies_table.c.domain,
+                      companies_table.c.name)
+            .join(companies_table, companies_table.c.id == message_companies_table.c.company_pk)
+            .where(message_companies_table.c.message_pk.in_(chunk))
+            .order_by(message_companies_table.c.message_pk, companies_table.c.domain))
+        for co in rows.mappings():
+            companies[co["message_pk"]].append({"domain": co["domain"], "name": co["name"]})
+    return [(m, evs[m["id"]], sources[m["id"]], contacts[m["id"]], companies[m["id"]])
+            for m in messages]

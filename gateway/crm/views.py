@@ -3,8 +3,9 @@
 Pure functions over rows already read (nothing here queries): a message with its
 events, sources, contacts and companies, where its raw bytes are served, and in the
 detail view its tracking summary
-(:func:`message_dict`), one event (:func:`event_payload`),
-and a newly stored message as ``message.stored`` announces it (:func:`summary_payload`).
+(:func:`message_dict`; ``message.stored`` carries the detail view, the same JSON as
+``GET /api/v1/messages/{id}``), one event (:func:`event_payload`), and the message as the
+event webhooks carry it (:func:`brief_message`).
 Times are ISO 8601 in UTC (:func:`gateway.crm.sql.iso`).
 """
 
@@ -16,10 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gateway.crm.models import SNIPPET_MAX
 from gateway.crm.sql import iso
 from gateway.crm.summary import summarize
-from gateway.records import NewMessage
 
 
 def event_payload(e: Mapping[str, Any] | sa.RowMapping) -> dict[str, Any]:
@@ -32,13 +31,11 @@ def event_payload(e: Mapping[str, Any] | sa.RowMapping) -> dict[str, Any]:
             "machine": bool(e["machine"]), "category": category, "details": details}
 
 
-def summary_payload(pk: int, m: NewMessage) -> dict[str, Any]:
-    """The message as webhooks announce it when it is stored (no bodies)."""
-    return {"id": pk, "message_id": m.message_id, "direction": m.direction, "account": m.account,
-            "from": m.from_addr, "to": list(m.to_addrs), "cc": list(m.cc_addrs),
-            "bcc": list(m.bcc_addrs), "subject": m.subject, "date": iso(m.date),
-            "snippet": m.snippet[:SNIPPET_MAX],
-            "sources": sorted({s.source for s in m.sources})}
+def brief_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message's list JSON (:func:`message_dict` without bodies) as the event webhooks
+    carry it: without ``events`` (the event announced is beside it, and a message with
+    thousands of hits would repeat them all in each)."""
+    return {k: v for k, v in message.items() if k != "events"}
 
 
 #: why a message has no raw bytes to serve (``raw.reason`` in its JSON)
@@ -62,8 +59,8 @@ def attachments_with_urls(m: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: list[dict[str, Any]],
-                  contacts: list[dict[str, Any]], bodies: bool,
-                  companies: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 contacts: list[dict[str, Any]], companies: list[dict[str, Any]], *,
+                 bodies: bool) -> dict[str, Any]:
     """A ``messages`` row with its events, sources, contacts and companies, as the read API
     shows it (README "Read API, metrics and webhooks"), and whether its raw bytes were kept
     (:func:`raw_info`); `bodies` adds the bodies, attachments and every path the message
@@ -77,7 +74,7 @@ def message_dict(m: Mapping[str, Any], events: list[dict[str, Any]], sources: li
         "subject": m["subject"], "date": iso(m["date"]), "snippet": m["snippet"],
         "size": m["size"], "sources": list(dict.fromkeys(s["source"] for s in sources)),
         "queue_id": relay[0] if relay else None,
-        "contacts": contacts, "companies": companies or [], "raw": raw_info(m),
+        "contacts": contacts, "companies": companies, "raw": raw_info(m),
         "events": events,
         # shared mailboxes: the rep it is assigned to and the rule that chose them
         "assigned_to": m["assigned_to"], "assigned_rule": m["assigned_rule"],

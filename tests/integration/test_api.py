@@ -477,6 +477,9 @@ async def test_app_serves_api_delivers_webhooks_and_reloads_token(
             assert payload["type"] == "message.stored"
             status, body, _ = await c.get("/api/v1/messages")
             assert status == 200 and [m["queue_id"] for m in body["messages"]] == ["A1"]
+            # the POSTed message is the API's JSON of it (SPEC §6)
+            status, one, _ = await c.get(f"/api/v1/messages/{body['messages'][0]['id']}")
+            assert status == 200 and payload["data"]["message"] == one
             status, text, _ = await c.get("/metrics", token=None)
             assert 'mailgw_webhook_deliveries_total{result="ok"} 1.0' in text
             assert 'mailgw_queue_messages{state="incoming"} 0.0' in text

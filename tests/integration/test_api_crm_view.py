@@ -190,7 +190,8 @@ async def test_not_kept_with_store_raw_none(api: Client, store: Store) -> None:
 
 async def test_companies_list_one_timeline_and_message_json(api: Client, store: Store) -> None:
     await upsert_contacts(store, [
-        ContactInput("carol@acme.test", first_name="Carol", company="Acme"),
+        ContactInput("carol@acme.test", first_name="Carol", company="Acme",
+                     company_owner="rep@example.com"),
         ContactInput("dave@acme.test", company="Acme"),
         ContactInput("erin@beta.test", company="Beta Corp"),
         ContactInput("frank@gamma.test", company="Gamma")])
@@ -210,6 +211,8 @@ async def test_companies_list_one_timeline_and_message_json(api: Client, store: 
     assert (by["acme.test"]["name"], by["acme.test"]["contact_count"],
             by["acme.test"]["message_count"]) == ("Acme", 2, 4)
     assert by["acme.test"]["last_activity"] == (T0 + timedelta(hours=5)).isoformat()
+    assert {d: c["owner"] for d, c in by.items()} == {
+        "acme.test": "rep@example.com", "beta.test": None, "gamma.test": None}
     assert (by["gamma.test"]["message_count"], by["gamma.test"]["last_activity"]) == (0, None)
     # search and paging by domain
     _, body, _ = await api.get("/api/v1/companies", search="CORP")
@@ -225,11 +228,14 @@ async def test_companies_list_one_timeline_and_message_json(api: Client, store: 
     check(one, "CompanyDetail")
     assert [c["email"] for c in one["contacts"]] == ["carol@acme.test", "dave@acme.test"]
     assert one["contacts"][0]["name"] == "Carol" and one["message_count"] == 4
+    assert one["owner"] == "rep@example.com"
+    assert one["contacts"][0]["company_owner"] == "rep@example.com"
 
     status, t1, _r = await api.get("/api/v1/companies/acme.test/timeline", limit=3)
     assert status == 200
     check(t1, "CompanyTimeline")
     assert t1["company"]["domain"] == "acme.test" and "contacts" not in t1["company"]
+    assert t1["company"]["owner"] == "rep@example.com"
     assert [m["subject"] for m in t1["messages"]] == ["both", "a2", "a1"]
     _, t2, _ = await api.get("/api/v1/companies/acme.test/timeline", limit=3,
                              cursor=t1["next_cursor"])

@@ -120,6 +120,22 @@ async def test_owner_then_company_then_sticky_round_robin_surviving_a_new_store(
             ("bob@ours.test", "sticky", "sales"), ("Alice@ours.test", "sticky", "sales"),
             ("Alice@ours.test", "round_robin", "sales"), ("carol@ours.test", "contact_owner", "support")]
         assert hooks[0]["data"]["contact"] == "owned@acme.test"
+        # the message's JSON beside them (the store's id under `id`, the header under
+        # `message_id`), as assigned; its message.stored, queued before it, shows it too
+        for h in hooks:
+            m = h["data"]["message"]
+            assert (m["assigned_to"], m["assigned_rule"]) == (h["data"]["assigned_to"],
+                                                              h["data"]["rule"])
+            assert "message_id" not in h["data"] and m["message_id"].startswith("<")
+        async with store.engine.connect() as conn:
+            order = (await conn.execute(sa.select(outbox_table.c.event_type, outbox_table.c.payload)
+                                        .order_by(outbox_table.c.id))).all()
+        first_told: dict[int, tuple[str, dict[str, Any]]] = {}
+        for t, payload in order:
+            first_told.setdefault(payload["data"]["message"]["id"], (t, payload["data"]))
+        for h in hooks:
+            t, data = first_told[h["data"]["message"]["id"]]
+            assert t == "message.stored" and data["message"]["assigned_to"] == h["data"]["assigned_to"]
     finally:
         await store.close()
 

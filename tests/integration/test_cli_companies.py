@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config
+from gateway.crm.contacts import set_company_owner
 from gateway.crm.store import Store
 from gateway.records import NewMessage, SourceRef
 from tests.integration.test_cli_crm import cfg, mailgw, mailgw_subprocess
@@ -30,6 +31,7 @@ def test_companies_list_show_and_message_lines(cfg: Path, tmp_path: Path) -> Non
     async def seed() -> int:
         store = await Store.from_config(load_config(cfg))
         try:
+            assert await set_company_owner(store, "acme.test", "rep@example.test") is not None
             at = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
             [s] = await store.store_messages([NewMessage(
                 message_id="<m1@acme.test>", from_addr="carol@acme.test",
@@ -44,18 +46,23 @@ def test_companies_list_show_and_message_lines(cfg: Path, tmp_path: Path) -> Non
     r = mailgw_subprocess(cfg, "companies", "list")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split()[:2] == ["acme.test", "Acme"] and "2 contact(s)" in lines[0]
+    assert lines[0].split()[:3] == ["acme.test", "Acme", "rep@example.test"]
+    assert "2 contact(s)" in lines[0]
     assert "1 message(s)" in lines[0] and "last 2026-11-02 09:30 UTC" in lines[0]
-    assert lines[1].startswith("beta.test") and "last -" in lines[1]
+    assert lines[1].split()[:4] == ["beta.test", "Beta", "Corp", "-"] and "last -" in lines[1]
     assert lines[-1] == "-- 2 companies"
     r = mailgw(cfg, "companies", "list", "--search", "beta", "--json")
-    assert [c["domain"] for c in json.loads(r.stdout)] == ["beta.test"]
+    assert [(c["domain"], c["owner"]) for c in json.loads(r.stdout)] == [("beta.test", None)]
     r = mailgw(cfg, "companies", "show", "ACME.test")
     assert r.returncode == 0, r.stderr
-    assert "domain: acme.test\nname: Acme\ncontacts: 2\nmessages: 1" in r.stdout
+    assert "domain: acme.test\nname: Acme\nowner: rep@example.test\ncontacts: 2\nmessages: 1" \
+        in r.stdout
     assert "contact: carol@acme.test Carol" in r.stdout
     shown = json.loads(mailgw(cfg, "companies", "show", "acme.test", "--json").stdout)
     assert [c["email"] for c in shown["contacts"]] == ["carol@acme.test", "dave@acme.test"]
+    assert (shown["owner"], shown["name"], shown["contact_count"], shown["message_count"]) == (
+        "rep@example.test", "Acme", 2, 1)
+    assert "owner: -\n" in mailgw(cfg, "companies", "show", "beta.test").stdout
     r = mailgw(cfg, "companies", "show", "nobody.test")
     assert r.returncode == 1 and r.stderr.strip() == "mailgw: no company nobody.test"
     r = mailgw(cfg, "companies", "show", "not a domain")

@@ -148,16 +148,15 @@ async def test_shared_mailbox_routes_to_owners_then_sticky_round_robin_across_a_
                 "<new1-again@t>", "<new1-after@t>", "<new3@t>"}
 
         def announced() -> dict[str, dict[str, Any]]:
-            ids = {m["id"]: m["message_id"] for m in got_rows}
-            return {ids[p["data"]["message_id"]]: p["data"] for p in receiver.processed.values()
-                    if p["type"] == "message.assigned"}
+            return {p["data"]["message"]["message_id"]: p["data"]
+                    for p in receiver.processed.values() if p["type"] == "message.assigned"}
 
-        got_rows = await store.list_messages(limit=1000)
         await wait_until(lambda: set(announced()) == want, 15, "a message.assigned per assignment")
         told = announced()
         assert told["<company@t>"]["rule"] == "company_owner"
         assert told["<company@t>"]["assigned_to"] == BOB and told["<company@t>"]["account"] == "sales"
         assert told["<new1-after@t>"]["rule"] == "sticky"
+        assert told["<company@t>"]["message"]["assigned_to"] == BOB
         assert all(a.signed_ok for a in receiver.attempts)
     finally:
         await tailers.stop()

@@ -8,24 +8,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import sqlalchemy as sa
 
+from gateway.api.http import AdminAPI
 from gateway.api.webhooks import Endpoint, WebhookDispatcher, body_bytes, sign, targets, verify
 from gateway.crm import outbox
+from gateway.crm.contacts import ContactInput, upsert_contacts
+from gateway.crm.linking import LinkRules
 from gateway.crm.models import WebhookDelivery
 from gateway.crm.store import Store
 from gateway.metrics import Metrics
-from gateway.records import AcceptedMessage, EventRecord
+from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
 from tests.integration.harness import wait_until
+from tests.integration.test_api import TOKEN, Client, check
+from tests.integration.test_api import cfg as api_cfg
 from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 SECRET = b"s3cret-webhook-key"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+RULES = LinkRules(own_addresses=frozenset({"alice@example.com"}),
+                  own_domains=frozenset({"example.com"}))
 
 
 def relay(qid: str) -> AcceptedMessage:
@@ -33,7 +42,7 @@ def relay(qid: str) -> AcceptedMessage:
                            from_addr="alice@example.com", to_addrs=["bob@acme.test"], cc_addrs=[],
                            subject=f"about {qid}", date=T0, snippet="hi", size=10,
                            recipients=["bob@acme.test"], user="alice@example.com", account=None,
-                           at=T0)
+                           at=T0, text_body=f"body of {qid}")
 
 
 def endpoint(url: str, **kw: Any) -> Endpoint:
@@ -328,3 +337,138 @@ async def test_opened_and_clicked_payloads_carry_the_tracking_summary(store: Sto
             "last_activity": "2026-03-01T13:02:00+00:00", "opened": True}
         assert tracking["total"] == {**{k: v for k, v in tracking["recipient"].items()
                                         if k != "recipient"}, "recipients_opened": 1}
+
+
+async def outbox_payloads(store: Store) -> list[dict[str, Any]]:
+    async with store.engine.connect() as conn:
+        return [p for (p,) in (await conn.execute(
+            sa.select(WebhookDelivery.payload).order_by(WebhookDelivery.id))).all()]
+
+
+async def test_message_webhooks_post_the_read_apis_json(store: Store, receiver: Receiver,
+                                                        tmp_path: Path) -> None:
+    """SPEC §6 "Webhooks POST the same JSON": ``message.stored`` is ``GET /api/v1/messages/{id}``
+    of the message as stored; the event webhooks carry the message as ``GET /api/v1/messages``
+    lists it (less ``events``): ``id`` the store's id, ``message_id`` the header."""
+    ep = endpoint(receiver.url)                           # every event
+    store.configure(RULES, targets({ep.url: ep}))
+    await upsert_contacts(store, [ContactInput("bob@acme.test", first_name="Bob", company="Acme",
+                                               company_owner="rep@example.com")])
+    api = AdminAPI(store, get_config=lambda: api_cfg(state_dir=str(tmp_path / "state")),
+                   metrics=Metrics(), token=TOKEN)
+    await api.start("127.0.0.1", 0, loopback_only=True)
+    try:
+        async with aiohttp.ClientSession() as session:
+            c = Client(session, f"http://127.0.0.1:{api.port}")
+
+            async def detail(pk: int) -> dict[str, Any]:
+                status, body, _ = await c.get(f"/api/v1/messages/{pk}")
+                assert status == 200, body
+                return dict(body)
+
+            async def listed(pk: int) -> dict[str, Any]:
+                _, page, _ = await c.get("/api/v1/messages")
+                (m,) = [m for m in page["messages"] if m["id"] == pk]
+                return {k: v for k, v in m.items() if k != "events"}
+
+            await store.record([relay("W1")], [])
+            (stored,) = await outbox_payloads(store)
+            assert stored["type"] == "message.stored"
+            msg = stored["data"]["message"]
+            check(stored["data"], "MessageStoredData")
+            assert msg == await detail(msg["id"])          # the same JSON as the API's
+            assert msg["message_id"] == "<W1@example.com>" and msg["queue_id"] == "W1"
+            assert msg["thread_id"] and msg["text_body"] == "body of W1"
+            assert msg["contacts"] == [{"email": "bob@acme.test", "name": "Bob", "role": "to"}]
+            assert msg["companies"] == [{"domain": "acme.test", "name": "Acme"}]
+            assert msg["raw"]["kept"] is False and msg["assigned_to"] is None
+            assert [(e["type"], e["recipient"]) for e in msg["events"]] == [
+                ("queued", "bob@acme.test")]
+            w1 = msg["id"]
+
+            # an event webhook: the message (as listed, without events) beside the event
+            await store.record([], [EventRecord("W1", "sent", "bob@acme.test", T0,
+                                                {"reply": "250 ok"})])
+            sent = (await outbox_payloads(store))[-1]
+            assert sent["type"] == "message.sent" and set(sent["data"]) == {"message", "event"}
+            check(sent["data"], "MessageEventData")
+            assert sent["data"]["message"] == await listed(w1)
+            assert sent["data"]["message"]["message_id"] == "<W1@example.com>"
+            assert "message_id" not in sent["data"] and "events" not in sent["data"]["message"]
+
+            # a reply: its message.stored, then message.replied about the message answered
+            reply = NewMessage(
+                message_id="<re-w1@acme.test>", from_addr="bob@acme.test",
+                to_addrs=["alice@example.com"], cc_addrs=[], subject="Re: about W1",
+                date=T0 + timedelta(hours=1), direction="inbound", in_reply_to="<W1@example.com>",
+                text_body="thanks", sources=[SourceRef("ingest", "I-re", T0 + timedelta(hours=1))])
+            [s] = await store.store_messages([reply])
+            got = (await outbox_payloads(store))[2:]
+            assert [p["type"] for p in got] == ["message.stored", "message.replied"]
+            assert got[0]["data"]["message"] == await detail(s.id)
+            assert got[0]["data"]["message"]["thread_id"] == msg["thread_id"]
+            replied = got[1]["data"]
+            check(replied, "MessageEventData")
+            assert replied["message"] == await listed(w1)
+            assert replied["event"]["details"]["reply_id"] == s.id
+            assert replied["event"]["details"]["message_id"] == "<re-w1@acme.test>"
+            # a bounce report (gateway.crm.bounces): the same shape
+            await store.record([], [EventRecord("W1", "bounced", "bob@acme.test", T0,
+                                                {"reply": "550 5.1.1 no such user"})])
+            bounced = (await outbox_payloads(store))[-1]
+            assert bounced["type"] == "message.bounced"
+            assert bounced["data"]["message"] == await listed(w1)
+    finally:
+        await api.stop()
+
+    # POSTed as written: each body the receiver verified is its outbox payload
+    d = dispatcher(store, ep)
+    await d.start()
+    try:
+        await wait_until(lambda: len(receiver.processed) == 5, timeout=15, what="5 deliveries")
+    finally:
+        await d.stop(timeout=5)
+    assert {p["id"]: p for p in await outbox_payloads(store)} == receiver.processed
+
+
+async def test_a_batch_of_200_is_announced_in_a_few_queries(store: Store) -> None:
+    """The message JSON of a batch's webhooks costs a few queries for the whole batch (no N+1):
+    counted against the same batch recorded with nobody subscribed."""
+    store.configure(RULES, [])
+
+    def count(statements: list[str]) -> Any:
+        def on(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement)
+        return on
+
+    async def recorded(prefix: str) -> int:
+        statements: list[str] = []
+        listener = count(statements)
+        sa.event.listen(store.engine.sync_engine, "before_cursor_execute", listener)
+        try:
+            await store.record([relay(f"{prefix}{i}") for i in range(200)],
+                               [EventRecord(f"{prefix}{i}", "sent", "bob@acme.test", T0)
+                                for i in range(200)])
+        finally:
+            sa.event.remove(store.engine.sync_engine, "before_cursor_execute", listener)
+        return len(statements)
+
+    quiet = await recorded("N")
+    store.configure(RULES, targets({"http://127.0.0.1:9/a": endpoint("http://127.0.0.1:9/a")}))
+    announced = await recorded("A")
+    payloads = await outbox_payloads(store)
+    assert [p["type"] for p in payloads] == ["message.stored"] * 200 + ["message.sent"] * 200
+    assert [p["data"]["message"]["queue_id"] for p in payloads[:200]] == [
+        f"A{i}" for i in range(200)]                      # in batch order
+    assert {p["data"]["message"]["id"] for p in payloads[200:]} == {
+        p["data"]["message"]["id"] for p in payloads[:200]}
+    # stored: messages, events, sources, contacts, companies; sent: the same less events;
+    # two outbox INSERTs (a chunk each)
+    assert announced - quiet <= 12, (quiet, announced)
+
+
+def test_every_webhook_event_is_documented() -> None:
+    from gateway.api.openapi import document
+    from gateway.config import WEBHOOK_EVENTS
+
+    assert set(document()["webhooks"]) == set(WEBHOOK_EVENTS)
