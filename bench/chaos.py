@@ -12,8 +12,11 @@ every accepted message, stops the daemon with SIGTERM and reads the CRM store.
 
 Scenarios (``--scenario``, default ``kill``; ``all`` runs each in turn):
 
-``kill``            SIGKILL the daemon's process group every `--kill-every` seconds (a random
-                    moment in [0.5, 1.5] times it) and start it again at once
+``kill``            SIGKILL the daemon's process group and start it again at once: first when
+                    `--kill-first` of the messages are accepted (default 10 %), then whenever
+                    `--kill-every` seconds passed or another `--kill-step` of the messages were
+                    accepted, whichever comes first (each a random [0.5, 1.5] times it), so a
+                    fast run gets its kills too
 ``store``           the CRM store is a private PostgreSQL (initdb + pg_ctl on its own port);
                     it is crashed (``pg_ctl stop -m immediate``) `--faults` times under load
                     and started again after `--outage` seconds
@@ -21,16 +24,25 @@ Scenarios (``--scenario``, default ``kill``; ``all`` runs each in turn):
                     random `--reset-rate` of the transactions
 ``full-disk``       the spool (state_dir) is a small tmpfs, filled to the last byte
                     `--faults` times for `--outage` seconds (the client sees 452 4.3.1)
+``webhook``         a webhook receiver (``message.stored``) refuses connections `--faults` times
+                    for `--outage` seconds under load, then comes back: every stored message's
+                    webhook must arrive, exactly once
 ``imap``            no SMTP: the IMAP tailer's initial sync of `--messages` messages from a
                     private Dovecot, SIGKILLed `--faults` times at random moments and restarted
 
 It prints, per scenario: accepted (250s; for ``imap`` the messages in the mailbox),
 delivered (distinct at the sink), duplicated (extra copies at the sink; for ``imap`` extra
 store records), **lost** (accepted and never delivered, or for ``imap`` never stored:
-must be 0), stored (accepted messages with their CRM record) and CRM records missing.
-Exit status 1 when anything accepted was lost or a record is missing.
+must be 0), stored (accepted messages with their CRM record), CRM records missing
+(accepted, no record), **events missing** (delivered messages whose record lacks the
+recipient's ``queued`` event or its ``sent``/``bounced`` one), events duplicated (more
+``sent`` events for the recipient than the record has ``queued`` ones), the faults
+injected and, for ``webhook``, the webhooks received, missing and duplicated; with more
+than one scenario a ``total`` row sums them. Exit status 1 when anything accepted was
+lost, a record, an event or a webhook is missing, a webhook came twice, or a scenario
+that ran injected no fault at all (a warning on stderr says which).
 
-    python3 bench/chaos.py                               # kill: 3000 messages, a kill every 2 s
+    python3 bench/chaos.py                      # kill: 3000 messages; from 10 % on, every 2 s or 10 %
     python3 bench/chaos.py --messages 1000 --kill-every 1 --json
     python3 bench/chaos.py --scenario all --messages 1000
 """
@@ -189,6 +201,7 @@ class Setup:
     name = "?"
     store_url: str | None = None       # None: SQLite in the state_dir
     state_dir: Path | None = None      # None: tmp/state
+    config: dict[str, Any] = {}        # more top-level config keys
     faults = 0
 
     async def prepare(self, tmp: Path, args: argparse.Namespace) -> None: ...
@@ -197,6 +210,9 @@ class Setup:
         """The fault loop; runs until ctx.done is set."""
 
     def close(self) -> None: ...
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class Run:
@@ -226,10 +242,24 @@ class Kill(Setup):
     name = "kill"
 
     async def inject(self, ctx: Run) -> None:
-        while not await ctx.sleep(ctx.args.kill_every * ctx.rng.uniform(0.5, 1.5)):
+        """Kills scheduled by the share of messages accepted (and by time after the first),
+        never by time alone: a run faster than `--kill-every` still gets killed."""
+        n = len(ctx.client.messages)
+        if await ctx.accepted_fraction(ctx.args.kill_first):
+            return
+        while True:
             ctx.daemon.kill()
             self.faults += 1
             await ctx.daemon.start()
+            step = max(1, round(n * ctx.args.kill_step * ctx.rng.uniform(0.5, 1.5)))
+            target = len(ctx.client.accepted) + step
+            until = (time.monotonic() + ctx.args.kill_every * ctx.rng.uniform(0.5, 1.5)
+                     if ctx.args.kill_every > 0 else float("inf"))
+            while len(ctx.client.accepted) < target and time.monotonic() < until:
+                if await ctx.sleep(0.05):
+                    return
+            if ctx.done.is_set():
+                return
 
 
 class StoreCrash(Setup):
@@ -291,12 +321,49 @@ class UpstreamReset(Setup):
     name = "upstream-reset"
 
 
+class WebhookDown(Setup):
+    """A webhook receiver that refuses connections for a while, then comes back."""
+
+    name = "webhook"
+    SECRET = b"chaos-webhook-secret-0123456789"
+
+    async def prepare(self, tmp: Path, args: argparse.Namespace) -> None:
+        from tests.support.receiver import Receiver
+
+        secret = tmp / "webhook.secret"
+        secret.write_bytes(self.SECRET)
+        self.receiver: Any = await Receiver(self.SECRET).start()
+        self.config = {"webhooks": [{"url": self.receiver.url, "secret_file": str(secret),
+                                     "events": ["message.stored"], "timeout": "5s",
+                                     "retry_initial": "1s", "retry_max": "2s"}]}
+
+    async def inject(self, ctx: Run) -> None:
+        for k in range(ctx.args.faults):
+            if await ctx.accepted_fraction((k + 1) / (ctx.args.faults + 2)):
+                return
+            await self.receiver.stop()          # connection refused from now on
+            self.faults += 1
+            await ctx.sleep(ctx.args.outage)
+            await self.receiver.start()         # the same port again
+
+    def counts(self) -> tuple[set[str], int]:
+        """Message-IDs announced by a processed ``message.stored``, and the extra
+        deliveries of an id already processed (a 2xx for a delivery seen before)."""
+        mids = {str(p["data"]["message"]["message_id"]) for p in self.receiver.processed.values()}
+        ok = Counter(a.delivery for a in self.receiver.attempts if a.status == 200 and a.signed_ok)
+        return mids, sum(c - 1 for c in ok.values())
+
+    async def aclose(self) -> None:
+        if hasattr(self, "receiver"):
+            await self.receiver.stop()
+
+
 class Skip(Exception):
     """The scenario cannot run on this machine (said why)."""
 
 
 SETUPS: dict[str, type[Setup]] = {"kill": Kill, "store": StoreCrash, "upstream-reset": UpstreamReset,
-                                  "full-disk": FullDisk}
+                                  "full-disk": FullDisk, "webhook": WebhookDown}
 SCENARIOS = [*SETUPS, "imap"]
 
 
@@ -308,6 +375,7 @@ def _edit_config(cfg: Path, setup: Setup, retry: bool) -> None:
         data["store"] = {"url": setup.store_url}
     if setup.state_dir:
         data["state_dir"] = str(setup.state_dir)
+    data.update(setup.config)
     if retry:   # the reset scenario retries at once rather than on the default schedule
         data.setdefault("delivery", {})["retry"] = {"schedule": ["1s"], "give_up_after": "1h"}
     cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -341,6 +409,12 @@ async def run_smtp(name: str, args: argparse.Namespace) -> dict[str, Any]:
             st = sink.stats(run_id)
             return int(st["count"]), int(st["dups"])
 
+        def delivered_numbers() -> set[int]:
+            """The message numbers the upstream received (the index in the Message-ID)."""
+            if resetting is not None:
+                return {n for mid in resetting.received if (n := _number(mid, run_id)) is not None}
+            return {int(i) for i in sink.stats(run_id, seen=True)["seen"]}
+
         port = rb.free_port()
         cfg = rb.gateway_config(tmp, port, upstream_port, hash_password(rb.PASSWORD), False, 20)
         _edit_config(cfg, setup, retry=resetting is not None)
@@ -356,10 +430,23 @@ async def run_smtp(name: str, args: argparse.Namespace) -> dict[str, Any]:
         send_seconds = time.monotonic() - started
         await poll(lambda: delivered()[0] >= len(client.accepted), args.deadline, 0.5)
         count, dups = delivered()
+        numbers = delivered_numbers()
+        url = setup.store_url or "sqlite+aiosqlite:///" + str(tmp / "state" / "crm.db")
+        hooks: dict[str, Any] = {}
+        if isinstance(setup, WebhookDown):
+            # every stored message's webhook, once the receiver is back (retry_max 2 s)
+            async def announced() -> bool:
+                mids = (await _records(url, run_id))[1]
+                return mids <= setup.counts()[0]
+            await poll(announced, args.deadline, 0.5)
         await asyncio.sleep(1.0)   # let the store writer finish before the orderly stop
         exit_code = daemon.stop()
-        stored = await _stored(setup.store_url or "sqlite+aiosqlite:///"
-                               + str(tmp / "state" / "crm.db"), run_id)
+        records = await _records(url, run_id)
+        stored, events_missing, events_dup = _event_counts(records[0], numbers)
+        if isinstance(setup, WebhookDown):
+            got, extra = setup.counts()
+            hooks = {"webhooks": len(got & records[1]),
+                     "webhooks_missing": len(records[1] - got), "webhooks_duplicated": extra}
     except Skip as exc:
         return {"scenario": name, "skipped": str(exc)}
     finally:
@@ -369,12 +456,13 @@ async def run_smtp(name: str, args: argparse.Namespace) -> dict[str, Any]:
             sink.close()
         if resetting is not None:
             await resetting.stop()
-        setup.close()
+        await setup.aclose()
     accepted = len(client.accepted)
     out: dict[str, Any] = {
         "scenario": name, "messages": args.messages, "accepted": accepted,
         "delivered": count, "duplicated": dups, "lost": accepted - min(count, accepted),
         "stored": stored, "crm_records_missing": max(0, accepted - stored),
+        "events_missing": events_missing, "events_duplicated": events_dup, **hooks,
         "faults": setup.faults if resetting is None else resetting.resets,
         "attempts": client.attempts, "send_seconds": round(send_seconds, 1),
         "resent": client.resent,
@@ -384,23 +472,61 @@ async def run_smtp(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def _stored(url: str, run_id: str) -> int:
-    """Distinct benchmark messages with a relay record in the CRM store."""
+def _number(message_id: str, run_id: str) -> int | None:
+    """The message number in a benchmark Message-ID ``<bench.RUN.N.HEX@...>``."""
+    prefix = f"<bench.{run_id}."
+    if not message_id.startswith(prefix):
+        return None
+    head = message_id[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+Records = dict[int, Counter[str]]
+"""Per message number with a relay record: how many ``queued``, ``sent`` and ``bounced``
+events its record has for the benchmark's envelope recipient (key ``type``)."""
+
+
+async def _records(url: str, run_id: str) -> tuple[Records, set[str]]:
+    """The benchmark messages with a relay record in the CRM store and their delivery
+    events for the recipient, and their Message-IDs."""
     import sqlalchemy as sa
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(url)
+    out: Records = {}
+    mids: set[str] = set()
     try:
         async with engine.connect() as conn:
-            row = (await conn.execute(sa.text(
-                "SELECT count(DISTINCT m.id) FROM messages m JOIN message_sources s "
-                "ON s.message_pk = m.id WHERE s.source = 'relay' AND m.message_id LIKE :p"),
-                {"p": f"<bench.{run_id}.%"})).one()
-            return int(row[0])
+            rows = (await conn.execute(sa.text(
+                "SELECT m.message_id, e.type, e.recipient FROM messages m "
+                "LEFT JOIN events e ON e.message_pk = m.id "
+                "AND e.type IN ('queued', 'sent', 'bounced') "
+                "WHERE m.message_id LIKE :p AND EXISTS (SELECT 1 FROM message_sources s "
+                "WHERE s.message_pk = m.id AND s.source = 'relay')"),
+                {"p": f"<bench.{run_id}.%"})).all()
     except (sa.exc.SQLAlchemyError, OSError):
-        return 0
+        return out, mids
     finally:
         await engine.dispose()
+    for mid, kind, rcpt in rows:
+        n = _number(mid, run_id)
+        if n is None:
+            continue
+        mids.add(mid)
+        counts = out.setdefault(n, Counter())
+        if kind is not None and (rcpt or "").lower() == rb.RCPT:
+            counts[kind] += 1
+    return out, mids
+
+
+def _event_counts(records: Records, delivered: set[int]) -> tuple[int, int, int]:
+    """Records stored; delivered messages whose record lacks the recipient's ``queued`` or
+    both its ``sent`` and ``bounced`` events (events missing); records with more ``sent``
+    events than ``queued`` ones (events duplicated: one per copy the client sent)."""
+    missing = sum(1 for n in delivered if n in records
+                  and (not records[n]["queued"] or not (records[n]["sent"] or records[n]["bounced"])))
+    duplicated = sum(1 for c in records.values() if c["sent"] > max(1, c["queued"]))
+    return len(records), missing, duplicated
 
 
 async def run_imap(args: argparse.Namespace) -> dict[str, Any]:
@@ -477,8 +603,25 @@ async def run_imap(args: argparse.Namespace) -> dict[str, Any]:
     stored = len(got & set(mids))
     return {"scenario": "imap", "messages": n, "accepted": n, "delivered": None,
             "duplicated": (rows - len(got)) + (sightings - len(got)), "lost": n - stored,
-            "stored": stored, "crm_records_missing": n - stored, "faults": kills,
+            "stored": stored, "crm_records_missing": n - stored, "events_missing": None,
+            "events_duplicated": None, "faults": kills,
             "sync_seconds": round(seconds, 1), "temp": str(tmp)}
+
+
+#: a non-zero count of any of these fails the run
+FAILING = ("lost", "crm_records_missing", "events_missing", "webhooks_missing",
+           "webhooks_duplicated")
+#: summed over the scenarios that ran in the ``total`` row
+SUMMED = ("accepted", "delivered", "duplicated", "lost", "stored", "crm_records_missing",
+          "events_missing", "events_duplicated", "webhooks", "webhooks_missing",
+          "webhooks_duplicated", "faults")
+
+
+def total(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``total`` row: each count summed over the scenarios that ran (None: not counted)."""
+    ran = [r for r in results if "skipped" not in r]
+    return {"scenario": "total", "ran": len(ran), "skipped": len(results) - len(ran),
+            **{k: sum(int(r.get(k) or 0) for r in ran) for k in SUMMED}}
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -496,11 +639,16 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--kill-every", type=float, default=2.0, help="kill: seconds between kills (mean)")
+    ap.add_argument("--kill-first", type=float, default=0.1,
+                    help="kill: the first kill once this share of the messages is accepted")
+    ap.add_argument("--kill-every", type=float, default=2.0,
+                    help="kill: then a kill after this many seconds (mean; 0: by share only) ...")
+    ap.add_argument("--kill-step", type=float, default=0.1,
+                    help="kill: ... or once another this share of the messages is accepted (mean)")
     ap.add_argument("--faults", type=int, default=3,
-                    help="store, full-disk, imap: how many times the fault is injected")
+                    help="store, full-disk, webhook, imap: how many times the fault is injected")
     ap.add_argument("--outage", type=float, default=2.0,
-                    help="store, full-disk, imap: seconds each fault lasts")
+                    help="store, full-disk, webhook, imap: seconds each fault lasts")
     ap.add_argument("--reset-rate", type=float, default=0.3,
                     help="upstream-reset: share of DATA transactions cut")
     ap.add_argument("--deadline", type=float, default=120.0,
@@ -511,6 +659,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.messages < 1 or args.faults < 0 or not 0 <= args.reset_rate < 1:
         ap.error("--messages must be at least 1, --faults at least 0, --reset-rate in [0, 1)")
+    if not 0 < args.kill_first < 1 or not 0 < args.kill_step <= 1 or args.kill_every < 0:
+        ap.error("--kill-first must be in (0, 1), --kill-step in (0, 1], --kill-every at least 0")
     results = asyncio.run(run(args))
     bad = False
     for r in results:
@@ -518,7 +668,13 @@ def main() -> int:
             import shutil
 
             shutil.rmtree(r.pop("temp"), ignore_errors=True)
-        bad = bad or bool(r.get("lost")) or bool(r.get("crm_records_missing"))
+        bad = bad or any(bool(r.get(k)) for k in FAILING)
+        if "skipped" not in r and not r.get("faults"):
+            print(f"chaos: WARNING: scenario {r['scenario']} injected no fault: it proves nothing",
+                  file=sys.stderr)
+            bad = True
+    if len(results) > 1:
+        results.append(total(results))
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     else:

@@ -478,10 +478,12 @@ class _SinkCounter:
         self.record(envelope.content)
         return "250 2.0.0 OK"
 
-    def stats(self, run: str, times: bool) -> dict[str, Any]:
+    def stats(self, run: str, times: bool, seen: bool = False) -> dict[str, Any]:
         r = self.runs.get(run)
         out: dict[str, Any] = {"count": 0, "dups": 0, "bytes": 0, "other": self.other,
                                "total": self.total}
+        if seen:
+            out["seen"] = sorted(r["seen"]) if r is not None else []
         if r is not None:
             out.update(count=len(r["seen"]), dups=r["dups"], bytes=r["bytes"])
             if times:
@@ -579,7 +581,7 @@ async def _sink_serve(conn: Connection, kind: str) -> None:
             stop.set()
             return
         if cmd[0] == "stats":
-            conn.send(counter.stats(cmd[1], cmd[2]))
+            conn.send(counter.stats(cmd[1], cmd[2], *cmd[3:]))
         else:
             stop.set()
 
@@ -620,8 +622,9 @@ class Sink:
         assert what == "port"
         self.port = int(port)
 
-    def stats(self, run: str, times: bool = False) -> dict[str, Any]:
-        self._conn.send(("stats", run, times))
+    def stats(self, run: str, times: bool = False, seen: bool = False) -> dict[str, Any]:
+        """Counts for `run`; `times`: arrival times too, `seen`: the message numbers delivered."""
+        self._conn.send(("stats", run, times, seen))
         if not self._conn.poll(10.0):
             raise RuntimeError("the sink stopped answering")
         result: dict[str, Any] = self._conn.recv()

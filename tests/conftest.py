@@ -16,6 +16,7 @@ session of its own, with its own databases.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import io
 import os
 import random
@@ -25,7 +26,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -51,6 +52,19 @@ def require(condition: bool, what: str) -> None:
     if in_ci():
         pytest.fail(f"{what} is required in CI (CI=true) but is missing")
     pytest.skip(f"{what} not available")
+
+
+def require_module(name: str, what: str | None = None) -> Any:
+    """`import name`, usable at module level: a missing package (a test extra) skips the
+    module on a developer machine and fails it when CI=true (pytest.importorskip would
+    skip it there too, and a fuzz target that never runs guards nothing)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        why = f"the {name} package ({what or 'pip install -e .[test]'}): {exc}"
+        if in_ci():
+            pytest.fail(f"{why} is required in CI (CI=true) but is missing", pytrace=False)
+        pytest.skip(f"{why} not available", allow_module_level=True)
 
 
 def require_tool(name: str) -> str:

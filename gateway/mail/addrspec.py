@@ -7,7 +7,15 @@ edge must read it the same way, byte for byte (see `gateway.smtp.protocol`). Whe
 Python release changes either function, ``tests/unit/test_addrspec.py`` says which.
 
 What the parser refuses (a ``HeaderParseError``) comes back as None. Anything else it
-raises on hostile input is passed on unchanged, as aiosmtpd passes it on.
+raises on hostile input is passed on unchanged, as aiosmtpd passes it on: ``IndexError``
+(the empty text), ``AttributeError`` (an address literal cut by a line break) and
+``RecursionError`` (comments nested a few hundred deep); nothing else (the fuzz test in
+``tests/unit/test_addrspec.py`` holds it to that).
+
+The stdlib's parser is quadratic in runs of quoted strings and comments (40 KB of
+``"a"`` take seconds): a text longer than :data:`MAX_TEXT` is refused (None) unread.
+aiosmtpd never hands a longer command argument on (its command lines end at 512 octets
+plus the extensions' allowances), so an SMTP session reads the same either way.
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ from __future__ import annotations
 from email import _header_value_parser as _hvp
 from email.errors import HeaderParseError
 
-__all__ = ["addr_spec", "angle_addr", "smtp_path"]
+__all__ = ["MAX_TEXT", "addr_spec", "angle_addr", "smtp_path"]
+
+#: characters: a longer text is not an SMTP path (RFC 5321 4.5.3.1.3: 256 octets) and is
+#: refused before the parser, whose cost grows with the square of it, sees it
+MAX_TEXT = 4096
 
 
 def angle_addr(text: str) -> tuple[str, str] | None:
@@ -24,6 +36,8 @@ def angle_addr(text: str) -> tuple[str, str] | None:
 
     As the stdlib reads it: a source route is dropped (``<@r:a@x>`` -> ``a@x``), quotes
     are kept (``<"q u"@x>`` -> ``"q u"@x``) and the null path ``<>`` stays ``<>``."""
+    if len(text) > MAX_TEXT:
+        return None
     try:
         token, rest = _hvp.get_angle_addr(text)
     except HeaderParseError:
@@ -34,6 +48,8 @@ def angle_addr(text: str) -> tuple[str, str] | None:
 def addr_spec(text: str) -> tuple[str, str] | None:
     """``'a@b.example SIZE=10'`` -> ``('a@b.example', 'SIZE=10')``: a bare addr-spec and
     the text after it; None when `text` does not start with one."""
+    if len(text) > MAX_TEXT:
+        return None
     try:
         token, rest = _hvp.get_addr_spec(text)
     except HeaderParseError:

@@ -103,8 +103,12 @@ def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | 
 class Daemon:
     """`python -m gateway run -c PATH` as a real subprocess."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None, *,
+                 group: bool = False) -> None:
+        """`group`: the daemon leads a process group of its own (its workers in it), so
+        `kill9_group` kills all of it at once as a crash or an OOM kill of the service would."""
         self.config_path = config_path
+        self.group = group
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config_path.parent / "daemon.log"
@@ -122,7 +126,7 @@ class Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's life
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=self.group)
         log.close()
         try:
             wait_port(self.port, proc=self.proc)
@@ -140,6 +144,13 @@ class Daemon:
     def kill9(self) -> None:
         self.signal(signal.SIGKILL)
         assert self.proc is not None
+        self.proc.wait(10)
+
+    def kill9_group(self) -> None:
+        """SIGKILL to the daemon's whole process group (the supervisor and every worker)."""
+        assert self.proc is not None and self.group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self, timeout: float = 15.0) -> int:

@@ -26,11 +26,11 @@ from gateway.crm.store import Store
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.records import AcceptedMessage, EventRecord, NewMessage, SourceRef
-from tests.conftest import free_port
+from tests.conftest import free_port, require_module
 from tests.integration.harness import running_app, wait_until, write_config
 from tests.support.receiver import Receiver
 
-jsonschema = pytest.importorskip("jsonschema")
+jsonschema = require_module("jsonschema")
 pytestmark = pytest.mark.integration
 
 TOKEN = "tok-0123456789abcdef"

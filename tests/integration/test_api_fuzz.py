@@ -31,9 +31,10 @@ from gateway.crm.suppression import SuppressionList
 from gateway.mail.parse import parse_message
 from gateway.metrics import Metrics
 from gateway.records import AcceptedMessage, fill_from_parsed
+from tests.conftest import require_module
 
-schemathesis = pytest.importorskip("schemathesis")
-hypothesis = pytest.importorskip("hypothesis")
+schemathesis = require_module("schemathesis")
+hypothesis = require_module("hypothesis")
 pytestmark = pytest.mark.integration
 
 TOKEN = "fuzz-token-0123456789"
@@ -114,7 +115,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[Any]:
-    requests = pytest.importorskip("requests")
+    requests = require_module("requests", "schemathesis depends on it")
     with requests.Session() as s:
         yield s
 

@@ -1,13 +1,19 @@
-"""`mailgw run` as a real process: kill -9 safety, SIGTERM, SIGHUP, sd_notify, queue commands."""
+"""`mailgw run` as a real process: kill -9 safety (one kill under load, and kills at seeded
+random moments), SIGTERM, SIGHUP, sd_notify, queue commands."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import signal
 import smtplib
 import socket
+import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +98,160 @@ def test_kill_9_loses_no_accepted_message(tmp_path: Path, sink: Sink, workers: i
               f"duplicates: {dups}")
     finally:
         assert daemon.stop() == 0
+
+
+# --- kill -9 at random moments ---------------------------------------------------------
+
+#: messages the run gets accepted in all; the daemon's whole process group is SIGKILLed
+#: KILLS times, at accepted counts drawn by a seeded random choice (never by sleeping)
+KILL_MESSAGES = 90
+KILLS = 3
+KILL_SEED = 9
+
+
+@dataclass
+class KillRun:
+    """What one run of `_kill_run` saw (tags are the Message-IDs' local parts)."""
+
+    kills: list[int]            # the accepted counts at which the daemon was killed
+    accepted: set[str]          # got a 250
+    delivered: Counter[str]     # copies received by the sink
+    records: set[str]           # have a relay record in the CRM store
+    sent: Counter[str]          # `sent` events for the recipient
+    exit_code: int              # of the last daemon, on SIGTERM
+
+
+class KillingSink(Sink):
+    """A sink that, once armed, runs its `kill` at the next delivery it receives: the copy
+    before it had its 250 read by the gateway a moment ago, so its `sent` event is in
+    the store writer's batch window (a random moment that a crash can really meet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kill: Any = None
+        self.killed = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        kill, self.kill = self.kill, None
+        if kill is not None:
+            kill()
+            self.killed.set()
+        return reply
+
+
+def _tag(data: bytes) -> str:
+    return data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+
+
+def _kill_run(tmp_path: Path, workers: int) -> KillRun:
+    sink = KillingSink()
+    sink.start()
+    try:
+        cfg = write_config(tmp_path, upstream_port=sink.port, logging={"level": "warning"},
+                           workers=workers)
+        daemon = Daemon(cfg, group=True).start()
+        rng = random.Random(KILL_SEED * 10 + workers)
+        kills = sorted(rng.sample(range(5, KILL_MESSAGES - 10), KILLS))
+        accepted: list[str] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        up = threading.Event()      # the daemon listens (cleared before each kill)
+        up.set()
+        numbers = itertools.count()
+
+        def client() -> None:
+            """Sends new messages until told to stop; after a broken session it waits
+            until the daemon is up again. A message is never sent twice."""
+            while not stop.is_set():
+                try:
+                    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as c:
+                        c.login(USER, PASSWORD)
+                        while not stop.is_set():
+                            tag = f"random-kill-{workers}-{next(numbers)}"
+                            c.mail(USER)
+                            c.rcpt("bob@example.net")
+                            code, _ = c.data(message(tag))
+                            if code == 250:
+                                with lock:
+                                    accepted.append(tag)
+                except (smtplib.SMTPException, OSError):
+                    up.wait(60)     # killed under us: on again once restarted
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for at in kills:
+                wait_for_sync(lambda at=at: len(accepted) >= at, 60,  # type: ignore[misc]
+                              f"{at} accepted messages")
+                up.clear()
+                sink.killed.clear()
+                sink.kill = daemon.kill9_group     # at the next delivery
+                wait_for_sync(sink.killed.is_set, 60, f"the kill after {at} accepted")
+                daemon.start()      # recovery, then delivery of what was queued
+                up.set()
+            wait_for_sync(lambda: len(accepted) >= KILL_MESSAGES, 60,
+                          f"{KILL_MESSAGES} accepted messages")
+        finally:
+            stop.set()
+            up.set()
+            for t in threads:
+                t.join(30)
+        got_250 = set(accepted)
+        try:
+            wait_for_sync(lambda: got_250 <= {_tag(d) for _, _, d in list(sink.received)}, 60,
+                          "every message that got a 250 to be delivered")
+        finally:
+            exit_code = daemon.stop()     # SIGTERM: the store writer drains, then the files are final
+        delivered = Counter(_tag(d) for _, _, d in list(sink.received))
+    finally:
+        sink.stop()
+    with sqlite3.connect(tmp_path / "state" / "crm.db") as db:
+        records = {str(mid)[1:].split("@", 1)[0] for (mid,) in db.execute(
+            "SELECT m.message_id FROM messages m WHERE EXISTS (SELECT 1 FROM message_sources s "
+            "WHERE s.message_pk = m.id AND s.source = 'relay')")}
+        sent = Counter(str(mid)[1:].split("@", 1)[0] for (mid,) in db.execute(
+            "SELECT m.message_id FROM events e JOIN messages m ON m.id = e.message_pk "
+            "WHERE e.type = 'sent' AND lower(e.recipient) = 'bob@example.net'"))
+    return KillRun(kills=kills, accepted=got_250, delivered=delivered, records=records,
+                   sent=sent, exit_code=exit_code)
+
+
+@pytest.fixture(scope="module")
+def kill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, KillRun]:
+    """One run per `workers` value, shared by the tests that read it."""
+    return {}
+
+
+def kill_run(runs: dict[int, KillRun], factory: pytest.TempPathFactory, workers: int) -> KillRun:
+    if workers not in runs:
+        runs[workers] = _kill_run(factory.mktemp(f"random-kill-{workers}"), workers)
+    return runs[workers]
+
+
+def test_kill_9_at_random_moments_loses_no_accepted_message_or_record(
+        kill_runs: dict[int, KillRun], tmp_path_factory: pytest.TempPathFactory,
+        workers: int) -> None:
+    run = kill_run(kill_runs, tmp_path_factory, workers)
+    assert len(run.kills) == KILLS and len(run.accepted) >= KILL_MESSAGES
+    assert run.accepted <= set(run.delivered), "accepted, never delivered"
+    assert not run.accepted - run.records, f"no CRM record: {sorted(run.accepted - run.records)}"
+    dups = sum(run.delivered.values()) - len(run.delivered)
+    assert dups <= 10 * KILLS, f"{dups} duplicates"
+    assert run.exit_code == 0
+
+
+@pytest.mark.xfail(strict=True, reason="a kill -9 inside the store writer's batch window loses "
+                   "the `sent` events of copies just delivered (issue 12 items 6 and 9; "
+                   "bench/chaos.py counts them as events_missing); being fixed in "
+                   "gateway/crm/writer.py and gateway/delivery")
+def test_kill_9_at_random_moments_keeps_one_sent_event_per_delivered_recipient(
+        kill_runs: dict[int, KillRun], tmp_path_factory: pytest.TempPathFactory,
+        workers: int) -> None:
+    run = kill_run(kill_runs, tmp_path_factory, workers)
+    wrong = {t: run.sent[t] for t in run.delivered if run.sent[t] != 1}
+    assert not wrong, f"{len(wrong)} of {len(run.delivered)} delivered: sent events {wrong}"
 
 
 def test_sigterm_drains_and_exits_0(tmp_path: Path, sink: Sink, workers: int) -> None:

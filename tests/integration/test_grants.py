@@ -36,10 +36,10 @@ from gateway.accounts.grants import (
 from gateway.errors import AccountAuthError, AccountTimeout, AccountUnavailable
 from gateway.oauth import pkce
 from gateway.oauth.providers import OAuthClient, OAuthProvider
-from tests.conftest import free_port
+from tests.conftest import free_port, require_module
 from tests.support.oauth_server import CLIENT_ASSERTION_TYPE, TokenServer
 
-jwt = pytest.importorskip("jwt")
+jwt = require_module("jwt", "PyJWT[crypto]")
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,10 @@
 """The production install of README "Running under systemd", done in a temporary root:
 a venv at /opt/mailgw with the package, the files the package ships, sysusers and
-tmpfiles, `systemd-analyze verify` on the unit and `mailgw check` on the shipped config."""
+tmpfiles, `systemd-analyze verify` on the unit and `mailgw check` on the shipped config,
+run as the README runs it: `runuser -u mailgw` (as root, with util-linux's runuser and
+unshare: the mailgw user sysusers made in the temporary root is shown to runuser through a
+private mount namespace whose /etc/passwd and /etc/group add it to the host's, so the host
+gets no user)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import site
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,8 +58,49 @@ def test_unit_names_the_documented_paths() -> None:
         assert step in readme, step
 
 
+@pytest.fixture
+def install_root() -> Iterator[Path]:
+    """An empty directory the mailgw user can reach (pytest's tmp_path is 0700 root's)."""
+    root = Path(tempfile.mkdtemp(prefix="mailgw-install-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def with_user(etc: Path, name: str, out: Path) -> None:
+    """/etc/passwd and /etc/group of the host plus `name`'s lines from the root's `etc`,
+    written under `out` (for the private mount namespace of `as_mailgw`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for db in ("passwd", "group"):
+        ours = [line for line in (etc / db).read_text().splitlines()
+                if line.startswith(f"{name}:")]
+        host = [line for line in Path(f"/etc/{db}").read_text().splitlines()
+                if not line.startswith(f"{name}:")]
+        assert ours, f"no {name} in the root's {db}"
+        (out / db).write_text("\n".join([*host, *ours]) + "\n")
+
+
+def others_reach(path: Path) -> bool:
+    """Whether a user other than root can reach `path` (every directory above it searchable)."""
+    path = path.resolve()
+    return all(stat.S_IMODE(d.stat().st_mode) & stat.S_IXOTH for d in path.parents)
+
+
+def as_mailgw(databases: Path, *cmd: str | Path) -> subprocess.CompletedProcess[str]:
+    """`runuser -u mailgw -- CMD` (README), with `databases`' passwd and group bind-mounted
+    over the host's in a mount namespace of its own (the host's files stay as they are)."""
+    runuser, unshare = shutil.which("runuser"), shutil.which("unshare")
+    assert runuser and unshare
+    script = ('mount --bind "$1/passwd" /etc/passwd && mount --bind "$1/group" /etc/group '
+              '&& shift && exec "$@"')
+    return run(unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+               databases, runuser, "-u", "mailgw", "--", *cmd)
+
+
 @pytest.mark.integration
-def test_install_into_a_root_passes_verify_and_check(tmp_path: Path) -> None:
+def test_install_into_a_root_passes_verify_and_check(tmp_path: Path, install_root: Path) -> None:
     analyze = require_tool("systemd-analyze")
     sysusers = require_tool("systemd-sysusers")
     tmpfiles = require_tool("systemd-tmpfiles")
@@ -61,7 +108,7 @@ def test_install_into_a_root_passes_verify_and_check(tmp_path: Path) -> None:
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "var", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".venv", "tests",
         "bench"))
-    root = tmp_path / "root"
+    root = install_root
     venv = root / VENV.lstrip("/")
     run(sys.executable, "-m", "venv", venv)
     # The host's site-packages stand in for the dependencies the README's pip would fetch:
@@ -84,11 +131,17 @@ def test_install_into_a_root_passes_verify_and_check(tmp_path: Path) -> None:
     shutil.copy(share / "systemd/mailgw.service", etc / "systemd/system/mailgw.service")
     shutil.copy(share / "systemd/mailgw.sysusers", etc / "sysusers.d/mailgw.conf")
     shutil.copy(share / "systemd/mailgw.tmpfiles", etc / "tmpfiles.d/mailgw.conf")
-    shutil.copy(share / "systemd/gateway.yaml", etc / "mailgw/gateway.yaml")
-    if os.geteuid() == 0:   # sysusers and tmpfiles chown: only root can
+    config = etc / "mailgw/gateway.yaml"
+    shutil.copy(share / "systemd/gateway.yaml", config)
+    config.chmod(0o640)
+    as_root = os.geteuid() == 0
+    if as_root:   # sysusers and tmpfiles chown: only root can
         run(sysusers, f"--root={root}", etc / "sysusers.d/mailgw.conf")
         passwd = (etc / "passwd").read_text()
         uid = int(re.search(r"^mailgw:x:(\d+):", passwd, re.M).group(1))  # type: ignore[union-attr]
+        gid = int(re.search(r"^mailgw:x:(\d+):", (etc / "group").read_text(),
+                            re.M).group(1))  # type: ignore[union-attr]
+        os.chown(config, 0, gid)    # install -m 0640 -g mailgw
         run(tmpfiles, f"--root={root}", "--create", etc / "tmpfiles.d/mailgw.conf")
         state = root / "var/lib/mailgw"
         assert stat.S_IMODE(state.stat().st_mode) == 0o750 and state.stat().st_uid == uid
@@ -104,6 +157,21 @@ def test_install_into_a_root_passes_verify_and_check(tmp_path: Path) -> None:
     out = run(analyze, "verify", f"--root={root}", "--man=no", "--generators=no", "mailgw.service")
     assert "mailgw.service" not in out.stderr, out.stderr   # no complaint about our unit
 
-    # the installed mailgw accepts the shipped production config as it is
-    check = run(venv / "bin/mailgw", "check", "-c", etc / "mailgw/gateway.yaml")
+    # the installed mailgw accepts the shipped production config as it is, run as the README
+    # runs it: as the mailgw user (it reads the 0640 root:mailgw config, runs the venv)
+    # (the venv's python must be reachable for that: Debian's /usr/bin/python3 is; a test
+    # interpreter under /root, e.g. pyenv's, is not, and then check runs as root)
+    if as_root and shutil.which("runuser") and shutil.which("unshare"):
+        with_user(etc, "mailgw", tmp_path / "nss")
+        who = as_mailgw(tmp_path / "nss", "id", "-un")
+        assert who.stdout.strip() == "mailgw"
+        as_mailgw(tmp_path / "nss", "head", "-c", "1", config)   # 0640 root:mailgw: readable
+        reachable = all(others_reach(Path(p)) for p in
+                        [sys.executable, *site.getsitepackages()] if Path(p).exists())
+        if reachable:
+            check = as_mailgw(tmp_path / "nss", venv / "bin/mailgw", "check", "-c", config)
+        else:
+            check = run(venv / "bin/mailgw", "check", "-c", config)
+    else:   # not root: nobody to switch to; the README's command minus runuser
+        check = run(venv / "bin/mailgw", "check", "-c", config)
     assert "OK" in check.stdout

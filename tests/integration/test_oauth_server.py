@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import aiohttp
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_module, require_tool
 from tests.support.dovecot import Dovecot
 from tests.support.oauth_server import (
     CLIENT_ASSERTION_TYPE,
@@ -32,7 +32,7 @@ from tests.support.oauth_server import (
     s256,
 )
 
-jwt = pytest.importorskip("jwt", reason="PyJWT[crypto] is needed for the OpenID parts of the test server")
+jwt = require_module("jwt", "PyJWT[crypto], for the OpenID parts of the test server")
 
 pytestmark = pytest.mark.integration
 

@@ -22,13 +22,13 @@ from gateway.app import App
 from gateway.crm.migrate import upgrade
 from gateway.crm.reports import engagement
 from gateway.crm.store import Store
-from tests.conftest import free_port
+from tests.conftest import free_port, require_module
 from tests.integration.harness import PASSWORD, USER, running_app, wait_until, write_config
 from tests.support.receiver import Receiver
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.integration
-jsonschema = pytest.importorskip("jsonschema")
+jsonschema = require_module("jsonschema")
 TOKEN = "tok-summary-0123456789"
 HOOK_SECRET = b"hook-secret"
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -20,8 +20,9 @@ from gateway.errors import ConfigError, Problem
 from gateway.keys import dkim as dkimkeys
 from gateway.pipeline import dkim as ours
 from gateway.pipeline.dkim import Signer, SigningError, SigningKey, header_list, parse, relaxed_body
+from tests.conftest import require_module
 
-pytest.importorskip("nacl", reason="dkimpy verifies ed25519 with PyNaCl (test extra)")
+require_module("nacl", "PyNaCl: dkimpy verifies ed25519 with it (test extra)")
 
 #: A 512-bit RSA key (PKCS#1) for the "too short" check; cryptography refuses to make one.
 SHORT_RSA = b"""-----BEGIN RSA PRIVATE KEY-----

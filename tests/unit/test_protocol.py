@@ -1,10 +1,12 @@
 """Enhanced status codes on aiosmtpd's replies; the AUTH limiter; DATA read in bulk as aiosmtpd reads it."""
 
 import asyncio
+from datetime import timedelta
+from email import _header_value_parser  # noqa: F401 - imported before the first timed example
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.smtp.protocol import (
@@ -110,11 +112,17 @@ async def run_reader(fn: Any, stream: bytes, chunks: list[int], size_limit: int 
     return verdict, content, rest
 
 
+#: every generated input of these parsers of client bytes gets a time budget, as in
+#: tests/unit/test_mail_hostile.py: far above what one takes (well under 10 ms), far below
+#: a quadratic blow-up
+DEADLINE = timedelta(milliseconds=500)
+SLOW_OK = [HealthCheck.too_slow]
+
 _PIECES = st.sampled_from([b"a", b"bc", b".", b"..", b"\r\n", b"\r", b"\n", b" ", b"x" * 7,
                            b"\r\n.", b".\r\n", b"\r\n.\r\n", b"y" * 19, b"z" * 30])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=DEADLINE, suppress_health_check=SLOW_OK)
 @given(body=st.lists(_PIECES, max_size=40).map(b"".join),
        trailer=st.sampled_from([b"", b"QUIT\r\n", b"MAIL FROM:<a@b>\r\n", b".\r\n"]),
        chunks=st.lists(st.integers(1, 40), max_size=8),
@@ -157,7 +165,7 @@ def test_data_verdict_order() -> None:
     assert data_verdict(b"a" * 1000 + b"\r\n", None, 1001) == DATA_TOO_LONG
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=DEADLINE, suppress_health_check=SLOW_OK)
 @given(raw=st.lists(st.sampled_from([b"a", b"bb", b"\r\n", b"\r", b"\n"]), max_size=60)
        .map(b"".join), most=st.integers(0, 30))
 def test_lines_within(raw: bytes, most: int) -> None:
@@ -208,7 +216,7 @@ def outcome(fn: Any, arg: str) -> object:
         return type(exc)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1500, deadline=DEADLINE, suppress_health_check=SLOW_OK)
 @given(arg=st.lists(_ADDR_CHARS, max_size=12).map("".join))
 def test_getaddr_matches_aiosmtpd(gateway_smtp: Any, arg: str) -> None:
     assert outcome(gateway_smtp._getaddr, arg) == outcome(reference_getaddr, arg)
@@ -227,7 +235,7 @@ _AFTER = st.sampled_from(["", " ", "\t", " SIZE=100", "  BODY=8BITMIME SMTPUTF8"
                           ">", "(c)", " <"])
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1500, deadline=DEADLINE, suppress_health_check=SLOW_OK)
 @given(local=_ATOM, domain=st.lists(_LABEL, min_size=1, max_size=3).map(".".join), after=_AFTER,
        before=st.sampled_from(["", " "]))
 def test_getaddr_matches_aiosmtpd_on_plain_paths(gateway_smtp: Any, local: str, domain: str,

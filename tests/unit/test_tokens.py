@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.ids import new_queue_id
@@ -54,7 +56,10 @@ def test_bad_queue_id_and_short_key() -> None:
         TokenSigner([b"short"])
 
 
-@settings(max_examples=300, deadline=None)
+#: tokens come from anyone's mail client: each generated one gets a time budget (as in
+#: tests/unit/test_mail_hostile.py), far above the microseconds a verify takes
+@settings(max_examples=300, deadline=timedelta(milliseconds=500),
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["open", "click", "honeypot"]), st.integers(0, 65535),
        st.text(max_size=60), st.integers(0, 3), st.data())
 def test_a_token_has_exactly_one_accepted_spelling(kind: str, link: int, url: str, side: int,
@@ -97,3 +102,26 @@ def test_non_ascii_and_oversized_tokens_are_refused() -> None:
     assert s.verify(tok[:3] + "\u00e9" + tok[3:]) is None
     assert s.verify(tok + "." + tok) is None
     assert s.verify("." + tok) is None
+
+
+# --- hostile tokens: anyone can request /o/<token> and /c/<token> ---------------------
+
+_TOKEN_CHARS = st.sampled_from([*"Aa0_-.=%+/ ", "é", "\x00", "AAAA", "."])
+
+
+@settings(max_examples=500, deadline=timedelta(milliseconds=500),
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.lists(_TOKEN_CHARS, max_size=80).map("".join), st.text(max_size=300),
+                 st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
+def test_any_text_verifies_to_none_without_raising(text: str) -> None:
+    assert TokenSigner([KEY]).verify(text) is None
+
+
+@pytest.mark.parametrize("text", ["A" * 1_000_000, "." * 1_000_000, "A" * 500_000 + "." + "A" * 500_000,
+                                  "é" * 1_000_000, "=" * 1_000_000])
+def test_a_megabyte_token_is_refused_at_once(text: str) -> None:
+    import time
+
+    start = time.perf_counter()
+    assert TokenSigner([KEY]).verify(text) is None
+    assert time.perf_counter() - start < 0.5
