@@ -6,11 +6,13 @@ The only module of the gateway that touches the stdlib's private
 edge must read it the same way, byte for byte (see `gateway.smtp.protocol`). When a
 Python release changes either function, ``tests/unit/test_addrspec.py`` says which.
 
-What the parser refuses (a ``HeaderParseError``) comes back as None. Anything else it
-raises on hostile input is passed on unchanged, as aiosmtpd passes it on: ``IndexError``
-(the empty text), ``AttributeError`` (an address literal cut by a line break) and
-``RecursionError`` (comments nested a few hundred deep); nothing else (the fuzz test in
-``tests/unit/test_addrspec.py`` holds it to that).
+What the parser refuses (a ``HeaderParseError``) comes back as None, and so does what
+else it raises on hostile input: ``IndexError`` (the empty text), ``AttributeError`` (an
+address literal cut by a line break) and ``RecursionError`` (comments nested a few
+hundred deep). aiosmtpd passes those on and its session answers ``500 Error:
+(IndexError) ...`` with a traceback in the log; here they are a syntax error like any
+other (``501 5.5.4``). The fuzz test in ``tests/unit/test_addrspec.py`` holds the readings
+to the stdlib's and the errors to these.
 
 The stdlib's parser is quadratic in runs of quoted strings and comments (40 KB of
 ``"a"`` take seconds): a text longer than :data:`MAX_TEXT` is refused (None) unread.
@@ -24,6 +26,9 @@ from email import _header_value_parser as _hvp
 from email.errors import HeaderParseError
 
 __all__ = ["MAX_TEXT", "addr_spec", "angle_addr", "smtp_path"]
+
+#: what the stdlib's parser raises on hostile input besides HeaderParseError (see above)
+_HOSTILE = (HeaderParseError, IndexError, AttributeError, RecursionError)
 
 #: characters: a longer text is not an SMTP path (RFC 5321 4.5.3.1.3: 256 octets) and is
 #: refused before the parser, whose cost grows with the square of it, sees it
@@ -40,9 +45,9 @@ def angle_addr(text: str) -> tuple[str, str] | None:
         return None
     try:
         token, rest = _hvp.get_angle_addr(text)
-    except HeaderParseError:
+        return token.addr_spec, rest    # reading addr_spec can raise too
+    except _HOSTILE:
         return None
-    return token.addr_spec, rest
 
 
 def addr_spec(text: str) -> tuple[str, str] | None:
@@ -52,9 +57,9 @@ def addr_spec(text: str) -> tuple[str, str] | None:
         return None
     try:
         token, rest = _hvp.get_addr_spec(text)
-    except HeaderParseError:
+        return token.addr_spec, rest    # reading addr_spec can raise too
+    except _HOSTILE:
         return None
-    return token.addr_spec, rest
 
 
 def smtp_path(text: str) -> tuple[str, str] | None:
