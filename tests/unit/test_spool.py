@@ -98,7 +98,8 @@ async def test_recover_cleans_tmp_and_quarantines_corrupt(spool: Spool) -> None:
     (spool.dir("incoming") / "01BADBADBADBADBADBADBADBAD").write_bytes(b"garbage")
     (spool.dir("deferred") / "01TRUNCATEDTRUNCATEDTRUNCA").write_bytes(b"MAILGW-SPOOL 1\n{\"id\":")
     counts = Spool(spool.root).recover()
-    assert counts == {"incoming": 1, "deferred": 0, "hold": 0, "corrupt": 2}
+    assert counts == {"incoming": 1, "deferred": 0, "hold": 0, "done": 0,
+                      "corrupt": 2}
     assert list(spool.tmp.iterdir()) == []
     assert sorted(spool.list_ids("corrupt")) == ["01BADBADBADBADBADBADBADBAD",
                                                   "01TRUNCATEDTRUNCATEDTRUNCA"]
