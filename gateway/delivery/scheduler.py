@@ -62,7 +62,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -124,6 +124,7 @@ REAP_POLL = 1.0
 DELAY_GROUPS_KEPT = 10000
 
 
+@runtime_checkable
 class Journal(Protocol):
     """The store writer's sequence marks (`gateway.crm.writer.StoreWriter`): the events sink
     the scheduler keeps delivered entries in done/ for. A sink without them (tests) gets no
@@ -195,7 +196,7 @@ class Scheduler:
         #: disk), by queue id: never sent to again by this process
         self._sent_unrecorded: dict[str, set[str]] = {}
         #: the writer's sequence marks, when the sink has them (else no done/ entries)
-        self.journal: Journal | None = events if hasattr(events, "mark") else None  # type: ignore[assignment]
+        self.journal: Journal | None = events if isinstance(events, Journal) else None
         #: done/ entries by the writer mark they wait for (a heap); removed once written
         self._owed: list[tuple[int, str]] = []
         #: False while the app could not replay the journal at start (the store was down):

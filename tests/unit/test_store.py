@@ -480,6 +480,26 @@ async def test_writer_marks_say_what_is_written(store: Store, fast_backoff: None
     assert w.flushed == w.mark() == 3
 
 
+async def test_keyed_outcome_events_are_added_once(store: Store) -> None:
+    """The scheduler's outcome events carry keys (`sent:<qid>:<rcpt>`, ...): a replay from
+    the spool after a crash, in a later batch or in the same one, adds nothing more."""
+    def keyed(type_: str, rcpt: str, key: str) -> EventRecord:
+        return EventRecord(queue_id="WK1", type=type_, recipient=rcpt, at=T0,
+                           details={"reply": "250 ok"}, key=key)
+
+    live = [keyed("sent", "bob@example.net", "sent:WK1:bob@example.net"),
+            keyed("deferred", "carol@example.net", "deferred:WK1:carol@example.net:1")]
+    await store.record([msg("WK1", to=("bob@example.net", "carol@example.net"))], live)
+    again = [*live, keyed("sent", "carol@example.net", "sent:WK1:carol@example.net")]
+    await store.record([], again)
+    await store.record([], [again[2], again[2]])
+    m = await store.get_message_by_queue_id("WK1")
+    assert m is not None
+    assert sorted((e["type"], e["recipient"]) for e in m["events"] if e["type"] != "queued") \
+        == [("deferred", "carol@example.net"), ("sent", "bob@example.net"),
+            ("sent", "carol@example.net")]
+
+
 async def test_writer_retries_after_failures_without_losing_items(store: Store,
                                                                   fast_backoff: None) -> None:
     log = Log()
