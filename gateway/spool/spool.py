@@ -161,7 +161,9 @@ class Envelope:
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
         d: dict[str, Any] = json.loads(raw)
-        d["recipients"] = [Recipient(**r) for r in d["recipients"]]
+        rknown = Recipient.__dataclass_fields__   # fields of a later version are ignored
+        d["recipients"] = [Recipient(**{k: v for k, v in r.items() if k in rknown})
+                           for r in d["recipients"]]
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
