@@ -144,6 +144,7 @@ class App:
         self.accounts: AccountService | None = None
         self._stopped = asyncio.Event()
         self._spool_lock: int | None = None
+        self._replay_task: asyncio.Task[None] | None = None
 
     def get_config(self) -> Config:
         """The configuration in force: the file's, with the accounts created at run time."""
@@ -186,7 +187,7 @@ class App:
         self.writer = StoreWriter(self.store, log=self.log,
                                   on_failure=self.metrics.store_write_failed)
         await self.writer.start()
-        await self._recover_store_records()
+        replayed = await self._recover_store_records()
         d = cfg.delivery
         transport = SMTPTransport(cfg.hostname, connect_timeout=d.connect_timeout,
                                   command_timeout=d.command_timeout,
@@ -215,7 +216,10 @@ class App:
                            outbound=self.get_outbound, events=self.writer,
                            is_ingest=self.ingest.is_ingest_address, counts=self.counts,
                            on_accepted=self._accepted, log=self.log)
+        self.scheduler.reaping = replayed
         await self.scheduler.start()
+        if not replayed:
+            self._replay_task = asyncio.create_task(self._replay_later(), name="journal-replay")
         self.tailers = Tailers(self.get_config, self.store, log=self.log, metrics=self.metrics,
                                tokens=self.accounts.tokens, secrets=self.accounts,
                                node_id=worker.node_id(cfg) if worker else None,
@@ -268,19 +272,34 @@ class App:
                     logged = True
                 time.sleep(0.1)
 
-    async def _recover_store_records(self) -> None:
+    async def _recover_store_records(self) -> bool:
         """Records lost in a crash (inside the store writer's batching delay) of messages
-        still spooled, rebuilt from the spool before the scheduler starts. A store that
-        cannot answer now is logged: the mail itself is safe and is delivered anyway."""
+        still spooled or delivered (done/), rebuilt from the spool before the scheduler
+        starts, and the outcome events the spool keeps added again. A store that cannot
+        answer now is logged (False): the mail itself is safe and is delivered anyway,
+        and `_replay_later` tries again."""
         assert self.store is not None and self.writer is not None
         try:
             n = await record_unrecorded(self.spool, self.store.known_relay_refs, self.writer,
                                         log=self.log)
         except StoreError as exc:
-            self.log.error("store_records_not_recovered", error=str(exc))
-            return
+            self.log.error("store_records_not_recovered", error=str(exc), retried=True)
+            return False
         if n:
             self.log.warning("store_records_recovered", count=n)
+        return True
+
+    async def _replay_later(self) -> None:
+        """The journal replay that failed at start, tried again until the store answers;
+        done/ keeps every entry delivered meanwhile until then."""
+        assert self.scheduler is not None
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            if await self._recover_store_records():
+                self.scheduler.journal_replayed()
+                return
+            delay = min(delay * 2, 30.0)
 
     async def _start_ingest(self) -> None:
         """The BCC / forward address's listener (`listeners.ingest`), when configured."""
@@ -381,13 +400,15 @@ class App:
         return self.worker is not None
 
     def spool_counts(self) -> dict[str, int]:
-        """Queue files per state on this node (a worker counts every worker's spool)."""
+        """Queue files per state on this node (a worker counts every worker's spool); not
+        done/ (delivered, waiting for the store writer)."""
+        states = [s for s in STATES if s != "done"]
         if self.worker is None:
-            return {state: len(self.spool.list_ids(state)) for state in STATES}
-        counts = dict.fromkeys(STATES, 0)
+            return {state: len(self.spool.list_ids(state)) for state in states}
+        counts = dict.fromkeys(states, 0)
         for i in range(1, self.worker.count + 1):
             root = self.cfg.worker_spool_path(i)
-            for state in STATES:
+            for state in states:
                 with contextlib.suppress(OSError):
                     counts[state] += sum(1 for p in (root / state).iterdir()
                                          if not p.name.startswith("."))
@@ -528,6 +549,10 @@ class App:
         await self._stop_api(grace)
         if self.tailers is not None:
             await self.tailers.stop(timeout=grace)
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replay_task
         if self.scheduler is not None:
             await self.scheduler.stop(timeout=grace)
         if self.counts is not None:
@@ -536,6 +561,11 @@ class App:
             lost = await self.writer.stop(timeout=grace)
             if lost:
                 self.log.error("store_events_unwritten", count=lost)
+            if self.scheduler is not None:   # what the writer wrote by now leaves done/
+                left = await self.scheduler.reap()
+                if left:
+                    self.log.warning("done_entries_kept", count=left,
+                                     reason="record or events not written; replayed at start")
         if self.accounts is not None:
             await self.accounts.stop()
         if self.store is not None:

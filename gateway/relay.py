@@ -16,13 +16,13 @@ addresses get a copy routed `ingest`: stored in the CRM by the scheduler, never
 delivered. The store learns of the message (with its original bytes, before any
 stage) right here, through the batching StoreWriter; at start, `record_unrecorded`
 gives a message still spooled whose record a crash lost (inside the writer's batching
-delay) the same record, rebuilt from its queue files.
+delay) the same record, rebuilt from its queue files, and the outcome events of its
+delivery attempts again (done/ keeps a delivered entry until they are written).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,8 +45,8 @@ from gateway.mail.headers import (
 )
 from gateway.mail.parse import parse_headers
 from gateway.pipeline.outbound import CopyPlan, Outbound
-from gateway.records import AcceptedMessage, Copy, EventSink
-from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
+from gateway.records import AcceptedMessage, Copy, EventRecord, EventSink
+from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, outcome_events
 
 #: Plan (stages, DKIM) in a worker thread above this size, or for several recipients (each
 #: tracked recipient is a copy of its own: about 1 ms of stages and RSA each). One small
@@ -254,8 +254,11 @@ class Relay:
 
 
 # -- the spool as the journal of the relay's store records ---------------------------------
-#: Spool states whose entries are accepted messages still waiting (corrupt/ is for a human).
-JOURNAL_STATES = ("incoming", "deferred", "hold")
+#: Spool states whose entries are accepted messages still waiting, or delivered whose
+#: record or outcome events may not be written yet (corrupt/ is for a human). A message
+#: moves only forward through them (incoming, deferred or hold, done), so one listing in
+#: this order sees an entry that moves while it runs.
+JOURNAL_STATES = ("incoming", "deferred", "hold", "done")
 
 
 def strip_trace(data: bytes) -> bytes:
@@ -275,9 +278,8 @@ def strip_trace(data: bytes) -> bytes:
 
 
 def _recorded_by_relay(env: Envelope) -> bool:
-    """Whether `Relay._record` records this copy: not the ingest copy (ingest stores it),
-    not a DSN the gateway wrote, not a copy a policy keeps out of the store."""
-    return env.crm_store and env.route != "ingest" and not env.is_bounce
+    """Whether `Relay._record` records this copy (`Envelope.recorded`)."""
+    return env.recorded
 
 
 def accepted_from_spool(entries: list[tuple[Envelope, bytes]]) -> AcceptedMessage | None:
@@ -307,41 +309,57 @@ def accepted_from_spool(entries: list[tuple[Envelope, bytes]]) -> AcceptedMessag
         if sched is not None and sched > env.received_at else None)
 
 
-def _spooled_groups(spool: Spool) -> dict[str, list[tuple[str, str]]]:
-    """(state, queue id) of the copies the relay records, by message (`Envelope.group`)."""
+def _spooled_groups(spool: Spool) -> tuple[dict[str, list[tuple[str, str]]], list[EventRecord]]:
+    """(state, queue id) of the copies the relay records, by message (`Envelope.group`),
+    and the outcome events their queue files keep (`outcome_events`)."""
     groups: dict[str, list[tuple[str, str]]] = {}
+    events: list[EventRecord] = []
+    seen: set[str] = set()
     for state in JOURNAL_STATES:
         for qid in spool.list_ids(state):
+            if qid in seen:
+                continue   # moved on while this listing ran: seen already
             try:
                 env = spool.read_envelope(state, qid)
             except (NotFound, CorruptQueueFile):
                 continue   # gone meanwhile, or for the scheduler to move to corrupt/
             if _recorded_by_relay(env):
+                seen.add(qid)
                 groups.setdefault(env.group or env.id, []).append((state, qid))
-    return groups
+                events.extend(outcome_events(env))
+    return groups, events
 
 
 def _read_entries(spool: Spool, where: list[tuple[str, str]]) -> list[tuple[Envelope, bytes]]:
     out = []
     for state, qid in where:
-        with contextlib.suppress(NotFound, CorruptQueueFile):
-            out.append(spool.read(state, qid))
+        for st in dict.fromkeys((state, *JOURNAL_STATES)):   # it may have moved on since
+            try:
+                out.append(spool.read(st, qid))
+            except NotFound:
+                continue
+            except CorruptQueueFile:
+                pass
+            break
     return out
 
 
 async def record_unrecorded(spool: Spool, known: Callable[[list[str]], Awaitable[set[str]]],
                             sink: EventSink, log: Any = None) -> int:
-    """Give every spooled message the store has no record of the record the relay makes.
+    """Give every spooled message the store has no record of the record the relay makes,
+    then hand `sink` the outcome events the queue files keep.
 
     The spool is the journal of the store writer's batches: a message accepted just before
-    a crash (inside the writer's batching delay) is still spooled, and `known` (the
-    store's relay sources among the queue ids asked) says it has no record. Run at start,
-    before the scheduler delivers anything, so the `queued` events come before the
-    deliveries'. A message is skipped when any of its copies is known (the relay records
-    all copies of a message at once), so running it again adds nothing. Returns how many
-    records were handed to `sink`."""
+    a crash (inside the writer's batching delay) is still spooled, a delivered one is in
+    done/ until its record and events are written, and `known` (the store's relay sources
+    among the queue ids asked) says which have no record. Run at start, before the
+    scheduler delivers anything, so the `queued` events come before the deliveries'. A
+    message is skipped when any of its copies is known (the relay records all copies of a
+    message at once), and every outcome event has its idempotency key (the store keeps
+    one event per key), so running it again adds nothing. Returns how many records were
+    handed to `sink`."""
     log = log or structlog.get_logger("mailgw.relay")
-    groups = await asyncio.to_thread(_spooled_groups, spool)
+    groups, events = await asyncio.to_thread(_spooled_groups, spool)
     if not groups:
         return 0
     have = await known([qid for where in groups.values() for _, qid in where])
@@ -356,4 +374,8 @@ async def record_unrecorded(spool: Spool, known: Callable[[list[str]], Awaitable
         count += 1
         log.warning("store_record_recovered", queue_id=a.queue_id, message_id=a.message_id,
                     copies=len(a.copies), recipients=len(a.recipients))
+    for e in events:   # after the records they attach to (the writer keeps the order)
+        sink.add_event(e)
+    if events:
+        log.info("store_events_replayed", count=len(events))
     return count

@@ -2,6 +2,10 @@
 
 Safe while the daemon runs: every change is an atomic rename between state directories,
 which the daemon's scan of `incoming/` picks up within about a second.
+
+Entries in done/ are delivered and wait only for the store writer to write their CRM
+record and outcome events (the daemon removes them then): `list` counts them apart,
+`show` shows them, and `retry`, `hold` and `delete` leave them alone.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def _holder(spools: list[Any], qid: str) -> Any:
 
 def _queue(args: argparse.Namespace) -> int:
     cfg = config(args)
-    from gateway.spool import CorruptQueueFile
+    from gateway.spool import QUEUED_STATES, CorruptQueueFile
 
     spools = _spools(cfg)
     qc = args.queue_cmd
@@ -100,7 +104,9 @@ def _queue(args: argparse.Namespace) -> int:
     spool = _holder(spools, qid_arg) if qid_arg else spools[0]
     if qc == "list":
         rows: list[dict[str, Any]] = []
-        for sp, state, qid in ((s, st, q) for s in spools for st, q in s.iter_all()):
+        recording = sum(len(s.list_ids("done")) for s in spools)
+        listed = (*QUEUED_STATES, "corrupt")
+        for sp, state, qid in ((s, st, q) for s in spools for st, q in s.iter_all(listed)):
             if state == "corrupt":
                 rows.append({"id": qid, "state": "corrupt"})
                 continue
@@ -111,8 +117,12 @@ def _queue(args: argparse.Namespace) -> int:
         if args.json:
             print_json(rows)
             return EXIT_OK
+        note = (f"-- {recording} delivered message(s) waiting for their CRM record (done/)"
+                if recording else None)
         if not rows:
             print("Mail queue is empty")
+            if note:
+                print(note)
             return EXIT_OK
         for r in rows:
             if r["state"] == "corrupt":
@@ -131,6 +141,8 @@ def _queue(args: argparse.Namespace) -> int:
                     reason = f"  ({rc['last_reply']})" if rc["last_reply"] else ""
                     print(f"        {rc['address']}{reason}")
         print(f"-- {len(rows)} message(s)")
+        if note:
+            print(note)
         return EXIT_OK
     if qc == "show":
         state = spool.find(args.id)
@@ -164,6 +176,8 @@ def _queue(args: argparse.Namespace) -> int:
         ids = [q for _, q in todo]
         for spool, qid in todo:
             state = spool.find(qid)
+            if state == "done":
+                raise UsageError(f"{qid} is delivered (done/: its CRM record is being written)")
             if state not in ("deferred", "incoming"):
                 raise UsageError(f"{qid} is in {state}/, not deferred (use `queue release`)")
             when = _scheduled(spool, state, qid)
@@ -175,6 +189,9 @@ def _queue(args: argparse.Namespace) -> int:
         print(f"{len(ids)} message(s) scheduled for delivery now")
         return EXIT_OK
     if qc == "delete":
+        if spool.find(args.id) == "done":
+            raise UsageError(f"{args.id} is delivered (done/): it leaves the spool by itself "
+                             "once its CRM record and events are written")
         state = spool.delete(args.id)
         print(f"{args.id} deleted from {state}/")
         return EXIT_OK

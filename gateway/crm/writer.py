@@ -10,6 +10,10 @@ writer runs, except raw message bytes beyond `max_raw_bytes` (the record stays, 
 its bodies and raw copy; logged). Accepted messages handed over with their raw bytes
 are parsed in a worker thread right before they are written. :meth:`StoreWriter.stop`
 flushes what is left until its timeout and reports (and logs) whatever it could not write.
+
+Sequence marks (:meth:`StoreWriter.mark`, :attr:`StoreWriter.flushed`) say how far the
+writes have come: the scheduler keeps a delivered queue entry in the spool (done/) until
+the writer has written everything added up to the mark taken after its outcome events.
 """
 
 from __future__ import annotations
@@ -61,9 +65,11 @@ class StoreWriter:
         self._stop_event = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        #: copies (queue ids) whose relay record is not written yet, and a pulse after
-        #: every written batch: the scheduler waits on it (see :meth:`wait_recorded`)
-        self._unrecorded: set[str] = set()
+        #: sequence marks (see :meth:`mark`): items added so far, and every item added up
+        #: to `flushed` is written (items are written in order); a pulse after every
+        #: written batch (:meth:`wait_flushed`)
+        self._added = 0
+        self.flushed = 0
         self._written = asyncio.Event()
 
     @property
@@ -91,28 +97,17 @@ class StoreWriter:
                 a.raw = None
             else:
                 self._raw_bytes += len(a.raw)
-        self._unrecorded.update(_copy_ids(a))
         self._add(a)
 
-    async def wait_recorded(self, queue_id: str, timeout: float) -> bool:
-        """Wait until the relay record of copy `queue_id` is written (True at once for a copy
-        this writer was never given), or `timeout` seconds (False).
+    def mark(self) -> int:
+        """The sequence mark of the last item added: once `flushed` reaches it, everything
+        added before (the relay record of a copy, its outcome events) is written. The
+        scheduler keeps a delivered entry in the spool's done/ until then."""
+        return self._added
 
-        The scheduler delivers a copy only once its record is in the store, so a ``kill
-        -9`` can never leave a delivered message without its CRM record: a copy not yet
-        recorded is still in the spool, and the next start rebuilds its record from there
-        (the spool is the store's journal). When the store is down the wait ends after
-        `timeout` and mail flows anyway."""
-        if queue_id not in self._unrecorded:
-            return True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while queue_id in self._unrecorded:
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            await wait_event(self._written, left)
-        return True
+    async def wait_flushed(self, timeout: float) -> bool:
+        """Wait until the next batch is written (True) or `timeout` seconds pass (False)."""
+        return await wait_event(self._written, timeout)
 
     def add_event(self, e: EventRecord) -> None:
         self._add(e)
@@ -121,6 +116,7 @@ class StoreWriter:
         if self._stopping and self._task is None:
             self.log.error("store_item_after_stop", **_describe(item))
         self._items.append(item)
+        self._added += 1
         self._wake.set()
         if len(self._items) >= self.batch:
             self._full.set()
@@ -198,11 +194,10 @@ class StoreWriter:
                 continue
             for _ in chunk:
                 item = self._items.popleft()
-                if isinstance(item, AcceptedMessage):
-                    self._unrecorded.difference_update(_copy_ids(item))
-                    if item.raw is not None:
-                        self._raw_bytes -= len(item.raw)
-            self._written.set()     # wake the waiters of this batch's copies, then re-arm
+                if isinstance(item, AcceptedMessage) and item.raw is not None:
+                    self._raw_bytes -= len(item.raw)
+            self.flushed += len(chunk)
+            self._written.set()     # wake the waiters of this batch, then re-arm
             self._written = asyncio.Event()
             self.written += len(chunk)
             if backoff > BACKOFF_MIN:
@@ -211,10 +206,6 @@ class StoreWriter:
             elapsed = loop.time() - started
             if elapsed > 1.0:
                 self.log.warning("store_write_slow", seconds=round(elapsed, 3), items=len(chunk))
-
-
-def _copy_ids(a: AcceptedMessage) -> list[str]:
-    return [c.queue_id for c in a.copies] or [a.queue_id]
 
 
 def _parse_all(items: list[AcceptedMessage]) -> None:

@@ -2,10 +2,21 @@
 
 States of one queue entry, as the scheduler moves it::
 
-    incoming/ ──attempt──> all recipients final ──────────────> removed (events recorded)
+    incoming/ ──attempt──> all recipients final ──> done/ ──record and events written──> removed
         │                      │ some 5xx / expired  ──> DSN to the sender (never for a bounce)
         └──> some 4xx ──> deferred/ (next_attempt from delivery.retry.schedule)
                               └──attempt again when due, or at once after `mailgw queue retry`
+
+The spool is the journal of the store writer (which batches and runs behind): every
+recipient's last outcome is in its queue file (`Recipient.last_at` and the fields after
+it), each outcome event carries an idempotency key (`gateway.spool.outcome_event`), and a
+delivered entry waits in done/ until the writer has written everything it was given up
+to the entry's outcome events (its sequence mark), the copy's CRM record included; then
+it is removed. At start `gateway.relay.record_unrecorded` rebuilds the missing records
+and adds the outcome events again (the store keeps one event per key), so a kill -9 at
+any point loses neither. An entry the store keeps nothing for (a DSN, a `store: false`
+copy, the ingest copy) or whose items are all written already is removed at once.
+Delivery never waits for the store.
 
 Route `account` sends as the submitting user's connected account: with its password
 (from its file, or from the `SecretSource` for an account created at run time), or,
@@ -43,6 +54,7 @@ entry is tried again on the retry schedule without a crash counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import time
@@ -50,7 +62,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -77,8 +89,8 @@ from gateway.ids import new_queue_id
 from gateway.mail.addresses import domain_of
 from gateway.mail.reports import verp_address
 from gateway.metrics import Metrics
-from gateway.records import EventRecord, EventSink
-from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool
+from gateway.records import EventSink
+from gateway.spool import CorruptQueueFile, Envelope, Recipient, Spool, outcome_event, outcome_events
 
 
 @dataclass(frozen=True)
@@ -105,12 +117,24 @@ class LocalDelivery(Protocol):
 
 #: seconds an entry whose crash could not even be recorded on disk is left alone
 CRASH_PAUSE = 30.0
-#: seconds a first delivery waits for its copy's CRM record to be written (the store
-#: writer batches every 50 ms; when the store is down, mail goes out after this anyway)
-RECORD_WAIT = 10.0
+#: seconds between the done/ reaper's looks when no written batch wakes it
+REAP_POLL = 1.0
 
 #: how many submissions the scheduler remembers having sent a delay warning for
 DELAY_GROUPS_KEPT = 10000
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """The store writer's sequence marks (`gateway.crm.writer.StoreWriter`): the events sink
+    the scheduler keeps delivered entries in done/ for. A sink without them (tests) gets no
+    done/ entries: delivered entries are removed at once."""
+
+    flushed: int
+
+    def mark(self) -> int: ...
+
+    async def wait_flushed(self, timeout: float) -> bool: ...
 
 
 @dataclass
@@ -171,6 +195,13 @@ class Scheduler:
         #: recipients delivered whose queue file could not be rewritten to say so (a full
         #: disk), by queue id: never sent to again by this process
         self._sent_unrecorded: dict[str, set[str]] = {}
+        #: the writer's sequence marks, when the sink has them (else no done/ entries)
+        self.journal: Journal | None = events if isinstance(events, Journal) else None
+        #: done/ entries by the writer mark they wait for (a heap); removed once written
+        self._owed: list[tuple[int, str]] = []
+        #: False while the app could not replay the journal at start (the store was down):
+        #: done/ entries then stay until it has (`journal_replayed`)
+        self.reaping = True
 
     @property
     def cfg(self) -> Config:
@@ -192,10 +223,17 @@ class Scheduler:
                 continue
             heapq.heappush(self._heap, (env.next_attempt, qid))
         self._scan_incoming()
+        if self.journal is None:   # nothing to wait for: what a crash left in done/ goes
+            for qid in self.spool.list_ids("done"):
+                await self.spool.remove_done([qid])
+        else:
+            self._adopt_done(replay=False)
         workers = self.cfg.delivery.concurrency
         self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}")
                        for i in range(workers)]
         self._tasks.append(asyncio.create_task(self._timer(), name="delivery-timer"))
+        if self.journal is not None:
+            self._tasks.append(asyncio.create_task(self._reaper(), name="delivery-reaper"))
 
     async def stop(self, timeout: float) -> None:
         """Stop taking work, let attempts in flight finish (up to timeout), then cancel."""
@@ -211,6 +249,81 @@ class Scheduler:
                 self.log.warning("drain_timeout", cancelled=len(pending))
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transport.close()
+
+    # -- done/: delivered, waiting for the store writer --------------------------------------
+    def _adopt_done(self, replay: bool) -> None:
+        """Every entry in done/ is removed once what the writer holds now is written; with
+        `replay` their outcome events are handed to it again first (keys: added once)."""
+        journal = self.journal
+        assert journal is not None
+        ids = self.spool.list_ids("done")
+        if replay:
+            for qid in ids:
+                try:
+                    env = self.spool.read_envelope("done", qid)
+                except (NotFound, CorruptQueueFile):
+                    continue
+                if env.recorded:
+                    for e in outcome_events(env):
+                        self.events.add_event(e)
+        mark = journal.mark()
+        for qid in ids:
+            heapq.heappush(self._owed, (mark, qid))
+
+    def journal_replayed(self) -> None:
+        """The app replayed the journal late (the store was down at start): the entries
+        delivered meanwhile get their events again, then done/ is reaped as usual."""
+        if self.journal is not None:
+            self._adopt_done(replay=True)
+        self.reaping = True
+
+    def _ready_to_reap(self) -> list[str]:
+        journal = self.journal
+        if journal is None or not self.reaping:
+            return []
+        ready = []
+        while self._owed and self._owed[0][0] <= journal.flushed:
+            ready.append(heapq.heappop(self._owed)[1])
+        return ready
+
+    async def _reaper(self) -> None:
+        journal = self.journal
+        assert journal is not None
+        while True:
+            ready = self._ready_to_reap()
+            if ready:
+                try:
+                    await self.spool.remove_done(ready)
+                except OSError as exc:  # left in done/: replayed (idempotently) at start
+                    self.log.error("done_remove_failed", count=len(ready), error=str(exc))
+                continue
+            await journal.wait_flushed(REAP_POLL)
+
+    async def reap(self) -> int:
+        """Remove the done/ entries whose items are written (after the writer's stop, so
+        that a clean stop leaves none it has written). Returns how many stay."""
+        ready = self._ready_to_reap()
+        if ready:
+            with contextlib.suppress(OSError):
+                await self.spool.remove_done(ready)
+        return len(self._owed)
+
+    async def _finish(self, state: str, env: Envelope, data: bytes) -> None:
+        """Every recipient is done: into done/ until the writer has written the copy's
+        record and these outcome events, or removed at once when nothing is owed."""
+        journal = self.journal
+        if journal is not None and env.recorded:
+            mark = journal.mark()
+            if journal.flushed < mark or not self.reaping:
+                try:
+                    moved = await self.spool.finish(env, data, state)
+                except SpoolError as exc:   # a full disk: as before done/ existed
+                    self.log.error("done_not_journaled", queue_id=env.id, error=str(exc))
+                else:
+                    if moved:
+                        heapq.heappush(self._owed, (mark, env.id))
+                    return
+        await self.spool.remove(state, env.id)
 
     def notify(self, qid: str) -> None:
         """Called right after a message is spooled into incoming/."""
@@ -349,12 +462,6 @@ class Scheduler:
                 if r.status == "pending" and r.addr in done:
                     r.status = "sent"
         pending = env.pending
-        # the copy's CRM record first (the store writer batches it): delivered before it is
-        # written, a kill -9 would leave the message without its record and out of the spool
-        wait_recorded = getattr(self.events, "wait_recorded", None)
-        if pending and not env.attempts and wait_recorded is not None \
-                and not await wait_recorded(qid, RECORD_WAIT):
-            self.log.warning("delivery_before_store_record", queue_id=qid, waited=RECORD_WAIT)
         # no recipient left but a DSN owed (it could not be spooled): only the DSN is tried
         results = await self._deliver(env, [r.addr for r in pending], data) if pending else []
         if pending:
@@ -369,26 +476,24 @@ class Scheduler:
             rcpt.attempts += 1
             rcpt.last_reply = res.reply
             rcpt.remote = res.remote
-            details: dict[str, Any] = {"reply": res.reply, "remote": res.remote,
-                                       "attempt": env.attempts}
+            rcpt.last_at, rcpt.last_attempt, rcpt.last_status = now, env.attempts, res.status
+            rcpt.expired = False
             if res.ok:
                 rcpt.status = "sent"
                 self.stats.sent += 1
                 self.metrics.delivered()
-                self._event(env, "sent", rcpt.addr, now, details)
             elif res.permanent or expired:
                 rcpt.status = "bounced"
-                details["status"], details["hard"] = res.status, res.permanent
-                if not res.permanent:
-                    details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
+                rcpt.expired = not res.permanent
                 bounced.append(res)
                 self.stats.bounced += 1
                 self.metrics.bounced()
-                self._event(env, "bounced", rcpt.addr, now, details)
             else:
                 self.stats.deferred += 1
                 self.metrics.deferred()
-                self._event(env, "deferred", rcpt.addr, now, details)
+            event = outcome_event(env, rcpt)   # keyed: a replay from the spool adds nothing
+            if event is not None:
+                self.events.add_event(event)
             self.log.info("delivery", queue_id=qid, group=env.group, message_id=env.message_id,
                           rcpt=rcpt.addr, status=rcpt.status, reply=res.reply,
                           remote=res.remote, attempt=env.attempts)
@@ -434,7 +539,7 @@ class Scheduler:
                 heapq.heappush(self._heap, (env.next_attempt, qid))
                 self._wakeup.set()
         else:
-            await self.spool.remove(state, qid)
+            await self._finish(state, env, data)
             self._sent_unrecorded.pop(qid, None)
 
     async def _wait_for_schedule(self, state: str, env: Envelope, data: bytes) -> None:
@@ -624,13 +729,6 @@ class Scheduler:
         return job
 
     # -- reporting -----------------------------------------------------------------
-    def _event(self, env: Envelope, type_: str, rcpt: str, at: float,
-               details: dict[str, Any]) -> None:
-        if env.is_bounce:  # our own DSNs are not stored messages: nothing to attach to
-            return
-        self.events.add_event(EventRecord(queue_id=env.id, type=type_, recipient=rcpt, at=_utc(at),
-                                          details=details))
-
     async def _send_dsn(self, env: Envelope, data: bytes, failed: list[RcptResult], *,
                         final: bool = True, note: str | None = None) -> bool:
         """Queue a DSN about `failed` to the sender (a delay warning unless `final`);

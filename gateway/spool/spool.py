@@ -8,6 +8,10 @@ Queue state is where a file is (Postfix qmgr, Mailman's switchboard)::
     hold/       set aside by an admin (`mailgw queue hold`), or by the scheduler after
                 `delivery.max_crashes` attempts that raised (`hold_reason` says why);
                 not delivered until released
+    done/       delivered (every recipient sent or bounced), but the CRM record of the copy
+                or its outcome events are not written yet (the store writer runs behind
+                or the store is down); never delivered again, removed once the writer has
+                written them, replayed from here at start (`gateway.relay.replay_journal`)
     corrupt/    could not be parsed; kept for a human, never deleted
 
 A queue file is one file named by the queue id::
@@ -35,9 +39,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +51,16 @@ import structlog
 
 from gateway.dirqueue import DirQueue, DirSync, RenamedNotSynced
 from gateway.errors import NotFound, SpoolError
+from gateway.records import EventRecord
 
 MAGIC = b"MAILGW-SPOOL 1\n"
 #: Messages up to this size are written into tmp/ on the event loop (only the fsyncs and
 #: the rename wait on a thread); larger ones are written on the spool's threads.
 LOOP_WRITE_MAX = 256 * 1024
-STATES = ("incoming", "deferred", "hold", "corrupt")
+STATES = ("incoming", "deferred", "hold", "done", "corrupt")
+#: the states of entries still to deliver (what `mailgw queue list` and the queue-depth
+#: metrics show): not done/ (delivered) nor corrupt/
+QUEUED_STATES = ("incoming", "deferred", "hold")
 
 
 @dataclass
@@ -60,6 +70,14 @@ class Recipient:
     attempts: int = 0
     last_reply: str | None = None
     remote: str | None = None
+    #: the outcome of the last attempt, kept so that its event (`outcome_event`) can be
+    #: rebuilt from the spool after a crash: when it was (None in older queue files: their
+    #: events are never replayed), the envelope's attempt number then, the reply's enhanced
+    #: status code, and for a bounce whether the queue lifetime ran out (a 4xx then)
+    last_at: float | None = None
+    last_attempt: int = 0
+    last_status: str | None = None
+    expired: bool = False
 
 
 @dataclass
@@ -126,6 +144,13 @@ class Envelope:
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.status == "pending"]
 
+    @property
+    def recorded(self) -> bool:
+        """Whether the relay records this copy in the CRM store (and its outcome events
+        attach to that record): not the ingest copy (ingest stores it), not a DSN the
+        gateway wrote, not a copy a policy keeps out of the store."""
+        return self.crm_store and self.route != "ingest" and not self.is_bounce
+
     def to_json(self) -> bytes:
         # = json.dumps(dataclasses.asdict(self)), without asdict's recursive deep copy
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -136,9 +161,44 @@ class Envelope:
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
         d: dict[str, Any] = json.loads(raw)
-        d["recipients"] = [Recipient(**r) for r in d["recipients"]]
+        rknown = Recipient.__dataclass_fields__   # fields of a later version are ignored
+        d["recipients"] = [Recipient(**{k: v for k, v in r.items() if k in rknown})
+                           for r in d["recipients"]]
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def outcome_event(env: Envelope, r: Recipient) -> EventRecord | None:
+    """The event of recipient `r`'s last attempt (sent, bounced, or deferred while still
+    pending), from what the queue file keeps; None when it keeps none (never attempted, or
+    a queue file older than `Recipient.last_at`) or the copy is a DSN the gateway wrote.
+
+    The scheduler records its events through this too, so a replay after a crash adds the
+    same event under the same idempotency key (``sent:<queue id>:<rcpt>``,
+    ``bounced:<queue id>:<rcpt>``, ``deferred:<queue id>:<rcpt>:<attempt>``), which the
+    store adds once."""
+    if env.is_bounce or r.last_at is None:
+        return None
+    details: dict[str, Any] = {"reply": r.last_reply, "remote": r.remote,
+                               "attempt": r.last_attempt}
+    rcpt = r.addr.lower()
+    if r.status == "sent":
+        key = f"sent:{env.id}:{rcpt}"
+    elif r.status == "bounced":
+        details["status"], details["hard"] = r.last_status, not r.expired
+        if r.expired:
+            details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
+        key = f"bounced:{env.id}:{rcpt}"
+    else:
+        key = f"deferred:{env.id}:{rcpt}:{r.last_attempt}"
+    return EventRecord(queue_id=env.id, type="deferred" if r.status == "pending" else r.status,
+                       recipient=r.addr, at=datetime.fromtimestamp(r.last_at, UTC),
+                       details=details, key=key)
+
+
+def outcome_events(env: Envelope) -> list[EventRecord]:
+    """The last attempt's event of every recipient (`outcome_event`) that has one."""
+    return [e for e in (outcome_event(env, r) for r in env.recipients) if e is not None]
 
 
 class CorruptQueueFile(Exception):
@@ -206,14 +266,22 @@ class Spool:
                 return False
             return True
 
-        return self._queue.recover(valid)
+        counts = self._queue.recover(valid)
+        # the move into done/ writes the new file before it unlinks the old one: a crash in
+        # between leaves both, and the entry is delivered (done/ is the truth)
+        for qid in self.list_ids("done"):
+            for state in QUEUED_STATES:
+                if (self.dir(state) / qid).exists():
+                    self._queue.remove(state, qid)
+                    counts[state] -= 1
+        return counts
 
     # -- reading ------------------------------------------------------------------
     def list_ids(self, state: str) -> list[str]:
         return self._queue.names(state)
 
-    def iter_all(self) -> Iterator[tuple[str, str]]:
-        for state in STATES:
+    def iter_all(self, states: tuple[str, ...] = STATES) -> Iterator[tuple[str, str]]:
+        for state in states:
             for qid in self.list_ids(state):
                 yield state, qid
 
@@ -324,6 +392,52 @@ class Spool:
                                                  old_state, new_state))
         except OSError as exc:
             raise self._write_failed(exc) from exc
+
+    async def finish(self, env: Envelope, data: bytes, old_state: str) -> bool:
+        """Move a delivered entry into done/ with its final envelope (the recipients' outcomes,
+        for the events to be replayed from), until its record and events are written.
+
+        Cheaper than a rewrite: the new file is neither fsynced nor its directories (one
+        write into the page cache, a rename, an unlink, one thread hop). A kill -9 keeps
+        the page cache, so the entry survives any process crash. A power cut (or kernel
+        crash) within the kernel's writeback delay (about 30 s) can cost: the rename, and
+        the entry is back in its old state and delivered again (as when the removal of a
+        delivered entry is lost); or the file's contents, and a zero-length done/ file goes
+        to corrupt/ and the copy's record or outcome events not yet written are lost. Mail
+        not yet delivered is never lost this way. Returns False (and writes nothing) when
+        the old file is gone."""
+        q = self._queue
+        path = self.dir("done") / env.id
+
+        def move() -> bool:
+            old = q.path(old_state, env.id)
+            if not old.exists():
+                return False
+            pending = q.create_tmp(env.id, self._file(env, data))
+            try:
+                os.close(pending.fd)
+                os.rename(pending.path, path)
+            except BaseException:
+                pending.path.unlink(missing_ok=True)
+                raise
+            old.unlink(missing_ok=True)
+            return True
+
+        try:
+            return await q.run(move)
+        except OSError as exc:
+            raise self._write_failed(exc) from exc
+
+    async def remove_done(self, qids: list[str]) -> None:
+        """Unlink done/ entries whose record and events are written (no directory fsync: an
+        unlink a power cut loses only replays the entry's events, which the store ignores
+        by their keys)."""
+        q = self._queue
+
+        def unlink() -> None:
+            for qid in qids:
+                q.remove("done", qid, sync=False)
+        await q.run(unlink)
 
     async def remove(self, state: str, qid: str) -> None:
         q = self._queue

@@ -242,10 +242,6 @@ def test_kill_9_at_random_moments_loses_no_accepted_message_or_record(
     assert run.exit_code == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a kill -9 inside the store writer's batch window loses "
-                   "the `sent` events of copies just delivered (issue 12 items 6 and 9; "
-                   "bench/chaos.py counts them as events_missing); being fixed in "
-                   "gateway/crm/writer.py and gateway/delivery")
 def test_kill_9_at_random_moments_keeps_one_sent_event_per_delivered_recipient(
         kill_runs: dict[int, KillRun], tmp_path_factory: pytest.TempPathFactory,
         workers: int) -> None:

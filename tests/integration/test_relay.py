@@ -108,7 +108,8 @@ async def test_temporary_failure_is_retried(tmp_path: Path) -> None:
             await wait_until(lambda: len(sink.received) == 1, timeout=15,
                              what="delivery after the retry")
             await wait_until(lambda: app.spool.list_ids("deferred") == []
-                             and app.spool.list_ids("incoming") == [], what="an empty spool")
+                             and app.spool.list_ids("incoming") == []
+                             and app.spool.list_ids("done") == [], what="an empty spool")
             await wait_until(lambda: app.writer is not None and app.writer.pending == 0)
     finally:
         sink.stop()

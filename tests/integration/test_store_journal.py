@@ -1,18 +1,37 @@
-"""The spool as the journal of the store's relay records: a record lost in a crash comes back at start."""
+"""The spool as the journal of the store's relay records: a record lost in a crash comes back at start.
+
+So do the outcome events of a delivery: a delivered entry waits in done/ until the store
+writer has written its record and events, and a restart replays them (keyed: once).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import smtplib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import load_config
+from gateway.crm.store import Store
+from gateway.errors import StoreError
 from gateway.ids import new_queue_id
+from gateway.records import AcceptedMessage, EventRecord
 from gateway.relay import Submission, received_header, strip_trace
 from gateway.spool import Envelope, Recipient, Spool
-from tests.integration.harness import Sink, running_app, wait_until, write_config
+from tests.integration.harness import (
+    PASSWORD,
+    USER,
+    Sink,
+    running_app,
+    wait_until,
+    write_config,
+)
+from tests.support.cli import mailgw_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +145,139 @@ async def test_spooled_messages_without_a_record_get_one_at_start(tmp_path: Path
         assert m is not None
         assert sorted(e["recipient"] for e in m["events"] if e["type"] == "queued") == \
             ["bob@example.net", "carol@example.net"]
+
+
+# -- outcome events: done/ until written, replayed after a crash -------------------------
+
+async def submit(port: int, msg: bytes, rcpts: list[str]) -> None:
+    def go() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.ehlo("client.example.com")
+            c.login(USER, PASSWORD)
+            c.sendmail(USER, rcpts, msg)
+    await asyncio.to_thread(go)
+
+
+RCPTS = ["bob@example.net", "carol@example.net"]
+
+
+def store_down(store: Store, *, commits: bool) -> list[int]:
+    """Make `store.record` fail from now on; with `commits` it writes first (the commit
+    went through, its answer was lost: the writer writes the same batch again and again).
+    Returns the list of failed calls (one entry per call)."""
+    real = store.record
+    calls: list[int] = []
+
+    async def record(accepted: list[AcceptedMessage], events: list[EventRecord]) -> None:
+        calls.append(1)
+        if commits:
+            await real(accepted, events)
+        raise StoreError("the store is down (test)")
+    store.record = record  # type: ignore[method-assign]
+    return calls
+
+
+async def outcome_counts(store: Store, qid: str) -> dict[str, Any]:
+    m = await store.get_message_by_queue_id(qid)
+    if m is None:
+        return {}
+    types = [(e["type"], e["recipient"]) for e in m["events"]]
+    return {t: sorted(r for x, r in types if x == t) for t in ("queued", "sent")}
+
+
+@pytest.mark.parametrize("commits", [False, True], ids=["store-down", "answer-lost"])
+async def test_a_delivery_the_writer_could_not_write_is_recorded_once_after_a_restart(
+        tmp_path: Path, sink: Sink, commits: bool) -> None:
+    """The store fails while a message is delivered: the mail goes out at once (no wait for
+    the record), the entry stays in done/ (not listed as queued) as long as the writer has
+    not written its record and events, and after a kill and a restart with the store back
+    the store has one record with one queued and one sent event per recipient, done/
+    empty. With `commits` the failed batches were in fact written (again and again), so
+    the replay meets events that exist already: their keys keep them single."""
+    path = write_config(tmp_path, upstream_port=sink.port, drain_timeout="1s")
+    async with running_app(path) as app:
+        assert app.store is not None and app.writer is not None and app.submission is not None
+        failed = store_down(app.store, commits=commits)
+        await submit(app.submission.port, message("done-1@example.com"), RCPTS)
+        # delivered while the store is down, without waiting for the record (RECORD_WAIT
+        # held this for 10 s)
+        await wait_until(lambda: len(sink.received) == 1, 8.0, "delivery while the store fails")
+        [qid] = await asyncio.to_thread(app.spool.list_ids, "done")
+        writer = app.writer
+        await wait_until(lambda: len(failed) >= 2 and writer.pending > 0, 10.0,
+                         "the writer retrying")
+        assert app.spool.list_ids("done") == [qid]
+        listing = mailgw_in_process(["queue", "list", "--json", "-c", str(path)])
+        assert json.loads(listing.stdout) == []
+        assert "1 delivered message(s) waiting for their CRM record" in \
+            mailgw_in_process(["queue", "list", "-c", str(path)]).stdout
+        assert mailgw_in_process(["queue", "delete", qid, "-c", str(path)]).returncode != 0
+        assert app.spool_counts().get("done") is None
+    # the stop could not write them either (as after a kill -9): still in done/
+    assert Spool(load_config(path).spool_path).list_ids("done") == [qid]
+
+    async with running_app(path) as app:   # the store is back
+        store = app.store
+        assert store is not None
+
+        async def recorded() -> bool:
+            return await outcome_counts(store, qid) == {"queued": RCPTS, "sent": RCPTS}
+        await wait_until(recorded, 20.0, "the record and its sent events from done/")
+        await wait_until(lambda: app.spool.list_ids("done") == [], 10.0, "done/ emptied")
+        assert len(await store.list_messages(limit=100)) == 1
+    async with running_app(path) as app:   # and once more: nothing twice
+        assert app.store is not None
+        assert await outcome_counts(app.store, qid) == {"queued": RCPTS, "sent": RCPTS}
+        assert len(await app.store.list_messages(limit=100)) == 1
+    assert len(sink.received) == 1
+
+
+async def test_the_store_back_while_running_empties_done(tmp_path: Path, sink: Sink) -> None:
+    """No restart needed: once the writer gets its backlog written, done/ empties."""
+    path = write_config(tmp_path, upstream_port=sink.port)
+    async with running_app(path) as app:
+        store, writer = app.store, app.writer
+        assert store is not None and writer is not None and app.submission is not None
+        real = store.record
+        failed = store_down(store, commits=False)
+        await submit(app.submission.port, message("done-2@example.com"), RCPTS)
+        await wait_until(lambda: len(sink.received) == 1, 8.0, "delivery while the store fails")
+        await wait_until(lambda: len(failed) >= 1, 10.0, "a failed flush")
+        [qid] = app.spool.list_ids("done")
+        store.record = real  # type: ignore[method-assign]
+        await wait_until(lambda: app.spool.list_ids("done") == [], 20.0, "done/ emptied")
+        assert await outcome_counts(store, qid) == {"queued": RCPTS, "sent": RCPTS}
+
+
+async def test_a_store_down_at_start_replays_the_journal_once_it_answers(
+        tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store does not answer the journal replay at start: mail flows, done/ keeps what
+    is delivered, and the replay runs again in the background until it succeeds."""
+    path = write_config(tmp_path, upstream_port=sink.port, drain_timeout="1s")
+    async with running_app(path) as app:
+        assert app.store is not None and app.submission is not None
+        store_down(app.store, commits=False)
+        await submit(app.submission.port, message("done-3@example.com"), RCPTS)
+        await wait_until(lambda: len(sink.received) == 1, 8.0, "delivery while the store fails")
+    [qid] = Spool(load_config(path).spool_path).list_ids("done")
+
+    real = Store.known_relay_refs
+    asked: list[int] = []
+
+    async def known_once_down(self: Store, refs: list[str]) -> set[str]:
+        asked.append(1)
+        if len(asked) == 1:
+            raise StoreError("the store is down at start (test)")
+        return await real(self, refs)
+    monkeypatch.setattr(Store, "known_relay_refs", known_once_down)
+    async with running_app(path) as app:
+        store, scheduler = app.store, app.scheduler
+        assert store is not None and scheduler is not None
+        assert not scheduler.reaping and app.spool.list_ids("done") == [qid]
+
+        async def recorded() -> bool:
+            return await outcome_counts(store, qid) == {"queued": RCPTS, "sent": RCPTS}
+        await wait_until(recorded, 20.0, "the record and events after the late replay")
+        await wait_until(lambda: app.spool.list_ids("done") == [], 10.0, "done/ emptied")
+        assert len(asked) == 2 and scheduler.reaping
+    assert len(sink.received) == 1

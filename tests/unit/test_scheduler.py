@@ -13,6 +13,7 @@ never go by route `account`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from gateway.aio import wait_event
 from gateway.config import Account, Config
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
@@ -29,7 +31,7 @@ from gateway.delivery.transport import Destination, RcptResult
 from gateway.directory import AccountDirectory
 from gateway.errors import AccountAuthError, AccountUnavailable, PermanentFailure
 from gateway.records import AcceptedMessage, EventRecord
-from gateway.spool import Envelope, Recipient, Spool, new_queue_id
+from gateway.spool import QUEUED_STATES, Envelope, Recipient, Spool, new_queue_id, outcome_events
 from tests.support.clock import FakeClock
 from tests.support.transport import MemoryTransport, Sent
 from tests.support.wait import wait_for
@@ -143,7 +145,7 @@ class Harness:
 
     def state(self, qid: str) -> str | None:
         """The spool directory `qid` is in; None once it is gone."""
-        for state in ("incoming", "deferred", "hold", "corrupt"):
+        for state in ("incoming", "deferred", "hold", "done", "corrupt"):
             if (self.spool.dir(state) / qid).exists():
                 return state
         return None
@@ -168,7 +170,8 @@ class Harness:
         """Wait until the timer has looked at the clock since now: it finds a message
         that was put into incoming/ without notify() only by its scan, which comes after
         it took the entries due by the clock's present value."""
-        probe = await self.queue("probe@example.test", notify=False)
+        # kept out of the store: nothing owed to a writer, so it leaves the spool at once
+        probe = await self.queue("probe@example.test", notify=False, crm_store=False)
         await self.wait_settled(probe, None)
 
 
@@ -1071,3 +1074,137 @@ async def test_a_dsn_that_cannot_be_spooled_never_resends_to_delivered_recipient
     finally:
         await h.scheduler.stop(timeout=5)
         h.spool.close()
+
+
+# -- done/: a delivered entry stays in the spool until the store writer has written it ----
+
+class JournalEvents(Events):
+    """An EventSink with the StoreWriter's sequence marks, "written" only when the test
+    says (`write()`): a writer whose store is down until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items = 0
+        self.flushed = 0
+        self._written = asyncio.Event()
+
+    def add_accepted(self, a: AcceptedMessage) -> None:
+        super().add_accepted(a)
+        self.items += 1
+
+    def add_event(self, e: EventRecord) -> None:
+        super().add_event(e)
+        self.items += 1
+
+    def mark(self) -> int:
+        return self.items
+
+    async def wait_flushed(self, timeout: float) -> bool:
+        return await wait_event(self._written, timeout)
+
+    def write(self) -> None:
+        """Everything given so far is written."""
+        self.flushed = self.items
+        self._written.set()
+        self._written = asyncio.Event()
+
+
+@pytest.fixture
+async def jh(tmp_path: Path, cfg: Config) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path / "spool", cfg)
+    harness.events = JournalEvents()
+    harness.scheduler = harness.new_scheduler()
+    await harness.scheduler.start()
+    try:
+        yield harness
+    finally:
+        await harness.scheduler.stop(timeout=5)
+        harness.spool.close()
+
+
+def journal(h: Harness) -> JournalEvents:
+    assert isinstance(h.events, JournalEvents)
+    return h.events
+
+
+async def test_a_delivered_entry_waits_in_done_until_its_events_are_written(
+        jh: Harness) -> None:
+    """Delivered before the writer flushed: the entry is in done/ with every recipient's
+    outcome (for a replay), out of every queued state, never delivered again; written, it
+    goes."""
+    ok, refused = "a@example.test", "b@example.test"
+    jh.transport.script(refused, "550 5.1.1 no such user")
+    qid = await jh.queue(ok, refused)
+    await jh.wait_settled(qid, "done")
+    env = jh.spool.read_envelope("done", qid)
+    assert [(r.addr, r.status, r.last_attempt, r.last_status) for r in env.recipients] == [
+        (ok, "sent", 1, "2.0.0"), (refused, "bounced", 1, "5.1.1")]
+    assert all(r.last_at == jh.t0 for r in env.recipients)
+    assert [(e.type, e.key) for e in journal(jh).events if e.queue_id == qid] == [
+        ("sent", f"sent:{qid}:{ok}"), ("bounced", f"bounced:{qid}:{refused}")]
+    assert qid not in [q for _, q in jh.spool.iter_all(QUEUED_STATES)]
+    jh.clock.advance(3600)
+    await jh.timer_tick()
+    assert len(jh.transport.sent_to(ok)) == 1 and jh.state(qid) == "done"
+    journal(jh).write()
+    await wait_for(lambda: jh.state(qid) is None, what="the done/ entry removed once written")
+
+
+async def test_a_restart_replays_the_same_keyed_events_and_removes_done(jh: Harness) -> None:
+    """A kill before the writer flushed: the next start finds the entry in done/; the
+    events rebuilt from it are the ones recorded live (same keys and details, so the store
+    keeps one of each), and done/ empties once they are written."""
+    ok, refused = "a@example.test", "b@example.test"
+    jh.transport.script(refused, "550 5.1.1 no such user")
+    qid = await jh.queue(ok, refused)
+    await jh.wait_settled(qid, "done")
+    live = [e for e in journal(jh).events if e.queue_id == qid]
+    await jh.scheduler.stop(timeout=5)      # "killed": nothing was written
+
+    replayed = outcome_events(jh.spool.read_envelope("done", qid))
+    assert replayed == live
+    jh.events = JournalEvents()             # a new process: a new writer
+    for e in replayed:
+        jh.events.add_event(e)
+    jh.scheduler = jh.new_scheduler()
+    await jh.scheduler.start()
+    assert jh.state(qid) == "done"
+    journal(jh).write()
+    await wait_for(lambda: jh.state(qid) is None, what="done/ emptied after the replay")
+    assert len(jh.transport.sent_to(ok)) == 1   # never delivered again
+
+
+async def test_done_waits_while_the_journal_is_not_replayed(jh: Harness) -> None:
+    """The app could not replay the journal at start (the store was down): entries stay
+    in done/ even once written, until the replay ran (their events handed over again)."""
+    jh.scheduler.reaping = False
+    qid = await jh.queue("a@example.test")
+    await jh.wait_settled(qid, "done")
+    journal(jh).write()
+    await jh.timer_tick()
+    assert jh.state(qid) == "done"
+    jh.scheduler.journal_replayed()
+    assert [e.type for e in journal(jh).events if e.queue_id == qid] == ["sent", "sent"]
+    journal(jh).write()
+    await wait_for(lambda: jh.state(qid) is None, what="done/ reaped after the replay")
+
+
+async def test_entries_the_store_keeps_nothing_for_leave_at_once(jh: Harness) -> None:
+    """A copy kept out of the store (`store: false`), a DSN, or with everything already
+    written: nothing is owed to the writer, so the entry is removed at once."""
+    journal(jh).write()
+    a = await jh.queue("a@example.test", crm_store=False)
+    b = await jh.queue("b@example.test", mail_from="", is_bounce=True)
+    await jh.wait_settled(a, None)
+    await jh.wait_settled(b, None)
+
+
+async def test_a_deferred_entry_keeps_its_last_attempt_for_the_replay(jh: Harness) -> None:
+    rcpt, done = "a@example.test", "b@example.test"
+    jh.transport.script(rcpt, "451 4.2.0 busy")
+    qid = await jh.queue(rcpt, done)
+    await jh.wait_settled(qid, "deferred")
+    env = jh.deferred(qid)
+    assert [(e.type, e.key) for e in outcome_events(env)] == [
+        ("deferred", f"deferred:{qid}:{rcpt}:1"), ("sent", f"sent:{qid}:{done}")]
+    assert outcome_events(env) == [e for e in journal(jh).events if e.queue_id == qid]

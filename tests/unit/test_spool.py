@@ -98,7 +98,8 @@ async def test_recover_cleans_tmp_and_quarantines_corrupt(spool: Spool) -> None:
     (spool.dir("incoming") / "01BADBADBADBADBADBADBADBAD").write_bytes(b"garbage")
     (spool.dir("deferred") / "01TRUNCATEDTRUNCATEDTRUNCA").write_bytes(b"MAILGW-SPOOL 1\n{\"id\":")
     counts = Spool(spool.root).recover()
-    assert counts == {"incoming": 1, "deferred": 0, "hold": 0, "corrupt": 2}
+    assert counts == {"incoming": 1, "deferred": 0, "hold": 0, "done": 0,
+                      "corrupt": 2}
     assert list(spool.tmp.iterdir()) == []
     assert sorted(spool.list_ids("corrupt")) == ["01BADBADBADBADBADBADBADBAD",
                                                   "01TRUNCATEDTRUNCATEDTRUNCA"]
@@ -197,3 +198,38 @@ async def test_a_failed_file_fsync_before_the_rename_is_still_451(
     with pytest.raises(SpoolError):
         await spool.put(env(), b"Subject: x\r\n\r\nbody\r\n")
     assert spool.list_ids("incoming") == [] and os.listdir(spool.tmp) == []
+
+
+def test_queue_files_without_the_outcome_fields_still_read() -> None:
+    """A queue file written before `Recipient.last_at` (and the fields after it) reads, and
+    has no outcome event to replay; a recipient field of a later version is ignored."""
+    from gateway.spool import Envelope, outcome_events
+
+    old = (b'{"id":"Q1","mail_from":"a@example.com","recipients":[{"addr":"b@example.net",'
+           b'"status":"sent","attempts":1,"last_reply":"250 ok","remote":"mx:25"},'
+           b'{"addr":"c@example.net","status":"pending","future":1}],"received_at":1.0}')
+    env = Envelope.from_json(old)
+    assert [(r.addr, r.status, r.last_at) for r in env.recipients] == [
+        ("b@example.net", "sent", None), ("c@example.net", "pending", None)]
+    assert outcome_events(env) == []
+
+
+async def test_finish_moves_to_done_and_recover_drops_a_stale_queued_copy(spool: Spool) -> None:
+    """`finish` puts the final envelope into done/ and unlinks the old file; a crash between
+    the two leaves both, and recovery keeps done/ (the entry is delivered)."""
+    e = env()
+    data = b"S: x\r\n\r\nb\r\n"
+    await spool.put(e, data)
+    for r in e.recipients:
+        r.status, r.last_at = "sent", 1.0
+    assert await spool.finish(e, data, "incoming")
+    assert spool.list_ids("incoming") == [] and spool.list_ids("done") == [e.id]
+    assert spool.read("done", e.id) == (e, data)
+    assert not await spool.finish(e, data, "incoming")   # gone: nothing written
+    stale = env(e.id)
+    await spool.put(stale, data)                        # as if the unlink never happened
+    counts = Spool(spool.root).recover()
+    assert counts["incoming"] == 0 and counts["done"] == 1
+    assert spool.list_ids("incoming") == [] and spool.find(e.id) == "done"
+    await spool.remove_done([e.id])
+    assert spool.list_ids("done") == []

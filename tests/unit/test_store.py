@@ -459,25 +459,45 @@ async def test_writer_flushes_in_batches(store: Store) -> None:
     assert len(await store.list_messages(limit=1000)) == 450
 
 
-async def test_wait_recorded_holds_a_copy_until_its_record_is_written(store: Store,
-                                                                     fast_backoff: None) -> None:
-    """The scheduler delivers a copy only once its relay record is in the store
-    (StoreWriter.wait_recorded): a copy never given is recorded at once; a copy whose
-    record cannot be written (the store is down) times out; once written, it is released."""
-    from gateway.records import Copy
-
+async def test_writer_marks_say_what_is_written(store: Store, fast_backoff: None) -> None:
+    """The scheduler keeps a delivered entry in done/ until `flushed` reaches the mark it
+    took after the entry's events (StoreWriter.mark): items are written in order, so the
+    mark covers the copy's record too; a store that is down holds it back."""
     rec = Recording(store, fail=3)
     w = StoreWriter(rec.install(), batch=50, max_delay=0.01)
-    assert await w.wait_recorded("NEVER-GIVEN", 0.01)
-    w.add_accepted(msg("WR1", copies=[Copy("WR1", recipient="bob@example.net"),
-                                      Copy("WR1-b", recipient="carol@example.net")]))
-    assert not await w.wait_recorded("WR1-b", 0.0)
+    assert w.mark() == 0 and w.flushed == 0      # nothing given: nothing owed
+    w.add_accepted(msg("WM1"))
+    w.add_event(ev("WM1", "sent"))
+    mark = w.mark()
+    assert mark == 2 and w.flushed < mark
+    w.add_event(ev("WM1", "opened"))
     await w.start()
-    waiter = asyncio.ensure_future(w.wait_recorded("WR1-b", 10.0))
-    assert await w.wait_recorded("WR1", 10.0) and await waiter
+    while w.flushed < mark:
+        assert await w.wait_flushed(10.0) or w.flushed >= mark
     assert rec.errors == 3                       # it waited through the outage
-    assert await store.get_message_by_queue_id("WR1-b") is not None
+    assert await store.get_message_by_queue_id("WM1") is not None
     assert await w.stop(timeout=5) == 0
+    assert w.flushed == w.mark() == 3
+
+
+async def test_keyed_outcome_events_are_added_once(store: Store) -> None:
+    """The scheduler's outcome events carry keys (`sent:<qid>:<rcpt>`, ...): a replay from
+    the spool after a crash, in a later batch or in the same one, adds nothing more."""
+    def keyed(type_: str, rcpt: str, key: str) -> EventRecord:
+        return EventRecord(queue_id="WK1", type=type_, recipient=rcpt, at=T0,
+                           details={"reply": "250 ok"}, key=key)
+
+    live = [keyed("sent", "bob@example.net", "sent:WK1:bob@example.net"),
+            keyed("deferred", "carol@example.net", "deferred:WK1:carol@example.net:1")]
+    await store.record([msg("WK1", to=("bob@example.net", "carol@example.net"))], live)
+    again = [*live, keyed("sent", "carol@example.net", "sent:WK1:carol@example.net")]
+    await store.record([], again)
+    await store.record([], [again[2], again[2]])
+    m = await store.get_message_by_queue_id("WK1")
+    assert m is not None
+    assert sorted((e["type"], e["recipient"]) for e in m["events"] if e["type"] != "queued") \
+        == [("deferred", "carol@example.net"), ("sent", "bob@example.net"),
+            ("sent", "carol@example.net")]
 
 
 async def test_writer_retries_after_failures_without_losing_items(store: Store,
