@@ -162,6 +162,11 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def stop_cleanly(self, timeout: float = 15.0) -> None:
+        """SIGTERM, and assert exit 0, with the end of the daemon's log when it is not."""
+        code = self.stop(timeout)
+        assert code == 0, f"exit {code}; the daemon's log ends:\n{self.log()[-6000:]}"
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`mailgw ARGS -c CONFIG` in this process (tests/support/cli.py): the daemon is the
         subprocess here; use it only from a plain (not async) test. The daemon's extra

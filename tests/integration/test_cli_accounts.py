@@ -150,5 +150,5 @@ def test_accounts_and_sync_status_against_a_running_daemon(dovecot: Dovecot, tmp
         after = listing(cfg)["rep"]
         assert after["status"] == "deleted" and after["messages"] == 0 and after["lease_owner"] is None
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
     assert "tailer_started" in daemon.log()

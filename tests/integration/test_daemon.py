@@ -97,7 +97,7 @@ def test_kill_9_loses_no_accepted_message(tmp_path: Path, sink: Sink, workers: i
         print(f"accepted before kill -9: {len(got_250)}, delivered: {len(set(tags))}, "
               f"duplicates: {dups}")
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
 
 
 # --- kill -9 at random moments ---------------------------------------------------------
@@ -291,7 +291,7 @@ def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink, w
         send_one(daemon.port, "new-user", login="bob@example.com")
         wait_for_sync(lambda: len(sink.received) == 2, 15, "both deliveries")
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
 
 
 def test_systemd_notify(tmp_path: Path, sink: Sink, workers: int) -> None:
@@ -326,7 +326,7 @@ def test_systemd_notify(tmp_path: Path, sink: Sink, workers: int) -> None:
         wait_for_sync(lambda: sum(m.startswith("READY=1") for m in got) > n_ready, 10,
                  "READY=1 after the reload")
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
     wait_for_sync(lambda: seen("STOPPING=1"), 5, "STOPPING=1")
     sock.close()
 
@@ -371,6 +371,6 @@ def test_queue_commands(tmp_path: Path, workers: int) -> None:
         assert listing() == []
         assert daemon.cli("queue", "show", qid).returncode == 1
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
         if sink is not None:
             sink.stop()

@@ -79,7 +79,7 @@ def test_sighup_with_broken_policy_keeps_old_config_and_policies(tmp_path: Path,
         assert events(daemon, "reloaded")
         assert can_login(daemon.port, "bob@example.com")
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
 
 
 async def test_app_reload_swaps_policy_set(tmp_path: Path, sink: Sink) -> None:
@@ -176,4 +176,4 @@ def test_sighup_signs_with_the_rotated_dkim_key(tmp_path: Path, sink: Sink) -> N
         second = send(2)
         assert verifies(second, new) and not verifies(second, old)
     finally:
-        assert daemon.stop() == 0
+        daemon.stop_cleanly()
