@@ -51,7 +51,9 @@ def test_sighup_with_broken_policy_keeps_old_config_and_policies(tmp_path: Path,
     pol = tmp_path / "policies"
     pol.mkdir()
     (pol / "10-base.yaml").write_text("- name: first rule\n  set: {track_opens: false}\n")
-    cfg = write_config(tmp_path, upstream_port=sink.port, policies_dir=str(pol))
+    # one process: the test counts its `policies_loaded` lines (with `workers: auto` each
+    # worker logs its own, the second one at any moment; test_workers covers reloads there)
+    cfg = write_config(tmp_path, upstream_port=sink.port, policies_dir=str(pol), workers=1)
     daemon = Daemon(cfg).start()
     try:
         wait_for_sync(lambda: events(daemon, "policies_loaded"), 10, "policies loaded at start")
