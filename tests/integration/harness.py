@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -161,6 +162,19 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log records of event `name`, in order: whole lines only (the last piece
+        of the file may be a line a worker is still writing)."""
+        want = f'"event": "{name}"'
+        out = []
+        for line in self.log().split("\n")[:-1]:
+            if want in line:
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if rec.get("event") == name:
+                        out.append(rec)
+        return out
 
     def stop_cleanly(self, timeout: float = 15.0) -> None:
         """SIGTERM, and assert exit 0, with the end of the daemon's log when it is not."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import smtplib
 from collections.abc import Iterator
@@ -21,13 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in daemon.log().splitlines():
-        if line.startswith("{"):
-            rec = json.loads(line)
-            if rec.get("event") == name:
-                out.append(rec)
-    return out
+    return daemon.events(name)
 
 
 def can_login(port: int, login: str) -> bool:

@@ -3,7 +3,6 @@ loses nothing, SIGTERM drains, SIGHUP with a bad config changes nothing, /metric
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import smtplib
@@ -37,14 +36,7 @@ def send(port: int, tag: str) -> None:
 
 
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in daemon.log().splitlines():
-        if f'"event": "{name}"' in line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return daemon.events(name)
 
 
 def start_workers(cfg: Path, env: dict[str, str] | None = None) -> Daemon:
