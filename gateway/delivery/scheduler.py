@@ -274,6 +274,9 @@ class Scheduler:
         """The app replayed the journal late (the store was down at start): the entries
         delivered meanwhile get their events again, then done/ is reaped as usual."""
         if self.journal is not None:
+            # the marks taken meanwhile cover events the store dropped (the copy's record
+            # was not rebuilt yet): every done/ entry waits for the replay's mark instead
+            self._owed = []
             self._adopt_done(replay=True)
         self.reaping = True
 

@@ -1208,3 +1208,18 @@ async def test_a_deferred_entry_keeps_its_last_attempt_for_the_replay(jh: Harnes
     assert [(e.type, e.key) for e in outcome_events(env)] == [
         ("deferred", f"deferred:{qid}:{rcpt}:1"), ("sent", f"sent:{qid}:{done}")]
     assert outcome_events(env) == [e for e in journal(jh).events if e.queue_id == qid]
+
+
+async def test_review_late_replay_keeps_done_until_the_replayed_items_are_written(
+        jh: Harness) -> None:
+    """Store down at start: delivered meanwhile, the writer 'flushed' the live events (the
+    store dropped them: unknown queue id, record not rebuilt yet). After journal_replayed
+    the entry must stay in done/ until the replayed items are written."""
+    jh.scheduler.reaping = False
+    qid = await jh.queue("a@example.test")
+    await jh.wait_settled(qid, "done")
+    journal(jh).write()          # live events "written" (dropped by the store as unknown)
+    jh.scheduler.journal_replayed()   # replayed record/events handed over, not written yet
+    await jh.timer_tick()
+    await asyncio.sleep(0.2)
+    assert jh.state(qid) == "done", "removed before the replayed items were written"
