@@ -175,7 +175,7 @@ def outcome_event(env: Envelope, r: Recipient) -> EventRecord | None:
 
     The scheduler records its events through this too, so a replay after a crash adds the
     same event under the same idempotency key (``sent:<queue id>:<rcpt>``,
-    ``bounced:<queue id>:<rcpt>``, ``deferred:<queue id>:<rcpt>:<attempt>``), which the
+    ``bounced:<queue id>:<rcpt>``, ``deferred:<queue id>:<rcpt>:<attempt time in ms>``), which the
     store adds once."""
     if env.is_bounce or r.last_at is None:
         return None
@@ -190,7 +190,9 @@ def outcome_event(env: Envelope, r: Recipient) -> EventRecord | None:
             details["expired"] = True  # build_dsn reports it as 4.4.7 with this reply
         key = f"bounced:{env.id}:{rcpt}"
     else:
-        key = f"deferred:{env.id}:{rcpt}:{r.last_attempt}"
+        # by the attempt's own time, not its number: an attempt whose rewrite a crash (or a
+        # raising attempt) lost is numbered again by the next one, with another reply
+        key = f"deferred:{env.id}:{rcpt}:{round(r.last_at * 1000)}"
     return EventRecord(queue_id=env.id, type="deferred" if r.status == "pending" else r.status,
                        recipient=r.addr, at=datetime.fromtimestamp(r.last_at, UTC),
                        details=details, key=key)

@@ -31,7 +31,15 @@ from gateway.delivery.transport import Destination, RcptResult
 from gateway.directory import AccountDirectory
 from gateway.errors import AccountAuthError, AccountUnavailable, PermanentFailure
 from gateway.records import AcceptedMessage, EventRecord
-from gateway.spool import QUEUED_STATES, Envelope, Recipient, Spool, new_queue_id, outcome_events
+from gateway.spool import (
+    QUEUED_STATES,
+    Envelope,
+    Recipient,
+    Spool,
+    new_queue_id,
+    outcome_event,
+    outcome_events,
+)
 from tests.support.clock import FakeClock
 from tests.support.transport import MemoryTransport, Sent
 from tests.support.wait import wait_for
@@ -1205,9 +1213,24 @@ async def test_a_deferred_entry_keeps_its_last_attempt_for_the_replay(jh: Harnes
     qid = await jh.queue(rcpt, done)
     await jh.wait_settled(qid, "deferred")
     env = jh.deferred(qid)
+    tried = env.recipients[0]
+    assert tried.last_at is not None
     assert [(e.type, e.key) for e in outcome_events(env)] == [
-        ("deferred", f"deferred:{qid}:{rcpt}:1"), ("sent", f"sent:{qid}:{done}")]
+        ("deferred", f"deferred:{qid}:{rcpt}:{round(tried.last_at * 1000)}"),
+        ("sent", f"sent:{qid}:{done}")]
     assert outcome_events(env) == [e for e in journal(jh).events if e.queue_id == qid]
+
+
+def test_two_attempts_numbered_alike_get_two_deferred_keys() -> None:
+    # a crash between an attempt's event and its rewrite numbers the next attempt the same
+    env = Envelope(id="Q1", mail_from="a@example.test", recipients=[Recipient(
+        "b@example.test", attempts=1, last_reply="451 4.2.0 busy", last_at=1000.0,
+        last_attempt=1)])
+    first = outcome_event(env, env.recipients[0])
+    env.recipients[0].last_at, env.recipients[0].last_reply = 1300.0, "451 4.3.0 later"
+    again = outcome_event(env, env.recipients[0])
+    assert first is not None and again is not None and first.key != again.key
+    assert first.details["attempt"] == again.details["attempt"] == 1
 
 
 async def test_review_late_replay_keeps_done_until_the_replayed_items_are_written(
