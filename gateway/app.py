@@ -297,7 +297,7 @@ class App:
         while True:
             await asyncio.sleep(delay)
             if await self._recover_store_records():
-                self.scheduler.journal_replayed()
+                await self.scheduler.journal_replayed()
                 return
             delay = min(delay * 2, 30.0)
 
@@ -402,7 +402,13 @@ class App:
     def spool_counts(self) -> dict[str, int]:
         """Queue files per state on this node (a worker counts every worker's spool); not
         done/ (delivered, waiting for the store writer)."""
-        states = [s for s in STATES if s != "done"]
+        return self._count_spools([s for s in STATES if s != "done"])
+
+    def done_count(self) -> int:
+        """Delivered entries in done/ on this node, waiting for the store writer."""
+        return self._count_spools(["done"])["done"]
+
+    def _count_spools(self, states: list[str]) -> dict[str, int]:
         if self.worker is None:
             return {state: len(self.spool.list_ids(state)) for state in states}
         counts = dict.fromkeys(states, 0)
@@ -418,6 +424,7 @@ class App:
         assert self.store is not None
         store = self.store
         self.metrics.on_collect(lambda: self.metrics.set_queue(self.spool_counts()))
+        self.metrics.on_collect(lambda: self.metrics.set_done(self.done_count()))
 
         async def backlog() -> None:
             self.metrics.webhook_backlog.set(await outbox.backlog(store))

@@ -18,6 +18,8 @@ Metric names (all prefixed ``mailgw_``)::
     messages_accepted_total                    relay: messages spooled (a 250 given)
     deliveries_total{result}                   per recipient: delivered | deferred | bounced
     queue_messages{state}                      spool files per state (scrape time)
+    queue_done                                 delivered entries in done/, waiting for the
+                                               store writer (scrape time)
     delivery_crashes_total                     attempts whose processing raised
     queue_poison_total                         entries moved to hold/ after delivery.max_crashes
     store_write_failures_total                 failed store batches (the writer retries)
@@ -66,6 +68,9 @@ class Metrics:
                                   ["result"], registry=r)
         self.queue_messages = Gauge("mailgw_queue_messages", "Spool files per state", ["state"],
                                     registry=r, multiprocess_mode="mostrecent")
+        self.queue_done = Gauge("mailgw_queue_done",
+                                "Delivered spool entries in done/ waiting for the store writer",
+                                registry=r, multiprocess_mode="mostrecent")
         self.delivery_crashes = Counter("mailgw_delivery_crashes",
                                         "Delivery attempts whose processing raised", registry=r)
         self.queue_poison = Counter("mailgw_queue_poison",
@@ -113,6 +118,9 @@ class Metrics:
     def set_queue(self, counts: Mapping[str, int]) -> None:
         for state, n in counts.items():
             self.queue_messages.labels(state).set(n)
+
+    def set_done(self, n: int) -> None:
+        self.queue_done.set(n)
 
     def delivery_crashed(self) -> None:
         self.delivery_crashes.inc()

@@ -209,7 +209,18 @@ class Relay:
                 scheduled_for=send_at if p.route != "ingest" else None)
             trace = received_header(sub, self.hostname, p.queue_id, now, p.recipients)
             files.append((env, trace + p.data))
-        await self.spool.put_all(files)  # all or nothing; SpoolError -> 452 4.3.1 (disk full) or 451 4.3.0
+        # the writer owes these copies their record from before they are visible in the
+        # spool: the scheduler's scan may deliver one before `_record` below has run
+        expected = [env.id for env, _ in files if env.recorded] if self.events is not None else []
+        expect = getattr(self.events, "expect", None) if expected else None
+        if expect is not None:
+            expect(expected)
+        try:
+            # all or nothing; SpoolError -> 452 4.3.1 (disk full) or 451 4.3.0
+            await self.spool.put_all(files)
+        except BaseException:
+            self._unexpect(expected)
+            raise
         self.accepted += 1
         # one line per spooled copy under the id the client got (`250 ... queued as <group>`):
         # per-recipient copies have their own queue ids, which the delivery lines carry
@@ -220,7 +231,11 @@ class Relay:
         # From here on the message is queued: nothing may turn the 250 into an error (the
         # client would send it again), so what follows only logs its failures.
         try:
-            self._record(sub, data, message_id, plans, now, controls, names)
+            try:
+                self._record(sub, data, message_id, plans, now, controls, names)
+            except Exception:
+                self._unexpect(expected)   # no record added: none is owed
+                raise
             if self.counts is not None and remote and ob is not None \
                     and ob.policies.has_daily_caps:
                 self.counts.add(sub.mail_from, len(remote))
@@ -232,6 +247,11 @@ class Relay:
             for p in plans:
                 self.on_queued(p.queue_id)
         return qid
+
+    def _unexpect(self, qids: list[str]) -> None:
+        unexpect = getattr(self.events, "unexpect", None) if qids else None
+        if unexpect is not None:
+            unexpect(qids)
 
     def _record(self, sub: Submission, data: bytes, message_id: str, plans: list[CopyPlan],
                 now: float, controls: Controls = NO_CONTROLS,
@@ -256,8 +276,9 @@ class Relay:
 # -- the spool as the journal of the relay's store records ---------------------------------
 #: Spool states whose entries are accepted messages still waiting, or delivered whose
 #: record or outcome events may not be written yet (corrupt/ is for a human). A message
-#: moves only forward through them (incoming, deferred or hold, done), so one listing in
-#: this order sees an entry that moves while it runs.
+#: does not only move forward through them: `queue retry` (deferred -> incoming) and
+#: `release` (hold -> incoming) move it back, so a scan lists them all twice
+#: (`_spooled_groups`) and looks an entry that moved on up again (`Spool.find`).
 JOURNAL_STATES = ("incoming", "deferred", "hold", "done")
 
 
@@ -295,7 +316,9 @@ def accepted_from_spool(entries: list[tuple[Envelope, bytes]]) -> AcceptedMessag
     if not stored:
         return None
     env = stored[0][0]
-    raw = strip_trace(next((d for e, d in stored if not e.tracked), stored[0][1]))
+    # a done/ entry whose record was written keeps no bytes (`Envelope.envelope_only`)
+    with_bytes = [(e, d) for e, d in stored if not e.envelope_only] or stored
+    raw = strip_trace(next((d for e, d in with_bytes if not e.tracked), with_bytes[0][1]))
     sched = env.scheduled_for
     return AcceptedMessage(
         queue_id=env.id, message_id=env.message_id or "", from_addr=env.mail_from,
@@ -314,20 +337,39 @@ def _spooled_groups(spool: Spool) -> tuple[dict[str, list[tuple[str, str]]], lis
     and the outcome events their queue files keep (`outcome_events`)."""
     groups: dict[str, list[tuple[str, str]]] = {}
     events: list[EventRecord] = []
-    seen: set[str] = set()
-    for state in JOURNAL_STATES:
-        for qid in spool.list_ids(state):
-            if qid in seen:
-                continue   # moved on while this listing ran: seen already
-            try:
-                env = spool.read_envelope(state, qid)
-            except (NotFound, CorruptQueueFile):
-                continue   # gone meanwhile, or for the scheduler to move to corrupt/
-            if _recorded_by_relay(env):
-                seen.add(qid)
-                groups.setdefault(env.group or env.id, []).append((state, qid))
-                events.extend(outcome_events(env))
+    # entries move while the scan runs, backwards too (`queue retry`, `release`): an entry
+    # that moves into a state listed already is missed by one pass over the states, so
+    # there are two, and an entry read where it is no longer is looked for again
+    listed: dict[str, str] = {}
+    for _ in range(2):
+        for state in JOURNAL_STATES:
+            for qid in spool.list_ids(state):
+                listed.setdefault(qid, state)
+    for qid, state in listed.items():
+        env = _read_envelope_anywhere(spool, state, qid)
+        if env is not None and _recorded_by_relay(env[1]):
+            groups.setdefault(env[1].group or env[1].id, []).append((env[0], qid))
+            events.extend(outcome_events(env[1]))
     return groups, events
+
+
+def _read_envelope_anywhere(spool: Spool, state: str, qid: str) -> tuple[str, Envelope] | None:
+    """(state, envelope) of an entry listed in `state`, wherever it moved since; None when it
+    is gone (delivered and removed, deleted) or corrupt (for the scheduler to move)."""
+    for _ in range(3):   # it may move again while it is looked for
+        try:
+            return state, spool.read_envelope(state, qid)
+        except CorruptQueueFile:
+            return None
+        except NotFound:
+            pass
+        try:
+            state = spool.find(qid)
+        except NotFound:
+            return None
+        if state not in JOURNAL_STATES:
+            return None
+    return None
 
 
 def _read_entries(spool: Spool, where: list[tuple[str, str]]) -> list[tuple[Envelope, bytes]]:
@@ -367,7 +409,15 @@ async def record_unrecorded(spool: Spool, known: Callable[[list[str]], Awaitable
     for where in groups.values():
         if any(qid in have for _, qid in where):
             continue
-        a = accepted_from_spool(await asyncio.to_thread(_read_entries, spool, where))
+        entries = await asyncio.to_thread(_read_entries, spool, where)
+        if entries and all(e.envelope_only for e, _ in entries):
+            # done/ keeps only the envelope once the record is written: the store should
+            # know it. Rebuilt without the bytes it would be an empty message: skipped
+            log.warning("store_record_not_rebuilt", queue_id=entries[0][0].id,
+                        reason="done/ entry without message bytes, record unknown to the store",
+                        copies=[e.id for e, _ in entries])
+            continue
+        a = accepted_from_spool(entries)
         if a is None:
             continue
         sink.add_accepted(a)

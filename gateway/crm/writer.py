@@ -14,6 +14,10 @@ flushes what is left until its timeout and reports (and logs) whatever it could 
 Sequence marks (:meth:`StoreWriter.mark`, :attr:`StoreWriter.flushed`) say how far the
 writes have come: the scheduler keeps a delivered queue entry in the spool (done/) until
 the writer has written everything added up to the mark taken after its outcome events.
+Per copy, :meth:`StoreWriter.owes_record` says whether its relay record is still to be
+written: from the relay's :meth:`StoreWriter.expect` (before the copy is spooled, so that
+no delivery can finish before the writer knows) until the batch holding the record is
+written. A copy whose record is written keeps only its envelope in done/.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class StoreWriter:
         self._added = 0
         self.flushed = 0
         self._written = asyncio.Event()
+        #: queue ids of the copies whose relay record is expected or added but not written
+        self._unrecorded: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -97,7 +103,22 @@ class StoreWriter:
                 a.raw = None
             else:
                 self._raw_bytes += len(a.raw)
+        self._unrecorded.update(_copy_ids(a))
         self._add(a)
+
+    def expect(self, qids: list[str]) -> None:
+        """The relay is about to spool these copies and add their record: from now until
+        that record is written, :meth:`owes_record` is True for them."""
+        self._unrecorded.update(qids)
+
+    def unexpect(self, qids: list[str]) -> None:
+        """The copies announced with :meth:`expect` were not spooled (or their record was
+        never added): nothing is owed for them."""
+        self._unrecorded.difference_update(qids)
+
+    def owes_record(self, qid: str) -> bool:
+        """Whether the relay record of copy `qid` is expected or added but not yet written."""
+        return qid in self._unrecorded
 
     def mark(self) -> int:
         """The sequence mark of the last item added: once `flushed` reaches it, everything
@@ -194,8 +215,10 @@ class StoreWriter:
                 continue
             for _ in chunk:
                 item = self._items.popleft()
-                if isinstance(item, AcceptedMessage) and item.raw is not None:
-                    self._raw_bytes -= len(item.raw)
+                if isinstance(item, AcceptedMessage):
+                    if item.raw is not None:
+                        self._raw_bytes -= len(item.raw)
+                    self._unrecorded.difference_update(_copy_ids(item))
             self.flushed += len(chunk)
             self._written.set()     # wake the waiters of this batch, then re-arm
             self._written = asyncio.Event()
@@ -206,6 +229,11 @@ class StoreWriter:
             elapsed = loop.time() - started
             if elapsed > 1.0:
                 self.log.warning("store_write_slow", seconds=round(elapsed, 3), items=len(chunk))
+
+
+def _copy_ids(a: AcceptedMessage) -> list[str]:
+    """The queue ids of a record's copies (a record without copies is its own)."""
+    return [c.queue_id for c in a.copies] if a.copies else [a.queue_id]
 
 
 def _parse_all(items: list[AcceptedMessage]) -> None:

@@ -12,7 +12,12 @@ recipient's last outcome is in its queue file (`Recipient.last_at` and the field
 it), each outcome event carries an idempotency key (`gateway.spool.outcome_event`), and a
 delivered entry waits in done/ until the writer has written everything it was given up
 to the entry's outcome events (its sequence mark), the copy's CRM record included; then
-it is removed. At start `gateway.relay.record_unrecorded` rebuilds the missing records
+it is removed. When the copy's record is written already (`StoreWriter.owes_record`) done/
+keeps only the envelope, not the message bytes: a store outage then does not fill the
+spool with copies of every delivered message. An entry whose record the writer still owes
+is never removed, whatever its mark (the relay announces a copy to the writer before it
+is spooled, so a delivery that wins the race with the relay's record is covered).
+At start `gateway.relay.record_unrecorded` rebuilds the missing records
 and adds the outcome events again (the store keeps one event per key), so a kill -9 at
 any point loses neither. An entry the store keeps nothing for (a DSN, a `store: false`
 copy, the ingest copy) or whose items are all written already is removed at once.
@@ -134,6 +139,8 @@ class Journal(Protocol):
 
     def mark(self) -> int: ...
 
+    def owes_record(self, qid: str) -> bool: ...
+
     async def wait_flushed(self, timeout: float) -> bool: ...
 
 
@@ -192,9 +199,10 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._delay_groups: dict[str, None] = {}   # submissions whose sender got a delay DSN
         self._paused: dict[str, float] = {}   # incoming/ entries left alone until (monotonic)
-        #: recipients delivered whose queue file could not be rewritten to say so (a full
-        #: disk), by queue id: never sent to again by this process
-        self._sent_unrecorded: dict[str, set[str]] = {}
+        #: recipients finished (sent or bounced, with their last attempt) whose queue file
+        #: could not be rewritten to say so (a full disk), by queue id and address: never
+        #: sent to again by this process, restored as they were
+        self._sent_unrecorded: dict[str, dict[str, Recipient]] = {}
         #: the writer's sequence marks, when the sink has them (else no done/ entries)
         self.journal: Journal | None = events if isinstance(events, Journal) else None
         #: done/ entries by the writer mark they wait for (a heap); removed once written
@@ -227,7 +235,7 @@ class Scheduler:
             for qid in self.spool.list_ids("done"):
                 await self.spool.remove_done([qid])
         else:
-            self._adopt_done(replay=False)
+            self._adopt_done(self.spool.list_ids("done"), [])
         workers = self.cfg.delivery.concurrency
         self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}")
                        for i in range(workers)]
@@ -251,42 +259,61 @@ class Scheduler:
         await self.transport.close()
 
     # -- done/: delivered, waiting for the store writer --------------------------------------
-    def _adopt_done(self, replay: bool) -> None:
-        """Every entry in done/ is removed once what the writer holds now is written; with
-        `replay` their outcome events are handed to it again first (keys: added once)."""
+    def _adopt_done(self, ids: list[str], envs: list[Envelope]) -> None:
+        """The done/ entries `ids` are removed once what the writer holds now is written;
+        the outcome events of `envs` (their envelopes, read off the loop) are handed to it
+        again first (keys: added once). Entries owed already under another mark are
+        re-marked."""
         journal = self.journal
         assert journal is not None
-        ids = self.spool.list_ids("done")
-        if replay:
-            for qid in ids:
-                try:
-                    env = self.spool.read_envelope("done", qid)
-                except (NotFound, CorruptQueueFile):
-                    continue
-                if env.recorded:
-                    for e in outcome_events(env):
-                        self.events.add_event(e)
+        for env in envs:
+            if env.recorded:
+                for e in outcome_events(env):
+                    self.events.add_event(e)
         mark = journal.mark()
-        for qid in ids:
-            heapq.heappush(self._owed, (mark, qid))
+        adopted = set(ids)
+        self._owed = [(m, q) for m, q in self._owed if q not in adopted]
+        self._owed.extend((mark, qid) for qid in ids)
+        heapq.heapify(self._owed)
 
-    def journal_replayed(self) -> None:
+    def _read_done(self) -> tuple[list[str], list[Envelope]]:
+        """The done/ entries and their envelopes (blocking: run in a thread)."""
+        ids = self.spool.list_ids("done")
+        envs = []
+        for qid in ids:
+            try:
+                envs.append(self.spool.read_envelope("done", qid))
+            except (NotFound, CorruptQueueFile):
+                continue
+        return ids, envs
+
+    async def journal_replayed(self) -> None:
         """The app replayed the journal late (the store was down at start): the entries
         delivered meanwhile get their events again, then done/ is reaped as usual."""
         if self.journal is not None:
             # the marks taken meanwhile cover events the store dropped (the copy's record
-            # was not rebuilt yet): every done/ entry waits for the replay's mark instead
-            self._owed = []
-            self._adopt_done(replay=True)
+            # was not rebuilt yet): every done/ entry waits for the replay's mark instead.
+            # The envelopes are read in a thread (after a long outage, thousands of them);
+            # an entry finished meanwhile was finished after the replay: its own mark holds
+            ids, envs = await asyncio.to_thread(self._read_done)
+            self._adopt_done(ids, envs)
         self.reaping = True
 
     def _ready_to_reap(self) -> list[str]:
         journal = self.journal
         if journal is None or not self.reaping:
             return []
-        ready = []
+        ready: list[str] = []
+        owing: list[str] = []
         while self._owed and self._owed[0][0] <= journal.flushed:
-            ready.append(heapq.heappop(self._owed)[1])
+            qid = heapq.heappop(self._owed)[1]
+            # its record is not written yet (the relay's record was added after the entry's
+            # mark was taken): it waits again, for the mark now
+            (owing if journal.owes_record(qid) else ready).append(qid)
+        if owing:
+            mark = journal.mark()
+            for qid in owing:
+                heapq.heappush(self._owed, (mark, qid))
         return ready
 
     async def _reaper(self) -> None:
@@ -313,13 +340,18 @@ class Scheduler:
 
     async def _finish(self, state: str, env: Envelope, data: bytes) -> None:
         """Every recipient is done: into done/ until the writer has written the copy's
-        record and these outcome events, or removed at once when nothing is owed."""
+        record and these outcome events, or removed at once when nothing is owed. When the
+        record is written already (and the start-up replay ran: until then a record lost
+        before the start may still have to be rebuilt from the bytes) done/ gets only the
+        envelope, which is all the events are rebuilt from."""
         journal = self.journal
         if journal is not None and env.recorded:
             mark = journal.mark()
-            if journal.flushed < mark or not self.reaping:
+            owes = journal.owes_record(env.id)
+            if journal.flushed < mark or owes or not self.reaping:
                 try:
-                    moved = await self.spool.finish(env, data, state)
+                    moved = await self.spool.finish(env, data, state,
+                                                    keep_data=owes or not self.reaping)
                 except SpoolError as exc:   # a full disk: as before done/ existed
                     self.log.error("done_not_journaled", queue_id=env.id, error=str(exc))
                 else:
@@ -461,9 +493,9 @@ class Scheduler:
             return
         done = self._sent_unrecorded.get(qid)
         if done:
-            for r in env.recipients:
-                if r.status == "pending" and r.addr in done:
-                    r.status = "sent"
+            env.recipients = [dataclasses.replace(done[r.addr])
+                              if r.status == "pending" and r.addr in done else r
+                              for r in env.recipients]
         pending = env.pending
         # no recipient left but a DSN owed (it could not be spooled): only the DSN is tried
         results = await self._deliver(env, [r.addr for r in pending], data) if pending else []
@@ -531,10 +563,11 @@ class Scheduler:
             try:
                 rewritten = await self.spool.rewrite(env, data, state, "deferred")
             except SpoolError as exc:
-                sent = {r.addr for r in env.recipients if r.status != "pending"}
-                self._sent_unrecorded[qid] = sent
+                finished = {r.addr: dataclasses.replace(r) for r in env.recipients
+                            if r.status != "pending"}
+                self._sent_unrecorded[qid] = finished
                 self.log.error("queue_rewrite_failed", queue_id=qid, error=str(exc),
-                               done=sorted(sent), retry_in=delay)
+                               done=sorted(finished), retry_in=delay)
                 self._pause(state, qid, delay)
                 return
             self._sent_unrecorded.pop(qid, None)

@@ -11,7 +11,9 @@ Queue state is where a file is (Postfix qmgr, Mailman's switchboard)::
     done/       delivered (every recipient sent or bounced), but the CRM record of the copy
                 or its outcome events are not written yet (the store writer runs behind
                 or the store is down); never delivered again, removed once the writer has
-                written them, replayed from here at start (`gateway.relay.replay_journal`)
+                written them, replayed from here at start (`gateway.relay.record_unrecorded`).
+                Once the copy's record is written only the envelope is kept (no message
+                bytes, `Envelope.envelope_only`): the events are rebuilt from it alone
     corrupt/    could not be parsed; kept for a human, never deleted
 
 A queue file is one file named by the queue id::
@@ -131,6 +133,9 @@ class Envelope:
     #: DSN is tried again on the retry schedule, for up to `delivery.retry.give_up_after`
     dsn_owed: list[dict[str, Any]] = field(default_factory=list)
     dsn_owed_since: float | None = None
+    #: a done/ entry without its message bytes (the copy's CRM record was written when it
+    #: was delivered; only its outcome events were owed). Older files read as False.
+    envelope_only: bool = False
 
     @property
     def started_at(self) -> float:
@@ -395,9 +400,12 @@ class Spool:
         except OSError as exc:
             raise self._write_failed(exc) from exc
 
-    async def finish(self, env: Envelope, data: bytes, old_state: str) -> bool:
+    async def finish(self, env: Envelope, data: bytes, old_state: str,
+                     keep_data: bool = True) -> bool:
         """Move a delivered entry into done/ with its final envelope (the recipients' outcomes,
         for the events to be replayed from), until its record and events are written.
+        Without `keep_data` (the copy's record is written already) the message bytes are
+        left out and the envelope says so (`Envelope.envelope_only`).
 
         Cheaper than a rewrite: the new file is neither fsynced nor its directories (one
         write into the page cache, a rename, an unlink, one thread hop). A kill -9 keeps
@@ -410,6 +418,8 @@ class Spool:
         the old file is gone."""
         q = self._queue
         path = self.dir("done") / env.id
+        if not keep_data:
+            env.envelope_only, data = True, b""
 
         def move() -> bool:
             old = q.path(old_state, env.id)

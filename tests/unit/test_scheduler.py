@@ -30,7 +30,7 @@ from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.transport import Destination, RcptResult
 from gateway.directory import AccountDirectory
 from gateway.errors import AccountAuthError, AccountUnavailable, PermanentFailure
-from gateway.records import AcceptedMessage, EventRecord
+from gateway.records import AcceptedMessage, Copy, EventRecord
 from gateway.spool import (
     QUEUED_STATES,
     Envelope,
@@ -1095,10 +1095,19 @@ class JournalEvents(Events):
         self.items = 0
         self.flushed = 0
         self._written = asyncio.Event()
+        #: copies whose record is expected or added, not written (StoreWriter.owes_record)
+        self.unrecorded: set[str] = set()
 
     def add_accepted(self, a: AcceptedMessage) -> None:
         super().add_accepted(a)
         self.items += 1
+        self.unrecorded.update(c.queue_id for c in a.copies or [Copy(a.queue_id)])
+
+    def expect(self, qids: list[str]) -> None:
+        self.unrecorded.update(qids)
+
+    def owes_record(self, qid: str) -> bool:
+        return qid in self.unrecorded
 
     def add_event(self, e: EventRecord) -> None:
         super().add_event(e)
@@ -1113,6 +1122,7 @@ class JournalEvents(Events):
     def write(self) -> None:
         """Everything given so far is written."""
         self.flushed = self.items
+        self.unrecorded.clear()
         self._written.set()
         self._written = asyncio.Event()
 
@@ -1191,7 +1201,7 @@ async def test_done_waits_while_the_journal_is_not_replayed(jh: Harness) -> None
     journal(jh).write()
     await jh.timer_tick()
     assert jh.state(qid) == "done"
-    jh.scheduler.journal_replayed()
+    await jh.scheduler.journal_replayed()
     assert [e.type for e in journal(jh).events if e.queue_id == qid] == ["sent", "sent"]
     journal(jh).write()
     await wait_for(lambda: jh.state(qid) is None, what="done/ reaped after the replay")
@@ -1242,7 +1252,7 @@ async def test_review_late_replay_keeps_done_until_the_replayed_items_are_writte
     qid = await jh.queue("a@example.test")
     await jh.wait_settled(qid, "done")
     journal(jh).write()          # live events "written" (dropped by the store as unknown)
-    jh.scheduler.journal_replayed()   # replayed record/events handed over, not written yet
+    await jh.scheduler.journal_replayed()   # replayed record/events handed over, not written yet
     await jh.timer_tick()
     await asyncio.sleep(0.2)
     assert jh.state(qid) == "done", "removed before the replayed items were written"
