@@ -17,7 +17,9 @@ import asyncio
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,14 @@ import pytest
 
 from gateway.aio import wait_event
 from gateway.config import Account, Config
+from gateway.crm.writer import StoreWriter
 from gateway.delivery.mx import MXResolver
 from gateway.delivery.scheduler import LocalMessage, Scheduler
 from gateway.delivery.transport import Destination, RcptResult
 from gateway.directory import AccountDirectory
-from gateway.errors import AccountAuthError, AccountUnavailable, PermanentFailure
+from gateway.errors import AccountAuthError, AccountUnavailable, MailError, PermanentFailure
 from gateway.records import AcceptedMessage, Copy, EventRecord
+from gateway.relay import Relay, Submission
 from gateway.spool import (
     QUEUED_STATES,
     Envelope,
@@ -1119,6 +1123,13 @@ class JournalEvents(Events):
     async def wait_flushed(self, timeout: float) -> bool:
         return await wait_event(self._written, timeout)
 
+    def write_events_only(self) -> None:
+        """Everything given so far is written, but the records expected (`expect`) and not
+        added yet: a delivery that won the race with the relay's record."""
+        self.flushed = self.items
+        self._written.set()
+        self._written = asyncio.Event()
+
     def write(self) -> None:
         """Everything given so far is written."""
         self.flushed = self.items
@@ -1256,3 +1267,181 @@ async def test_review_late_replay_keeps_done_until_the_replayed_items_are_writte
     await jh.timer_tick()
     await asyncio.sleep(0.2)
     assert jh.state(qid) == "done", "removed before the replayed items were written"
+
+
+# -- done/ keeps only the envelope once the record is written; the record race ------------
+
+def accepted(qid: str) -> AcceptedMessage:
+    return AcceptedMessage(queue_id=qid, message_id="<m1@gw.test>", from_addr=SENDER,
+                           to_addrs=[], cc_addrs=[], subject="", date=None, snippet="",
+                           size=len(DATA), recipients=["a@example.test"], user=None,
+                           account=None, at=datetime.now(UTC), copies=[Copy(qid)], raw=DATA)
+
+
+async def test_done_keeps_only_the_envelope_once_the_record_is_written(jh: Harness) -> None:
+    """A store outage must not fill done/ with a copy of every delivered message: a copy
+    whose record is written keeps its envelope alone (the events are rebuilt from it); one
+    whose record is still owed keeps its bytes (a restart rebuilds the record from them)."""
+    written = await jh.queue("a@example.test")
+    await jh.wait_settled(written, "done")
+    env, data = jh.spool.read("done", written)
+    assert data == b"" and env.envelope_only
+    assert [r.status for r in env.recipients] == ["sent"]
+    assert [e.key for e in outcome_events(env)] == [f"sent:{written}:a@example.test"]
+
+    owed = await jh.queue("b@example.test", notify=False)
+    journal(jh).add_accepted(accepted(owed))
+    jh.scheduler.notify(owed)
+    await jh.wait_settled(owed, "done")
+    env, data = jh.spool.read("done", owed)
+    assert data == DATA and not env.envelope_only
+    journal(jh).write()
+    await wait_for(lambda: jh.state(written) is None and jh.state(owed) is None,
+                   what="both done/ entries reaped once written")
+
+
+async def test_a_delivery_before_its_record_is_added_waits_for_the_record(jh: Harness) -> None:
+    """The relay announces a copy (`expect`) before it is spooled and adds its record after:
+    the scan can deliver the copy in between. Its done/ entry must stay (with its bytes)
+    until the record is written, whatever its mark says."""
+    qid = new_queue_id(jh.clock())
+    journal(jh).expect([qid])
+    env = Envelope(id=qid, mail_from=SENDER, recipients=[Recipient("a@example.test")],
+                   received_at=jh.clock())
+    await jh.spool.put(env, DATA)
+    jh.scheduler.notify(qid)
+    await jh.wait_settled(qid, "done")
+    assert jh.spool.read("done", qid)[1] == DATA
+    journal(jh).write_events_only()       # its events, and everything before: written
+    await jh.timer_tick()
+    await asyncio.sleep(3 * SCAN)
+    assert jh.state(qid) == "done", "reaped before the copy's record was written"
+    journal(jh).add_accepted(accepted(qid))   # the relay's record, late
+    journal(jh).write()
+    await wait_for(lambda: jh.state(qid) is None, what="reaped once the record is written")
+
+
+class FailingRewrite:
+    """Wraps `Spool.rewrite` so that the first rewrite raises SpoolError (a full disk)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.real = spool.rewrite
+        self.failures = 1
+
+    async def __call__(self, env: Envelope, data: bytes, old_state: str,
+                       new_state: str) -> bool:
+        from gateway.errors import SpoolError
+
+        if self.failures:
+            self.failures -= 1
+            raise SpoolError("Insufficient system storage in the spool, try again later")
+        return await self.real(env, data, old_state, new_state)
+
+
+async def test_a_rewrite_lost_to_a_full_disk_keeps_bounced_recipients_bounced(
+        tmp_path: Path, cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry could not be rewritten after an attempt that sent to one recipient and
+    bounced another: the next attempt restores both as they finished (status, reply, time),
+    not every finished recipient as "sent" with the old file's empty fields."""
+    h = Harness(tmp_path / "spool", cfg)
+    h.events = JournalEvents()
+    h.scheduler = h.new_scheduler()
+    monkeypatch.setattr(h.spool, "rewrite", FailingRewrite(h.spool))
+    ok, refused, later = "a@example.test", "b@example.test", "c@example.test"
+    h.transport.script(refused, "550 5.1.1 no such user")
+    h.transport.script(later, "451 4.2.0 busy", "250 ok")
+    qid = await h.queue(ok, refused, later, notify=False)
+    await h.scheduler.process("incoming", qid)     # the rewrite fails: the old file stays
+    assert h.state(qid) == "incoming"
+    first = h.clock()
+    h.clock.advance(60)
+    await h.scheduler.process("incoming", qid)     # c delivered: all done
+    assert h.state(qid) == "done"
+    env = h.spool.read_envelope("done", qid)
+    got = {r.addr: (r.status, r.attempts, r.last_reply, r.last_status, r.last_at)
+           for r in env.recipients}
+    assert got[ok][:2] == ("sent", 1) and got[ok][4] == first
+    assert got[refused] == ("bounced", 1, "550 5.1.1 no such user", "5.1.1", first)
+    assert got[later][0] == "sent" and got[later][4] == first + 60   # its 1st attempt lost
+    assert [e.type for e in outcome_events(env)] == ["sent", "bounced", "sent"]
+    assert len(h.transport.sent_to(ok)) == 1 and len(h.transport.sent_to(refused)) == 1
+    h.spool.close()
+
+
+async def test_the_late_replay_reads_done_off_the_event_loop(
+        jh: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a long outage done/ holds thousands of entries: their envelopes are read in a
+    thread, not on the event loop."""
+    jh.scheduler.reaping = False
+    qid = await jh.queue("a@example.test")
+    await jh.wait_settled(qid, "done")
+    readers: list[str] = []
+    real = jh.spool.read_envelope
+
+    def read_envelope(state: str, q: str) -> Envelope:
+        readers.append(threading.current_thread().name)
+        return real(state, q)
+
+    monkeypatch.setattr(jh.spool, "read_envelope", read_envelope)
+    await jh.scheduler.journal_replayed()
+    assert readers and threading.main_thread().name not in readers
+    assert [e.type for e in journal(jh).events if e.queue_id == qid] == ["sent", "sent"]
+    journal(jh).write()
+    await wait_for(lambda: jh.state(qid) is None, what="done/ reaped after the replay")
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[AcceptedMessage], list[EventRecord]]] = []
+
+    async def record(self, accepted: list[AcceptedMessage], events: list[EventRecord]) -> None:
+        self.batches.append((accepted, events))
+
+
+async def test_the_writer_owes_a_record_from_expect_until_its_batch_is_written() -> None:
+    store = FakeStore()
+    writer = StoreWriter(store, max_delay=0.0)  # type: ignore[arg-type]
+    writer.expect(["Q1", "Q2"])
+    assert writer.owes_record("Q1") and writer.owes_record("Q2")
+    writer.unexpect(["Q2"])                     # spooling failed: nothing owed
+    assert not writer.owes_record("Q2")
+    a = accepted("Q1")
+    a.copies = [Copy("Q1"), Copy("Q3")]
+    writer.add_accepted(a)
+    assert writer.owes_record("Q1") and writer.owes_record("Q3")
+    await writer.start()
+    try:
+        await wait_for(lambda: writer.flushed == 1, what="the batch written")
+        assert not writer.owes_record("Q1") and not writer.owes_record("Q3")
+    finally:
+        assert await writer.stop(5.0) == 0
+
+
+async def test_the_relay_announces_its_copies_before_they_are_visible(tmp_path: Path) -> None:
+    """The rename into incoming/ happens inside put_all: from then on the scheduler's scan
+    can deliver the copy, so the writer must owe its record already."""
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    writer = StoreWriter(FakeStore())  # type: ignore[arg-type]
+    seen: list[bool] = []
+    real = spool.put_all
+
+    async def put_all(items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:
+        seen.extend(writer.owes_record(env.id) for env, _ in items)
+        await real(items, state)
+
+    spool.put_all = put_all  # type: ignore[method-assign]
+    relay = Relay(spool, "gw.test", events=writer)
+    qid = await relay.accept(Submission(mail_from=SENDER, rcpts=["a@example.test"], data=DATA))
+    assert seen == [True] and writer.owes_record(qid)
+
+    async def full(items: list[tuple[Envelope, bytes]], state: str = "incoming") -> None:
+        from gateway.errors import SpoolError
+        raise SpoolError("Insufficient system storage in the spool, try again later")
+
+    spool.put_all = full  # type: ignore[method-assign]
+    before = set(writer._unrecorded)
+    with pytest.raises(MailError):
+        await relay.accept(Submission(mail_from=SENDER, rcpts=["b@example.test"], data=DATA))
+    assert writer._unrecorded == before        # the refused message owes nothing
+    spool.close()
