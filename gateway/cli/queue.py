@@ -155,6 +155,8 @@ def _queue(args: argparse.Namespace) -> int:
 
         header, _ = split_message(data)
         entry = _queue_entry(state, env)
+        if env.envelope_only:   # a done/ entry whose record is written keeps no bytes
+            entry["message"] = "not kept (delivered, its CRM record is written)"
         if args.json:
             entry["headers"] = header.decode("utf-8", "replace")
             print_json(entry)

@@ -21,7 +21,7 @@ from gateway.crm.store import Store
 from gateway.errors import StoreError
 from gateway.ids import new_queue_id
 from gateway.records import AcceptedMessage, EventRecord
-from gateway.relay import Submission, received_header, strip_trace
+from gateway.relay import Submission, received_header, record_unrecorded, strip_trace
 from gateway.spool import Envelope, Recipient, Spool
 from tests.integration.harness import (
     PASSWORD,
@@ -281,3 +281,109 @@ async def test_a_store_down_at_start_replays_the_journal_once_it_answers(
         await wait_until(lambda: app.spool.list_ids("done") == [], 10.0, "done/ emptied")
         assert len(asked) == 2 and scheduler.reaping
     assert len(sink.received) == 1
+
+
+# -- the journal scan: entries moving backwards, done/ entries without their bytes ----------
+
+class Collect:
+    """An EventSink and a log, recording."""
+
+    def __init__(self) -> None:
+        self.records: list[AcceptedMessage] = []
+        self.events: list[EventRecord] = []
+        self.logged: list[tuple[str, dict[str, Any]]] = []
+
+    def add_accepted(self, a: AcceptedMessage) -> None:
+        self.records.append(a)
+
+    def add_event(self, e: EventRecord) -> None:
+        self.events.append(e)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.logged.append((event, kw))
+
+    info = warning
+
+
+async def nothing_known(qids: list[str]) -> set[str]:
+    return set()
+
+
+class RetriedWhileListing(Spool):
+    """`mailgw queue retry` moves `qid` from deferred/ back to incoming/ right after the scan
+    listed incoming/ (before it lists deferred/)."""
+
+    qid = ""
+
+    def list_ids(self, state: str) -> list[str]:
+        if state == "deferred" and self.qid and (self.dir("deferred") / self.qid).exists():
+            self.move(self.qid, "deferred", "incoming")
+        return super().list_ids(state)
+
+
+async def test_the_scan_finds_an_entry_moved_back_while_it_lists(tmp_path: Path) -> None:
+    spool = RetriedWhileListing(tmp_path / "spool")
+    spool.setup()
+    now = time.time()
+    qid = new_queue_id(now)
+    await spool.put(*copy(qid, qid, ["bob@example.net"], message("moved@example.com"), now),
+                    state="deferred")
+    spool.qid = qid
+    out = Collect()
+    assert await record_unrecorded(spool, nothing_known, out, log=out) == 1
+    assert [a.queue_id for a in out.records] == [qid]
+    assert spool.find(qid) == "incoming"
+    spool.close()
+
+
+async def test_a_done_entry_without_its_bytes_is_never_rebuilt_empty(tmp_path: Path) -> None:
+    """done/ keeps only the envelope once the copy's record is written. Should the store not
+    know the record after all, no empty message is stored (logged instead); the events are
+    replayed. A message with a copy that still has its bytes is rebuilt from that one."""
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    now = time.time()
+    lone = new_queue_id(now)
+    env, raw = copy(lone, lone, ["bob@example.net"], message("lone@example.com"), now)
+    await spool.put(env, raw)
+    env.recipients[0].status, env.recipients[0].last_at = "sent", now
+    assert await spool.finish(env, raw, "incoming", keep_data=False)
+    assert spool.read("done", lone) == (env, b"") and env.envelope_only
+    # two per-recipient copies: one delivered (envelope only), one still deferred
+    a1, a2 = new_queue_id(now), new_queue_id(now)
+    data = message("pair@example.com")
+    e1, r1 = copy(a1, a1, ["bob@example.net"], data, now, tracked=True)
+    await spool.put(e1, r1)
+    e1.recipients[0].status, e1.recipients[0].last_at = "sent", now
+    assert await spool.finish(e1, r1, "incoming", keep_data=False)
+    await spool.put(*copy(a2, a1, ["carol@example.net"], data, now, tracked=True),
+                    state="deferred")
+
+    out = Collect()
+    assert await record_unrecorded(spool, nothing_known, out, log=out) == 1
+    [rebuilt] = out.records
+    assert rebuilt.queue_id == a1 and [c.queue_id for c in rebuilt.copies] == [a1, a2]
+    assert rebuilt.raw == data
+    assert [(ev, kw["copies"]) for ev, kw in out.logged
+            if ev == "store_record_not_rebuilt"] == [("store_record_not_rebuilt", [lone])]
+    assert sorted(e.key for e in out.events) == sorted(
+        [f"sent:{lone}:bob@example.net", f"sent:{a1}:bob@example.net"])
+    spool.close()
+
+
+def test_queue_show_of_a_done_entry_without_its_bytes(tmp_path: Path) -> None:
+    path = write_config(tmp_path, upstream_port=9)
+    spool = Spool(load_config(path).spool_path)
+    spool.setup()
+    now = time.time()
+    qid = new_queue_id(now)
+    env, raw = copy(qid, qid, ["bob@example.net"], message("show@example.com"), now)
+    asyncio.run(spool.put(env, raw))
+    env.recipients[0].status, env.recipients[0].last_at = "sent", now
+    assert asyncio.run(spool.finish(env, raw, "incoming", keep_data=False))
+    spool.close()
+    shown = mailgw_in_process(["queue", "show", qid, "-c", str(path)])
+    assert shown.returncode == 0, shown.stderr
+    assert "not kept (delivered, its CRM record is written)" in shown.stdout
+    as_json = mailgw_in_process(["queue", "show", qid, "--json", "-c", str(path)])
+    assert json.loads(as_json.stdout)["headers"] == ""
