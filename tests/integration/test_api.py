@@ -483,6 +483,7 @@ async def test_app_serves_api_delivers_webhooks_and_reloads_token(
             status, text, _ = await c.get("/metrics", token=None)
             assert 'mailgw_webhook_deliveries_total{result="ok"} 1.0' in text
             assert 'mailgw_queue_messages{state="incoming"} 0.0' in text
+            assert "mailgw_queue_done 0.0" in text
             assert "mailgw_webhook_outbox_backlog 0.0" in text
             # IMAP sync counts into the same registry (imap_*_total per account)
             assert app.tailers is not None and app.tailers.metrics is app.metrics
