@@ -75,7 +75,8 @@ def _spools(cfg: Any) -> list[Any]:
                      if p.name[len("spool-"):].isdigit() and p.is_dir()),
                     key=lambda p: int(p.name[len("spool-"):]))
     roots = [cfg.spool_path, *others]
-    if not cfg.spool_path.exists():
+    # with several workers, one may serve (and spool) before worker 1 has made spool/
+    if not any(root.exists() for root in roots):
         raise NotFound(f"no spool at {cfg.spool_path} (has the daemon run with this config?)")
     spools = [Spool(root) for root in roots if root.exists()]
     for s in spools:

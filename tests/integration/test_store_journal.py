@@ -387,3 +387,24 @@ def test_queue_show_of_a_done_entry_without_its_bytes(tmp_path: Path) -> None:
     assert "not kept (delivered, its CRM record is written)" in shown.stdout
     as_json = mailgw_in_process(["queue", "show", qid, "--json", "-c", str(path)])
     assert json.loads(as_json.stdout)["headers"] == ""
+
+
+async def test_queue_list_reads_another_workers_spool_before_worker_1_made_its_own(
+        tmp_path: Path) -> None:
+    # with several workers, worker 2 can take (and spool) a message before worker 1 has
+    # made state/spool: the queue commands then read spool-2 rather than refuse
+    path = write_config(tmp_path, upstream_port=9, workers=2)
+    cfg = load_config(path)
+    spool = Spool(cfg.worker_spool_path(2))
+    spool.setup()
+    env, data = copy("Q2WORKER", "Q2WORKER", ["bob@example.net"], message("w2@example.com"),
+                     time.time())
+    await spool.put(env, data)
+    assert not cfg.spool_path.exists()
+    listing = mailgw_in_process(["queue", "list", "--json", "-c", str(path)])
+    assert listing.returncode == 0, listing.stderr
+    assert [r["id"] for r in json.loads(listing.stdout)] == ["Q2WORKER"]
+    (tmp_path / "none").mkdir()
+    nothing = write_config(tmp_path / "none", upstream_port=9)
+    refused = mailgw_in_process(["queue", "list", "-c", str(nothing)])
+    assert refused.returncode == 1 and "no spool at" in refused.stderr
