@@ -629,5 +629,8 @@ async def run_daemon(cfg: Config, config_path: str | Path, worker: Worker | None
     log.info("stopping")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
+    # a reload asked for while draining (an admin, or a supervisor's reload owed to a
+    # worker that just became ready) must not kill the drain: SIGHUP's default would
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     await app.stop()
     return 0

@@ -150,7 +150,8 @@ class Supervisor:
                                   pid=child.proc.pid if child.proc else None,
                                   restarted=child.ever_ready)
                     child.ever_ready = True
-                    if child.reload_pending and child.proc is not None:
+                    if child.reload_pending and child.proc is not None \
+                            and not self._stopping.is_set():
                         # it may have read the file before the reload: it reloads now
                         child.reload_pending = False
                         with contextlib.suppress(ProcessLookupError):
@@ -304,6 +305,7 @@ class Supervisor:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload while draining: ignored
             self.notifier.stopping()
             self.log.info("stopping", workers=self.count)
             for c in self.children:       # not started yet: its interpreter may still be

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import signal
 import smtplib
@@ -269,6 +270,30 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, sink: Sink, workers: int) ->
     assert busy.quit()[0] == 221
     assert daemon.proc is not None and daemon.proc.wait(timeout=15) == 0
     assert '"event": "stopped"' in daemon.log()
+
+
+def test_a_reload_asked_for_while_draining_does_not_kill_the_drain(
+        tmp_path: Path, sink: Sink, workers: int) -> None:
+    # SIGHUP to every process of the service (as `systemctl reload` racing a stop, or a
+    # supervisor's reload owed to a worker that became ready as the stop began) while a
+    # session holds the drain: the drain goes on and ends with exit 0
+    cfg = write_config(tmp_path, upstream_port=sink.port, workers=workers)
+    daemon = Daemon(cfg, group=True).start()
+    if workers > 1:
+        wait_for_sync(lambda: len(daemon.events("worker_ready")) == workers, 30,
+                      "every worker ready")
+    busy = smtplib.SMTP("127.0.0.1", daemon.port, timeout=20)
+    busy.login(USER, PASSWORD)
+    assert busy.mail(USER)[0] == 250
+    daemon.signal(signal.SIGTERM)
+    stopping = workers + 1 if workers > 1 else 1    # the supervisor's line, then each worker's
+    wait_for_sync(lambda: len(daemon.events("stopping")) == stopping, 15, "the drain to begin")
+    assert daemon.proc is not None
+    os.killpg(daemon.proc.pid, signal.SIGHUP)
+    assert busy.noop()[0] == 250      # still served: the session's drain goes on
+    assert busy.quit()[0] == 221
+    code = daemon.proc.wait(timeout=15)     # no second SIGTERM: the first one's drain ends
+    assert code == 0, f"exit {code}; the daemon's log ends:\n{daemon.log()[-6000:]}"
 
 
 def test_sighup_reloads_and_refuses_invalid_config(tmp_path: Path, sink: Sink, workers: int) -> None:
