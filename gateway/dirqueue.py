@@ -302,20 +302,24 @@ class DirQueue:
             raise
         return Pending(name, tmp, fd)
 
-    def commit(self, pending: Pending, state: str) -> None:
+    def commit(self, pending: Pending, state: str, *, sync: bool = True) -> None:
         """fsync a file written by `create_tmp`, rename it into `state`, fsync that
-        directory. The tmp file is gone when this raises."""
+        directory; without `sync`, only the rename (the file and its name reach the disk
+        when the kernel writes them back: a process crash keeps them, a power cut may not).
+        The tmp file is gone when this raises."""
         try:
             try:
                 final = self.path(state, pending.name)
-                self._fsync(pending.fd)
+                if sync:
+                    self._fsync(pending.fd)
             finally:
                 os.close(pending.fd)
             os.rename(pending.path, final)
         except BaseException:
             pending.path.unlink(missing_ok=True)
             raise
-        self._sync_renamed(state)
+        if sync:
+            self._sync_renamed(state)
 
     def write(self, state: str, name: str, data: bytes) -> None:
         """Store one entry durably (`create_tmp` + `commit`), replacing any of that name."""

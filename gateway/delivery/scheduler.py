@@ -232,8 +232,7 @@ class Scheduler:
             heapq.heappush(self._heap, (env.next_attempt, qid))
         self._scan_incoming()
         if self.journal is None:   # nothing to wait for: what a crash left in done/ goes
-            for qid in self.spool.list_ids("done"):
-                await self.spool.remove_done([qid])
+            await self.spool.remove_done(self.spool.list_ids("done"))
         else:
             self._adopt_done(self.spool.list_ids("done"), [])
         workers = self.cfg.delivery.concurrency

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -417,22 +416,14 @@ class Spool:
         not yet delivered is never lost this way. Returns False (and writes nothing) when
         the old file is gone."""
         q = self._queue
-        path = self.dir("done") / env.id
         if not keep_data:
             env.envelope_only, data = True, b""
 
         def move() -> bool:
-            old = q.path(old_state, env.id)
-            if not old.exists():
+            if not q.path(old_state, env.id).exists():
                 return False
-            pending = q.create_tmp(env.id, self._file(env, data))
-            try:
-                os.close(pending.fd)
-                os.rename(pending.path, path)
-            except BaseException:
-                pending.path.unlink(missing_ok=True)
-                raise
-            old.unlink(missing_ok=True)
+            q.commit(q.create_tmp(env.id, self._file(env, data)), "done", sync=False)
+            q.remove(old_state, env.id, sync=False)
             return True
 
         try:
