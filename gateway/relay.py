@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -298,11 +298,6 @@ def strip_trace(data: bytes) -> bytes:
     return data[end:] if b"(mailgw) with " in data[:end] else data
 
 
-def _recorded_by_relay(env: Envelope) -> bool:
-    """Whether `Relay._record` records this copy (`Envelope.recorded`)."""
-    return env.recorded
-
-
 def accepted_from_spool(entries: list[tuple[Envelope, bytes]]) -> AcceptedMessage | None:
     """The record `Relay._record` makes of a message, rebuilt from its spooled copies.
 
@@ -311,7 +306,7 @@ def accepted_from_spool(entries: list[tuple[Envelope, bytes]]) -> AcceptedMessag
     copy's (a per-recipient copy's otherwise) without the trace header: the message after
     the policies' stages, where the relay's own record had the bytes from before them.
     None when the relay records none of the copies."""
-    stored = sorted(((e, d) for e, d in entries if _recorded_by_relay(e)),
+    stored = sorted(((e, d) for e, d in entries if e.recorded),
                     key=lambda x: (x[0].id != (x[0].group or x[0].id), x[0].id))
     if not stored:
         return None
@@ -346,19 +341,24 @@ def _spooled_groups(spool: Spool) -> tuple[dict[str, list[tuple[str, str]]], lis
             for qid in spool.list_ids(state):
                 listed.setdefault(qid, state)
     for qid, state in listed.items():
-        env = _read_envelope_anywhere(spool, state, qid)
-        if env is not None and _recorded_by_relay(env[1]):
+        env = _read_anywhere(spool, state, qid, spool.read_envelope)
+        if env is not None and env[1].recorded:
             groups.setdefault(env[1].group or env[1].id, []).append((env[0], qid))
             events.extend(outcome_events(env[1]))
     return groups, events
 
 
-def _read_envelope_anywhere(spool: Spool, state: str, qid: str) -> tuple[str, Envelope] | None:
-    """(state, envelope) of an entry listed in `state`, wherever it moved since; None when it
-    is gone (delivered and removed, deleted) or corrupt (for the scheduler to move)."""
+_T = TypeVar("_T")
+
+
+def _read_anywhere(spool: Spool, state: str, qid: str,
+                   read: Callable[[str, str], _T]) -> tuple[str, _T] | None:
+    """(state, `read(state, qid)`) of an entry listed in `state`, wherever it moved since;
+    None when it is gone (delivered and removed, deleted), corrupt (for the scheduler to
+    move) or out of the journal's states."""
     for _ in range(3):   # it may move again while it is looked for
         try:
-            return state, spool.read_envelope(state, qid)
+            return state, read(state, qid)
         except CorruptQueueFile:
             return None
         except NotFound:
@@ -373,17 +373,8 @@ def _read_envelope_anywhere(spool: Spool, state: str, qid: str) -> tuple[str, En
 
 
 def _read_entries(spool: Spool, where: list[tuple[str, str]]) -> list[tuple[Envelope, bytes]]:
-    out = []
-    for state, qid in where:
-        for st in dict.fromkeys((state, *JOURNAL_STATES)):   # it may have moved on since
-            try:
-                out.append(spool.read(st, qid))
-            except NotFound:
-                continue
-            except CorruptQueueFile:
-                pass
-            break
-    return out
+    return [got[1] for state, qid in where
+            if (got := _read_anywhere(spool, state, qid, spool.read)) is not None]
 
 
 async def record_unrecorded(spool: Spool, known: Callable[[list[str]], Awaitable[set[str]]],
