@@ -25,14 +25,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Config
-from gateway.crm.identify import contact_addresses, contact_ids
+from gateway.crm.identify import contact_addresses, contact_ids, link_history
 from gateway.crm.linking import FREEMAIL_DOMAINS
 from gateway.crm.models import (
     addresses_table,
     companies_table,
     contact_addresses_table,
     contacts_table,
-    message_companies_table,
     message_contacts_table,
 )
 from gateway.crm.people import name_key
@@ -349,17 +348,9 @@ async def _link_history_companies(store: Store, conn: AsyncConnection, ids: dict
     """Link already stored messages to newly created companies by the domain of an address."""
     if not store.rules.link_by_domain:
         return 0
-    linked = 0
     pks = [pk for domain, pk in ids.items()
            if domain not in FREEMAIL_DOMAINS and domain not in store.rules.own_domains]
-    for chunk in chunks(pks):
-        sel = (sa.select(addresses_table.c.message_pk, companies_table.c.id)
-               .join(companies_table, companies_table.c.domain == addresses_table.c.domain)
-               .where(companies_table.c.id.in_(chunk)).distinct())
-        stmt = store.insert(message_companies_table).from_select(["message_pk", "company_pk"], sel)
-        result = await conn.execute(stmt.on_conflict_do_nothing())
-        linked += max(result.rowcount or 0, 0)
-    return linked
+    return await link_history(conn, store.dialect, pks)
 
 
 def _contact_dict(r: Any, extra: list[str]) -> dict[str, Any]:

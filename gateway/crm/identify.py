@@ -244,15 +244,28 @@ async def _make_companies(conn: AsyncConnection, dialect: str, domains: list[str
     made: list[int] = []
     for chunk in chunks(rows):
         made += (await conn.execute(stmt, list(chunk))).scalars().all()
-    for chunk in chunks(made):     # only those made here: a concurrent writer links its own
+    # only those made here: a concurrent writer links its own
+    await link_history(conn, dialect, made, exclude=batch)
+
+
+async def link_history(conn: AsyncConnection, dialect: str, company_pks: Sequence[int], *,
+                       exclude: Sequence[int] = ()) -> int:
+    """Link the messages already stored with an address at the domain of one of the
+    companies `company_pks` (new ones: an import's, or made for an automatic contact) to
+    it, but not the messages `exclude` (a batch that links its own). Returns how many
+    links were made."""
+    linked = 0
+    for chunk in chunks(list(company_pks)):
         sel = (sa.select(addresses_table.c.message_pk, companies_table.c.id)
                .join(companies_table, companies_table.c.domain == addresses_table.c.domain)
                .where(companies_table.c.id.in_(chunk)).distinct())
-        if batch:
-            sel = sel.where(addresses_table.c.message_pk.not_in(list(batch)))
+        if exclude:
+            sel = sel.where(addresses_table.c.message_pk.not_in(list(exclude)))
         link = insert(dialect, message_companies_table).from_select(
             ["message_pk", "company_pk"], sel)
-        await conn.execute(link.on_conflict_do_nothing())
+        result = await conn.execute(link.on_conflict_do_nothing())
+        linked += max(result.rowcount or 0, 0)
+    return linked
 
 
 async def list_ambiguous(db: Database, *, after: str | None = None,
